@@ -1,0 +1,251 @@
+//! HTTP client for the manager API v1, the only code of the agent that speaks HTTP to it.
+//!
+//! It knows nothing of executors: it moves protocol messages and turns every failure into
+//! a [`ClientError`] that tells the caller whether retrying can help.
+
+use std::time::Duration;
+
+use delegate_protocol::{
+    API_PREFIX, AcquireResponse, ErrorBody, ErrorCode, HeartbeatRequest, HeartbeatResponse, LogAck,
+    RegisterRequest, RegisterResponse, TaskResult,
+};
+use reqwest::StatusCode;
+use serde::de::DeserializeOwned;
+
+/// Why a call to the manager failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// Connection refused, reset, timed out: retry with backoff.
+    #[error("cannot reach the manager at {url}: {source}")]
+    Transport {
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    /// The token is wrong or revoked: retrying will not help until an operator acts.
+    #[error(
+        "the manager at {url} rejected the delegate token: {message} (check token/token_file in the agent config; create a token with `delegate-manager token create --name NAME`)"
+    )]
+    Unauthorized { url: String, message: String },
+    /// The manager answered with an error body.
+    #[error("the manager answered {status} to {what}: {message}")]
+    Api {
+        what: &'static str,
+        status: u16,
+        code: ErrorCode,
+        message: String,
+        expected_offset: Option<u64>,
+    },
+    /// The answer was not what protocol v1 says.
+    #[error("unexpected answer from the manager to {what}: {reason}")]
+    Protocol { what: &'static str, reason: String },
+}
+
+impl ClientError {
+    /// Worth trying again later (network, manager restarting, overloaded).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ClientError::Transport { .. } | ClientError::Protocol { .. } => true,
+            ClientError::Api { status, .. } => *status >= 500 || *status == 429,
+            ClientError::Unauthorized { .. } => false,
+        }
+    }
+
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            ClientError::Api { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+
+    /// The manager does not know this delegate id (its database was reset): register again.
+    pub fn is_unknown_delegate(&self) -> bool {
+        matches!(self, ClientError::Api { status: 404, .. })
+    }
+}
+
+/// A manager base URL plus the delegate token.
+#[derive(Clone)]
+pub struct ManagerClient {
+    http: reqwest::Client,
+    base: String,
+    token: String,
+}
+
+impl std::fmt::Debug for ManagerClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the token.
+        f.debug_struct("ManagerClient")
+            .field("base", &self.base)
+            .finish()
+    }
+}
+
+/// Requests other than the long poll give up after this long.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl ManagerClient {
+    pub fn new(
+        base_url: &str,
+        token: &str,
+        user_agent: &str,
+    ) -> Result<ManagerClient, ClientError> {
+        let http = reqwest::Client::builder()
+            .user_agent(user_agent)
+            .connect_timeout(Duration::from_secs(10))
+            .pool_idle_timeout(Duration::from_secs(90))
+            .tcp_nodelay(true)
+            .build()
+            .map_err(|e| ClientError::Transport {
+                url: base_url.to_string(),
+                source: e,
+            })?;
+        Ok(ManagerClient {
+            http,
+            base: format!("{}{API_PREFIX}", base_url.trim_end_matches('/')),
+            token: token.to_string(),
+        })
+    }
+
+    pub fn base_url(&self) -> &str {
+        &self.base
+    }
+
+    async fn send(
+        &self,
+        what: &'static str,
+        req: reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response, ClientError> {
+        let resp =
+            req.bearer_auth(&self.token)
+                .send()
+                .await
+                .map_err(|e| ClientError::Transport {
+                    url: self.base.clone(),
+                    source: e,
+                })?;
+        let status = resp.status();
+        if status.is_success() {
+            return Ok(resp);
+        }
+        let body = resp.bytes().await.unwrap_or_default();
+        let parsed: Option<ErrorBody> = serde_json::from_slice(&body).ok();
+        let (code, message, expected_offset) = match parsed {
+            Some(b) => (b.error.code, b.error.message, b.error.expected_offset),
+            None => (
+                ErrorCode::Unknown,
+                String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned(),
+                None,
+            ),
+        };
+        if status == StatusCode::UNAUTHORIZED {
+            return Err(ClientError::Unauthorized {
+                url: self.base.clone(),
+                message,
+            });
+        }
+        Err(ClientError::Api {
+            what,
+            status: status.as_u16(),
+            code,
+            message,
+            expected_offset,
+        })
+    }
+
+    async fn json<T: DeserializeOwned>(
+        what: &'static str,
+        resp: reqwest::Response,
+    ) -> Result<T, ClientError> {
+        resp.json().await.map_err(|e| ClientError::Protocol {
+            what,
+            reason: e.to_string(),
+        })
+    }
+
+    pub async fn register(&self, req: &RegisterRequest) -> Result<RegisterResponse, ClientError> {
+        let what = "register";
+        let r = self
+            .http
+            .post(format!("{}/delegates/register", self.base))
+            .timeout(REQUEST_TIMEOUT)
+            .json(req);
+        Self::json(what, self.send(what, r).await?).await
+    }
+
+    pub async fn heartbeat(
+        &self,
+        delegate_id: &str,
+        req: &HeartbeatRequest,
+    ) -> Result<HeartbeatResponse, ClientError> {
+        let what = "heartbeat";
+        let r = self
+            .http
+            .post(format!("{}/delegates/{delegate_id}/heartbeat", self.base))
+            .timeout(REQUEST_TIMEOUT)
+            .json(req);
+        Self::json(what, self.send(what, r).await?).await
+    }
+
+    /// Long poll: `None` when nothing came within `wait`.
+    pub async fn acquire(
+        &self,
+        delegate_id: &str,
+        wait: Duration,
+        max: u32,
+    ) -> Result<Option<AcquireResponse>, ClientError> {
+        let what = "acquire";
+        let r = self
+            .http
+            .post(format!("{}/delegates/{delegate_id}/acquire", self.base))
+            .query(&[("wait", wait.as_secs()), ("max", u64::from(max))])
+            .timeout(wait + REQUEST_TIMEOUT);
+        let resp = self.send(what, r).await?;
+        if resp.status() == StatusCode::NO_CONTENT {
+            return Ok(None);
+        }
+        Self::json(what, resp).await.map(Some)
+    }
+
+    pub async fn started(&self, task_id: &str, attempt: u32) -> Result<(), ClientError> {
+        let r = self
+            .http
+            .post(format!("{}/tasks/{task_id}/started", self.base))
+            .query(&[("attempt", attempt)])
+            .timeout(REQUEST_TIMEOUT);
+        self.send("started", r).await.map(drop)
+    }
+
+    pub async fn logs(
+        &self,
+        task_id: &str,
+        attempt: u32,
+        offset: u64,
+        chunk: Vec<u8>,
+    ) -> Result<LogAck, ClientError> {
+        let what = "logs";
+        let r = self
+            .http
+            .post(format!("{}/tasks/{task_id}/logs", self.base))
+            .query(&[("attempt", u64::from(attempt)), ("offset", offset)])
+            .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+            .timeout(REQUEST_TIMEOUT)
+            .body(chunk);
+        Self::json(what, self.send(what, r).await?).await
+    }
+
+    pub async fn result(
+        &self,
+        task_id: &str,
+        attempt: u32,
+        result: &TaskResult,
+    ) -> Result<(), ClientError> {
+        let r = self
+            .http
+            .post(format!("{}/tasks/{task_id}/result", self.base))
+            .query(&[("attempt", attempt)])
+            .timeout(REQUEST_TIMEOUT)
+            .json(result);
+        self.send("result", r).await.map(drop)
+    }
+}

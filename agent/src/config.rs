@@ -1,0 +1,606 @@
+//! Agent configuration: `/etc/delegate/delegate.toml` plus environment overrides.
+//!
+//! Operators edit this file by hand on hundreds of hosts, so a mistake must be reported
+//! with its file and line and a hint, and *every* mistake at once (`delegate config check`),
+//! not one per restart. We therefore walk toml's spanned document ourselves instead of
+//! deserializing straight into a struct, which would stop at the first problem.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use delegate_protocol::parse_tags;
+use toml::Spanned;
+use toml::de::{DeTable, DeValue};
+
+/// Where the packaged unit expects the config.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/delegate/delegate.toml";
+/// Used when neither the config nor `$STATE_DIRECTORY` names a state directory.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/delegate";
+
+/// The validated configuration the daemon runs with.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// Base URL of the manager, without the `/api/v1` suffix.
+    pub manager_url: String,
+    /// The delegate token (read from `token_file` when that is set).
+    pub token: String,
+    pub name: String,
+    pub tags: Vec<String>,
+    /// Most tasks run at once.
+    pub concurrency: u32,
+    pub state_dir: PathBuf,
+    /// How long SIGTERM waits for in-flight tasks before cancelling them.
+    pub drain_timeout: Duration,
+    /// Between SIGTERM and SIGKILL when a task is stopped.
+    pub kill_grace: Duration,
+    /// Long-poll duration asked of the manager.
+    pub acquire_wait: Duration,
+    /// Log filter (`info`, `debug`, `delegate=debug,...`).
+    pub log_level: String,
+    pub shell_enabled: bool,
+    pub http_enabled: bool,
+}
+
+/// One problem found in the config, with where it is and how to fix it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub path: PathBuf,
+    /// 1-based; `None` for problems not tied to a line (missing key, environment).
+    pub line: Option<usize>,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.line {
+            Some(l) => write!(f, "{}:{}: {}", self.path.display(), l, self.message),
+            None => write!(f, "{}: {}", self.path.display(), self.message),
+        }
+    }
+}
+
+/// Every problem the config has; `Display` prints one per line.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigError {
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, p) in self.problems.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{p}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Where environment variables come from; tests pass a map instead of the process env.
+pub trait Env {
+    fn var(&self, name: &str) -> Option<String>;
+}
+
+/// The real process environment.
+pub struct ProcessEnv;
+
+impl Env for ProcessEnv {
+    fn var(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok().filter(|v| !v.is_empty())
+    }
+}
+
+impl<const N: usize> Env for [(&str, &str); N] {
+    fn var(&self, name: &str) -> Option<String> {
+        self.iter()
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| v.to_string())
+    }
+}
+
+/// Keys of the top-level table, with what they take (shown for unknown keys).
+const KEYS: &[(&str, &str)] = &[
+    (
+        "manager_url",
+        "URL of the manager, e.g. \"https://manager.example:7700\"",
+    ),
+    ("token", "delegate token (or use token_file)"),
+    ("token_file", "path of a file holding the delegate token"),
+    ("name", "delegate name (default: the host name)"),
+    ("tags", "list of tags, e.g. [\"linux\", \"eu\"]"),
+    ("concurrency", "most tasks at once (default 4)"),
+    ("state_dir", "directory for the spool and journal"),
+    ("drain_timeout", "duration, e.g. \"10m\""),
+    ("kill_grace", "duration, e.g. \"10s\""),
+    ("acquire_wait", "duration, e.g. \"30s\""),
+    ("log_level", "e.g. \"info\" or \"debug\""),
+    ("shell", "table [shell] with enabled = true|false"),
+    ("http", "table [http] with enabled = true|false"),
+];
+
+struct Collector<'a> {
+    path: &'a Path,
+    text: &'a str,
+    problems: Vec<Problem>,
+}
+
+impl Collector<'_> {
+    fn line_of(&self, offset: usize) -> usize {
+        let end = offset.min(self.text.len());
+        self.text.as_bytes()[..end]
+            .iter()
+            .filter(|b| **b == b'\n')
+            .count()
+            + 1
+    }
+
+    fn at(&mut self, offset: Option<usize>, message: impl Into<String>) {
+        let line = offset.map(|o| self.line_of(o));
+        self.problems.push(Problem {
+            path: self.path.to_path_buf(),
+            line,
+            message: message.into(),
+        });
+    }
+
+    fn string(&mut self, key: &str, v: &Spanned<DeValue<'_>>) -> Option<String> {
+        match v.get_ref().as_str() {
+            Some(s) => Some(s.to_string()),
+            None => {
+                let t = v.get_ref().type_str();
+                self.at(
+                    Some(v.span().start),
+                    format!("{key} must be a string, found {t}"),
+                );
+                None
+            }
+        }
+    }
+
+    fn duration(&mut self, key: &str, v: &Spanned<DeValue<'_>>) -> Option<Duration> {
+        let s = self.string(key, v)?;
+        match humantime::parse_duration(&s) {
+            Ok(d) if !d.is_zero() => Some(d),
+            Ok(_) => {
+                self.at(Some(v.span().start), format!("{key} must be longer than 0"));
+                None
+            }
+            Err(e) => {
+                self.at(
+                    Some(v.span().start),
+                    format!("{key} {s:?} is not a duration ({e}); write e.g. \"30s\", \"10m\""),
+                );
+                None
+            }
+        }
+    }
+
+    fn boolean(&mut self, key: &str, v: &Spanned<DeValue<'_>>) -> Option<bool> {
+        let b = v.get_ref().as_bool();
+        if b.is_none() {
+            let t = v.get_ref().type_str();
+            self.at(
+                Some(v.span().start),
+                format!("{key} must be true or false, found {t}"),
+            );
+        }
+        b
+    }
+
+    /// `[shell]` / `[http]`: only `enabled` for now.
+    fn target_table(&mut self, key: &str, v: &Spanned<DeValue<'_>>) -> Option<bool> {
+        let Some(table) = v.get_ref().as_table() else {
+            self.at(
+                Some(v.span().start),
+                format!("{key} must be a table: [{key}] with enabled = true|false"),
+            );
+            return None;
+        };
+        let mut enabled = None;
+        for (k, val) in table.iter() {
+            match k.get_ref().as_ref() {
+                "enabled" => enabled = self.boolean(&format!("{key}.enabled"), val),
+                other => self.at(
+                    Some(k.span().start),
+                    format!("unknown key {key}.{other:?} (known: enabled)"),
+                ),
+            }
+        }
+        enabled
+    }
+}
+
+/// Where a value came from, for messages: a line of the file or an environment variable.
+#[derive(Default)]
+struct Raw {
+    manager_url: Option<(String, Option<usize>)>,
+    token: Option<String>,
+    token_file: Option<(String, Option<usize>)>,
+    name: Option<String>,
+    tags: Option<Vec<String>>,
+    concurrency: Option<u32>,
+    state_dir: Option<String>,
+    drain_timeout: Option<Duration>,
+    kill_grace: Option<Duration>,
+    acquire_wait: Option<Duration>,
+    log_level: Option<String>,
+    shell_enabled: Option<bool>,
+    http_enabled: Option<bool>,
+}
+
+impl Config {
+    /// Read `path` (it may be missing when the environment gives everything), apply the
+    /// environment overrides, and validate. All problems are returned together.
+    pub fn load(path: &Path, env: &dyn Env) -> Result<Config, ConfigError> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => Some(t),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => {
+                return Err(ConfigError {
+                    problems: vec![Problem {
+                        path: path.to_path_buf(),
+                        line: None,
+                        message: format!(
+                            "cannot read: {e} (the file is root:delegate 0640; run as the delegate user or root)"
+                        ),
+                    }],
+                });
+            }
+        };
+        let text_ref = text.as_deref().unwrap_or("");
+        let mut c = Collector {
+            path,
+            text: text_ref,
+            problems: Vec::new(),
+        };
+        let mut raw = Raw::default();
+        if text.is_some() {
+            parse_file(&mut c, &mut raw);
+        }
+        apply_env(&mut c, &mut raw, env);
+        let config = finish(&mut c, raw, env);
+        if c.problems.is_empty() {
+            config.ok_or_else(|| ConfigError { problems: vec![] })
+        } else {
+            Err(ConfigError {
+                problems: c.problems,
+            })
+        }
+    }
+}
+
+fn parse_file(c: &mut Collector<'_>, raw: &mut Raw) {
+    let (doc, errors) = DeTable::parse_recoverable(c.text);
+    for e in errors {
+        let offset = e.span().map(|s| s.start);
+        c.at(offset, format!("TOML syntax error: {}", e.message().trim()));
+    }
+    for (k, v) in doc.get_ref().iter() {
+        let key: &str = k.get_ref().as_ref();
+        let line = Some(c.line_of(v.span().start));
+        match key {
+            "manager_url" => raw.manager_url = c.string(key, v).map(|s| (s, line)),
+            "token" => raw.token = c.string(key, v),
+            "token_file" => raw.token_file = c.string(key, v).map(|s| (s, line)),
+            "name" => raw.name = c.string(key, v),
+            "state_dir" => raw.state_dir = c.string(key, v),
+            "log_level" => raw.log_level = c.string(key, v),
+            "drain_timeout" => raw.drain_timeout = c.duration(key, v),
+            "kill_grace" => raw.kill_grace = c.duration(key, v),
+            "acquire_wait" => raw.acquire_wait = c.duration(key, v),
+            "shell" => raw.shell_enabled = c.target_table(key, v),
+            "http" => raw.http_enabled = c.target_table(key, v),
+            "concurrency" => {
+                let n = v.get_ref().as_integer().and_then(|i| {
+                    i64::from_str_radix(&i.as_str().replace('_', ""), i.radix()).ok()
+                });
+                match n {
+                    Some(n) if (1..=1024).contains(&n) => raw.concurrency = u32::try_from(n).ok(),
+                    _ => c.at(
+                        Some(v.span().start),
+                        "concurrency must be a whole number from 1 to 1024",
+                    ),
+                }
+            }
+            "tags" => match v.get_ref().as_array() {
+                Some(items) => {
+                    let mut tags = Vec::new();
+                    for item in items.iter() {
+                        match item.get_ref().as_str() {
+                            Some(s) if !s.trim().is_empty() => tags.push(s.trim().to_string()),
+                            _ => c.at(
+                                Some(item.span().start),
+                                "tags must be non-empty strings, e.g. tags = [\"linux\", \"eu\"]",
+                            ),
+                        }
+                    }
+                    raw.tags = Some(tags);
+                }
+                None => {
+                    if let Some(s) = v.get_ref().as_str() {
+                        raw.tags = Some(parse_tags(s));
+                    } else {
+                        c.at(
+                            Some(v.span().start),
+                            "tags must be a list of strings, e.g. tags = [\"linux\", \"eu\"]",
+                        );
+                    }
+                }
+            },
+            other => {
+                let known: Vec<&str> = KEYS.iter().map(|(k, _)| *k).collect();
+                let hint = KEYS
+                    .iter()
+                    .find(|(k, _)| close(k, other))
+                    .map(|(k, what)| format!("; did you mean {k:?} ({what})?"))
+                    .unwrap_or_else(|| format!(" (known keys: {})", known.join(", ")));
+                c.at(Some(k.span().start), format!("unknown key {other:?}{hint}"));
+            }
+        }
+    }
+}
+
+/// Near-miss detection for typos: same letters but one edit away, or a different case.
+fn close(known: &str, typed: &str) -> bool {
+    let (a, b): (Vec<char>, Vec<char>) = (
+        known.chars().collect(),
+        typed.to_lowercase().chars().collect(),
+    );
+    if a == b {
+        return true;
+    }
+    // Levenshtein distance ≤ 2 on short keys is a good enough typo signal.
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.iter().enumerate() {
+        let mut cur = vec![i + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let cost = usize::from(ca != cb);
+            cur.push((prev[j] + cost).min(prev[j + 1] + 1).min(cur[j] + 1));
+        }
+        prev = cur;
+    }
+    prev[b.len()] <= 2
+}
+
+fn apply_env(c: &mut Collector<'_>, raw: &mut Raw, env: &dyn Env) {
+    if let Some(v) = env.var("DELEGATE_MANAGER_URL") {
+        raw.manager_url = Some((v, None));
+    }
+    if let Some(v) = env.var("DELEGATE_TOKEN") {
+        raw.token = Some(v);
+        raw.token_file = None;
+    }
+    if let Some(v) = env.var("DELEGATE_TOKEN_FILE") {
+        raw.token_file = Some((v, None));
+        raw.token = None;
+    }
+    if let Some(v) = env.var("DELEGATE_NAME") {
+        raw.name = Some(v);
+    }
+    if let Some(v) = env.var("DELEGATE_TAGS") {
+        raw.tags = Some(parse_tags(&v));
+    }
+    if let Some(v) = env.var("DELEGATE_STATE_DIR") {
+        raw.state_dir = Some(v);
+    }
+    if let Some(v) = env.var("DELEGATE_CONCURRENCY") {
+        match v.parse::<u32>() {
+            Ok(n) if (1..=1024).contains(&n) => raw.concurrency = Some(n),
+            _ => c.at(
+                None,
+                format!("DELEGATE_CONCURRENCY={v:?} is not a whole number from 1 to 1024"),
+            ),
+        }
+    }
+    if let Some(v) = env.var("DELEGATE_LOG") {
+        raw.log_level = Some(v);
+    }
+}
+
+fn finish(c: &mut Collector<'_>, raw: Raw, env: &dyn Env) -> Option<Config> {
+    let manager_url = match raw.manager_url {
+        None => {
+            c.at(
+                None,
+                "manager_url is missing; add manager_url = \"https://manager.example:7700\" (or set DELEGATE_MANAGER_URL)",
+            );
+            None
+        }
+        Some((url, line)) => match check_url(&url) {
+            Ok(u) => Some(u),
+            Err(why) => {
+                let where_ = if line.is_some() {
+                    ""
+                } else {
+                    " (from DELEGATE_MANAGER_URL)"
+                };
+                c.problems.push(Problem {
+                    path: c.path.to_path_buf(),
+                    line,
+                    message: format!("manager_url {url:?}{where_} {why}"),
+                });
+                None
+            }
+        },
+    };
+    let token = match (raw.token, raw.token_file) {
+        (Some(t), _) => Some(t),
+        (None, Some((file, line))) => match std::fs::read_to_string(&file) {
+            Ok(t) if !t.trim().is_empty() => Some(t.trim().to_string()),
+            Ok(_) => {
+                c.problems.push(Problem {
+                    path: c.path.to_path_buf(),
+                    line,
+                    message: format!("token_file {file:?} is empty; put the delegate token in it"),
+                });
+                None
+            }
+            Err(e) => {
+                c.problems.push(Problem {
+                    path: c.path.to_path_buf(),
+                    line,
+                    message: format!("token_file {file:?} cannot be read: {e}"),
+                });
+                None
+            }
+        },
+        (None, None) => {
+            c.at(
+                None,
+                "no token; add token = \"dlg_...\" or token_file = \"/etc/delegate/token\" (or set DELEGATE_TOKEN); create one with `delegate-manager token create --name NAME`",
+            );
+            None
+        }
+    };
+    if let Some(t) = &token
+        && (t.chars().any(char::is_whitespace) || t.is_empty())
+    {
+        c.at(
+            None,
+            "token contains whitespace; paste it without spaces or line breaks",
+        );
+    }
+    let name = raw
+        .name
+        .or_else(|| {
+            nix::unistd::gethostname()
+                .ok()
+                .and_then(|h| h.into_string().ok())
+        })
+        .unwrap_or_else(|| "delegate".to_string());
+    let state_dir = raw
+        .state_dir
+        .or_else(|| {
+            env.var("STATE_DIRECTORY")
+                .and_then(|s| s.split(':').next().map(str::to_string))
+        })
+        .unwrap_or_else(|| DEFAULT_STATE_DIR.to_string());
+    if !state_dir.starts_with('/') {
+        c.at(
+            None,
+            format!("state_dir {state_dir:?} must be an absolute path"),
+        );
+    }
+    Some(Config {
+        manager_url: manager_url?,
+        token: token?,
+        name,
+        tags: raw.tags.unwrap_or_default(),
+        concurrency: raw.concurrency.unwrap_or(4),
+        state_dir: PathBuf::from(state_dir),
+        drain_timeout: raw.drain_timeout.unwrap_or(Duration::from_secs(600)),
+        kill_grace: raw.kill_grace.unwrap_or(Duration::from_secs(10)),
+        acquire_wait: raw.acquire_wait.unwrap_or(Duration::from_secs(30)),
+        log_level: raw.log_level.unwrap_or_else(|| "info".to_string()),
+        shell_enabled: raw.shell_enabled.unwrap_or(true),
+        http_enabled: raw.http_enabled.unwrap_or(true),
+    })
+}
+
+/// The manager URL must be http(s) with a host; a trailing slash is dropped.
+fn check_url(url: &str) -> Result<String, &'static str> {
+    let lower = url.to_ascii_lowercase();
+    let rest = lower
+        .strip_prefix("http://")
+        .or_else(|| lower.strip_prefix("https://"))
+        .ok_or("is not a valid URL (expected http:// or https://)")?;
+    if rest.is_empty() || rest.starts_with('/') {
+        return Err("has no host (expected e.g. https://manager.example:7700)");
+    }
+    if url.chars().any(char::is_whitespace) {
+        return Err("contains whitespace");
+    }
+    Ok(url.trim_end_matches('/').to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn write(text: &str) -> tempfile::NamedTempFile {
+        let mut f = tempfile::NamedTempFile::new().expect("temp file");
+        f.write_all(text.as_bytes()).expect("write");
+        f
+    }
+
+    #[test]
+    fn full_config_loads_with_defaults_filled_in() {
+        let f = write(
+            "manager_url = \"http://127.0.0.1:7700/\"\ntoken = \"dlg_x\"\ntags = [\"a\", \"b\"]\nconcurrency = 8\ndrain_timeout = \"2m\"\n[http]\nenabled = false\n",
+        );
+        let env: [(&str, &str); 0] = [];
+        let c = Config::load(f.path(), &env).expect("valid config");
+        assert_eq!(c.manager_url, "http://127.0.0.1:7700");
+        assert_eq!(c.tags, ["a", "b"]);
+        assert_eq!(c.concurrency, 8);
+        assert_eq!(c.drain_timeout, Duration::from_secs(120));
+        assert!(c.shell_enabled && !c.http_enabled);
+        assert_eq!(c.state_dir, PathBuf::from(DEFAULT_STATE_DIR));
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_line() {
+        let f = write(
+            "token = \"dlg_x\"\nmanager_url = \"htp://x\"\nconcurency = 3\ndrain_timeout = \"soon\"\n",
+        );
+        let env: [(&str, &str); 0] = [];
+        let e = Config::load(f.path(), &env).unwrap_err();
+        let text = e.to_string();
+        let p = f.path().display();
+        assert!(
+            text.contains(&format!(
+                "{p}:2: manager_url \"htp://x\" is not a valid URL (expected http:// or https://)"
+            )),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!(
+                "{p}:3: unknown key \"concurency\"; did you mean \"concurrency\""
+            )),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!("{p}:4: drain_timeout \"soon\" is not a duration")),
+            "{text}"
+        );
+        assert_eq!(e.problems.len(), 3, "{text}");
+    }
+
+    #[test]
+    fn syntax_errors_name_the_line() {
+        let f = write("manager_url = \"http://x\"\ntoken = \"t\"\n\nconcurrency = = 3\n");
+        let env: [(&str, &str); 0] = [];
+        let e = Config::load(f.path(), &env).unwrap_err();
+        assert_eq!(e.problems[0].line, Some(4), "{e}");
+        assert!(e.to_string().contains("TOML syntax error"), "{e}");
+    }
+
+    #[test]
+    fn environment_overrides_the_file_and_state_directory_comes_from_systemd() {
+        let f = write("manager_url = \"http://a:1\"\ntoken = \"file\"\nname = \"n\"\n");
+        let env = [
+            ("DELEGATE_MANAGER_URL", "http://b:2"),
+            ("DELEGATE_TOKEN", "envtok"),
+            ("DELEGATE_TAGS", "x, y"),
+            ("STATE_DIRECTORY", "/var/lib/delegate-x"),
+        ];
+        let c = Config::load(f.path(), &env).expect("valid");
+        assert_eq!(c.manager_url, "http://b:2");
+        assert_eq!(c.token, "envtok");
+        assert_eq!(c.tags, ["x", "y"]);
+        assert_eq!(c.name, "n");
+        assert_eq!(c.state_dir, PathBuf::from("/var/lib/delegate-x"));
+    }
+
+    #[test]
+    fn missing_file_and_missing_keys_say_how_to_fix() {
+        let env: [(&str, &str); 0] = [];
+        let e = Config::load(Path::new("/nonexistent/delegate.toml"), &env).unwrap_err();
+        let text = e.to_string();
+        assert!(text.contains("manager_url is missing"), "{text}");
+        assert!(text.contains("token create"), "{text}");
+    }
+}

@@ -1,0 +1,966 @@
+//! The daemon behind `delegate run`: register, heartbeat, long-poll for tasks, supervise
+//! them, deliver their logs and results, and drain on request.
+//!
+//! Data flows one way: manager → (client) → supervisor → executor → spool → (client) →
+//! manager. The supervisor is the only place that knows about both the manager and the
+//! executors; every task it accepts is journalled in the spool before it starts.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use delegate_protocol::{
+    Assignment, ErrorCode, HeartbeatRequest, MAX_LOG_CHUNK_BYTES, Outcome, RegisterRequest, Target,
+    TaskResult, TaskSpec,
+};
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, error, info, info_span, warn};
+
+use crate::backoff::Backoff;
+use crate::client::{ClientError, ManagerClient};
+use crate::config::Config;
+use crate::exec::{self, ExecContext, ExecOutcome};
+use crate::notify;
+use crate::spool::{Recovered, Spool, SpoolError, TaskDir};
+use crate::state::{AgentState, Event, transition};
+
+/// Requests from signals (and later D-Bus) to the daemon.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Control {
+    /// Stop taking tasks; in-flight ones go on (D-Bus `Drain()`).
+    Drain,
+    /// Take tasks again (D-Bus `Resume()`).
+    Resume,
+    /// SIGTERM: drain, then exit once in-flight work is done or the drain timeout passed.
+    Shutdown,
+    /// Second SIGTERM or SIGINT: cancel in-flight work now and exit.
+    Abort,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("cannot use the state directory: {0}")]
+    Spool(#[from] SpoolError),
+    #[error("cannot set up the manager client: {0}")]
+    Client(#[from] ClientError),
+}
+
+/// Why the supervisor stopped a task; decides the reported outcome.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StopReason {
+    Timeout(Duration),
+    Cancelled,
+    Shutdown,
+    /// The manager says this delegate no longer holds the task: stop, report nothing.
+    Revoked,
+}
+
+struct TaskHandle {
+    stop: CancellationToken,
+    reason: Arc<Mutex<Option<StopReason>>>,
+    /// Still executing (as opposed to delivering its result).
+    running: bool,
+}
+
+/// What the daemon's loops share.
+struct Shared {
+    config: Config,
+    client: ManagerClient,
+    spool: Spool,
+    state: watch::Sender<AgentState>,
+    delegate_id: watch::Sender<Option<String>>,
+    connected: watch::Sender<bool>,
+    tasks: Mutex<HashMap<String, TaskHandle>>,
+    slots: Arc<Semaphore>,
+    slot_freed: Notify,
+    /// Bumped whenever a task starts, stops running or is delivered.
+    tasks_changed: watch::Sender<u64>,
+    /// Cancelled when long polls must end now (stopping, manager unreachable).
+    stop_polling: CancellationToken,
+    /// Cancelled when the process is about to exit: retry loops give up, the spool keeps
+    /// what they had not delivered.
+    stopped: CancellationToken,
+}
+
+impl Shared {
+    fn apply(&self, event: Event) {
+        self.state
+            .send_if_modified(|s| match transition(*s, event) {
+                Ok(next) if next != *s => {
+                    info!(from = %s, to = %next, "agent state changed");
+                    *s = next;
+                    true
+                }
+                Ok(_) => false,
+                Err(e) => {
+                    debug!("ignored: {e}");
+                    false
+                }
+            });
+        self.update_status();
+    }
+
+    fn running_count(&self) -> usize {
+        self.lock_tasks().values().filter(|t| t.running).count()
+    }
+
+    fn lock_tasks(&self) -> std::sync::MutexGuard<'_, HashMap<String, TaskHandle>> {
+        // A panic while holding the lock would poison it; the map is still consistent
+        // (every mutation is a single insert/remove), so keep going.
+        self.tasks.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn stop_task(&self, task_id: &str, reason: StopReason) {
+        if let Some(t) = self.lock_tasks().get(task_id) {
+            let mut r = t.reason.lock().unwrap_or_else(|p| p.into_inner());
+            if r.is_none() {
+                *r = Some(reason);
+            }
+            t.stop.cancel();
+        }
+    }
+
+    fn bump(&self) {
+        self.tasks_changed.send_modify(|n| *n = n.wrapping_add(1));
+        if *self.state.borrow() == AgentState::Draining && self.running_count() == 0 {
+            self.apply(Event::Idle);
+        } else {
+            self.update_status();
+        }
+    }
+
+    fn update_status(&self) {
+        let state = *self.state.borrow();
+        let running = self.running_count();
+        let link = if *self.connected.borrow() {
+            format!("connected to {}", self.config.manager_url)
+        } else {
+            format!("not connected to {}", self.config.manager_url)
+        };
+        notify::status(&format!("{state}, {link}, {running} tasks running"));
+    }
+
+    fn set_connected(&self, up: bool) {
+        if self
+            .connected
+            .send_if_modified(|c| std::mem::replace(c, up) != up)
+        {
+            if up {
+                info!(manager = %self.config.manager_url, "connected to the manager");
+            }
+            self.update_status();
+        }
+    }
+
+    fn targets(&self) -> Vec<Target> {
+        let mut t = Vec::new();
+        if self.config.shell_enabled {
+            t.push(Target {
+                kind: "shell".into(),
+                name: None,
+            });
+        }
+        if self.config.http_enabled {
+            t.push(Target {
+                kind: "http".into(),
+                name: None,
+            });
+        }
+        t
+    }
+}
+
+/// Run the daemon until a `Shutdown`/`Abort` control has been handled.
+pub async fn run(config: Config, mut control: mpsc::Receiver<Control>) -> Result<(), DaemonError> {
+    let spool = Spool::open(&config.state_dir)?;
+    let client = ManagerClient::new(
+        &config.manager_url,
+        &config.token,
+        &format!("delegate/{}", crate::VERSION),
+    )?;
+    let shared = Arc::new(Shared {
+        slots: Arc::new(Semaphore::new(config.concurrency as usize)),
+        config,
+        client,
+        spool,
+        state: watch::Sender::new(AgentState::Starting),
+        delegate_id: watch::Sender::new(None),
+        connected: watch::Sender::new(false),
+        tasks: Mutex::new(HashMap::new()),
+        slot_freed: Notify::new(),
+        tasks_changed: watch::Sender::new(0),
+        stop_polling: CancellationToken::new(),
+        stopped: CancellationToken::new(),
+    });
+
+    recover_spool(&shared);
+    notify::ready();
+    shared.update_status();
+    info!(
+        version = crate::VERSION,
+        manager = %shared.config.manager_url,
+        name = %shared.config.name,
+        state_dir = %shared.config.state_dir.display(),
+        concurrency = shared.config.concurrency,
+        "delegate started"
+    );
+    let watchdog = notify::spawn_watchdog();
+
+    let session = tokio::spawn(session(shared.clone()));
+
+    // Wait for the first request to stop; drains and resumes in between.
+    let mut aborted = false;
+    loop {
+        match control.recv().await {
+            Some(Control::Drain) => begin_drain(&shared, false).await,
+            Some(Control::Resume) => {
+                shared.apply(Event::Resume);
+                shared.slot_freed.notify_one();
+            }
+            Some(Control::Shutdown) | None => break,
+            Some(Control::Abort) => {
+                aborted = true;
+                break;
+            }
+        }
+    }
+
+    notify::stopping();
+    begin_drain(&shared, true).await;
+    if !aborted {
+        aborted = wait_for_drain(&shared, &mut control).await;
+    }
+    let leftover = shared.running_count();
+    if leftover > 0 {
+        warn!(
+            tasks = leftover,
+            "cancelling tasks still running{}",
+            if aborted {
+                " (second stop request)"
+            } else {
+                " (drain timeout reached)"
+            }
+        );
+        let ids: Vec<String> = shared.lock_tasks().keys().cloned().collect();
+        for id in ids {
+            shared.stop_task(&id, StopReason::Shutdown);
+        }
+        // Executors need the kill grace to stop their processes; then a little to report.
+        let limit = shared.config.kill_grace + Duration::from_secs(5);
+        wait_until(&shared, limit, |s| s.running_count() == 0).await;
+    }
+    shared.apply(Event::Stop);
+    shared.stop_polling.cancel();
+    shared.stopped.cancel();
+    // Deliveries still pending stay in the spool and are sent by the next start.
+    let pending = wait_until(&shared, Duration::from_secs(5), |s| {
+        s.lock_tasks().is_empty()
+    })
+    .await;
+    if !pending {
+        let n = shared.lock_tasks().len();
+        warn!(
+            tasks = n,
+            "results not yet delivered stay in the spool for the next start"
+        );
+    }
+    session.abort();
+    if let Some(w) = watchdog {
+        w.abort();
+    }
+    info!("delegate stopped");
+    Ok(())
+}
+
+/// Stop taking tasks and tell the manager at once, so a long poll in flight ends and no
+/// new task is handed to this delegate. `for_exit`: the process will stop afterwards.
+async fn begin_drain(shared: &Arc<Shared>, for_exit: bool) {
+    shared.apply(Event::Drain);
+    if shared.running_count() == 0 {
+        shared.apply(Event::Idle);
+    }
+    shared.slot_freed.notify_one();
+    let id = shared.delegate_id.borrow().clone();
+    if let Some(id) = id {
+        let req = heartbeat_request(shared);
+        let sent =
+            tokio::time::timeout(Duration::from_secs(3), shared.client.heartbeat(&id, &req)).await;
+        if for_exit && !matches!(sent, Ok(Ok(_))) {
+            // The manager cannot be told; end the long poll ourselves.
+            shared.stop_polling.cancel();
+        }
+    }
+}
+
+/// Wait until nothing runs, the drain timeout passes, or a second stop request comes.
+/// Returns true when aborted.
+async fn wait_for_drain(shared: &Arc<Shared>, control: &mut mpsc::Receiver<Control>) -> bool {
+    let timeout = shared.config.drain_timeout;
+    let running = shared.running_count();
+    if running > 0 {
+        info!(
+            tasks = running,
+            timeout = %humantime::format_duration(timeout),
+            "draining: waiting for in-flight tasks"
+        );
+    }
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut changed = shared.tasks_changed.subscribe();
+    loop {
+        if shared.running_count() == 0 {
+            return false;
+        }
+        tokio::select! {
+            _ = changed.changed() => {}
+            _ = tokio::time::sleep_until(deadline) => return false,
+            c = control.recv() => match c {
+                Some(Control::Abort) | Some(Control::Shutdown) => return true,
+                Some(Control::Resume) => info!("resume ignored: the agent is stopping"),
+                Some(Control::Drain) | None => {}
+            },
+        }
+    }
+}
+
+/// Wait up to `limit` for `done`; true if it became true.
+async fn wait_until(shared: &Arc<Shared>, limit: Duration, done: impl Fn(&Shared) -> bool) -> bool {
+    let mut changed = shared.tasks_changed.subscribe();
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if done(shared) {
+            return true;
+        }
+        tokio::select! {
+            _ = changed.changed() => {}
+            _ = tokio::time::sleep_until(deadline) => return done(shared),
+        }
+    }
+}
+
+fn heartbeat_request(shared: &Shared) -> HeartbeatRequest {
+    HeartbeatRequest {
+        state: *shared.state.borrow(),
+        in_flight: shared.lock_tasks().keys().cloned().collect(),
+    }
+}
+
+/// Register (retrying forever with backoff), then keep heartbeating and polling.
+async fn session(shared: Arc<Shared>) {
+    let Some(interval) = register(&shared).await else {
+        return;
+    };
+    let hb = tokio::spawn(heartbeat_loop(shared.clone(), interval));
+    acquire_loop(&shared).await;
+    hb.abort();
+}
+
+/// Returns the heartbeat interval, or `None` when the agent stopped before registering.
+async fn register(shared: &Arc<Shared>) -> Option<Duration> {
+    let hostname = nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "unknown".into());
+    let req = RegisterRequest {
+        name: shared.config.name.clone(),
+        hostname,
+        version: crate::VERSION.to_string(),
+        tags: shared.config.tags.clone(),
+        targets: shared.targets(),
+        capacity: shared.config.concurrency,
+    };
+    let mut backoff = Backoff::manager();
+    loop {
+        let attempt = tokio::select! {
+            r = shared.client.register(&req) => r,
+            _ = shared.stop_polling.cancelled() => return None,
+        };
+        match attempt {
+            Ok(resp) => {
+                info!(delegate_id = %resp.delegate_id, name = %req.name, "registered with the manager");
+                shared.delegate_id.send_replace(Some(resp.delegate_id));
+                shared.set_connected(true);
+                shared.apply(Event::Registered);
+                return Some(Duration::from_secs(
+                    resp.heartbeat_interval_secs.clamp(1, 300),
+                ));
+            }
+            Err(e) => {
+                shared.set_connected(false);
+                let delay = backoff.next_delay();
+                let retry =
+                    humantime::format_duration(Duration::from_millis(delay.as_millis() as u64));
+                if matches!(e, ClientError::Unauthorized { .. }) {
+                    error!(
+                        attempt = backoff.failures(),
+                        "registration refused: {e}; retrying in {retry}"
+                    );
+                } else {
+                    warn!(
+                        attempt = backoff.failures(),
+                        "registration failed: {e}; retrying in {retry}"
+                    );
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = shared.stop_polling.cancelled() => return None,
+                }
+            }
+        }
+    }
+}
+
+async fn heartbeat_loop(shared: Arc<Shared>, interval: Duration) {
+    let mut backoff = Backoff::new(Duration::from_secs(1), interval);
+    let mut delay = interval;
+    loop {
+        tokio::time::sleep(delay).await;
+        let Some(id) = shared.delegate_id.borrow().clone() else {
+            return;
+        };
+        let req = heartbeat_request(&shared);
+        match shared.client.heartbeat(&id, &req).await {
+            Ok(resp) => {
+                backoff.reset();
+                delay = interval;
+                shared.set_connected(true);
+                for t in resp.cancel {
+                    info!(task_id = %t, "cancel requested by the manager");
+                    shared.stop_task(&t, StopReason::Cancelled);
+                }
+                for t in resp.revoked {
+                    warn!(task_id = %t, "the manager no longer assigns this task to us; stopping it");
+                    shared.stop_task(&t, StopReason::Revoked);
+                }
+            }
+            Err(e) if e.is_unknown_delegate() => {
+                warn!("the manager does not know this delegate any more; registering again");
+                if register(&shared).await.is_none() {
+                    return;
+                }
+            }
+            Err(e) => {
+                shared.set_connected(false);
+                delay = backoff.next_delay();
+                if backoff.failures() == 1 {
+                    warn!("heartbeat failed: {e}");
+                } else {
+                    debug!("heartbeat failed again: {e}");
+                }
+            }
+        }
+    }
+}
+
+async fn acquire_loop(shared: &Arc<Shared>) {
+    let wait = shared.config.acquire_wait;
+    let mut backoff = Backoff::manager();
+    loop {
+        let state = *shared.state.borrow();
+        if state == AgentState::Stopping || shared.stop_polling.is_cancelled() {
+            return;
+        }
+        let Some(id) = shared.delegate_id.borrow().clone() else {
+            return;
+        };
+        let free = if state == AgentState::Running {
+            u32::try_from(shared.slots.available_permits()).unwrap_or(u32::MAX)
+        } else {
+            0
+        };
+        let poll = shared.client.acquire(&id, wait, free);
+        let result = if free == 0 {
+            // Only cancellations can come: safe to abandon when a slot frees up.
+            tokio::select! {
+                r = poll => r,
+                _ = shared.slot_freed.notified() => continue,
+                _ = shared.stop_polling.cancelled() => return,
+            }
+        } else {
+            // A poll that may lease tasks is never dropped half-way (the task would be
+            // stranded until its lease lapsed), except when stopping for good.
+            tokio::select! {
+                r = poll => r,
+                _ = shared.stop_polling.cancelled() => return,
+            }
+        };
+        match result {
+            Ok(Some(resp)) => {
+                backoff.reset();
+                shared.set_connected(true);
+                for t in resp.cancel {
+                    info!(task_id = %t, "cancel requested by the manager");
+                    shared.stop_task(&t, StopReason::Cancelled);
+                }
+                for a in resp.tasks {
+                    let permit = shared.slots.clone().try_acquire_owned().ok();
+                    spawn_task(shared.clone(), a, permit);
+                }
+            }
+            Ok(None) => {
+                backoff.reset();
+                shared.set_connected(true);
+            }
+            Err(e) => {
+                if e.is_unknown_delegate() {
+                    // The heartbeat loop re-registers; give it a moment.
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+                shared.set_connected(false);
+                let delay = backoff.next_delay();
+                if backoff.failures() == 1 {
+                    warn!("polling for tasks failed: {e}");
+                } else {
+                    debug!("polling for tasks failed again: {e}");
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = shared.stop_polling.cancelled() => return,
+                }
+            }
+        }
+    }
+}
+
+/// Pick up what an earlier run left in the spool: undelivered results are sent again;
+/// tasks that were running when the agent died are stopped (if anything of them is left)
+/// and reported as lost at once, so the manager can retry them without waiting for the
+/// lease to lapse.
+fn recover_spool(shared: &Arc<Shared>) {
+    let found = match shared.spool.recover() {
+        Ok(f) => f,
+        Err(e) => {
+            error!("cannot read the spool: {e}");
+            return;
+        }
+    };
+    for entry in found {
+        let rec: Recovered = match entry {
+            Ok(r) => r,
+            Err(e) => {
+                error!("skipping a spool entry: {e} (left on disk for inspection)");
+                continue;
+            }
+        };
+        let result = match rec.result {
+            Some(r) => {
+                info!(task_id = %rec.assignment.task_id, attempt = rec.assignment.attempt, "re-sending a result left from the last run");
+                r
+            }
+            None => {
+                let mut message = format!(
+                    "the delegate restarted while this task was running (attempt {})",
+                    rec.assignment.attempt
+                );
+                if let Some(p) = rec.process.filter(|p| p.is_alive()) {
+                    let pgid = Pid::from_raw(i32::try_from(p.pid).unwrap_or(i32::MAX));
+                    let _ = killpg(pgid, Signal::SIGKILL);
+                    message.push_str(&format!(
+                        "; its leftover process group {} was killed",
+                        p.pid
+                    ));
+                }
+                warn!(task_id = %rec.assignment.task_id, "{message}");
+                let r = TaskResult {
+                    outcome: Outcome::Lost,
+                    exit_code: None,
+                    signal: None,
+                    message: Some(message),
+                    log_bytes: rec.dir.log_len(),
+                };
+                if let Err(e) = rec.dir.write_result(&r) {
+                    error!(task_id = %rec.assignment.task_id, "cannot journal the result: {e}");
+                }
+                r
+            }
+        };
+        let handle = TaskHandle {
+            stop: CancellationToken::new(),
+            reason: Arc::new(Mutex::new(None)),
+            running: false,
+        };
+        shared
+            .lock_tasks()
+            .insert(rec.assignment.task_id.clone(), handle);
+        let shared = shared.clone();
+        let span = task_span(&rec.assignment);
+        tokio::spawn(
+            async move {
+                deliver(&shared, &rec.dir, &result).await;
+                shared.lock_tasks().remove(&rec.dir.task_id);
+                shared.bump();
+            }
+            .instrument(span),
+        );
+    }
+}
+
+fn task_span(a: &Assignment) -> tracing::Span {
+    info_span!("task", task_id = %a.task_id, task_kind = %a.kind, attempt = a.attempt)
+}
+
+fn spawn_task(shared: Arc<Shared>, a: Assignment, permit: Option<OwnedSemaphorePermit>) {
+    let span = task_span(&a);
+    tokio::spawn(supervise(shared, a, permit).instrument(span));
+}
+
+/// One task from assignment to delivered result.
+async fn supervise(shared: Arc<Shared>, a: Assignment, permit: Option<OwnedSemaphorePermit>) {
+    let stop = CancellationToken::new();
+    let reason = Arc::new(Mutex::new(None));
+    shared.lock_tasks().insert(
+        a.task_id.clone(),
+        TaskHandle {
+            stop: stop.clone(),
+            reason: reason.clone(),
+            running: true,
+        },
+    );
+    shared.bump();
+    let dir = match shared.spool.create(&a) {
+        Ok(d) => d,
+        Err(e) => {
+            // Without a journal entry the task cannot be run safely; report it directly.
+            error!("cannot journal the task: {e}");
+            let r = TaskResult {
+                outcome: Outcome::Failed,
+                exit_code: None,
+                signal: None,
+                message: Some(format!("the delegate could not journal the task: {e}")),
+                log_bytes: 0,
+            };
+            let mut backoff = Backoff::manager();
+            for _ in 0..5 {
+                match shared.client.result(&a.task_id, a.attempt, &r).await {
+                    Err(e) if e.is_transient() => tokio::time::sleep(backoff.next_delay()).await,
+                    _ => break,
+                }
+            }
+            drop(permit);
+            shared.lock_tasks().remove(&a.task_id);
+            shared.slot_freed.notify_one();
+            shared.bump();
+            return;
+        }
+    };
+
+    let result = execute(&shared, &a, &dir, stop.clone(), reason.clone()).await;
+    if *reason.lock().unwrap_or_else(|p| p.into_inner()) == Some(StopReason::Revoked) {
+        // Another delegate (or nobody) owns the task now; a report would be refused.
+        if let Err(e) = dir.remove() {
+            warn!("cannot remove the revoked task from the spool: {e}");
+        }
+        drop(permit);
+        shared.lock_tasks().remove(&a.task_id);
+        shared.slot_freed.notify_one();
+        shared.bump();
+        return;
+    }
+    if let Err(e) = dir.write_result(&result) {
+        error!("cannot journal the result (delivering it from memory): {e}");
+    }
+    let summary = match (result.exit_code, result.signal) {
+        (Some(c), _) => format!("exit code {c}"),
+        (None, Some(s)) => format!("signal {s}"),
+        _ => result.message.clone().unwrap_or_default(),
+    };
+    info!(outcome = ?result.outcome, "task finished: {summary}");
+
+    drop(permit);
+    if let Some(t) = shared.lock_tasks().get_mut(&a.task_id) {
+        t.running = false;
+    }
+    shared.slot_freed.notify_one();
+    shared.bump();
+
+    deliver(&shared, &dir, &result).await;
+    shared.lock_tasks().remove(&a.task_id);
+    shared.bump();
+}
+
+/// Check the spec, run it with its timeout, and turn the outcome into a result.
+async fn execute(
+    shared: &Arc<Shared>,
+    a: &Assignment,
+    dir: &TaskDir,
+    stop: CancellationToken,
+    reason: Arc<Mutex<Option<StopReason>>>,
+) -> TaskResult {
+    let failed = |message: String| TaskResult {
+        outcome: Outcome::Failed,
+        exit_code: None,
+        signal: None,
+        message: Some(message),
+        log_bytes: dir.log_len(),
+    };
+    let spec = match TaskSpec::from_wire(&a.kind, &a.spec) {
+        Ok(s) => s,
+        Err(e) => {
+            warn!("cannot run this task: {e}");
+            return failed(format!(
+                "delegate {} cannot run this task: {e}",
+                shared.config.name
+            ));
+        }
+    };
+    let offered = shared.targets();
+    if !offered.iter().any(|t| t.kind == spec.kind()) {
+        let kinds: Vec<&str> = offered.iter().map(|t| t.kind.as_str()).collect();
+        let msg = format!(
+            "delegate {} does not offer target {:?} (it offers: {}); enable it in delegate.toml or route the task to another delegate with a selector",
+            shared.config.name,
+            spec.kind(),
+            kinds.join(", ")
+        );
+        warn!("{msg}");
+        return failed(msg);
+    }
+    let log = match dir.log_writer() {
+        Ok(l) => l,
+        Err(e) => return failed(format!("the delegate cannot write the task log: {e}")),
+    };
+
+    {
+        let client = shared.client.clone();
+        let (id, attempt) = (a.task_id.clone(), a.attempt);
+        tokio::spawn(async move {
+            if let Err(e) = client.started(&id, attempt).await {
+                debug!(task_id = %id, "could not report the start: {e}");
+            }
+        });
+    }
+    let shipping = CancellationToken::new();
+    let shipper = tokio::spawn(ship_live(shared.clone(), dir.clone(), shipping.clone()));
+
+    let dir_for_pid = dir.clone();
+    let ctx = ExecContext {
+        task_id: a.task_id.clone(),
+        attempt: a.attempt,
+        dir: dir.path().to_path_buf(),
+        log,
+        stop: stop.clone(),
+        kill_grace: shared.config.kill_grace,
+        on_process: Box::new(move |p| {
+            if let Err(e) = dir_for_pid.record_process(p) {
+                warn!("cannot journal the task's process: {e}");
+            }
+        }),
+    };
+    let timeout = Duration::from_secs(a.timeout_secs.max(1));
+    let run = exec::run(&spec, ctx);
+    tokio::pin!(run);
+    let outcome = tokio::select! {
+        o = &mut run => o,
+        _ = tokio::time::sleep(timeout) => {
+            {
+                let mut r = reason.lock().unwrap_or_else(|p| p.into_inner());
+                if r.is_none() {
+                    *r = Some(StopReason::Timeout(timeout));
+                }
+            }
+            stop.cancel();
+            run.await
+        }
+    };
+    shipping.cancel();
+    let _ = shipper.await;
+
+    let why = *reason.lock().unwrap_or_else(|p| p.into_inner());
+    to_result(outcome, why, dir.log_len(), &shared.config)
+}
+
+fn signal_name(sig: i32) -> String {
+    Signal::try_from(sig)
+        .map(|s| s.as_str().to_string())
+        .unwrap_or_else(|_| format!("signal {sig}"))
+}
+
+/// Outcome + why the supervisor stopped it → the result the manager gets.
+fn to_result(
+    outcome: ExecOutcome,
+    why: Option<StopReason>,
+    log_bytes: u64,
+    config: &Config,
+) -> TaskResult {
+    let (exit_code, signal) = match &outcome {
+        ExecOutcome::Exited(c) => (Some(*c), None),
+        ExecOutcome::Signaled(s) => (None, Some(*s)),
+        _ => (None, None),
+    };
+    let (outcome, message) = match (why, outcome) {
+        (Some(StopReason::Timeout(t)), _) => (
+            Outcome::TimedOut,
+            Some(format!(
+                "timed out after {}; the task was stopped",
+                humantime::format_duration(t)
+            )),
+        ),
+        (Some(StopReason::Cancelled), _) => {
+            (Outcome::Cancelled, Some("cancelled on request".into()))
+        }
+        (Some(StopReason::Shutdown), _) => (
+            Outcome::Cancelled,
+            Some(format!(
+                "the delegate was stopped before the task finished (drain timeout {})",
+                humantime::format_duration(config.drain_timeout)
+            )),
+        ),
+        (Some(StopReason::Revoked), _) => {
+            (Outcome::Lost, Some("the manager revoked the task".into()))
+        }
+        (None, ExecOutcome::Exited(0)) => (Outcome::Succeeded, None),
+        (None, ExecOutcome::Exited(c)) => (Outcome::Failed, Some(format!("exited with code {c}"))),
+        (None, ExecOutcome::Signaled(s)) => (
+            Outcome::Failed,
+            Some(format!("killed by {}", signal_name(s))),
+        ),
+        (
+            None,
+            ExecOutcome::Done {
+                success: true,
+                message,
+            },
+        ) => (Outcome::Succeeded, Some(message)),
+        (
+            None,
+            ExecOutcome::Done {
+                success: false,
+                message,
+            },
+        ) => (Outcome::Failed, Some(message)),
+        (None, ExecOutcome::CouldNotStart(m)) => (Outcome::Failed, Some(m)),
+    };
+    TaskResult {
+        outcome,
+        exit_code,
+        signal,
+        message,
+        log_bytes,
+    }
+}
+
+/// Ship log bytes while the task runs, so `task logs --follow` shows them live.
+async fn ship_live(shared: Arc<Shared>, dir: TaskDir, done: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut backoff = Backoff::manager();
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = done.cancelled() => return,
+        }
+        if dir.log_len() <= dir.acked() {
+            continue;
+        }
+        let shipped = tokio::select! {
+            r = ship_logs(&shared.client, &dir) => r,
+            _ = done.cancelled() => return,
+        };
+        if let Err(e) = shipped {
+            debug!("live log shipping failed: {e}");
+            tokio::select! {
+                _ = tokio::time::sleep(backoff.next_delay()) => {}
+                _ = done.cancelled() => return,
+            }
+        } else {
+            backoff.reset();
+        }
+    }
+}
+
+/// Send every log byte the manager does not have yet.
+async fn ship_logs(client: &ManagerClient, dir: &TaskDir) -> Result<(), ClientError> {
+    const CHUNK: usize = if MAX_LOG_CHUNK_BYTES < 256 * 1024 {
+        MAX_LOG_CHUNK_BYTES
+    } else {
+        256 * 1024
+    };
+    let mut acked = dir.acked();
+    loop {
+        let len = dir.log_len();
+        if acked >= len {
+            return Ok(());
+        }
+        let chunk = dir
+            .read_log(acked, CHUNK)
+            .map_err(|e| ClientError::Protocol {
+                what: "logs",
+                reason: format!("spool: {e}"),
+            })?;
+        if chunk.is_empty() {
+            return Ok(());
+        }
+        let stored = match client.logs(&dir.task_id, dir.attempt, acked, chunk).await {
+            Ok(ack) => ack.stored,
+            Err(ClientError::Api {
+                code: ErrorCode::LogGap,
+                expected_offset: Some(want),
+                ..
+            }) => want,
+            Err(e) => return Err(e),
+        };
+        acked = stored.min(len);
+        if let Err(e) = dir.set_acked(acked) {
+            warn!("cannot record the log acknowledgement: {e}");
+        }
+    }
+}
+
+/// Deliver logs, then the result, retrying with backoff until the manager has them or
+/// refuses them for good. The spool entry is removed only then.
+async fn deliver(shared: &Arc<Shared>, dir: &TaskDir, result: &TaskResult) {
+    let mut backoff = Backoff::manager();
+    loop {
+        if shared.stopped.is_cancelled() {
+            return; // stays in the spool
+        }
+        let attempt = async {
+            ship_logs(&shared.client, dir).await?;
+            shared
+                .client
+                .result(&dir.task_id, dir.attempt, result)
+                .await
+        }
+        .await;
+        match attempt {
+            Ok(()) => {
+                debug!("result delivered");
+                break;
+            }
+            Err(e)
+                if matches!(
+                    e.code(),
+                    Some(
+                        ErrorCode::StaleAttempt
+                            | ErrorCode::ResultConflict
+                            | ErrorCode::Finished
+                            | ErrorCode::NotFound
+                            | ErrorCode::InvalidSpec
+                            | ErrorCode::BadRequest
+                    )
+                ) =>
+            {
+                warn!("the manager refused the result for good, dropping it: {e}");
+                break;
+            }
+            Err(e) => {
+                let delay = backoff.next_delay();
+                if backoff.failures() == 1 {
+                    warn!("delivering the result failed, will retry: {e}");
+                } else {
+                    debug!("delivering the result failed again: {e}");
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = shared.stopped.cancelled() => return,
+                }
+            }
+        }
+    }
+    if let Err(e) = dir.remove() {
+        warn!("cannot remove the delivered task from the spool: {e}");
+    }
+}

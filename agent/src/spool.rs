@@ -1,0 +1,385 @@
+//! The on-disk journal of in-flight tasks and spool of undelivered logs and results.
+//!
+//! Every task the agent accepts gets a directory `STATE_DIR/tasks/<task>.<attempt>/`
+//! *before* it starts, holding the assignment, the process it runs (for shell tasks), its
+//! whole log and, once it ends, its result. The directory is removed only when the manager
+//! has acknowledged the result, so neither a manager that is down for minutes nor a
+//! `kill -9` of the agent loses a result or a log byte: the next start finds the directory
+//! and finishes the delivery (or reports that the task died with the agent).
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use delegate_protocol::{Assignment, TaskResult};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpoolError {
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("task id {0:?} has characters that cannot name a spool directory")]
+    BadTaskId(String),
+    #[error("{path} is corrupt: {reason}")]
+    Corrupt { path: PathBuf, reason: String },
+}
+
+fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> SpoolError + 'a {
+    move |source| SpoolError::Io {
+        op,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Write `data` to `path` so that readers see the old or the new content, never a part.
+pub fn write_atomic(path: &Path, data: &[u8], durable: bool) -> Result<(), SpoolError> {
+    let tmp = path.with_extension("tmp");
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(io_err("create", &tmp))?;
+    f.write_all(data).map_err(io_err("write", &tmp))?;
+    if durable {
+        f.sync_all().map_err(io_err("fsync", &tmp))?;
+    }
+    fs::rename(&tmp, path).map_err(io_err("rename", path))
+}
+
+/// The spool root, `STATE_DIR/tasks`.
+#[derive(Debug, Clone)]
+pub struct Spool {
+    root: PathBuf,
+}
+
+/// Identity of the process group a shell task runs in, so a restarted agent can stop it
+/// without hitting an unrelated process that reused the pid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessRecord {
+    pub pid: u32,
+    /// Field 22 of `/proc/PID/stat` (start time in clock ticks since boot).
+    pub start_time: u64,
+}
+
+impl ProcessRecord {
+    /// Read the start time of a live process.
+    pub fn of(pid: u32) -> Option<ProcessRecord> {
+        Some(ProcessRecord {
+            pid,
+            start_time: proc_start_time(pid)?,
+        })
+    }
+
+    /// Is this very process (not a successor with the same pid) still there?
+    pub fn is_alive(&self) -> bool {
+        proc_start_time(self.pid) == Some(self.start_time)
+    }
+}
+
+fn proc_start_time(pid: u32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses; fields resume after the
+    // last ')'. Start time is field 22, i.e. the 20th after the name.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// What a restarted agent finds in the spool for one task attempt.
+#[derive(Debug)]
+pub struct Recovered {
+    pub dir: TaskDir,
+    pub assignment: Assignment,
+    pub result: Option<TaskResult>,
+    pub process: Option<ProcessRecord>,
+}
+
+impl Spool {
+    pub fn open(state_dir: &Path) -> Result<Spool, SpoolError> {
+        let root = state_dir.join("tasks");
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&root)
+            .map_err(io_err("create directory", &root))?;
+        Ok(Spool { root })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Journal a newly accepted assignment.
+    pub fn create(&self, a: &Assignment) -> Result<TaskDir, SpoolError> {
+        let valid = !a.task_id.is_empty()
+            && a.task_id.len() <= 128
+            && a.task_id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        if !valid {
+            return Err(SpoolError::BadTaskId(a.task_id.clone()));
+        }
+        let path = self.root.join(format!("{}.{}", a.task_id, a.attempt));
+        fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&path)
+            .or_else(|e| {
+                // A re-delivered assignment of the same attempt reuses its directory.
+                if e.kind() == io::ErrorKind::AlreadyExists {
+                    Ok(())
+                } else {
+                    Err(e)
+                }
+            })
+            .map_err(io_err("create directory", &path))?;
+        let json = serde_json::to_vec(a).map_err(|e| SpoolError::Corrupt {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        write_atomic(&path.join("assignment.json"), &json, false)?;
+        TaskDir::open(path, a.task_id.clone(), a.attempt)
+    }
+
+    /// Every task directory left by an earlier run. Unreadable ones are returned as errors
+    /// so the caller can log them; they are left on disk for an operator to inspect.
+    pub fn recover(&self) -> Result<Vec<Result<Recovered, SpoolError>>, SpoolError> {
+        let mut out = Vec::new();
+        let entries = fs::read_dir(&self.root).map_err(io_err("read directory", &self.root))?;
+        for entry in entries {
+            let entry = entry.map_err(io_err("read directory", &self.root))?;
+            let path = entry.path();
+            if !path.is_dir() {
+                continue;
+            }
+            out.push(Self::recover_one(path));
+        }
+        Ok(out)
+    }
+
+    fn recover_one(path: PathBuf) -> Result<Recovered, SpoolError> {
+        let read_json = |name: &str| -> Result<Option<Vec<u8>>, SpoolError> {
+            let p = path.join(name);
+            match fs::read(&p) {
+                Ok(b) => Ok(Some(b)),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(io_err("read", &p)(e)),
+            }
+        };
+        let corrupt = |reason: String| SpoolError::Corrupt {
+            path: path.clone(),
+            reason,
+        };
+        let assignment: Assignment = match read_json("assignment.json")? {
+            Some(b) => serde_json::from_slice(&b).map_err(|e| corrupt(e.to_string()))?,
+            None => return Err(corrupt("assignment.json is missing".into())),
+        };
+        let result = match read_json("result.json")? {
+            Some(b) => Some(serde_json::from_slice(&b).map_err(|e| corrupt(e.to_string()))?),
+            None => None,
+        };
+        let process = match read_json("process.json")? {
+            Some(b) => serde_json::from_slice(&b).ok(),
+            None => None,
+        };
+        let dir = TaskDir::open(path.clone(), assignment.task_id.clone(), assignment.attempt)?;
+        Ok(Recovered {
+            dir,
+            assignment,
+            result,
+            process,
+        })
+    }
+}
+
+/// One task attempt's directory. Cheap to clone; the log length is shared.
+#[derive(Debug, Clone)]
+pub struct TaskDir {
+    path: PathBuf,
+    pub task_id: String,
+    pub attempt: u32,
+    log_len: Arc<AtomicU64>,
+}
+
+impl TaskDir {
+    fn open(path: PathBuf, task_id: String, attempt: u32) -> Result<TaskDir, SpoolError> {
+        let log = path.join("log");
+        let len = match fs::metadata(&log) {
+            Ok(m) => m.len(),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => 0,
+            Err(e) => return Err(io_err("stat", &log)(e)),
+        };
+        Ok(TaskDir {
+            path,
+            task_id,
+            attempt,
+            log_len: Arc::new(AtomicU64::new(len)),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Open the log for appending; output is written here first, shipped from here later.
+    pub fn log_writer(&self) -> Result<LogWriter, SpoolError> {
+        let p = self.path.join("log");
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(&p)
+            .map_err(io_err("open", &p))?;
+        Ok(LogWriter {
+            file,
+            len: self.log_len.clone(),
+        })
+    }
+
+    /// Bytes written to the log so far.
+    pub fn log_len(&self) -> u64 {
+        self.log_len.load(Ordering::Acquire)
+    }
+
+    /// Read up to `max` log bytes from `offset`.
+    pub fn read_log(&self, offset: u64, max: usize) -> Result<Vec<u8>, SpoolError> {
+        let p = self.path.join("log");
+        let mut f = match File::open(&p) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(io_err("open", &p)(e)),
+        };
+        f.seek(SeekFrom::Start(offset))
+            .map_err(io_err("seek", &p))?;
+        let mut buf = Vec::with_capacity(max.min(64 * 1024));
+        f.take(max as u64)
+            .read_to_end(&mut buf)
+            .map_err(io_err("read", &p))?;
+        Ok(buf)
+    }
+
+    /// How many log bytes the manager has acknowledged.
+    pub fn acked(&self) -> u64 {
+        fs::read_to_string(self.path.join("acked"))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    pub fn set_acked(&self, n: u64) -> Result<(), SpoolError> {
+        write_atomic(&self.path.join("acked"), n.to_string().as_bytes(), false)
+    }
+
+    pub fn record_process(&self, p: ProcessRecord) -> Result<(), SpoolError> {
+        let json = serde_json::to_vec(&p).unwrap_or_default();
+        write_atomic(&self.path.join("process.json"), &json, false)
+    }
+
+    /// Persist the result durably: from here on it survives anything but a lost disk.
+    pub fn write_result(&self, r: &TaskResult) -> Result<(), SpoolError> {
+        let json = serde_json::to_vec(r).map_err(|e| SpoolError::Corrupt {
+            path: self.path.clone(),
+            reason: e.to_string(),
+        })?;
+        write_atomic(&self.path.join("result.json"), &json, true)
+    }
+
+    /// The manager has everything: forget the task.
+    pub fn remove(&self) -> Result<(), SpoolError> {
+        match fs::remove_dir_all(&self.path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io_err("remove", &self.path)(e)),
+        }
+    }
+}
+
+/// Appends task output to the spooled log.
+#[derive(Debug)]
+pub struct LogWriter {
+    file: File,
+    len: Arc<AtomicU64>,
+}
+
+impl LogWriter {
+    pub fn append(&mut self, data: &[u8]) -> io::Result<()> {
+        self.file.write_all(data)?;
+        self.len.fetch_add(data.len() as u64, Ordering::AcqRel);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use delegate_protocol::Outcome;
+
+    fn assignment(id: &str) -> Assignment {
+        Assignment {
+            task_id: id.into(),
+            attempt: 2,
+            kind: "shell".into(),
+            spec: serde_json::json!({"script": "true"}),
+            timeout_secs: 5,
+        }
+    }
+
+    #[test]
+    fn journal_survives_a_restart_with_log_ack_and_result() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let spool = Spool::open(tmp.path()).expect("open");
+        let dir = spool.create(&assignment("t_1")).expect("create");
+        let mut w = dir.log_writer().expect("writer");
+        w.append(b"hello ").expect("append");
+        w.append(b"world").expect("append");
+        dir.set_acked(6).expect("ack");
+        let r = TaskResult {
+            outcome: Outcome::Failed,
+            exit_code: Some(3),
+            signal: None,
+            message: None,
+            log_bytes: 11,
+        };
+        dir.write_result(&r).expect("result");
+
+        let again = Spool::open(tmp.path()).expect("reopen");
+        let found = again.recover().expect("recover");
+        assert_eq!(found.len(), 1);
+        let rec = found.into_iter().next().expect("one").expect("readable");
+        assert_eq!(rec.assignment.attempt, 2);
+        assert_eq!(rec.result, Some(r));
+        assert_eq!(rec.dir.log_len(), 11);
+        assert_eq!(rec.dir.acked(), 6);
+        assert_eq!(rec.dir.read_log(6, 100).expect("read"), b"world");
+        rec.dir.remove().expect("remove");
+        assert!(again.recover().expect("recover").is_empty());
+    }
+
+    #[test]
+    fn task_ids_cannot_escape_the_spool() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let spool = Spool::open(tmp.path()).expect("open");
+        let e = spool.create(&assignment("../../etc")).unwrap_err();
+        assert!(matches!(e, SpoolError::BadTaskId(_)), "{e}");
+    }
+
+    #[test]
+    fn process_record_matches_only_the_same_process() {
+        let me = ProcessRecord::of(std::process::id()).expect("own stat");
+        assert!(me.is_alive());
+        let other = ProcessRecord {
+            start_time: me.start_time + 1,
+            ..me
+        };
+        assert!(!other.is_alive());
+    }
+}

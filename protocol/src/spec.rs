@@ -1,0 +1,288 @@
+//! Task specs: what a user asks a delegate to run, one variant per task kind.
+//!
+//! The manager validates a spec at submission so that bad input is refused before it is
+//! queued; the agent validates again on receipt because it may be older or newer than the
+//! manager, and fails only that task when it cannot run it.
+
+use serde::{Deserialize, Serialize};
+
+use crate::Env;
+
+/// Largest script a shell task may carry.
+pub const MAX_SCRIPT_BYTES: usize = 256 * 1024;
+
+/// Largest request body an http task may carry.
+pub const MAX_HTTP_BODY_BYTES: usize = 256 * 1024;
+
+/// A task spec on the wire: `{"kind": "shell", "spec": {...}}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", content = "spec", rename_all = "snake_case")]
+pub enum TaskSpec {
+    Shell(ShellSpec),
+    Http(HttpSpec),
+}
+
+/// Run a script with an interpreter, in its own process group.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct ShellSpec {
+    pub script: String,
+    /// Program that runs the script file, `/bin/sh` when absent. Its arguments may follow,
+    /// split on whitespace (`"/bin/bash -eu"`); the script file's path comes last.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interpreter: Option<String>,
+    #[serde(default, skip_serializing_if = "Env::is_empty")]
+    pub env: Env,
+    /// Absolute directory to run in; a fresh empty directory when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub working_dir: Option<String>,
+}
+
+/// An HTTP request made from the delegate's network (health checks, webhooks).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct HttpSpec {
+    pub url: String,
+    /// `GET` when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+    #[serde(default, skip_serializing_if = "Env::is_empty")]
+    pub headers: Env,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body: Option<String>,
+    /// Statuses that count as success; any 2xx when empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub expect_status: Vec<u16>,
+}
+
+/// Why a spec cannot be run: which field, what is wrong, how to fix it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SpecError {
+    #[error("unknown task kind {kind:?} (known kinds: {known})")]
+    UnknownKind { kind: String, known: String },
+    #[error("{kind} spec does not parse: {reason}")]
+    Malformed { kind: String, reason: String },
+    #[error("{field}: {problem}")]
+    Invalid {
+        field: &'static str,
+        problem: String,
+    },
+}
+
+impl TaskSpec {
+    /// Kinds this build of the protocol knows.
+    pub const KINDS: &'static [&'static str] = &["shell", "http"];
+
+    pub fn kind(&self) -> &'static str {
+        match self {
+            TaskSpec::Shell(_) => "shell",
+            TaskSpec::Http(_) => "http",
+        }
+    }
+
+    /// The spec alone, as JSON (without the kind).
+    pub fn spec_json(&self) -> serde_json::Value {
+        let v = serde_json::to_value(self).unwrap_or_default();
+        v.get("spec").cloned().unwrap_or_default()
+    }
+
+    /// Parse and validate a spec that arrived as `kind` + raw JSON.
+    pub fn from_wire(kind: &str, spec: &serde_json::Value) -> Result<TaskSpec, SpecError> {
+        let parsed = match kind {
+            "shell" => serde_json::from_value(spec.clone()).map(TaskSpec::Shell),
+            "http" => serde_json::from_value(spec.clone()).map(TaskSpec::Http),
+            other => {
+                return Err(SpecError::UnknownKind {
+                    kind: other.to_string(),
+                    known: Self::KINDS.join(", "),
+                });
+            }
+        };
+        let spec = parsed.map_err(|e| SpecError::Malformed {
+            kind: kind.to_string(),
+            reason: e.to_string(),
+        })?;
+        spec.validate()?;
+        Ok(spec)
+    }
+
+    /// Checks that need no I/O; the manager runs them at submission.
+    pub fn validate(&self) -> Result<(), SpecError> {
+        match self {
+            TaskSpec::Shell(s) => s.validate(),
+            TaskSpec::Http(h) => h.validate(),
+        }
+    }
+}
+
+fn invalid(field: &'static str, problem: impl Into<String>) -> SpecError {
+    SpecError::Invalid {
+        field,
+        problem: problem.into(),
+    }
+}
+
+fn check_env(field: &'static str, env: &Env) -> Result<(), SpecError> {
+    for (k, v) in env {
+        let bad_name = k.is_empty() || k.contains('=') || k.contains('\0');
+        if bad_name {
+            return Err(invalid(
+                field,
+                format!("{k:?} is not a valid name (no '=', no NUL, not empty)"),
+            ));
+        }
+        if v.contains('\0') {
+            return Err(invalid(field, format!("value of {k} contains a NUL byte")));
+        }
+    }
+    Ok(())
+}
+
+impl ShellSpec {
+    pub fn validate(&self) -> Result<(), SpecError> {
+        if self.script.trim().is_empty() {
+            return Err(invalid(
+                "spec.script",
+                "is empty; give the commands to run, e.g. \"echo hello\"",
+            ));
+        }
+        if self.script.len() > MAX_SCRIPT_BYTES {
+            return Err(invalid(
+                "spec.script",
+                format!(
+                    "is {} bytes; the limit is {MAX_SCRIPT_BYTES} (ship large scripts as files)",
+                    self.script.len()
+                ),
+            ));
+        }
+        if self.script.contains('\0') {
+            return Err(invalid("spec.script", "contains a NUL byte"));
+        }
+        if let Some(i) = &self.interpreter
+            && i.split_whitespace().next().is_none()
+        {
+            return Err(invalid(
+                "spec.interpreter",
+                "is empty; leave it out for /bin/sh",
+            ));
+        }
+        if let Some(d) = &self.working_dir
+            && !d.starts_with('/')
+        {
+            return Err(invalid(
+                "spec.working_dir",
+                format!("{d:?} is not an absolute path"),
+            ));
+        }
+        check_env("spec.env", &self.env)
+    }
+
+    /// The interpreter split into program and arguments.
+    pub fn interpreter_argv(&self) -> Vec<String> {
+        match &self.interpreter {
+            Some(i) => i.split_whitespace().map(str::to_string).collect(),
+            None => vec!["/bin/sh".to_string()],
+        }
+    }
+}
+
+impl HttpSpec {
+    pub fn validate(&self) -> Result<(), SpecError> {
+        let lower = self.url.to_ascii_lowercase();
+        if !(lower.starts_with("http://") || lower.starts_with("https://")) {
+            return Err(invalid(
+                "spec.url",
+                format!("{:?} is not an http:// or https:// URL", self.url),
+            ));
+        }
+        if let Some(m) = &self.method
+            && (m.is_empty() || !m.bytes().all(|b| b.is_ascii_alphabetic()))
+        {
+            return Err(invalid(
+                "spec.method",
+                format!("{m:?} is not an HTTP method (GET, POST, ...)"),
+            ));
+        }
+        if self
+            .body
+            .as_ref()
+            .is_some_and(|b| b.len() > MAX_HTTP_BODY_BYTES)
+        {
+            return Err(invalid(
+                "spec.body",
+                format!("is larger than {MAX_HTTP_BODY_BYTES} bytes"),
+            ));
+        }
+        if let Some(s) = self
+            .expect_status
+            .iter()
+            .find(|s| !(100..=599).contains(*s))
+        {
+            return Err(invalid(
+                "spec.expect_status",
+                format!("{s} is not an HTTP status"),
+            ));
+        }
+        check_env("spec.headers", &self.headers)
+    }
+
+    /// Does `status` count as success for this request?
+    pub fn status_ok(&self, status: u16) -> bool {
+        if self.expect_status.is_empty() {
+            (200..300).contains(&status)
+        } else {
+            self.expect_status.contains(&status)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn empty_script_is_refused_with_the_field_name() {
+        let e = TaskSpec::from_wire("shell", &json!({"script": "  "})).unwrap_err();
+        assert!(e.to_string().starts_with("spec.script: is empty"), "{e}");
+    }
+
+    #[test]
+    fn unknown_kind_names_the_known_ones() {
+        let e = TaskSpec::from_wire("cobol", &json!({})).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "unknown task kind \"cobol\" (known kinds: shell, http)"
+        );
+    }
+
+    #[test]
+    fn malformed_spec_says_what_is_missing() {
+        let e = TaskSpec::from_wire("http", &json!({"method": "GET"})).unwrap_err();
+        assert!(matches!(e, SpecError::Malformed { .. }));
+        assert!(e.to_string().contains("missing field `url`"), "{e}");
+    }
+
+    #[test]
+    fn http_checks_url_and_status() {
+        let ok = TaskSpec::from_wire("http", &json!({"url": "http://127.0.0.1:1/x"}))
+            .expect("valid http spec");
+        assert_eq!(ok.kind(), "http");
+        let e = TaskSpec::from_wire("http", &json!({"url": "ftp://x"})).unwrap_err();
+        assert!(e.to_string().starts_with("spec.url"), "{e}");
+        let h = HttpSpec {
+            url: "http://x".into(),
+            expect_status: vec![404],
+            ..Default::default()
+        };
+        assert!(h.status_ok(404) && !h.status_ok(200));
+    }
+
+    #[test]
+    fn interpreter_splits_on_whitespace() {
+        let s = ShellSpec {
+            script: "x".into(),
+            interpreter: Some("/bin/bash  -eu".into()),
+            ..Default::default()
+        };
+        assert_eq!(s.interpreter_argv(), ["/bin/bash", "-eu"]);
+    }
+}
