@@ -78,6 +78,7 @@ struct Shared {
     slot_freed: Notify,
     /// Bumped whenever a task starts, stops running or is delivered.
     tasks_changed: watch::Sender<u64>,
+    in_flight: watch::Sender<u32>,
     /// Cancelled when long polls must end now (stopping, manager unreachable).
     stop_polling: CancellationToken,
     /// Cancelled when the process is about to exit: retry loops give up, the spool keeps
@@ -125,6 +126,9 @@ impl Shared {
 
     fn bump(&self) {
         self.tasks_changed.send_modify(|n| *n = n.wrapping_add(1));
+        let held = u32::try_from(self.lock_tasks().len()).unwrap_or(u32::MAX);
+        self.in_flight
+            .send_if_modified(|n| std::mem::replace(n, held) != held);
         if *self.state.borrow() == AgentState::Draining && self.running_count() == 0 {
             self.apply(Event::Idle);
         } else {
@@ -173,29 +177,73 @@ impl Shared {
     }
 }
 
-/// Run the daemon until a `Shutdown`/`Abort` control has been handled.
-pub async fn run(config: Config, mut control: mpsc::Receiver<Control>) -> Result<(), DaemonError> {
-    let spool = Spool::open(&config.state_dir)?;
-    let client = ManagerClient::new(
-        &config.manager_url,
-        &config.token,
-        &format!("delegate/{}", crate::VERSION),
-    )?;
-    let shared = Arc::new(Shared {
-        slots: Arc::new(Semaphore::new(config.concurrency as usize)),
-        config,
-        client,
-        spool,
-        state: watch::Sender::new(AgentState::Starting),
-        delegate_id: watch::Sender::new(None),
-        connected: watch::Sender::new(false),
-        tasks: Mutex::new(HashMap::new()),
-        slot_freed: Notify::new(),
-        tasks_changed: watch::Sender::new(0),
-        stop_polling: CancellationToken::new(),
-        stopped: CancellationToken::new(),
-    });
+/// A daemon built from its config, not yet running.
+pub struct Daemon {
+    shared: Arc<Shared>,
+}
 
+/// What the outside (D-Bus, `delegate status`, tests) can watch of a running daemon.
+#[derive(Clone)]
+pub struct Observer {
+    pub state: watch::Receiver<AgentState>,
+    pub connected: watch::Receiver<bool>,
+    pub delegate_id: watch::Receiver<Option<String>>,
+    /// Number of tasks the agent holds (running or delivering their result).
+    pub in_flight: watch::Receiver<u32>,
+    pub manager_url: String,
+}
+
+impl Daemon {
+    pub fn new(config: Config) -> Result<Daemon, DaemonError> {
+        let spool = Spool::open(&config.state_dir)?;
+        let client = ManagerClient::new(
+            &config.manager_url,
+            &config.token,
+            &format!("delegate/{}", crate::VERSION),
+        )?;
+        let shared = Arc::new(Shared {
+            slots: Arc::new(Semaphore::new(config.concurrency as usize)),
+            config,
+            client,
+            spool,
+            state: watch::Sender::new(AgentState::Starting),
+            delegate_id: watch::Sender::new(None),
+            connected: watch::Sender::new(false),
+            tasks: Mutex::new(HashMap::new()),
+            slot_freed: Notify::new(),
+            tasks_changed: watch::Sender::new(0),
+            in_flight: watch::Sender::new(0),
+            stop_polling: CancellationToken::new(),
+            stopped: CancellationToken::new(),
+        });
+        Ok(Daemon { shared })
+    }
+
+    pub fn observer(&self) -> Observer {
+        Observer {
+            state: self.shared.state.subscribe(),
+            connected: self.shared.connected.subscribe(),
+            delegate_id: self.shared.delegate_id.subscribe(),
+            in_flight: self.shared.in_flight.subscribe(),
+            manager_url: self.shared.config.manager_url.clone(),
+        }
+    }
+
+    /// Run until a `Shutdown`/`Abort` control has been handled.
+    pub async fn run(self, control: mpsc::Receiver<Control>) -> Result<(), DaemonError> {
+        run_shared(self.shared, control).await
+    }
+}
+
+/// Build and run a daemon (for callers that need no observer).
+pub async fn run(config: Config, control: mpsc::Receiver<Control>) -> Result<(), DaemonError> {
+    Daemon::new(config)?.run(control).await
+}
+
+async fn run_shared(
+    shared: Arc<Shared>,
+    mut control: mpsc::Receiver<Control>,
+) -> Result<(), DaemonError> {
     recover_spool(&shared);
     notify::ready();
     shared.update_status();
@@ -596,6 +644,7 @@ fn recover_spool(shared: &Arc<Shared>) {
             .instrument(span),
         );
     }
+    shared.bump();
 }
 
 fn task_span(a: &Assignment) -> tracing::Span {

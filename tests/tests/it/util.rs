@@ -1,0 +1,52 @@
+//! A world per test: a temp directory, a manager in it and a delegate token.
+
+use std::time::Duration;
+
+use delegate_tests::{Agent, AgentOptions, Manager};
+use tempfile::TempDir;
+
+pub const LONG: Duration = Duration::from_secs(60);
+
+pub struct World {
+    pub manager: Manager,
+    pub token: String,
+    // Dropped last: the processes above die first.
+    pub tmp: TempDir,
+}
+
+impl World {
+    pub fn new() -> World {
+        let tmp = tempfile::Builder::new()
+            .prefix("delegate-it-")
+            .tempdir()
+            .expect("temp dir");
+        let manager = Manager::start(tmp.path()).expect("manager starts");
+        let token = manager.token("test").expect("token");
+        World {
+            manager,
+            token,
+            tmp,
+        }
+    }
+
+    pub fn agent(&self, opts: AgentOptions) -> Agent {
+        Agent::start(self.tmp.path(), &self.manager.url(), &self.token, &opts).expect("agent starts")
+    }
+
+    /// An agent named `name` with defaults otherwise.
+    pub fn named_agent(&self, name: &str) -> Agent {
+        self.agent(AgentOptions {
+            name: name.into(),
+            ..AgentOptions::default()
+        })
+    }
+
+    /// Wait until `n` delegates are connected.
+    pub fn wait_connected(&self, n: usize) {
+        delegate_tests::wait_for(Duration::from_secs(20), "delegates to connect", || {
+            let d = self.manager.delegates().ok()?;
+            (d.iter().filter(|d| d.connected).count() >= n).then_some(())
+        })
+        .expect("delegates connected");
+    }
+}
