@@ -1,0 +1,654 @@
+//! The HTTP API v1: routes, bearer-token extractors, handlers and JSON errors.
+//!
+//! Handlers are thin: they check the token, read the body with a size limit, call one
+//! store function and wake whoever waits for the change (see `hub`). Every failure,
+//! including a bad query string, an oversized body and an unknown route, leaves as a
+//! `protocol::ErrorBody` so agents and scripts never have to parse plain-text errors.
+
+use std::convert::Infallible;
+use std::ops::Deref;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Json;
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderValue, Method, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use bytes::BytesMut;
+use delegate_protocol::{
+    API_PREFIX, AcquireQuery, AcquireResponse, AttemptQuery, CreateToken, CreatedToken,
+    DEFAULT_TASK_TIMEOUT_SECS, DelegateView, ErrorBody, ErrorCode, ErrorDetail, HeartbeatRequest,
+    HeartbeatResponse, ListTasksQuery, LogAck, LogQuery, MAX_ACQUIRE_WAIT_SECS,
+    MAX_LOG_CHUNK_BYTES, MAX_RETRIES, MAX_SUBMIT_BYTES, MAX_TASK_TIMEOUT_SECS, RegisterRequest,
+    RegisterResponse, SubmitResponse, SubmitTask, TaskResult, TaskSpec, TaskView, TokenView,
+};
+use futures_util::StreamExt;
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use tokio::sync::watch;
+use tracing::{debug, error, info, warn};
+
+use crate::auth;
+use crate::error::StoreError;
+use crate::hub::{self, Hub};
+use crate::store::{self, Cancel, Finish, Store, now_ms};
+
+/// Limit for the small JSON bodies delegates send (register, heartbeat, result).
+const SMALL_BODY_LIMIT: usize = 256 * 1024;
+/// Most tasks one acquire may lease.
+const MAX_ACQUIRE_BATCH: u32 = 100;
+/// Task list size when the query names none, and the most it may ask for.
+const DEFAULT_LIST_LIMIT: u32 = 100;
+const MAX_LIST_LIMIT: u32 = 10_000;
+/// Largest piece a log follower sends at once.
+const FOLLOW_CHUNK: usize = 256 * 1024;
+/// How much of an oversized body is read (and dropped) before answering 413, so that the
+/// client gets to read the answer instead of a reset connection.
+const DRAIN_LIMIT: usize = 64 * 1024 * 1024;
+
+/// Everything a handler needs, shared by all of them.
+pub struct AppInner {
+    pub store: Store,
+    pub hub: Hub,
+    /// SHA-256 hex of the admin token.
+    pub admin_hash: String,
+    pub lease_ttl: Duration,
+    pub heartbeat_interval: Duration,
+}
+
+#[derive(Clone)]
+pub struct App(Arc<AppInner>);
+
+impl App {
+    pub fn new(inner: AppInner) -> App {
+        App(Arc::new(inner))
+    }
+}
+
+impl Deref for App {
+    type Target = AppInner;
+    fn deref(&self) -> &AppInner {
+        &self.0
+    }
+}
+
+/// An error answer: HTTP status plus the protocol's error body.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    body: ErrorBody,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: ErrorCode, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            body: ErrorBody {
+                error: ErrorDetail {
+                    code,
+                    message: message.into(),
+                    expected_offset: None,
+                },
+            },
+        }
+    }
+
+    fn bad_request(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, message)
+    }
+
+    fn invalid_spec(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, ErrorCode::InvalidSpec, message)
+    }
+
+    fn unauthorized(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized, message)
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> ApiError {
+        let code = e.code();
+        let status = match (&e, code) {
+            (StoreError::TokenExists(_), _) => StatusCode::CONFLICT,
+            (_, ErrorCode::NotFound) => StatusCode::NOT_FOUND,
+            (_, ErrorCode::BadRequest) => StatusCode::BAD_REQUEST,
+            (_, ErrorCode::Internal) => StatusCode::INTERNAL_SERVER_ERROR,
+            _ => StatusCode::CONFLICT,
+        };
+        if status == StatusCode::INTERNAL_SERVER_ERROR {
+            error!("{e}");
+        }
+        let mut err = ApiError::new(status, code, e.to_string());
+        if let StoreError::LogGap { expected, .. } = e {
+            err.body.error.expected_offset = Some(expected);
+        }
+        err
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(self.body)).into_response()
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+fn token_of(parts: &Parts) -> Option<&str> {
+    parts
+        .headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(auth::bearer)
+}
+
+const CREATE_TOKEN_HINT: &str = "create one with `delegate-manager token create --name NAME`";
+const ADMIN_TOKEN_HINT: &str = "use the token in DATA_DIR/admin.token of the manager \
+     (the CLI reads it with --data DIR, or takes --admin-token / DELEGATE_ADMIN_TOKEN)";
+
+/// A request made with a live delegate token; `token_name` names that token.
+pub struct DelegateAuth {
+    pub token_name: String,
+}
+
+impl FromRequestParts<App> for DelegateAuth {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, app: &App) -> ApiResult<Self> {
+        let Some(token) = token_of(parts) else {
+            return Err(ApiError::unauthorized(format!(
+                "missing `Authorization: Bearer <delegate token>` header; {CREATE_TOKEN_HINT}"
+            )));
+        };
+        if token.starts_with(auth::ADMIN_PREFIX) {
+            return Err(ApiError::unauthorized(format!(
+                "this is the admin token; delegate endpoints need a delegate token; \
+                 {CREATE_TOKEN_HINT}"
+            )));
+        }
+        match app.store.token_name(&auth::hash_token(token))? {
+            Some(token_name) => Ok(DelegateAuth { token_name }),
+            None => Err(ApiError::unauthorized(format!(
+                "delegate token not recognised or revoked; {CREATE_TOKEN_HINT}"
+            ))),
+        }
+    }
+}
+
+/// A request made with the admin token.
+pub struct AdminAuth;
+
+impl FromRequestParts<App> for AdminAuth {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, app: &App) -> ApiResult<Self> {
+        let Some(token) = token_of(parts) else {
+            return Err(ApiError::unauthorized(format!(
+                "missing `Authorization: Bearer <admin token>` header; {ADMIN_TOKEN_HINT}"
+            )));
+        };
+        if auth::hash_token(token) == app.admin_hash {
+            return Ok(AdminAuth);
+        }
+        let what = if token.starts_with(auth::DELEGATE_PREFIX) {
+            "this is a delegate token; user endpoints need the admin token"
+        } else {
+            "admin token not recognised"
+        };
+        Err(ApiError::unauthorized(format!(
+            "{what}; {ADMIN_TOKEN_HINT}"
+        )))
+    }
+}
+
+/// `Query` whose rejection is a JSON error.
+struct Q<T>(T);
+
+impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for Q<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> ApiResult<Self> {
+        match Query::<T>::from_request_parts(parts, state).await {
+            Ok(Query(v)) => Ok(Q(v)),
+            Err(e) => Err(ApiError::bad_request(format!(
+                "bad query string: {}",
+                e.body_text()
+            ))),
+        }
+    }
+}
+
+/// The one `{id}`/`{name}` segment of a route, with a JSON rejection.
+struct P(String);
+
+impl<S: Send + Sync> FromRequestParts<S> for P {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> ApiResult<Self> {
+        match Path::<String>::from_request_parts(parts, state).await {
+            Ok(Path(v)) => Ok(P(v)),
+            Err(e) => Err(ApiError::bad_request(format!(
+                "bad path: {}",
+                e.body_text()
+            ))),
+        }
+    }
+}
+
+/// Read a whole body, refusing (with 413) one larger than `limit`. Axum's own limit
+/// answers in plain text, and the protocol promises JSON.
+async fn read_body(body: Body, limit: usize, what: &str) -> ApiResult<Bytes> {
+    let mut stream = body.into_data_stream();
+    let mut buf = BytesMut::new();
+    let mut seen = 0usize;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk
+            .map_err(|e| ApiError::bad_request(format!("cannot read the {what} body: {e}")))?;
+        seen += chunk.len();
+        if seen > limit {
+            if seen > DRAIN_LIMIT {
+                break;
+            }
+            continue;
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    if seen > limit {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorCode::PayloadTooLarge,
+            format!("{what} body is larger than the limit of {limit} bytes"),
+        ));
+    }
+    Ok(buf.freeze())
+}
+
+async fn read_json<T: DeserializeOwned>(body: Body, limit: usize, what: &str) -> ApiResult<T> {
+    let bytes = read_body(body, limit, what).await?;
+    serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::bad_request(format!("{what} body is not valid: {e}")))
+}
+
+/// The routes of API v1 plus `/healthz`.
+pub fn router(app: App) -> Router {
+    let api = Router::new()
+        .route("/delegates/register", post(register))
+        .route("/delegates/{id}/heartbeat", post(heartbeat))
+        .route("/delegates/{id}/acquire", post(acquire))
+        .route("/delegates", get(list_delegates))
+        .route("/tasks", post(submit).get(list_tasks))
+        .route("/tasks/{id}", get(show_task))
+        .route("/tasks/{id}/started", post(started))
+        .route("/tasks/{id}/logs", post(append_log).get(read_log))
+        .route("/tasks/{id}/result", post(result))
+        .route("/tasks/{id}/cancel", post(cancel))
+        .route("/tokens", post(create_token).get(list_tokens))
+        .route("/tokens/{name}/revoke", post(revoke_token));
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .nest(API_PREFIX, api)
+        .fallback(no_route)
+        .method_not_allowed_fallback(wrong_method)
+        .with_state(app)
+}
+
+async fn no_route(method: Method, uri: Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        ErrorCode::NotFound,
+        format!("no endpoint {method} {uri}; see docs/protocol.md for the API v1 routes"),
+    )
+}
+
+async fn wrong_method(method: Method, uri: Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        ErrorCode::BadRequest,
+        format!("{uri} does not take {method}; see docs/protocol.md for the API v1 routes"),
+    )
+}
+
+// ---- delegate endpoints ---------------------------------------------------------------
+
+async fn register(
+    State(app): State<App>,
+    auth: DelegateAuth,
+    body: Body,
+) -> ApiResult<Json<RegisterResponse>> {
+    let req: RegisterRequest = read_json(body, SMALL_BODY_LIMIT, "register").await?;
+    let id = app.store.register(&auth.token_name, &req, now_ms())?;
+    info!(
+        delegate_id = %id, name = %req.name, hostname = %req.hostname,
+        version = %req.version, token = %auth.token_name, "delegate registered"
+    );
+    Ok(Json(RegisterResponse {
+        delegate_id: id,
+        heartbeat_interval_secs: app.heartbeat_interval.as_secs().max(1),
+        lease_ttl_secs: app.lease_ttl.as_secs().max(1),
+    }))
+}
+
+async fn heartbeat(
+    State(app): State<App>,
+    auth: DelegateAuth,
+    P(id): P,
+    body: Body,
+) -> ApiResult<Json<HeartbeatResponse>> {
+    let req: HeartbeatRequest = read_json(body, SMALL_BODY_LIMIT, "heartbeat").await?;
+    let resp = app.store.heartbeat(&auth.token_name, &id, &req, now_ms())?;
+    if !resp.revoked.is_empty() {
+        debug!(delegate_id = %id, revoked = ?resp.revoked, "heartbeat named tasks it no longer holds");
+    }
+    Ok(Json(resp))
+}
+
+/// Long poll: lease tasks or hand out cancellations, else wait for a wake-up until `wait`
+/// runs out (204).
+async fn acquire(
+    State(app): State<App>,
+    auth: DelegateAuth,
+    P(id): P,
+    Q(q): Q<AcquireQuery>,
+) -> ApiResult<Response> {
+    let deadline =
+        tokio::time::Instant::now() + Duration::from_secs(q.wait.min(MAX_ACQUIRE_WAIT_SECS));
+    let max = q.max.min(MAX_ACQUIRE_BATCH);
+    let mut shutdown = app.hub.subscribe_shutdown();
+    loop {
+        // Registered before the look at the database, so a submit in between still wakes us.
+        let notified = app.hub.work_notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        let got: AcquireResponse = app.store.acquire(&auth.token_name, &id, max, now_ms())?;
+        if !got.tasks.is_empty() || !got.cancel.is_empty() {
+            if !got.tasks.is_empty() {
+                app.hub.changed();
+                debug!(delegate_id = %id, tasks = got.tasks.len(), "leased tasks");
+            }
+            return Ok(Json(got).into_response());
+        }
+        if *shutdown.borrow() {
+            return Ok(StatusCode::NO_CONTENT.into_response());
+        }
+        tokio::select! {
+            _ = &mut notified => {}
+            _ = tokio::time::sleep_until(deadline) => {
+                return Ok(StatusCode::NO_CONTENT.into_response());
+            }
+            _ = hub::stopping(&mut shutdown) => {
+                return Ok(StatusCode::NO_CONTENT.into_response());
+            }
+        }
+    }
+}
+
+async fn started(
+    State(app): State<App>,
+    auth: DelegateAuth,
+    P(id): P,
+    Q(q): Q<AttemptQuery>,
+) -> ApiResult<Json<TaskView>> {
+    let view = app
+        .store
+        .started(&auth.token_name, &id, q.attempt, now_ms())?;
+    app.hub.changed();
+    Ok(Json(view))
+}
+
+async fn append_log(
+    State(app): State<App>,
+    auth: DelegateAuth,
+    P(id): P,
+    Q(q): Q<AttemptQuery>,
+    body: Body,
+) -> ApiResult<Json<LogAck>> {
+    let Some(offset) = q.offset else {
+        return Err(ApiError::bad_request(
+            "log chunk without `offset`; send ?attempt=N&offset=BYTES",
+        ));
+    };
+    let data = read_body(body, MAX_LOG_CHUNK_BYTES, "log chunk").await?;
+    let stored = app
+        .store
+        .append_log(&auth.token_name, &id, q.attempt, offset, &data)?;
+    if offset + data.len() as u64 >= stored && !data.is_empty() {
+        app.hub.changed();
+    }
+    Ok(Json(LogAck { stored }))
+}
+
+async fn result(
+    State(app): State<App>,
+    auth: DelegateAuth,
+    P(id): P,
+    Q(q): Q<AttemptQuery>,
+    body: Body,
+) -> ApiResult<Json<TaskView>> {
+    let res: TaskResult = read_json(body, SMALL_BODY_LIMIT, "result").await?;
+    let (view, effect) = app
+        .store
+        .finish(&auth.token_name, &id, q.attempt, &res, now_ms())?;
+    if effect == Finish::Requeued {
+        info!(task_id = %id, attempt = q.attempt, "attempt reported lost; task re-queued");
+        app.hub.work_available();
+    } else {
+        debug!(task_id = %id, state = %view.state, "task finished");
+    }
+    app.hub.changed();
+    Ok(Json(view))
+}
+
+// ---- user endpoints -------------------------------------------------------------------
+
+/// A submission as it arrives, before the spec is checked: parsing `kind` and `spec`
+/// ourselves gives messages that name the known kinds and the bad field.
+#[derive(Deserialize)]
+struct RawSubmit {
+    kind: String,
+    spec: serde_json::Value,
+    #[serde(default)]
+    selectors: Vec<String>,
+    #[serde(default)]
+    timeout_secs: Option<u64>,
+    #[serde(default)]
+    retries: u32,
+}
+
+fn validate_submit(raw: RawSubmit) -> ApiResult<(SubmitTask, u64)> {
+    let spec = TaskSpec::from_wire(&raw.kind, &raw.spec)
+        .map_err(|e| ApiError::invalid_spec(e.to_string()))?;
+    let timeout = raw.timeout_secs.unwrap_or(DEFAULT_TASK_TIMEOUT_SECS);
+    if !(1..=MAX_TASK_TIMEOUT_SECS).contains(&timeout) {
+        return Err(ApiError::invalid_spec(format!(
+            "timeout_secs: {timeout} is out of range; give 1 to {MAX_TASK_TIMEOUT_SECS} seconds"
+        )));
+    }
+    if raw.retries > MAX_RETRIES {
+        return Err(ApiError::invalid_spec(format!(
+            "retries: {} is more than the limit of {MAX_RETRIES}",
+            raw.retries
+        )));
+    }
+    if let Some(bad) = raw
+        .selectors
+        .iter()
+        .find(|s| s.is_empty() || s.contains(|c: char| c == ',' || c.is_whitespace()))
+    {
+        return Err(ApiError::invalid_spec(format!(
+            "selectors: {bad:?} is not a tag; give non-empty tags without spaces or commas"
+        )));
+    }
+    let task = SubmitTask {
+        spec,
+        selectors: raw.selectors,
+        timeout_secs: Some(timeout),
+        retries: raw.retries,
+    };
+    Ok((task, timeout))
+}
+
+async fn submit(
+    State(app): State<App>,
+    _: AdminAuth,
+    body: Body,
+) -> ApiResult<(StatusCode, Json<SubmitResponse>)> {
+    let bytes = read_body(body, MAX_SUBMIT_BYTES, "task submission").await?;
+    let raw: RawSubmit = serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::invalid_spec(format!("task submission: {e}")))?;
+    let (task, timeout) = validate_submit(raw)?;
+    let id = store::new_task_id();
+    app.store.submit(&id, &task, timeout, now_ms())?;
+    app.hub.work_available();
+    debug!(task_id = %id, kind = task.spec.kind(), "task queued");
+    Ok((StatusCode::CREATED, Json(SubmitResponse { task_id: id })))
+}
+
+async fn show_task(State(app): State<App>, _: AdminAuth, P(id): P) -> ApiResult<Json<TaskView>> {
+    Ok(Json(app.store.task(&id)?))
+}
+
+async fn list_tasks(
+    State(app): State<App>,
+    _: AdminAuth,
+    Q(q): Q<ListTasksQuery>,
+) -> ApiResult<Json<Vec<TaskView>>> {
+    let limit = q.limit.unwrap_or(DEFAULT_LIST_LIMIT).min(MAX_LIST_LIMIT);
+    Ok(Json(app.store.list_tasks(q.state, limit)?))
+}
+
+fn text_headers() -> [(header::HeaderName, HeaderValue); 2] {
+    [
+        (
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        ),
+        (header::CACHE_CONTROL, HeaderValue::from_static("no-cache")),
+    ]
+}
+
+async fn read_log(
+    State(app): State<App>,
+    _: AdminAuth,
+    P(id): P,
+    Q(q): Q<LogQuery>,
+) -> ApiResult<Response> {
+    if !q.follow {
+        let slice = app.store.read_log(&id, q.offset, usize::MAX)?;
+        return Ok((text_headers(), slice.data).into_response());
+    }
+    // Read once now so a missing task is a JSON 404 rather than an empty stream.
+    let first = app.store.read_log(&id, q.offset, 0)?;
+    let follow = Follow {
+        changes: app.hub.subscribe_changes(),
+        shutdown: app.hub.subscribe_shutdown(),
+        app,
+        id,
+        offset: q.offset,
+        attempt: first.attempt,
+    };
+    let stream = futures_util::stream::unfold(follow, |mut f| async move {
+        f.next_chunk()
+            .await
+            .map(|b| (Ok::<Bytes, Infallible>(b), f))
+    });
+    Ok((text_headers(), Body::from_stream(stream)).into_response())
+}
+
+/// A log follower: sends what is new whenever the hub says something changed, and ends
+/// once the task is finished and every byte was sent.
+struct Follow {
+    app: App,
+    id: String,
+    offset: u64,
+    attempt: u32,
+    changes: watch::Receiver<u64>,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl Follow {
+    async fn next_chunk(&mut self) -> Option<Bytes> {
+        loop {
+            self.changes.borrow_and_update();
+            let slice = match self.app.store.read_log(&self.id, self.offset, FOLLOW_CHUNK) {
+                Ok(s) => s,
+                Err(e) => {
+                    warn!(task_id = %self.id, "log follower stops: {e}");
+                    return None;
+                }
+            };
+            if slice.attempt != self.attempt {
+                // Re-queued: the new attempt's log starts at byte 0.
+                self.attempt = slice.attempt;
+                self.offset = 0;
+                return Some(Bytes::from(format!(
+                    "\n[delegate-manager] task re-queued; log of attempt {} follows\n",
+                    slice.attempt
+                )));
+            }
+            if !slice.data.is_empty() {
+                self.offset += slice.data.len() as u64;
+                return Some(Bytes::from(slice.data));
+            }
+            if slice.state.is_terminal() && self.offset >= slice.stored {
+                return None;
+            }
+            tokio::select! {
+                r = self.changes.changed() => if r.is_err() { return None },
+                _ = hub::stopping(&mut self.shutdown) => return None,
+            }
+        }
+    }
+}
+
+async fn cancel(State(app): State<App>, _: AdminAuth, P(id): P) -> ApiResult<Json<TaskView>> {
+    let (view, effect) = app.store.cancel(&id, now_ms())?;
+    if effect == Cancel::Requested {
+        // The holder's long poll hands the cancellation out.
+        app.hub.work_available();
+    }
+    app.hub.changed();
+    info!(task_id = %id, state = %view.state, "cancel requested");
+    Ok(Json(view))
+}
+
+async fn list_delegates(
+    State(app): State<App>,
+    _: AdminAuth,
+) -> ApiResult<Json<Vec<DelegateView>>> {
+    Ok(Json(app.store.list_delegates(now_ms())?))
+}
+
+async fn create_token(
+    State(app): State<App>,
+    _: AdminAuth,
+    body: Body,
+) -> ApiResult<Json<CreatedToken>> {
+    let req: CreateToken = read_json(body, SMALL_BODY_LIMIT, "create token").await?;
+    let token = auth::new_delegate_token();
+    app.store
+        .create_token(&req.name, &auth::hash_token(&token), now_ms())?;
+    info!(name = %req.name, "delegate token created");
+    Ok(Json(CreatedToken {
+        name: req.name,
+        token,
+    }))
+}
+
+async fn list_tokens(State(app): State<App>, _: AdminAuth) -> ApiResult<Json<Vec<TokenView>>> {
+    Ok(Json(app.store.list_tokens()?))
+}
+
+async fn revoke_token(
+    State(app): State<App>,
+    _: AdminAuth,
+    P(name): P,
+) -> ApiResult<Json<TokenView>> {
+    let view = app.store.revoke_token(&name, now_ms())?;
+    info!(name = %name, "delegate token revoked");
+    Ok(Json(view))
+}

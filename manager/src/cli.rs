@@ -1,0 +1,716 @@
+//! The operator's command line: arguments of every subcommand, and the client commands
+//! (`token`, `task`, `delegates`) that talk HTTP to a running manager.
+//!
+//! Output is made for both people and scripts: commands that create something print only
+//! its id or token on stdout (`T=$(delegate-manager token create --name x)` works), tables
+//! and summaries are for people, and `--json` prints the API's own JSON.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, UNIX_EPOCH};
+
+use clap::{Args, Parser, Subcommand};
+use delegate_protocol::{
+    CreateToken, CreatedToken, DelegateView, Env, HttpSpec, ShellSpec, SubmitResponse, SubmitTask,
+    TaskSpec, TaskState, TaskView, TokenView, UnixMillis,
+};
+
+use crate::client::Client;
+use crate::error::CliError;
+use crate::server::{ADMIN_TOKEN_FILE, DEFAULT_DATA_DIR};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "delegate-manager",
+    version,
+    about = "Reference control plane for delegate agents: HTTP API, task queue with leases, CLI"
+)]
+pub struct Cli {
+    /// URL of the manager the client commands talk to.
+    #[arg(
+        long,
+        global = true,
+        env = "DELEGATE_MANAGER_SERVER",
+        default_value = "http://127.0.0.1:7700"
+    )]
+    pub server: String,
+    /// Admin token for the client commands (default: read DATA/admin.token).
+    #[arg(
+        long,
+        global = true,
+        env = "DELEGATE_ADMIN_TOKEN",
+        hide_env_values = true
+    )]
+    pub admin_token: Option<String>,
+    /// Data directory: database and admin.token.
+    #[arg(long, global = true, env = "DELEGATE_MANAGER_DATA", default_value = DEFAULT_DATA_DIR)]
+    pub data: PathBuf,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the manager: HTTP API, store, lease reaper.
+    Serve(ServeArgs),
+    /// Create, list and revoke delegate tokens.
+    #[command(subcommand)]
+    Token(TokenCmd),
+    /// Submit, inspect, follow and cancel tasks.
+    #[command(subcommand)]
+    Task(TaskCmd),
+    /// List registered delegates.
+    Delegates {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Address to listen on; port 0 picks a free one (logged as `listening on ADDR`).
+    #[arg(long, default_value = "127.0.0.1:7700")]
+    pub listen: SocketAddr,
+    /// A held task whose lease is not renewed for this long is lost (re-queued if it has
+    /// retries left).
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub lease_ttl: Duration,
+    /// How often delegates are asked to heartbeat.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub heartbeat_interval: Duration,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCmd {
+    /// Create a delegate token and print it (only it) on stdout.
+    Create {
+        #[arg(long)]
+        name: String,
+    },
+    /// List delegate tokens.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a delegate token; delegates using it are refused from now on.
+    Revoke { name: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TaskCmd {
+    /// Queue a task and print its id.
+    Submit(Box<SubmitArgs>),
+    /// Show a task.
+    Show {
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a task's log (current attempt) to stdout.
+    Logs {
+        id: String,
+        /// Keep printing until the task is finished.
+        #[arg(long, short)]
+        follow: bool,
+        /// Start at this byte of the log.
+        #[arg(long, default_value_t = 0)]
+        offset: u64,
+    },
+    /// Cancel a task.
+    Cancel { id: String },
+    /// List tasks, newest first.
+    List {
+        #[arg(long)]
+        state: Option<String>,
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct SubmitArgs {
+    /// Task kind: shell or http (inferred from --script / --url when absent).
+    #[arg(long)]
+    pub kind: Option<String>,
+    /// A full SubmitTask JSON document (`-` = stdin) instead of the flags below.
+    #[arg(long, conflicts_with_all = ["kind", "script", "url"])]
+    pub spec: Option<PathBuf>,
+
+    /// shell: the script to run.
+    #[arg(long)]
+    pub script: Option<String>,
+    /// shell: interpreter and its arguments, e.g. '/bin/bash -e' (default /bin/sh).
+    #[arg(long)]
+    pub interpreter: Option<String>,
+    /// shell: environment variable K=V (repeatable).
+    #[arg(long = "env", value_name = "K=V")]
+    pub env: Vec<String>,
+    /// shell: absolute working directory.
+    #[arg(long)]
+    pub workdir: Option<String>,
+
+    /// http: URL to request.
+    #[arg(long)]
+    pub url: Option<String>,
+    /// http: method (default GET).
+    #[arg(long)]
+    pub method: Option<String>,
+    /// http: header 'K: V' (repeatable).
+    #[arg(long = "header", value_name = "'K: V'")]
+    pub headers: Vec<String>,
+    /// http: request body.
+    #[arg(long)]
+    pub body: Option<String>,
+    /// http: a status that counts as success (repeatable; default any 2xx).
+    #[arg(long)]
+    pub expect_status: Vec<u16>,
+
+    /// Tag a delegate must have (repeatable).
+    #[arg(long = "selector", value_name = "TAG")]
+    pub selectors: Vec<String>,
+    /// Task timeout, e.g. 60s or 10m.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub timeout: Option<Duration>,
+    /// How often a lost attempt is re-queued.
+    #[arg(long)]
+    pub retries: Option<u32>,
+    /// Follow the log to stdout and exit with the task's status.
+    #[arg(long)]
+    pub wait: bool,
+}
+
+/// Run a client command (anything but `serve`).
+pub async fn run(cli: Cli) -> Result<ExitCode, CliError> {
+    let token = admin_token(cli.admin_token.as_deref(), &cli.data)?;
+    let client = Client::new(&cli.server, token)?;
+    match cli.command {
+        Command::Serve(_) => Err(CliError::Usage("serve is not a client command".to_string())),
+        Command::Token(cmd) => token_cmd(&client, cmd).await,
+        Command::Task(cmd) => task_cmd(&client, cmd).await,
+        Command::Delegates { json } => delegates(&client, json).await,
+    }
+}
+
+/// The admin token from the flag or environment, else from the data directory.
+fn admin_token(given: Option<&str>, data: &Path) -> Result<String, CliError> {
+    if let Some(t) = given.map(str::trim).filter(|t| !t.is_empty()) {
+        return Ok(t.to_string());
+    }
+    let path = data.join(ADMIN_TOKEN_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(s) if !s.trim().is_empty() => Ok(s.trim().to_string()),
+        Ok(_) => Err(CliError::MissingAdminToken {
+            path,
+            reason: "the file is empty".to_string(),
+        }),
+        Err(e) => Err(CliError::MissingAdminToken {
+            path,
+            reason: e.to_string(),
+        }),
+    }
+}
+
+fn out(s: &str) -> Result<(), CliError> {
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "{s}").map_err(CliError::Stdout)
+}
+
+fn print_json<T: serde::Serialize>(v: &T) -> Result<(), CliError> {
+    let s = serde_json::to_string_pretty(v)
+        .map_err(|e| CliError::Usage(format!("cannot format JSON: {e}")))?;
+    out(&s)
+}
+
+async fn token_cmd(client: &Client, cmd: TokenCmd) -> Result<ExitCode, CliError> {
+    match cmd {
+        TokenCmd::Create { name } => {
+            let created: CreatedToken = client.post("/tokens", Some(&CreateToken { name })).await?;
+            out(&created.token)?;
+        }
+        TokenCmd::List { json } => {
+            let tokens: Vec<TokenView> = client.get("/tokens", &[]).await?;
+            if json {
+                print_json(&tokens)?;
+            } else {
+                let rows = tokens
+                    .iter()
+                    .map(|t| {
+                        vec![
+                            t.name.clone(),
+                            rfc3339(t.created_at),
+                            if t.revoked { "revoked" } else { "active" }.to_string(),
+                        ]
+                    })
+                    .collect();
+                out(&table(&["NAME", "CREATED", "STATUS"], rows))?;
+            }
+        }
+        TokenCmd::Revoke { name } => {
+            let _: TokenView = client
+                .post::<(), _>(&format!("/tokens/{name}/revoke"), None)
+                .await?;
+            eprintln!("token {name} revoked");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn task_cmd(client: &Client, cmd: TaskCmd) -> Result<ExitCode, CliError> {
+    match cmd {
+        TaskCmd::Submit(args) => submit(client, *args).await,
+        TaskCmd::Show { id, json } => {
+            let t: TaskView = client.get(&format!("/tasks/{id}"), &[]).await?;
+            if json {
+                print_json(&t)?;
+            } else {
+                out(&show_text(&t))?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        TaskCmd::Logs { id, follow, offset } => {
+            let mut stdout = std::io::stdout().lock();
+            client.copy_log(&id, offset, follow, &mut stdout).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        TaskCmd::Cancel { id } => {
+            let t: TaskView = client
+                .post::<(), _>(&format!("/tasks/{id}/cancel"), None)
+                .await?;
+            if t.state == TaskState::Cancelled {
+                eprintln!("task {id} cancelled");
+            } else {
+                eprintln!(
+                    "cancel requested for task {id} ({}); delegate {} will stop it",
+                    t.state,
+                    t.delegate_name.as_deref().unwrap_or("?")
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        TaskCmd::List { state, limit, json } => {
+            let mut query = vec![("limit", limit.to_string())];
+            if let Some(s) = state {
+                let st = TaskState::parse(&s).ok_or_else(|| {
+                    let known: Vec<_> = TaskState::ALL.iter().map(|s| s.as_str()).collect();
+                    CliError::Usage(format!(
+                        "--state {s:?} is not a task state (one of: {})",
+                        known.join(", ")
+                    ))
+                })?;
+                query.push(("state", st.as_str().to_string()));
+            }
+            let tasks: Vec<TaskView> = client.get("/tasks", &query).await?;
+            if json {
+                print_json(&tasks)?;
+            } else {
+                let rows = tasks
+                    .iter()
+                    .map(|t| {
+                        vec![
+                            t.id.clone(),
+                            t.state.to_string(),
+                            t.kind.clone(),
+                            t.attempt.to_string(),
+                            t.delegate_name.clone().unwrap_or_else(|| "-".into()),
+                            rfc3339(t.created_at),
+                        ]
+                    })
+                    .collect();
+                out(&table(
+                    &["ID", "STATE", "KIND", "ATTEMPT", "DELEGATE", "CREATED"],
+                    rows,
+                ))?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// Build the submission from `--spec` or from the kind's flags.
+fn submission(args: &SubmitArgs) -> Result<SubmitTask, CliError> {
+    let mut task = if let Some(path) = &args.spec {
+        let text = if path.as_os_str() == "-" {
+            std::io::read_to_string(std::io::stdin()).map_err(|source| CliError::ReadFile {
+                path: path.clone(),
+                source,
+            })?
+        } else {
+            std::fs::read_to_string(path).map_err(|source| CliError::ReadFile {
+                path: path.clone(),
+                source,
+            })?
+        };
+        serde_json::from_str::<SubmitTask>(&text).map_err(|e| {
+            CliError::Usage(format!(
+                "{}: not a task submission: {e} (expected {{\"kind\": ..., \"spec\": {{...}}}})",
+                path.display()
+            ))
+        })?
+    } else {
+        let kind = match (&args.kind, &args.script, &args.url) {
+            (Some(k), _, _) => k.clone(),
+            (None, Some(_), _) => "shell".to_string(),
+            (None, None, Some(_)) => "http".to_string(),
+            (None, None, None) => {
+                return Err(CliError::Usage(
+                    "say what to run: --kind shell --script '...', --kind http --url URL, or \
+                     --spec FILE"
+                        .to_string(),
+                ));
+            }
+        };
+        let spec = match kind.as_str() {
+            "shell" => TaskSpec::Shell(ShellSpec {
+                script: args.script.clone().ok_or_else(|| {
+                    CliError::Usage("--kind shell needs --script 'COMMANDS'".to_string())
+                })?,
+                interpreter: args.interpreter.clone(),
+                env: pairs(&args.env, '=', "--env", "K=V")?,
+                working_dir: args.workdir.clone(),
+            }),
+            "http" => TaskSpec::Http(HttpSpec {
+                url: args
+                    .url
+                    .clone()
+                    .ok_or_else(|| CliError::Usage("--kind http needs --url URL".to_string()))?,
+                method: args.method.clone(),
+                headers: pairs(&args.headers, ':', "--header", "'K: V'")?,
+                body: args.body.clone(),
+                expect_status: args.expect_status.clone(),
+            }),
+            other => {
+                return Err(CliError::Usage(format!(
+                    "unknown task kind {other:?} (known kinds: {}); other kinds need --spec FILE",
+                    TaskSpec::KINDS.join(", ")
+                )));
+            }
+        };
+        SubmitTask {
+            spec,
+            selectors: Vec::new(),
+            timeout_secs: None,
+            retries: 0,
+        }
+    };
+    if !args.selectors.is_empty() {
+        task.selectors = args.selectors.clone();
+    }
+    if let Some(t) = args.timeout {
+        task.timeout_secs = Some(t.as_secs().max(1));
+    }
+    if let Some(r) = args.retries {
+        task.retries = r;
+    }
+    Ok(task)
+}
+
+/// Parse `K=V` / `K: V` pairs.
+fn pairs(items: &[String], sep: char, flag: &str, form: &str) -> Result<Env, CliError> {
+    let mut env = Env::new();
+    for item in items {
+        let (k, v) = item
+            .split_once(sep)
+            .ok_or_else(|| CliError::Usage(format!("{flag} {item:?} is not of the form {form}")))?;
+        let v = if sep == ':' { v.trim() } else { v };
+        env.insert(k.trim().to_string(), v.to_string());
+    }
+    Ok(env)
+}
+
+async fn submit(client: &Client, args: SubmitArgs) -> Result<ExitCode, CliError> {
+    let task = submission(&args)?;
+    let resp: SubmitResponse = client.post("/tasks", Some(&task)).await?;
+    let id = resp.task_id;
+    if !args.wait {
+        out(&id)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    eprintln!("{id}");
+    {
+        let mut stdout = std::io::stdout().lock();
+        client.copy_log(&id, 0, true, &mut stdout).await?;
+    }
+    let t: TaskView = client.get(&format!("/tasks/{id}"), &[]).await?;
+    eprintln!("{}", summary(&t));
+    Ok(task_exit_code(&t))
+}
+
+/// 0 when the task succeeded, its exit code when it has one, else 1.
+fn task_exit_code(t: &TaskView) -> ExitCode {
+    if t.state == TaskState::Succeeded {
+        return ExitCode::SUCCESS;
+    }
+    match t.exit_code {
+        Some(c) if (1..=255).contains(&c) => ExitCode::from(c as u8),
+        _ => ExitCode::FAILURE,
+    }
+}
+
+/// One line: `task t_… succeeded (exit 0) on delegate NAME in 1s 200ms`.
+fn summary(t: &TaskView) -> String {
+    let mut s = format!("task {} {}", t.id, t.state);
+    let mut how = Vec::new();
+    if let Some(c) = t.exit_code {
+        how.push(format!("exit {c}"));
+    }
+    if let Some(sig) = t.signal {
+        how.push(format!("signal {sig}"));
+    }
+    if !how.is_empty() {
+        s.push_str(&format!(" ({})", how.join(", ")));
+    }
+    if let Some(d) = &t.delegate_name {
+        s.push_str(&format!(" on delegate {d}"));
+    }
+    if let (Some(a), Some(b)) = (t.started_at, t.finished_at) {
+        s.push_str(&format!(" in {}", span(a, b)));
+    }
+    if let Some(m) = &t.message {
+        s.push_str(&format!(": {m}"));
+    }
+    s
+}
+
+fn show_text(t: &TaskView) -> String {
+    let mut lines = vec![
+        ("id", t.id.clone()),
+        ("kind", t.kind.clone()),
+        ("state", t.state.to_string()),
+        (
+            "attempt",
+            format!("{} of at most {}", t.attempt, t.retries + 1),
+        ),
+        (
+            "delegate",
+            match (&t.delegate_name, &t.delegate_id) {
+                (Some(n), Some(i)) => format!("{n} ({i})"),
+                _ => "-".to_string(),
+            },
+        ),
+        ("selectors", t.selectors.join(", ")),
+        ("timeout", format!("{}s", t.timeout_secs)),
+    ];
+    if t.cancel_requested {
+        lines.push(("cancel", "requested".to_string()));
+    }
+    if let Some(c) = t.exit_code {
+        lines.push(("exit code", c.to_string()));
+    }
+    if let Some(s) = t.signal {
+        lines.push(("signal", s.to_string()));
+    }
+    if let Some(m) = &t.message {
+        lines.push(("message", m.clone()));
+    }
+    lines.push(("created", rfc3339(t.created_at)));
+    if let Some(a) = t.assigned_at {
+        lines.push((
+            "assigned",
+            format!("{} (queued {})", rfc3339(a), span(t.created_at, a)),
+        ));
+    }
+    if let Some(s) = t.started_at {
+        lines.push(("started", rfc3339(s)));
+    }
+    if let Some(f) = t.finished_at {
+        let ran = t
+            .started_at
+            .map(|s| format!(" (ran {})", span(s, f)))
+            .unwrap_or_default();
+        lines.push(("finished", format!("{}{ran}", rfc3339(f))));
+    }
+    lines.push(("log bytes", t.log_bytes.to_string()));
+    lines
+        .into_iter()
+        .map(|(k, v)| format!("{:<10} {v}", format!("{k}:")))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+async fn delegates(client: &Client, json: bool) -> Result<ExitCode, CliError> {
+    let ds: Vec<DelegateView> = client.get("/delegates", &[]).await?;
+    if json {
+        print_json(&ds)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let now = now_ms();
+    let rows = ds
+        .iter()
+        .map(|d| {
+            vec![
+                d.name.clone(),
+                d.id.clone(),
+                d.version.clone(),
+                d.state.to_string(),
+                if d.connected { "yes" } else { "no" }.to_string(),
+                d.last_heartbeat
+                    .map(|h| format!("{} ago", span(h, now)))
+                    .unwrap_or_else(|| "never".to_string()),
+                format!("{}/{}", d.in_flight, d.capacity),
+                d.tags.join(","),
+            ]
+        })
+        .collect();
+    out(&table(
+        &[
+            "NAME",
+            "ID",
+            "VERSION",
+            "STATE",
+            "CONNECTED",
+            "LAST HEARTBEAT",
+            "IN-FLIGHT",
+            "TAGS",
+        ],
+        rows,
+    ))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn now_ms() -> UnixMillis {
+    crate::store::now_ms()
+}
+
+fn rfc3339(ms: UnixMillis) -> String {
+    let t = UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64);
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+/// A duration between two instants, rounded to what a person wants to read.
+fn span(from: UnixMillis, to: UnixMillis) -> String {
+    let ms = (to - from).max(0) as u64;
+    let d = if ms >= 60_000 {
+        Duration::from_secs(ms / 1000)
+    } else {
+        Duration::from_millis(ms)
+    };
+    humantime::format_duration(d).to_string()
+}
+
+/// Left-aligned columns, two spaces apart.
+fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in &rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect::<Vec<_>>()
+            .join("  ")
+            .trim_end()
+            .to_string()
+    };
+    let mut outl = vec![line(header.iter().map(|h| h.to_string()).collect())];
+    outl.extend(rows.into_iter().map(line));
+    outl.join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(extra: &[&str]) -> SubmitArgs {
+        let mut argv = vec!["delegate-manager", "task", "submit"];
+        argv.extend_from_slice(extra);
+        match Cli::try_parse_from(argv).expect("parse").command {
+            Command::Task(TaskCmd::Submit(a)) => *a,
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn shell_flags_make_a_shell_task() {
+        let a = args(&[
+            "--script",
+            "echo hi",
+            "--env",
+            "A=1=2",
+            "--selector",
+            "linux",
+            "--timeout",
+            "90s",
+            "--retries",
+            "2",
+        ]);
+        let t = submission(&a).expect("submission");
+        match &t.spec {
+            TaskSpec::Shell(s) => {
+                assert_eq!(s.script, "echo hi");
+                assert_eq!(s.env.get("A").map(String::as_str), Some("1=2"));
+            }
+            other => panic!("wrong kind {other:?}"),
+        }
+        assert_eq!(t.selectors, ["linux"]);
+        assert_eq!((t.timeout_secs, t.retries), (Some(90), 2));
+    }
+
+    #[test]
+    fn http_headers_split_on_colon() {
+        let a = args(&[
+            "--kind",
+            "http",
+            "--url",
+            "http://x/y",
+            "--header",
+            "X-A: b: c",
+            "--expect-status",
+            "204",
+        ]);
+        match submission(&a).expect("submission").spec {
+            TaskSpec::Http(h) => {
+                assert_eq!(h.headers.get("X-A").map(String::as_str), Some("b: c"));
+                assert_eq!(h.expect_status, [204]);
+            }
+            other => panic!("wrong kind {other:?}"),
+        }
+    }
+
+    #[test]
+    fn unknown_kind_and_missing_script_are_usage_errors() {
+        let e = submission(&args(&["--kind", "cobol"])).expect_err("unknown kind");
+        assert!(e.to_string().contains("unknown task kind \"cobol\""), "{e}");
+        let e = submission(&args(&["--kind", "shell"])).expect_err("no script");
+        assert!(e.to_string().contains("--script"), "{e}");
+    }
+
+    #[test]
+    fn exit_code_follows_the_task() {
+        let mut t: TaskView = serde_json::from_value(serde_json::json!({
+            "id": "t_1", "kind": "shell", "spec": {}, "selectors": [], "state": "failed",
+            "attempt": 1, "retries": 0, "timeout_secs": 1, "cancel_requested": false,
+            "delegate_id": null, "delegate_name": null, "exit_code": 3, "signal": null,
+            "message": null, "created_at": 0, "assigned_at": null, "started_at": null,
+            "finished_at": null, "log_bytes": 0
+        }))
+        .expect("view");
+        assert_eq!(task_exit_code(&t), ExitCode::from(3));
+        t.exit_code = None;
+        assert_eq!(task_exit_code(&t), ExitCode::FAILURE);
+        t.state = TaskState::Succeeded;
+        assert_eq!(task_exit_code(&t), ExitCode::SUCCESS);
+    }
+
+    #[test]
+    fn missing_admin_token_names_the_three_ways() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let e = admin_token(None, dir.path()).expect_err("no token");
+        let msg = e.to_string();
+        assert!(msg.contains("--admin-token") && msg.contains("DELEGATE_ADMIN_TOKEN"));
+        assert!(msg.contains("--data"), "{msg}");
+        std::fs::write(dir.path().join(ADMIN_TOKEN_FILE), "adm_x\n").expect("write");
+        assert_eq!(admin_token(None, dir.path()).expect("read"), "adm_x");
+        assert_eq!(
+            admin_token(Some("adm_y"), dir.path()).expect("flag"),
+            "adm_y"
+        );
+    }
+}

@@ -1,0 +1,148 @@
+//! A small HTTP client for the user side of API v1, used by the CLI commands.
+//!
+//! It turns the manager's JSON error bodies into `CliError::Manager` so the operator reads
+//! the manager's own message, and a refused connection into a hint to start the server.
+
+use std::io::Write;
+use std::time::Duration;
+
+use delegate_protocol::{API_PREFIX, ErrorBody, ErrorCode};
+use reqwest::{RequestBuilder, Response};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::error::CliError;
+
+/// Time limit of every request except log following, which lasts as long as the task.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+
+pub struct Client {
+    http: reqwest::Client,
+    base: String,
+    token: String,
+}
+
+impl Client {
+    pub fn new(server: &str, token: String) -> Result<Client, CliError> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .build()
+            .map_err(|source| CliError::Http {
+                url: server.to_string(),
+                source,
+            })?;
+        Ok(Client {
+            http,
+            base: server.trim_end_matches('/').to_string(),
+            token,
+        })
+    }
+
+    /// The full URL of an API v1 path such as `/tasks`.
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{API_PREFIX}{path}", self.base)
+    }
+
+    async fn send(&self, req: RequestBuilder, url: &str) -> Result<Response, CliError> {
+        let resp = req
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .map_err(|source| {
+                if source.is_connect() {
+                    CliError::Unreachable {
+                        url: self.base.clone(),
+                        source,
+                    }
+                } else {
+                    CliError::Http {
+                        url: url.to_string(),
+                        source,
+                    }
+                }
+            })?;
+        if resp.status().is_success() {
+            return Ok(resp);
+        }
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap_or_default();
+        Err(match serde_json::from_str::<ErrorBody>(&text) {
+            Ok(body) => CliError::Manager {
+                status,
+                code: body.error.code,
+                message: body.error.message,
+            },
+            Err(_) => CliError::Manager {
+                status,
+                code: ErrorCode::Unknown,
+                message: format!("{url} answered HTTP {status}: {}", text.trim()),
+            },
+        })
+    }
+
+    async fn json<T: DeserializeOwned>(resp: Response, url: &str) -> Result<T, CliError> {
+        let bytes = resp.bytes().await.map_err(|source| CliError::Http {
+            url: url.to_string(),
+            source,
+        })?;
+        serde_json::from_slice(&bytes).map_err(|source| CliError::BadAnswer {
+            url: url.to_string(),
+            source,
+        })
+    }
+
+    pub async fn get<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        query: &[(&str, String)],
+    ) -> Result<T, CliError> {
+        let url = self.url(path);
+        let req = self.http.get(&url).query(query).timeout(REQUEST_TIMEOUT);
+        let resp = self.send(req, &url).await?;
+        Self::json(resp, &url).await
+    }
+
+    pub async fn post<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: Option<&B>,
+    ) -> Result<T, CliError> {
+        let url = self.url(path);
+        let mut req = self.http.post(&url).timeout(REQUEST_TIMEOUT);
+        if let Some(b) = body {
+            req = req.json(b);
+        }
+        let resp = self.send(req, &url).await?;
+        Self::json(resp, &url).await
+    }
+
+    /// Copy a task's log to `out` from byte `offset`; with `follow`, until the task is
+    /// finished. Returns the bytes written.
+    pub async fn copy_log(
+        &self,
+        task_id: &str,
+        offset: u64,
+        follow: bool,
+        out: &mut impl Write,
+    ) -> Result<u64, CliError> {
+        let url = self.url(&format!("/tasks/{task_id}/logs"));
+        let mut req = self.http.get(&url).query(&[
+            ("offset", offset.to_string()),
+            ("follow", follow.to_string()),
+        ]);
+        if !follow {
+            req = req.timeout(REQUEST_TIMEOUT);
+        }
+        let mut resp = self.send(req, &url).await?;
+        let mut written = 0u64;
+        while let Some(chunk) = resp.chunk().await.map_err(|source| CliError::Http {
+            url: url.clone(),
+            source,
+        })? {
+            out.write_all(&chunk).map_err(CliError::Stdout)?;
+            out.flush().map_err(CliError::Stdout)?;
+            written += chunk.len() as u64;
+        }
+        Ok(written)
+    }
+}

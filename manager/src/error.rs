@@ -1,0 +1,158 @@
+//! Typed errors of the manager's library modules.
+//!
+//! Each variant carries what an operator or a delegate needs to act on it — the task id,
+//! the attempt, the path, the URL — and says how to fix it. The HTTP layer maps store
+//! errors to `protocol::ErrorBody` codes (see `api::ApiError`); the binary wraps the rest
+//! with `anyhow` context at its edge.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use delegate_protocol::{ErrorCode, TaskState};
+
+/// Why a store operation failed. Most variants are answers to a delegate or user that did
+/// something the task's state does not allow; `Sqlite` and `Corrupt` are the manager's own
+/// trouble.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot open the database {path}: {source}")]
+    Open {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    #[error(
+        "database {path} has schema version {found}, newer than this delegate-manager \
+         understands ({known}); run a newer delegate-manager or restore a backup"
+    )]
+    SchemaTooNew {
+        path: PathBuf,
+        found: i64,
+        known: i64,
+    },
+    #[error("database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("task {0} not found; list tasks with `delegate-manager task list`")]
+    TaskNotFound(String),
+    #[error(
+        "delegate {0} is not registered with this token; register again \
+         (POST /api/v1/delegates/register) to get a delegate id"
+    )]
+    DelegateNotFound(String),
+    #[error("token {0:?} not found; list tokens with `delegate-manager token list`")]
+    TokenNotFound(String),
+    #[error("a token named {0:?} already exists; pick another name")]
+    TokenExists(String),
+    #[error("task {task}: attempt {attempt} is stale ({why}); stop it and drop its reports")]
+    StaleAttempt {
+        task: String,
+        attempt: u32,
+        why: String,
+    },
+    #[error(
+        "task {task} attempt {attempt}: log chunk starts at byte {offset} but only {expected} \
+         bytes are stored; resend from byte {expected}"
+    )]
+    LogGap {
+        task: String,
+        attempt: u32,
+        offset: u64,
+        expected: u64,
+    },
+    #[error(
+        "task {task} attempt {attempt} already has the result {existing}; refusing the \
+         different result {new}"
+    )]
+    ResultConflict {
+        task: String,
+        attempt: u32,
+        existing: String,
+        new: String,
+    },
+    #[error("task {task} already finished ({state}); {detail}")]
+    Finished {
+        task: String,
+        state: TaskState,
+        detail: &'static str,
+    },
+    /// A request that parsed but makes no sense (empty name, bad selector, ...).
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl StoreError {
+    /// The wire code this error travels under.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            StoreError::Open { .. } | StoreError::SchemaTooNew { .. } | StoreError::Sqlite(_) => {
+                ErrorCode::Internal
+            }
+            StoreError::TaskNotFound(_)
+            | StoreError::DelegateNotFound(_)
+            | StoreError::TokenNotFound(_) => ErrorCode::NotFound,
+            StoreError::TokenExists(_) | StoreError::Invalid(_) => ErrorCode::BadRequest,
+            StoreError::StaleAttempt { .. } => ErrorCode::StaleAttempt,
+            StoreError::LogGap { .. } => ErrorCode::LogGap,
+            StoreError::ResultConflict { .. } => ErrorCode::ResultConflict,
+            StoreError::Finished { .. } => ErrorCode::Finished,
+        }
+    }
+}
+
+/// Why `delegate-manager serve` could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("cannot create the data directory {path}: {source} (choose another with --data DIR)")]
+    DataDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot write the admin token file {path}: {source}")]
+    AdminToken {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot listen on {addr}: {source} (choose another address with --listen)")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("HTTP server failed: {0}")]
+    Serve(std::io::Error),
+}
+
+/// Why a CLI command failed; the message is what the operator sees.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error("cannot reach the manager at {url}: is `delegate-manager serve` running? ({source})")]
+    Unreachable { url: String, source: reqwest::Error },
+    #[error("request to {url} failed: {source}")]
+    Http { url: String, source: reqwest::Error },
+    /// The manager answered with an error body; `message` is its human text.
+    #[error("{message}")]
+    Manager {
+        status: u16,
+        code: ErrorCode,
+        message: String,
+    },
+    #[error("{url} answered with an unexpected body: {source}")]
+    BadAnswer {
+        url: String,
+        source: serde_json::Error,
+    },
+    #[error(
+        "no admin token: pass --admin-token TOKEN, set DELEGATE_ADMIN_TOKEN, or point --data DIR \
+         at the manager's data directory (tried {path}: {reason})"
+    )]
+    MissingAdminToken { path: PathBuf, reason: String },
+    #[error("{0}")]
+    Usage(String),
+    #[error("cannot read {path}: {source}")]
+    ReadFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot write to stdout: {0}")]
+    Stdout(std::io::Error),
+}

@@ -1,0 +1,20 @@
+//! The reference control plane for delegate agents, as a library.
+//!
+//! `delegate-manager` hands tasks to delegates over HTTP long polls, keeps every task,
+//! lease and log line in SQLite, and gives operators a CLI. The binary is a thin shell
+//! over these modules so that tests can start a real server in-process.
+//!
+//! Data flows one way: a user submits a task (`api`), the store queues it (`store`), the
+//! hub wakes a waiting delegate (`hub`), which leases it, reports logs and a result, and
+//! the lease reaper (`server`) re-queues the work of delegates that went silent.
+
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod auth;
+pub mod cli;
+pub mod client;
+pub mod error;
+pub mod hub;
+pub mod server;
+pub mod store;

@@ -1,0 +1,203 @@
+//! `delegate-manager serve`: prepare the data directory, open the store, listen, run the
+//! lease reaper and stop gracefully.
+//!
+//! Split from `main` so tests can start a real server on a port the OS picks, talk to it
+//! over loopback and stop it again, exactly as the binary does.
+
+use std::fs::{self, DirBuilder, OpenOptions};
+use std::future::Future;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tracing::{info, warn};
+
+use crate::api::{self, App, AppInner};
+use crate::auth;
+use crate::error::ServeError;
+use crate::hub::{self, Hub};
+use crate::store::{Store, now_ms};
+
+/// Where the manager keeps its database and admin token unless told otherwise.
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/delegate-manager";
+/// File in the data directory holding the admin token (mode 0600).
+pub const ADMIN_TOKEN_FILE: &str = "admin.token";
+const DB_FILE: &str = "manager.db";
+/// How long open connections get to finish after a stop signal.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub lease_ttl: Duration,
+    pub heartbeat_interval: Duration,
+}
+
+/// A manager that is bound to its address but not yet serving.
+pub struct Server {
+    listener: TcpListener,
+    addr: SocketAddr,
+    app: App,
+}
+
+/// Step 1-4 of a start: data directory, database (migrated), admin token, leases
+/// extended over the downtime; then bind the listener.
+pub async fn bind(cfg: &ServeConfig) -> Result<Server, ServeError> {
+    DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&cfg.data_dir)
+        .map_err(|source| ServeError::DataDir {
+            path: cfg.data_dir.clone(),
+            source,
+        })?;
+    let store = Store::open(&cfg.data_dir.join(DB_FILE), cfg.lease_ttl)?;
+    let admin_hash = ensure_admin_token(&store, &cfg.data_dir)?;
+    let extended = store.extend_leases(now_ms())?;
+    if extended > 0 {
+        info!(
+            "gave {extended} held task(s) a fresh lease: delegates could not heartbeat while \
+             the manager was down"
+        );
+    }
+    let listener = TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|source| ServeError::Bind {
+            addr: cfg.listen,
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|source| ServeError::Bind {
+        addr: cfg.listen,
+        source,
+    })?;
+    let app = App::new(AppInner {
+        store,
+        hub: Hub::default(),
+        admin_hash,
+        lease_ttl: cfg.lease_ttl,
+        heartbeat_interval: cfg.heartbeat_interval,
+    });
+    Ok(Server {
+        listener,
+        addr,
+        app,
+    })
+}
+
+impl Server {
+    /// The address actually bound (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Serve until `shutdown` completes, then wake long polls and log followers so they
+    /// answer at once, and give open connections a short grace period.
+    pub async fn run(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ServeError> {
+        let Server {
+            listener,
+            addr,
+            app,
+        } = self;
+        let reaper = tokio::spawn(reap_leases(app.clone()));
+        let stopper = app.clone();
+        let signal = async move {
+            shutdown.await;
+            info!("stopping: answering open long polls and closing connections");
+            stopper.hub.shutdown();
+        };
+        let mut stopping = app.hub.subscribe_shutdown();
+        info!("listening on {addr}");
+        let serve = axum::serve(listener, api::router(app)).with_graceful_shutdown(signal);
+        let res = tokio::select! {
+            r = serve => r.map_err(ServeError::Serve),
+            _ = async {
+                hub::stopping(&mut stopping).await;
+                tokio::time::sleep(SHUTDOWN_GRACE).await;
+            } => {
+                warn!("connections still open {SHUTDOWN_GRACE:?} after the stop signal; closing them");
+                Ok(())
+            }
+        };
+        reaper.abort();
+        res
+    }
+}
+
+/// The admin token's hash; on first start a new token is written to `DIR/admin.token`.
+fn ensure_admin_token(store: &Store, dir: &Path) -> Result<String, ServeError> {
+    let path = dir.join(ADMIN_TOKEN_FILE);
+    if let Some(hash) = store.admin_hash()? {
+        if !path.exists() {
+            warn!(
+                "{} is missing; the admin token it held still works. To get a new one, stop \
+                 the manager and delete the admin_token_sha256 row of the meta table",
+                path.display()
+            );
+        }
+        return Ok(hash);
+    }
+    let token = auth::new_admin_token();
+    write_secret(&path, &token).map_err(|source| ServeError::AdminToken {
+        path: path.clone(),
+        source,
+    })?;
+    let hash = auth::hash_token(&token);
+    store.set_admin_hash(&hash)?;
+    info!("wrote a new admin token to {}", path.display());
+    Ok(hash)
+}
+
+/// Write a secret so that it is never readable by others, not even for a moment: a fresh
+/// file created with mode 0600, synced, then renamed over the target.
+fn write_secret(path: &Path, secret: &str) -> std::io::Result<()> {
+    let tmp = path.with_extension("token.tmp");
+    match fs::remove_file(&tmp) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(format!("{secret}\n").as_bytes())?;
+    f.sync_all()?;
+    fs::rename(&tmp, path)?;
+    if let Some(parent) = path.parent() {
+        fs::File::open(parent)?.sync_all()?;
+    }
+    Ok(())
+}
+
+/// Every tick, end or re-queue the tasks whose lease lapsed and wake whoever cares.
+async fn reap_leases(app: App) {
+    let tick = (app.lease_ttl / 4).clamp(Duration::from_millis(100), Duration::from_secs(1));
+    let mut interval = tokio::time::interval(tick);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        interval.tick().await;
+        match app.store.reap(now_ms()) {
+            Ok(r) if r.any() => {
+                info!(
+                    requeued = r.requeued,
+                    lost = r.lost,
+                    cancelled = r.cancelled,
+                    "leases lapsed"
+                );
+                if r.requeued > 0 {
+                    app.hub.work_available();
+                }
+                app.hub.changed();
+            }
+            Ok(_) => {}
+            Err(e) => warn!("lease reaper: {e}"),
+        }
+    }
+}

@@ -1,0 +1,1439 @@
+//! The manager's memory: one SQLite database holding tokens, delegates, tasks and logs.
+//!
+//! Every change of a task's state happens here, in one short transaction under one mutex,
+//! so two delegates can never lease the same task and a crash never leaves half a change.
+//! Functions take the time as an argument (`now`) so tests can move the clock; the HTTP
+//! layer passes the wall clock. WAL mode with `synchronous=NORMAL` makes a commit a write
+//! to the log without an fsync, which is what lets one manager move hundreds of tasks a
+//! second; a power cut may lose the last commits but never corrupts the database.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use delegate_protocol::{
+    AcquireResponse, Assignment, DelegateState, DelegateView, HeartbeatRequest, HeartbeatResponse,
+    Outcome, RegisterRequest, SubmitTask, TaskResult, TaskState, TaskView, TokenView, UnixMillis,
+    selectors_match,
+};
+use rusqlite::types::Type;
+use rusqlite::{Connection, OptionalExtension, Row, params};
+
+use crate::auth;
+use crate::error::StoreError;
+
+/// Schema migrations, applied in order; `PRAGMA user_version` counts those applied.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE tokens (
+    name       TEXT PRIMARY KEY,
+    hash       TEXT NOT NULL UNIQUE,
+    created_at INTEGER NOT NULL,
+    revoked_at INTEGER
+);
+CREATE TABLE delegates (
+    id            TEXT PRIMARY KEY,
+    name          TEXT NOT NULL,
+    hostname      TEXT NOT NULL,
+    token_name    TEXT NOT NULL,
+    version       TEXT NOT NULL,
+    tags          TEXT NOT NULL,
+    targets       TEXT NOT NULL,
+    capacity      INTEGER NOT NULL,
+    state         TEXT NOT NULL,
+    registered_at INTEGER NOT NULL,
+    last_seen     INTEGER NOT NULL,
+    UNIQUE (name, hostname)
+);
+CREATE TABLE tasks (
+    seq              INTEGER PRIMARY KEY,
+    id               TEXT NOT NULL UNIQUE,
+    kind             TEXT NOT NULL,
+    spec             TEXT NOT NULL,
+    selectors        TEXT NOT NULL,
+    state            TEXT NOT NULL,
+    attempt          INTEGER NOT NULL,
+    retries          INTEGER NOT NULL,
+    timeout_secs     INTEGER NOT NULL,
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    cancel_delivered INTEGER NOT NULL DEFAULT 0,
+    delegate_id      TEXT,
+    lease_expires    INTEGER,
+    outcome          TEXT,
+    exit_code        INTEGER,
+    signal           INTEGER,
+    message          TEXT,
+    log_bytes        INTEGER NOT NULL DEFAULT 0,
+    created_at       INTEGER NOT NULL,
+    assigned_at      INTEGER,
+    started_at       INTEGER,
+    finished_at      INTEGER
+);
+CREATE INDEX tasks_by_state ON tasks (state, created_at);
+CREATE INDEX tasks_by_delegate ON tasks (delegate_id, state);
+CREATE TABLE log_chunks (
+    task_id TEXT NOT NULL,
+    attempt INTEGER NOT NULL,
+    start   INTEGER NOT NULL,
+    data    BLOB NOT NULL,
+    PRIMARY KEY (task_id, attempt, start)
+);
+"#];
+
+const ADMIN_HASH_KEY: &str = "admin_token_sha256";
+
+/// Columns of a [`TaskView`], in the order [`task_view`] reads them.
+const TASK_VIEW_SQL: &str = "SELECT t.id, t.kind, t.spec, t.selectors, t.state, t.attempt, \
+     t.retries, t.timeout_secs, t.cancel_requested, t.delegate_id, d.name, t.exit_code, \
+     t.signal, t.message, t.created_at, t.assigned_at, t.started_at, t.finished_at, \
+     t.log_bytes FROM tasks t LEFT JOIN delegates d ON d.id = t.delegate_id";
+
+/// The wall clock in the protocol's unit.
+pub fn now_ms() -> UnixMillis {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as UnixMillis)
+        .unwrap_or(0)
+}
+
+/// A fresh task id: `t_` + 20 hex digits.
+pub fn new_task_id() -> String {
+    format!("t_{}", auth::random_hex(10))
+}
+
+/// A fresh delegate id: `d_` + 16 hex digits.
+pub fn new_delegate_id() -> String {
+    format!("d_{}", auth::random_hex(8))
+}
+
+/// What a result did to its task, so the caller knows whom to wake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Finish {
+    /// The task reached a terminal state (or already had this very result).
+    Done,
+    /// The attempt was lost and the task is queued again for another attempt.
+    Requeued,
+}
+
+/// What a cancel request did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cancel {
+    /// The task was still queued and is now `cancelled`.
+    Cancelled,
+    /// A delegate holds the task; it will be told to stop.
+    Requested,
+}
+
+/// What one pass of the lease reaper did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Reaped {
+    pub requeued: usize,
+    pub lost: usize,
+    pub cancelled: usize,
+}
+
+impl Reaped {
+    pub fn any(&self) -> bool {
+        self.requeued + self.lost + self.cancelled > 0
+    }
+}
+
+/// Part of an attempt's log, as read for a user.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogSlice {
+    pub data: Vec<u8>,
+    /// Bytes stored for the attempt so far.
+    pub stored: u64,
+    pub attempt: u32,
+    pub state: TaskState,
+}
+
+/// The facts about a task that decide whether a delegate's report is accepted.
+struct Held {
+    state: TaskState,
+    attempt: u32,
+    retries: u32,
+    cancel_requested: bool,
+    delegate_id: Option<String>,
+    delegate_name: Option<String>,
+    token_name: Option<String>,
+    log_bytes: u64,
+    outcome: Option<String>,
+    exit_code: Option<i32>,
+    signal: Option<i32>,
+}
+
+impl Held {
+    /// Refuse a report unless it is about the current attempt and comes from a delegate of
+    /// the token that holds (or last held) the task.
+    fn check(&self, task: &str, attempt: u32, token_name: &str) -> Result<(), StoreError> {
+        let why = if self.attempt != attempt {
+            format!(
+                "the task is on attempt {} now, state {}",
+                self.attempt, self.state
+            )
+        } else if self.delegate_id.is_none() || self.token_name.as_deref() != Some(token_name) {
+            format!("the task is {} and not held by this delegate", self.state)
+        } else {
+            return Ok(());
+        };
+        Err(StoreError::StaleAttempt {
+            task: task.to_string(),
+            attempt,
+            why,
+        })
+    }
+}
+
+/// The SQLite store. One connection behind a mutex: every call is a short synchronous
+/// transaction, which is simpler and faster than a pool for a single-file database.
+pub struct Store {
+    conn: Mutex<Connection>,
+    lease_ttl_ms: i64,
+}
+
+fn conv_err(idx: usize, e: impl std::error::Error + Send + Sync + 'static) -> rusqlite::Error {
+    rusqlite::Error::FromSqlConversionFailure(idx, Type::Text, Box::new(e))
+}
+
+/// SQLite integers are signed; sizes and offsets are stored as such and never negative.
+fn u64_col(row: &Row<'_>, idx: usize) -> rusqlite::Result<u64> {
+    let v: i64 = row.get(idx)?;
+    u64::try_from(v)
+        .map_err(|e| rusqlite::Error::FromSqlConversionFailure(idx, Type::Integer, Box::new(e)))
+}
+
+fn json_col<T: serde::de::DeserializeOwned>(row: &Row<'_>, idx: usize) -> rusqlite::Result<T> {
+    let s: String = row.get(idx)?;
+    serde_json::from_str(&s).map_err(|e| conv_err(idx, e))
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("unknown state {0:?} in the database")]
+struct BadState(String);
+
+fn state_col(row: &Row<'_>, idx: usize) -> rusqlite::Result<TaskState> {
+    let s: String = row.get(idx)?;
+    TaskState::parse(&s).ok_or_else(|| conv_err(idx, BadState(s)))
+}
+
+fn delegate_state_col(row: &Row<'_>, idx: usize) -> rusqlite::Result<DelegateState> {
+    let s: String = row.get(idx)?;
+    serde_json::from_value(serde_json::Value::String(s)).map_err(|e| conv_err(idx, e))
+}
+
+fn task_view(row: &Row<'_>) -> rusqlite::Result<TaskView> {
+    Ok(TaskView {
+        id: row.get(0)?,
+        kind: row.get(1)?,
+        spec: json_col(row, 2)?,
+        selectors: json_col(row, 3)?,
+        state: state_col(row, 4)?,
+        attempt: row.get(5)?,
+        retries: row.get(6)?,
+        timeout_secs: u64_col(row, 7)?,
+        cancel_requested: row.get(8)?,
+        delegate_id: row.get(9)?,
+        delegate_name: row.get(10)?,
+        exit_code: row.get(11)?,
+        signal: row.get(12)?,
+        message: row.get(13)?,
+        created_at: row.get(14)?,
+        assigned_at: row.get(15)?,
+        started_at: row.get(16)?,
+        finished_at: row.get(17)?,
+        log_bytes: u64_col(row, 18)?,
+    })
+}
+
+fn load_view(conn: &Connection, id: &str) -> Result<TaskView, StoreError> {
+    let mut stmt = conn.prepare_cached(&format!("{TASK_VIEW_SQL} WHERE t.id = ?1"))?;
+    stmt.query_row([id], task_view)
+        .optional()?
+        .ok_or_else(|| StoreError::TaskNotFound(id.to_string()))
+}
+
+fn load_held(conn: &Connection, id: &str) -> Result<Held, StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT t.state, t.attempt, t.retries, t.cancel_requested, t.delegate_id, d.name, \
+         d.token_name, t.log_bytes, t.outcome, t.exit_code, t.signal \
+         FROM tasks t LEFT JOIN delegates d ON d.id = t.delegate_id WHERE t.id = ?1",
+    )?;
+    stmt.query_row([id], |r| {
+        Ok(Held {
+            state: state_col(r, 0)?,
+            attempt: r.get(1)?,
+            retries: r.get(2)?,
+            cancel_requested: r.get(3)?,
+            delegate_id: r.get(4)?,
+            delegate_name: r.get(5)?,
+            token_name: r.get(6)?,
+            log_bytes: u64_col(r, 7)?,
+            outcome: r.get(8)?,
+            exit_code: r.get(9)?,
+            signal: r.get(10)?,
+        })
+    })
+    .optional()?
+    .ok_or_else(|| StoreError::TaskNotFound(id.to_string()))
+}
+
+/// The delegate `id` if it was registered with `token_name`, with its tags.
+fn own_delegate(conn: &Connection, id: &str, token_name: &str) -> Result<Vec<String>, StoreError> {
+    let mut stmt =
+        conn.prepare_cached("SELECT tags FROM delegates WHERE id = ?1 AND token_name = ?2")?;
+    stmt.query_row([id, token_name], |r| json_col::<Vec<String>>(r, 0))
+        .optional()?
+        .ok_or_else(|| StoreError::DelegateNotFound(id.to_string()))
+}
+
+fn to_json<T: serde::Serialize>(v: &T) -> String {
+    // Serializing plain vectors and maps of strings cannot fail.
+    serde_json::to_string(v).unwrap_or_else(|_| "null".to_string())
+}
+
+fn result_summary(outcome: &str, exit_code: Option<i32>, signal: Option<i32>) -> String {
+    let mut s = outcome.to_string();
+    if let Some(c) = exit_code {
+        s.push_str(&format!(" exit {c}"));
+    }
+    if let Some(sig) = signal {
+        s.push_str(&format!(" signal {sig}"));
+    }
+    s
+}
+
+/// Put a task back in the queue for its next attempt, forgetting the holder.
+fn requeue(conn: &Connection, id: &str, next_attempt: u32, message: &str) -> rusqlite::Result<()> {
+    conn.prepare_cached(
+        "UPDATE tasks SET state = 'queued', attempt = ?2, delegate_id = NULL, \
+         lease_expires = NULL, assigned_at = NULL, started_at = NULL, log_bytes = 0, \
+         cancel_delivered = 0, message = ?3 WHERE id = ?1",
+    )?
+    .execute(params![id, next_attempt, message])?;
+    Ok(())
+}
+
+/// End a task for good without a result from its delegate (cancel, lapsed lease).
+fn end_by_manager(
+    conn: &Connection,
+    id: &str,
+    state: TaskState,
+    message: &str,
+    now: UnixMillis,
+) -> rusqlite::Result<()> {
+    conn.prepare_cached(
+        "UPDATE tasks SET state = ?2, lease_expires = NULL, message = ?3, finished_at = ?4 \
+         WHERE id = ?1",
+    )?
+    .execute(params![id, state.as_str(), message, now])?;
+    Ok(())
+}
+
+impl Store {
+    /// Open (creating if needed) and migrate the database at `path`.
+    pub fn open(path: &Path, lease_ttl: Duration) -> Result<Store, StoreError> {
+        let open_err = |source| StoreError::Open {
+            path: path.to_path_buf(),
+            source,
+        };
+        let mut conn = Connection::open(path).map_err(open_err)?;
+        conn.busy_timeout(Duration::from_secs(5))
+            .map_err(open_err)?;
+        let _mode: String = conn
+            .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
+            .map_err(open_err)?;
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(open_err)?;
+        conn.set_prepared_statement_cache_capacity(64);
+        migrate(&mut conn, path)?;
+        Ok(Store {
+            conn: Mutex::new(conn),
+            lease_ttl_ms: lease_ttl.as_millis() as i64,
+        })
+    }
+
+    fn conn(&self) -> MutexGuard<'_, Connection> {
+        // A panic while the lock was held rolled back its transaction (rusqlite's
+        // Transaction rolls back on drop), so the connection is consistent.
+        self.conn.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn lease_ttl_ms(&self) -> i64 {
+        self.lease_ttl_ms
+    }
+
+    // ---- admin token ------------------------------------------------------------------
+
+    pub fn admin_hash(&self) -> Result<Option<String>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached("SELECT value FROM meta WHERE key = ?1")?;
+        Ok(stmt.query_row([ADMIN_HASH_KEY], |r| r.get(0)).optional()?)
+    }
+
+    pub fn set_admin_hash(&self, hash: &str) -> Result<(), StoreError> {
+        self.conn().execute(
+            "INSERT INTO meta (key, value) VALUES (?1, ?2) \
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            [ADMIN_HASH_KEY, hash],
+        )?;
+        Ok(())
+    }
+
+    // ---- delegate tokens --------------------------------------------------------------
+
+    pub fn create_token(&self, name: &str, hash: &str, now: UnixMillis) -> Result<(), StoreError> {
+        if name.trim().is_empty() {
+            return Err(StoreError::Invalid(
+                "token name is empty; give one, e.g. --name build-hosts".to_string(),
+            ));
+        }
+        let conn = self.conn();
+        let inserted = conn.execute(
+            "INSERT INTO tokens (name, hash, created_at) VALUES (?1, ?2, ?3) \
+             ON CONFLICT DO NOTHING",
+            params![name, hash, now],
+        )?;
+        if inserted == 0 {
+            return Err(StoreError::TokenExists(name.to_string()));
+        }
+        Ok(())
+    }
+
+    pub fn list_tokens(&self) -> Result<Vec<TokenView>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT name, created_at, revoked_at IS NOT NULL FROM tokens ORDER BY created_at, name",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok(TokenView {
+                name: r.get(0)?,
+                created_at: r.get(1)?,
+                revoked: r.get(2)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Revoke a token; delegates using it get 401 from then on. Revoking twice is fine.
+    pub fn revoke_token(&self, name: &str, now: UnixMillis) -> Result<TokenView, StoreError> {
+        let conn = self.conn();
+        conn.prepare_cached(
+            "UPDATE tokens SET revoked_at = COALESCE(revoked_at, ?2) WHERE name = ?1 \
+             RETURNING name, created_at",
+        )?
+        .query_row(params![name, now], |r| {
+            Ok(TokenView {
+                name: r.get(0)?,
+                created_at: r.get(1)?,
+                revoked: true,
+            })
+        })
+        .optional()?
+        .ok_or_else(|| StoreError::TokenNotFound(name.to_string()))
+    }
+
+    /// The name of the live (not revoked) token with this hash.
+    pub fn token_name(&self, hash: &str) -> Result<Option<String>, StoreError> {
+        let conn = self.conn();
+        let mut stmt =
+            conn.prepare_cached("SELECT name FROM tokens WHERE hash = ?1 AND revoked_at IS NULL")?;
+        Ok(stmt.query_row([hash], |r| r.get(0)).optional()?)
+    }
+
+    // ---- delegates --------------------------------------------------------------------
+
+    /// Register a delegate, or update the one with the same name and hostname. The tasks a
+    /// re-registering delegate holds stay with it: it adopts them after a restart.
+    pub fn register(
+        &self,
+        token_name: &str,
+        req: &RegisterRequest,
+        now: UnixMillis,
+    ) -> Result<String, StoreError> {
+        if req.name.trim().is_empty() || req.hostname.trim().is_empty() {
+            return Err(StoreError::Invalid(
+                "register: name and hostname must not be empty".to_string(),
+            ));
+        }
+        let tags = to_json(&req.tags);
+        let targets = to_json(&req.targets);
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let existing: Option<String> = tx
+            .prepare_cached("SELECT id FROM delegates WHERE name = ?1 AND hostname = ?2")?
+            .query_row([&req.name, &req.hostname], |r| r.get(0))
+            .optional()?;
+        let id = match existing {
+            Some(id) => {
+                // The token may have been rotated; the newest one that registered owns it.
+                tx.prepare_cached(
+                    "UPDATE delegates SET token_name = ?2, version = ?3, tags = ?4, \
+                     targets = ?5, capacity = ?6, state = 'starting', last_seen = ?7 \
+                     WHERE id = ?1",
+                )?
+                .execute(params![
+                    id,
+                    token_name,
+                    req.version,
+                    tags,
+                    targets,
+                    req.capacity,
+                    now
+                ])?;
+                id
+            }
+            None => {
+                let id = new_delegate_id();
+                tx.prepare_cached(
+                    "INSERT INTO delegates (id, name, hostname, token_name, version, tags, \
+                     targets, capacity, state, registered_at, last_seen) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'starting', ?9, ?9)",
+                )?
+                .execute(params![
+                    id,
+                    req.name,
+                    req.hostname,
+                    token_name,
+                    req.version,
+                    tags,
+                    targets,
+                    req.capacity,
+                    now
+                ])?;
+                id
+            }
+        };
+        tx.commit()?;
+        Ok(id)
+    }
+
+    /// Record a heartbeat: renew the leases of the listed tasks this delegate holds, and
+    /// tell it which of them to cancel and which it no longer holds.
+    pub fn heartbeat(
+        &self,
+        token_name: &str,
+        delegate_id: &str,
+        req: &HeartbeatRequest,
+        now: UnixMillis,
+    ) -> Result<HeartbeatResponse, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        own_delegate(&tx, delegate_id, token_name)?;
+        tx.prepare_cached("UPDATE delegates SET state = ?2, last_seen = ?3 WHERE id = ?1")?
+            .execute(params![delegate_id, req.state.as_str(), now])?;
+        let mut resp = HeartbeatResponse::default();
+        let lease = now + self.lease_ttl_ms;
+        for task in &req.in_flight {
+            let held: Option<(Option<String>, String, bool)> = tx
+                .prepare_cached(
+                    "SELECT delegate_id, state, cancel_requested FROM tasks WHERE id = ?1",
+                )?
+                .query_row([task], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                .optional()?;
+            match held {
+                Some((Some(d), state, cancel))
+                    if d == delegate_id && (state == "assigned" || state == "running") =>
+                {
+                    tx.prepare_cached("UPDATE tasks SET lease_expires = ?2 WHERE id = ?1")?
+                        .execute(params![task, lease])?;
+                    if cancel {
+                        resp.cancel.push(task.clone());
+                    }
+                }
+                _ => resp.revoked.push(task.clone()),
+            }
+        }
+        tx.commit()?;
+        Ok(resp)
+    }
+
+    /// Lease up to `max` queued tasks whose selectors this delegate's tags satisfy, oldest
+    /// first, and collect cancellations not yet delivered. One transaction: a task is
+    /// leased to one delegate only.
+    pub fn acquire(
+        &self,
+        token_name: &str,
+        delegate_id: &str,
+        max: u32,
+        now: UnixMillis,
+    ) -> Result<AcquireResponse, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let tags = own_delegate(&tx, delegate_id, token_name)?;
+        tx.prepare_cached("UPDATE delegates SET last_seen = ?2 WHERE id = ?1")?
+            .execute(params![delegate_id, now])?;
+
+        let mut resp = AcquireResponse::default();
+        {
+            let mut stmt = tx.prepare_cached(
+                "SELECT id FROM tasks WHERE delegate_id = ?1 AND state IN ('assigned', 'running') \
+                 AND cancel_requested = 1 AND cancel_delivered = 0",
+            )?;
+            resp.cancel = stmt
+                .query_map([delegate_id], |r| r.get(0))?
+                .collect::<Result<_, _>>()?;
+        }
+        for id in &resp.cancel {
+            tx.prepare_cached("UPDATE tasks SET cancel_delivered = 1 WHERE id = ?1")?
+                .execute([id])?;
+        }
+
+        if max > 0 {
+            let mut stmt = tx.prepare_cached(
+                "SELECT id, kind, spec, selectors, attempt, timeout_secs FROM tasks \
+                 WHERE state = 'queued' ORDER BY created_at, seq",
+            )?;
+            let mut rows = stmt.query([])?;
+            while let Some(r) = rows.next()? {
+                let selectors: Vec<String> = json_col(r, 3)?;
+                if !selectors_match(&selectors, &tags) {
+                    continue;
+                }
+                resp.tasks.push(Assignment {
+                    task_id: r.get(0)?,
+                    kind: r.get(1)?,
+                    spec: json_col(r, 2)?,
+                    attempt: r.get(4)?,
+                    timeout_secs: u64_col(r, 5)?,
+                });
+                if resp.tasks.len() >= max as usize {
+                    break;
+                }
+            }
+        }
+        let lease = now + self.lease_ttl_ms;
+        for a in &resp.tasks {
+            tx.prepare_cached(
+                "UPDATE tasks SET state = 'assigned', delegate_id = ?2, assigned_at = ?3, \
+                 lease_expires = ?4, cancel_delivered = 0 WHERE id = ?1 AND state = 'queued'",
+            )?
+            .execute(params![a.task_id, delegate_id, now, lease])?;
+        }
+        tx.commit()?;
+        Ok(resp)
+    }
+
+    pub fn list_delegates(&self, now: UnixMillis) -> Result<Vec<DelegateView>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT d.id, d.name, d.hostname, d.version, d.tags, d.targets, d.capacity, \
+             d.state, d.last_seen, (SELECT COUNT(*) FROM tasks t WHERE t.delegate_id = d.id \
+             AND t.state IN ('assigned', 'running')) \
+             FROM delegates d ORDER BY d.name, d.hostname",
+        )?;
+        let ttl = self.lease_ttl_ms;
+        let rows = stmt.query_map([], |r| {
+            let last: UnixMillis = r.get(8)?;
+            Ok(DelegateView {
+                id: r.get(0)?,
+                name: r.get(1)?,
+                hostname: r.get(2)?,
+                version: r.get(3)?,
+                tags: json_col(r, 4)?,
+                targets: json_col(r, 5)?,
+                capacity: r.get(6)?,
+                state: delegate_state_col(r, 7)?,
+                connected: now - last <= ttl,
+                last_heartbeat: Some(last),
+                in_flight: r.get(9)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    // ---- tasks ------------------------------------------------------------------------
+
+    /// Queue a validated submission under `id`.
+    pub fn submit(
+        &self,
+        id: &str,
+        task: &SubmitTask,
+        timeout_secs: u64,
+        now: UnixMillis,
+    ) -> Result<(), StoreError> {
+        let conn = self.conn();
+        conn.prepare_cached(
+            "INSERT INTO tasks (id, kind, spec, selectors, state, attempt, retries, \
+             timeout_secs, created_at) VALUES (?1, ?2, ?3, ?4, 'queued', 1, ?5, ?6, ?7)",
+        )?
+        .execute(params![
+            id,
+            task.spec.kind(),
+            task.spec.spec_json().to_string(),
+            to_json(&task.selectors),
+            task.retries,
+            timeout_secs as i64,
+            now
+        ])?;
+        Ok(())
+    }
+
+    pub fn task(&self, id: &str) -> Result<TaskView, StoreError> {
+        load_view(&self.conn(), id)
+    }
+
+    /// Tasks newest first, optionally only those in `state`.
+    pub fn list_tasks(
+        &self,
+        state: Option<TaskState>,
+        limit: u32,
+    ) -> Result<Vec<TaskView>, StoreError> {
+        let conn = self.conn();
+        let rows = match state {
+            Some(st) => {
+                let mut stmt = conn.prepare_cached(&format!(
+                    "{TASK_VIEW_SQL} WHERE t.state = ?1 ORDER BY t.created_at DESC, t.seq DESC \
+                     LIMIT ?2"
+                ))?;
+                stmt.query_map(params![st.as_str(), limit], task_view)?
+                    .collect::<Result<Vec<_>, _>>()?
+            }
+            None => {
+                let mut stmt = conn.prepare_cached(&format!(
+                    "{TASK_VIEW_SQL} ORDER BY t.created_at DESC, t.seq DESC LIMIT ?1"
+                ))?;
+                stmt.query_map(params![limit], task_view)?
+                    .collect::<Result<Vec<_>, _>>()?
+            }
+        };
+        Ok(rows)
+    }
+
+    /// The delegate began running the attempt: `assigned → running`. Saying so again, or
+    /// after the result, changes nothing.
+    pub fn started(
+        &self,
+        token_name: &str,
+        id: &str,
+        attempt: u32,
+        now: UnixMillis,
+    ) -> Result<TaskView, StoreError> {
+        let conn = self.conn();
+        let held = load_held(&conn, id)?;
+        held.check(id, attempt, token_name)?;
+        if held.state == TaskState::Assigned {
+            conn.prepare_cached(
+                "UPDATE tasks SET state = 'running', started_at = ?2 WHERE id = ?1 \
+                 AND state = 'assigned'",
+            )?
+            .execute(params![id, now])?;
+        }
+        load_view(&conn, id)
+    }
+
+    /// Store a log chunk that starts at byte `offset` of the attempt's log; returns how
+    /// many bytes are stored now. Bytes already stored are skipped, so resending a range
+    /// stores it once; a chunk that starts past the end is a gap.
+    pub fn append_log(
+        &self,
+        token_name: &str,
+        id: &str,
+        attempt: u32,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<u64, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let held = load_held(&tx, id)?;
+        held.check(id, attempt, token_name)?;
+        let stored = held.log_bytes;
+        if offset > stored {
+            return Err(StoreError::LogGap {
+                task: id.to_string(),
+                attempt,
+                offset,
+                expected: stored,
+            });
+        }
+        let end = offset + data.len() as u64;
+        if end <= stored {
+            return Ok(stored);
+        }
+        let fresh = &data[(stored - offset) as usize..];
+        tx.prepare_cached(
+            "INSERT INTO log_chunks (task_id, attempt, start, data) VALUES (?1, ?2, ?3, ?4)",
+        )?
+        .execute(params![id, attempt, stored as i64, fresh])?;
+        tx.prepare_cached("UPDATE tasks SET log_bytes = ?2 WHERE id = ?1")?
+            .execute(params![id, end as i64])?;
+        tx.commit()?;
+        Ok(end)
+    }
+
+    /// Up to `max` bytes of the current attempt's log, from byte `offset`.
+    pub fn read_log(&self, id: &str, offset: u64, max: usize) -> Result<LogSlice, StoreError> {
+        let conn = self.conn();
+        let (state, attempt, stored): (String, u32, u64) = conn
+            .prepare_cached("SELECT state, attempt, log_bytes FROM tasks WHERE id = ?1")?
+            .query_row([id], |r| Ok((r.get(0)?, r.get(1)?, u64_col(r, 2)?)))
+            .optional()?
+            .ok_or_else(|| StoreError::TaskNotFound(id.to_string()))?;
+        let state = TaskState::parse(&state)
+            .ok_or_else(|| conv_err(0, BadState(state.clone())))
+            .map_err(StoreError::Sqlite)?;
+        let mut data = Vec::new();
+        if offset < stored {
+            let mut stmt = conn.prepare_cached(
+                "SELECT start, data FROM log_chunks WHERE task_id = ?1 AND attempt = ?2 \
+                 AND start >= (SELECT COALESCE(MAX(start), 0) FROM log_chunks \
+                 WHERE task_id = ?1 AND attempt = ?2 AND start <= ?3) ORDER BY start",
+            )?;
+            let mut rows = stmt.query(params![id, attempt, offset as i64])?;
+            while let Some(r) = rows.next()? {
+                let start = u64_col(r, 0)?;
+                let chunk = r.get_ref(1)?.as_blob().map_err(rusqlite::Error::from)?;
+                let skip = offset.saturating_sub(start) as usize;
+                if skip >= chunk.len() {
+                    continue;
+                }
+                let room = max - data.len();
+                let take = &chunk[skip..chunk.len().min(skip + room)];
+                data.extend_from_slice(take);
+                if data.len() >= max {
+                    break;
+                }
+            }
+        }
+        Ok(LogSlice {
+            data,
+            stored,
+            attempt,
+            state,
+        })
+    }
+
+    /// Record the result of an attempt. The same result again is accepted; a different
+    /// one is a conflict. A `lost` attempt with retries left puts the task back in the
+    /// queue.
+    pub fn finish(
+        &self,
+        token_name: &str,
+        id: &str,
+        attempt: u32,
+        result: &TaskResult,
+        now: UnixMillis,
+    ) -> Result<(TaskView, Finish), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let held = load_held(&tx, id)?;
+        held.check(id, attempt, token_name)?;
+        let outcome = result.outcome.state().as_str();
+        if held.state.is_terminal() {
+            return match &held.outcome {
+                Some(o)
+                    if o == outcome
+                        && held.exit_code == result.exit_code
+                        && held.signal == result.signal =>
+                {
+                    Ok((load_view(&tx, id)?, Finish::Done))
+                }
+                Some(o) => Err(StoreError::ResultConflict {
+                    task: id.to_string(),
+                    attempt,
+                    existing: result_summary(o, held.exit_code, held.signal),
+                    new: result_summary(outcome, result.exit_code, result.signal),
+                }),
+                None => Err(StoreError::Finished {
+                    task: id.to_string(),
+                    state: held.state,
+                    detail: "the manager ended it (cancelled or lease lapsed); result dropped",
+                }),
+            };
+        }
+        let delegate = held.delegate_name.as_deref().unwrap_or("?");
+        let why = result.message.as_deref().unwrap_or("no reason given");
+        let (state, message, effect) = match result.outcome {
+            Outcome::Lost if held.cancel_requested => (
+                TaskState::Cancelled,
+                Some(format!(
+                    "cancelled by user; delegate {delegate} reported the attempt lost: {why}"
+                )),
+                Finish::Done,
+            ),
+            Outcome::Lost if attempt <= held.retries => {
+                let next = attempt + 1;
+                requeue(
+                    &tx,
+                    id,
+                    next,
+                    &format!(
+                        "delegate {delegate} reported attempt {attempt} lost: {why}; \
+                         re-queued (attempt {next})"
+                    ),
+                )?;
+                let view = load_view(&tx, id)?;
+                tx.commit()?;
+                return Ok((view, Finish::Requeued));
+            }
+            other => (other.state(), result.message.clone(), Finish::Done),
+        };
+        tx.prepare_cached(
+            "UPDATE tasks SET state = ?2, outcome = ?3, exit_code = ?4, signal = ?5, \
+             message = ?6, finished_at = ?7, lease_expires = NULL WHERE id = ?1",
+        )?
+        .execute(params![
+            id,
+            state.as_str(),
+            outcome,
+            result.exit_code,
+            result.signal,
+            message,
+            now
+        ])?;
+        let view = load_view(&tx, id)?;
+        tx.commit()?;
+        Ok((view, effect))
+    }
+
+    /// A user asks to cancel: a queued task ends at once, a held one is flagged so its
+    /// delegate is told; a finished one cannot be cancelled.
+    pub fn cancel(&self, id: &str, now: UnixMillis) -> Result<(TaskView, Cancel), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let held = load_held(&tx, id)?;
+        let effect = match held.state {
+            TaskState::Queued => {
+                end_by_manager(
+                    &tx,
+                    id,
+                    TaskState::Cancelled,
+                    "cancelled by user before a delegate took it",
+                    now,
+                )?;
+                Cancel::Cancelled
+            }
+            TaskState::Assigned | TaskState::Running => {
+                tx.prepare_cached(
+                    "UPDATE tasks SET cancel_requested = 1 WHERE id = ?1 AND cancel_requested = 0",
+                )?
+                .execute([id])?;
+                Cancel::Requested
+            }
+            done => {
+                return Err(StoreError::Finished {
+                    task: id.to_string(),
+                    state: done,
+                    detail: "nothing to cancel",
+                });
+            }
+        };
+        let view = load_view(&tx, id)?;
+        tx.commit()?;
+        Ok((view, effect))
+    }
+
+    /// End or re-queue every held task whose lease expired before `now`.
+    pub fn reap(&self, now: UnixMillis) -> Result<Reaped, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let expired: Vec<(String, u32, u32, bool, Option<String>)> = tx
+            .prepare_cached(
+                "SELECT t.id, t.attempt, t.retries, t.cancel_requested, d.name \
+                 FROM tasks t LEFT JOIN delegates d ON d.id = t.delegate_id \
+                 WHERE t.state IN ('assigned', 'running') AND t.lease_expires < ?1",
+            )?
+            .query_map([now], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+            })?
+            .collect::<Result<_, _>>()?;
+        let mut reaped = Reaped::default();
+        for (id, attempt, retries, cancel, name) in expired {
+            let name = name.unwrap_or_else(|| "?".to_string());
+            if cancel {
+                let msg = format!("cancel requested and lease lapsed on delegate {name}");
+                end_by_manager(&tx, &id, TaskState::Cancelled, &msg, now)?;
+                reaped.cancelled += 1;
+            } else if attempt <= retries {
+                let next = attempt + 1;
+                let msg = format!("lease lapsed on delegate {name}; re-queued (attempt {next})");
+                requeue(&tx, &id, next, &msg)?;
+                reaped.requeued += 1;
+            } else {
+                let msg = format!(
+                    "lease lapsed on delegate {name} on attempt {attempt}; no retries left \
+                     (submit with more retries to survive lost delegates)"
+                );
+                end_by_manager(&tx, &id, TaskState::Lost, &msg, now)?;
+                reaped.lost += 1;
+            }
+        }
+        tx.commit()?;
+        Ok(reaped)
+    }
+
+    /// Give every held task a full lease from `now`: called at startup, because delegates
+    /// could not heartbeat while the manager was down and must not lose tasks for it.
+    pub fn extend_leases(&self, now: UnixMillis) -> Result<usize, StoreError> {
+        Ok(self.conn().execute(
+            "UPDATE tasks SET lease_expires = ?1 WHERE state IN ('assigned', 'running')",
+            [now + self.lease_ttl_ms],
+        )?)
+    }
+}
+
+fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
+    let found: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    let known = MIGRATIONS.len() as i64;
+    if found > known {
+        return Err(StoreError::SchemaTooNew {
+            path: PathBuf::from(path),
+            found,
+            known,
+        });
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(found as usize) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", i as i64 + 1)?;
+        tx.commit()?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use delegate_protocol::{ShellSpec, TaskSpec};
+
+    const TTL: Duration = Duration::from_secs(30);
+
+    fn store() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = Store::open(&dir.path().join("m.db"), TTL).expect("open");
+        s.create_token("tok", &auth::hash_token("dlg_a"), 0)
+            .expect("token");
+        s.create_token("other", &auth::hash_token("dlg_b"), 0)
+            .expect("token");
+        (dir, s)
+    }
+
+    fn reg(name: &str, tags: &[&str]) -> RegisterRequest {
+        RegisterRequest {
+            name: name.into(),
+            hostname: "host".into(),
+            version: "1.0.0".into(),
+            tags: tags.iter().map(|t| t.to_string()).collect(),
+            targets: vec![],
+            capacity: 4,
+        }
+    }
+
+    fn shell(selectors: &[&str], retries: u32) -> SubmitTask {
+        SubmitTask {
+            spec: TaskSpec::Shell(ShellSpec {
+                script: "echo hi".into(),
+                ..Default::default()
+            }),
+            selectors: selectors.iter().map(|t| t.to_string()).collect(),
+            timeout_secs: None,
+            retries,
+        }
+    }
+
+    fn submit(s: &Store, id: &str, task: SubmitTask, now: UnixMillis) {
+        s.submit(id, &task, 60, now).expect("submit");
+    }
+
+    fn result(outcome: Outcome, exit_code: Option<i32>) -> TaskResult {
+        TaskResult {
+            outcome,
+            exit_code,
+            signal: None,
+            message: None,
+            log_bytes: 0,
+        }
+    }
+
+    #[test]
+    fn reopening_keeps_data_and_schema_version() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("m.db");
+        {
+            let s = Store::open(&path, TTL).expect("open");
+            s.set_admin_hash("h").expect("set");
+        }
+        let s = Store::open(&path, TTL).expect("reopen");
+        assert_eq!(s.admin_hash().expect("get").as_deref(), Some("h"));
+        let conn = Connection::open(&path).expect("raw open");
+        conn.pragma_update(None, "user_version", 99).expect("bump");
+        drop(conn);
+        drop(s);
+        assert!(matches!(
+            Store::open(&path, TTL),
+            Err(StoreError::SchemaTooNew { found: 99, .. })
+        ));
+    }
+
+    #[test]
+    fn tokens_duplicate_empty_and_revoked() {
+        let (_d, s) = store();
+        assert!(matches!(
+            s.create_token("tok", "x", 1),
+            Err(StoreError::TokenExists(_))
+        ));
+        assert!(matches!(
+            s.create_token(" ", "y", 1),
+            Err(StoreError::Invalid(_))
+        ));
+        let h = auth::hash_token("dlg_a");
+        assert_eq!(s.token_name(&h).expect("q").as_deref(), Some("tok"));
+        s.revoke_token("tok", 5).expect("revoke");
+        s.revoke_token("tok", 6).expect("revoke twice");
+        assert_eq!(s.token_name(&h).expect("q"), None);
+        assert!(matches!(
+            s.revoke_token("nope", 1),
+            Err(StoreError::TokenNotFound(_))
+        ));
+        let list = s.list_tokens().expect("list");
+        assert_eq!(list.len(), 2);
+        assert!(list.iter().any(|t| t.name == "tok" && t.revoked));
+    }
+
+    #[test]
+    fn claim_is_atomic_and_oldest_first() {
+        let (_d, s) = store();
+        let a = s.register("tok", &reg("a", &[]), 0).expect("reg");
+        let b = s.register("tok", &reg("b", &[]), 0).expect("reg");
+        submit(&s, "t_1", shell(&[], 0), 10);
+        submit(&s, "t_2", shell(&[], 0), 20);
+        let got_a = s.acquire("tok", &a, 1, 30).expect("acquire");
+        assert_eq!(got_a.tasks.len(), 1);
+        assert_eq!(got_a.tasks[0].task_id, "t_1");
+        assert_eq!(got_a.tasks[0].attempt, 1);
+        let got_b = s.acquire("tok", &b, 5, 30).expect("acquire");
+        assert_eq!(got_b.tasks.len(), 1);
+        assert_eq!(got_b.tasks[0].task_id, "t_2");
+        assert!(
+            s.acquire("tok", &a, 5, 30)
+                .expect("acquire")
+                .tasks
+                .is_empty()
+        );
+        let v = s.task("t_1").expect("view");
+        assert_eq!(v.state, TaskState::Assigned);
+        assert_eq!(v.delegate_name.as_deref(), Some("a"));
+        assert_eq!(v.assigned_at, Some(30));
+    }
+
+    #[test]
+    fn claim_from_many_threads_hands_each_task_out_once() {
+        let (_d, s) = store();
+        let s = std::sync::Arc::new(s);
+        for i in 0..50 {
+            submit(&s, &format!("t_{i:03}"), shell(&[], 0), i);
+        }
+        let handles: Vec<_> = (0..4)
+            .map(|n| {
+                let s = s.clone();
+                let id = s
+                    .register("tok", &reg(&format!("d{n}"), &[]), 0)
+                    .expect("reg");
+                std::thread::spawn(move || {
+                    let mut mine = Vec::new();
+                    loop {
+                        let got = s.acquire("tok", &id, 3, 100).expect("acquire");
+                        if got.tasks.is_empty() {
+                            return mine;
+                        }
+                        mine.extend(got.tasks.into_iter().map(|a| a.task_id));
+                    }
+                })
+            })
+            .collect();
+        let mut all: Vec<String> = handles
+            .into_iter()
+            .flat_map(|h| h.join().expect("thread"))
+            .collect();
+        all.sort();
+        let before = all.len();
+        all.dedup();
+        assert_eq!(before, 50);
+        assert_eq!(all.len(), 50);
+    }
+
+    #[test]
+    fn selectors_must_all_be_among_the_tags() {
+        let (_d, s) = store();
+        let plain = s
+            .register("tok", &reg("plain", &["linux"]), 0)
+            .expect("reg");
+        let gpu = s
+            .register("tok", &reg("gpu", &["linux", "gpu"]), 0)
+            .expect("reg");
+        submit(&s, "t_gpu", shell(&["linux", "gpu"], 0), 1);
+        submit(&s, "t_any", shell(&[], 0), 2);
+        let got = s.acquire("tok", &plain, 5, 3).expect("acquire");
+        let ids: Vec<_> = got.tasks.iter().map(|a| a.task_id.as_str()).collect();
+        assert_eq!(ids, ["t_any"]);
+        let got = s.acquire("tok", &gpu, 5, 3).expect("acquire");
+        assert_eq!(got.tasks[0].task_id, "t_gpu");
+    }
+
+    #[test]
+    fn delegate_id_with_another_token_is_not_found() {
+        let (_d, s) = store();
+        let a = s.register("tok", &reg("a", &[]), 0).expect("reg");
+        assert!(matches!(
+            s.acquire("other", &a, 1, 1),
+            Err(StoreError::DelegateNotFound(_))
+        ));
+        let hb = HeartbeatRequest {
+            state: DelegateState::Running,
+            in_flight: vec![],
+        };
+        assert!(matches!(
+            s.heartbeat("other", &a, &hb, 1),
+            Err(StoreError::DelegateNotFound(_))
+        ));
+    }
+
+    #[test]
+    fn lapsed_lease_requeues_then_loses() {
+        let (_d, s) = store();
+        let a = s.register("tok", &reg("a", &[]), 0).expect("reg");
+        submit(&s, "t_1", shell(&[], 1), 0);
+        s.acquire("tok", &a, 1, 1000).expect("acquire");
+        s.started("tok", "t_1", 1, 1001).expect("started");
+        // Still inside the lease: nothing happens.
+        assert!(!s.reap(1000 + 29_000).expect("reap").any());
+        let r = s.reap(1000 + 31_000).expect("reap");
+        assert_eq!(r.requeued, 1);
+        let v = s.task("t_1").expect("view");
+        assert_eq!(v.state, TaskState::Queued);
+        assert_eq!(v.attempt, 2);
+        assert_eq!(v.delegate_id, None);
+        assert_eq!(
+            v.message.as_deref(),
+            Some("lease lapsed on delegate a; re-queued (attempt 2)")
+        );
+        // The old attempt's reports are refused now.
+        assert!(matches!(
+            s.append_log("tok", "t_1", 1, 0, b"x"),
+            Err(StoreError::StaleAttempt { .. })
+        ));
+        let got = s.acquire("tok", &a, 1, 40_000).expect("acquire");
+        assert_eq!(got.tasks[0].attempt, 2);
+        let r = s.reap(40_000 + 31_000).expect("reap");
+        assert_eq!(r.lost, 1);
+        assert_eq!(s.task("t_1").expect("view").state, TaskState::Lost);
+    }
+
+    #[test]
+    fn heartbeat_renews_leases_and_reports_cancel_and_revoked() {
+        let (_d, s) = store();
+        let a = s.register("tok", &reg("a", &[]), 0).expect("reg");
+        submit(&s, "t_1", shell(&[], 0), 0);
+        submit(&s, "t_2", shell(&[], 0), 1);
+        s.acquire("tok", &a, 2, 0).expect("acquire");
+        s.cancel("t_2", 5).expect("cancel");
+        let hb = HeartbeatRequest {
+            state: DelegateState::Running,
+            in_flight: vec!["t_1".into(), "t_2".into(), "t_gone".into()],
+        };
+        let resp = s.heartbeat("tok", &a, &hb, 25_000).expect("hb");
+        assert_eq!(resp.cancel, ["t_2"]);
+        assert_eq!(resp.revoked, ["t_gone"]);
+        // Renewed at 25 s: alive at 50 s, gone after 55 s.
+        assert!(!s.reap(50_000).expect("reap").any());
+        let r = s.reap(56_000).expect("reap");
+        assert_eq!((r.lost, r.cancelled), (1, 1));
+        assert_eq!(s.task("t_2").expect("view").state, TaskState::Cancelled);
+    }
+
+    #[test]
+    fn logs_are_stored_once_and_gaps_refused() {
+        let (_d, s) = store();
+        let a = s.register("tok", &reg("a", &[]), 0).expect("reg");
+        submit(&s, "t_1", shell(&[], 0), 0);
+        s.acquire("tok", &a, 1, 0).expect("acquire");
+        assert_eq!(s.append_log("tok", "t_1", 1, 0, b"hello ").expect("log"), 6);
+        // Resend of the same range: stored once.
+        assert_eq!(s.append_log("tok", "t_1", 1, 0, b"hello ").expect("log"), 6);
+        // Overlap: only the new part is kept.
+        assert_eq!(
+            s.append_log("tok", "t_1", 1, 3, b"lo world").expect("log"),
+            11
+        );
+        match s.append_log("tok", "t_1", 1, 20, b"x") {
+            Err(StoreError::LogGap { expected: 11, .. }) => {}
+            other => panic!("expected a gap, got {other:?}"),
+        }
+        assert!(matches!(
+            s.append_log("other", "t_1", 1, 11, b"x"),
+            Err(StoreError::StaleAttempt { .. })
+        ));
+        assert_eq!(
+            s.read_log("t_1", 0, usize::MAX).expect("read").data,
+            b"hello world"
+        );
+        assert_eq!(s.read_log("t_1", 4, 3).expect("read").data, b"o w");
+        assert_eq!(s.read_log("t_1", 8, 100).expect("read").data, b"rld");
+        assert!(s.read_log("t_1", 11, 100).expect("read").data.is_empty());
+        // Logs of the same attempt are still accepted after the result.
+        s.finish("tok", "t_1", 1, &result(Outcome::Succeeded, Some(0)), 5)
+            .expect("finish");
+        assert_eq!(s.append_log("tok", "t_1", 1, 11, b"!").expect("log"), 12);
+        assert_eq!(s.task("t_1").expect("view").log_bytes, 12);
+    }
+
+    #[test]
+    fn result_is_idempotent_and_a_different_one_conflicts() {
+        let (_d, s) = store();
+        let a = s.register("tok", &reg("a", &[]), 0).expect("reg");
+        submit(&s, "t_1", shell(&[], 0), 0);
+        s.acquire("tok", &a, 1, 0).expect("acquire");
+        assert!(matches!(
+            s.finish("tok", "t_1", 2, &result(Outcome::Failed, Some(1)), 1),
+            Err(StoreError::StaleAttempt { .. })
+        ));
+        let (v, f) = s
+            .finish("tok", "t_1", 1, &result(Outcome::Failed, Some(3)), 7)
+            .expect("finish");
+        assert_eq!(
+            (v.state, v.exit_code, v.finished_at),
+            (TaskState::Failed, Some(3), Some(7))
+        );
+        assert_eq!(f, Finish::Done);
+        s.finish("tok", "t_1", 1, &result(Outcome::Failed, Some(3)), 8)
+            .expect("same result again");
+        assert!(matches!(
+            s.finish("tok", "t_1", 1, &result(Outcome::Succeeded, Some(0)), 9),
+            Err(StoreError::ResultConflict { .. })
+        ));
+        assert_eq!(s.task("t_1").expect("view").finished_at, Some(7));
+    }
+
+    #[test]
+    fn lost_result_requeues_while_retries_last() {
+        let (_d, s) = store();
+        let a = s.register("tok", &reg("a", &[]), 0).expect("reg");
+        submit(&s, "t_1", shell(&[], 1), 0);
+        s.acquire("tok", &a, 1, 0).expect("acquire");
+        let (v, f) = s
+            .finish("tok", "t_1", 1, &result(Outcome::Lost, None), 1)
+            .expect("finish");
+        assert_eq!(
+            (v.state, v.attempt, f),
+            (TaskState::Queued, 2, Finish::Requeued)
+        );
+        s.acquire("tok", &a, 1, 2).expect("acquire");
+        let (v, f) = s
+            .finish("tok", "t_1", 2, &result(Outcome::Lost, None), 3)
+            .expect("finish");
+        assert_eq!((v.state, v.attempt, f), (TaskState::Lost, 2, Finish::Done));
+    }
+
+    #[test]
+    fn started_moves_to_running_once() {
+        let (_d, s) = store();
+        let a = s.register("tok", &reg("a", &[]), 0).expect("reg");
+        submit(&s, "t_1", shell(&[], 0), 0);
+        assert!(matches!(
+            s.started("tok", "t_1", 1, 1),
+            Err(StoreError::StaleAttempt { .. })
+        ));
+        s.acquire("tok", &a, 1, 1).expect("acquire");
+        let v = s.started("tok", "t_1", 1, 2).expect("started");
+        assert_eq!((v.state, v.started_at), (TaskState::Running, Some(2)));
+        let v = s.started("tok", "t_1", 1, 3).expect("again");
+        assert_eq!(v.started_at, Some(2));
+    }
+
+    #[test]
+    fn cancel_paths() {
+        let (_d, s) = store();
+        let a = s.register("tok", &reg("a", &[]), 0).expect("reg");
+        submit(&s, "t_q", shell(&[], 0), 0);
+        let (v, c) = s.cancel("t_q", 1).expect("cancel queued");
+        assert_eq!((v.state, c), (TaskState::Cancelled, Cancel::Cancelled));
+        assert!(matches!(
+            s.cancel("t_q", 2),
+            Err(StoreError::Finished {
+                state: TaskState::Cancelled,
+                ..
+            })
+        ));
+        submit(&s, "t_r", shell(&[], 0), 3);
+        s.acquire("tok", &a, 1, 3).expect("acquire");
+        let (v, c) = s.cancel("t_r", 4).expect("cancel held");
+        assert_eq!(
+            (v.state, v.cancel_requested, c),
+            (TaskState::Assigned, true, Cancel::Requested)
+        );
+        // Delivered once through acquire, then not again.
+        assert_eq!(s.acquire("tok", &a, 0, 5).expect("acquire").cancel, ["t_r"]);
+        assert!(
+            s.acquire("tok", &a, 0, 6)
+                .expect("acquire")
+                .cancel
+                .is_empty()
+        );
+        let r = TaskResult {
+            signal: Some(15),
+            ..result(Outcome::Cancelled, None)
+        };
+        let (v, _) = s.finish("tok", "t_r", 1, &r, 7).expect("finish");
+        assert_eq!((v.state, v.signal), (TaskState::Cancelled, Some(15)));
+        assert!(matches!(
+            s.finish("tok", "t_q", 1, &r, 8),
+            Err(StoreError::StaleAttempt { .. })
+        ));
+    }
+
+    #[test]
+    fn reregister_keeps_id_and_tasks() {
+        let (_d, s) = store();
+        let a = s.register("tok", &reg("a", &["x"]), 0).expect("reg");
+        submit(&s, "t_1", shell(&[], 0), 0);
+        s.acquire("tok", &a, 1, 0).expect("acquire");
+        s.started("tok", "t_1", 1, 1).expect("started");
+        let again = s
+            .register("tok", &reg("a", &["x", "y"]), 10)
+            .expect("re-reg");
+        assert_eq!(again, a);
+        let v = s.task("t_1").expect("view");
+        assert_eq!(
+            (v.state, v.delegate_id.as_deref()),
+            (TaskState::Running, Some(a.as_str()))
+        );
+        let ds = s.list_delegates(10).expect("list");
+        assert_eq!(ds.len(), 1);
+        assert_eq!(ds[0].tags, ["x", "y"]);
+        assert_eq!(ds[0].in_flight, 1);
+        assert!(ds[0].connected);
+        assert!(!s.list_delegates(10 + 31_000).expect("list")[0].connected);
+    }
+
+    #[test]
+    fn startup_extends_leases() {
+        let (_d, s) = store();
+        let a = s.register("tok", &reg("a", &[]), 0).expect("reg");
+        submit(&s, "t_1", shell(&[], 0), 0);
+        s.acquire("tok", &a, 1, 0).expect("acquire");
+        // Manager was down for an hour; at startup leases are extended.
+        assert_eq!(s.extend_leases(3_600_000).expect("extend"), 1);
+        assert!(!s.reap(3_600_001).expect("reap").any());
+    }
+
+    #[test]
+    fn task_list_is_newest_first_and_filters() {
+        let (_d, s) = store();
+        submit(&s, "t_1", shell(&[], 0), 1);
+        submit(&s, "t_2", shell(&[], 0), 2);
+        s.cancel("t_1", 3).expect("cancel");
+        let all: Vec<_> = s
+            .list_tasks(None, 10)
+            .expect("list")
+            .into_iter()
+            .map(|t| t.id)
+            .collect();
+        assert_eq!(all, ["t_2", "t_1"]);
+        let q = s.list_tasks(Some(TaskState::Queued), 10).expect("list");
+        assert_eq!(q.len(), 1);
+        assert_eq!(s.list_tasks(None, 1).expect("list").len(), 1);
+    }
+}
