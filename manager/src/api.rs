@@ -652,3 +652,360 @@ async fn revoke_token(
     info!(name = %name, "delegate token revoked");
     Ok(Json(view))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use delegate_protocol::{ErrorCode, Outcome};
+    use serde_json::json;
+    use tokio::sync::oneshot;
+
+    use super::*;
+    use crate::error::ServeError;
+    use crate::server::{self, ADMIN_TOKEN_FILE, ServeConfig};
+
+    struct TestServer {
+        base: String,
+        admin: String,
+        http: reqwest::Client,
+        stop: Option<oneshot::Sender<()>>,
+        handle: tokio::task::JoinHandle<Result<(), ServeError>>,
+        data: std::path::PathBuf,
+        _dir: tempfile::TempDir,
+    }
+
+    async fn start() -> TestServer {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let data = dir.path().join("data");
+        let cfg = ServeConfig {
+            listen: "127.0.0.1:0".parse().expect("addr"),
+            data_dir: data.clone(),
+            lease_ttl: Duration::from_secs(30),
+            heartbeat_interval: Duration::from_secs(10),
+        };
+        let server = server::bind(&cfg).await.expect("bind");
+        let base = format!("http://{}", server.local_addr());
+        let (tx, rx) = oneshot::channel::<()>();
+        let handle = tokio::spawn(server.run(async {
+            let _ = rx.await;
+        }));
+        let admin = std::fs::read_to_string(data.join(ADMIN_TOKEN_FILE))
+            .expect("admin token")
+            .trim()
+            .to_string();
+        TestServer {
+            base,
+            admin,
+            http: reqwest::Client::new(),
+            stop: Some(tx),
+            handle,
+            data,
+            _dir: dir,
+        }
+    }
+
+    impl TestServer {
+        fn url(&self, path: &str) -> String {
+            format!("{}{API_PREFIX}{path}", self.base)
+        }
+
+        async fn admin_post(&self, path: &str, body: serde_json::Value) -> reqwest::Response {
+            self.http
+                .post(self.url(path))
+                .bearer_auth(&self.admin)
+                .json(&body)
+                .send()
+                .await
+                .expect("send")
+        }
+
+        /// A delegate token and a registered delegate id.
+        async fn delegate(&self, name: &str, tags: &[&str]) -> (String, String) {
+            let created: CreatedToken = self
+                .admin_post("/tokens", json!({ "name": name }))
+                .await
+                .json()
+                .await
+                .expect("token");
+            let reg: RegisterResponse = self
+                .http
+                .post(self.url("/delegates/register"))
+                .bearer_auth(&created.token)
+                .json(&json!({
+                    "name": name, "hostname": "h", "version": "0.1.0",
+                    "tags": tags, "capacity": 2
+                }))
+                .send()
+                .await
+                .expect("register")
+                .json()
+                .await
+                .expect("register answer");
+            (created.token, reg.delegate_id)
+        }
+
+        async fn stop(mut self) {
+            if let Some(tx) = self.stop.take() {
+                let _ = tx.send(());
+            }
+            let res = tokio::time::timeout(Duration::from_secs(5), self.handle)
+                .await
+                .expect("server stops within 5 s")
+                .expect("join");
+            res.expect("clean stop");
+        }
+    }
+
+    async fn error_of(resp: reqwest::Response) -> (u16, ErrorBody) {
+        let status = resp.status().as_u16();
+        (status, resp.json().await.expect("JSON error body"))
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn long_poll_wakes_on_submit_and_task_runs_through() {
+        let s = start().await;
+        let (token, id) = s.delegate("d1", &["linux"]).await;
+        let http = s.http.clone();
+        let url = s.url(&format!("/delegates/{id}/acquire?wait=20&max=1"));
+        let tok = token.clone();
+        let poll = tokio::spawn(async move {
+            let t0 = Instant::now();
+            let resp = http
+                .post(url)
+                .bearer_auth(tok)
+                .send()
+                .await
+                .expect("acquire");
+            (
+                resp.status().as_u16(),
+                resp.bytes().await.expect("body"),
+                t0.elapsed(),
+            )
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let resp = s
+            .admin_post(
+                "/tasks",
+                json!({"kind": "shell", "spec": {"script": "echo hi"}, "selectors": ["linux"]}),
+            )
+            .await;
+        assert_eq!(resp.status().as_u16(), 201);
+        let task: SubmitResponse = resp.json().await.expect("submit answer");
+        let (status, body, took) = poll.await.expect("join");
+        assert_eq!(status, 200);
+        assert!(took < Duration::from_secs(3), "long poll took {took:?}");
+        let got: AcquireResponse = serde_json::from_slice(&body).expect("acquire answer");
+        assert_eq!(got.tasks[0].task_id, task.task_id);
+        let attempt = got.tasks[0].attempt;
+        let tid = &task.task_id;
+
+        // A follower started now gets every byte and ends with the task.
+        let follow = s
+            .http
+            .get(s.url(&format!("/tasks/{tid}/logs?follow=true")))
+            .bearer_auth(&s.admin)
+            .send()
+            .await
+            .expect("follow");
+        assert_eq!(follow.status().as_u16(), 200);
+        let follower = tokio::spawn(async move { follow.bytes().await.expect("stream") });
+
+        let post = |path: String, body: reqwest::Body| {
+            s.http
+                .post(s.url(&path))
+                .bearer_auth(&token)
+                .body(body)
+                .send()
+        };
+        let r = post(format!("/tasks/{tid}/started?attempt={attempt}"), "".into())
+            .await
+            .expect("started");
+        assert_eq!(r.status().as_u16(), 200);
+        let ack: LogAck = post(
+            format!("/tasks/{tid}/logs?attempt={attempt}&offset=0"),
+            "hi\n".into(),
+        )
+        .await
+        .expect("log")
+        .json()
+        .await
+        .expect("ack");
+        assert_eq!(ack.stored, 3);
+        let (status, gap) = error_of(
+            post(
+                format!("/tasks/{tid}/logs?attempt={attempt}&offset=9"),
+                "x".into(),
+            )
+            .await
+            .expect("log"),
+        )
+        .await;
+        assert_eq!(status, 409);
+        assert_eq!(gap.error.code, ErrorCode::LogGap);
+        assert_eq!(gap.error.expected_offset, Some(3));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let ack: LogAck = post(
+            format!("/tasks/{tid}/logs?attempt={attempt}&offset=3"),
+            "bye\n".into(),
+        )
+        .await
+        .expect("log")
+        .json()
+        .await
+        .expect("ack");
+        assert_eq!(ack.stored, 7);
+        let result = serde_json::to_vec(&TaskResult {
+            outcome: Outcome::Succeeded,
+            exit_code: Some(0),
+            signal: None,
+            message: None,
+            log_bytes: 7,
+        })
+        .expect("json");
+        let view: TaskView = post(
+            format!("/tasks/{tid}/result?attempt={attempt}"),
+            result.clone().into(),
+        )
+        .await
+        .expect("result")
+        .json()
+        .await
+        .expect("view");
+        assert_eq!(view.state, delegate_protocol::TaskState::Succeeded);
+        let streamed = tokio::time::timeout(Duration::from_secs(5), follower)
+            .await
+            .expect("follower ends with the task")
+            .expect("join");
+        assert_eq!(&streamed[..], b"hi\nbye\n");
+        s.stop().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn oversized_submit_is_a_json_413() {
+        let s = start().await;
+        let big = "x".repeat(MAX_SUBMIT_BYTES + 10);
+        let resp = s
+            .admin_post("/tasks", json!({"kind": "shell", "spec": {"script": big}}))
+            .await;
+        let (status, body) = error_of(resp).await;
+        assert_eq!(status, 413);
+        assert_eq!(body.error.code, ErrorCode::PayloadTooLarge);
+        s.stop().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn bad_input_gets_json_errors() {
+        let s = start().await;
+        let (status, body) = error_of(
+            s.admin_post("/tasks", json!({"kind": "cobol", "spec": {}}))
+                .await,
+        )
+        .await;
+        assert_eq!((status, body.error.code), (400, ErrorCode::InvalidSpec));
+        assert_eq!(
+            body.error.message,
+            "unknown task kind \"cobol\" (known kinds: shell, http)"
+        );
+        let (status, body) = error_of(
+            s.admin_post("/tasks", json!({"kind": "shell", "spec": {"script": ""}}))
+                .await,
+        )
+        .await;
+        assert_eq!(status, 400);
+        assert!(body.error.message.starts_with("spec.script: is empty"));
+        let (status, body) = error_of(
+            s.admin_post(
+                "/tasks",
+                json!({"kind": "shell", "spec": {"script": "x"}, "timeout_secs": 0}),
+            )
+            .await,
+        )
+        .await;
+        assert_eq!((status, body.error.code), (400, ErrorCode::InvalidSpec));
+
+        let (status, body) = error_of(s.http.get(s.url("/nope")).send().await.expect("send")).await;
+        assert_eq!((status, body.error.code), (404, ErrorCode::NotFound));
+
+        let (status, body) = error_of(
+            s.http
+                .post(s.url("/delegates/register"))
+                .bearer_auth("dlg_0000")
+                .json(&json!({}))
+                .send()
+                .await
+                .expect("send"),
+        )
+        .await;
+        assert_eq!((status, body.error.code), (401, ErrorCode::Unauthorized));
+        assert!(body.error.message.contains("token create --name"));
+
+        let (status, body) = error_of(
+            s.http
+                .get(s.url("/tasks"))
+                .bearer_auth("adm_wrong")
+                .send()
+                .await
+                .expect("send"),
+        )
+        .await;
+        assert_eq!((status, body.error.code), (401, ErrorCode::Unauthorized));
+
+        let status = s.admin_post("/tokens", json!({"name": "a"})).await.status();
+        assert_eq!(status.as_u16(), 200);
+        let (status, body) = error_of(s.admin_post("/tokens", json!({"name": "a"})).await).await;
+        assert_eq!(status, 409);
+        assert!(body.error.message.contains("already exists"));
+        s.stop().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn shutdown_answers_long_polls_at_once() {
+        let s = start().await;
+        let (token, id) = s.delegate("d1", &[]).await;
+        let req = s
+            .http
+            .post(s.url(&format!("/delegates/{id}/acquire?wait=60")))
+            .bearer_auth(token)
+            .send();
+        let poll = tokio::spawn(async move {
+            let t0 = Instant::now();
+            let r = req.await.expect("acquire");
+            (r.status().as_u16(), t0.elapsed())
+        });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        s.stop().await;
+        let (status, took) = poll.await.expect("join");
+        assert_eq!(status, 204);
+        assert!(took < Duration::from_secs(3), "took {took:?}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn admin_token_file_is_private_and_kept_across_restarts() {
+        use std::os::unix::fs::PermissionsExt;
+        let s = start().await;
+        let path = s.data.join(ADMIN_TOKEN_FILE);
+        let mode = std::fs::metadata(&path).expect("stat").permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert!(s.admin.starts_with("adm_") && s.admin.len() == 68);
+        let (data, admin) = (s.data.clone(), s.admin.clone());
+        let TestServer {
+            stop, handle, _dir, ..
+        } = s;
+        if let Some(tx) = stop {
+            let _ = tx.send(());
+        }
+        handle.await.expect("join").expect("stop");
+        // A restart on the same directory keeps the token.
+        server::bind(&ServeConfig {
+            listen: "127.0.0.1:0".parse().expect("addr"),
+            data_dir: data.clone(),
+            lease_ttl: Duration::from_secs(30),
+            heartbeat_interval: Duration::from_secs(10),
+        })
+        .await
+        .expect("restart");
+        let again = std::fs::read_to_string(&path).expect("read");
+        assert_eq!(again.trim(), admin);
+    }
+}
