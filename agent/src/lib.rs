@@ -7,6 +7,7 @@ pub mod backoff;
 pub mod client;
 pub mod config;
 pub mod daemon;
+pub mod dbus;
 pub mod exec;
 pub mod logging;
 pub mod notify;

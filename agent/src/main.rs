@@ -5,8 +5,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use delegate::config::{Config, DEFAULT_CONFIG_PATH, ProcessEnv};
-use delegate::daemon::{self, Control};
-use delegate::{EXIT_CONFIG, VERSION, logging};
+use delegate::daemon::{Control, Daemon};
+use delegate::{EXIT_CONFIG, VERSION, dbus, logging};
 use tokio::signal::unix::{SignalKind, signal};
 
 #[derive(Parser)]
@@ -30,6 +30,19 @@ enum Command {
     },
     /// Print the version.
     Version,
+    /// Show the running agent's state (over D-Bus).
+    Status,
+    /// Ask the running agent to stop taking tasks; running ones finish.
+    Drain {
+        /// Wait until the agent is drained (no task left).
+        #[arg(long)]
+        wait: bool,
+        /// Longest wait with --wait.
+        #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+    },
+    /// Let a drained agent take tasks again.
+    Resume,
 }
 
 #[derive(Subcommand)]
@@ -68,6 +81,56 @@ fn main() -> ExitCode {
             }
         },
         Command::Run { config } => run(config),
+        Command::Status => operator(|p| async move {
+            let s = dbus::status(&p).await?;
+            println!("state:       {}", s.state);
+            println!("version:     {}", s.version);
+            println!("connected:   {}", s.connected);
+            println!("in flight:   {}", s.in_flight);
+            let id = if s.delegate_id.is_empty() {
+                "(not registered yet)"
+            } else {
+                &s.delegate_id
+            };
+            println!("delegate id: {id}");
+            println!("manager:     {}", s.manager_url);
+            Ok(())
+        }),
+        Command::Drain { wait, timeout } => operator(move |p| async move {
+            dbus::drain(&p, wait.then_some(timeout)).await?;
+            println!("{}", if wait { "drained" } else { "draining" });
+            Ok(())
+        }),
+        Command::Resume => operator(|p| async move {
+            dbus::resume(&p).await?;
+            println!("running");
+            Ok(())
+        }),
+    }
+}
+
+/// Run one operator command against the agent on the system bus.
+fn operator<F, Fut>(f: F) -> ExitCode
+where
+    F: FnOnce(dbus::Agent1Proxy<'static>) -> Fut,
+    Fut: std::future::Future<Output = Result<(), dbus::CliError>>,
+{
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("delegate: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(async { f(dbus::connect().await?).await }) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("delegate: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 
@@ -95,6 +158,7 @@ fn run(path: PathBuf) -> ExitCode {
     };
     let result = runtime.block_on(async {
         let (tx, rx) = tokio::sync::mpsc::channel(8);
+        let tx_bus = tx.clone();
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
         tokio::spawn(async move {
@@ -121,7 +185,20 @@ fn run(path: PathBuf) -> ExitCode {
                 }
             }
         });
-        daemon::run(config, rx).await.map_err(anyhow::Error::from)
+        let daemon = Daemon::new(config)?;
+        // Take the bus name before the daemon says READY=1, so a unit that is "started"
+        // can already be drained. Without a bus the agent still runs tasks.
+        let _bus = match dbus::serve(tx_bus, daemon.observer()).await {
+            Ok(conn) => Some(conn),
+            Err(e) => {
+                tracing::warn!(
+                    "remote drain is unavailable (no D-Bus name {}): {e}",
+                    dbus::BUS_NAME
+                );
+                None
+            }
+        };
+        daemon.run(rx).await.map_err(anyhow::Error::from)
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -7,6 +7,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod release;
 pub mod spec;
 
 use std::collections::BTreeMap;
