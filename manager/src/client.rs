@@ -52,7 +52,7 @@ impl Client {
                 if source.is_connect() {
                     CliError::Unreachable {
                         url: self.base.clone(),
-                        source,
+                        reason: root_cause(&source),
                     }
                 } else {
                     CliError::Http {
@@ -145,4 +145,13 @@ impl Client {
         }
         Ok(written)
     }
+}
+
+/// The innermost error of a chain: for a failed connect, the OS's own words.
+fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cur = e;
+    while let Some(next) = cur.source() {
+        cur = next;
+    }
+    cur.to_string()
 }

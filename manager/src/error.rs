@@ -125,8 +125,10 @@ pub enum ServeError {
 /// Why a CLI command failed; the message is what the operator sees.
 #[derive(Debug, thiserror::Error)]
 pub enum CliError {
-    #[error("cannot reach the manager at {url}: is `delegate-manager serve` running? ({source})")]
-    Unreachable { url: String, source: reqwest::Error },
+    /// `reason` is the innermost cause (e.g. "Connection refused"), which is all an
+    /// operator needs here.
+    #[error("cannot reach the manager at {url}: is `delegate-manager serve` running? ({reason})")]
+    Unreachable { url: String, reason: String },
     #[error("request to {url} failed: {source}")]
     Http { url: String, source: reqwest::Error },
     /// The manager answered with an error body; `message` is its human text.
