@@ -178,7 +178,8 @@ pub struct SubmitArgs {
     /// How often a lost attempt is re-queued.
     #[arg(long)]
     pub retries: Option<u32>,
-    /// Follow the log to stdout and exit with the task's status.
+    /// After the id, follow the log to stdout, print a summary line to stderr and exit
+    /// with the task's status (0 if it succeeded, else its exit code, else 1).
     #[arg(long)]
     pub wait: bool,
 }
@@ -425,11 +426,10 @@ async fn submit(client: &Client, args: SubmitArgs) -> Result<ExitCode, CliError>
     let task = submission(&args)?;
     let resp: SubmitResponse = client.post("/tasks", Some(&task)).await?;
     let id = resp.task_id;
+    out(&id)?;
     if !args.wait {
-        out(&id)?;
         return Ok(ExitCode::SUCCESS);
     }
-    eprintln!("{id}");
     {
         let mut stdout = std::io::stdout().lock();
         client.copy_log(&id, 0, true, &mut stdout).await?;
