@@ -273,8 +273,13 @@ async fn task_cmd(client: &Client, cmd: TaskCmd) -> Result<ExitCode, CliError> {
             Ok(ExitCode::SUCCESS)
         }
         TaskCmd::Logs { id, follow, offset } => {
-            let mut stdout = std::io::stdout().lock();
-            client.copy_log(&id, offset, follow, &mut stdout).await?;
+            {
+                let mut stdout = std::io::stdout().lock();
+                client.copy_log(&id, offset, follow, &mut stdout).await?;
+            }
+            if follow {
+                finished_task(client, &id).await?;
+            }
             Ok(ExitCode::SUCCESS)
         }
         TaskCmd::Cancel { id } => {
@@ -434,9 +439,22 @@ async fn submit(client: &Client, args: SubmitArgs) -> Result<ExitCode, CliError>
         let mut stdout = std::io::stdout().lock();
         client.copy_log(&id, 0, true, &mut stdout).await?;
     }
-    let t: TaskView = client.get(&format!("/tasks/{id}"), &[]).await?;
+    let t = finished_task(client, &id).await?;
     eprintln!("{}", summary(&t));
     Ok(task_exit_code(&t))
+}
+
+/// The task after its followed log ended: that happens when it finished, but also when
+/// the manager shut down, which must not look like success.
+async fn finished_task(client: &Client, id: &str) -> Result<TaskView, CliError> {
+    let t: TaskView = client.get(&format!("/tasks/{id}"), &[]).await?;
+    if !t.state.is_terminal() {
+        return Err(CliError::StreamEnded {
+            task: id.to_string(),
+            state: t.state,
+        });
+    }
+    Ok(t)
 }
 
 /// 0 when the task succeeded, its exit code when it has one, else 1.
@@ -491,7 +509,14 @@ fn show_text(t: &TaskView) -> String {
                 _ => "-".to_string(),
             },
         ),
-        ("selectors", t.selectors.join(", ")),
+        (
+            "selectors",
+            if t.selectors.is_empty() {
+                "-".to_string()
+            } else {
+                t.selectors.join(", ")
+            },
+        ),
         ("timeout", format!("{}s", t.timeout_secs)),
     ];
     if t.cancel_requested {

@@ -150,6 +150,12 @@ pub enum CliError {
     MissingAdminToken { path: PathBuf, reason: String },
     #[error("{0}")]
     Usage(String),
+    /// A followed log ended before the task did: the manager stopped or restarted.
+    #[error(
+        "the log stream of task {task} ended while the task is still {state} (manager \
+         restarting?); follow again with `delegate-manager task logs --follow {task}`"
+    )]
+    StreamEnded { task: String, state: TaskState },
     #[error("cannot read {path}: {source}")]
     ReadFile {
         path: PathBuf,
