@@ -77,9 +77,10 @@ pub struct ServeArgs {
     /// retries left).
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     pub lease_ttl: Duration,
-    /// How often delegates are asked to heartbeat.
-    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
-    pub heartbeat_interval: Duration,
+    /// How often delegates are asked to heartbeat (default: a third of the lease TTL, at
+    /// most 10s).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub heartbeat_interval: Option<Duration>,
 }
 
 #[derive(Debug, Subcommand)]

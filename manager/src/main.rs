@@ -42,7 +42,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         listen: args.listen,
         data_dir: cli.data.clone(),
         lease_ttl: args.lease_ttl,
-        heartbeat_interval: args.heartbeat_interval,
+        heartbeat_interval: args
+            .heartbeat_interval
+            .unwrap_or_else(|| ServeConfig::default_heartbeat(args.lease_ttl)),
     };
     let server = server::bind(&cfg).await.with_context(|| {
         format!(

@@ -37,6 +37,36 @@ pub struct ServeConfig {
     pub heartbeat_interval: Duration,
 }
 
+impl ServeConfig {
+    /// The heartbeat interval when none is given: a third of the lease TTL, between 1 s
+    /// and 10 s, so a delegate gets about three tries before its leases lapse.
+    pub fn default_heartbeat(lease_ttl: Duration) -> Duration {
+        (lease_ttl / 3).clamp(Duration::from_secs(1), Duration::from_secs(10))
+    }
+
+    /// Leases shorter than a second, or heartbeats no more often than leases lapse, would
+    /// lose every task; refuse them up front.
+    fn check(&self) -> Result<(), ServeError> {
+        if self.lease_ttl < Duration::from_secs(2) {
+            return Err(ServeError::Config(format!(
+                "--lease-ttl {} is too short; give at least 2s (default 30s)",
+                humantime::format_duration(self.lease_ttl)
+            )));
+        }
+        if self.heartbeat_interval < Duration::from_secs(1)
+            || self.heartbeat_interval >= self.lease_ttl
+        {
+            return Err(ServeError::Config(format!(
+                "--heartbeat-interval {} must be at least 1s and shorter than --lease-ttl {} \
+                 (a third of it is a good choice)",
+                humantime::format_duration(self.heartbeat_interval),
+                humantime::format_duration(self.lease_ttl)
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// A manager that is bound to its address but not yet serving.
 pub struct Server {
     listener: TcpListener,
@@ -47,6 +77,7 @@ pub struct Server {
 /// Step 1-4 of a start: data directory, database (migrated), admin token, leases
 /// extended over the downtime; then bind the listener.
 pub async fn bind(cfg: &ServeConfig) -> Result<Server, ServeError> {
+    cfg.check()?;
     DirBuilder::new()
         .recursive(true)
         .mode(0o700)
