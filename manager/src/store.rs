@@ -791,8 +791,8 @@ impl Store {
                     continue;
                 }
                 let room = max - data.len();
-                let take = &chunk[skip..chunk.len().min(skip + room)];
-                data.extend_from_slice(take);
+                let take = room.min(chunk.len() - skip);
+                data.extend_from_slice(&chunk[skip..skip + take]);
                 if data.len() >= max {
                     break;
                 }
@@ -1272,6 +1272,8 @@ mod tests {
         );
         assert_eq!(s.read_log("t_1", 4, 3).expect("read").data, b"o w");
         assert_eq!(s.read_log("t_1", 8, 100).expect("read").data, b"rld");
+        // Regression: an unbounded read from inside a chunk overflowed `skip + room`.
+        assert_eq!(s.read_log("t_1", 2, usize::MAX).expect("read").data, b"llo world");
         assert!(s.read_log("t_1", 11, 100).expect("read").data.is_empty());
         // Logs of the same attempt are still accepted after the result.
         s.finish("tok", "t_1", 1, &result(Outcome::Succeeded, Some(0)), 5)
