@@ -1,0 +1,273 @@
+//! Restarting the agent's service, behind a small trait.
+//!
+//! Production goes through systemd's D-Bus API (`RestartUnit`, then wait for the job's
+//! `JobRemoved` signal; `NRestarts` tells whether the unit restarted by itself during the
+//! health gate). Tests have no systemd, so [`Supervisor`] drives a tiny process supervisor
+//! (`delegate-upgrader supervise`) that plays the same role with a pid and a restart count.
+//! The real systemd path is exercised by the packaging end-to-end test.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+use zbus::proxy;
+
+use crate::error::UpgradeError;
+
+/// Which incarnation of the service is running: a different value after the health gate
+/// started means the unit restarted (crashed) on its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Instance {
+    pub pid: u32,
+    pub restarts: u32,
+}
+
+#[allow(async_fn_in_trait)]
+pub trait ServiceManager {
+    /// Restart the service and return once the restart job is finished.
+    async fn restart(&self) -> Result<(), UpgradeError>;
+    /// The current incarnation.
+    async fn instance(&self) -> Result<Instance, UpgradeError>;
+    /// For logs.
+    fn describe(&self) -> String;
+}
+
+// --- systemd ---------------------------------------------------------------------------
+
+#[proxy(
+    interface = "org.freedesktop.systemd1.Manager",
+    default_service = "org.freedesktop.systemd1",
+    default_path = "/org/freedesktop/systemd1"
+)]
+trait SystemdManager {
+    fn subscribe(&self) -> zbus::Result<()>;
+    fn restart_unit(&self, name: &str, mode: &str) -> zbus::Result<zbus::OwnedObjectPath>;
+    fn load_unit(&self, name: &str) -> zbus::Result<zbus::OwnedObjectPath>;
+    #[zbus(signal)]
+    fn job_removed(
+        &self,
+        id: u32,
+        job: zbus::ObjectPath<'_>,
+        unit: &str,
+        result: &str,
+    ) -> zbus::Result<()>;
+}
+
+#[proxy(
+    interface = "org.freedesktop.systemd1.Service",
+    default_service = "org.freedesktop.systemd1"
+)]
+trait SystemdService {
+    #[zbus(property, name = "NRestarts")]
+    fn n_restarts(&self) -> zbus::Result<u32>;
+    #[zbus(property, name = "MainPID")]
+    fn main_pid(&self) -> zbus::Result<u32>;
+}
+
+pub struct Systemd {
+    conn: zbus::Connection,
+    unit: String,
+}
+
+fn bus(e: zbus::Error) -> UpgradeError {
+    UpgradeError::Bus(e.to_string())
+}
+
+/// systemd jobs of a unit with a long drain can take long; bounded all the same.
+const RESTART_JOB_LIMIT: Duration = Duration::from_secs(30 * 60);
+
+impl Systemd {
+    pub async fn connect(unit: &str) -> Result<Systemd, UpgradeError> {
+        let conn = zbus::Connection::system().await.map_err(bus)?;
+        Ok(Systemd {
+            conn,
+            unit: unit.to_string(),
+        })
+    }
+}
+
+impl ServiceManager for Systemd {
+    async fn restart(&self) -> Result<(), UpgradeError> {
+        let failed = |reason: String| UpgradeError::Restart {
+            unit: self.unit.clone(),
+            reason,
+        };
+        let m = SystemdManagerProxy::new(&self.conn).await.map_err(bus)?;
+        // Signals are only broadcast to subscribers; subscribe before starting the job.
+        m.subscribe().await.map_err(bus)?;
+        let mut removed = m.receive_job_removed().await.map_err(bus)?;
+        let job = m
+            .restart_unit(&self.unit, "replace")
+            .await
+            .map_err(|e| failed(e.to_string()))?;
+        let wait = async {
+            while let Some(sig) = removed.next().await {
+                let Ok(args) = sig.args() else { continue };
+                if args.job().as_str() == job.as_str() {
+                    return Some(args.result().to_string());
+                }
+            }
+            None
+        };
+        match tokio::time::timeout(RESTART_JOB_LIMIT, wait).await {
+            Ok(Some(r)) if r == "done" => Ok(()),
+            Ok(Some(r)) => Err(failed(format!("restart job finished with {r:?}"))),
+            Ok(None) => Err(failed("lost the bus while waiting for the job".into())),
+            Err(_) => Err(failed(format!(
+                "job not finished within {RESTART_JOB_LIMIT:?}"
+            ))),
+        }
+    }
+
+    async fn instance(&self) -> Result<Instance, UpgradeError> {
+        let m = SystemdManagerProxy::new(&self.conn).await.map_err(bus)?;
+        let path = m.load_unit(&self.unit).await.map_err(bus)?;
+        let s = SystemdServiceProxy::builder(&self.conn)
+            .path(path)
+            .cache_properties(zbus::proxy::CacheProperties::No)
+            .build()
+            .await
+            .map_err(bus)?;
+        Ok(Instance {
+            pid: s.main_pid().await.map_err(bus)?,
+            restarts: s.n_restarts().await.map_err(bus)?,
+        })
+    }
+
+    fn describe(&self) -> String {
+        format!("systemd unit {}", self.unit)
+    }
+}
+
+// --- test supervisor -------------------------------------------------------------------
+
+/// What `delegate-upgrader supervise` publishes in its state file.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SupervisorState {
+    pub supervisor_pid: u32,
+    pub child_pid: u32,
+    /// Bumped at every (re)start of the child.
+    pub generation: u64,
+    /// Restarts after the child exited by itself (systemd's `NRestarts`).
+    pub restarts: u32,
+}
+
+impl SupervisorState {
+    pub fn read(path: &Path) -> Result<SupervisorState, UpgradeError> {
+        let bytes = std::fs::read(path).map_err(crate::error::io(path))?;
+        serde_json::from_slice(&bytes).map_err(|e| UpgradeError::State {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })
+    }
+}
+
+/// Client of a `supervise` process: SIGHUP asks it to restart the child.
+pub struct Supervisor {
+    pub state_file: PathBuf,
+}
+
+impl ServiceManager for Supervisor {
+    async fn restart(&self) -> Result<(), UpgradeError> {
+        let failed = |reason: String| UpgradeError::Restart {
+            unit: self.describe(),
+            reason,
+        };
+        let before = SupervisorState::read(&self.state_file)?;
+        let pid = i32::try_from(before.supervisor_pid).map_err(|e| failed(e.to_string()))?;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGHUP,
+        )
+        .map_err(|e| failed(format!("supervisor {pid}: {e}")))?;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+        loop {
+            if let Ok(now) = SupervisorState::read(&self.state_file)
+                && now.generation > before.generation
+            {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err(failed(
+                    "the supervisor did not restart the agent within 120s".into(),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn instance(&self) -> Result<Instance, UpgradeError> {
+        let s = SupervisorState::read(&self.state_file)?;
+        Ok(Instance {
+            pid: s.child_pid,
+            restarts: s.restarts,
+        })
+    }
+
+    fn describe(&self) -> String {
+        format!("supervisor {}", self.state_file.display())
+    }
+}
+
+/// The supervisor itself (`delegate-upgrader supervise --state F -- CMD...`): keep `CMD`
+/// running like `Restart=always` would, restart it on SIGHUP, stop it on SIGTERM/SIGINT.
+/// Test seam only; production uses systemd.
+pub async fn supervise(state_file: &Path, cmd: &[String]) -> Result<(), UpgradeError> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (program, args) = cmd
+        .split_first()
+        .ok_or_else(|| UpgradeError::Config("supervise: no command given".into()))?;
+    let sig = |k| signal(k).map_err(crate::error::io(state_file));
+    let mut hup = sig(SignalKind::hangup())?;
+    let mut term = sig(SignalKind::terminate())?;
+    let mut int = sig(SignalKind::interrupt())?;
+    let mut st = SupervisorState {
+        supervisor_pid: std::process::id(),
+        ..SupervisorState::default()
+    };
+    loop {
+        let mut child = tokio::process::Command::new(program)
+            .args(args)
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(crate::error::io(program))?;
+        st.child_pid = child.id().unwrap_or(0);
+        st.generation += 1;
+        let bytes = serde_json::to_vec(&st).unwrap_or_default();
+        crate::state::write_atomic(state_file, &bytes)?;
+        tokio::select! {
+            _ = hup.recv() => {
+                stop(&mut child).await;
+            }
+            _ = term.recv() => {
+                stop(&mut child).await;
+                return Ok(());
+            }
+            _ = int.recv() => {
+                stop(&mut child).await;
+                return Ok(());
+            }
+            _ = child.wait() => {
+                st.restarts += 1;
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        }
+    }
+}
+
+/// SIGTERM (the agent drains), then SIGKILL after 60 s.
+async fn stop(child: &mut tokio::process::Child) {
+    if let Some(pid) = child.id().and_then(|p| i32::try_from(p).ok()) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+    }
+    if tokio::time::timeout(Duration::from_secs(60), child.wait())
+        .await
+        .is_err()
+    {
+        let _ = child.kill().await;
+    }
+}

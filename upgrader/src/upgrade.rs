@@ -1,0 +1,737 @@
+//! `delegate-upgrader run`: the seven steps of DESIGN.md's upgrade flow, one function per
+//! step, plus `check` (steps 2 and the decision, changing nothing), `install` (an offline
+//! archive through steps 3–7), `rollback` and `status`.
+//!
+//! Each step logs one line with `UPGRADE_FROM`, `UPGRADE_TO` and `UPGRADE_STEP` fields.
+//! The state file records what is under way from the drain until the health gate passed,
+//! so a run killed at any point is finished or undone by the next one ([`Upgrader::recover`]).
+
+use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use delegate_protocol::release::{
+    Decision, Local, MAX_MANIFEST_BYTES, Manifest, Version, decide_version,
+    parse_artifact_trusted_comment,
+};
+use tracing::{info, warn};
+
+use crate::agent_bus::{AgentBus, DrainResult};
+use crate::config::Config;
+use crate::error::{UpgradeError, io};
+use crate::fault;
+use crate::fetch::Fetcher;
+use crate::layout::{Layout, check_version};
+use crate::lock::Lock;
+use crate::service::{Instance, ServiceManager};
+use crate::state::{Check, InProgress, Seen, State};
+use crate::trust::TrustedKeys;
+
+/// Largest signature file read.
+const MAX_SIGNATURE_BYTES: u64 = 64 * 1024;
+
+/// What a run did (or, for `check`, would do).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Disabled,
+    UpToDate(String),
+    NotPinned { pinned: String, offered: String },
+    WouldInstall { from: Option<String>, to: String },
+    Installed { from: Option<String>, to: String },
+    RolledBack { from: String, to: String },
+}
+
+impl Outcome {
+    pub fn code(&self) -> &'static str {
+        match self {
+            Outcome::Disabled => "disabled",
+            Outcome::UpToDate(_) => "up-to-date",
+            Outcome::NotPinned { .. } => "not-pinned",
+            Outcome::WouldInstall { .. } => "would-install",
+            Outcome::Installed { .. } => "installed",
+            Outcome::RolledBack { .. } => "rolled-back",
+        }
+    }
+}
+
+impl std::fmt::Display for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let from = |v: &Option<String>| v.clone().unwrap_or_else(|| "(none)".into());
+        match self {
+            Outcome::Disabled => write!(f, "upgrades are disabled (enabled = false)"),
+            Outcome::UpToDate(v) => write!(f, "up to date ({v})"),
+            Outcome::NotPinned { pinned, offered } => {
+                write!(
+                    f,
+                    "pinned to {pinned}; the channel offers {offered}: nothing to do"
+                )
+            }
+            Outcome::WouldInstall { from: a, to } => {
+                write!(f, "would upgrade {} → {to}", from(a))
+            }
+            Outcome::Installed { from: a, to } => write!(f, "upgraded {} → {to}", from(a)),
+            Outcome::RolledBack { from, to } => write!(f, "rolled back {from} → {to}"),
+        }
+    }
+}
+
+/// A release that passed step 2: where to get it and what it must be.
+#[derive(Debug, Clone)]
+struct Release {
+    version: Version,
+    url: String,
+    size: u64,
+    sha256: String,
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// One journald line per step, with the fields operators filter on.
+fn step(n: u8, from: &Option<String>, to: &str, msg: &str) {
+    let from = from.as_deref().unwrap_or("");
+    info!(
+        upgrade_step = n,
+        upgrade_from = from,
+        upgrade_to = to,
+        "step {n}: {msg}"
+    );
+}
+
+pub struct Upgrader<S> {
+    pub cfg: Config,
+    pub layout: Layout,
+    pub service: S,
+    fetcher: Fetcher,
+}
+
+impl<S: ServiceManager> Upgrader<S> {
+    pub fn new(cfg: Config, service: S) -> Result<Upgrader<S>, UpgradeError> {
+        Ok(Upgrader {
+            layout: Layout::new(&cfg.root),
+            fetcher: Fetcher::new()?,
+            cfg,
+            service,
+        })
+    }
+
+    /// How long a second upgrader waits for the first.
+    fn lock_limit(&self) -> Duration {
+        self.cfg.drain_timeout + self.cfg.health_timeout + Duration::from_secs(300)
+    }
+
+    fn lock(&self) -> Result<Lock, UpgradeError> {
+        Lock::acquire(&self.cfg.root, self.lock_limit())
+    }
+
+    /// `run`: the timer's job. The outcome (or error code) is recorded as the last check.
+    pub async fn run(&self) -> Result<Outcome, UpgradeError> {
+        // Step 1: lock (one upgrader at a time); the config was read by the caller.
+        let _lock = self.lock()?;
+        let mut state = State::load(&self.cfg.root)?;
+        let result = self.run_locked(&mut state).await;
+        record(&mut state, &result);
+        state.write(&self.cfg.root)?;
+        result
+    }
+
+    async fn run_locked(&self, state: &mut State) -> Result<Outcome, UpgradeError> {
+        let from = self.layout.current();
+        step(1, &from, "", &format!("locked {}", self.cfg.root.display()));
+        if let Some(o) = self.recover(state).await? {
+            return Ok(o);
+        }
+        if !self.cfg.enabled {
+            step(
+                1,
+                &from,
+                "",
+                "upgrades are disabled in the config: nothing to do",
+            );
+            return Ok(Outcome::Disabled);
+        }
+        fault::point("after-step-1");
+
+        let release = match self.step2_manifest(state, &from, true).await? {
+            Ok(r) => r,
+            Err(done) => {
+                self.step7_prune(&from, &from.clone().unwrap_or_default())?;
+                return Ok(done);
+            }
+        };
+        fault::point("after-step-2");
+        let to = release.version.to_string();
+        self.step3_download(&release, &from).await?;
+        fault::point("after-step-3");
+        self.deploy(state, from, to).await
+    }
+
+    /// Steps 4–7 for a version whose directory is complete.
+    async fn deploy(
+        &self,
+        state: &mut State,
+        from: Option<String>,
+        to: String,
+    ) -> Result<Outcome, UpgradeError> {
+        state.in_progress = Some(InProgress {
+            from: from.clone(),
+            to: to.clone(),
+            previous_before: self.layout.previous(),
+        });
+        state.write(&self.cfg.root)?;
+        self.step4_drain(&from, &to).await?;
+        fault::point("after-step-4");
+        self.step5_swap_restart(&from, &to).await?;
+        fault::point("after-step-5");
+        self.step6_health_gate(state, &from, &to).await?;
+        fault::point("after-step-6");
+        self.step7_prune(&from, &to)?;
+        fault::point("after-step-7");
+        Ok(Outcome::Installed { from, to })
+    }
+
+    /// A run killed after the drain left `in_progress` behind: finish it (swapped: make
+    /// sure the new version runs and passes the gate) or undo it (not swapped: resume).
+    async fn recover(&self, state: &mut State) -> Result<Option<Outcome>, UpgradeError> {
+        let Some(p) = state.in_progress.clone() else {
+            return Ok(None);
+        };
+        let current = self.layout.current();
+        warn!(
+            upgrade_from = p.from.as_deref().unwrap_or(""),
+            upgrade_to = %p.to,
+            "a previous run was interrupted; recovering"
+        );
+        if current.as_deref() == Some(p.to.as_str()) {
+            let running = match AgentBus::connect().await {
+                Ok(b) => b.health().await.map(|h| h.version),
+                Err(_) => None,
+            };
+            if running.as_deref() != Some(p.to.as_str()) {
+                step(5, &p.from, &p.to, "restarting onto the swapped version");
+                self.service.restart().await?;
+            }
+            self.step6_health_gate(state, &p.from, &p.to).await?;
+            self.step7_prune(&p.from, &p.to)?;
+            return Ok(Some(Outcome::Installed {
+                from: p.from,
+                to: p.to,
+            }));
+        }
+        // Not swapped: the old version still runs, maybe drained.
+        if let Ok(b) = AgentBus::connect().await
+            && let Ok(true) = b.resume().await
+        {
+            info!("resumed the agent left drained by the interrupted run");
+        }
+        state.in_progress = None;
+        state.write(&self.cfg.root)?;
+        Ok(None)
+    }
+
+    /// Step 2: fetch the manifest and its signature, verify, apply every policy check.
+    /// `Ok(Err(outcome))`: valid, but nothing to install.
+    async fn step2_manifest(
+        &self,
+        state: &mut State,
+        from: &Option<String>,
+        persist: bool,
+    ) -> Result<Result<Release, Outcome>, UpgradeError> {
+        let keys = TrustedKeys::load(&self.cfg.keys_dir)?;
+        let url = self.cfg.manifest_url();
+        let bytes = self.fetcher.get_small(&url, MAX_MANIFEST_BYTES).await?;
+        let sig_url = format!("{url}.minisig");
+        let sig = self
+            .fetcher
+            .get_small(&sig_url, MAX_SIGNATURE_BYTES)
+            .await?;
+        let sig = String::from_utf8_lossy(&sig);
+        keys.verify(&url, &bytes, &sig)?;
+        let bad = |source| UpgradeError::Manifest {
+            url: url.clone(),
+            source,
+        };
+        let manifest = Manifest::parse(&bytes).map_err(bad)?;
+        let current = from.as_deref().and_then(|v| v.parse::<Version>().ok());
+        let last = state
+            .last_seen
+            .get(&self.cfg.channel)
+            .map(|s| s.published_at);
+        let local = Local {
+            channel: &self.cfg.channel,
+            now: now(),
+            last_seen_published_at: last,
+            current: current.as_ref(),
+            pinned: self.cfg.pinned_version.as_ref(),
+            skip: &state.skip,
+        };
+        manifest.check_fresh(&local).map_err(bad)?;
+        if persist && last.is_none_or(|l| manifest.published_at > l) {
+            state.last_seen.insert(
+                self.cfg.channel.clone(),
+                Seen {
+                    version: manifest.version.clone(),
+                    published_at: manifest.published_at,
+                },
+            );
+            state.write(&self.cfg.root)?;
+        }
+        let decision = manifest.decide(&local).map_err(bad)?;
+        let to = manifest.version.clone();
+        step(
+            2,
+            from,
+            &to,
+            &format!("manifest {url} verified with {} trusted key(s)", keys.len()),
+        );
+        let version = match decision {
+            Decision::Install(v) => v,
+            Decision::UpToDate(v) => return Ok(Err(Outcome::UpToDate(v.to_string()))),
+            Decision::NotPinned { pinned, offered } => {
+                return Ok(Err(Outcome::NotPinned {
+                    pinned: pinned.to_string(),
+                    offered: offered.to_string(),
+                }));
+            }
+        };
+        let artifact = manifest.artifact(&self.cfg.target).map_err(bad)?;
+        Ok(Ok(Release {
+            version,
+            url: self.cfg.artifact_url(&artifact.path),
+            size: artifact.size,
+            sha256: artifact.sha256.clone(),
+        }))
+    }
+
+    /// Step 3: download, check disk, size and SHA-256, unpack, run `version`, mark complete.
+    async fn step3_download(&self, r: &Release, from: &Option<String>) -> Result<(), UpgradeError> {
+        let to = r.version.to_string();
+        if self.layout.is_complete(&to) {
+            step(
+                3,
+                from,
+                &to,
+                "version directory already complete: reusing it",
+            );
+            return Ok(());
+        }
+        self.check_disk(&to, r.size)?;
+        let dl = self.layout.download_path(&to);
+        std::fs::create_dir_all(self.layout.versions()).map_err(io(self.layout.versions()))?;
+        let result = async {
+            self.fetcher
+                .download(&r.url, &dl, r.size, &r.sha256)
+                .await?;
+            self.unpack(&to, &dl)
+        }
+        .await;
+        let _ = std::fs::remove_file(&dl);
+        result?;
+        step(
+            3,
+            from,
+            &to,
+            &format!(
+                "downloaded {} ({} bytes, sha256 ok), unpacked and checked",
+                r.url, r.size
+            ),
+        );
+        Ok(())
+    }
+
+    fn check_disk(&self, to: &str, size: u64) -> Result<(), UpgradeError> {
+        // The archive, the unpacked binary (gzip rarely shrinks a binary more than 4×)
+        // and the reserve that must stay free.
+        let needed = size
+            .saturating_mul(5)
+            .saturating_add(self.cfg.min_free_bytes);
+        let available = self.layout.free_bytes()?;
+        if available < needed {
+            return Err(UpgradeError::NotEnoughDisk {
+                path: self.layout.versions(),
+                version: to.to_string(),
+                needed,
+                available,
+            });
+        }
+        Ok(())
+    }
+
+    fn unpack(&self, to: &str, archive: &Path) -> Result<(), UpgradeError> {
+        let user = self.cfg.version_check_user.clone();
+        self.layout
+            .install_archive(to, archive, |bin| check_version(bin, to, &user))?;
+        Ok(())
+    }
+
+    /// Step 4: ask the agent to drain and wait (bounded) until it is drained.
+    async fn step4_drain(&self, from: &Option<String>, to: &str) -> Result<(), UpgradeError> {
+        let bus = AgentBus::connect().await?;
+        let msg = match bus.drain(self.cfg.drain_timeout).await? {
+            DrainResult::Drained => "agent drained".to_string(),
+            DrainResult::NotOnBus => {
+                "agent is not on the bus (not running?): nothing to drain".to_string()
+            }
+            DrainResult::TimedOut { in_flight } => format!(
+                "agent still has {in_flight} task(s) after {:?}; restarting anyway (its own \
+                 drain on SIGTERM and its journal keep them)",
+                self.cfg.drain_timeout
+            ),
+        };
+        step(4, from, to, &msg);
+        Ok(())
+    }
+
+    /// Step 5: swap `current`/`previous` atomically, restart the service.
+    async fn step5_swap_restart(
+        &self,
+        from: &Option<String>,
+        to: &str,
+    ) -> Result<(), UpgradeError> {
+        if let Some(f) = from {
+            self.layout.set_link("previous", Some(f))?;
+        }
+        self.layout.set_link("current", Some(to))?;
+        fault::point("after-swap");
+        self.service.restart().await?;
+        step(
+            5,
+            from,
+            to,
+            &format!("current → {to}; restarted {}", self.service.describe()),
+        );
+        Ok(())
+    }
+
+    /// Step 6: within the health timeout the agent reports `to`, `running`, connected, and
+    /// its service did not restart by itself. Otherwise roll back and skip `to`.
+    async fn step6_health_gate(
+        &self,
+        state: &mut State,
+        from: &Option<String>,
+        to: &str,
+    ) -> Result<(), UpgradeError> {
+        match self.healthy(to).await {
+            Ok(()) => {
+                state.in_progress = None;
+                state.write(&self.cfg.root)?;
+                step(
+                    6,
+                    from,
+                    to,
+                    "health gate passed: version, running, connected",
+                );
+                Ok(())
+            }
+            Err(reason) => {
+                warn!(
+                    upgrade_step = 6,
+                    upgrade_from = from.as_deref().unwrap_or(""),
+                    upgrade_to = to,
+                    "step 6: health gate failed: {reason}; rolling back"
+                );
+                let previous = from.clone().ok_or_else(|| UpgradeError::RollbackFailed {
+                    previous: "(none)".into(),
+                    reason: format!(
+                        "{to} is unhealthy ({reason}) and there is no previous version"
+                    ),
+                })?;
+                let before = state
+                    .in_progress
+                    .as_ref()
+                    .and_then(|p| p.previous_before.clone());
+                state.skip(to);
+                state.write(&self.cfg.root)?;
+                self.layout.set_link("current", Some(&previous))?;
+                self.layout.set_link("previous", before.as_deref())?;
+                self.service.restart().await?;
+                if let Err(r) = self.healthy(&previous).await {
+                    return Err(UpgradeError::RollbackFailed {
+                        previous,
+                        reason: r,
+                    });
+                }
+                state.in_progress = None;
+                state.write(&self.cfg.root)?;
+                self.step7_prune(from, to)?;
+                Err(UpgradeError::Unhealthy {
+                    version: to.to_string(),
+                    previous,
+                    reason,
+                })
+            }
+        }
+    }
+
+    /// The gate itself; `Err` carries why, for the log and the error.
+    async fn healthy(&self, version: &str) -> Result<(), String> {
+        let limit = self.cfg.health_timeout;
+        let deadline = tokio::time::Instant::now() + limit;
+        let first: Instance = self.service.instance().await.map_err(|e| e.to_string())?;
+        let mut last = "the agent never appeared on the bus".to_string();
+        let mut bus = None;
+        loop {
+            let now = self.service.instance().await.map_err(|e| e.to_string())?;
+            if now.restarts != first.restarts || now.pid != first.pid {
+                return Err(format!(
+                    "the service restarted by itself (pid {} → {}, restarts {} → {})",
+                    first.pid, now.pid, first.restarts, now.restarts
+                ));
+            }
+            if bus.is_none() {
+                bus = AgentBus::connect().await.ok();
+            }
+            if let Some(b) = &bus
+                && let Some(h) = b.health().await
+            {
+                if h.version == version && h.state == "running" && h.connected {
+                    return Ok(());
+                }
+                last = format!(
+                    "agent reports version {}, state {}, connected {}",
+                    h.version, h.state, h.connected
+                );
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(format!("not healthy within {limit:?}: {last}"));
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    /// Step 7: keep `current` and `previous`, delete every other version and leftovers.
+    fn step7_prune(&self, from: &Option<String>, to: &str) -> Result<(), UpgradeError> {
+        let removed = self.layout.prune()?;
+        let msg = if removed.is_empty() {
+            "kept current and previous; nothing to delete".to_string()
+        } else {
+            format!("kept current and previous; deleted {}", removed.join(", "))
+        };
+        step(7, from, to, &msg);
+        Ok(())
+    }
+
+    /// `check`: what `run` would do; changes nothing (not even the replay watermark).
+    pub async fn check(&self) -> Result<Outcome, UpgradeError> {
+        if !self.cfg.enabled {
+            return Ok(Outcome::Disabled);
+        }
+        let mut state = State::load(&self.cfg.root)?;
+        let from = self.layout.current();
+        let release = match self.step2_manifest(&mut state, &from, false).await? {
+            Ok(r) => r,
+            Err(o) => return Ok(o),
+        };
+        self.check_disk(&release.version.to_string(), release.size)?;
+        Ok(Outcome::WouldInstall {
+            from,
+            to: release.version.to_string(),
+        })
+    }
+
+    /// `install FILE.tar.gz --signature FILE.minisig`: an archive signed by a trusted key
+    /// (the signature's trusted comment says `delegate <version> <target>`), then the same
+    /// version rules and steps 3–7 as `run`. Expiry and replay do not apply offline.
+    pub async fn install(&self, archive: &Path, signature: &Path) -> Result<Outcome, UpgradeError> {
+        let _lock = self.lock()?;
+        let mut state = State::load(&self.cfg.root)?;
+        let result = self.install_locked(&mut state, archive, signature).await;
+        record(&mut state, &result);
+        state.write(&self.cfg.root)?;
+        result
+    }
+
+    async fn install_locked(
+        &self,
+        state: &mut State,
+        archive: &Path,
+        signature: &Path,
+    ) -> Result<Outcome, UpgradeError> {
+        if let Some(o) = self.recover(state).await? {
+            return Ok(o);
+        }
+        let keys = TrustedKeys::load(&self.cfg.keys_dir)?;
+        let name = archive.display().to_string();
+        let bytes = std::fs::read(archive).map_err(io(archive))?;
+        let sig = std::fs::read_to_string(signature).map_err(io(signature))?;
+        let comment = keys.verify(&name, &bytes, &sig)?;
+        let bad = |source| UpgradeError::Manifest {
+            url: name.clone(),
+            source,
+        };
+        let (version, target) =
+            parse_artifact_trusted_comment(&comment).ok_or_else(|| UpgradeError::BadSignature {
+                url: name.clone(),
+                key: self.cfg.keys_dir.clone(),
+                reason: format!(
+                    "trusted comment {comment:?} does not say `delegate <version> <target>`"
+                ),
+            })?;
+        if target != self.cfg.target {
+            return Err(bad(delegate_protocol::release::ManifestError::NoArtifact {
+                target: self.cfg.target.clone(),
+                available: target,
+            }));
+        }
+        let offered: Version = version.parse().map_err(bad)?;
+        let from = self.layout.current();
+        let current = from.as_deref().and_then(|v| v.parse::<Version>().ok());
+        let local = Local {
+            channel: &self.cfg.channel,
+            now: now(),
+            last_seen_published_at: None,
+            current: current.as_ref(),
+            pinned: self.cfg.pinned_version.as_ref(),
+            skip: &state.skip,
+        };
+        match decide_version(&offered, &local).map_err(bad)? {
+            Decision::Install(_) => {}
+            Decision::UpToDate(v) => return Ok(Outcome::UpToDate(v.to_string())),
+            Decision::NotPinned { pinned, offered } => {
+                return Ok(Outcome::NotPinned {
+                    pinned: pinned.to_string(),
+                    offered: offered.to_string(),
+                });
+            }
+        }
+        let to = offered.to_string();
+        step(
+            2,
+            &from,
+            &to,
+            &format!("{name}: signature verified (offline install)"),
+        );
+        if !self.layout.is_complete(&to) {
+            self.check_disk(&to, bytes.len() as u64)?;
+            self.unpack(&to, archive)?;
+        }
+        step(3, &from, &to, &format!("{name}: unpacked and checked"));
+        self.deploy(state, from, to).await
+    }
+
+    /// `rollback`: go back to `previous` now, and skip the abandoned version.
+    pub async fn rollback(&self) -> Result<Outcome, UpgradeError> {
+        let _lock = self.lock()?;
+        let mut state = State::load(&self.cfg.root)?;
+        let root = self.cfg.root.clone();
+        let current = self
+            .layout
+            .current()
+            .ok_or(UpgradeError::NotInstalled { root: root.clone() })?;
+        let previous = self
+            .layout
+            .previous()
+            .ok_or(UpgradeError::NoPrevious { root })?;
+        let from = Some(current.clone());
+        state.skip(&current);
+        state.in_progress = None;
+        state.write(&self.cfg.root)?;
+        self.step4_drain(&from, &previous).await?;
+        self.layout.set_link("current", Some(&previous))?;
+        self.layout.set_link("previous", Some(&current))?;
+        self.service.restart().await?;
+        step(5, &from, &previous, "rolled back by hand; restarted");
+        self.healthy(&previous)
+            .await
+            .map_err(|reason| UpgradeError::RollbackFailed {
+                previous: previous.clone(),
+                reason,
+            })?;
+        step(
+            6,
+            &from,
+            &previous,
+            &format!("health gate passed; {current} is on the skip list"),
+        );
+        let outcome = Outcome::RolledBack {
+            from: current,
+            to: previous,
+        };
+        record(&mut state, &Ok(outcome.clone()));
+        state.write(&self.cfg.root)?;
+        Ok(outcome)
+    }
+}
+
+fn record(state: &mut State, result: &Result<Outcome, UpgradeError>) {
+    state.last_check = Some(match result {
+        Ok(o) => Check {
+            at: now(),
+            outcome: o.code().to_string(),
+            message: o.to_string(),
+        },
+        Err(e) => Check {
+            at: now(),
+            outcome: e.code().to_string(),
+            message: e.to_string(),
+        },
+    });
+}
+
+/// `status`: one screen for an operator.
+pub fn status_text(cfg: &Config) -> Result<String, UpgradeError> {
+    let layout = Layout::new(&cfg.root);
+    let state = State::load(&cfg.root)?;
+    let none = || "(none)".to_string();
+    let mut s = String::new();
+    let mut line = |k: &str, v: String| s.push_str(&format!("{k:<12} {v}\n"));
+    line("current:", layout.current().unwrap_or_else(none));
+    line("previous:", layout.previous().unwrap_or_else(none));
+    line(
+        "pinned:",
+        cfg.pinned_version
+            .as_ref()
+            .map(|v| v.to_string())
+            .unwrap_or_else(none),
+    );
+    line(
+        "channel:",
+        format!("{} ({})", cfg.channel, cfg.manifest_url()),
+    );
+    line("enabled:", cfg.enabled.to_string());
+    line(
+        "last check:",
+        match &state.last_check {
+            Some(c) => format!(
+                "{} {}: {}",
+                humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(c.at)),
+                c.outcome,
+                c.message
+            ),
+            None => "never".into(),
+        },
+    );
+    line(
+        "last seen:",
+        match state.last_seen.get(&cfg.channel) {
+            Some(s) => format!(
+                "{} published {}",
+                s.version,
+                humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(s.published_at))
+            ),
+            None => "never".into(),
+        },
+    );
+    line(
+        "skip list:",
+        if state.skip.is_empty() {
+            "(empty)".into()
+        } else {
+            state.skip.join(", ")
+        },
+    );
+    if let Some(p) = &state.in_progress {
+        line(
+            "interrupted:",
+            format!(
+                "{} → {} (the next run finishes or undoes it)",
+                p.from.clone().unwrap_or_else(none),
+                p.to
+            ),
+        );
+    }
+    Ok(s)
+}
