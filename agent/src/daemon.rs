@@ -302,13 +302,14 @@ async fn run_shared(
     }
     shared.apply(Event::Stop);
     shared.stop_polling.cancel();
-    shared.stopped.cancel();
-    // Deliveries still pending stay in the spool and are sent by the next start.
-    let pending = wait_until(&shared, Duration::from_secs(5), |s| {
+    // Give result deliveries a bounded moment; what is left stays in the spool and is
+    // sent by the next start.
+    let delivered = wait_until(&shared, Duration::from_secs(10), |s| {
         s.lock_tasks().is_empty()
     })
     .await;
-    if !pending {
+    shared.stopped.cancel();
+    if !delivered {
         let n = shared.lock_tasks().len();
         warn!(
             tasks = n,

@@ -341,6 +341,10 @@ async fn heartbeat(
 ) -> ApiResult<Json<HeartbeatResponse>> {
     let req: HeartbeatRequest = read_json(body, SMALL_BODY_LIMIT, "heartbeat").await?;
     let resp = app.store.heartbeat(&auth.token_name, &id, &req, now_ms())?;
+    if crate::store::is_draining(req.state.as_str()) {
+        // End this delegate's long poll now, so it takes nothing new while draining.
+        app.hub.work_available();
+    }
     if !resp.revoked.is_empty() {
         debug!(delegate_id = %id, revoked = ?resp.revoked, "heartbeat named tasks it no longer holds");
     }
@@ -372,7 +376,7 @@ async fn acquire(
             }
             return Ok(Json(got).into_response());
         }
-        if *shutdown.borrow() {
+        if *shutdown.borrow() || (max > 0 && app.store.delegate_draining(&id)?) {
             return Ok(StatusCode::NO_CONTENT.into_response());
         }
         tokio::select! {

@@ -282,6 +282,11 @@ fn load_held(conn: &Connection, id: &str) -> Result<Held, StoreError> {
 }
 
 /// The delegate `id` if it was registered with `token_name`, with its tags.
+/// States in which a delegate must not be handed new tasks.
+pub fn is_draining(state: &str) -> bool {
+    matches!(state, "draining" | "drained" | "stopping")
+}
+
 fn own_delegate(conn: &Connection, id: &str, token_name: &str) -> Result<Vec<String>, StoreError> {
     let mut stmt =
         conn.prepare_cached("SELECT tags FROM delegates WHERE id = ?1 AND token_name = ?2")?;
@@ -566,6 +571,12 @@ impl Store {
         let tags = own_delegate(&tx, delegate_id, token_name)?;
         tx.prepare_cached("UPDATE delegates SET last_seen = ?2 WHERE id = ?1")?
             .execute(params![delegate_id, now])?;
+        // A draining delegate takes nothing new, even from a poll it started before it
+        // said so.
+        let state: String = tx
+            .prepare_cached("SELECT state FROM delegates WHERE id = ?1")?
+            .query_row([delegate_id], |r| r.get(0))?;
+        let max = if is_draining(&state) { 0 } else { max };
 
         let mut resp = AcquireResponse::default();
         {
@@ -615,6 +626,16 @@ impl Store {
         }
         tx.commit()?;
         Ok(resp)
+    }
+
+    /// Has this delegate said it is draining (so a poll asking for tasks should end)?
+    pub fn delegate_draining(&self, delegate_id: &str) -> Result<bool, StoreError> {
+        let conn = self.conn();
+        let state: Option<String> = conn
+            .prepare_cached("SELECT state FROM delegates WHERE id = ?1")?
+            .query_row([delegate_id], |r| r.get(0))
+            .optional()?;
+        Ok(state.as_deref().is_some_and(is_draining))
     }
 
     pub fn list_delegates(&self, now: UnixMillis) -> Result<Vec<DelegateView>, StoreError> {
@@ -1273,7 +1294,10 @@ mod tests {
         assert_eq!(s.read_log("t_1", 4, 3).expect("read").data, b"o w");
         assert_eq!(s.read_log("t_1", 8, 100).expect("read").data, b"rld");
         // Regression: an unbounded read from inside a chunk overflowed `skip + room`.
-        assert_eq!(s.read_log("t_1", 2, usize::MAX).expect("read").data, b"llo world");
+        assert_eq!(
+            s.read_log("t_1", 2, usize::MAX).expect("read").data,
+            b"llo world"
+        );
         assert!(s.read_log("t_1", 11, 100).expect("read").data.is_empty());
         // Logs of the same attempt are still accepted after the result.
         s.finish("tok", "t_1", 1, &result(Outcome::Succeeded, Some(0)), 5)

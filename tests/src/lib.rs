@@ -105,7 +105,11 @@ impl Manager {
             let text = fs::read_to_string(&log).ok()?;
             let text = text.get(usize::try_from(start_len).ok()?..)?;
             let line = text.lines().find(|l| l.contains("listening on "))?;
-            let addr = line.split("listening on ").nth(1)?.split_whitespace().next()?;
+            let addr = line
+                .split("listening on ")
+                .nth(1)?
+                .split_whitespace()
+                .next()?;
             Some(addr.to_string())
         })?;
         let admin_token = fs::read_to_string(data.join("admin.token"))
@@ -170,9 +174,7 @@ impl Manager {
             .request(method, format!("{}{path}", self.url()))
             .bearer_auth(&self.admin_token);
         if let Some(b) = body {
-            req = req
-                .header("content-type", "application/json")
-                .body(b);
+            req = req.header("content-type", "application/json").body(b);
         }
         let resp = req.send().with_context(|| format!("{path}"))?;
         let status = resp.status().as_u16();
@@ -180,7 +182,11 @@ impl Manager {
     }
 
     fn req(&self, method: &str, path: &str, body: Option<&Value>) -> Result<(u16, Vec<u8>)> {
-        self.send(method, path, body.map(|b| serde_json::to_vec(b).unwrap_or_default()))
+        self.send(
+            method,
+            path,
+            body.map(|b| serde_json::to_vec(b).unwrap_or_default()),
+        )
     }
 
     /// POST JSON to a user endpoint; non-2xx is an error carrying the body.
@@ -196,7 +202,10 @@ impl Manager {
     /// POST raw bytes and return status and JSON body, without judging the status.
     pub fn post_raw(&self, path: &str, body: Vec<u8>) -> Result<(u16, Value)> {
         let (status, bytes) = self.send("POST", path, Some(body))?;
-        Ok((status, serde_json::from_slice(&bytes).unwrap_or(Value::Null)))
+        Ok((
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        ))
     }
 
     pub fn get(&self, path: &str) -> Result<Vec<u8>> {
@@ -227,7 +236,9 @@ impl Manager {
     }
 
     pub fn task(&self, id: &str) -> Result<TaskView> {
-        Ok(serde_json::from_slice(&self.get(&format!("/api/v1/tasks/{id}"))?)?)
+        Ok(serde_json::from_slice(
+            &self.get(&format!("/api/v1/tasks/{id}"))?,
+        )?)
     }
 
     pub fn logs(&self, id: &str) -> Result<Vec<u8>> {
@@ -307,7 +318,12 @@ pub struct Agent {
 
 impl Agent {
     /// Write a config under `root/<name>/` and start the agent with it.
-    pub fn start(root: &Path, manager_url: &str, token: &str, opts: &AgentOptions) -> Result<Agent> {
+    pub fn start(
+        root: &Path,
+        manager_url: &str,
+        token: &str,
+        opts: &AgentOptions,
+    ) -> Result<Agent> {
         let dir = root.join(&opts.name);
         fs::create_dir_all(&dir)?;
         let config = dir.join("delegate.toml");
@@ -331,7 +347,10 @@ impl Agent {
     /// Start an agent on an existing config (restarts reuse it and its state).
     pub fn start_config(dir: &Path, config: &Path) -> Result<Agent> {
         let log = dir.join("agent.log");
-        let log_file = fs::OpenOptions::new().create(true).append(true).open(&log)?;
+        let log_file = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)?;
         let child = Command::new(bin("delegate")?)
             .args(["run", "--config"])
             .arg(config)
@@ -357,8 +376,8 @@ impl Agent {
     /// Start again with the same config and state directory.
     pub fn restart(&mut self) -> Result<()> {
         self.kill9();
-        let again = Self::start_config(&self.dir, &self.config)?;
-        self.child = again.child.take_child();
+        let mut again = Self::start_config(&self.dir, &self.config)?;
+        self.child = again.child.take();
         Ok(())
     }
 
@@ -393,8 +412,13 @@ impl Agent {
 
     /// Wait for the process to exit by itself.
     pub fn wait_exit(&mut self, limit: Duration) -> Result<ExitStatus> {
-        let child = self.child.as_mut().ok_or_else(|| anyhow!("agent not running"))?;
-        let st = wait_for(limit, "the agent to exit", || child.try_wait().ok().flatten())?;
+        let child = self
+            .child
+            .as_mut()
+            .ok_or_else(|| anyhow!("agent not running"))?;
+        let st = wait_for(limit, "the agent to exit", || {
+            child.try_wait().ok().flatten()
+        })?;
         self.child = None;
         Ok(st)
     }
@@ -415,16 +439,6 @@ impl Agent {
             .and_then(|v| v.split_whitespace().next())
             .and_then(|n| n.parse().ok())
             .ok_or_else(|| anyhow!("no VmRSS for {pid}"))
-    }
-}
-
-trait TakeChild {
-    fn take_child(self) -> Option<Child>;
-}
-
-impl TakeChild for Agent {
-    fn take_child(mut self) -> Option<Child> {
-        self.child.take()
     }
 }
 

@@ -31,17 +31,25 @@ fn two_hundred_tasks_finish_exactly_once_spread_over_two_agents() {
         .collect();
     let mut per_agent: HashMap<String, usize> = HashMap::new();
     for id in &ids {
-        let t = w.manager.wait_done(id, Duration::from_secs(120)).expect("finishes");
+        let t = w
+            .manager
+            .wait_done(id, Duration::from_secs(120))
+            .expect("finishes");
         assert_eq!(t.state, TaskState::Succeeded, "{t:?}");
         assert_eq!(t.attempt, 1, "ran more than once: {t:?}");
         // The log holds the task's own id once: it ran exactly once, on one delegate.
         let log = w.manager.logs(id).expect("logs");
         assert_eq!(String::from_utf8_lossy(&log), format!("{id}\n"));
-        *per_agent.entry(t.delegate_name.unwrap_or_default()).or_default() += 1;
+        *per_agent
+            .entry(t.delegate_name.unwrap_or_default())
+            .or_default() += 1;
     }
     assert_eq!(per_agent.values().sum::<usize>(), 200);
     for name in ["agent-a", "agent-b"] {
-        assert!(per_agent.get(name).copied().unwrap_or(0) > 0, "{name} got nothing: {per_agent:?}");
+        assert!(
+            per_agent.get(name).copied().unwrap_or(0) > 0,
+            "{name} got nothing: {per_agent:?}"
+        );
     }
     // Everything was delivered: both spools empty.
     for a in &agents {

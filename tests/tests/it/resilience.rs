@@ -21,9 +21,15 @@ fn manager_killed_mid_task_and_back_20s_later_gets_every_log_byte_and_the_result
     let a = w.named_agent("agent-1");
     let id = w
         .manager
-        .submit_shell("for i in $(seq 1 40); do echo \"line $i\"; sleep 0.1; done; exit 3", 120, 0)
+        .submit_shell(
+            "for i in $(seq 1 40); do echo \"line $i\"; sleep 0.1; done; exit 3",
+            120,
+            0,
+        )
         .expect("submit");
-    w.manager.wait_state(&id, &[TaskState::Running], LONG).expect("running");
+    w.manager
+        .wait_state(&id, &[TaskState::Running], LONG)
+        .expect("running");
     std::thread::sleep(Duration::from_secs(1));
     let addr = w.manager.addr.clone();
     w.manager.kill9();
@@ -50,7 +56,9 @@ fn agent_killed_mid_task_reports_it_within_seconds_of_restart_and_the_retry_runs
             1,
         )
         .expect("submit");
-    w.manager.wait_state(&id, &[TaskState::Running], LONG).expect("running");
+    w.manager
+        .wait_state(&id, &[TaskState::Running], LONG)
+        .expect("running");
     wait_for(Duration::from_secs(10), "the sleep to start", || {
         process_with_cmdline("sleep 987621").then_some(())
     })
@@ -62,30 +70,48 @@ fn agent_killed_mid_task_reports_it_within_seconds_of_restart_and_the_retry_runs
     a.restart().expect("restart");
     // ...until the restarted agent finds it in its journal. The lease TTL is 30 s: seeing
     // the retry well before that proves the journal path, not the lease path.
-    let t = w.manager.wait_done(&id, Duration::from_secs(20)).expect("finishes");
+    let t = w
+        .manager
+        .wait_done(&id, Duration::from_secs(20))
+        .expect("finishes");
     let took = restarted.elapsed();
     assert!(took < Duration::from_secs(10), "took {took:?}");
     assert_eq!(t.state, TaskState::Succeeded, "{t:?}\n{}", a.log_text());
     assert_eq!(t.attempt, 2);
     assert_eq!(w.manager.logs(&id).expect("logs"), b"attempt 2\n");
-    assert!(!process_with_cmdline("sleep 987621"), "the old group was not killed");
+    assert!(
+        !process_with_cmdline("sleep 987621"),
+        "the old group was not killed"
+    );
 }
 
 #[test]
 fn agent_killed_mid_task_without_retries_marks_it_lost_with_a_reason() {
     let w = World::new();
     let mut a = w.named_agent("agent-1");
-    let id = w.manager.submit_shell("echo begun; sleep 987631", 300, 0).expect("submit");
-    w.manager.wait_state(&id, &[TaskState::Running], LONG).expect("running");
+    let id = w
+        .manager
+        .submit_shell("echo begun; sleep 987631", 300, 0)
+        .expect("submit");
+    w.manager
+        .wait_state(&id, &[TaskState::Running], LONG)
+        .expect("running");
     wait_for(Duration::from_secs(10), "the sleep to start", || {
         process_with_cmdline("sleep 987631").then_some(())
     })
     .expect("started");
     a.kill9();
     a.restart().expect("restart");
-    let t = w.manager.wait_done(&id, Duration::from_secs(10)).expect("finishes");
+    let t = w
+        .manager
+        .wait_done(&id, Duration::from_secs(10))
+        .expect("finishes");
     assert_eq!(t.state, TaskState::Lost, "{t:?}");
-    assert!(t.message.unwrap_or_default().contains("restarted while this task was running"));
+    assert!(
+        t.message
+            .unwrap_or_default()
+            .contains("restarted while this task was running")
+    );
     assert_eq!(w.manager.logs(&id).expect("logs"), b"begun\n");
 }
 
@@ -96,15 +122,24 @@ fn sigterm_lets_the_running_task_finish_takes_nothing_new_and_exits_zero() {
         concurrency: 2,
         ..AgentOptions::default()
     });
-    let id = w.manager.submit_shell("sleep 5; echo finished", 60, 0).expect("submit");
-    w.manager.wait_state(&id, &[TaskState::Running], LONG).expect("running");
+    let id = w
+        .manager
+        .submit_shell("sleep 5; echo finished", 60, 0)
+        .expect("submit");
+    w.manager
+        .wait_state(&id, &[TaskState::Running], LONG)
+        .expect("running");
     a.signal(Signal::SIGTERM);
-    a.wait_log("draining", Duration::from_secs(5)).expect("drain starts");
-    let later = w.manager.submit_shell("echo should-not-run-here", 60, 0).expect("submit");
+    a.wait_log("draining", Duration::from_secs(5))
+        .expect("drain starts");
+    let later = w
+        .manager
+        .submit_shell("echo should-not-run-here", 60, 0)
+        .expect("submit");
     let st = a.wait_exit(Duration::from_secs(20)).expect("exits");
     assert_eq!(st.code(), Some(0), "{}", a.log_text());
     let t = w.manager.task(&id).expect("task");
-    assert_eq!(t.state, TaskState::Succeeded, "{t:?}");
+    assert_eq!(t.state, TaskState::Succeeded, "{t:?}\n{}", a.log_text());
     assert_eq!(w.manager.logs(&id).expect("logs"), b"finished\n");
     let t = w.manager.task(&later).expect("task");
     assert_eq!(t.state, TaskState::Queued, "taken while draining: {t:?}");
@@ -117,10 +152,16 @@ fn second_sigterm_cancels_running_tasks_at_once() {
         drain_timeout: "10m",
         ..AgentOptions::default()
     });
-    let id = w.manager.submit_shell("sleep 987641", 600, 0).expect("submit");
-    w.manager.wait_state(&id, &[TaskState::Running], LONG).expect("running");
+    let id = w
+        .manager
+        .submit_shell("sleep 987641", 600, 0)
+        .expect("submit");
+    w.manager
+        .wait_state(&id, &[TaskState::Running], LONG)
+        .expect("running");
     a.signal(Signal::SIGTERM);
-    a.wait_log("draining", Duration::from_secs(5)).expect("drain starts");
+    a.wait_log("draining", Duration::from_secs(5))
+        .expect("drain starts");
     a.signal(Signal::SIGTERM);
     let st = a.wait_exit(Duration::from_secs(15)).expect("exits");
     assert_eq!(st.code(), Some(0));
@@ -138,7 +179,10 @@ fn bad_config_exits_78_and_names_the_line() {
         "token = \"dlg_x\"\nmanager_url = \"htp://x\"\nconcurrency = 0\n",
     )
     .expect("write");
-    for args in [&["run", "--config"][..], &["config", "check", "--config"][..]] {
+    for args in [
+        &["run", "--config"][..],
+        &["config", "check", "--config"][..],
+    ] {
         let out = Command::new(bin("delegate").expect("bin"))
             .args(args)
             .arg(&cfg)
@@ -150,10 +194,15 @@ fn bad_config_exits_78_and_names_the_line() {
         assert_eq!(out.status.code(), Some(78), "{args:?}: {err}");
         let p = cfg.display();
         assert!(
-            err.contains(&format!("{p}:2: manager_url \"htp://x\" is not a valid URL (expected http:// or https://)")),
+            err.contains(&format!(
+                "{p}:2: manager_url \"htp://x\" is not a valid URL (expected http:// or https://)"
+            )),
             "{err}"
         );
-        assert!(err.contains(&format!("{p}:3: concurrency must be")), "{err}");
+        assert!(
+            err.contains(&format!("{p}:3: concurrency must be")),
+            "{err}"
+        );
     }
 }
 
@@ -172,7 +221,10 @@ fn wrong_token_gets_a_clear_error_and_backs_off() {
     let attempts = log.matches("registration refused").count();
     assert!(log.contains("token create"), "no hint in:\n{log}");
     // 0.5 s doubling with full jitter: about 5 tries in 10 s; a tight loop would be thousands.
-    assert!((2..=9).contains(&attempts), "{attempts} attempts in 10 s:\n{log}");
+    assert!(
+        (2..=9).contains(&attempts),
+        "{attempts} attempts in 10 s:\n{log}"
+    );
     assert!(w.manager.delegates().expect("list").is_empty());
 }
 
@@ -196,6 +248,10 @@ fn with_the_manager_unreachable_the_agent_uses_almost_no_cpu() {
     std::thread::sleep(Duration::from_secs(10));
     let used = a.cpu_ticks().expect("ticks") - before;
     // Clock ticks are 1/100 s: 10 ticks in 10 s is 1 % of one core.
-    assert!(used <= 10, "agent used {used} ticks in 10 s:\n{}", a.log_text());
+    assert!(
+        used <= 10,
+        "agent used {used} ticks in 10 s:\n{}",
+        a.log_text()
+    );
     assert!(a.log_text().contains("registration failed"));
 }

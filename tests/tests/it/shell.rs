@@ -14,13 +14,20 @@ fn shell_task_goes_from_submit_to_succeeded_with_its_log() {
     let _a = w.named_agent("agent-1");
     let id = w
         .manager
-        .submit_shell("echo hello; echo to-stderr >&2; echo \"task=$DELEGATE_TASK_ID\"", 60, 0)
+        .submit_shell(
+            "echo hello; echo to-stderr >&2; echo \"task=$DELEGATE_TASK_ID\"",
+            60,
+            0,
+        )
         .expect("submit");
     let t = w.manager.wait_done(&id, LONG).expect("finishes");
     assert_eq!(t.state, TaskState::Succeeded, "{t:?}");
     assert_eq!(t.exit_code, Some(0));
     assert_eq!(t.delegate_name.as_deref(), Some("agent-1"));
-    assert!(t.started_at.is_some() && t.finished_at >= t.started_at, "{t:?}");
+    assert!(
+        t.started_at.is_some() && t.finished_at >= t.started_at,
+        "{t:?}"
+    );
     let log = String::from_utf8(w.manager.logs(&id).expect("logs")).expect("utf8");
     assert_eq!(log, format!("hello\nto-stderr\ntask={id}\n"));
 }
@@ -29,7 +36,10 @@ fn shell_task_goes_from_submit_to_succeeded_with_its_log() {
 fn failing_script_is_failed_with_its_exit_code() {
     let w = World::new();
     let _a = w.named_agent("agent-1");
-    let id = w.manager.submit_shell("echo oops; exit 7", 60, 0).expect("submit");
+    let id = w
+        .manager
+        .submit_shell("echo oops; exit 7", 60, 0)
+        .expect("submit");
     let t = w.manager.wait_done(&id, LONG).expect("finishes");
     assert_eq!(t.state, TaskState::Failed);
     assert_eq!(t.exit_code, Some(7));
@@ -47,10 +57,21 @@ fn timeout_kills_the_whole_process_group() {
         .expect("submit");
     let t = w.manager.wait_done(&id, LONG).expect("finishes");
     assert_eq!(t.state, TaskState::TimedOut, "{t:?}");
-    assert!(t.message.as_deref().unwrap_or("").contains("timed out after 2s"), "{t:?}");
-    wait_for(Duration::from_secs(5), "the group's sleeps to be gone", || {
-        (!process_with_cmdline("sleep 987601") && !process_with_cmdline("sleep 987602")).then_some(())
-    })
+    assert!(
+        t.message
+            .as_deref()
+            .unwrap_or("")
+            .contains("timed out after 2s"),
+        "{t:?}"
+    );
+    wait_for(
+        Duration::from_secs(5),
+        "the group's sleeps to be gone",
+        || {
+            (!process_with_cmdline("sleep 987601") && !process_with_cmdline("sleep 987602"))
+                .then_some(())
+        },
+    )
     .expect("process group killed");
     assert!(!String::from_utf8_lossy(&w.manager.logs(&id).expect("logs")).contains("never"));
 }
@@ -71,11 +92,19 @@ fn cancel_kills_the_whole_process_group() {
     })
     .expect("started");
     w.manager.cancel(&id).expect("cancel");
-    let t = w.manager.wait_done(&id, Duration::from_secs(20)).expect("finishes");
+    let t = w
+        .manager
+        .wait_done(&id, Duration::from_secs(20))
+        .expect("finishes");
     assert_eq!(t.state, TaskState::Cancelled, "{t:?}");
-    wait_for(Duration::from_secs(5), "the group's sleeps to be gone", || {
-        (!process_with_cmdline("sleep 987611") && !process_with_cmdline("sleep 987612")).then_some(())
-    })
+    wait_for(
+        Duration::from_secs(5),
+        "the group's sleeps to be gone",
+        || {
+            (!process_with_cmdline("sleep 987611") && !process_with_cmdline("sleep 987612"))
+                .then_some(())
+        },
+    )
     .expect("process group killed");
     assert_eq!(w.manager.logs(&id).expect("logs"), b"started\n");
 }
@@ -84,10 +113,22 @@ fn cancel_kills_the_whole_process_group() {
 fn invalid_specs_are_refused_at_submit_with_a_clear_error() {
     let w = World::new();
     let cases = [
-        (json!({"kind": "shell", "spec": {"script": "   "}}), 400, "spec.script: is empty"),
+        (
+            json!({"kind": "shell", "spec": {"script": "   "}}),
+            400,
+            "spec.script: is empty",
+        ),
         (json!({"kind": "cobol", "spec": {}}), 400, "cobol"),
-        (json!({"kind": "http", "spec": {"url": "ftp://x"}}), 400, "spec.url"),
-        (json!({"kind": "shell", "spec": {"script": "true"}, "timeout_secs": 0}), 400, "timeout"),
+        (
+            json!({"kind": "http", "spec": {"url": "ftp://x"}}),
+            400,
+            "spec.url",
+        ),
+        (
+            json!({"kind": "shell", "spec": {"script": "true"}, "timeout_secs": 0}),
+            400,
+            "timeout",
+        ),
     ];
     for (body, status, needle) in cases {
         let (st, v) = w
@@ -96,7 +137,10 @@ fn invalid_specs_are_refused_at_submit_with_a_clear_error() {
             .expect("post");
         assert_eq!(st, status, "{body} → {v}");
         let msg = v["error"]["message"].as_str().unwrap_or_default();
-        assert!(msg.contains(needle), "{body}: message {msg:?} lacks {needle:?}");
+        assert!(
+            msg.contains(needle),
+            "{body}: message {msg:?} lacks {needle:?}"
+        );
         assert!(v["error"]["code"].is_string(), "{v}");
     }
     let huge = json!({"kind": "shell", "spec": {"script": "x".repeat(2 * 1024 * 1024)}});
@@ -106,7 +150,10 @@ fn invalid_specs_are_refused_at_submit_with_a_clear_error() {
         .expect("post");
     assert_eq!(st, 413, "{v}");
     assert_eq!(v["error"]["code"], "payload_too_large", "{v}");
-    let (st, v) = w.manager.post_raw("/api/v1/tasks", b"{not json".to_vec()).expect("post");
+    let (st, v) = w
+        .manager
+        .post_raw("/api/v1/tasks", b"{not json".to_vec())
+        .expect("post");
     assert_eq!(st, 400, "{v}");
     // Nothing of this was queued.
     let listed: serde_json::Value =
@@ -132,12 +179,17 @@ fn a_task_the_agent_cannot_run_fails_clearly_and_the_agent_goes_on() {
 
     let bad_interp = w
         .manager
-        .submit(&json!({"kind": "shell", "spec": {"script": "true", "interpreter": "/nonexistent/sh"}}))
+        .submit(
+            &json!({"kind": "shell", "spec": {"script": "true", "interpreter": "/nonexistent/sh"}}),
+        )
         .expect("submit");
     let t = w.manager.wait_done(&bad_interp, LONG).expect("finishes");
     assert_eq!(t.state, TaskState::Failed);
     let msg = t.message.unwrap_or_default();
-    assert!(msg.contains("interpreter \"/nonexistent/sh\" not found"), "{msg}");
+    assert!(
+        msg.contains("interpreter \"/nonexistent/sh\" not found"),
+        "{msg}"
+    );
 
     let bad_dir = w
         .manager
@@ -147,9 +199,17 @@ fn a_task_the_agent_cannot_run_fails_clearly_and_the_agent_goes_on() {
     assert_eq!(t.state, TaskState::Failed);
     assert!(t.message.unwrap_or_default().contains("/nonexistent/dir"));
 
-    let ok = w.manager.submit_shell("echo still here", 60, 0).expect("submit");
+    let ok = w
+        .manager
+        .submit_shell("echo still here", 60, 0)
+        .expect("submit");
     let t = w.manager.wait_done(&ok, LONG).expect("finishes");
-    assert_eq!(t.state, TaskState::Succeeded, "agent log:\n{}", a.log_text());
+    assert_eq!(
+        t.state,
+        TaskState::Succeeded,
+        "agent log:\n{}",
+        a.log_text()
+    );
 }
 
 #[test]
@@ -167,7 +227,9 @@ fn http_task_reports_the_answer_of_a_loopback_server() {
 
     let missing = w
         .manager
-        .submit(&json!({"kind": "http", "spec": {"url": format!("{}/no-such-page", w.manager.url())}}))
+        .submit(
+            &json!({"kind": "http", "spec": {"url": format!("{}/no-such-page", w.manager.url())}}),
+        )
         .expect("submit");
     let t = w.manager.wait_done(&missing, LONG).expect("finishes");
     assert_eq!(t.state, TaskState::Failed);
@@ -180,7 +242,16 @@ fn manager_cli_submits_shows_and_prints_logs() {
     let _a = w.named_agent("agent-1");
     let (st, out, err) = w
         .manager
-        .cli(&["task", "submit", "--kind", "shell", "--script", "echo from-cli", "--timeout", "30s"])
+        .cli(&[
+            "task",
+            "submit",
+            "--kind",
+            "shell",
+            "--script",
+            "echo from-cli",
+            "--timeout",
+            "30s",
+        ])
         .expect("cli");
     assert!(st.success(), "{err}");
     let id = out.trim().to_string();

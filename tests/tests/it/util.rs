@@ -30,7 +30,8 @@ impl World {
     }
 
     pub fn agent(&self, opts: AgentOptions) -> Agent {
-        Agent::start(self.tmp.path(), &self.manager.url(), &self.token, &opts).expect("agent starts")
+        Agent::start(self.tmp.path(), &self.manager.url(), &self.token, &opts)
+            .expect("agent starts")
     }
 
     /// An agent named `name` with defaults otherwise.
