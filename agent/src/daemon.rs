@@ -266,6 +266,8 @@ async fn run_shared(
             Some(Control::Drain) => begin_drain(&shared, false).await,
             Some(Control::Resume) => {
                 shared.apply(Event::Resume);
+                // The manager holds back tasks from a draining delegate until told.
+                tell_manager_state(&shared).await;
                 shared.slot_freed.notify_one();
             }
             Some(Control::Shutdown) | None => break,
@@ -332,16 +334,22 @@ async fn begin_drain(shared: &Arc<Shared>, for_exit: bool) {
         shared.apply(Event::Idle);
     }
     shared.slot_freed.notify_one();
-    let id = shared.delegate_id.borrow().clone();
-    if let Some(id) = id {
-        let req = heartbeat_request(shared);
-        let sent =
-            tokio::time::timeout(Duration::from_secs(3), shared.client.heartbeat(&id, &req)).await;
-        if for_exit && !matches!(sent, Ok(Ok(_))) {
-            // The manager cannot be told; end the long poll ourselves.
-            shared.stop_polling.cancel();
-        }
+    if !tell_manager_state(shared).await && for_exit {
+        // The manager cannot be told; end the long poll ourselves.
+        shared.stop_polling.cancel();
     }
+}
+
+/// Send a heartbeat now (bounded to 3 s) so the manager learns a state change at once.
+/// Returns whether the manager got it.
+async fn tell_manager_state(shared: &Arc<Shared>) -> bool {
+    let Some(id) = shared.delegate_id.borrow().clone() else {
+        return false;
+    };
+    let req = heartbeat_request(shared);
+    let sent =
+        tokio::time::timeout(Duration::from_secs(3), shared.client.heartbeat(&id, &req)).await;
+    matches!(sent, Ok(Ok(_)))
 }
 
 /// Wait until nothing runs, the drain timeout passes, or a second stop request comes.
