@@ -281,18 +281,29 @@ fn load_held(conn: &Connection, id: &str) -> Result<Held, StoreError> {
     .ok_or_else(|| StoreError::TaskNotFound(id.to_string()))
 }
 
-/// The delegate `id` if it was registered with `token_name`, with its tags.
 /// States in which a delegate must not be handed new tasks.
 pub fn is_draining(state: &str) -> bool {
     matches!(state, "draining" | "drained" | "stopping")
 }
 
-fn own_delegate(conn: &Connection, id: &str, token_name: &str) -> Result<Vec<String>, StoreError> {
+/// What acquire needs to know about its delegate.
+struct OwnDelegate {
+    tags: Vec<String>,
+    draining: bool,
+}
+
+/// The delegate `id` if it was registered with `token_name`.
+fn own_delegate(conn: &Connection, id: &str, token_name: &str) -> Result<OwnDelegate, StoreError> {
     let mut stmt =
-        conn.prepare_cached("SELECT tags FROM delegates WHERE id = ?1 AND token_name = ?2")?;
-    stmt.query_row([id, token_name], |r| json_col::<Vec<String>>(r, 0))
-        .optional()?
-        .ok_or_else(|| StoreError::DelegateNotFound(id.to_string()))
+        conn.prepare_cached("SELECT tags, state FROM delegates WHERE id = ?1 AND token_name = ?2")?;
+    stmt.query_row([id, token_name], |r| {
+        Ok(OwnDelegate {
+            tags: json_col(r, 0)?,
+            draining: is_draining(&r.get::<_, String>(1)?),
+        })
+    })
+    .optional()?
+    .ok_or_else(|| StoreError::DelegateNotFound(id.to_string()))
 }
 
 fn to_json<T: serde::Serialize>(v: &T) -> String {
@@ -568,15 +579,13 @@ impl Store {
     ) -> Result<AcquireResponse, StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
-        let tags = own_delegate(&tx, delegate_id, token_name)?;
+        let me = own_delegate(&tx, delegate_id, token_name)?;
+        let tags = me.tags;
         tx.prepare_cached("UPDATE delegates SET last_seen = ?2 WHERE id = ?1")?
             .execute(params![delegate_id, now])?;
         // A draining delegate takes nothing new, even from a poll it started before it
         // said so.
-        let state: String = tx
-            .prepare_cached("SELECT state FROM delegates WHERE id = ?1")?
-            .query_row([delegate_id], |r| r.get(0))?;
-        let max = if is_draining(&state) { 0 } else { max };
+        let max = if me.draining { 0 } else { max };
 
         let mut resp = AcquireResponse::default();
         {
@@ -1192,6 +1201,26 @@ mod tests {
         assert_eq!(ids, ["t_any"]);
         let got = s.acquire("tok", &gpu, 5, 3).expect("acquire");
         assert_eq!(got.tasks[0].task_id, "t_gpu");
+    }
+
+    #[test]
+    fn draining_delegate_gets_cancellations_but_no_new_tasks() {
+        let (_d, s) = store();
+        let a = s.register("tok", &reg("a", &[]), 0).expect("reg");
+        submit(&s, "t_1", shell(&[], 0), 0);
+        s.acquire("tok", &a, 1, 0).expect("acquire");
+        submit(&s, "t_2", shell(&[], 0), 1);
+        let hb = HeartbeatRequest {
+            state: DelegateState::Draining,
+            in_flight: vec!["t_1".into()],
+        };
+        s.heartbeat("tok", &a, &hb, 2).expect("hb");
+        assert!(s.delegate_draining(&a).expect("state"));
+        s.cancel("t_1", 3).expect("cancel");
+        let got = s.acquire("tok", &a, 5, 4).expect("acquire");
+        assert!(got.tasks.is_empty());
+        assert_eq!(got.cancel, ["t_1"]);
+        assert_eq!(s.task("t_2").expect("view").state, TaskState::Queued);
     }
 
     #[test]
