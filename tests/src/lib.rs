@@ -8,6 +8,8 @@
 
 #![forbid(unsafe_code)]
 
+pub mod upgrade;
+
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};

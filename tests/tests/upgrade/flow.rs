@@ -1,0 +1,341 @@
+//! The whole upgrade against real processes: a private dbus-daemon as the system bus, a
+//! real manager, the real agent at two versions under a supervisor standing in for
+//! systemd, and the real upgrader — including rollback, a kill at every step and two
+//! upgraders at once.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use delegate_protocol::TaskState;
+use delegate_tests::upgrade::{DBus, Supervised, World, agent_v2, fake_binary, skip_without_dbus};
+use delegate_tests::{Manager, bin};
+
+const RUN_LIMIT: Duration = Duration::from_secs(180);
+
+/// A host running the workspace's agent (0.1.0) under the supervisor, registered with a
+/// real manager, with the private bus as its system bus.
+struct Host {
+    // Drop order: agent first, then the manager and the bus.
+    sup: Supervised,
+    w: World,
+    manager: Manager,
+    _bus: DBus,
+    _bus_dir: tempfile::TempDir,
+    v1: String,
+}
+
+fn v1_version() -> String {
+    let out = std::process::Command::new(bin("delegate").expect("delegate built"))
+        .arg("version")
+        .output()
+        .expect("delegate version");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+fn host(test: &str) -> Option<Host> {
+    if skip_without_dbus(test) {
+        return None;
+    }
+    let bus_dir = tempfile::tempdir().expect("tempdir");
+    let bus = DBus::start(bus_dir.path()).expect("dbus-daemon");
+    let w = World::new(&bus.address).expect("world");
+    let manager = Manager::start(&w.dir).expect("manager");
+    let token = manager.token("upgrade").expect("token");
+    let v1 = v1_version();
+    w.install_initial(&bin("delegate").expect("delegate"), &v1)
+        .expect("install v1");
+    let cfg = w
+        .agent_config(&manager.url(), &token)
+        .expect("agent config");
+    let sup = w.start_supervisor(&cfg).expect("supervisor");
+    w.wait_healthy(&v1, Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("{e:#}\nagent log:\n{}", sup.log_text()));
+    Some(Host {
+        sup,
+        w,
+        manager,
+        _bus: bus,
+        _bus_dir: bus_dir,
+        v1,
+    })
+}
+
+impl Host {
+    fn publish_v2(&self) {
+        self.w
+            .publish(&agent_v2().expect("agent 0.2.0"), None, "1h")
+            .expect("publish 0.2.0");
+    }
+
+    fn generation(&self) -> u64 {
+        self.w
+            .supervisor_state
+            .exists()
+            .then(|| std::fs::read(&self.w.supervisor_state).ok())
+            .flatten()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .and_then(|v| v["generation"].as_u64())
+            .unwrap_or(0)
+    }
+
+    fn context(&self) -> String {
+        format!("agent log (tail):\n{}", tail(&self.sup.log_text(), 60))
+    }
+}
+
+fn tail(s: &str, n: usize) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+#[test]
+fn full_upgrade_drains_a_running_task_then_swaps_and_rolls_back_by_hand() {
+    let Some(h) = host("full_upgrade") else {
+        return;
+    };
+    h.publish_v2();
+    let task = h
+        .manager
+        .submit_shell("sleep 4; echo finished-before-swap", 120, 0)
+        .expect("submit");
+    h.manager
+        .wait_state(&task, &[TaskState::Running], Duration::from_secs(30))
+        .expect("task running");
+
+    let start = Instant::now();
+    let r = h.w.upgrader(&["run"], None, RUN_LIMIT).expect("run");
+    let took = start.elapsed();
+    assert_eq!(r.code, Some(0), "{r:#?}\n{}", h.context());
+    assert!(
+        r.stdout.contains(&format!("upgraded {} → 0.2.0", h.v1)),
+        "{r:#?}"
+    );
+    for n in 1..=7 {
+        assert!(
+            r.stderr.contains(&format!("step {n}:")),
+            "step {n} not logged: {r:#?}"
+        );
+    }
+    assert!(r.stderr.contains("step 4: agent drained"), "{r:#?}");
+    eprintln!("upgrade with a 4 s task in flight took {took:?}");
+
+    // The task ran to its end on the old agent, once, before the swap.
+    let t = h
+        .manager
+        .wait_done(&task, Duration::from_secs(30))
+        .expect("done");
+    assert_eq!(t.state, TaskState::Succeeded, "{t:?}");
+    assert_eq!(t.attempt, 1, "the task was retried: {t:?}");
+    let logs = h.manager.logs(&task).expect("logs");
+    assert!(String::from_utf8_lossy(&logs).contains("finished-before-swap"));
+
+    let status =
+        h.w.wait_healthy("0.2.0", Duration::from_secs(30))
+            .expect("0.2.0 healthy");
+    assert!(status.contains("delegate id: d"), "{status}");
+    assert_eq!(h.w.current().as_deref(), Some("0.2.0"));
+    let prev = std::fs::read_link(h.w.root.join("previous")).expect("previous");
+    assert!(prev.ends_with(&h.v1), "{prev:?}");
+
+    // The new agent takes tasks.
+    let after = h.manager.submit_shell("echo after", 60, 0).expect("submit");
+    let t = h
+        .manager
+        .wait_done(&after, Duration::from_secs(30))
+        .expect("done");
+    assert_eq!(t.state, TaskState::Succeeded, "{t:?}");
+
+    let s = h.w.upgrader(&["status"], None, RUN_LIMIT).expect("status");
+    assert!(s.stdout.contains("current:     0.2.0"), "{s:#?}");
+    assert!(
+        s.stdout.contains("last check:") && s.stdout.contains("installed"),
+        "{s:#?}"
+    );
+
+    // A second run has nothing to do.
+    let r = h.w.upgrader(&["run"], None, RUN_LIMIT).expect("run");
+    assert_eq!(r.code, Some(0), "{r:#?}");
+    assert!(r.stdout.starts_with("up-to-date"), "{r:#?}");
+
+    // `rollback` goes back to the previous version and skips the abandoned one.
+    let r =
+        h.w.upgrader(&["rollback"], None, RUN_LIMIT)
+            .expect("rollback");
+    assert_eq!(r.code, Some(0), "{r:#?}\n{}", h.context());
+    h.w.wait_healthy(&h.v1, Duration::from_secs(30))
+        .expect("v1 healthy again");
+    let state = h.w.state().expect("state");
+    assert_eq!(state["skip"], serde_json::json!(["0.2.0"]), "{state}");
+}
+
+#[test]
+fn a_release_that_cannot_start_is_rolled_back_and_skipped() {
+    let Some(h) = host("rollback") else { return };
+    let broken = fake_binary(&h.w.dir.join("bin"), "0.3.0").expect("fake");
+    h.w.publish(&broken, None, "1h").expect("publish");
+    let start = Instant::now();
+    let r = h.w.upgrader(&["run"], None, RUN_LIMIT).expect("run");
+    eprintln!("failed upgrade + rollback took {:?}", start.elapsed());
+    assert_eq!(
+        r.error_code().as_deref(),
+        Some("unhealthy"),
+        "{r:#?}\n{}",
+        h.context()
+    );
+    assert_eq!(r.code, Some(3), "{r:#?}");
+    assert_eq!(h.w.current().as_deref(), Some(h.v1.as_str()));
+    h.w.wait_healthy(&h.v1, Duration::from_secs(30))
+        .expect("previous version running again");
+    let state = h.w.state().expect("state");
+    assert_eq!(state["skip"], serde_json::json!(["0.3.0"]), "{state}");
+    assert!(state["in_progress"].is_null(), "{state}");
+    assert!(
+        !h.w.root.join("versions/0.3.0").exists(),
+        "broken version kept"
+    );
+    // The next timer run refuses it.
+    let r = h.w.upgrader(&["run"], None, RUN_LIMIT).expect("run");
+    assert_eq!(r.error_code().as_deref(), Some("skipped"), "{r:#?}");
+}
+
+#[test]
+fn operator_cli_drains_and_resumes_over_dbus() {
+    let Some(h) = host("operator_cli") else {
+        return;
+    };
+    let delegate = bin("delegate").expect("delegate");
+    let cli = |args: &[&str]| {
+        std::process::Command::new(&delegate)
+            .args(args)
+            .env("DBUS_SYSTEM_BUS_ADDRESS", &h.w.bus_address)
+            .output()
+            .expect("delegate cli")
+    };
+    let out = cli(&["drain", "--wait", "--timeout", "20s"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        h.w.agent_status()
+            .expect("status")
+            .contains("state:       drained")
+    );
+    let out = cli(&["resume"]);
+    assert!(out.status.success(), "{out:?}");
+    h.w.wait_healthy(&h.v1, Duration::from_secs(10))
+        .expect("running");
+    // Without an agent on the bus the CLI says so.
+    let out = std::process::Command::new(&delegate)
+        .arg("status")
+        .env("DBUS_SYSTEM_BUS_ADDRESS", "unix:path=/nonexistent/bus")
+        .output()
+        .expect("status");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach the system bus"));
+}
+
+/// Kill the upgrader at `fault`; `current` must point at a complete version, and a
+/// second run must converge on 0.2.0, healthy.
+fn killed_at(fault: &str) {
+    let Some(h) = host(fault) else { return };
+    h.publish_v2();
+    let r = h.w.upgrader(&["run"], Some(fault), RUN_LIMIT).expect("run");
+    assert_eq!(r.code, None, "expected an abort at {fault}: {r:#?}");
+    assert!(
+        r.stderr.contains(&format!("fault point {fault} reached")),
+        "{r:#?}"
+    );
+    let current = h.w.current().expect("current link");
+    assert!(
+        h.w.is_complete(&current),
+        "current → {current} is not complete"
+    );
+
+    let r = h.w.upgrader(&["run"], None, RUN_LIMIT).expect("second run");
+    assert_eq!(r.code, Some(0), "{r:#?}\n{}", h.context());
+    assert_eq!(h.w.current().as_deref(), Some("0.2.0"), "{r:#?}");
+    h.w.wait_healthy("0.2.0", Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", h.context()));
+    let state = h.w.state().expect("state");
+    assert!(state["in_progress"].is_null(), "{state}");
+    let versions: Vec<PathBuf> = std::fs::read_dir(h.w.root.join("versions"))
+        .expect("ls")
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert!(versions.len() <= 2, "{versions:?}");
+}
+
+#[test]
+fn killed_after_step_1_then_converges() {
+    killed_at("after-step-1");
+}
+#[test]
+fn killed_after_step_2_then_converges() {
+    killed_at("after-step-2");
+}
+#[test]
+fn killed_after_step_3_then_converges() {
+    killed_at("after-step-3");
+}
+#[test]
+fn killed_after_step_4_then_converges() {
+    killed_at("after-step-4");
+}
+#[test]
+fn killed_between_swap_and_restart_then_converges() {
+    killed_at("after-swap");
+}
+#[test]
+fn killed_after_step_5_then_converges() {
+    killed_at("after-step-5");
+}
+#[test]
+fn killed_after_step_6_then_converges() {
+    killed_at("after-step-6");
+}
+#[test]
+fn killed_after_step_7_then_converges() {
+    killed_at("after-step-7");
+}
+
+#[test]
+fn two_upgraders_at_once_upgrade_once() {
+    let Some(h) = host("two_upgraders") else {
+        return;
+    };
+    h.publish_v2();
+    let gen_before = h.generation();
+    let a = h.w.spawn_upgrader(&["run"]).expect("first");
+    let b = h.w.spawn_upgrader(&["run"]).expect("second");
+    let wait = |c: std::process::Child| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(c.wait_with_output());
+        });
+        rx.recv_timeout(RUN_LIMIT)
+            .expect("upgrader finished in time")
+            .expect("output")
+    };
+    let (oa, ob) = (wait(a), wait(b));
+    let outs: Vec<String> = [&oa, &ob]
+        .iter()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .collect();
+    assert!(oa.status.success() && ob.status.success(), "{oa:?}\n{ob:?}");
+    assert_eq!(
+        outs.iter().filter(|o| o.starts_with("installed")).count(),
+        1,
+        "{outs:?}"
+    );
+    assert_eq!(
+        outs.iter().filter(|o| o.starts_with("up-to-date")).count(),
+        1,
+        "{outs:?}"
+    );
+    assert_eq!(
+        h.generation(),
+        gen_before + 1,
+        "the agent restarted more than once"
+    );
+    h.w.wait_healthy("0.2.0", Duration::from_secs(30))
+        .expect("healthy");
+}
