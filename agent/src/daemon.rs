@@ -705,6 +705,16 @@ async fn supervise(shared: Arc<Shared>, a: Assignment, permit: Option<OwnedSemap
         }
     };
 
+    // Journalled first, then reported: a crash after "running" still finds the entry.
+    {
+        let client = shared.client.clone();
+        let (id, attempt) = (a.task_id.clone(), a.attempt);
+        tokio::spawn(async move {
+            if let Err(e) = client.started(&id, attempt).await {
+                debug!(task_id = %id, "could not report the start: {e}");
+            }
+        });
+    }
     let result = execute(&shared, &a, &dir, stop.clone(), reason.clone()).await;
     if *reason.lock().unwrap_or_else(|p| p.into_inner()) == Some(StopReason::Revoked) {
         // Another delegate (or nobody) owns the task now; a report would be refused.
@@ -781,15 +791,6 @@ async fn execute(
         Err(e) => return failed(format!("the delegate cannot write the task log: {e}")),
     };
 
-    {
-        let client = shared.client.clone();
-        let (id, attempt) = (a.task_id.clone(), a.attempt);
-        tokio::spawn(async move {
-            if let Err(e) = client.started(&id, attempt).await {
-                debug!(task_id = %id, "could not report the start: {e}");
-            }
-        });
-    }
     let shipping = CancellationToken::new();
     let shipper = tokio::spawn(ship_live(shared.clone(), dir.clone(), shipping.clone()));
 

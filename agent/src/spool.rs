@@ -41,7 +41,8 @@ fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> Spo
 }
 
 /// Write `data` to `path` so that readers see the old or the new content, never a part.
-pub fn write_atomic(path: &Path, data: &[u8], durable: bool) -> Result<(), SpoolError> {
+/// No fsync: see [`TaskDir::write_result`] for why the spool does not need one.
+pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), SpoolError> {
     let tmp = path.with_extension("tmp");
     let mut f = OpenOptions::new()
         .write(true)
@@ -51,9 +52,6 @@ pub fn write_atomic(path: &Path, data: &[u8], durable: bool) -> Result<(), Spool
         .open(&tmp)
         .map_err(io_err("create", &tmp))?;
     f.write_all(data).map_err(io_err("write", &tmp))?;
-    if durable {
-        f.sync_all().map_err(io_err("fsync", &tmp))?;
-    }
     fs::rename(&tmp, path).map_err(io_err("rename", path))
 }
 
@@ -146,7 +144,7 @@ impl Spool {
             path: path.clone(),
             reason: e.to_string(),
         })?;
-        write_atomic(&path.join("assignment.json"), &json, false)?;
+        write_atomic(&path.join("assignment.json"), &json)?;
         TaskDir::open(path, a.task_id.clone(), a.attempt)
     }
 
@@ -276,21 +274,24 @@ impl TaskDir {
     }
 
     pub fn set_acked(&self, n: u64) -> Result<(), SpoolError> {
-        write_atomic(&self.path.join("acked"), n.to_string().as_bytes(), false)
+        write_atomic(&self.path.join("acked"), n.to_string().as_bytes())
     }
 
     pub fn record_process(&self, p: ProcessRecord) -> Result<(), SpoolError> {
         let json = serde_json::to_vec(&p).unwrap_or_default();
-        write_atomic(&self.path.join("process.json"), &json, false)
+        write_atomic(&self.path.join("process.json"), &json)
     }
 
-    /// Persist the result durably: from here on it survives anything but a lost disk.
+    /// Journal the result so a restart re-sends it. Not fsynced: it survives any crash of
+    /// the agent (the page cache is the kernel's), and if the whole host loses power
+    /// before writeback the restarted agent finds no result and reports the task lost,
+    /// which the manager retries. An fsync per task would halve throughput for nothing.
     pub fn write_result(&self, r: &TaskResult) -> Result<(), SpoolError> {
         let json = serde_json::to_vec(r).map_err(|e| SpoolError::Corrupt {
             path: self.path.clone(),
             reason: e.to_string(),
         })?;
-        write_atomic(&self.path.join("result.json"), &json, true)
+        write_atomic(&self.path.join("result.json"), &json)
     }
 
     /// The manager has everything: forget the task.

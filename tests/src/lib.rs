@@ -294,6 +294,8 @@ pub struct AgentOptions {
     pub acquire_wait: &'static str,
     /// Extra lines appended to delegate.toml.
     pub extra: String,
+    /// `RUST_LOG` of the agent: the agent's own debug lines, not hyper's.
+    pub log_filter: &'static str,
 }
 
 impl Default for AgentOptions {
@@ -306,6 +308,7 @@ impl Default for AgentOptions {
             kill_grace: "2s",
             acquire_wait: "30s",
             extra: String::new(),
+            log_filter: "info,delegate=debug",
         }
     }
 }
@@ -313,6 +316,7 @@ impl Default for AgentOptions {
 /// A running `delegate run`.
 pub struct Agent {
     child: Option<Child>,
+    log_filter: String,
     pub dir: PathBuf,
     pub config: PathBuf,
     log: PathBuf,
@@ -333,7 +337,7 @@ impl Agent {
         let mut f = fs::File::create(&config)?;
         write!(
             f,
-            "manager_url = {manager_url:?}\ntoken = {token:?}\nname = {name:?}\ntags = [{tags}]\nconcurrency = {c}\nstate_dir = {state:?}\ndrain_timeout = {dt:?}\nkill_grace = {kg:?}\nacquire_wait = {aw:?}\nlog_level = \"debug\"\n{extra}\n",
+            "manager_url = {manager_url:?}\ntoken = {token:?}\nname = {name:?}\ntags = [{tags}]\nconcurrency = {c}\nstate_dir = {state:?}\ndrain_timeout = {dt:?}\nkill_grace = {kg:?}\nacquire_wait = {aw:?}\n{extra}\n",
             name = opts.name,
             tags = tags.join(", "),
             c = opts.concurrency,
@@ -343,11 +347,11 @@ impl Agent {
             aw = opts.acquire_wait,
             extra = opts.extra,
         )?;
-        Self::start_config(&dir, &config)
+        Self::start_config(&dir, &config, opts.log_filter)
     }
 
     /// Start an agent on an existing config (restarts reuse it and its state).
-    pub fn start_config(dir: &Path, config: &Path) -> Result<Agent> {
+    pub fn start_config(dir: &Path, config: &Path, log_filter: &str) -> Result<Agent> {
         let log = dir.join("agent.log");
         let log_file = fs::OpenOptions::new()
             .create(true)
@@ -361,7 +365,7 @@ impl Agent {
             .env_remove("NOTIFY_SOCKET")
             .env_remove("DELEGATE_TOKEN")
             .env_remove("DELEGATE_MANAGER_URL")
-            .env("RUST_LOG", "debug")
+            .env("RUST_LOG", log_filter)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log_file)
@@ -369,6 +373,7 @@ impl Agent {
             .context("spawn delegate")?;
         Ok(Agent {
             child: Some(child),
+            log_filter: log_filter.to_string(),
             dir: dir.to_path_buf(),
             config: config.to_path_buf(),
             log,
@@ -378,7 +383,7 @@ impl Agent {
     /// Start again with the same config and state directory.
     pub fn restart(&mut self) -> Result<()> {
         self.kill9();
-        let mut again = Self::start_config(&self.dir, &self.config)?;
+        let mut again = Self::start_config(&self.dir, &self.config, &self.log_filter)?;
         self.child = again.child.take();
         Ok(())
     }
