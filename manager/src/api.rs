@@ -7,6 +7,7 @@
 
 use std::convert::Infallible;
 use std::ops::Deref;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -58,6 +59,8 @@ pub struct AppInner {
     pub admin_hash: String,
     pub lease_ttl: Duration,
     pub heartbeat_interval: Duration,
+    /// Served read-only under `/releases/` when set.
+    pub releases: Option<PathBuf>,
 }
 
 #[derive(Clone)]
@@ -274,8 +277,9 @@ async fn read_json<T: DeserializeOwned>(body: Body, limit: usize, what: &str) ->
         .map_err(|e| ApiError::bad_request(format!("{what} body is not valid: {e}")))
 }
 
-/// The routes of API v1 plus `/healthz`.
+/// The routes of API v1, `/healthz`, and `/releases/` when a release directory is set.
 pub fn router(app: App) -> Router {
+    let releases = app.releases.clone();
     let api = Router::new()
         .route("/delegates/register", post(register))
         .route("/delegates/{id}/heartbeat", post(heartbeat))
@@ -289,10 +293,14 @@ pub fn router(app: App) -> Router {
         .route("/tasks/{id}/cancel", post(cancel))
         .route("/tokens", post(create_token).get(list_tokens))
         .route("/tokens/{name}/revoke", post(revoke_token));
-    Router::new()
+    let mut root = Router::new()
         .route("/healthz", get(|| async { "ok" }))
-        .nest(API_PREFIX, api)
-        .fallback(no_route)
+        .nest(API_PREFIX, api);
+    if let Some(dir) = releases {
+        // Static, read-only, no listing; ServeDir refuses `..` and paths out of `dir`.
+        root = root.nest_service("/releases", tower_http::services::ServeDir::new(dir));
+    }
+    root.fallback(no_route)
         .method_not_allowed_fallback(wrong_method)
         .with_state(app)
 }
@@ -682,11 +690,19 @@ mod tests {
     async fn start() -> TestServer {
         let dir = tempfile::tempdir().expect("tempdir");
         let data = dir.path().join("data");
+        let releases = dir.path().join("releases");
+        std::fs::create_dir_all(releases.join("channels")).expect("releases dir");
+        std::fs::write(
+            releases.join("channels/stable.json"),
+            b"{\"version\":\"1.0.0\"}",
+        )
+        .expect("manifest");
         let cfg = ServeConfig {
             listen: "127.0.0.1:0".parse().expect("addr"),
             data_dir: data.clone(),
             lease_ttl: Duration::from_secs(30),
             heartbeat_interval: Duration::from_secs(10),
+            releases: Some(releases),
         };
         let server = server::bind(&cfg).await.expect("bind");
         let base = format!("http://{}", server.local_addr());
@@ -1006,10 +1022,46 @@ mod tests {
             data_dir: data.clone(),
             lease_ttl: Duration::from_secs(30),
             heartbeat_interval: Duration::from_secs(10),
+            releases: None,
         })
         .await
         .expect("restart");
         let again = std::fs::read_to_string(&path).expect("read");
         assert_eq!(again.trim(), admin);
+    }
+
+    #[tokio::test]
+    async fn release_directory_is_served_read_only_and_nothing_outside_it() {
+        let srv = start().await;
+        let r = srv
+            .http
+            .get(format!("{}/releases/channels/stable.json", srv.base))
+            .send()
+            .await
+            .expect("get");
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.text().await.expect("body"), "{\"version\":\"1.0.0\"}");
+        for path in [
+            "/releases/../data/admin.token",
+            "/releases/%2e%2e/data/admin.token",
+        ] {
+            let r = srv
+                .http
+                .get(format!("{}{path}", srv.base))
+                .send()
+                .await
+                .expect("get");
+            let status = r.status();
+            let body = r.text().await.unwrap_or_default();
+            assert!(!body.contains("adm_"), "{path} leaked the admin token");
+            assert_ne!(status, 200, "{path}");
+        }
+        let r = srv
+            .http
+            .post(format!("{}/releases/channels/stable.json", srv.base))
+            .send()
+            .await
+            .expect("post");
+        assert_ne!(r.status(), 200);
     }
 }

@@ -45,6 +45,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         heartbeat_interval: args
             .heartbeat_interval
             .unwrap_or_else(|| ServeConfig::default_heartbeat(args.lease_ttl)),
+        releases: args.releases.clone(),
     };
     let server = server::bind(&cfg).await.with_context(|| {
         format!(

@@ -35,6 +35,9 @@ pub struct ServeConfig {
     pub data_dir: PathBuf,
     pub lease_ttl: Duration,
     pub heartbeat_interval: Duration,
+    /// A release directory served read-only under `/releases/` (for the upgrader's
+    /// channel), so a quick start needs no other web server.
+    pub releases: Option<PathBuf>,
 }
 
 impl ServeConfig {
@@ -111,6 +114,7 @@ pub async fn bind(cfg: &ServeConfig) -> Result<Server, ServeError> {
         admin_hash,
         lease_ttl: cfg.lease_ttl,
         heartbeat_interval: cfg.heartbeat_interval,
+        releases: cfg.releases.clone(),
     });
     Ok(Server {
         listener,
