@@ -303,7 +303,7 @@ pub fn decide_version(offered: &Version, local: &Local<'_>) -> Result<Decision, 
         return Ok(Decision::UpToDate(offered.clone()));
     }
     let offered_s = offered.to_string();
-    if local.skip.iter().any(|s| *s == offered_s) {
+    if local.skip.contains(&offered_s) {
         return Err(ManifestError::Skipped(offered_s));
     }
     if let Some(cur) = local.current

@@ -178,7 +178,7 @@ impl Manager {
         if let Some(b) = body {
             req = req.header("content-type", "application/json").body(b);
         }
-        let resp = req.send().with_context(|| format!("{path}"))?;
+        let resp = req.send().with_context(|| path.to_string())?;
         let status = resp.status().as_u16();
         Ok((status, resp.bytes()?.to_vec()))
     }

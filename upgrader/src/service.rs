@@ -250,7 +250,14 @@ pub async fn supervise(state_file: &Path, cmd: &[String]) -> Result<(), UpgradeE
             }
             _ = child.wait() => {
                 st.restarts += 1;
-                tokio::time::sleep(Duration::from_millis(300)).await;
+                // Like `RestartSec=`; a restart asked for meanwhile is this same restart,
+                // not a second one (which would look like a crash to the health gate).
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(300)) => {}
+                    _ = hup.recv() => {}
+                    _ = term.recv() => return Ok(()),
+                    _ = int.recv() => return Ok(()),
+                }
             }
         }
     }
