@@ -5,6 +5,7 @@
 //! not one per restart. We therefore walk toml's spanned document ourselves instead of
 //! deserializing straight into a struct, which would stop at the first problem.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -40,6 +41,64 @@ pub struct Config {
     pub log_level: String,
     pub shell_enabled: bool,
     pub http_enabled: bool,
+    pub docker: DockerConfig,
+}
+
+/// Standard socket of a Docker engine.
+pub const DEFAULT_DOCKER_SOCKET: &str = "/var/run/docker.sock";
+
+/// `[docker]`: the local engine and what its tasks may ask of it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DockerConfig {
+    pub enabled: bool,
+    pub socket: PathBuf,
+    /// Host paths (and everything below them) that tasks may bind-mount; none by default,
+    /// because a bind mount of `/` or `/var/run/docker.sock` is root on the host.
+    pub allowed_mounts: Vec<PathBuf>,
+    /// CAUTION: a privileged container is root on the host. Off unless set.
+    pub allow_privileged: bool,
+    /// Credentials per registry host (`registry.example:5000`, `docker.io`).
+    pub registries: BTreeMap<String, RegistryAuth>,
+}
+
+impl Default for DockerConfig {
+    fn default() -> Self {
+        DockerConfig {
+            enabled: true,
+            socket: PathBuf::from(DEFAULT_DOCKER_SOCKET),
+            allowed_mounts: Vec::new(),
+            allow_privileged: false,
+            registries: BTreeMap::new(),
+        }
+    }
+}
+
+/// Login for one registry. Secrets never reach a log line: `Debug` hides them.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct RegistryAuth {
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+    pub identity_token: Option<Secret>,
+}
+
+/// A credential; prints as `<redacted>` so a `{:?}` of the config leaks nothing.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Secret {
+        Secret(s.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
 }
 
 /// One problem found in the config, with where it is and how to fix it.
@@ -118,6 +177,10 @@ const KEYS: &[(&str, &str)] = &[
     ("log_level", "e.g. \"info\" or \"debug\""),
     ("shell", "table [shell] with enabled = true|false"),
     ("http", "table [http] with enabled = true|false"),
+    (
+        "docker",
+        "table [docker] with enabled, socket, allowed_mounts, allow_privileged, [docker.registries.\"HOST\"]",
+    ),
 ];
 
 struct Collector<'a> {
@@ -210,6 +273,146 @@ impl Collector<'_> {
         }
         enabled
     }
+
+    fn path_list(&mut self, key: &str, v: &Spanned<DeValue<'_>>) -> Option<Vec<PathBuf>> {
+        let Some(items) = v.get_ref().as_array() else {
+            self.at(
+                Some(v.span().start),
+                format!("{key} must be a list of absolute paths, e.g. [\"/srv/builds\"]"),
+            );
+            return None;
+        };
+        let mut out = Vec::new();
+        for item in items.iter() {
+            match item.get_ref().as_str() {
+                Some(p) if p.starts_with('/') => out.push(PathBuf::from(p)),
+                _ => self.at(
+                    Some(item.span().start),
+                    format!("{key} entries must be absolute paths, e.g. \"/srv/builds\""),
+                ),
+            }
+        }
+        Some(out)
+    }
+
+    /// `[docker]` with its `[docker.registries."HOST"]` sub-tables.
+    fn docker_table(&mut self, v: &Spanned<DeValue<'_>>) -> Option<DockerConfig> {
+        let Some(table) = v.get_ref().as_table() else {
+            self.at(Some(v.span().start), "docker must be a table: [docker]");
+            return None;
+        };
+        let mut d = DockerConfig::default();
+        for (k, val) in table.iter() {
+            match k.get_ref().as_ref() {
+                "enabled" => d.enabled = self.boolean("docker.enabled", val).unwrap_or(true),
+                "allow_privileged" => {
+                    d.allow_privileged = self
+                        .boolean("docker.allow_privileged", val)
+                        .unwrap_or(false)
+                }
+                "socket" => {
+                    if let Some(s) = self.string("docker.socket", val) {
+                        let s = s.strip_prefix("unix://").unwrap_or(&s).to_string();
+                        if s.starts_with('/') {
+                            d.socket = PathBuf::from(s);
+                        } else {
+                            self.at(
+                                Some(val.span().start),
+                                format!("docker.socket {s:?} must be an absolute path, e.g. \"{DEFAULT_DOCKER_SOCKET}\""),
+                            );
+                        }
+                    }
+                }
+                "allowed_mounts" => {
+                    d.allowed_mounts = self
+                        .path_list("docker.allowed_mounts", val)
+                        .unwrap_or_default()
+                }
+                "registries" => d.registries = self.registries(val),
+                other => self.at(
+                    Some(k.span().start),
+                    format!(
+                        "unknown key docker.{other:?} (known: enabled, socket, allowed_mounts, allow_privileged, registries)"
+                    ),
+                ),
+            }
+        }
+        Some(d)
+    }
+
+    fn registries(&mut self, v: &Spanned<DeValue<'_>>) -> BTreeMap<String, RegistryAuth> {
+        let mut out = BTreeMap::new();
+        let Some(table) = v.get_ref().as_table() else {
+            self.at(
+                Some(v.span().start),
+                "docker.registries must hold tables: [docker.registries.\"registry.example:5000\"]",
+            );
+            return out;
+        };
+        for (host, val) in table.iter() {
+            let host: &str = host.get_ref().as_ref();
+            let key = format!("docker.registries.{host:?}");
+            let Some(t) = val.get_ref().as_table() else {
+                self.at(
+                    Some(val.span().start),
+                    format!("{key} must be a table with username and password (or password_file, identity_token)"),
+                );
+                continue;
+            };
+            let mut auth = RegistryAuth::default();
+            for (k, field) in t.iter() {
+                match k.get_ref().as_ref() {
+                    "username" => auth.username = self.string(&format!("{key}.username"), field),
+                    "password" => {
+                        auth.password = self
+                            .string(&format!("{key}.password"), field)
+                            .map(Secret::new)
+                    }
+                    "identity_token" => {
+                        auth.identity_token = self
+                            .string(&format!("{key}.identity_token"), field)
+                            .map(Secret::new)
+                    }
+                    "password_file" => {
+                        let Some(file) = self.string(&format!("{key}.password_file"), field)
+                        else {
+                            continue;
+                        };
+                        match std::fs::read_to_string(&file) {
+                            Ok(p) if !p.trim().is_empty() => {
+                                auth.password = Some(Secret::new(p.trim()))
+                            }
+                            Ok(_) => self.at(
+                                Some(field.span().start),
+                                format!("{key}.password_file {file:?} is empty"),
+                            ),
+                            Err(e) => self.at(
+                                Some(field.span().start),
+                                format!("{key}.password_file {file:?} cannot be read: {e}"),
+                            ),
+                        }
+                    }
+                    other => self.at(
+                        Some(k.span().start),
+                        format!(
+                            "unknown key {key}.{other:?} (known: username, password, password_file, identity_token)"
+                        ),
+                    ),
+                }
+            }
+            if auth.identity_token.is_none() && (auth.username.is_none() || auth.password.is_none())
+            {
+                self.at(
+                    Some(val.span().start),
+                    format!(
+                        "{key} needs username and password (or password_file), or identity_token"
+                    ),
+                );
+            }
+            out.insert(host.to_string(), auth);
+        }
+        out
+    }
 }
 
 /// Where a value came from, for messages: a line of the file or an environment variable.
@@ -228,6 +431,7 @@ struct Raw {
     log_level: Option<String>,
     shell_enabled: Option<bool>,
     http_enabled: Option<bool>,
+    docker: Option<DockerConfig>,
 }
 
 impl Config {
@@ -292,6 +496,7 @@ fn parse_file(c: &mut Collector<'_>, raw: &mut Raw) {
             "acquire_wait" => raw.acquire_wait = c.duration(key, v),
             "shell" => raw.shell_enabled = c.target_table(key, v),
             "http" => raw.http_enabled = c.target_table(key, v),
+            "docker" => raw.docker = c.docker_table(v),
             "concurrency" => {
                 let n = v.get_ref().as_integer().and_then(|i| {
                     i64::from_str_radix(&i.as_str().replace('_', ""), i.radix()).ok()
@@ -496,6 +701,7 @@ fn finish(c: &mut Collector<'_>, raw: Raw, env: &dyn Env) -> Option<Config> {
         log_level: raw.log_level.unwrap_or_else(|| "info".to_string()),
         shell_enabled: raw.shell_enabled.unwrap_or(true),
         http_enabled: raw.http_enabled.unwrap_or(true),
+        docker: raw.docker.unwrap_or_default(),
     })
 }
 
@@ -602,5 +808,34 @@ mod tests {
         let text = e.to_string();
         assert!(text.contains("manager_url is missing"), "{text}");
         assert!(text.contains("token create"), "{text}");
+    }
+
+    #[test]
+    fn docker_table_loads_and_never_shows_its_secrets() {
+        let f = write(
+            "manager_url = \"http://x\"\ntoken = \"t\"\n[docker]\nsocket = \"unix:///run/d.sock\"\nallowed_mounts = [\"/srv/builds\"]\n[docker.registries.\"reg.example:5000\"]\nusername = \"ci\"\npassword = \"hunter2\"\n",
+        );
+        let env: [(&str, &str); 0] = [];
+        let c = Config::load(f.path(), &env).expect("valid");
+        assert!(c.docker.enabled && !c.docker.allow_privileged);
+        assert_eq!(c.docker.socket, PathBuf::from("/run/d.sock"));
+        assert_eq!(c.docker.allowed_mounts, [PathBuf::from("/srv/builds")]);
+        let auth = &c.docker.registries["reg.example:5000"];
+        assert_eq!(auth.password.as_ref().map(Secret::expose), Some("hunter2"));
+        assert!(!format!("{c:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn docker_table_problems_name_their_lines() {
+        let f = write(
+            "manager_url = \"http://x\"\ntoken = \"t\"\n[docker]\nallowed_mounts = [\"rel\"]\nallow_privileged = \"yes\"\n[docker.registries.\"r\"]\nusername = \"u\"\n",
+        );
+        let env: [(&str, &str); 0] = [];
+        let e = Config::load(f.path(), &env).unwrap_err();
+        let mut lines: Vec<Option<usize>> = e.problems.iter().map(|p| p.line).collect();
+        lines.sort();
+        // The registry's problem points at its table header.
+        assert_eq!(lines, [Some(4), Some(5), Some(6)], "{e}");
+        assert!(e.to_string().contains("needs username and password"), "{e}");
     }
 }

@@ -6,8 +6,9 @@
 //! executors; every task it accepts is journalled in the spool before it starts.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use delegate_protocol::{
     Assignment, ErrorCode, HeartbeatRequest, MAX_LOG_CHUNK_BYTES, Outcome, RegisterRequest, Target,
@@ -21,7 +22,7 @@ use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::backoff::Backoff;
 use crate::client::{ClientError, ManagerClient};
-use crate::config::Config;
+use crate::config::{Config, DockerConfig};
 use crate::exec::{self, ExecContext, ExecOutcome};
 use crate::notify;
 use crate::spool::{Recovered, Spool, SpoolError, TaskDir};
@@ -68,6 +69,9 @@ struct TaskHandle {
 /// What the daemon's loops share.
 struct Shared {
     config: Config,
+    docker: Arc<DockerConfig>,
+    /// The Docker engine answered at the last probe; decides whether `docker` is offered.
+    docker_up: AtomicBool,
     client: ManagerClient,
     spool: Spool,
     state: watch::Sender<AgentState>,
@@ -173,7 +177,24 @@ impl Shared {
                 name: None,
             });
         }
+        if self.config.docker.enabled && self.docker_up.load(Ordering::Relaxed) {
+            t.push(Target {
+                kind: "docker".into(),
+                name: None,
+            });
+        }
         t
+    }
+
+    /// Kinds this agent runs. Docker counts when enabled even if the engine is down right
+    /// now: the task then fails naming the engine's problem, and works once it is back.
+    fn runs_kind(&self, kind: &str) -> bool {
+        match kind {
+            "shell" => self.config.shell_enabled,
+            "http" => self.config.http_enabled,
+            "docker" => self.config.docker.enabled,
+            _ => false,
+        }
     }
 }
 
@@ -203,6 +224,8 @@ impl Daemon {
         )?;
         let shared = Arc::new(Shared {
             slots: Arc::new(Semaphore::new(config.concurrency as usize)),
+            docker: Arc::new(config.docker.clone()),
+            docker_up: AtomicBool::new(false),
             config,
             client,
             spool,
@@ -244,6 +267,7 @@ async fn run_shared(
     shared: Arc<Shared>,
     mut control: mpsc::Receiver<Control>,
 ) -> Result<(), DaemonError> {
+    probe_docker(&shared).await;
     recover_spool(&shared);
     notify::ready();
     shared.update_status();
@@ -582,7 +606,27 @@ async fn acquire_loop(shared: &Arc<Shared>) {
     }
 }
 
+/// Ask the Docker engine whether it answers, once at start: the target is offered only
+/// then, and an engine that cannot be used gets one log line that says how to fix it.
+async fn probe_docker(shared: &Shared) {
+    if !shared.config.docker.enabled {
+        return;
+    }
+    match exec::docker::probe(&shared.docker).await {
+        Ok(version) => {
+            shared.docker_up.store(true, Ordering::Relaxed);
+            info!(socket = %shared.docker.socket.display(), "Docker engine {version} answers; offering the docker target");
+        }
+        Err(e) => {
+            warn!(
+                "docker target not offered: {e} (other targets run as usual; set enabled = false in [docker] to silence this)"
+            );
+        }
+    }
+}
+
 /// Pick up what an earlier run left in the spool: undelivered results are sent again;
+/// docker tasks still running are adopted (their containers outlive the agent); other
 /// tasks that were running when the agent died are stopped (if anything of them is left)
 /// and reported as lost at once, so the manager can retry them without waiting for the
 /// lease to lapse.
@@ -602,6 +646,12 @@ fn recover_spool(shared: &Arc<Shared>) {
                 continue;
             }
         };
+        if rec.result.is_none() && rec.assignment.kind == "docker" && shared.runs_kind("docker") {
+            info!(task_id = %rec.assignment.task_id, attempt = rec.assignment.attempt, "re-attaching to the container of a task that ran when the delegate stopped");
+            let permit = shared.slots.clone().try_acquire_owned().ok();
+            spawn_adopted(shared.clone(), rec.assignment, rec.dir, permit);
+            continue;
+        }
         let result = match rec.result {
             Some(r) => {
                 info!(task_id = %rec.assignment.task_id, attempt = rec.assignment.attempt, "re-sending a result left from the last run");
@@ -662,11 +712,29 @@ fn task_span(a: &Assignment) -> tracing::Span {
 
 fn spawn_task(shared: Arc<Shared>, a: Assignment, permit: Option<OwnedSemaphorePermit>) {
     let span = task_span(&a);
-    tokio::spawn(supervise(shared, a, permit).instrument(span));
+    tokio::spawn(supervise(shared, a, None, permit).instrument(span));
 }
 
-/// One task from assignment to delivered result.
-async fn supervise(shared: Arc<Shared>, a: Assignment, permit: Option<OwnedSemaphorePermit>) {
+/// Supervise a task an earlier run of the agent journalled and started.
+fn spawn_adopted(
+    shared: Arc<Shared>,
+    a: Assignment,
+    dir: TaskDir,
+    permit: Option<OwnedSemaphorePermit>,
+) {
+    let span = task_span(&a);
+    tokio::spawn(supervise(shared, a, Some(dir), permit).instrument(span));
+}
+
+/// One task from assignment to delivered result. `adopted`: its journal entry from an
+/// earlier run of the agent, whose work is to be re-attached to rather than started.
+async fn supervise(
+    shared: Arc<Shared>,
+    a: Assignment,
+    adopted: Option<TaskDir>,
+    permit: Option<OwnedSemaphorePermit>,
+) {
+    let adopt = adopted.is_some();
     let stop = CancellationToken::new();
     let reason = Arc::new(Mutex::new(None));
     shared.lock_tasks().insert(
@@ -678,7 +746,11 @@ async fn supervise(shared: Arc<Shared>, a: Assignment, permit: Option<OwnedSemap
         },
     );
     shared.bump();
-    let dir = match shared.spool.create(&a) {
+    let created = match adopted {
+        Some(d) => Ok(d),
+        None => shared.spool.create(&a),
+    };
+    let dir = match created {
         Ok(d) => d,
         Err(e) => {
             // Without a journal entry the task cannot be run safely; report it directly.
@@ -706,7 +778,7 @@ async fn supervise(shared: Arc<Shared>, a: Assignment, permit: Option<OwnedSemap
     };
 
     // Journalled first, then reported: a crash after "running" still finds the entry.
-    {
+    if !adopt {
         let client = shared.client.clone();
         let (id, attempt) = (a.task_id.clone(), a.attempt);
         tokio::spawn(async move {
@@ -715,7 +787,7 @@ async fn supervise(shared: Arc<Shared>, a: Assignment, permit: Option<OwnedSemap
             }
         });
     }
-    let result = execute(&shared, &a, &dir, stop.clone(), reason.clone()).await;
+    let result = execute(&shared, &a, &dir, adopt, stop.clone(), reason.clone()).await;
     if *reason.lock().unwrap_or_else(|p| p.into_inner()) == Some(StopReason::Revoked) {
         // Another delegate (or nobody) owns the task now; a report would be refused.
         if let Err(e) = dir.remove() {
@@ -754,6 +826,7 @@ async fn execute(
     shared: &Arc<Shared>,
     a: &Assignment,
     dir: &TaskDir,
+    adopt: bool,
     stop: CancellationToken,
     reason: Arc<Mutex<Option<StopReason>>>,
 ) -> TaskResult {
@@ -774,8 +847,8 @@ async fn execute(
             ));
         }
     };
-    let offered = shared.targets();
-    if !offered.iter().any(|t| t.kind == spec.kind()) {
+    if !shared.runs_kind(spec.kind()) {
+        let offered = shared.targets();
         let kinds: Vec<&str> = offered.iter().map(|t| t.kind.as_str()).collect();
         let msg = format!(
             "delegate {} does not offer target {:?} (it offers: {}); enable it in delegate.toml or route the task to another delegate with a selector",
@@ -807,8 +880,23 @@ async fn execute(
                 warn!("cannot journal the task's process: {e}");
             }
         }),
+        journal: dir.clone(),
+        adopt,
+        delegate_name: shared.config.name.clone(),
+        delegate_id: shared.delegate_id.borrow().clone(),
+        docker: shared.docker.clone(),
     };
-    let timeout = Duration::from_secs(a.timeout_secs.max(1));
+    let mut timeout = Duration::from_secs(a.timeout_secs.max(1));
+    if adopt {
+        // The clock started when the earlier run accepted the task.
+        let spent = dir
+            .accepted_at()
+            .and_then(|t| SystemTime::now().duration_since(t).ok())
+            .unwrap_or_default();
+        timeout = timeout
+            .saturating_sub(spent)
+            .max(Duration::from_millis(100));
+    }
     let run = exec::run(&spec, ctx);
     tokio::pin!(run);
     let outcome = tokio::select! {
@@ -891,6 +979,7 @@ fn to_result(
             },
         ) => (Outcome::Failed, Some(message)),
         (None, ExecOutcome::CouldNotStart(m)) => (Outcome::Failed, Some(m)),
+        (None, ExecOutcome::Lost(m)) => (Outcome::Lost, Some(m)),
     };
     TaskResult {
         outcome,

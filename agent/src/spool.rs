@@ -1,8 +1,8 @@
 //! The on-disk journal of in-flight tasks and spool of undelivered logs and results.
 //!
 //! Every task the agent accepts gets a directory `STATE_DIR/tasks/<task>.<attempt>/`
-//! *before* it starts, holding the assignment, the process it runs (for shell tasks), its
-//! whole log and, once it ends, its result. The directory is removed only when the manager
+//! *before* it starts, holding the assignment, the process it runs (for shell tasks) or
+//! the container (for docker tasks), its whole log and, once it ends, its result. The directory is removed only when the manager
 //! has acknowledged the result, so neither a manager that is down for minutes nor a
 //! `kill -9` of the agent loses a result or a log byte: the next start finds the directory
 //! and finishes the delivery (or reports that the task died with the agent).
@@ -91,6 +91,19 @@ fn proc_start_time(pid: u32) -> Option<u64> {
     // last ')'. Start time is field 22, i.e. the 20th after the name.
     let rest = &stat[stat.rfind(')')? + 1..];
     rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// The container a docker task runs in, so a restarted agent can re-attach to it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContainerRecord {
+    pub id: String,
+    /// Log length when the container's output began (the agent's own notes come first);
+    /// the container's log stream maps to the spooled log from this offset on.
+    pub log_base: u64,
+    /// Set once the container has ended, before it is removed, so an agent that dies
+    /// between removal and journalling the result still reports the real exit code.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i64>,
 }
 
 /// What a restarted agent finds in the spool for one task attempt.
@@ -282,6 +295,25 @@ impl TaskDir {
         write_atomic(&self.path.join("process.json"), &json)
     }
 
+    pub fn record_container(&self, c: &ContainerRecord) -> Result<(), SpoolError> {
+        let json = serde_json::to_vec(c).unwrap_or_default();
+        write_atomic(&self.path.join("container.json"), &json)
+    }
+
+    /// The journalled container, if any (an unreadable record counts as none: the
+    /// container is then looked up by its labels).
+    pub fn container(&self) -> Option<ContainerRecord> {
+        let b = fs::read(self.path.join("container.json")).ok()?;
+        serde_json::from_slice(&b).ok()
+    }
+
+    /// When the task was journalled (accepted), for the time left of its timeout.
+    pub fn accepted_at(&self) -> Option<std::time::SystemTime> {
+        fs::metadata(self.path.join("assignment.json"))
+            .and_then(|m| m.modified())
+            .ok()
+    }
+
     /// Journal the result so a restart re-sends it. Not fsynced: it survives any crash of
     /// the agent (the page cache is the kernel's), and if the whole host loses power
     /// before writeback the restarted agent finds no result and reports the task lost,
@@ -363,6 +395,22 @@ mod tests {
         assert_eq!(rec.dir.read_log(6, 100).expect("read"), b"world");
         rec.dir.remove().expect("remove");
         assert!(again.recover().expect("recover").is_empty());
+    }
+
+    #[test]
+    fn container_record_round_trips() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let spool = Spool::open(tmp.path()).expect("open");
+        let dir = spool.create(&assignment("t_2")).expect("create");
+        assert_eq!(dir.container(), None);
+        let rec = ContainerRecord {
+            id: "abc".into(),
+            log_base: 12,
+            exit_code: Some(3),
+        };
+        dir.record_container(&rec).expect("record");
+        assert_eq!(dir.container(), Some(rec));
+        assert!(dir.accepted_at().is_some());
     }
 
     #[test]

@@ -15,7 +15,9 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-pub use spec::{HttpSpec, ShellSpec, SpecError, TaskSpec};
+pub use spec::{
+    DockerMount, DockerSpec, HttpSpec, MountKind, PullPolicy, ShellSpec, SpecError, TaskSpec,
+};
 
 /// Path prefix of every endpoint of this protocol version.
 pub const API_PREFIX: &str = "/api/v1";

@@ -20,6 +20,7 @@ pub const MAX_HTTP_BODY_BYTES: usize = 256 * 1024;
 pub enum TaskSpec {
     Shell(ShellSpec),
     Http(HttpSpec),
+    Docker(DockerSpec),
 }
 
 /// Run a script with an interpreter, in its own process group.
@@ -53,6 +54,93 @@ pub struct HttpSpec {
     pub expect_status: Vec<u16>,
 }
 
+/// Run a container on the delegate's local Docker engine. The task's `timeout_secs` bounds
+/// it like any other task; on timeout or cancel the container is stopped (grace, then kill).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct DockerSpec {
+    /// Image reference, e.g. `"alpine:3.20"` or `"registry.example:5000/team/tool@sha256:..."`.
+    pub image: String,
+    #[serde(default)]
+    pub pull: PullPolicy,
+    /// Arguments (Docker's `Cmd`); the image's default when empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub command: Vec<String>,
+    /// Replaces the image's entrypoint when present (`[]` clears it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entrypoint: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Env::is_empty")]
+    pub env: Env,
+    /// Absolute directory inside the container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub working_dir: Option<String>,
+    /// `user`, `uid`, `user:group` or `uid:gid` inside the container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mounts: Vec<DockerMount>,
+    /// `none`, `host`, `bridge` or a network name; the engine's default when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network_mode: Option<String>,
+    /// Memory limit in bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_bytes: Option<u64>,
+    /// CPU limit in cores, e.g. `0.5`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpus: Option<f64>,
+    /// Needs `allow_privileged = true` in the agent's `[docker]` table.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub privileged: bool,
+    /// Leave the container on the engine after the task (for inspection); removed otherwise.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub keep: bool,
+}
+
+/// When the agent pulls the image before creating the container.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum PullPolicy {
+    /// Pull every time (a moving tag such as `latest` is refreshed).
+    Always,
+    /// Pull only when the engine does not have the image.
+    #[default]
+    IfNotPresent,
+    /// Never pull; a missing image fails the task.
+    Never,
+}
+
+impl PullPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PullPolicy::Always => "always",
+            PullPolicy::IfNotPresent => "if-not-present",
+            PullPolicy::Never => "never",
+        }
+    }
+}
+
+/// What a mount brings into the container.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum MountKind {
+    /// A host path; the agent's `[docker] allowed_mounts` must cover it.
+    #[default]
+    Bind,
+    /// A named volume managed by the engine.
+    Volume,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct DockerMount {
+    #[serde(default, rename = "type")]
+    pub kind: MountKind,
+    /// Absolute host path (bind) or volume name (volume).
+    pub source: String,
+    /// Absolute path inside the container.
+    pub target: String,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub read_only: bool,
+}
+
 /// Why a spec cannot be run: which field, what is wrong, how to fix it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SpecError {
@@ -69,12 +157,13 @@ pub enum SpecError {
 
 impl TaskSpec {
     /// Kinds this build of the protocol knows.
-    pub const KINDS: &'static [&'static str] = &["shell", "http"];
+    pub const KINDS: &'static [&'static str] = &["shell", "http", "docker"];
 
     pub fn kind(&self) -> &'static str {
         match self {
             TaskSpec::Shell(_) => "shell",
             TaskSpec::Http(_) => "http",
+            TaskSpec::Docker(_) => "docker",
         }
     }
 
@@ -89,6 +178,7 @@ impl TaskSpec {
         let parsed = match kind {
             "shell" => serde_json::from_value(spec.clone()).map(TaskSpec::Shell),
             "http" => serde_json::from_value(spec.clone()).map(TaskSpec::Http),
+            "docker" => serde_json::from_value(spec.clone()).map(TaskSpec::Docker),
             other => {
                 return Err(SpecError::UnknownKind {
                     kind: other.to_string(),
@@ -109,6 +199,7 @@ impl TaskSpec {
         match self {
             TaskSpec::Shell(s) => s.validate(),
             TaskSpec::Http(h) => h.validate(),
+            TaskSpec::Docker(d) => d.validate(),
         }
     }
 }
@@ -234,6 +325,109 @@ impl HttpSpec {
     }
 }
 
+impl DockerSpec {
+    pub fn validate(&self) -> Result<(), SpecError> {
+        let image = self.image.trim();
+        if image.is_empty() {
+            return Err(invalid(
+                "spec.image",
+                "is empty; name an image, e.g. \"alpine:3.20\"",
+            ));
+        }
+        if image != self.image || self.image.chars().any(|c| c.is_whitespace() || c == '\0') {
+            return Err(invalid(
+                "spec.image",
+                format!("{:?} contains whitespace or NUL", self.image),
+            ));
+        }
+        if self.command.iter().any(|a| a.contains('\0')) {
+            return Err(invalid("spec.command", "an argument contains a NUL byte"));
+        }
+        if let Some(ep) = &self.entrypoint
+            && ep.iter().any(|a| a.contains('\0'))
+        {
+            return Err(invalid(
+                "spec.entrypoint",
+                "an argument contains a NUL byte",
+            ));
+        }
+        if let Some(d) = &self.working_dir
+            && !d.starts_with('/')
+        {
+            return Err(invalid(
+                "spec.working_dir",
+                format!("{d:?} is not an absolute path"),
+            ));
+        }
+        if let Some(u) = &self.user
+            && (u.is_empty() || u.chars().any(|c| c.is_whitespace() || c == '\0'))
+        {
+            return Err(invalid(
+                "spec.user",
+                format!("{u:?} is not a user (write name, uid, name:group or uid:gid)"),
+            ));
+        }
+        if let Some(n) = &self.network_mode
+            && (n.is_empty() || n.chars().any(|c| c.is_whitespace() || c == '\0'))
+        {
+            return Err(invalid(
+                "spec.network_mode",
+                format!("{n:?} is not a network mode (none, host, bridge or a network name)"),
+            ));
+        }
+        if self.memory_bytes.is_some_and(|m| m < 6 * 1024 * 1024) {
+            return Err(invalid(
+                "spec.memory_bytes",
+                "is below 6 MiB, the engine's minimum",
+            ));
+        }
+        if let Some(c) = self.cpus
+            && !(c.is_finite() && c >= 0.01 && c <= 1024.0)
+        {
+            return Err(invalid(
+                "spec.cpus",
+                format!("{c} is not a CPU count from 0.01 to 1024"),
+            ));
+        }
+        for m in &self.mounts {
+            m.validate()?;
+        }
+        check_env("spec.env", &self.env)
+    }
+}
+
+impl DockerMount {
+    fn validate(&self) -> Result<(), SpecError> {
+        if !self.target.starts_with('/') || self.target.contains('\0') {
+            return Err(invalid(
+                "spec.mounts.target",
+                format!("{:?} is not an absolute path", self.target),
+            ));
+        }
+        match self.kind {
+            MountKind::Bind if !self.source.starts_with('/') || self.source.contains('\0') => {
+                Err(invalid(
+                    "spec.mounts.source",
+                    format!("{:?} is not an absolute host path", self.source),
+                ))
+            }
+            MountKind::Volume
+                if self.source.is_empty()
+                    || !self
+                        .source
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b)) =>
+            {
+                Err(invalid(
+                    "spec.mounts.source",
+                    format!("{:?} is not a volume name", self.source),
+                ))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -250,7 +444,7 @@ mod tests {
         let e = TaskSpec::from_wire("cobol", &json!({})).unwrap_err();
         assert_eq!(
             e.to_string(),
-            "unknown task kind \"cobol\" (known kinds: shell, http)"
+            "unknown task kind \"cobol\" (known kinds: shell, http, docker)"
         );
     }
 
@@ -284,5 +478,67 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(s.interpreter_argv(), ["/bin/bash", "-eu"]);
+    }
+
+    #[test]
+    fn docker_spec_parses_with_defaults_and_round_trips() {
+        let spec = TaskSpec::from_wire(
+            "docker",
+            &json!({"image": "busybox:1", "command": ["echo", "hi"], "pull": "never",
+                    "network_mode": "none", "mounts": [{"source": "/srv/data", "target": "/data", "read_only": true}]}),
+        )
+        .expect("valid docker spec");
+        let TaskSpec::Docker(d) = &spec else {
+            panic!("wrong kind {spec:?}");
+        };
+        assert_eq!(d.pull, PullPolicy::Never);
+        assert_eq!(d.mounts[0].kind, MountKind::Bind);
+        assert!(!d.keep && !d.privileged);
+        let again = TaskSpec::from_wire("docker", &spec.spec_json()).expect("round trip");
+        assert_eq!(again, spec);
+        let d = TaskSpec::from_wire("docker", &json!({"image": "x"})).expect("minimal");
+        assert!(matches!(
+            d,
+            TaskSpec::Docker(DockerSpec {
+                pull: PullPolicy::IfNotPresent,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn docker_spec_errors_name_the_field() {
+        let cases = [
+            (json!({"image": " "}), "spec.image"),
+            (
+                json!({"image": "x", "working_dir": "tmp"}),
+                "spec.working_dir",
+            ),
+            (json!({"image": "x", "cpus": 0.0}), "spec.cpus"),
+            (
+                json!({"image": "x", "memory_bytes": 1024}),
+                "spec.memory_bytes",
+            ),
+            (
+                json!({"image": "x", "mounts": [{"source": "rel", "target": "/d"}]}),
+                "spec.mounts.source",
+            ),
+            (
+                json!({"image": "x", "mounts": [{"source": "/a", "target": "d"}]}),
+                "spec.mounts.target",
+            ),
+            (json!({"image": "x", "env": {"A=B": "1"}}), "spec.env"),
+            (
+                json!({"image": "x", "network_mode": ""}),
+                "spec.network_mode",
+            ),
+        ];
+        for (spec, field) in cases {
+            let e = TaskSpec::from_wire("docker", &spec).expect_err("invalid");
+            assert!(e.to_string().starts_with(field), "{spec}: {e}");
+        }
+        let e = TaskSpec::from_wire("docker", &json!({"image": "x", "pull": "sometimes"}))
+            .expect_err("bad pull policy");
+        assert!(e.to_string().contains("unknown variant"), "{e}");
     }
 }

@@ -4,16 +4,19 @@
 //! spec, a place to write output, a token that asks them to stop, and return an
 //! [`ExecOutcome`]. The supervisor in `daemon` turns that into a protocol result.
 
+pub mod docker;
 pub mod http;
 pub mod shell;
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use delegate_protocol::TaskSpec;
 use tokio_util::sync::CancellationToken;
 
-use crate::spool::{LogWriter, ProcessRecord};
+use crate::config::DockerConfig;
+use crate::spool::{LogWriter, ProcessRecord, TaskDir};
 
 /// How an execution ended, before the supervisor adds why it was stopped.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -26,6 +29,9 @@ pub enum ExecOutcome {
     Done { success: bool, message: String },
     /// The task could not be started at all (missing interpreter, bad directory...).
     CouldNotStart(String),
+    /// The work is gone and nobody knows how it ended (a container removed while the
+    /// agent was down); the manager retries such a task while it has retries left.
+    Lost(String),
 }
 
 /// Everything an executor may use.
@@ -41,6 +47,14 @@ pub struct ExecContext {
     pub kill_grace: Duration,
     /// Called with the process group once it exists (journalled for restarts).
     pub on_process: Box<dyn FnOnce(ProcessRecord) + Send>,
+    /// The task's journal entry; the docker executor records its container there.
+    pub journal: TaskDir,
+    /// An earlier run of the agent started this task: re-attach to it, start nothing.
+    pub adopt: bool,
+    /// For container labels and messages.
+    pub delegate_name: String,
+    pub delegate_id: Option<String>,
+    pub docker: Arc<DockerConfig>,
 }
 
 impl ExecContext {
@@ -55,5 +69,6 @@ pub async fn run(spec: &TaskSpec, ctx: ExecContext) -> ExecOutcome {
     match spec {
         TaskSpec::Shell(s) => shell::run(s, ctx).await,
         TaskSpec::Http(h) => http::run(h, ctx).await,
+        TaskSpec::Docker(d) => docker::run(d, ctx).await,
     }
 }
