@@ -8,6 +8,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod docker;
 pub mod upgrade;
 
 use std::fs;

@@ -1,0 +1,361 @@
+//! Docker tasks against a real dockerd: output and exit codes, timeout and cancel, policy
+//! refusals, the engine going away, and containers adopted after `kill -9` of the agent.
+//!
+//! They need the engine `scripts/test` starts (`DELEGATE_TEST_DOCKER_SOCKET`); without it
+//! they fail with a message saying so.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use delegate_protocol::TaskState;
+use delegate_tests::docker::{PrivateEngine, TEST_IMAGE, agent_config, cli, task_containers};
+use delegate_tests::{Agent, AgentOptions, wait_for};
+use serde_json::{Value, json};
+
+use crate::util::{LONG, World};
+
+fn socket() -> PathBuf {
+    delegate_tests::docker::test_socket().unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn docker_agent(w: &World, name: &str, socket: &std::path::Path, extra: &str) -> Agent {
+    let a = w.agent(AgentOptions {
+        name: name.into(),
+        extra: format!("{}{extra}", agent_config(socket)),
+        ..AgentOptions::default()
+    });
+    a.wait_log("offering the docker target", Duration::from_secs(20))
+        .expect("the agent sees the engine");
+    a
+}
+
+/// A docker task on the test image with no network.
+fn task(script: &str, timeout_secs: u64, extra: Value) -> Value {
+    let mut spec = json!({
+        "image": TEST_IMAGE,
+        "pull": "never",
+        "network_mode": "none",
+        "command": ["sh", "-c", script],
+    });
+    if let (Some(s), Some(e)) = (spec.as_object_mut(), extra.as_object()) {
+        for (k, v) in e {
+            s.insert(k.clone(), v.clone());
+        }
+    }
+    json!({ "kind": "docker", "spec": spec, "timeout_secs": timeout_secs, "retries": 0 })
+}
+
+fn no_containers_left(socket: &std::path::Path, id: &str) {
+    wait_for(
+        Duration::from_secs(20),
+        "the container to be removed",
+        || {
+            task_containers(socket, id)
+                .ok()
+                .filter(|c| c.is_empty())
+                .map(|_| ())
+        },
+    )
+    .expect("container removed");
+}
+
+fn numbered(n: u32) -> String {
+    (1..=n).map(|i| format!("line {i}\n")).collect()
+}
+
+const COUNT_TO_50_THEN_EXIT_3: &str =
+    "for i in $(seq 1 50); do echo line $i; sleep 0.1; done; exit 3";
+
+#[test]
+fn container_task_succeeds_with_its_output_as_the_log() {
+    let sock = socket();
+    let w = World::new();
+    let _a = docker_agent(&w, "agent-1", &sock, "");
+    let d = w.manager.delegates().expect("delegates");
+    assert!(
+        d[0].targets.iter().any(|t| t.kind == "docker"),
+        "docker target advertised: {d:?}"
+    );
+    let id = w
+        .manager
+        .submit(&task(
+            "echo hello; sleep 0.1; echo to-stderr >&2; sleep 0.1; echo \"task=$DELEGATE_TASK_ID\"",
+            60,
+            json!({}),
+        ))
+        .expect("submit");
+    let t = w.manager.wait_done(&id, LONG).expect("finishes");
+    assert_eq!(t.state, TaskState::Succeeded, "{t:?}");
+    assert_eq!(t.exit_code, Some(0));
+    let log = String::from_utf8(w.manager.logs(&id).expect("logs")).expect("utf8");
+    assert_eq!(log, format!("hello\nto-stderr\ntask={id}\n"));
+    no_containers_left(&sock, &id);
+}
+
+#[test]
+fn non_zero_exit_fails_with_that_code_and_keep_leaves_the_container() {
+    let sock = socket();
+    let w = World::new();
+    let _a = docker_agent(&w, "agent-1", &sock, "");
+    let id = w
+        .manager
+        .submit(&task("echo oops; exit 7", 60, json!({"keep": true})))
+        .expect("submit");
+    let t = w.manager.wait_done(&id, LONG).expect("finishes");
+    assert_eq!(t.state, TaskState::Failed, "{t:?}");
+    assert_eq!(t.exit_code, Some(7));
+    assert_eq!(w.manager.logs(&id).expect("logs"), b"oops\n");
+    let kept = task_containers(&sock, &id).expect("list");
+    assert_eq!(kept.len(), 1, "kept: {kept:?}");
+    let labels = cli(
+        &sock,
+        &["inspect", "-f", "{{json .Config.Labels}}", &kept[0]],
+    )
+    .expect("inspect");
+    assert!(
+        labels.contains("\"dev.delegate.delegate\":\"agent-1\""),
+        "{labels}"
+    );
+    cli(&sock, &["rm", "-f", &kept[0]]).expect("clean up");
+}
+
+#[test]
+fn timeout_stops_and_removes_the_container() {
+    let sock = socket();
+    let w = World::new();
+    let _a = docker_agent(&w, "agent-1", &sock, "");
+    let id = w
+        .manager
+        .submit(&task("echo started; sleep 600", 2, json!({})))
+        .expect("submit");
+    let t = w.manager.wait_done(&id, LONG).expect("finishes");
+    assert_eq!(t.state, TaskState::TimedOut, "{t:?}");
+    assert_eq!(w.manager.logs(&id).expect("logs"), b"started\n");
+    no_containers_left(&sock, &id);
+}
+
+#[test]
+fn cancel_stops_and_removes_the_container() {
+    let sock = socket();
+    let w = World::new();
+    let _a = docker_agent(&w, "agent-1", &sock, "");
+    let id = w
+        .manager
+        .submit(&task("echo started; sleep 600", 120, json!({})))
+        .expect("submit");
+    wait_for(LONG, "the container to print", || {
+        (w.manager.logs(&id).ok()? == b"started\n").then_some(())
+    })
+    .expect("running");
+    w.manager.cancel(&id).expect("cancel");
+    let t = w.manager.wait_done(&id, LONG).expect("finishes");
+    assert_eq!(t.state, TaskState::Cancelled, "{t:?}");
+    no_containers_left(&sock, &id);
+}
+
+#[test]
+fn refused_specs_fail_clearly_and_the_agent_keeps_working() {
+    let sock = socket();
+    let w = World::new();
+    let allowed = w.tmp.path().join("allowed");
+    std::fs::create_dir_all(&allowed).expect("mkdir");
+    let extra = format!("allowed_mounts = [{:?}]\n", allowed.display().to_string());
+    let _a = docker_agent(&w, "agent-1", &sock, &extra);
+    let cases = [
+        (
+            json!({"image": "delegate-test/not-here:1", "pull": "never", "network_mode": "none"}),
+            "is not on this host's Docker engine and the pull policy is never",
+        ),
+        (
+            json!({"image": TEST_IMAGE, "pull": "never", "network_mode": "none",
+                   "mounts": [{"source": "/etc", "target": "/host-etc"}]}),
+            "bind mount of /etc is not allowed on delegate agent-1",
+        ),
+        (
+            json!({"image": TEST_IMAGE, "pull": "never", "network_mode": "none", "privileged": true}),
+            "privileged containers are not allowed on delegate agent-1",
+        ),
+    ];
+    for (spec, expect) in cases {
+        let id = w
+            .manager
+            .submit(&json!({"kind": "docker", "spec": spec, "timeout_secs": 60}))
+            .expect("submit");
+        let t = w.manager.wait_done(&id, LONG).expect("finishes");
+        assert_eq!(t.state, TaskState::Failed, "{t:?}");
+        let msg = t.message.clone().unwrap_or_default();
+        assert!(msg.contains(expect), "{expect:?} not in {msg:?}");
+        assert!(task_containers(&sock, &id).expect("list").is_empty());
+    }
+    // An allowed bind mount works, and the agent is still fine.
+    std::fs::write(allowed.join("f"), "from the host\n").expect("write");
+    let id = w
+        .manager
+        .submit(&task(
+            "cat /data/f",
+            60,
+            json!({"mounts": [{"source": allowed.display().to_string(), "target": "/data", "read_only": true}]}),
+        ))
+        .expect("submit");
+    let t = w.manager.wait_done(&id, LONG).expect("finishes");
+    assert_eq!(t.state, TaskState::Succeeded, "{t:?}");
+    assert_eq!(w.manager.logs(&id).expect("logs"), b"from the host\n");
+}
+
+#[test]
+fn engine_stopped_while_the_agent_runs_fails_docker_tasks_and_recovers() {
+    let w = World::new();
+    // A private engine: stopping the shared one would break the other tests.
+    let root = tempfile::Builder::new()
+        .prefix("dlg-eng-")
+        .tempdir_in("/tmp")
+        .expect("tmp");
+    let mut engine = PrivateEngine::start(root.path()).expect("private dockerd");
+    let a = docker_agent(&w, "agent-1", &engine.socket, "");
+    let ok = w
+        .manager
+        .submit(&task("echo one", 60, json!({})))
+        .expect("submit");
+    assert_eq!(
+        w.manager.wait_done(&ok, LONG).expect("done").state,
+        TaskState::Succeeded
+    );
+
+    engine.stop().expect("stop dockerd");
+    let id = w
+        .manager
+        .submit(&task("echo two", 60, json!({})))
+        .expect("submit");
+    let t = w.manager.wait_done(&id, LONG).expect("finishes");
+    assert_eq!(t.state, TaskState::Failed, "{t:?}");
+    let msg = t.message.clone().unwrap_or_default();
+    assert!(
+        msg.contains("Docker engine") && msg.contains(&engine.socket.display().to_string()),
+        "{msg}"
+    );
+    let sh = w.manager.submit_shell("echo shell", 60, 0).expect("submit");
+    let t = w.manager.wait_done(&sh, LONG).expect("finishes");
+    assert_eq!(t.state, TaskState::Succeeded, "{t:?}");
+
+    engine.resume().expect("restart dockerd");
+    let id = w
+        .manager
+        .submit(&task("echo three", 60, json!({})))
+        .expect("submit");
+    let t = w.manager.wait_done(&id, LONG).expect("finishes");
+    assert_eq!(t.state, TaskState::Succeeded, "{t:?}");
+    assert_eq!(w.manager.logs(&id).expect("logs"), b"three\n");
+    drop(a);
+}
+
+#[test]
+fn agent_killed_while_the_container_prints_reports_exit_3_and_every_line_once() {
+    let sock = socket();
+    let w = World::new();
+    let mut a = docker_agent(&w, "agent-1", &sock, "");
+    let id = w
+        .manager
+        .submit(&task(COUNT_TO_50_THEN_EXIT_3, 120, json!({})))
+        .expect("submit");
+    // Let it print (and the agent ship) a good part, then kill the agent mid-stream.
+    wait_for(LONG, "some lines shipped", || {
+        (w.manager.task(&id).ok()?.log_bytes >= 60).then_some(())
+    })
+    .expect("output flows");
+    std::thread::sleep(Duration::from_millis(500));
+    a.kill9();
+    std::thread::sleep(Duration::from_millis(700));
+    assert_eq!(task_containers(&sock, &id).expect("list").len(), 1);
+    a.restart().expect("restart");
+    let t = w.manager.wait_done(&id, LONG).expect("finishes");
+    assert_eq!(t.state, TaskState::Failed, "{t:?}");
+    assert_eq!(t.exit_code, Some(3), "{t:?}");
+    assert_eq!(t.attempt, 1, "not retried: {t:?}");
+    let log = String::from_utf8(w.manager.logs(&id).expect("logs")).expect("utf8");
+    assert_eq!(log, numbered(50));
+    no_containers_left(&sock, &id);
+    assert!(a.log_text().contains("re-attaching"), "{}", a.log_text());
+}
+
+#[test]
+fn container_that_finished_while_the_agent_was_down_is_reported() {
+    let sock = socket();
+    let w = World::new();
+    let mut a = docker_agent(&w, "agent-1", &sock, "");
+    let id = w
+        .manager
+        .submit(&task(COUNT_TO_50_THEN_EXIT_3, 120, json!({})))
+        .expect("submit");
+    wait_for(LONG, "some lines shipped", || {
+        (w.manager.task(&id).ok()?.log_bytes >= 30).then_some(())
+    })
+    .expect("output flows");
+    a.kill9();
+    let t = w.manager.task(&id).expect("task");
+    let name = format!("delegate-{id}-{}", t.attempt);
+    let code = cli(&sock, &["wait", &name]).expect("docker wait");
+    assert_eq!(code.trim(), "3");
+    a.restart().expect("restart");
+    let t = w.manager.wait_done(&id, LONG).expect("finishes");
+    assert_eq!(t.state, TaskState::Failed, "{t:?}");
+    assert_eq!(t.exit_code, Some(3), "{t:?}");
+    let log = String::from_utf8(w.manager.logs(&id).expect("logs")).expect("utf8");
+    assert_eq!(log, numbered(50));
+    no_containers_left(&sock, &id);
+}
+
+/// Not a check but a measurement, printed for the record (`-- --nocapture`): submit →
+/// container started, and container exit → result at the manager, over 50 tasks.
+#[test]
+fn overhead_of_50_docker_tasks() {
+    let sock = socket();
+    let w = World::new();
+    let _a = docker_agent(&w, "agent-1", &sock, "");
+    let (mut to_start, mut to_result) = (Vec::new(), Vec::new());
+    let began = Instant::now();
+    for _ in 0..50 {
+        let id = w
+            .manager
+            .submit(&task("true", 60, json!({"keep": true})))
+            .expect("submit");
+        let t = w.manager.wait_done(&id, LONG).expect("finishes");
+        assert_eq!(t.state, TaskState::Succeeded, "{t:?}");
+        let c = task_containers(&sock, &id).expect("list");
+        let times = cli(
+            &sock,
+            &[
+                "inspect",
+                "-f",
+                "{{.State.StartedAt}} {{.State.FinishedAt}}",
+                &c[0],
+            ],
+        )
+        .expect("inspect");
+        let mut it = times
+            .split_whitespace()
+            .map(delegate_tests::docker::rfc3339_millis);
+        let (started, finished) = (
+            it.next().flatten().expect("StartedAt"),
+            it.next().flatten().expect("FinishedAt"),
+        );
+        to_start.push(started - t.created_at);
+        to_result.push(t.finished_at.expect("finished") - finished);
+        cli(&sock, &["rm", "-f", &c[0]]).expect("clean up");
+    }
+    let stats = |v: &mut Vec<i64>| {
+        v.sort_unstable();
+        let mean = v.iter().sum::<i64>() as f64 / v.len() as f64;
+        format!(
+            "median {} ms, mean {mean:.1} ms, p90 {} ms, max {} ms",
+            v[v.len() / 2],
+            v[v.len() * 9 / 10],
+            v[v.len() - 1]
+        )
+    };
+    eprintln!(
+        "docker task overhead over 50 tasks ({:.1}s): submit → container started: {}; container exit → result at the manager: {}",
+        began.elapsed().as_secs_f64(),
+        stats(&mut to_start),
+        stats(&mut to_result)
+    );
+}
