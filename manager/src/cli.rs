@@ -13,8 +13,8 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use clap::{Args, Parser, Subcommand};
 use delegate_protocol::{
-    CreateToken, CreatedToken, DelegateView, Env, HttpSpec, ShellSpec, SubmitResponse, SubmitTask,
-    TaskSpec, TaskState, TaskView, TokenView, UnixMillis,
+    CreateToken, CreatedToken, DelegateView, DockerSpec, Env, HttpSpec, PullPolicy, ShellSpec,
+    SubmitResponse, SubmitTask, TaskSpec, TaskState, TaskView, TokenView, UnixMillis,
 };
 
 use crate::client::Client;
@@ -138,11 +138,12 @@ pub enum TaskCmd {
 
 #[derive(Debug, Args)]
 pub struct SubmitArgs {
-    /// Task kind: shell or http (inferred from --script / --url when absent).
+    /// Task kind: shell, http or docker (inferred from --script / --url / --image when
+    /// absent).
     #[arg(long)]
     pub kind: Option<String>,
     /// A full SubmitTask JSON document (`-` = stdin) instead of the flags below.
-    #[arg(long, conflicts_with_all = ["kind", "script", "url"])]
+    #[arg(long, conflicts_with_all = ["kind", "script", "url", "image"])]
     pub spec: Option<PathBuf>,
 
     /// shell: the script to run.
@@ -151,10 +152,10 @@ pub struct SubmitArgs {
     /// shell: interpreter and its arguments, e.g. '/bin/bash -e' (default /bin/sh).
     #[arg(long)]
     pub interpreter: Option<String>,
-    /// shell: environment variable K=V (repeatable).
+    /// shell, docker: environment variable K=V (repeatable).
     #[arg(long = "env", value_name = "K=V")]
     pub env: Vec<String>,
-    /// shell: absolute working directory.
+    /// shell, docker: absolute working directory.
     #[arg(long)]
     pub workdir: Option<String>,
 
@@ -173,6 +174,25 @@ pub struct SubmitArgs {
     /// http: a status that counts as success (repeatable; default any 2xx).
     #[arg(long)]
     pub expect_status: Vec<u16>,
+
+    /// docker: image to run; the command and its arguments follow `--`.
+    #[arg(long)]
+    pub image: Option<String>,
+    /// docker: pull policy: always, if-not-present (default) or never.
+    #[arg(long, value_parser = parse_pull)]
+    pub pull: Option<PullPolicy>,
+    /// docker: network mode, e.g. none or host (default: the engine's).
+    #[arg(long)]
+    pub network: Option<String>,
+    /// docker: user inside the container (name, uid, uid:gid).
+    #[arg(long)]
+    pub user: Option<String>,
+    /// docker: keep the container after the task instead of removing it.
+    #[arg(long)]
+    pub keep: bool,
+    /// docker: the command and its arguments, after `--`.
+    #[arg(last = true, value_name = "CMD")]
+    pub command: Vec<String>,
 
     /// Tag a delegate must have (repeatable).
     #[arg(long = "selector", value_name = "TAG")]
@@ -362,14 +382,15 @@ fn submission(args: &SubmitArgs) -> Result<SubmitTask, CliError> {
             ))
         })?
     } else {
-        let kind = match (&args.kind, &args.script, &args.url) {
-            (Some(k), _, _) => k.clone(),
-            (None, Some(_), _) => "shell".to_string(),
-            (None, None, Some(_)) => "http".to_string(),
-            (None, None, None) => {
+        let kind = match (&args.kind, &args.script, &args.url, &args.image) {
+            (Some(k), _, _, _) => k.clone(),
+            (None, Some(_), _, _) => "shell".to_string(),
+            (None, None, Some(_), _) => "http".to_string(),
+            (None, None, None, Some(_)) => "docker".to_string(),
+            (None, None, None, None) => {
                 return Err(CliError::Usage(
-                    "say what to run: --kind shell --script '...', --kind http --url URL, or \
-                     --spec FILE"
+                    "say what to run: --kind shell --script '...', --kind http --url URL, \
+                     --kind docker --image IMAGE -- CMD ARG..., or --spec FILE"
                         .to_string(),
                 ));
             }
@@ -392,6 +413,19 @@ fn submission(args: &SubmitArgs) -> Result<SubmitTask, CliError> {
                 headers: pairs(&args.headers, ':', "--header", "'K: V'")?,
                 body: args.body.clone(),
                 expect_status: args.expect_status.clone(),
+            }),
+            "docker" => TaskSpec::Docker(DockerSpec {
+                image: args.image.clone().ok_or_else(|| {
+                    CliError::Usage("--kind docker needs --image IMAGE".to_string())
+                })?,
+                pull: args.pull.unwrap_or_default(),
+                command: args.command.clone(),
+                env: pairs(&args.env, '=', "--env", "K=V")?,
+                working_dir: args.workdir.clone(),
+                user: args.user.clone(),
+                network_mode: args.network.clone(),
+                keep: args.keep,
+                ..DockerSpec::default()
             }),
             other => {
                 return Err(CliError::Usage(format!(
@@ -417,6 +451,17 @@ fn submission(args: &SubmitArgs) -> Result<SubmitTask, CliError> {
         task.retries = r;
     }
     Ok(task)
+}
+
+fn parse_pull(s: &str) -> Result<PullPolicy, String> {
+    match s {
+        "always" => Ok(PullPolicy::Always),
+        "if-not-present" => Ok(PullPolicy::IfNotPresent),
+        "never" => Ok(PullPolicy::Never),
+        other => Err(format!(
+            "{other:?} is not a pull policy (always, if-not-present, never)"
+        )),
+    }
 }
 
 /// Parse `K=V` / `K: V` pairs.
@@ -702,6 +747,40 @@ mod tests {
             }
             other => panic!("wrong kind {other:?}"),
         }
+    }
+
+    #[test]
+    fn docker_flags_make_a_docker_task_with_the_command_after_the_separator() {
+        let a = args(&[
+            "--kind",
+            "docker",
+            "--image",
+            "busybox:1",
+            "--pull",
+            "never",
+            "--network",
+            "none",
+            "--env",
+            "A=1",
+            "--keep",
+            "--",
+            "sh",
+            "-c",
+            "echo --not-a-flag",
+        ]);
+        match submission(&a).expect("submission").spec {
+            TaskSpec::Docker(d) => {
+                assert_eq!(d.image, "busybox:1");
+                assert_eq!(d.pull, PullPolicy::Never);
+                assert_eq!(d.network_mode.as_deref(), Some("none"));
+                assert_eq!(d.command, ["sh", "-c", "echo --not-a-flag"]);
+                assert_eq!(d.env.get("A").map(String::as_str), Some("1"));
+                assert!(d.keep);
+            }
+            other => panic!("wrong kind {other:?}"),
+        }
+        let e = submission(&args(&["--kind", "docker"])).expect_err("no image");
+        assert!(e.to_string().contains("--image"), "{e}");
     }
 
     #[test]
