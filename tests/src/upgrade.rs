@@ -550,11 +550,15 @@ impl World {
             limit,
             &format!("agent {version} running and connected"),
             || {
-                let s = self.agent_status().ok()?;
+                let s = self.agent_status().unwrap_or_else(|e| e.to_string());
                 let ok = s.contains(&format!("version:     {version}\n"))
                     && s.contains("state:       running\n")
                     && s.contains("connected:   true\n");
                 last = s.clone();
+                if !ok {
+                    // `delegate status` is a process per poll: poll gently on 2 cores.
+                    std::thread::sleep(Duration::from_millis(150));
+                }
                 ok.then_some(s)
             },
         )

@@ -48,8 +48,14 @@ fn host(test: &str) -> Option<Host> {
         .agent_config(&manager.url(), &token)
         .expect("agent config");
     let sup = w.start_supervisor(&cfg).expect("supervisor");
-    w.wait_healthy(&v1, Duration::from_secs(30))
-        .unwrap_or_else(|e| panic!("{e:#}\nagent log:\n{}", sup.log_text()));
+    w.wait_healthy(&v1, Duration::from_secs(60))
+        .unwrap_or_else(|e| {
+            panic!(
+                "{e:#}\nagent log:\n{}\nmanager log:\n{}",
+                tail(&sup.log_text(), 80),
+                tail(&manager.log_text(), 40)
+            )
+        });
     Some(Host {
         sup,
         w,
