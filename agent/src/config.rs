@@ -753,7 +753,7 @@ mod tests {
             "token = \"dlg_x\"\nmanager_url = \"htp://x\"\nconcurency = 3\ndrain_timeout = \"soon\"\n",
         );
         let env: [(&str, &str); 0] = [];
-        let e = Config::load(f.path(), &env).unwrap_err();
+        let e = Config::load(f.path(), &env).expect_err("must be refused");
         let text = e.to_string();
         let p = f.path().display();
         assert!(
@@ -779,7 +779,7 @@ mod tests {
     fn syntax_errors_name_the_line() {
         let f = write("manager_url = \"http://x\"\ntoken = \"t\"\n\nconcurrency = = 3\n");
         let env: [(&str, &str); 0] = [];
-        let e = Config::load(f.path(), &env).unwrap_err();
+        let e = Config::load(f.path(), &env).expect_err("must be refused");
         assert_eq!(e.problems[0].line, Some(4), "{e}");
         assert!(e.to_string().contains("TOML syntax error"), "{e}");
     }
@@ -804,7 +804,8 @@ mod tests {
     #[test]
     fn missing_file_and_missing_keys_say_how_to_fix() {
         let env: [(&str, &str); 0] = [];
-        let e = Config::load(Path::new("/nonexistent/delegate.toml"), &env).unwrap_err();
+        let e = Config::load(Path::new("/nonexistent/delegate.toml"), &env)
+            .expect_err("must be refused");
         let text = e.to_string();
         assert!(text.contains("manager_url is missing"), "{text}");
         assert!(text.contains("token create"), "{text}");
@@ -831,7 +832,7 @@ mod tests {
             "manager_url = \"http://x\"\ntoken = \"t\"\n[docker]\nallowed_mounts = [\"rel\"]\nallow_privileged = \"yes\"\n[docker.registries.\"r\"]\nusername = \"u\"\n",
         );
         let env: [(&str, &str); 0] = [];
-        let e = Config::load(f.path(), &env).unwrap_err();
+        let e = Config::load(f.path(), &env).expect_err("must be refused");
         let mut lines: Vec<Option<usize>> = e.problems.iter().map(|p| p.line).collect();
         lines.sort();
         // The registry's problem points at its table header.

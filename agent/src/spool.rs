@@ -417,7 +417,9 @@ mod tests {
     fn task_ids_cannot_escape_the_spool() {
         let tmp = tempfile::tempdir().expect("tempdir");
         let spool = Spool::open(tmp.path()).expect("open");
-        let e = spool.create(&assignment("../../etc")).unwrap_err();
+        let e = spool
+            .create(&assignment("../../etc"))
+            .expect_err("must be refused");
         assert!(matches!(e, SpoolError::BadTaskId(_)), "{e}");
     }
 

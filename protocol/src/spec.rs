@@ -382,7 +382,7 @@ impl DockerSpec {
             ));
         }
         if let Some(c) = self.cpus
-            && !(c.is_finite() && c >= 0.01 && c <= 1024.0)
+            && !(c.is_finite() && (0.01..=1024.0).contains(&c))
         {
             return Err(invalid(
                 "spec.cpus",
@@ -435,13 +435,14 @@ mod tests {
 
     #[test]
     fn empty_script_is_refused_with_the_field_name() {
-        let e = TaskSpec::from_wire("shell", &json!({"script": "  "})).unwrap_err();
+        let e =
+            TaskSpec::from_wire("shell", &json!({"script": "  "})).expect_err("must be refused");
         assert!(e.to_string().starts_with("spec.script: is empty"), "{e}");
     }
 
     #[test]
     fn unknown_kind_names_the_known_ones() {
-        let e = TaskSpec::from_wire("cobol", &json!({})).unwrap_err();
+        let e = TaskSpec::from_wire("cobol", &json!({})).expect_err("must be refused");
         assert_eq!(
             e.to_string(),
             "unknown task kind \"cobol\" (known kinds: shell, http, docker)"
@@ -450,7 +451,8 @@ mod tests {
 
     #[test]
     fn malformed_spec_says_what_is_missing() {
-        let e = TaskSpec::from_wire("http", &json!({"method": "GET"})).unwrap_err();
+        let e =
+            TaskSpec::from_wire("http", &json!({"method": "GET"})).expect_err("must be refused");
         assert!(matches!(e, SpecError::Malformed { .. }));
         assert!(e.to_string().contains("missing field `url`"), "{e}");
     }
@@ -460,7 +462,8 @@ mod tests {
         let ok = TaskSpec::from_wire("http", &json!({"url": "http://127.0.0.1:1/x"}))
             .expect("valid http spec");
         assert_eq!(ok.kind(), "http");
-        let e = TaskSpec::from_wire("http", &json!({"url": "ftp://x"})).unwrap_err();
+        let e =
+            TaskSpec::from_wire("http", &json!({"url": "ftp://x"})).expect_err("must be refused");
         assert!(e.to_string().starts_with("spec.url"), "{e}");
         let h = HttpSpec {
             url: "http://x".into(),

@@ -178,7 +178,7 @@ impl Drop for PrivateEngine {
                 .filter_map(|l| l.split_whitespace().nth(1))
                 .filter(|m| m.starts_with(&prefix))
                 .collect();
-            ours.sort_by(|a, b| b.len().cmp(&a.len()));
+            ours.sort_by_key(|m| std::cmp::Reverse(m.len()));
             for m in ours {
                 let _ = Command::new("umount").args(["-l", m]).status();
             }
