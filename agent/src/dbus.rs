@@ -227,7 +227,7 @@ pub async fn connect() -> Result<Agent1Proxy<'static>, CliError> {
         })?;
     let name = zbus::names::BusName::try_from(BUS_NAME).map_err(|e| CliError::Call {
         what: "bus name",
-        source: e.into(),
+        source: e,
     })?;
     if !dbus.name_has_owner(name).await.unwrap_or(false) {
         return Err(CliError::NotRunning);
