@@ -359,3 +359,27 @@ fn overhead_of_50_docker_tasks() {
         stats(&mut to_result)
     );
 }
+
+#[test]
+fn container_removed_while_the_agent_was_down_makes_the_task_lost() {
+    let sock = socket();
+    let w = World::new();
+    let mut a = docker_agent(&w, "agent-1", &sock, "");
+    let id = w
+        .manager
+        .submit(&task("echo started; sleep 600", 120, json!({})))
+        .expect("submit");
+    wait_for(LONG, "the container to print", || {
+        (w.manager.logs(&id).ok()? == b"started\n").then_some(())
+    })
+    .expect("running");
+    a.kill9();
+    for c in task_containers(&sock, &id).expect("list") {
+        cli(&sock, &["rm", "-f", &c]).expect("remove behind the agent's back");
+    }
+    a.restart().expect("restart");
+    let t = w.manager.wait_done(&id, LONG).expect("finishes");
+    assert_eq!(t.state, TaskState::Lost, "{t:?}");
+    let msg = t.message.unwrap_or_default();
+    assert!(msg.contains("is gone"), "{msg}");
+}
