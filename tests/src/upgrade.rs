@@ -201,7 +201,12 @@ pub fn agent_v2() -> Result<PathBuf> {
         .parent()
         .ok_or_else(|| anyhow!("no workspace dir"))?
         .to_path_buf();
-    let target = workspace.join("target").join("upgrade-v2");
+    // Beside `debug/` in whatever target directory this test was built in (CI keeps a
+    // warm one), so the 0.2.0 build is incremental across runs.
+    let target = crate::bin_dir()
+        .parent()
+        .map(|t| t.join("upgrade-v2"))
+        .unwrap_or_else(|| workspace.join("target").join("upgrade-v2"));
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let start = Instant::now();
     let out = Command::new(cargo)
