@@ -268,3 +268,31 @@ fn config_errors_name_the_line() {
         "{r:#?}"
     );
 }
+
+#[test]
+fn signatures_verify_with_the_minisign_tool() {
+    let ok = std::process::Command::new("minisign")
+        .arg("-v")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        eprintln!(
+            "\n!!!!! SKIPPED: `minisign` is not installed; interoperability not checked !!!!!\n"
+        );
+        return;
+    }
+    let w = world();
+    publish(&w, "0.2.0");
+    let key = w.dir.join("signing").join("delegate-release.pub");
+    let artifact = w.releases.join(w.artifact_rel().expect("rel"));
+    for file in [w.manifest_path(), artifact] {
+        let out = std::process::Command::new("minisign")
+            .arg("-Vm")
+            .arg(&file)
+            .arg("-p")
+            .arg(&key)
+            .output()
+            .expect("minisign");
+        assert!(out.status.success(), "{file:?}: {out:?}");
+    }
+}

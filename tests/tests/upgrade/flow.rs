@@ -217,6 +217,18 @@ fn operator_cli_drains_and_resumes_over_dbus() {
             .output()
             .expect("delegate cli")
     };
+    // Watch PropertiesChanged on the bus while draining and resuming.
+    let mut monitor = std::process::Command::new("dbus-monitor")
+        .args([
+            "--address",
+            &h.w.bus_address,
+            "type='signal',interface='org.freedesktop.DBus.Properties',member='PropertiesChanged',path='/dev/delegate/Agent1'",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("dbus-monitor");
+    std::thread::sleep(Duration::from_millis(500));
     let out = cli(&["drain", "--wait", "--timeout", "20s"]);
     assert!(out.status.success(), "{out:?}");
     assert!(
@@ -228,6 +240,16 @@ fn operator_cli_drains_and_resumes_over_dbus() {
     assert!(out.status.success(), "{out:?}");
     h.w.wait_healthy(&h.v1, Duration::from_secs(10))
         .expect("running");
+    std::thread::sleep(Duration::from_millis(300));
+    let _ = monitor.kill();
+    let seen = monitor.wait_with_output().expect("monitor output");
+    let seen = String::from_utf8_lossy(&seen.stdout);
+    for word in ["\"State\"", "\"drained\"", "\"running\""] {
+        assert!(
+            seen.contains(word),
+            "no PropertiesChanged with {word}:\n{seen}"
+        );
+    }
     // Without an agent on the bus the CLI says so.
     let out = std::process::Command::new(&delegate)
         .arg("status")
