@@ -367,3 +367,34 @@ fn two_upgraders_at_once_upgrade_once() {
     h.w.wait_healthy("0.2.0", Duration::from_secs(30))
         .expect("healthy");
 }
+
+#[test]
+fn offline_install_of_a_signed_archive() {
+    let Some(h) = host("offline_install") else {
+        return;
+    };
+    h.publish_v2();
+    let archive = h.w.releases.join(h.w.artifact_rel().expect("rel"));
+    let sig = format!("{}.minisig", archive.display());
+    // A signature over other bytes is refused before anything changes.
+    let other = h.w.dir.join("other.tar.gz");
+    std::fs::write(&other, b"not the archive").expect("write");
+    let arch = archive.display().to_string();
+    let r =
+        h.w.upgrader(
+            &["install", &other.display().to_string(), "--signature", &sig],
+            None,
+            RUN_LIMIT,
+        )
+        .expect("install");
+    assert_eq!(r.error_code().as_deref(), Some("bad-signature"), "{r:#?}");
+    assert_eq!(h.w.current().as_deref(), Some(h.v1.as_str()));
+
+    let r =
+        h.w.upgrader(&["install", &arch, "--signature", &sig], None, RUN_LIMIT)
+            .expect("install");
+    assert_eq!(r.code, Some(0), "{r:#?}\n{}", h.context());
+    assert!(r.stdout.starts_with("installed"), "{r:#?}");
+    h.w.wait_healthy("0.2.0", Duration::from_secs(30))
+        .expect("0.2.0 healthy");
+}
