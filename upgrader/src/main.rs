@@ -194,9 +194,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             print!("{}", status_text(&cfg)?);
             Ok(ExitCode::SUCCESS)
         }
-        Command::Skip { version } | Command::Unskip { version }
-            if matches!(cli.command, Command::Skip { .. }) =>
-        {
+        Command::Skip { version } => {
             let mut s = State::load(&cfg.root)?;
             s.skip(&version);
             s.write(&cfg.root)?;
