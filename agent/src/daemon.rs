@@ -254,7 +254,9 @@ impl Daemon {
 
     /// Run until a `Shutdown`/`Abort` control has been handled.
     pub async fn run(self, control: mpsc::Receiver<Control>) -> Result<(), DaemonError> {
-        run_shared(self.shared, control).await
+        // Every line the daemon logs carries DELEGATE_ID in the journal once registered.
+        let root = tracing::info_span!("delegate", delegate_id = tracing::field::Empty);
+        run_shared(self.shared, control).instrument(root).await
     }
 }
 
@@ -281,7 +283,7 @@ async fn run_shared(
     );
     let watchdog = notify::spawn_watchdog();
 
-    let session = tokio::spawn(session(shared.clone()));
+    let session = tokio::spawn(session(shared.clone()).in_current_span());
 
     // Wait for the first request to stop; drains and resumes in between.
     let mut aborted = false;
@@ -433,7 +435,7 @@ async fn session(shared: Arc<Shared>) {
     let Some(interval) = register(&shared).await else {
         return;
     };
-    let hb = tokio::spawn(heartbeat_loop(shared.clone(), interval));
+    let hb = tokio::spawn(heartbeat_loop(shared.clone(), interval).in_current_span());
     acquire_loop(&shared).await;
     hb.abort();
 }
@@ -461,6 +463,7 @@ async fn register(shared: &Arc<Shared>) -> Option<Duration> {
         match attempt {
             Ok(resp) => {
                 info!(delegate_id = %resp.delegate_id, name = %req.name, "registered with the manager");
+                tracing::Span::current().record("delegate_id", resp.delegate_id.as_str());
                 shared.delegate_id.send_replace(Some(resp.delegate_id));
                 shared.set_connected(true);
                 shared.apply(Event::Registered);
