@@ -291,7 +291,8 @@ async fn run_shared(
         match control.recv().await {
             Some(Control::Drain) => begin_drain(&shared, false).await,
             Some(Control::Resume) => {
-                shared.apply(Event::Resume);
+                let registered = shared.delegate_id.borrow().is_some();
+                shared.apply(Event::Resume { registered });
                 // The manager holds back tasks from a draining delegate until told.
                 tell_manager_state(&shared).await;
                 shared.slot_freed.notify_one();

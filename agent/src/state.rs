@@ -13,8 +13,9 @@ pub enum Event {
     Registered,
     /// SIGTERM or `Drain()`: stop taking tasks, let in-flight ones finish.
     Drain,
-    /// `Resume()`: take tasks again.
-    Resume,
+    /// `Resume()`: take tasks again. `registered` says whether the manager has accepted
+    /// this agent yet; if not, resuming goes back to `starting`, not `running`.
+    Resume { registered: bool },
     /// The last in-flight task finished while draining.
     Idle,
     /// The process is about to exit.
@@ -44,12 +45,14 @@ pub fn transition(state: AgentState, event: Event) -> Result<AgentState, Transit
         (S::Drained, E::Idle) => Ok(S::Drained),
         // Idle is reported after every task; it only matters while draining.
         (S::Starting | S::Running, E::Idle) => Ok(state),
-        // Resume undoes a drain that has not turned into a stop.
-        (S::Draining | S::Drained, E::Resume) => Ok(S::Running),
-        (S::Running, E::Resume) => Ok(S::Running),
+        // Resume undoes a drain that has not turned into a stop; an agent drained before
+        // it ever registered is only starting again.
+        (S::Draining | S::Drained, E::Resume { registered: true }) => Ok(S::Running),
+        (S::Draining | S::Drained, E::Resume { registered: false }) => Ok(S::Starting),
+        (S::Running, E::Resume { .. }) => Ok(S::Running),
         // Stopping is final and reachable from everywhere.
         (_, E::Stop) => Ok(S::Stopping),
-        (S::Starting, E::Resume) | (S::Stopping, _) => Err(TransitionError { state, event }),
+        (S::Starting, E::Resume { .. }) | (S::Stopping, _) => Err(TransitionError { state, event }),
     }
 }
 
@@ -65,15 +68,33 @@ mod tests {
         assert_eq!(s, S::Draining);
         let s = transition(s, Event::Idle).expect("idle");
         assert_eq!(s, S::Drained);
-        assert_eq!(transition(s, Event::Resume), Ok(S::Running));
+        assert_eq!(
+            transition(s, Event::Resume { registered: true }),
+            Ok(S::Running)
+        );
+    }
+
+    #[test]
+    fn resume_before_registration_is_starting_again() {
+        let s = transition(S::Starting, Event::Drain).expect("drain");
+        let s = transition(s, Event::Idle).expect("idle");
+        assert_eq!(
+            transition(s, Event::Resume { registered: false }),
+            Ok(S::Starting)
+        );
     }
 
     #[test]
     fn nothing_leaves_stopping() {
-        for e in [Event::Registered, Event::Drain, Event::Resume, Event::Idle] {
+        for e in [
+            Event::Registered,
+            Event::Drain,
+            Event::Resume { registered: true },
+            Event::Idle,
+        ] {
             assert!(transition(S::Stopping, e).is_err(), "{e:?}");
         }
         assert_eq!(transition(S::Stopping, Event::Stop), Ok(S::Stopping));
-        assert!(transition(S::Starting, Event::Resume).is_err());
+        assert!(transition(S::Starting, Event::Resume { registered: false }).is_err());
     }
 }
