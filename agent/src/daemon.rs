@@ -499,7 +499,8 @@ async fn register(shared: &Arc<Shared>) -> Option<Duration> {
 
 async fn heartbeat_loop(shared: Arc<Shared>, interval: Duration) {
     let mut backoff = Backoff::new(Duration::from_secs(1), interval);
-    let mut delay = interval;
+    // The first heartbeat goes at once: the manager learns `running` without waiting.
+    let mut delay = Duration::ZERO;
     loop {
         tokio::time::sleep(delay).await;
         let Some(id) = shared.delegate_id.borrow().clone() else {

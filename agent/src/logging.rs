@@ -3,6 +3,8 @@
 //! Under journald every event of a task carries `TASK_ID`, `TASK_KIND` and `ATTEMPT`
 //! fields (from the task span) so `journalctl -u delegate TASK_ID=t_...` finds its lines.
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -34,6 +36,7 @@ pub fn init(level: &str) {
         .with(
             tracing_subscriber::fmt::layer()
                 .with_writer(std::io::stderr)
+                .with_ansi(std::io::stderr().is_terminal())
                 .with_target(false),
         )
         .try_init();

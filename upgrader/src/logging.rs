@@ -1,6 +1,8 @@
 //! Logging: journald's native protocol under systemd (so `UPGRADE_STEP`, `UPGRADE_FROM`,
 //! `UPGRADE_TO` are real journal fields), readable stderr otherwise.
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -28,6 +30,7 @@ pub fn init() {
         .with(
             tracing_subscriber::fmt::layer()
                 .with_writer(std::io::stderr)
+                .with_ansi(std::io::stderr().is_terminal())
                 .with_target(false),
         )
         .try_init();
