@@ -465,6 +465,8 @@ impl Config {
         }
         apply_env(&mut c, &mut raw, env);
         let config = finish(&mut c, raw, env);
+        // Report in file order; problems without a line (missing keys) come last.
+        c.problems.sort_by_key(|p| p.line.unwrap_or(usize::MAX));
         if c.problems.is_empty() {
             config.ok_or_else(|| ConfigError { problems: vec![] })
         } else {
