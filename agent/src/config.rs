@@ -462,6 +462,15 @@ impl Config {
         let mut raw = Raw::default();
         if text.is_some() {
             parse_file(&mut c, &mut raw);
+            if !c.problems.is_empty()
+                && c.problems
+                    .iter()
+                    .all(|p| p.message.starts_with("TOML syntax error"))
+            {
+                return Err(ConfigError {
+                    problems: c.problems,
+                });
+            }
         }
         apply_env(&mut c, &mut raw, env);
         let config = finish(&mut c, raw, env);
@@ -479,9 +488,14 @@ impl Config {
 
 fn parse_file(c: &mut Collector<'_>, raw: &mut Raw) {
     let (doc, errors) = DeTable::parse_recoverable(c.text);
-    for e in errors {
-        let offset = e.span().map(|s| s.start);
-        c.at(offset, format!("TOML syntax error: {}", e.message().trim()));
+    if !errors.is_empty() {
+        // Values recovered from a broken document carry unreliable spans and may be
+        // missing: report the syntax errors alone, each with its line.
+        for e in errors {
+            let offset = e.span().map(|s| s.start);
+            c.at(offset, format!("TOML syntax error: {}", e.message().trim()));
+        }
+        return;
     }
     for (k, v) in doc.get_ref().iter() {
         let key: &str = k.get_ref().as_ref();
