@@ -461,12 +461,7 @@ impl Config {
         };
         let mut raw = Raw::default();
         if text.is_some() {
-            parse_file(&mut c, &mut raw);
-            if !c.problems.is_empty()
-                && c.problems
-                    .iter()
-                    .all(|p| p.message.starts_with("TOML syntax error"))
-            {
+            if !parse_file(&mut c, &mut raw) {
                 return Err(ConfigError {
                     problems: c.problems,
                 });
@@ -486,7 +481,8 @@ impl Config {
     }
 }
 
-fn parse_file(c: &mut Collector<'_>, raw: &mut Raw) {
+/// Walk the document into `raw`; false when it is not valid TOML at all.
+fn parse_file(c: &mut Collector<'_>, raw: &mut Raw) -> bool {
     let (doc, errors) = DeTable::parse_recoverable(c.text);
     if !errors.is_empty() {
         // Values recovered from a broken document carry unreliable spans and may be
@@ -495,7 +491,7 @@ fn parse_file(c: &mut Collector<'_>, raw: &mut Raw) {
             let offset = e.span().map(|s| s.start);
             c.at(offset, format!("TOML syntax error: {}", e.message().trim()));
         }
-        return;
+        return false;
     }
     for (k, v) in doc.get_ref().iter() {
         let key: &str = k.get_ref().as_ref();
@@ -561,6 +557,7 @@ fn parse_file(c: &mut Collector<'_>, raw: &mut Raw) {
             }
         }
     }
+    true
 }
 
 /// Near-miss detection for typos: same letters but one edit away, or a different case.
