@@ -8,6 +8,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
 use delegate_protocol::{TaskState, TaskView};
+use delegate_tests::docker::TEST_IMAGE;
 use delegate_tests::{Agent, AgentOptions, Manager, wait_for};
 use nix::sys::signal::Signal;
 use serde_json::json;
@@ -187,6 +188,80 @@ fn main() -> Result<()> {
         idle.rss_kib()? as f64 / 1024.0,
         cpu,
         cpu as f64 / secs as f64
+    );
+    drop(idle);
+
+    // 4. Docker task overhead, when a test engine is given (scripts/test's set-up).
+    match delegate_tests::docker::test_socket() {
+        Ok(sock) => docker_overhead(&manager, &token, tmp.path(), &sock, 50 / scale.min(5))?,
+        Err(_) => println!(
+            "docker overhead: skipped (set DELEGATE_TEST_DOCKER_SOCKET to a dockerd with {TEST_IMAGE})"
+        ),
+    }
+    Ok(())
+}
+
+/// Submit → container started, and container exit → result at the manager, from the
+/// engine's own StartedAt/FinishedAt and the manager's timestamps.
+fn docker_overhead(
+    manager: &Manager,
+    token: &str,
+    root: &std::path::Path,
+    sock: &std::path::Path,
+    n: usize,
+) -> Result<()> {
+    let agent = Agent::start(
+        root,
+        &manager.url(),
+        token,
+        &AgentOptions {
+            name: "bench-docker".into(),
+            extra: delegate_tests::docker::agent_config(sock),
+            log_filter: "warn,delegate=info",
+            ..AgentOptions::default()
+        },
+    )?;
+    agent.wait_log("offering the docker target", Duration::from_secs(20))?;
+    let (mut to_start, mut to_result) = (Vec::new(), Vec::new());
+    for _ in 0..n {
+        let id = manager.submit(&json!({
+            "kind": "docker",
+            "spec": {"image": TEST_IMAGE, "pull": "never", "network_mode": "none",
+                     "command": ["true"], "keep": true},
+        }))?;
+        let t = manager.wait_done(&id, Duration::from_secs(60))?;
+        if t.state != TaskState::Succeeded {
+            bail!("docker task {id} ended {:?}: {:?}", t.state, t.message);
+        }
+        let containers = delegate_tests::docker::task_containers(sock, &id)?;
+        let c = containers.first().context("kept container")?;
+        let times = delegate_tests::docker::cli(
+            sock,
+            &[
+                "inspect",
+                "-f",
+                "{{.State.StartedAt}} {{.State.FinishedAt}}",
+                c,
+            ],
+        )?;
+        let mut it = times
+            .split_whitespace()
+            .map(delegate_tests::docker::rfc3339_millis);
+        let (Some(Some(started)), Some(Some(finished))) = (it.next(), it.next()) else {
+            bail!("cannot read the container's times from {times:?}");
+        };
+        to_start.push((started - t.created_at) as f64);
+        to_result.push((t.finished_at.unwrap_or(finished) - finished) as f64);
+        delegate_tests::docker::cli(sock, &["rm", "-f", c])?;
+    }
+    to_start.sort_by(f64::total_cmp);
+    to_result.sort_by(f64::total_cmp);
+    println!(
+        "docker task overhead, {n} tasks: submit → container started p50 {:.0} ms, p90 {:.0} ms; container exit → result at the manager p50 {:.0} ms, p90 {:.0} ms",
+        percentile(&to_start, 0.5),
+        percentile(&to_start, 0.9),
+        percentile(&to_result, 0.5),
+        percentile(&to_result, 0.9)
     );
     Ok(())
 }

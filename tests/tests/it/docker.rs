@@ -5,7 +5,7 @@
 //! they fail with a message saying so.
 
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use delegate_protocol::TaskState;
 use delegate_tests::docker::{PrivateEngine, TEST_IMAGE, agent_config, cli, task_containers};
@@ -302,62 +302,6 @@ fn container_that_finished_while_the_agent_was_down_is_reported() {
     let log = String::from_utf8(w.manager.logs(&id).expect("logs")).expect("utf8");
     assert_eq!(log, numbered(50));
     no_containers_left(&sock, &id);
-}
-
-/// Not a check but a measurement, printed for the record (`-- --nocapture`): submit →
-/// container started, and container exit → result at the manager, over 50 tasks.
-#[test]
-fn overhead_of_50_docker_tasks() {
-    let sock = socket();
-    let w = World::new();
-    let _a = docker_agent(&w, "agent-1", &sock, "");
-    let (mut to_start, mut to_result) = (Vec::new(), Vec::new());
-    let began = Instant::now();
-    for _ in 0..50 {
-        let id = w
-            .manager
-            .submit(&task("true", 60, json!({"keep": true})))
-            .expect("submit");
-        let t = w.manager.wait_done(&id, LONG).expect("finishes");
-        assert_eq!(t.state, TaskState::Succeeded, "{t:?}");
-        let c = task_containers(&sock, &id).expect("list");
-        let times = cli(
-            &sock,
-            &[
-                "inspect",
-                "-f",
-                "{{.State.StartedAt}} {{.State.FinishedAt}}",
-                &c[0],
-            ],
-        )
-        .expect("inspect");
-        let mut it = times
-            .split_whitespace()
-            .map(delegate_tests::docker::rfc3339_millis);
-        let (started, finished) = (
-            it.next().flatten().expect("StartedAt"),
-            it.next().flatten().expect("FinishedAt"),
-        );
-        to_start.push(started - t.created_at);
-        to_result.push(t.finished_at.expect("finished") - finished);
-        cli(&sock, &["rm", "-f", &c[0]]).expect("clean up");
-    }
-    let stats = |v: &mut Vec<i64>| {
-        v.sort_unstable();
-        let mean = v.iter().sum::<i64>() as f64 / v.len() as f64;
-        format!(
-            "median {} ms, mean {mean:.1} ms, p90 {} ms, max {} ms",
-            v[v.len() / 2],
-            v[v.len() * 9 / 10],
-            v[v.len() - 1]
-        )
-    };
-    eprintln!(
-        "docker task overhead over 50 tasks ({:.1}s): submit → container started: {}; container exit → result at the manager: {}",
-        began.elapsed().as_secs_f64(),
-        stats(&mut to_start),
-        stats(&mut to_result)
-    );
 }
 
 #[test]
