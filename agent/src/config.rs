@@ -460,12 +460,10 @@ impl Config {
             problems: Vec::new(),
         };
         let mut raw = Raw::default();
-        if text.is_some() {
-            if !parse_file(&mut c, &mut raw) {
-                return Err(ConfigError {
-                    problems: c.problems,
-                });
-            }
+        if text.is_some() && !parse_file(&mut c, &mut raw) {
+            return Err(ConfigError {
+                problems: c.problems,
+            });
         }
         apply_env(&mut c, &mut raw, env);
         let config = finish(&mut c, raw, env);

@@ -1,0 +1,196 @@
+//! The agent's conversation with the manager: register (retrying with backoff), heartbeat
+//! (renewing leases, receiving cancels and revocations) and the long poll that leases tasks.
+//!
+//! A poll that may lease tasks is never abandoned half-way, so a task cannot be stranded
+//! on this delegate until its lease lapses.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use delegate_protocol::RegisterRequest;
+use tracing::{Instrument, debug, error, info, warn};
+
+use super::{Event, Shared, StopReason, heartbeat_request, spawn_task};
+use crate::backoff::Backoff;
+use crate::client::ClientError;
+use crate::state::AgentState;
+
+/// Register (retrying forever with backoff), then keep heartbeating and polling.
+pub(super) async fn session(shared: Arc<Shared>) {
+    let Some(interval) = register(&shared).await else {
+        return;
+    };
+    let hb = tokio::spawn(heartbeat_loop(shared.clone(), interval).in_current_span());
+    acquire_loop(&shared).await;
+    hb.abort();
+}
+
+/// Returns the heartbeat interval, or `None` when the agent stopped before registering.
+pub(super) async fn register(shared: &Arc<Shared>) -> Option<Duration> {
+    let hostname = nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "unknown".into());
+    let req = RegisterRequest {
+        name: shared.config.name.clone(),
+        hostname,
+        version: crate::VERSION.to_string(),
+        tags: shared.config.tags.clone(),
+        targets: shared.targets(),
+        capacity: shared.config.concurrency,
+    };
+    let mut backoff = Backoff::manager();
+    loop {
+        let attempt = tokio::select! {
+            r = shared.client.register(&req) => r,
+            _ = shared.stop_polling.cancelled() => return None,
+        };
+        match attempt {
+            Ok(resp) => {
+                info!(delegate_id = %resp.delegate_id, name = %req.name, "registered with the manager");
+                tracing::Span::current().record("delegate_id", resp.delegate_id.as_str());
+                shared.delegate_id.send_replace(Some(resp.delegate_id));
+                shared.set_connected(true);
+                shared.apply(Event::Registered);
+                return Some(Duration::from_secs(
+                    resp.heartbeat_interval_secs.clamp(1, 300),
+                ));
+            }
+            Err(e) => {
+                shared.set_connected(false);
+                let delay = backoff.next_delay();
+                let retry =
+                    humantime::format_duration(Duration::from_millis(delay.as_millis() as u64));
+                if matches!(e, ClientError::Unauthorized { .. }) {
+                    error!(
+                        attempt = backoff.failures(),
+                        "registration refused: {e}; retrying in {retry}"
+                    );
+                } else {
+                    warn!(
+                        attempt = backoff.failures(),
+                        "registration failed: {e}; retrying in {retry}"
+                    );
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = shared.stop_polling.cancelled() => return None,
+                }
+            }
+        }
+    }
+}
+
+pub(super) async fn heartbeat_loop(shared: Arc<Shared>, interval: Duration) {
+    let mut backoff = Backoff::new(Duration::from_secs(1), interval);
+    // The first heartbeat goes at once: the manager learns `running` without waiting.
+    let mut delay = Duration::ZERO;
+    loop {
+        tokio::time::sleep(delay).await;
+        let Some(id) = shared.delegate_id.borrow().clone() else {
+            return;
+        };
+        let req = heartbeat_request(&shared);
+        match shared.client.heartbeat(&id, &req).await {
+            Ok(resp) => {
+                backoff.reset();
+                delay = interval;
+                shared.set_connected(true);
+                for t in resp.cancel {
+                    info!(task_id = %t, "cancel requested by the manager");
+                    shared.stop_task(&t, StopReason::Cancelled);
+                }
+                for t in resp.revoked {
+                    warn!(task_id = %t, "the manager no longer assigns this task to us; stopping it");
+                    shared.stop_task(&t, StopReason::Revoked);
+                }
+            }
+            Err(e) if e.is_unknown_delegate() => {
+                warn!("the manager does not know this delegate any more; registering again");
+                if register(&shared).await.is_none() {
+                    return;
+                }
+            }
+            Err(e) => {
+                shared.set_connected(false);
+                delay = backoff.next_delay();
+                if backoff.failures() == 1 {
+                    warn!("heartbeat failed: {e}");
+                } else {
+                    debug!("heartbeat failed again: {e}");
+                }
+            }
+        }
+    }
+}
+
+pub(super) async fn acquire_loop(shared: &Arc<Shared>) {
+    let wait = shared.config.acquire_wait;
+    let mut backoff = Backoff::manager();
+    loop {
+        let state = *shared.state.borrow();
+        if state == AgentState::Stopping || shared.stop_polling.is_cancelled() {
+            return;
+        }
+        let Some(id) = shared.delegate_id.borrow().clone() else {
+            return;
+        };
+        let free = if state == AgentState::Running {
+            u32::try_from(shared.slots.available_permits()).unwrap_or(u32::MAX)
+        } else {
+            0
+        };
+        let poll = shared.client.acquire(&id, wait, free);
+        let result = if free == 0 {
+            // Only cancellations can come: safe to abandon when a slot frees up.
+            tokio::select! {
+                r = poll => r,
+                _ = shared.slot_freed.notified() => continue,
+                _ = shared.stop_polling.cancelled() => return,
+            }
+        } else {
+            // A poll that may lease tasks is never dropped half-way (the task would be
+            // stranded until its lease lapsed), except when stopping for good.
+            tokio::select! {
+                r = poll => r,
+                _ = shared.stop_polling.cancelled() => return,
+            }
+        };
+        match result {
+            Ok(Some(resp)) => {
+                backoff.reset();
+                shared.set_connected(true);
+                for t in resp.cancel {
+                    info!(task_id = %t, "cancel requested by the manager");
+                    shared.stop_task(&t, StopReason::Cancelled);
+                }
+                for a in resp.tasks {
+                    let permit = shared.slots.clone().try_acquire_owned().ok();
+                    spawn_task(shared.clone(), a, permit);
+                }
+            }
+            Ok(None) => {
+                backoff.reset();
+                shared.set_connected(true);
+            }
+            Err(e) => {
+                if e.is_unknown_delegate() {
+                    // The heartbeat loop re-registers; give it a moment.
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+                shared.set_connected(false);
+                let delay = backoff.next_delay();
+                if backoff.failures() == 1 {
+                    warn!("polling for tasks failed: {e}");
+                } else {
+                    debug!("polling for tasks failed again: {e}");
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = shared.stop_polling.cancelled() => return,
+                }
+            }
+        }
+    }
+}
