@@ -26,6 +26,9 @@ fn docker_agent(w: &World, name: &str, socket: &std::path::Path, extra: &str) ->
     });
     a.wait_log("offering the docker target", Duration::from_secs(20))
         .expect("the agent sees the engine");
+    // The engine probe comes before registration; tests read the delegate list.
+    a.wait_log("registered with the manager", Duration::from_secs(20))
+        .expect("the agent registers");
     a
 }
 
