@@ -115,21 +115,25 @@ where
     F: FnOnce(dbus::Agent1Proxy<'static>) -> Fut,
     Fut: std::future::Future<Output = Result<(), dbus::CliError>>,
 {
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("delegate: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+    let Some(runtime) = runtime(tokio::runtime::Builder::new_current_thread()) else {
+        return ExitCode::FAILURE;
     };
     match runtime.block_on(async { f(dbus::connect().await?).await }) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("delegate: {e}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// Build a runtime, or say why not (the caller exits non-zero).
+fn runtime(mut builder: tokio::runtime::Builder) -> Option<tokio::runtime::Runtime> {
+    match builder.enable_all().build() {
+        Ok(r) => Some(r),
+        Err(e) => {
+            eprintln!("delegate: cannot start the async runtime: {e}");
+            None
         }
     }
 }
@@ -145,16 +149,12 @@ fn run(path: PathBuf) -> ExitCode {
         }
     };
     logging::init(&config.log_level);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("delegate: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+    // Two workers: the agent mostly waits on sockets and children; more threads would only
+    // cost memory on hosts with many cores.
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.worker_threads(2);
+    let Some(runtime) = runtime(builder) else {
+        return ExitCode::FAILURE;
     };
     let result = runtime.block_on(async {
         let (tx, rx) = tokio::sync::mpsc::channel(8);
