@@ -216,6 +216,8 @@ fn docker_overhead(
         token,
         &AgentOptions {
             name: "bench-docker".into(),
+            // The throughput agent is still connected; route docker tasks here only.
+            tags: vec!["bench-docker".into()],
             extra: delegate_tests::docker::agent_config(sock),
             log_filter: "warn,delegate=info",
             ..AgentOptions::default()
@@ -228,6 +230,7 @@ fn docker_overhead(
             "kind": "docker",
             "spec": {"image": TEST_IMAGE, "pull": "never", "network_mode": "none",
                      "command": ["true"], "keep": true},
+            "selectors": ["bench-docker"],
         }))?;
         let t = manager.wait_done(&id, Duration::from_secs(60))?;
         if t.state != TaskState::Succeeded {
