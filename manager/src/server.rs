@@ -149,6 +149,12 @@ impl Server {
         };
         let mut stopping = app.hub.subscribe_shutdown();
         info!("listening on {addr}");
+        // Long-poll answers and acks are small writes; don't let Nagle hold them back.
+        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!("cannot set TCP_NODELAY: {e}");
+            }
+        });
         let serve = axum::serve(listener, api::router(app)).with_graceful_shutdown(signal);
         let res = tokio::select! {
             r = serve => r.map_err(ServeError::Serve),
