@@ -272,7 +272,7 @@ async fn run_shared(
     shared: Arc<Shared>,
     mut control: mpsc::Receiver<Control>,
 ) -> Result<(), DaemonError> {
-    probe_docker(&shared).await;
+    probe_docker(&shared, false).await;
     recover_spool(&shared);
     notify::ready();
     shared.update_status();
@@ -434,21 +434,29 @@ fn heartbeat_request(shared: &Shared) -> HeartbeatRequest {
     }
 }
 
-/// Ask the Docker engine whether it answers, once at start: the target is offered only
-/// then, and an engine that cannot be used gets one log line that says how to fix it.
-async fn probe_docker(shared: &Shared) {
-    if !shared.config.docker.enabled {
-        return;
+/// Ask the Docker engine whether it answers: at start, and again with each heartbeat while
+/// it does not. The target is offered only when it answers; an engine that cannot be used
+/// gets one log line at start that says how to fix it (`quiet` for the retries). Returns
+/// true when the engine answers now and did not before.
+async fn probe_docker(shared: &Shared, quiet: bool) -> bool {
+    if !shared.config.docker.enabled || shared.docker_up.load(Ordering::Relaxed) {
+        return false;
     }
     match exec::docker::probe(&shared.docker).await {
         Ok(version) => {
             shared.docker_up.store(true, Ordering::Relaxed);
             info!(socket = %shared.docker.socket.display(), "Docker engine {version} answers; offering the docker target");
+            true
+        }
+        Err(e) if quiet => {
+            debug!("Docker engine still not usable: {e}");
+            false
         }
         Err(e) => {
             warn!(
                 "docker target not offered: {e} (other targets run as usual; set enabled = false in [docker] to silence this)"
             );
+            false
         }
     }
 }

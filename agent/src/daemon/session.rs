@@ -10,7 +10,7 @@ use std::time::Duration;
 use delegate_protocol::RegisterRequest;
 use tracing::{Instrument, debug, error, info, warn};
 
-use super::{Event, Shared, StopReason, heartbeat_request, spawn_task};
+use super::{Event, Shared, StopReason, heartbeat_request, probe_docker, spawn_task};
 use crate::backoff::Backoff;
 use crate::client::ClientError;
 use crate::state::AgentState;
@@ -103,6 +103,10 @@ pub(super) async fn heartbeat_loop(shared: Arc<Shared>, interval: Duration) {
                 for t in resp.revoked {
                     warn!(task_id = %t, "the manager no longer assigns this task to us; stopping it");
                     shared.stop_task(&t, StopReason::Revoked);
+                }
+                // An engine that came up after the agent: register again to advertise it.
+                if probe_docker(&shared, true).await && register(&shared).await.is_none() {
+                    return;
                 }
             }
             Err(e) if e.is_unknown_delegate() => {

@@ -251,6 +251,54 @@ fn engine_stopped_while_the_agent_runs_fails_docker_tasks_and_recovers() {
     drop(a);
 }
 
+/// An engine that comes up after the agent is probed again with each heartbeat and the
+/// delegate re-registers, so `docker` shows among its targets without a restart.
+#[test]
+fn engine_started_after_the_agent_is_offered_once_it_answers() {
+    let w = World::new();
+    let root = tempfile::Builder::new()
+        .prefix("dlg-eng-")
+        .tempdir_in("/tmp")
+        .expect("tmp");
+    let mut engine = PrivateEngine::start(root.path()).expect("private dockerd");
+    engine.stop().expect("stop dockerd");
+    let a = w.agent(AgentOptions {
+        name: "late-engine".into(),
+        extra: agent_config(&engine.socket),
+        ..AgentOptions::default()
+    });
+    a.wait_log("docker target not offered", Duration::from_secs(20))
+        .expect("the agent reports the missing engine");
+    w.wait_connected(1);
+    let offers_docker = || {
+        w.manager
+            .delegates()
+            .ok()
+            .and_then(|d| d.into_iter().next())
+            .is_some_and(|d| d.targets.iter().any(|t| t.kind == "docker"))
+    };
+    assert!(!offers_docker(), "docker offered while the engine is down");
+
+    engine.resume().expect("start dockerd");
+    // Heartbeats come every 10 s (a third of the 30 s lease TTL).
+    wait_for(Duration::from_secs(30), "docker to be offered", || {
+        offers_docker().then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", a.log_text()));
+    let id = w
+        .manager
+        .submit(&task("echo late", 60, json!({})))
+        .expect("submit");
+    let t = w.manager.wait_done(&id, LONG).expect("finishes");
+    assert_eq!(t.state, TaskState::Succeeded, "{t:?}");
+    assert_eq!(w.manager.logs(&id).expect("logs"), b"late\n");
+    assert_eq!(
+        w.manager.delegates().expect("list").len(),
+        1,
+        "re-registration made a second delegate"
+    );
+}
+
 #[test]
 fn agent_killed_while_the_container_prints_reports_exit_3_and_every_line_once() {
     let sock = socket();
