@@ -626,6 +626,14 @@ async fn delegates(client: &Client, json: bool) -> Result<ExitCode, CliError> {
                     .map(|h| format!("{} ago", span(h, now)))
                     .unwrap_or_else(|| "never".to_string()),
                 format!("{}/{}", d.in_flight, d.capacity),
+                d.targets
+                    .iter()
+                    .map(|t| match &t.name {
+                        Some(n) => format!("{}:{n}", t.kind),
+                        None => t.kind.clone(),
+                    })
+                    .collect::<Vec<_>>()
+                    .join(","),
                 d.tags.join(","),
             ]
         })
@@ -639,6 +647,7 @@ async fn delegates(client: &Client, json: bool) -> Result<ExitCode, CliError> {
             "CONNECTED",
             "LAST HEARTBEAT",
             "IN-FLIGHT",
+            "TARGETS",
             "TAGS",
         ],
         rows,
