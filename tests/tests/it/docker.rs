@@ -299,32 +299,44 @@ fn engine_started_after_the_agent_is_offered_once_it_answers() {
     );
 }
 
+/// Submit the counting container and wait until the manager holds `bytes` of its log.
+fn start_counting(w: &World, bytes: u64) -> String {
+    let id = w
+        .manager
+        .submit(&task(COUNT_TO_50_THEN_EXIT_3, 120, json!({})))
+        .expect("submit");
+    wait_for(LONG, "some lines shipped", || {
+        (w.manager.task(&id).ok()?.log_bytes >= bytes).then_some(())
+    })
+    .expect("output flows");
+    id
+}
+
+/// The counting task ended as it really did: failed with code 3, all 50 lines once, in
+/// order, on its first attempt, and its container is gone.
+fn assert_counted_to_50_and_exited_3(w: &World, sock: &std::path::Path, id: &str) {
+    let t = w.manager.wait_done(id, LONG).expect("finishes");
+    assert_eq!(t.state, TaskState::Failed, "{t:?}");
+    assert_eq!(t.exit_code, Some(3), "{t:?}");
+    assert_eq!(t.attempt, 1, "not retried: {t:?}");
+    let log = String::from_utf8(w.manager.logs(id).expect("logs")).expect("utf8");
+    assert_eq!(log, numbered(50));
+    no_containers_left(sock, id);
+}
+
 #[test]
 fn agent_killed_while_the_container_prints_reports_exit_3_and_every_line_once() {
     let sock = socket();
     let w = World::new();
     let mut a = docker_agent(&w, "agent-1", &sock, "");
-    let id = w
-        .manager
-        .submit(&task(COUNT_TO_50_THEN_EXIT_3, 120, json!({})))
-        .expect("submit");
     // Let it print (and the agent ship) a good part, then kill the agent mid-stream.
-    wait_for(LONG, "some lines shipped", || {
-        (w.manager.task(&id).ok()?.log_bytes >= 60).then_some(())
-    })
-    .expect("output flows");
+    let id = start_counting(&w, 60);
     std::thread::sleep(Duration::from_millis(500));
     a.kill9();
     std::thread::sleep(Duration::from_millis(700));
     assert_eq!(task_containers(&sock, &id).expect("list").len(), 1);
     a.restart().expect("restart");
-    let t = w.manager.wait_done(&id, LONG).expect("finishes");
-    assert_eq!(t.state, TaskState::Failed, "{t:?}");
-    assert_eq!(t.exit_code, Some(3), "{t:?}");
-    assert_eq!(t.attempt, 1, "not retried: {t:?}");
-    let log = String::from_utf8(w.manager.logs(&id).expect("logs")).expect("utf8");
-    assert_eq!(log, numbered(50));
-    no_containers_left(&sock, &id);
+    assert_counted_to_50_and_exited_3(&w, &sock, &id);
     assert!(a.log_text().contains("re-attaching"), "{}", a.log_text());
 }
 
@@ -333,26 +345,14 @@ fn container_that_finished_while_the_agent_was_down_is_reported() {
     let sock = socket();
     let w = World::new();
     let mut a = docker_agent(&w, "agent-1", &sock, "");
-    let id = w
-        .manager
-        .submit(&task(COUNT_TO_50_THEN_EXIT_3, 120, json!({})))
-        .expect("submit");
-    wait_for(LONG, "some lines shipped", || {
-        (w.manager.task(&id).ok()?.log_bytes >= 30).then_some(())
-    })
-    .expect("output flows");
+    let id = start_counting(&w, 30);
     a.kill9();
     let t = w.manager.task(&id).expect("task");
     let name = format!("delegate-{id}-{}", t.attempt);
     let code = cli(&sock, &["wait", &name]).expect("docker wait");
     assert_eq!(code.trim(), "3");
     a.restart().expect("restart");
-    let t = w.manager.wait_done(&id, LONG).expect("finishes");
-    assert_eq!(t.state, TaskState::Failed, "{t:?}");
-    assert_eq!(t.exit_code, Some(3), "{t:?}");
-    let log = String::from_utf8(w.manager.logs(&id).expect("logs")).expect("utf8");
-    assert_eq!(log, numbered(50));
-    no_containers_left(&sock, &id);
+    assert_counted_to_50_and_exited_3(&w, &sock, &id);
 }
 
 #[test]
