@@ -42,6 +42,9 @@ pub struct Config {
     pub shell_enabled: bool,
     pub http_enabled: bool,
     pub docker: DockerConfig,
+    /// Things that work but should be fixed (a secret readable by every user): printed by
+    /// `config check`, logged by `run`.
+    pub warnings: Vec<String>,
 }
 
 /// Standard socket of a Docker engine.
@@ -420,6 +423,8 @@ impl Collector<'_> {
 struct Raw {
     manager_url: Option<(String, Option<usize>)>,
     token: Option<String>,
+    /// The token is written in the config file itself (not the environment).
+    token_in_file: bool,
     token_file: Option<(String, Option<usize>)>,
     name: Option<String>,
     tags: Option<Vec<String>>,
@@ -496,7 +501,10 @@ fn parse_file(c: &mut Collector<'_>, raw: &mut Raw) -> bool {
         let line = Some(c.line_of(v.span().start));
         match key {
             "manager_url" => raw.manager_url = c.string(key, v).map(|s| (s, line)),
-            "token" => raw.token = c.string(key, v),
+            "token" => {
+                raw.token = c.string(key, v);
+                raw.token_in_file = raw.token.is_some();
+            }
             "token_file" => raw.token_file = c.string(key, v).map(|s| (s, line)),
             "name" => raw.name = c.string(key, v),
             "state_dir" => raw.state_dir = c.string(key, v),
@@ -586,6 +594,7 @@ fn apply_env(c: &mut Collector<'_>, raw: &mut Raw, env: &dyn Env) {
     }
     if let Some(v) = env.var("DELEGATE_TOKEN") {
         raw.token = Some(v);
+        raw.token_in_file = false;
         raw.token_file = None;
     }
     if let Some(v) = env.var("DELEGATE_TOKEN_FILE") {
@@ -615,7 +624,38 @@ fn apply_env(c: &mut Collector<'_>, raw: &mut Raw, env: &dyn Env) {
     }
 }
 
+/// A warning when `path` holds a secret and every user may read it.
+fn world_readable_secret(path: &Path, what: &str) -> Option<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path).ok()?.permissions().mode();
+    (mode & 0o004 != 0).then(|| {
+        format!(
+            "{} holds {what} and is readable by every user (mode {:o}); run `chmod 0640 {}` (owner root, group delegate)",
+            path.display(),
+            mode & 0o777,
+            path.display()
+        )
+    })
+}
+
 fn finish(c: &mut Collector<'_>, raw: Raw, env: &dyn Env) -> Option<Config> {
+    let mut warnings = Vec::new();
+    let secrets_in_file = raw.token_in_file
+        || raw
+            .docker
+            .as_ref()
+            .is_some_and(|d| !d.registries.is_empty());
+    if secrets_in_file {
+        warnings.extend(world_readable_secret(
+            c.path,
+            "the delegate token or registry credentials",
+        ));
+    }
+    if raw.token.is_none()
+        && let Some((file, _)) = &raw.token_file
+    {
+        warnings.extend(world_readable_secret(Path::new(file), "the delegate token"));
+    }
     let manager_url = match raw.manager_url {
         None => {
             c.at(
@@ -713,6 +753,7 @@ fn finish(c: &mut Collector<'_>, raw: Raw, env: &dyn Env) -> Option<Config> {
         shell_enabled: raw.shell_enabled.unwrap_or(true),
         http_enabled: raw.http_enabled.unwrap_or(true),
         docker: raw.docker.unwrap_or_default(),
+        warnings,
     })
 }
 
@@ -810,6 +851,37 @@ mod tests {
         assert_eq!(c.tags, ["x", "y"]);
         assert_eq!(c.name, "n");
         assert_eq!(c.state_dir, PathBuf::from("/var/lib/delegate-x"));
+    }
+
+    #[test]
+    fn a_world_readable_token_is_a_warning_not_an_error() {
+        use std::os::unix::fs::PermissionsExt;
+        let f = write("manager_url = \"http://a:1\"\ntoken = \"dlg_secret\"\n");
+        let env: [(&str, &str); 0] = [];
+        std::fs::set_permissions(f.path(), std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        let c = Config::load(f.path(), &env).expect("still valid");
+        assert_eq!(c.warnings.len(), 1, "{:?}", c.warnings);
+        assert!(
+            c.warnings[0].contains("readable by every user (mode 644)"),
+            "{:?}",
+            c.warnings
+        );
+        std::fs::set_permissions(f.path(), std::fs::Permissions::from_mode(0o640)).expect("chmod");
+        assert!(
+            Config::load(f.path(), &env)
+                .expect("valid")
+                .warnings
+                .is_empty()
+        );
+        // The token from the environment is not the file's secret.
+        std::fs::set_permissions(f.path(), std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        let env = [("DELEGATE_TOKEN", "dlg_env")];
+        assert!(
+            Config::load(f.path(), &env)
+                .expect("valid")
+                .warnings
+                .is_empty()
+        );
     }
 
     #[test]

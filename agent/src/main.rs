@@ -65,6 +65,9 @@ fn main() -> ExitCode {
             command: ConfigCommand::Check { config },
         } => match Config::load(&config, &ProcessEnv) {
             Ok(c) => {
+                for w in &c.warnings {
+                    eprintln!("warning: {w}");
+                }
                 println!(
                     "{}: ok (manager {}, name {}, concurrency {}, state {})",
                     config.display(),
@@ -149,6 +152,9 @@ fn run(path: PathBuf) -> ExitCode {
         }
     };
     logging::init(&config.log_level);
+    for w in &config.warnings {
+        tracing::warn!("{w}");
+    }
     // Two workers: the agent mostly waits on sockets and children; more threads would only
     // cost memory on hosts with many cores.
     let mut builder = tokio::runtime::Builder::new_multi_thread();
