@@ -107,10 +107,6 @@ impl ManagerClient {
         })
     }
 
-    pub fn base_url(&self) -> &str {
-        &self.base
-    }
-
     async fn send(
         &self,
         what: &'static str,

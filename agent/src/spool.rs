@@ -126,10 +126,6 @@ impl Spool {
         Ok(Spool { root })
     }
 
-    pub fn root(&self) -> &Path {
-        &self.root
-    }
-
     /// Journal a newly accepted assignment.
     pub fn create(&self, a: &Assignment) -> Result<TaskDir, SpoolError> {
         let valid = !a.task_id.is_empty()
@@ -219,6 +215,8 @@ pub struct TaskDir {
     pub task_id: String,
     pub attempt: u32,
     log_len: Arc<AtomicU64>,
+    /// Mirror of the `acked` file, read once at open: shipping checks it on every tick.
+    acked: Arc<AtomicU64>,
 }
 
 impl TaskDir {
@@ -229,11 +227,13 @@ impl TaskDir {
             Err(e) if e.kind() == io::ErrorKind::NotFound => 0,
             Err(e) => return Err(io_err("stat", &log)(e)),
         };
+        let acked = read_acked(&path);
         Ok(TaskDir {
             path,
             task_id,
             attempt,
             log_len: Arc::new(AtomicU64::new(len)),
+            acked: Arc::new(AtomicU64::new(acked)),
         })
     }
 
@@ -280,13 +280,11 @@ impl TaskDir {
 
     /// How many log bytes the manager has acknowledged.
     pub fn acked(&self) -> u64 {
-        fs::read_to_string(self.path.join("acked"))
-            .ok()
-            .and_then(|s| s.trim().parse().ok())
-            .unwrap_or(0)
+        self.acked.load(Ordering::Acquire)
     }
 
     pub fn set_acked(&self, n: u64) -> Result<(), SpoolError> {
+        self.acked.store(n, Ordering::Release);
         write_atomic(&self.path.join("acked"), n.to_string().as_bytes())
     }
 
@@ -334,6 +332,14 @@ impl TaskDir {
             Err(e) => Err(io_err("remove", &self.path)(e)),
         }
     }
+}
+
+/// The persisted acknowledgement of a task directory; 0 when none was recorded.
+fn read_acked(dir: &Path) -> u64 {
+    fs::read_to_string(dir.join("acked"))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
 }
 
 /// Appends task output to the spooled log.
