@@ -562,6 +562,14 @@ fn spawn_adopted(
     tokio::spawn(supervise(shared, a, Some(dir), permit).instrument(span));
 }
 
+/// Drop a task that will not be delivered: free its slot and let the acquire loop know.
+fn forget_task(shared: &Shared, task_id: &str, permit: Option<OwnedSemaphorePermit>) {
+    drop(permit);
+    shared.lock_tasks().remove(task_id);
+    shared.slot_freed.notify_one();
+    shared.bump();
+}
+
 /// One task from assignment to delivered result. `adopted`: its journal entry from an
 /// earlier run of the agent, whose work is to be re-attached to rather than started.
 async fn supervise(
@@ -605,10 +613,7 @@ async fn supervise(
                     _ => break,
                 }
             }
-            drop(permit);
-            shared.lock_tasks().remove(&a.task_id);
-            shared.slot_freed.notify_one();
-            shared.bump();
+            forget_task(&shared, &a.task_id, permit);
             return;
         }
     };
@@ -629,10 +634,7 @@ async fn supervise(
         if let Err(e) = dir.remove() {
             warn!("cannot remove the revoked task from the spool: {e}");
         }
-        drop(permit);
-        shared.lock_tasks().remove(&a.task_id);
-        shared.slot_freed.notify_one();
-        shared.bump();
+        forget_task(&shared, &a.task_id, permit);
         return;
     }
     if let Err(e) = dir.write_result(&result) {
