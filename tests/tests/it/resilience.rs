@@ -8,7 +8,7 @@ use delegate_protocol::TaskState;
 use delegate_tests::{Agent, AgentOptions, Manager, bin, process_with_cmdline, wait_for};
 use nix::sys::signal::Signal;
 
-use crate::util::{LONG, World};
+use crate::util::{LONG, World, marked};
 
 /// Every numbered line exactly once, in order.
 fn numbered(n: u32) -> String {
@@ -50,8 +50,7 @@ fn agent_killed_mid_task_reports_it_within_seconds_of_restart_and_the_retry_runs
     let mut a = w.named_agent("agent-1");
     let id = w
         .manager
-        .submit_shell(
-            "if [ \"$DELEGATE_TASK_ATTEMPT\" = 1 ]; then sleep 987621; fi; echo attempt $DELEGATE_TASK_ATTEMPT",
+        .submit_shell(&marked("if [ \"$DELEGATE_TASK_ATTEMPT\" = 1 ]; then sleep 987621; fi; echo attempt $DELEGATE_TASK_ATTEMPT"),
             300,
             1,
         )
@@ -60,12 +59,12 @@ fn agent_killed_mid_task_reports_it_within_seconds_of_restart_and_the_retry_runs
         .wait_state(&id, &[TaskState::Running], LONG)
         .expect("running");
     wait_for(Duration::from_secs(10), "the sleep to start", || {
-        process_with_cmdline("sleep 987621").then_some(())
+        process_with_cmdline(&marked("sleep 987621")).then_some(())
     })
     .expect("started");
     a.kill9();
     // The orphaned process group outlives a kill -9 of the agent...
-    assert!(process_with_cmdline("sleep 987621"));
+    assert!(process_with_cmdline(&marked("sleep 987621")));
     let restarted = Instant::now();
     a.restart().expect("restart");
     // ...until the restarted agent finds it in its journal. The lease TTL is 30 s: seeing
@@ -80,7 +79,7 @@ fn agent_killed_mid_task_reports_it_within_seconds_of_restart_and_the_retry_runs
     assert_eq!(t.attempt, 2);
     assert_eq!(w.manager.logs(&id).expect("logs"), b"attempt 2\n");
     assert!(
-        !process_with_cmdline("sleep 987621"),
+        !process_with_cmdline(&marked("sleep 987621")),
         "the old group was not killed"
     );
 }
@@ -91,15 +90,22 @@ fn agent_killed_mid_task_without_retries_marks_it_lost_with_a_reason() {
     let mut a = w.named_agent("agent-1");
     let id = w
         .manager
-        .submit_shell("echo begun; sleep 987631", 300, 0)
+        .submit_shell(&marked("echo begun; sleep 987631"), 300, 0)
         .expect("submit");
     w.manager
         .wait_state(&id, &[TaskState::Running], LONG)
         .expect("running");
     wait_for(Duration::from_secs(10), "the sleep to start", || {
-        process_with_cmdline("sleep 987631").then_some(())
+        process_with_cmdline(&marked("sleep 987631")).then_some(())
     })
     .expect("started");
+    // Output still in the pipe when the agent dies is gone with it; wait until it shipped.
+    wait_for(
+        Duration::from_secs(10),
+        "the first line at the manager",
+        || (w.manager.task(&id).ok()?.log_bytes >= 6).then_some(()),
+    )
+    .expect("shipped");
     a.kill9();
     a.restart().expect("restart");
     let t = w
@@ -113,6 +119,10 @@ fn agent_killed_mid_task_without_retries_marks_it_lost_with_a_reason() {
             .contains("restarted while this task was running")
     );
     assert_eq!(w.manager.logs(&id).expect("logs"), b"begun\n");
+    assert!(
+        !process_with_cmdline(&marked("sleep 987631")),
+        "the old group was not killed"
+    );
 }
 
 #[test]
@@ -154,7 +164,7 @@ fn second_sigterm_cancels_running_tasks_at_once() {
     });
     let id = w
         .manager
-        .submit_shell("sleep 987641", 600, 0)
+        .submit_shell(&marked("sleep 987641"), 600, 0)
         .expect("submit");
     w.manager
         .wait_state(&id, &[TaskState::Running], LONG)
@@ -167,7 +177,7 @@ fn second_sigterm_cancels_running_tasks_at_once() {
     assert_eq!(st.code(), Some(0));
     let t = w.manager.task(&id).expect("task");
     assert_eq!(t.state, TaskState::Cancelled, "{t:?}\n{}", a.log_text());
-    assert!(!process_with_cmdline("sleep 987641"));
+    assert!(!process_with_cmdline(&marked("sleep 987641")));
 }
 
 #[test]

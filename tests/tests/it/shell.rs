@@ -6,7 +6,7 @@ use delegate_protocol::TaskState;
 use delegate_tests::{AgentOptions, process_with_cmdline, wait_for};
 use serde_json::json;
 
-use crate::util::{LONG, World};
+use crate::util::{LONG, World, marked};
 
 #[test]
 fn shell_task_goes_from_submit_to_succeeded_with_its_log() {
@@ -53,7 +53,7 @@ fn timeout_kills_the_whole_process_group() {
     // A background child and a foreground one; both must go.
     let id = w
         .manager
-        .submit_shell("sleep 987601 & sleep 987602; echo never", 2, 0)
+        .submit_shell(&marked("sleep 987601 & sleep 987602; echo never"), 2, 0)
         .expect("submit");
     let t = w.manager.wait_done(&id, LONG).expect("finishes");
     assert_eq!(t.state, TaskState::TimedOut, "{t:?}");
@@ -68,8 +68,9 @@ fn timeout_kills_the_whole_process_group() {
         Duration::from_secs(5),
         "the group's sleeps to be gone",
         || {
-            (!process_with_cmdline("sleep 987601") && !process_with_cmdline("sleep 987602"))
-                .then_some(())
+            (!process_with_cmdline(&marked("sleep 987601"))
+                && !process_with_cmdline(&marked("sleep 987602")))
+            .then_some(())
         },
     )
     .expect("process group killed");
@@ -82,13 +83,13 @@ fn cancel_kills_the_whole_process_group() {
     let _a = w.named_agent("agent-1");
     let id = w
         .manager
-        .submit_shell("echo started; sleep 987611 & sleep 987612", 600, 0)
+        .submit_shell(&marked("echo started; sleep 987611 & sleep 987612"), 600, 0)
         .expect("submit");
     w.manager
         .wait_state(&id, &[TaskState::Running], LONG)
         .expect("running");
     wait_for(Duration::from_secs(10), "the sleeps to start", || {
-        process_with_cmdline("sleep 987612").then_some(())
+        process_with_cmdline(&marked("sleep 987612")).then_some(())
     })
     .expect("started");
     w.manager.cancel(&id).expect("cancel");
@@ -101,8 +102,9 @@ fn cancel_kills_the_whole_process_group() {
         Duration::from_secs(5),
         "the group's sleeps to be gone",
         || {
-            (!process_with_cmdline("sleep 987611") && !process_with_cmdline("sleep 987612"))
-                .then_some(())
+            (!process_with_cmdline(&marked("sleep 987611"))
+                && !process_with_cmdline(&marked("sleep 987612")))
+            .then_some(())
         },
     )
     .expect("process group killed");

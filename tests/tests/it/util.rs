@@ -51,3 +51,29 @@ impl World {
         .expect("delegates connected");
     }
 }
+
+/// Make the `sleep 9876NN` markers of a script unique to this test run, so that
+/// `process_with_cmdline` never matches a process left by another run (or another CI
+/// checkout on the same machine): `sleep 987621` becomes `sleep 987621.<run>`.
+pub fn marked(script: &str) -> String {
+    static RUN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let run = RUN.get_or_init(|| {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        format!("{}{nanos:09}", std::process::id())
+    });
+    let mut out = String::with_capacity(script.len() + 32);
+    let mut rest = script;
+    while let Some(i) = rest.find("sleep 9876") {
+        let start = i + "sleep ".len();
+        let digits = rest[start..].bytes().take_while(u8::is_ascii_digit).count();
+        out.push_str(&rest[..start + digits]);
+        out.push('.');
+        out.push_str(run);
+        rest = &rest[start + digits..];
+    }
+    out.push_str(rest);
+    out
+}
