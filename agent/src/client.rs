@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use delegate_protocol::{
     API_PREFIX, AcquireResponse, ErrorBody, ErrorCode, HeartbeatRequest, HeartbeatResponse, LogAck,
-    RegisterRequest, RegisterResponse, TaskResult,
+    MAX_SUBMIT_BYTES, RegisterRequest, RegisterResponse, TaskResult,
 };
 use reqwest::StatusCode;
 use serde::de::DeserializeOwned;
@@ -84,6 +84,57 @@ impl std::fmt::Debug for ManagerClient {
 /// Requests other than the long poll give up after this long.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Largest reply read from the manager, except acquire's: the small JSON answers of
+/// register, heartbeat and logs (a heartbeat lists at most `capacity` task ids).
+const MAX_REPLY: usize = 256 * 1024;
+/// Most of an error body read for its message.
+const MAX_ERROR_BODY: usize = 64 * 1024;
+
+/// An acquire reply holds up to `max` assignments of at most one submitted spec each.
+fn acquire_limit(max: u32) -> usize {
+    let tasks = usize::try_from(max.max(1)).unwrap_or(usize::MAX);
+    MAX_SUBMIT_BYTES
+        .saturating_add(4096)
+        .saturating_mul(tasks)
+        .saturating_add(MAX_REPLY)
+        .min(64 * 1024 * 1024)
+}
+
+/// Read a body chunk by chunk, stopping at `limit` bytes: a confused or hostile manager
+/// cannot make the agent buffer without bound. The error carries what was read.
+async fn read_limited(
+    mut resp: reqwest::Response,
+    limit: usize,
+) -> Result<Vec<u8>, (Vec<u8>, String)> {
+    if resp
+        .content_length()
+        .is_some_and(|n| n > u64::try_from(limit).unwrap_or(u64::MAX))
+    {
+        return Err((
+            Vec::new(),
+            format!("the reply is larger than {limit} bytes; not read"),
+        ));
+    }
+    let mut body = Vec::new();
+    loop {
+        match resp.chunk().await {
+            Ok(Some(chunk)) => {
+                if body.len() + chunk.len() > limit {
+                    let room = limit - body.len();
+                    body.extend_from_slice(&chunk[..room]);
+                    return Err((
+                        body,
+                        format!("the reply is larger than {limit} bytes; not read"),
+                    ));
+                }
+                body.extend_from_slice(&chunk);
+            }
+            Ok(None) => return Ok(body),
+            Err(e) => return Err((body, format!("reading the reply failed: {e}"))),
+        }
+    }
+}
+
 impl ManagerClient {
     pub fn new(
         base_url: &str,
@@ -124,7 +175,10 @@ impl ManagerClient {
         if status.is_success() {
             return Ok(resp);
         }
-        let body = resp.bytes().await.unwrap_or_default();
+        // An error body is only read for its message: a bounded prefix is enough.
+        let body = read_limited(resp, MAX_ERROR_BODY)
+            .await
+            .unwrap_or_else(|(partial, _)| partial);
         let parsed: Option<ErrorBody> = serde_json::from_slice(&body).ok();
         let (code, message, expected_offset) = match parsed {
             Some(b) => (b.error.code, b.error.message, b.error.expected_offset),
@@ -149,11 +203,16 @@ impl ManagerClient {
         })
     }
 
+    /// Parse a reply of at most `limit` bytes; a larger one is refused unread.
     async fn json<T: DeserializeOwned>(
         what: &'static str,
         resp: reqwest::Response,
+        limit: usize,
     ) -> Result<T, ClientError> {
-        resp.json().await.map_err(|e| ClientError::Protocol {
+        let body = read_limited(resp, limit)
+            .await
+            .map_err(|(_, why)| ClientError::Protocol { what, reason: why })?;
+        serde_json::from_slice(&body).map_err(|e| ClientError::Protocol {
             what,
             reason: e.to_string(),
         })
@@ -166,7 +225,7 @@ impl ManagerClient {
             .post(format!("{}/delegates/register", self.base))
             .timeout(REQUEST_TIMEOUT)
             .json(req);
-        Self::json(what, self.send(what, r).await?).await
+        Self::json(what, self.send(what, r).await?, MAX_REPLY).await
     }
 
     pub async fn heartbeat(
@@ -180,7 +239,7 @@ impl ManagerClient {
             .post(format!("{}/delegates/{delegate_id}/heartbeat", self.base))
             .timeout(REQUEST_TIMEOUT)
             .json(req);
-        Self::json(what, self.send(what, r).await?).await
+        Self::json(what, self.send(what, r).await?, MAX_REPLY).await
     }
 
     /// Long poll: `None` when nothing came within `wait`.
@@ -200,7 +259,7 @@ impl ManagerClient {
         if resp.status() == StatusCode::NO_CONTENT {
             return Ok(None);
         }
-        Self::json(what, resp).await.map(Some)
+        Self::json(what, resp, acquire_limit(max)).await.map(Some)
     }
 
     pub async fn started(&self, task_id: &str, attempt: u32) -> Result<(), ClientError> {
@@ -227,7 +286,7 @@ impl ManagerClient {
             .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
             .timeout(REQUEST_TIMEOUT)
             .body(chunk);
-        Self::json(what, self.send(what, r).await?).await
+        Self::json(what, self.send(what, r).await?, MAX_REPLY).await
     }
 
     pub async fn result(

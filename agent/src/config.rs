@@ -24,8 +24,8 @@ pub const DEFAULT_STATE_DIR: &str = "/var/lib/delegate";
 pub struct Config {
     /// Base URL of the manager, without the `/api/v1` suffix.
     pub manager_url: String,
-    /// The delegate token (read from `token_file` when that is set).
-    pub token: String,
+    /// The delegate token (read from `token_file` when that is set); `Debug` hides it.
+    pub token: Secret,
     pub name: String,
     pub tags: Vec<String>,
     /// Most tasks run at once.
@@ -50,6 +50,9 @@ pub struct Config {
 /// Standard socket of a Docker engine.
 pub const DEFAULT_DOCKER_SOCKET: &str = "/var/run/docker.sock";
 
+/// Network modes allowed when `[docker] allowed_network_modes` is not set.
+pub const DEFAULT_NETWORK_MODES: &[&str] = &["none", "bridge"];
+
 /// `[docker]`: the local engine and what its tasks may ask of it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DockerConfig {
@@ -60,6 +63,10 @@ pub struct DockerConfig {
     pub allowed_mounts: Vec<PathBuf>,
     /// CAUTION: a privileged container is root on the host. Off unless set.
     pub allow_privileged: bool,
+    /// Network modes tasks may ask for. CAUTION: `host` shares the host's network stack
+    /// (its loopback services included), `container` any other container's; neither is
+    /// allowed unless listed.
+    pub allowed_network_modes: Vec<String>,
     /// Credentials per registry host (`registry.example:5000`, `docker.io`).
     pub registries: BTreeMap<String, RegistryAuth>,
 }
@@ -71,6 +78,10 @@ impl Default for DockerConfig {
             socket: PathBuf::from(DEFAULT_DOCKER_SOCKET),
             allowed_mounts: Vec::new(),
             allow_privileged: false,
+            allowed_network_modes: DEFAULT_NETWORK_MODES
+                .iter()
+                .map(|m| m.to_string())
+                .collect(),
             registries: BTreeMap::new(),
         }
     }
@@ -182,7 +193,7 @@ const KEYS: &[(&str, &str)] = &[
     ("http", "table [http] with enabled = true|false"),
     (
         "docker",
-        "table [docker] with enabled, socket, allowed_mounts, allow_privileged, [docker.registries.\"HOST\"]",
+        "table [docker] with enabled, socket, allowed_mounts, allowed_network_modes, allow_privileged, [docker.registries.\"HOST\"]",
     ),
 ];
 
@@ -298,6 +309,33 @@ impl Collector<'_> {
         Some(out)
     }
 
+    /// `allowed_network_modes = ["none", "bridge", "host", "container", "NETWORK"]`.
+    fn network_modes(&mut self, v: &Spanned<DeValue<'_>>) -> Option<Vec<String>> {
+        let key = "docker.allowed_network_modes";
+        let Some(items) = v.get_ref().as_array() else {
+            self.at(
+                Some(v.span().start),
+                format!("{key} must be a list, e.g. [\"none\", \"bridge\", \"host\"]"),
+            );
+            return None;
+        };
+        let mut out = Vec::new();
+        for item in items.iter() {
+            match item.get_ref().as_str() {
+                Some(m) if !m.is_empty() && !m.contains(char::is_whitespace) => {
+                    out.push(m.to_string())
+                }
+                _ => self.at(
+                    Some(item.span().start),
+                    format!(
+                        "{key} entries must be network modes: none, bridge, host, container (any container:<id>) or a network name"
+                    ),
+                ),
+            }
+        }
+        Some(out)
+    }
+
     /// `[docker]` with its `[docker.registries."HOST"]` sub-tables.
     fn docker_table(&mut self, v: &Spanned<DeValue<'_>>) -> Option<DockerConfig> {
         let Some(table) = v.get_ref().as_table() else {
@@ -331,11 +369,16 @@ impl Collector<'_> {
                         .path_list("docker.allowed_mounts", val)
                         .unwrap_or_default()
                 }
+                "allowed_network_modes" => {
+                    if let Some(modes) = self.network_modes(val) {
+                        d.allowed_network_modes = modes;
+                    }
+                }
                 "registries" => d.registries = self.registries(val),
                 other => self.at(
                     Some(k.span().start),
                     format!(
-                        "unknown key docker.{other:?} (known: enabled, socket, allowed_mounts, allow_privileged, registries)"
+                        "unknown key docker.{other:?} (known: enabled, socket, allowed_mounts, allowed_network_modes, allow_privileged, registries)"
                     ),
                 ),
             }
@@ -741,7 +784,7 @@ fn finish(c: &mut Collector<'_>, raw: Raw, env: &dyn Env) -> Option<Config> {
     }
     Some(Config {
         manager_url: manager_url?,
-        token: token?,
+        token: Secret::new(token?),
         name,
         tags: raw.tags.unwrap_or_default(),
         concurrency: raw.concurrency.unwrap_or(4),
@@ -847,7 +890,7 @@ mod tests {
         ];
         let c = Config::load(f.path(), &env).expect("valid");
         assert_eq!(c.manager_url, "http://b:2");
-        assert_eq!(c.token, "envtok");
+        assert_eq!(c.token.expose(), "envtok");
         assert_eq!(c.tags, ["x", "y"]);
         assert_eq!(c.name, "n");
         assert_eq!(c.state_dir, PathBuf::from("/var/lib/delegate-x"));
@@ -882,6 +925,17 @@ mod tests {
                 .warnings
                 .is_empty()
         );
+    }
+
+    #[test]
+    fn debug_of_a_config_leaks_no_token() {
+        let f = write("manager_url = \"http://x\"\ntoken = \"dlg_topsecret\"\n");
+        let env: [(&str, &str); 0] = [];
+        let c = Config::load(f.path(), &env).expect("valid");
+        assert_eq!(c.token.expose(), "dlg_topsecret");
+        let shown = format!("{c:?} {c:#?}");
+        assert!(!shown.contains("topsecret"), "{shown}");
+        assert!(shown.contains("token: <redacted>"), "{shown}");
     }
 
     #[test]

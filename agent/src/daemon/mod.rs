@@ -10,7 +10,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use delegate_protocol::{Assignment, HeartbeatRequest, Outcome, Target, TaskResult, TaskSpec};
+use delegate_protocol::{
+    Assignment, HeartbeatRequest, Outcome, Target, TaskAttempt, TaskResult, TaskSpec,
+};
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, watch};
@@ -28,7 +30,7 @@ use crate::client::{ClientError, ManagerClient};
 use crate::config::{Config, DockerConfig};
 use crate::exec::{self, ExecContext, ExecOutcome};
 use crate::notify;
-use crate::spool::{Recovered, Spool, SpoolError, TaskDir};
+use crate::spool::{Found, Quarantined, Recovered, Spool, SpoolError, TaskDir};
 use crate::state::{AgentState, Event, transition};
 
 /// Requests from signals (and later D-Bus) to the daemon.
@@ -50,6 +52,25 @@ pub enum DaemonError {
     Spool(#[from] SpoolError),
     #[error("cannot set up the manager client: {0}")]
     Client(#[from] ClientError),
+    /// The manager answered 401: the token was revoked (or is wrong). Retrying cannot help
+    /// until an operator puts a new token in the config, which only a restart reads, so
+    /// the agent stops its tasks without reporting them and exits with `EX_CONFIG`.
+    #[error(
+        "the manager at {manager_url} rejected the delegate token ({message}){}",
+        stopped_note(*stopped)
+    )]
+    TokenRejected {
+        manager_url: String,
+        message: String,
+        stopped: usize,
+    },
+}
+
+fn stopped_note(n: usize) -> String {
+    match n {
+        0 => String::new(),
+        n => format!("; stopped {n} running task(s) without reporting them"),
+    }
 }
 
 /// Why the supervisor stopped a task; decides the reported outcome.
@@ -69,6 +90,25 @@ struct TaskHandle {
     running: bool,
 }
 
+impl TaskHandle {
+    /// Ask the task to stop; the first reason given is the one reported.
+    fn stop_for(&self, reason: StopReason) {
+        let mut r = self.reason.lock().unwrap_or_else(|p| p.into_inner());
+        if r.is_none() {
+            *r = Some(reason);
+        }
+        self.stop.cancel();
+    }
+}
+
+/// The key of a task the agent holds: two attempts of one task are two tasks here.
+fn key_of(a: &Assignment) -> TaskAttempt {
+    TaskAttempt {
+        id: a.task_id.clone(),
+        attempt: a.attempt,
+    }
+}
+
 /// What the daemon's loops share.
 struct Shared {
     config: Config,
@@ -80,7 +120,7 @@ struct Shared {
     state: watch::Sender<AgentState>,
     delegate_id: watch::Sender<Option<String>>,
     connected: watch::Sender<bool>,
-    tasks: Mutex<HashMap<String, TaskHandle>>,
+    tasks: Mutex<HashMap<TaskAttempt, TaskHandle>>,
     slots: Arc<Semaphore>,
     slot_freed: Notify,
     /// Bumped whenever a task starts, stops running or is delivered.
@@ -91,6 +131,9 @@ struct Shared {
     /// Cancelled when the process is about to exit: retry loops give up, the spool keeps
     /// what they had not delivered.
     stopped: CancellationToken,
+    /// Cancelled at the first 401 from the manager; `rejection` holds its message.
+    token_rejected: CancellationToken,
+    rejection: Mutex<Option<String>>,
 }
 
 impl Shared {
@@ -111,23 +154,42 @@ impl Shared {
         self.update_status();
     }
 
+    /// Note a 401 from the manager (once) and wake the main loop, which stops everything.
+    /// Returns whether `e` was one, so callers end their loop instead of retrying.
+    fn check_token_rejected(&self, e: &ClientError) -> bool {
+        let ClientError::Unauthorized { message, .. } = e else {
+            return false;
+        };
+        let mut r = self.rejection.lock().unwrap_or_else(|p| p.into_inner());
+        if r.is_none() {
+            *r = Some(message.clone());
+        }
+        self.token_rejected.cancel();
+        true
+    }
+
     fn running_count(&self) -> usize {
         self.lock_tasks().values().filter(|t| t.running).count()
     }
 
-    fn lock_tasks(&self) -> std::sync::MutexGuard<'_, HashMap<String, TaskHandle>> {
+    fn lock_tasks(&self) -> std::sync::MutexGuard<'_, HashMap<TaskAttempt, TaskHandle>> {
         // A panic while holding the lock would poison it; the map is still consistent
         // (every mutation is a single insert/remove), so keep going.
         self.tasks.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Stop every attempt of a task this agent holds (the manager's `cancel` and plain
+    /// `revoked` lists name tasks, not attempts).
     fn stop_task(&self, task_id: &str, reason: StopReason) {
-        if let Some(t) = self.lock_tasks().get(task_id) {
-            let mut r = t.reason.lock().unwrap_or_else(|p| p.into_inner());
-            if r.is_none() {
-                *r = Some(reason);
-            }
-            t.stop.cancel();
+        for (_, t) in self.lock_tasks().iter().filter(|(k, _)| k.id == task_id) {
+            t.stop_for(reason);
+        }
+    }
+
+    /// Stop one attempt, leaving any other attempt of the same task alone.
+    fn stop_attempt(&self, key: &TaskAttempt, reason: StopReason) {
+        if let Some(t) = self.lock_tasks().get(key) {
+            t.stop_for(reason);
         }
     }
 
@@ -222,7 +284,7 @@ impl Daemon {
         let spool = Spool::open(&config.state_dir)?;
         let client = ManagerClient::new(
             &config.manager_url,
-            &config.token,
+            config.token.expose(),
             &format!("delegate/{}", crate::VERSION),
         )?;
         let shared = Arc::new(Shared {
@@ -241,6 +303,8 @@ impl Daemon {
             in_flight: watch::Sender::new(0),
             stop_polling: CancellationToken::new(),
             stopped: CancellationToken::new(),
+            token_rejected: CancellationToken::new(),
+            rejection: Mutex::new(None),
         });
         Ok(Daemon { shared })
     }
@@ -291,7 +355,18 @@ async fn run_shared(
     // Wait for the first request to stop; drains and resumes in between.
     let mut aborted = false;
     loop {
-        match control.recv().await {
+        let c = tokio::select! {
+            c = control.recv() => c,
+            _ = shared.token_rejected.cancelled() => {
+                let result = stop_for_rejected_token(&shared).await;
+                session.abort();
+                if let Some(w) = watchdog {
+                    w.abort();
+                }
+                return result;
+            }
+        };
+        match c {
             Some(Control::Drain) => begin_drain(&shared, false).await,
             Some(Control::Resume) => {
                 let registered = shared.delegate_id.borrow().is_some();
@@ -324,9 +399,9 @@ async fn run_shared(
                 " (drain timeout reached)"
             }
         );
-        let ids: Vec<String> = shared.lock_tasks().keys().cloned().collect();
-        for id in ids {
-            shared.stop_task(&id, StopReason::Shutdown);
+        let held: Vec<TaskAttempt> = shared.lock_tasks().keys().cloned().collect();
+        for key in &held {
+            shared.stop_attempt(key, StopReason::Shutdown);
         }
         // Executors need the kill grace to stop their processes; then a little to report.
         let limit = shared.config.kill_grace + Duration::from_secs(5);
@@ -354,6 +429,37 @@ async fn run_shared(
     }
     info!("delegate stopped");
     Ok(())
+}
+
+/// The token is no longer accepted: stop every running task as revoked (killed, nothing
+/// reported, its spool entry dropped), stop talking to the manager, and say why.
+/// Results already waiting for delivery stay in the spool for a start with a valid token.
+async fn stop_for_rejected_token(shared: &Arc<Shared>) -> Result<(), DaemonError> {
+    shared.apply(Event::Stop);
+    shared.stop_polling.cancel();
+    let running: Vec<TaskAttempt> = shared
+        .lock_tasks()
+        .iter()
+        .filter(|(_, t)| t.running)
+        .map(|(key, _)| key.clone())
+        .collect();
+    for key in &running {
+        shared.stop_attempt(key, StopReason::Revoked);
+    }
+    let limit = shared.config.kill_grace + Duration::from_secs(5);
+    wait_until(shared, limit, |s| s.running_count() == 0).await;
+    shared.stopped.cancel();
+    let message = shared
+        .rejection
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone()
+        .unwrap_or_default();
+    Err(DaemonError::TokenRejected {
+        manager_url: shared.config.manager_url.clone(),
+        message,
+        stopped: running.len(),
+    })
 }
 
 /// Stop taking tasks and tell the manager at once, so a long poll in flight ends and no
@@ -427,10 +533,16 @@ async fn wait_until(shared: &Arc<Shared>, limit: Duration, done: impl Fn(&Shared
     }
 }
 
+/// The heartbeat names every attempt held, and (for older managers) each task id once.
 fn heartbeat_request(shared: &Shared) -> HeartbeatRequest {
+    let mut attempts: Vec<TaskAttempt> = shared.lock_tasks().keys().cloned().collect();
+    attempts.sort();
+    let mut ids: Vec<String> = attempts.iter().map(|k| k.id.clone()).collect();
+    ids.dedup();
     HeartbeatRequest {
         state: *shared.state.borrow(),
-        in_flight: shared.lock_tasks().keys().cloned().collect(),
+        in_flight: ids,
+        in_flight_attempts: attempts,
     }
 }
 
@@ -476,9 +588,13 @@ fn recover_spool(shared: &Arc<Shared>) {
     };
     for entry in found {
         let rec: Recovered = match entry {
-            Ok(r) => r,
-            Err(e) => {
+            Found::Task(r) => r,
+            Found::Unreadable(e) => {
                 error!("skipping a spool entry: {e} (left on disk for inspection)");
+                continue;
+            }
+            Found::Quarantined(q) => {
+                report_quarantined(shared, q);
                 continue;
             }
         };
@@ -525,15 +641,14 @@ fn recover_spool(shared: &Arc<Shared>) {
             reason: Arc::new(Mutex::new(None)),
             running: false,
         };
-        shared
-            .lock_tasks()
-            .insert(rec.assignment.task_id.clone(), handle);
+        shared.lock_tasks().insert(key_of(&rec.assignment), handle);
         let shared = shared.clone();
         let span = task_span(&rec.assignment);
+        let key = key_of(&rec.assignment);
         tokio::spawn(
             async move {
                 deliver(&shared, &rec.dir, &result).await;
-                shared.lock_tasks().remove(&rec.dir.task_id);
+                shared.lock_tasks().remove(&key);
                 shared.bump();
             }
             .instrument(span),
@@ -542,13 +657,93 @@ fn recover_spool(shared: &Arc<Shared>) {
     shared.bump();
 }
 
+/// A task whose journal was corrupt: it was moved aside; say so once and report the task
+/// lost at once (its outcome is unknown), so the manager retries it without waiting for
+/// the lease to lapse.
+fn report_quarantined(shared: &Arc<Shared>, q: Quarantined) {
+    // Its work is unsupervised now: whatever is left of a shell task goes.
+    if let Some(p) = q.process.filter(|p| p.is_alive()) {
+        let pgid = Pid::from_raw(i32::try_from(p.pid).unwrap_or(i32::MAX));
+        let _ = killpg(pgid, Signal::SIGKILL);
+    }
+    let Some((task_id, attempt)) = q.task else {
+        error!(
+            "a spool entry was corrupt ({}); moved it to {} (no task id in its name, nothing reported)",
+            q.reason,
+            q.moved_to.display()
+        );
+        return;
+    };
+    error!(
+        task_id = %task_id,
+        attempt,
+        "the journal of this task was corrupt ({}); moved it to {} and reporting the task lost",
+        q.reason,
+        q.moved_to.display()
+    );
+    let r = TaskResult {
+        outcome: Outcome::Lost,
+        exit_code: None,
+        signal: None,
+        message: Some(format!(
+            "the delegate's journal of this task was corrupt ({}); it was set aside in {} and the task's outcome is unknown",
+            q.reason,
+            q.moved_to.display()
+        )),
+        log_bytes: 0,
+    };
+    let shared = shared.clone();
+    tokio::spawn(
+        async move { report_unjournalled(&shared, &task_id, attempt, &r).await }.in_current_span(),
+    );
+}
+
 fn task_span(a: &Assignment) -> tracing::Span {
     info_span!("task", task_id = %a.task_id, task_kind = %a.kind, attempt = a.attempt)
 }
 
-fn spawn_task(shared: Arc<Shared>, a: Assignment, permit: Option<OwnedSemaphorePermit>) {
+fn spawn_task(shared: Arc<Shared>, a: Assignment, permit: OwnedSemaphorePermit) {
     let span = task_span(&a);
-    tokio::spawn(supervise(shared, a, None, permit).instrument(span));
+    tokio::spawn(supervise(shared, a, None, Some(permit)).instrument(span));
+}
+
+/// A task leased beyond the free slots is not run: it is reported `lost` at once, which
+/// the manager re-queues while the task has retries left (a few tries, then its lease
+/// lapses the same way).
+fn spawn_refusal(shared: Arc<Shared>, a: Assignment, leased: usize, free: u32) {
+    let span = task_span(&a);
+    let r = TaskResult {
+        outcome: Outcome::Lost,
+        exit_code: None,
+        signal: None,
+        message: Some(format!(
+            "delegate {} had {free} free slot(s) but was leased {leased} task(s); this one was not run",
+            shared.config.name
+        )),
+        log_bytes: 0,
+    };
+    tokio::spawn(
+        async move {
+            report_unjournalled(&shared, &a.task_id, a.attempt, &r).await;
+        }
+        .instrument(span),
+    );
+}
+
+/// Send a result for a task that has no spool entry: a few tries with backoff.
+async fn report_unjournalled(shared: &Shared, task_id: &str, attempt: u32, r: &TaskResult) {
+    let mut backoff = Backoff::manager();
+    for _ in 0..5 {
+        match shared.client.result(task_id, attempt, r).await {
+            Err(e) if e.is_transient() => tokio::time::sleep(backoff.next_delay()).await,
+            Err(e) => {
+                shared.check_token_rejected(&e);
+                debug!("could not report the task: {e}");
+                return;
+            }
+            Ok(()) => return,
+        }
+    }
 }
 
 /// Supervise a task an earlier run of the agent journalled and started.
@@ -563,9 +758,9 @@ fn spawn_adopted(
 }
 
 /// Drop a task that will not be delivered: free its slot and let the acquire loop know.
-fn forget_task(shared: &Shared, task_id: &str, permit: Option<OwnedSemaphorePermit>) {
+fn forget_task(shared: &Shared, key: &TaskAttempt, permit: Option<OwnedSemaphorePermit>) {
     drop(permit);
-    shared.lock_tasks().remove(task_id);
+    shared.lock_tasks().remove(key);
     shared.slot_freed.notify_one();
     shared.bump();
 }
@@ -581,8 +776,9 @@ async fn supervise(
     let adopt = adopted.is_some();
     let stop = CancellationToken::new();
     let reason = Arc::new(Mutex::new(None));
+    let key = key_of(&a);
     shared.lock_tasks().insert(
-        a.task_id.clone(),
+        key.clone(),
         TaskHandle {
             stop: stop.clone(),
             reason: reason.clone(),
@@ -606,14 +802,8 @@ async fn supervise(
                 message: Some(format!("the delegate could not journal the task: {e}")),
                 log_bytes: 0,
             };
-            let mut backoff = Backoff::manager();
-            for _ in 0..5 {
-                match shared.client.result(&a.task_id, a.attempt, &r).await {
-                    Err(e) if e.is_transient() => tokio::time::sleep(backoff.next_delay()).await,
-                    _ => break,
-                }
-            }
-            forget_task(&shared, &a.task_id, permit);
+            report_unjournalled(&shared, &a.task_id, a.attempt, &r).await;
+            forget_task(&shared, &key, permit);
             return;
         }
     };
@@ -634,7 +824,7 @@ async fn supervise(
         if let Err(e) = dir.remove() {
             warn!("cannot remove the revoked task from the spool: {e}");
         }
-        forget_task(&shared, &a.task_id, permit);
+        forget_task(&shared, &key, permit);
         return;
     }
     if let Err(e) = dir.write_result(&result) {
@@ -648,14 +838,14 @@ async fn supervise(
     info!(outcome = ?result.outcome, "task finished: {summary}");
 
     drop(permit);
-    if let Some(t) = shared.lock_tasks().get_mut(&a.task_id) {
+    if let Some(t) = shared.lock_tasks().get_mut(&key) {
         t.running = false;
     }
     shared.slot_freed.notify_one();
     shared.bump();
 
     deliver(&shared, &dir, &result).await;
-    shared.lock_tasks().remove(&a.task_id);
+    shared.lock_tasks().remove(&key);
     shared.bump();
 }
 
@@ -754,7 +944,20 @@ async fn execute(
     let _ = shipper.await;
 
     let why = *reason.lock().unwrap_or_else(|p| p.into_inner());
-    to_result(outcome, why, dir.log_len(), &shared.config)
+    let mut result = to_result(outcome, why, dir.log_len(), &shared.config);
+    if let Some((n, why)) = dir.log_drops() {
+        let note = format!("{n} bytes of the task's output were dropped ({why})");
+        // Said in the task's log too, when there is room for it again.
+        if let Ok(mut w) = dir.log_writer() {
+            w.append(format!("[delegate] {note}\n").as_bytes());
+        }
+        result.log_bytes = dir.log_len();
+        result.message = Some(match result.message {
+            Some(m) => format!("{m}; {note}"),
+            None => note,
+        });
+    }
+    result
 }
 
 fn signal_name(sig: i32) -> String {

@@ -60,7 +60,7 @@ pub struct ExecContext {
 impl ExecContext {
     /// Write a line of the agent's own to the task log (prefixed so users tell it apart).
     pub fn note(&mut self, line: &str) {
-        let _ = self.log.append(format!("[delegate] {line}\n").as_bytes());
+        self.log.append(format!("[delegate] {line}\n").as_bytes());
     }
 }
 

@@ -135,7 +135,7 @@ pub async fn run(spec: &ShellSpec, mut ctx: ExecContext) -> ExecOutcome {
         tokio::select! {
             n = rx.read(&mut buf), if !eof => match n {
                 Ok(0) | Err(_) => eof = true,
-                Ok(n) => { let _ = ctx.log.append(&buf[..n]); }
+                Ok(n) => { ctx.log.append(&buf[..n]); }
             },
             st = child.wait() => break st,
             _ = ctx.stop.cancelled(), if !stopping => {
@@ -156,7 +156,7 @@ pub async fn run(spec: &ShellSpec, mut ctx: ExecContext) -> ExecOutcome {
         loop {
             match tokio::time::timeout_at(deadline, rx.read(&mut buf)).await {
                 Ok(Ok(n)) if n > 0 => {
-                    let _ = ctx.log.append(&buf[..n]);
+                    ctx.log.append(&buf[..n]);
                 }
                 Ok(_) => break,
                 Err(_) => {
