@@ -1030,3 +1030,100 @@ fn to_result(
         log_bytes,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Secret;
+
+    fn config(state_dir: &std::path::Path) -> Config {
+        Config {
+            // Nothing listens on the discard port: reports to the manager fail quietly.
+            manager_url: "http://127.0.0.1:9".into(),
+            token: Secret::new("dlg_test"),
+            name: "unit".into(),
+            tags: vec![],
+            concurrency: 4,
+            state_dir: state_dir.to_path_buf(),
+            drain_timeout: Duration::from_secs(10),
+            kill_grace: Duration::from_secs(1),
+            acquire_wait: Duration::from_secs(1),
+            log_level: "info".into(),
+            shell_enabled: true,
+            http_enabled: false,
+            docker: DockerConfig {
+                enabled: false,
+                ..DockerConfig::default()
+            },
+            warnings: vec![],
+        }
+    }
+
+    fn sleeper(id: &str, attempt: u32) -> Assignment {
+        Assignment {
+            task_id: id.into(),
+            attempt,
+            kind: "shell".into(),
+            spec: serde_json::json!({"script": "sleep 30"}),
+            timeout_secs: 60,
+        }
+    }
+
+    /// Wait (bounded) until `done` holds of the supervisor's task table.
+    async fn until(shared: &Arc<Shared>, what: &str, done: impl Fn(&Shared) -> bool) {
+        assert!(
+            wait_until(shared, Duration::from_secs(10), done).await,
+            "timed out waiting for {what}"
+        );
+    }
+
+    fn running(shared: &Shared, key: &TaskAttempt) -> bool {
+        shared.lock_tasks().get(key).is_some_and(|t| t.running)
+    }
+
+    /// After a lease lapses the manager may lease attempt 2 to the same agent before a
+    /// heartbeat revokes attempt 1. Keyed by task id, attempt 2's handle replaced attempt
+    /// 1's and attempt 1 ending removed attempt 2's: it could no longer be cancelled and
+    /// dropped out of heartbeats.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_second_attempt_leased_while_the_first_runs_does_not_clobber_it() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let shared = Daemon::new(config(tmp.path())).expect("daemon").shared;
+        let (one, two) = (sleeper("t_twice", 1), sleeper("t_twice", 2));
+        let (k1, k2) = (key_of(&one), key_of(&two));
+        for a in [one, two] {
+            let permit = shared.slots.clone().try_acquire_owned().expect("slot");
+            spawn_task(shared.clone(), a, permit);
+        }
+        until(&shared, "both attempts running", |s| s.running_count() == 2).await;
+        let hb = heartbeat_request(&shared);
+        assert_eq!(hb.in_flight, ["t_twice"]);
+        assert_eq!(hb.in_flight_attempts, [k1.clone(), k2.clone()]);
+
+        // The manager revokes attempt 1 only: attempt 2 keeps running and heartbeating.
+        shared.stop_attempt(&k1, StopReason::Revoked);
+        until(&shared, "attempt 1 gone", |s| {
+            !s.lock_tasks().contains_key(&k1)
+        })
+        .await;
+        assert!(
+            running(&shared, &k2),
+            "attempt 2 was stopped with attempt 1"
+        );
+        assert_eq!(heartbeat_request(&shared).in_flight_attempts, [k2.clone()]);
+
+        // And a user's cancel still reaches attempt 2.
+        shared.stop_task("t_twice", StopReason::Cancelled);
+        until(&shared, "attempt 2 stopped", |s| !running(s, &k2)).await;
+        let reason = shared
+            .lock_tasks()
+            .get(&k2)
+            .map(|t| *t.reason.lock().unwrap_or_else(|p| p.into_inner()));
+        // Delivered or still delivering: either way it ended as cancelled.
+        assert!(
+            matches!(reason, None | Some(Some(StopReason::Cancelled))),
+            "{reason:?}"
+        );
+        shared.stopped.cancel();
+    }
+}
