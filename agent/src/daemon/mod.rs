@@ -1110,7 +1110,10 @@ mod tests {
             running(&shared, &k2),
             "attempt 2 was stopped with attempt 1"
         );
-        assert_eq!(heartbeat_request(&shared).in_flight_attempts, [k2.clone()]);
+        assert_eq!(
+            heartbeat_request(&shared).in_flight_attempts,
+            std::slice::from_ref(&k2)
+        );
 
         // And a user's cancel still reaches attempt 2.
         shared.stop_task("t_twice", StopReason::Cancelled);
