@@ -15,13 +15,18 @@ use serde::de::DeserializeOwned;
 /// Why a call to the manager failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    /// Connection refused, reset, timed out: retry with backoff.
-    #[error("cannot reach the manager at {url}: {source}")]
-    Transport {
-        url: String,
-        #[source]
-        source: reqwest::Error,
-    },
+    /// Connection refused, reset, timed out: retry with backoff. `reason` is the whole
+    /// cause chain in one line (reqwest's own message hides the cause).
+    #[error("cannot reach the manager at {url}: {reason}")]
+    Transport { url: String, reason: String },
+    /// The manager's TLS certificate is not signed by a root this agent trusts.
+    #[error(
+        "the manager at {url} presented a TLS certificate this agent does not trust ({reason}); set ca_file (or DELEGATE_CA_FILE) in the agent config to the CA certificate that signed it"
+    )]
+    Untrusted { url: String, reason: String },
+    /// The HTTP client could not be built (a CA file the TLS stack refuses).
+    #[error("cannot set up the connection to the manager at {url}: {reason}")]
+    Setup { url: String, reason: String },
     /// The token is wrong or revoked: retrying will not help until an operator acts.
     #[error(
         "the manager at {url} rejected the delegate token: {message} (check token/token_file in the agent config; create a token with `delegate-manager token create --name NAME`)"
@@ -45,7 +50,10 @@ impl ClientError {
     /// Worth trying again later (network, manager restarting, overloaded).
     pub fn is_transient(&self) -> bool {
         match self {
-            ClientError::Transport { .. } | ClientError::Protocol { .. } => true,
+            ClientError::Transport { .. }
+            | ClientError::Untrusted { .. }
+            | ClientError::Protocol { .. } => true,
+            ClientError::Setup { .. } => false,
             ClientError::Api { status, .. } => *status >= 500 || *status == 429,
             ClientError::Unauthorized { .. } => false,
         }
@@ -100,6 +108,22 @@ fn acquire_limit(max: u32) -> usize {
         .min(64 * 1024 * 1024)
 }
 
+/// An error and its causes in one line, each said once (a cause whose text the previous
+/// message already holds is skipped).
+pub fn causes(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut next = e.source();
+    while let Some(c) = next {
+        let text = c.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        next = c.source();
+    }
+    out
+}
+
 /// Read a body chunk by chunk, stopping at `limit` bytes: a confused or hostile manager
 /// cannot make the agent buffer without bound. The error carries what was read.
 async fn read_limited(
@@ -136,21 +160,27 @@ async fn read_limited(
 }
 
 impl ManagerClient {
+    /// `ca_pem`: extra trusted root certificates (PEM), added to the system's.
     pub fn new(
         base_url: &str,
         token: &str,
         user_agent: &str,
+        ca_pem: Option<&[u8]>,
     ) -> Result<ManagerClient, ClientError> {
-        let http = reqwest::Client::builder()
+        let setup = |e: reqwest::Error| ClientError::Setup {
+            url: base_url.to_string(),
+            reason: causes(&e),
+        };
+        let mut builder = reqwest::Client::builder()
             .user_agent(user_agent)
             .connect_timeout(Duration::from_secs(10))
             .pool_idle_timeout(Duration::from_secs(90))
-            .tcp_nodelay(true)
-            .build()
-            .map_err(|e| ClientError::Transport {
-                url: base_url.to_string(),
-                source: e,
-            })?;
+            .tcp_nodelay(true);
+        if let Some(pem) = ca_pem {
+            builder =
+                builder.tls_certs_merge(reqwest::Certificate::from_pem_bundle(pem).map_err(setup)?);
+        }
+        let http = builder.build().map_err(setup)?;
         Ok(ManagerClient {
             http,
             base: format!("{}{API_PREFIX}", base_url.trim_end_matches('/')),
@@ -158,19 +188,32 @@ impl ManagerClient {
         })
     }
 
+    /// A failed request, told apart: an untrusted certificate needs the operator.
+    fn transport(&self, e: &reqwest::Error) -> ClientError {
+        let reason = causes(e);
+        if reason.contains("invalid peer certificate") || reason.contains("UnknownIssuer") {
+            ClientError::Untrusted {
+                url: self.base.clone(),
+                reason,
+            }
+        } else {
+            ClientError::Transport {
+                url: self.base.clone(),
+                reason,
+            }
+        }
+    }
+
     async fn send(
         &self,
         what: &'static str,
         req: reqwest::RequestBuilder,
     ) -> Result<reqwest::Response, ClientError> {
-        let resp =
-            req.bearer_auth(&self.token)
-                .send()
-                .await
-                .map_err(|e| ClientError::Transport {
-                    url: self.base.clone(),
-                    source: e,
-                })?;
+        let resp = req
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .map_err(|e| self.transport(&e))?;
         let status = resp.status();
         if status.is_success() {
             return Ok(resp);

@@ -24,6 +24,9 @@ pub const DEFAULT_STATE_DIR: &str = "/var/lib/delegate";
 pub struct Config {
     /// Base URL of the manager, without the `/api/v1` suffix.
     pub manager_url: String,
+    /// Extra trusted root(s) for the manager's TLS certificate (`ca_file`), added to the
+    /// system's roots.
+    pub ca: Option<CaBundle>,
     /// The delegate token (read from `token_file` when that is set); `Debug` hides it.
     pub token: Secret,
     pub name: String,
@@ -45,6 +48,21 @@ pub struct Config {
     /// Things that work but should be fixed (a secret readable by every user): printed by
     /// `config check`, logged by `run`.
     pub warnings: Vec<String>,
+}
+
+/// The PEM certificates of `ca_file`, read and checked when the config is loaded.
+#[derive(Clone, PartialEq, Eq)]
+pub struct CaBundle {
+    pub path: PathBuf,
+    pub pem: Vec<u8>,
+}
+
+impl fmt::Debug for CaBundle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CaBundle")
+            .field("path", &self.path)
+            .finish()
+    }
 }
 
 /// Standard socket of a Docker engine.
@@ -181,6 +199,10 @@ const KEYS: &[(&str, &str)] = &[
     ),
     ("token", "delegate token (or use token_file)"),
     ("token_file", "path of a file holding the delegate token"),
+    (
+        "ca_file",
+        "PEM file with the CA certificate that signed the manager's certificate",
+    ),
     ("name", "delegate name (default: the host name)"),
     ("tags", "list of tags, e.g. [\"linux\", \"eu\"]"),
     ("concurrency", "most tasks at once (default 4)"),
@@ -469,6 +491,7 @@ struct Raw {
     /// The token is written in the config file itself (not the environment).
     token_in_file: bool,
     token_file: Option<(String, Option<usize>)>,
+    ca_file: Option<(String, Option<usize>)>,
     name: Option<String>,
     tags: Option<Vec<String>>,
     concurrency: Option<u32>,
@@ -549,6 +572,7 @@ fn parse_file(c: &mut Collector<'_>, raw: &mut Raw) -> bool {
                 raw.token_in_file = raw.token.is_some();
             }
             "token_file" => raw.token_file = c.string(key, v).map(|s| (s, line)),
+            "ca_file" => raw.ca_file = c.string(key, v).map(|s| (s, line)),
             "name" => raw.name = c.string(key, v),
             "state_dir" => raw.state_dir = c.string(key, v),
             "log_level" => raw.log_level = c.string(key, v),
@@ -644,6 +668,9 @@ fn apply_env(c: &mut Collector<'_>, raw: &mut Raw, env: &dyn Env) {
         raw.token_file = Some((v, None));
         raw.token = None;
     }
+    if let Some(v) = env.var("DELEGATE_CA_FILE") {
+        raw.ca_file = Some((v, None));
+    }
     if let Some(v) = env.var("DELEGATE_NAME") {
         raw.name = Some(v);
     }
@@ -724,6 +751,39 @@ fn finish(c: &mut Collector<'_>, raw: Raw, env: &dyn Env) -> Option<Config> {
             }
         },
     };
+    if let Some(url) = &manager_url
+        && let Some(w) = cleartext_warning(url)
+    {
+        warnings.push(w);
+    }
+    let ca = raw.ca_file.and_then(|(file, line)| {
+        let from = if line.is_some() {
+            ""
+        } else {
+            " (from DELEGATE_CA_FILE)"
+        };
+        let problem = match std::fs::read(&file) {
+            Ok(pem) => match reqwest::Certificate::from_pem_bundle(&pem) {
+                Ok(certs) if !certs.is_empty() => {
+                    return Some(CaBundle {
+                        path: PathBuf::from(&file),
+                        pem,
+                    });
+                }
+                Ok(_) => format!(
+                    "ca_file {file:?}{from} holds no PEM certificate (expected -----BEGIN CERTIFICATE-----)"
+                ),
+                Err(e) => format!("ca_file {file:?}{from} is not a PEM certificate: {e}"),
+            },
+            Err(e) => format!("ca_file {file:?}{from} cannot be read: {e}"),
+        };
+        c.problems.push(Problem {
+            path: c.path.to_path_buf(),
+            line,
+            message: problem,
+        });
+        None
+    });
     let token = match (raw.token, raw.token_file) {
         (Some(t), _) => Some(t),
         (None, Some((file, line))) => match std::fs::read_to_string(&file) {
@@ -784,6 +844,7 @@ fn finish(c: &mut Collector<'_>, raw: Raw, env: &dyn Env) -> Option<Config> {
     }
     Some(Config {
         manager_url: manager_url?,
+        ca,
         token: Secret::new(token?),
         name,
         tags: raw.tags.unwrap_or_default(),
@@ -800,20 +861,44 @@ fn finish(c: &mut Collector<'_>, raw: Raw, env: &dyn Env) -> Option<Config> {
     })
 }
 
+/// Plain `http://` to anything but this host sends the token and the tasks' secrets in
+/// clear text over the network: allowed (a lab, a tunnel) but said at every start.
+fn cleartext_warning(manager_url: &str) -> Option<String> {
+    let u = url::Url::parse(manager_url).ok()?;
+    if u.scheme() != "http" {
+        return None;
+    }
+    let loopback = match u.host()? {
+        url::Host::Domain(d) => d.eq_ignore_ascii_case("localhost"),
+        url::Host::Ipv4(a) => a.is_loopback(),
+        url::Host::Ipv6(a) => a.is_loopback(),
+    };
+    (!loopback).then(|| {
+        format!(
+            "manager_url {manager_url} is plain http to another host: the delegate token and task secrets cross the network in clear text; use https:// (with ca_file for a private CA)"
+        )
+    })
+}
+
 /// The manager URL must be http(s) with a host; a trailing slash is dropped.
-fn check_url(url: &str) -> Result<String, &'static str> {
-    let lower = url.to_ascii_lowercase();
-    let rest = lower
-        .strip_prefix("http://")
-        .or_else(|| lower.strip_prefix("https://"))
-        .ok_or("is not a valid URL (expected http:// or https://)")?;
-    if rest.is_empty() || rest.starts_with('/') {
-        return Err("has no host (expected e.g. https://manager.example:7700)");
+fn check_url(raw: &str) -> Result<String, String> {
+    const WANT: &str = "is not a valid URL (expected http:// or https://)";
+    const NO_HOST: &str = "has no host (expected e.g. https://manager.example:7700)";
+    if raw.chars().any(char::is_whitespace) {
+        return Err("contains whitespace".into());
     }
-    if url.chars().any(char::is_whitespace) {
-        return Err("contains whitespace");
+    let u = url::Url::parse(raw).map_err(|e| match e {
+        url::ParseError::EmptyHost => NO_HOST.to_string(),
+        url::ParseError::RelativeUrlWithoutBase => WANT.to_string(),
+        e => format!("is not a valid URL ({e})"),
+    })?;
+    if !matches!(u.scheme(), "http" | "https") {
+        return Err(WANT.into());
     }
-    Ok(url.trim_end_matches('/').to_string())
+    if u.host().is_none() {
+        return Err(NO_HOST.into());
+    }
+    Ok(raw.trim_end_matches('/').to_string())
 }
 
 #[cfg(test)]
@@ -899,7 +984,7 @@ mod tests {
     #[test]
     fn a_world_readable_token_is_a_warning_not_an_error() {
         use std::os::unix::fs::PermissionsExt;
-        let f = write("manager_url = \"http://a:1\"\ntoken = \"dlg_secret\"\n");
+        let f = write("manager_url = \"http://127.0.0.1:1\"\ntoken = \"dlg_secret\"\n");
         let env: [(&str, &str); 0] = [];
         std::fs::set_permissions(f.path(), std::fs::Permissions::from_mode(0o644)).expect("chmod");
         let c = Config::load(f.path(), &env).expect("still valid");
@@ -936,6 +1021,78 @@ mod tests {
         let shown = format!("{c:?} {c:#?}");
         assert!(!shown.contains("topsecret"), "{shown}");
         assert!(shown.contains("token: <redacted>"), "{shown}");
+    }
+
+    #[test]
+    fn plain_http_to_another_host_is_a_warning_and_loopback_or_https_is_not() {
+        let env: [(&str, &str); 0] = [];
+        let warned = |url: &str| {
+            let f = write(&format!("manager_url = {url:?}\ntoken = \"t\"\n"));
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(f.path(), std::fs::Permissions::from_mode(0o600))
+                .expect("chmod");
+            Config::load(f.path(), &env).expect("valid").warnings
+        };
+        let w = warned("http://manager.example:7700");
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(
+            w[0].contains("clear text") && w[0].contains("https://"),
+            "{w:?}"
+        );
+        assert_eq!(warned("http://10.1.2.3:7700").len(), 1);
+        for quiet in [
+            "http://127.0.0.1:7700",
+            "http://localhost:7700",
+            "http://[::1]:7700",
+            "https://manager.example:7700",
+        ] {
+            assert!(warned(quiet).is_empty(), "{quiet}");
+        }
+    }
+
+    #[test]
+    fn ca_file_problems_name_the_line_and_what_is_wrong() {
+        let env: [(&str, &str); 0] = [];
+        let not_pem = write("just text\n");
+        let f = write(&format!(
+            "manager_url = \"https://m:1\"\ntoken = \"t\"\nca_file = {:?}\n",
+            not_pem.path().display().to_string()
+        ));
+        let e = Config::load(f.path(), &env).expect_err("refused");
+        assert_eq!(e.problems[0].line, Some(3), "{e}");
+        assert!(e.to_string().contains("holds no PEM certificate"), "{e}");
+        let env = [("DELEGATE_CA_FILE", "/nonexistent/ca.pem")];
+        let e = Config::load(f.path(), &env).expect_err("refused");
+        assert!(
+            e.to_string()
+                .contains("ca_file \"/nonexistent/ca.pem\" (from DELEGATE_CA_FILE) cannot be read"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn manager_urls_are_checked_by_a_url_parser() {
+        assert_eq!(
+            check_url("https://m.example:7700/"),
+            Ok("https://m.example:7700".into())
+        );
+        assert!(
+            check_url("htp://x")
+                .expect_err("scheme")
+                .contains("expected http://")
+        );
+        assert!(check_url("m.example:7700").is_err());
+        assert!(
+            check_url("http://")
+                .expect_err("host")
+                .contains("has no host")
+        );
+        assert!(
+            check_url("http://a b")
+                .expect_err("space")
+                .contains("whitespace")
+        );
+        assert!(check_url("http://[::1").is_err());
     }
 
     #[test]

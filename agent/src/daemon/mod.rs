@@ -286,6 +286,7 @@ impl Daemon {
             &config.manager_url,
             config.token.expose(),
             &format!("delegate/{}", crate::VERSION),
+            config.ca.as_ref().map(|c| c.pem.as_slice()),
         )?;
         let shared = Arc::new(Shared {
             slots: Arc::new(Semaphore::new(config.concurrency as usize)),
@@ -1040,6 +1041,7 @@ mod tests {
         Config {
             // Nothing listens on the discard port: reports to the manager fail quietly.
             manager_url: "http://127.0.0.1:9".into(),
+            ca: None,
             token: Secret::new("dlg_test"),
             name: "unit".into(),
             tags: vec![],

@@ -28,6 +28,8 @@ pub struct Behaviour {
     pub first_lease: Vec<Assignment>,
     /// Pad the register answer to this many bytes (streamed, no Content-Length).
     pub register_reply_bytes: usize,
+    /// Serve HTTPS with this certificate chain and key (PEM files) instead of HTTP.
+    pub tls: Option<(std::path::PathBuf, std::path::PathBuf)>,
 }
 
 /// What the agent sent.
@@ -61,6 +63,7 @@ impl FakeManager {
             .build()
             .expect("runtime");
         let seen = Arc::new(Seen::default());
+        let tls = behaviour.tls.clone();
         let fake = Arc::new(Fake {
             behaviour,
             seen: seen.clone(),
@@ -77,14 +80,77 @@ impl FakeManager {
             .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
             .expect("bind");
         let addr = listener.local_addr().expect("addr");
-        runtime.spawn(async move {
-            let _ = axum::serve(listener, app).await;
-        });
+        let scheme = match tls {
+            None => {
+                runtime.spawn(async move {
+                    let _ = axum::serve(listener, app).await;
+                });
+                "http"
+            }
+            Some((cert, key)) => {
+                let tls = TlsListener {
+                    tcp: listener,
+                    acceptor: acceptor(&cert, &key),
+                };
+                runtime.spawn(async move {
+                    let _ = axum::serve(tls, app).await;
+                });
+                "https"
+            }
+        };
         FakeManager {
-            url: format!("http://{addr}"),
+            url: format!("{scheme}://{addr}"),
             seen,
             _runtime: runtime,
         }
+    }
+}
+
+/// A rustls (aws-lc-rs) acceptor for the PEM certificate chain and key.
+fn acceptor(cert: &std::path::Path, key: &std::path::Path) -> tokio_rustls::TlsAcceptor {
+    use tokio_rustls::rustls;
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .expect("cert file")
+        .collect::<Result<_, _>>()
+        .expect("certs");
+    let key = PrivateKeyDer::from_pem_file(key).expect("key");
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("protocol versions")
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .expect("server config");
+    tokio_rustls::TlsAcceptor::from(Arc::new(config))
+}
+
+/// HTTPS for axum: a handshake per accepted connection; failed ones (a client that does
+/// not trust the certificate) are dropped and the next is accepted.
+struct TlsListener {
+    tcp: tokio::net::TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            let Ok((tcp, addr)) = self.tcp.accept().await else {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            };
+            if let Ok(tls) = self.acceptor.accept(tcp).await {
+                return (tls, addr);
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.tcp.local_addr()
     }
 }
 

@@ -7,5 +7,6 @@ mod fake_manager;
 mod load;
 mod resilience;
 mod shell;
+mod tls_agent;
 mod trust_agent;
 mod util;
