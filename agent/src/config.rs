@@ -487,7 +487,8 @@ impl Collector<'_> {
 #[derive(Default)]
 struct Raw {
     manager_url: Option<(String, Option<usize>)>,
-    token: Option<String>,
+    /// The token and the line it is on (`None`: from the environment).
+    token: Option<(String, Option<usize>)>,
     /// The token is written in the config file itself (not the environment).
     token_in_file: bool,
     token_file: Option<(String, Option<usize>)>,
@@ -509,20 +510,45 @@ impl Config {
     /// Read `path` (it may be missing when the environment gives everything), apply the
     /// environment overrides, and validate. All problems are returned together.
     pub fn load(path: &Path, env: &dyn Env) -> Result<Config, ConfigError> {
-        let text = match std::fs::read_to_string(path) {
-            Ok(t) => Some(t),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-            Err(e) => {
-                return Err(ConfigError {
-                    problems: vec![Problem {
-                        path: path.to_path_buf(),
-                        line: None,
-                        message: format!(
-                            "cannot read: {e} (the file is root:delegate 0640; run as the delegate user or root)"
+        let alone = |line: Option<usize>, message: String| ConfigError {
+            problems: vec![Problem {
+                path: path.to_path_buf(),
+                line,
+                message,
+            }],
+        };
+        let text = match std::fs::read(path) {
+            Ok(bytes) => match String::from_utf8(bytes) {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    let bytes = e.as_bytes();
+                    let at = e.utf8_error().valid_up_to();
+                    let line = bytes[..at].iter().filter(|b| **b == b'\n').count() + 1;
+                    let column = at
+                        - bytes[..at]
+                            .iter()
+                            .rposition(|b| *b == b'\n')
+                            .map_or(0, |i| i + 1)
+                        + 1;
+                    return Err(alone(
+                        Some(line),
+                        format!(
+                            "not UTF-8 text: byte 0x{:02x} at column {column} is not valid UTF-8; save the file as UTF-8",
+                            bytes[at]
                         ),
-                    }],
-                });
+                    ));
+                }
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                return Err(alone(
+                    None,
+                    format!(
+                        "cannot read: {e} (the file is root:delegate 0640; run as the delegate user or root)"
+                    ),
+                ));
             }
+            Err(e) => return Err(alone(None, format!("cannot read: {e}"))),
         };
         let text_ref = text.as_deref().unwrap_or("");
         let mut c = Collector {
@@ -568,7 +594,7 @@ fn parse_file(c: &mut Collector<'_>, raw: &mut Raw) -> bool {
         match key {
             "manager_url" => raw.manager_url = c.string(key, v).map(|s| (s, line)),
             "token" => {
-                raw.token = c.string(key, v);
+                raw.token = c.string(key, v).map(|t| (t, line));
                 raw.token_in_file = raw.token.is_some();
             }
             "token_file" => raw.token_file = c.string(key, v).map(|s| (s, line)),
@@ -660,7 +686,7 @@ fn apply_env(c: &mut Collector<'_>, raw: &mut Raw, env: &dyn Env) {
         raw.manager_url = Some((v, None));
     }
     if let Some(v) = env.var("DELEGATE_TOKEN") {
-        raw.token = Some(v);
+        raw.token = Some((v, None));
         raw.token_in_file = false;
         raw.token_file = None;
     }
@@ -785,8 +811,46 @@ fn finish(c: &mut Collector<'_>, raw: Raw, env: &dyn Env) -> Option<Config> {
         None
     });
     let token = match (raw.token, raw.token_file) {
-        (Some(t), _) => Some(t),
+        (Some((t, line)), _) => {
+            let from = if line.is_some() {
+                ""
+            } else {
+                " (from DELEGATE_TOKEN)"
+            };
+            let wrong = if t.is_empty() {
+                Some(format!(
+                    "token is empty{from}; paste the delegate token (dlg_...) between the quotes, or use token_file"
+                ))
+            } else if t.chars().any(char::is_whitespace) {
+                Some(format!(
+                    "token contains whitespace{from}; paste it without spaces or line breaks"
+                ))
+            } else {
+                None
+            };
+            match wrong {
+                Some(message) => {
+                    c.problems.push(Problem {
+                        path: c.path.to_path_buf(),
+                        line,
+                        message,
+                    });
+                    None
+                }
+                None => Some(t),
+            }
+        }
         (None, Some((file, line))) => match std::fs::read_to_string(&file) {
+            Ok(t) if t.trim().chars().any(char::is_whitespace) => {
+                c.problems.push(Problem {
+                    path: c.path.to_path_buf(),
+                    line,
+                    message: format!(
+                        "token_file {file:?} holds more than one word; put only the delegate token in it"
+                    ),
+                });
+                None
+            }
             Ok(t) if !t.trim().is_empty() => Some(t.trim().to_string()),
             Ok(_) => {
                 c.problems.push(Problem {
@@ -813,14 +877,6 @@ fn finish(c: &mut Collector<'_>, raw: Raw, env: &dyn Env) -> Option<Config> {
             None
         }
     };
-    if let Some(t) = &token
-        && (t.chars().any(char::is_whitespace) || t.is_empty())
-    {
-        c.at(
-            None,
-            "token contains whitespace; paste it without spaces or line breaks",
-        );
-    }
     let name = raw
         .name
         .or_else(|| {
@@ -1093,6 +1149,42 @@ mod tests {
                 .contains("whitespace")
         );
         assert!(check_url("http://[::1").is_err());
+    }
+
+    #[test]
+    fn an_empty_token_names_its_line_and_says_it_is_empty() {
+        let env: [(&str, &str); 0] = [];
+        let f = write("manager_url = \"https://m:1\"\n\ntoken = \"\"\n");
+        let e = Config::load(f.path(), &env).expect_err("refused");
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "{}:3: token is empty; paste the delegate token (dlg_...) between the quotes, or use token_file",
+                f.path().display()
+            )
+        );
+        let f = write("manager_url = \"https://m:1\"\ntoken = \"dlg_a dlg_b\"\n");
+        let e = Config::load(f.path(), &env).expect_err("refused");
+        assert!(
+            e.to_string().contains(":2: token contains whitespace"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_config_that_is_not_utf8_names_the_line_and_byte() {
+        let env: [(&str, &str); 0] = [];
+        let mut f = tempfile::NamedTempFile::new().expect("temp file");
+        f.write_all(b"manager_url = \"https://m:1\"\nname = \"caf\xe9\"\ntoken = \"t\"\n")
+            .expect("write");
+        let e = Config::load(f.path(), &env).expect_err("refused");
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "{}:2: not UTF-8 text: byte 0xe9 at column 12 is not valid UTF-8; save the file as UTF-8",
+                f.path().display()
+            )
+        );
     }
 
     #[test]
