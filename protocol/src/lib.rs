@@ -128,7 +128,7 @@ impl Outcome {
     }
 }
 
-/// The agent's own life-cycle state, reported in heartbeats and (later) over D-Bus.
+/// The agent's own life-cycle state, reported in heartbeats and over D-Bus (`State`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum DelegateState {

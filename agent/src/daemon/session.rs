@@ -10,9 +10,8 @@ use std::time::Duration;
 use delegate_protocol::RegisterRequest;
 use tracing::{Instrument, debug, info, warn};
 
-use super::{
-    Event, Shared, StopReason, heartbeat_request, probe_docker, spawn_refusal, spawn_task,
-};
+use super::supervise::{spawn_refusal, spawn_task};
+use super::{Event, Shared, StopReason, heartbeat_request, probe_docker};
 use crate::backoff::Backoff;
 use crate::state::AgentState;
 
@@ -195,13 +194,17 @@ pub(super) async fn acquire_loop(shared: &Arc<Shared>) {
             }
             Err(e) if shared.check_token_rejected(&e) => return,
             Err(e) => {
+                let delay = backoff.next_delay();
                 if e.is_unknown_delegate() {
-                    // The heartbeat loop re-registers; give it a moment.
-                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    // The heartbeat loop re-registers; wait for it with the same backoff.
+                    debug!("polling for tasks: the manager does not know this delegate yet");
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = shared.stop_polling.cancelled() => return,
+                    }
                     continue;
                 }
                 shared.set_connected(false);
-                let delay = backoff.next_delay();
                 if backoff.failures() == 1 {
                     warn!("polling for tasks failed: {e}");
                 } else {
