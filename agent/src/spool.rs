@@ -15,7 +15,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use delegate_protocol::{Assignment, TaskResult};
-use serde::{Deserialize, Serialize};
+
+use crate::exec::{ContainerRecord, ProcessRecord, TaskLog};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SpoolError {
@@ -59,51 +60,6 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), SpoolError> {
 #[derive(Debug, Clone)]
 pub struct Spool {
     root: PathBuf,
-}
-
-/// Identity of the process group a shell task runs in, so a restarted agent can stop it
-/// without hitting an unrelated process that reused the pid.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ProcessRecord {
-    pub pid: u32,
-    /// Field 22 of `/proc/PID/stat` (start time in clock ticks since boot).
-    pub start_time: u64,
-}
-
-impl ProcessRecord {
-    /// Read the start time of a live process.
-    pub fn of(pid: u32) -> Option<ProcessRecord> {
-        Some(ProcessRecord {
-            pid,
-            start_time: proc_start_time(pid)?,
-        })
-    }
-
-    /// Is this very process (not a successor with the same pid) still there?
-    pub fn is_alive(&self) -> bool {
-        proc_start_time(self.pid) == Some(self.start_time)
-    }
-}
-
-fn proc_start_time(pid: u32) -> Option<u64> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) may hold spaces and parentheses; fields resume after the
-    // last ')'. Start time is field 22, i.e. the 20th after the name.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    rest.split_whitespace().nth(19)?.parse().ok()
-}
-
-/// The container a docker task runs in, so a restarted agent can re-attach to it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ContainerRecord {
-    pub id: String,
-    /// Log length when the container's output began (the agent's own notes come first);
-    /// the container's log stream maps to the spooled log from this offset on.
-    pub log_base: u64,
-    /// Set once the container has ended, before it is removed, so an agent that dies
-    /// between removal and journalling the result still reports the real exit code.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub exit_code: Option<i64>,
 }
 
 /// What a restarted agent finds in the spool for one directory.
@@ -441,6 +397,16 @@ pub struct LogWriter {
     path: PathBuf,
     len: Arc<AtomicU64>,
     drops: Arc<LogDrops>,
+}
+
+impl TaskLog for LogWriter {
+    fn append(&mut self, data: &[u8]) {
+        LogWriter::append(self, data);
+    }
+
+    fn written(&self) -> u64 {
+        self.len.load(Ordering::Acquire)
+    }
 }
 
 impl LogWriter {

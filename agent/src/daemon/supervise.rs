@@ -14,7 +14,7 @@ use super::delivery::{deliver, ship_live};
 use super::{Shared, StopReason, TaskHandle, key_of};
 use crate::backoff::Backoff;
 use crate::config::Config;
-use crate::exec::{self, ExecContext, ExecOutcome};
+use crate::exec::{self, ContainerRecord, ExecContext, ExecOutcome, Journal, ProcessRecord};
 use crate::spool::TaskDir;
 
 pub(super) fn task_span(a: &Assignment) -> tracing::Span {
@@ -219,20 +219,14 @@ async fn execute(
     let shipping = CancellationToken::new();
     let shipper = tokio::spawn(ship_live(shared.clone(), dir.clone(), shipping.clone()));
 
-    let dir_for_pid = dir.clone();
     let ctx = ExecContext {
         task_id: a.task_id.clone(),
         attempt: a.attempt,
         dir: dir.path().to_path_buf(),
-        log,
+        log: Box::new(log),
         stop: stop.clone(),
         kill_grace: shared.config.kill_grace,
-        on_process: Box::new(move |p| {
-            if let Err(e) = dir_for_pid.record_process(p) {
-                warn!("cannot journal the task's process: {e}");
-            }
-        }),
-        journal: dir.clone(),
+        journal: Box::new(SpoolJournal(dir.clone())),
         adopt,
         delegate_name: shared.config.name.clone(),
         delegate_id: shared.delegate_id.borrow().clone(),
@@ -288,6 +282,28 @@ fn signal_name(sig: i32) -> String {
     Signal::try_from(sig)
         .map(|s| s.as_str().to_string())
         .unwrap_or_else(|_| format!("signal {sig}"))
+}
+
+/// The executor's [`Journal`] over the task's spool directory.
+struct SpoolJournal(TaskDir);
+
+impl Journal for SpoolJournal {
+    fn record_process(&self, p: ProcessRecord) {
+        if let Err(e) = self.0.record_process(p) {
+            warn!("cannot journal the task's process: {e}");
+        }
+    }
+
+    fn record_container(&self, c: &ContainerRecord) {
+        if let Err(e) = self.0.record_container(c) {
+            // Not fatal: a restarted agent still finds the container by its labels.
+            warn!("cannot journal the container: {e}");
+        }
+    }
+
+    fn container(&self) -> Option<ContainerRecord> {
+        self.0.container()
+    }
 }
 
 /// Outcome + why the supervisor stopped it → the result the manager gets.

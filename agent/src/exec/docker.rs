@@ -29,9 +29,8 @@ use delegate_protocol::{DockerSpec, MountKind, PullPolicy};
 use futures_util::StreamExt;
 use tracing::{debug, info, warn};
 
-use super::{ExecContext, ExecOutcome};
+use super::{ContainerRecord, ExecContext, ExecOutcome};
 use crate::config::{DockerConfig, RegistryAuth};
-use crate::spool::{ContainerRecord, TaskDir};
 
 /// Label keys every container of ours carries; a restarted agent finds them by these.
 pub const LABEL_TASK: &str = "dev.delegate.task-id";
@@ -277,7 +276,7 @@ pub async fn run(spec: &DockerSpec, mut ctx: ExecContext) -> ExecOutcome {
     };
     let name = container_name(&ctx.task_id, ctx.attempt);
     let record = if ctx.adopt {
-        match find(&docker, &ctx.journal, &name).await {
+        match find(&docker, &ctx, &name).await {
             Ok(Some(r)) => r,
             Ok(None) => {
                 return ExecOutcome::Lost(format!(
@@ -319,10 +318,10 @@ fn engine_message(e: &BollardError) -> String {
 /// the journal when the container is already gone.
 async fn find(
     docker: &Docker,
-    journal: &TaskDir,
+    ctx: &ExecContext,
     name: &str,
 ) -> Result<Option<ContainerRecord>, String> {
-    let journalled = journal.container();
+    let journalled = ctx.journal.container();
     if let Some(r) = &journalled {
         match docker.inspect_container(&r.id, None).await {
             Ok(_) => return Ok(journalled),
@@ -336,8 +335,8 @@ async fn find(
     let filters = HashMap::from([(
         "label".to_string(),
         vec![
-            format!("{LABEL_TASK}={}", journal.task_id),
-            format!("{LABEL_ATTEMPT}={}", journal.attempt),
+            format!("{LABEL_TASK}={}", ctx.task_id),
+            format!("{LABEL_ATTEMPT}={}", ctx.attempt),
         ],
     )]);
     let opts = ListContainersOptionsBuilder::new()
@@ -355,12 +354,10 @@ async fn find(
     // Died before journalling the container: its output has not been written yet.
     let rec = ContainerRecord {
         id,
-        log_base: journal.log_len(),
+        log_base: ctx.log.written(),
         exit_code: None,
     };
-    if let Err(e) = journal.record_container(&rec) {
-        warn!("cannot journal the container: {e}");
-    }
+    ctx.journal.record_container(&rec);
     Ok(Some(rec))
 }
 
@@ -421,7 +418,7 @@ async fn create_and_start(
         Err(e) if is_status(&e, 409) => {
             // Same attempt delivered again while its container exists: re-attach to it.
             info!("container {name} exists already; re-attaching");
-            return find(docker, &ctx.journal, name)
+            return find(docker, ctx, name)
                 .await?
                 .ok_or_else(|| format!("container {name} exists but cannot be found"));
         }
@@ -440,13 +437,10 @@ async fn create_and_start(
     };
     let rec = ContainerRecord {
         id: id.clone(),
-        log_base: ctx.journal.log_len(),
+        log_base: ctx.log.written(),
         exit_code: None,
     };
-    if let Err(e) = ctx.journal.record_container(&rec) {
-        // Not fatal: a restarted agent still finds the container by its labels.
-        warn!("cannot journal the container: {e}");
-    }
+    ctx.journal.record_container(&rec);
     if let Err(e) = docker.start_container(&id, None).await {
         let why = engine_message(&e);
         remove(docker, &id).await;
@@ -548,7 +542,7 @@ async fn follow(
     let id = record.id.clone();
     if record.exit_code.is_none() {
         // Bytes of the container's output the spool holds already (none on the live path).
-        let mut skip = ctx.journal.log_len().saturating_sub(record.log_base);
+        let mut skip = ctx.log.written().saturating_sub(record.log_base);
         let opts = LogsOptionsBuilder::new()
             .follow(true)
             .stdout(true)
@@ -640,9 +634,7 @@ async fn follow(
             ctx.note("the container was killed for exceeding its memory limit (OOM)");
         }
         record.exit_code = Some(state.exit_code.unwrap_or(-1));
-        if let Err(e) = ctx.journal.record_container(&record) {
-            warn!("cannot journal the container's exit code: {e}");
-        }
+        ctx.journal.record_container(&record);
     }
     if !spec.keep {
         remove(docker, &id).await;

@@ -16,8 +16,7 @@ use nix::unistd::Pid;
 use tokio::io::AsyncReadExt;
 use tokio::net::unix::pipe;
 
-use super::{ExecContext, ExecOutcome};
-use crate::spool::ProcessRecord;
+use super::{ExecContext, ExecOutcome, ProcessRecord};
 
 /// Variables of the agent that must not leak into tasks.
 const SCRUBBED_ENV: &[&str] = &[
@@ -113,8 +112,7 @@ pub async fn run(spec: &ShellSpec, mut ctx: ExecContext) -> ExecOutcome {
         return ExecOutcome::CouldNotStart("the process vanished at start".into());
     };
     if let Some(rec) = ProcessRecord::of(pid) {
-        (ctx.on_process)(rec);
-        ctx.on_process = Box::new(|_| {});
+        ctx.journal.record_process(rec);
     }
     let pgid = Pid::from_raw(i32::try_from(pid).unwrap_or(i32::MAX));
 
