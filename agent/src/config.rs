@@ -659,26 +659,9 @@ fn parse_file(c: &mut Collector<'_>, raw: &mut Raw) -> bool {
     true
 }
 
-/// Near-miss detection for typos: same letters but one edit away, or a different case.
+/// Near-miss detection for typos: a different case, or at most two edits away.
 fn close(known: &str, typed: &str) -> bool {
-    let (a, b): (Vec<char>, Vec<char>) = (
-        known.chars().collect(),
-        typed.to_lowercase().chars().collect(),
-    );
-    if a == b {
-        return true;
-    }
-    // Levenshtein distance ≤ 2 on short keys is a good enough typo signal.
-    let mut prev: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.iter().enumerate() {
-        let mut cur = vec![i + 1];
-        for (j, cb) in b.iter().enumerate() {
-            let cost = usize::from(ca != cb);
-            cur.push((prev[j] + cost).min(prev[j + 1] + 1).min(cur[j] + 1));
-        }
-        prev = cur;
-    }
-    prev[b.len()] <= 2
+    strsim::levenshtein(known, &typed.to_lowercase()) <= 2
 }
 
 fn apply_env(c: &mut Collector<'_>, raw: &mut Raw, env: &dyn Env) {
@@ -955,6 +938,36 @@ fn check_url(raw: &str) -> Result<String, String> {
         return Err(NO_HOST.into());
     }
     Ok(raw.trim_end_matches('/').to_string())
+}
+
+/// A valid config without reading a file, for other modules' unit tests.
+#[cfg(test)]
+pub(crate) mod tests_support {
+    use super::*;
+
+    pub(crate) fn minimal() -> Config {
+        Config {
+            // Nothing listens on the discard port: calls to the manager fail quietly.
+            manager_url: "http://127.0.0.1:9".into(),
+            ca: None,
+            token: Secret::new("dlg_test"),
+            name: "unit".into(),
+            tags: vec![],
+            concurrency: 4,
+            state_dir: PathBuf::from("/nonexistent"),
+            drain_timeout: Duration::from_secs(10),
+            kill_grace: Duration::from_secs(1),
+            acquire_wait: Duration::from_secs(1),
+            log_level: "info".into(),
+            shell_enabled: true,
+            http_enabled: false,
+            docker: DockerConfig {
+                enabled: false,
+                ..DockerConfig::default()
+            },
+            warnings: vec![],
+        }
+    }
 }
 
 #[cfg(test)]

@@ -20,12 +20,13 @@ use crate::exec::{ContainerRecord, ProcessRecord, TaskLog};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SpoolError {
-    #[error("{op} {path}: {source}")]
+    /// The I/O error is said in the message and not exposed as a source, so a chain
+    /// printer says it once.
+    #[error("{op} {path}: {cause}")]
     Io {
         op: &'static str,
         path: PathBuf,
-        #[source]
-        source: io::Error,
+        cause: io::Error,
     },
     #[error("task id {0:?} has characters that cannot name a spool directory")]
     BadTaskId(String),
@@ -34,10 +35,10 @@ pub enum SpoolError {
 }
 
 fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> SpoolError + 'a {
-    move |source| SpoolError::Io {
+    move |cause| SpoolError::Io {
         op,
         path: path.to_path_buf(),
-        source,
+        cause,
     }
 }
 

@@ -50,9 +50,10 @@ pub enum Control {
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
-    #[error("cannot use the state directory: {0}")]
+    /// The cause is the source (printed by the binary's `{:#}`), not in the message.
+    #[error("cannot use the state directory")]
     Spool(#[from] SpoolError),
-    #[error("cannot set up the manager client: {0}")]
+    #[error("cannot set up the manager client")]
     Client(#[from] ClientError),
     /// The manager answered 401: the token was revoked (or is wrong). Retrying cannot help
     /// until an operator puts a new token in the config, which only a restart reads, so
@@ -573,5 +574,31 @@ async fn probe_docker(shared: &Shared, quiet: bool) -> bool {
             );
             false
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The binary prints `{:#}` (the whole chain); every cause must appear once. It read
+    /// "cannot use the state directory: create directory X: …: create directory X: …".
+    #[test]
+    fn a_state_directory_error_says_its_cause_once() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let file = tmp.path().join("not-a-dir");
+        std::fs::write(&file, "x").expect("write");
+        let mut config = crate::config::tests_support::minimal();
+        config.state_dir = file.join("state");
+        let Err(e) = Daemon::new(config) else {
+            panic!("a state dir under a file must fail");
+        };
+        let text = format!("{:#}", anyhow::Error::from(e));
+        assert!(
+            text.starts_with("cannot use the state directory: create directory "),
+            "{text}"
+        );
+        assert_eq!(text.matches("create directory").count(), 1, "{text}");
+        assert_eq!(text.matches("Not a directory").count(), 1, "{text}");
     }
 }

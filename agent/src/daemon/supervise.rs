@@ -374,30 +374,12 @@ fn to_result(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{DockerConfig, Secret};
     use crate::daemon::{Daemon, heartbeat_request, wait_until};
 
     fn config(state_dir: &std::path::Path) -> Config {
         Config {
-            // Nothing listens on the discard port: reports to the manager fail quietly.
-            manager_url: "http://127.0.0.1:9".into(),
-            ca: None,
-            token: Secret::new("dlg_test"),
-            name: "unit".into(),
-            tags: vec![],
-            concurrency: 4,
             state_dir: state_dir.to_path_buf(),
-            drain_timeout: Duration::from_secs(10),
-            kill_grace: Duration::from_secs(1),
-            acquire_wait: Duration::from_secs(1),
-            log_level: "info".into(),
-            shell_enabled: true,
-            http_enabled: false,
-            docker: DockerConfig {
-                enabled: false,
-                ..DockerConfig::default()
-            },
-            warnings: vec![],
+            ..crate::config::tests_support::minimal()
         }
     }
 
