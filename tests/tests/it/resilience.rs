@@ -27,10 +27,14 @@ fn manager_killed_mid_task_and_back_20s_later_gets_every_log_byte_and_the_result
             0,
         )
         .expect("submit");
-    w.manager
-        .wait_state(&id, &[TaskState::Running], LONG)
-        .expect("running");
-    std::thread::sleep(Duration::from_secs(1));
+    // The premise: some of the log reached the manager and the task still runs when the
+    // manager dies, so both the shipped part and the rest must come out right.
+    wait_for(LONG, "a log line to reach the manager", || {
+        let t = w.manager.task(&id).ok()?;
+        (t.log_bytes > 0).then_some(t)
+    })
+    .map(|t| assert_eq!(t.state, TaskState::Running, "{t:?}"))
+    .expect("log shipped");
     let addr = w.manager.addr.clone();
     w.manager.kill9();
     std::thread::sleep(Duration::from_secs(20));
