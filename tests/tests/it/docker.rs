@@ -333,7 +333,10 @@ fn agent_killed_while_the_container_prints_reports_exit_3_and_every_line_once() 
     let id = start_counting(&w, 60);
     a.kill9();
     let shipped = w.manager.task(&id).expect("task").log_bytes;
-    assert!(shipped < numbered(50).len() as u64, "the container finished before the kill");
+    assert!(
+        shipped < numbered(50).len() as u64,
+        "the container finished before the kill"
+    );
     // The container goes on printing while the agent is down: the restarted agent must
     // pick up exactly where the manager's copy ends.
     let name = format!("delegate-{id}-1");

@@ -82,7 +82,10 @@ fn timeout_kills_the_whole_process_group() {
     )
     .expect("process group killed");
     let log = String::from_utf8_lossy(&w.manager.logs(&id).expect("logs")).into_owned();
-    assert!(!log.contains("late"), "a background child outlived the timeout: {log:?}");
+    assert!(
+        !log.contains("late"),
+        "a background child outlived the timeout: {log:?}"
+    );
 }
 
 #[test]
