@@ -243,6 +243,7 @@ pub struct TaskDir {
     /// Mirror of the `acked` file, read once at open: shipping checks it on every tick.
     acked: Arc<AtomicU64>,
     drops: Arc<LogDrops>,
+    ack_failed: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl TaskDir {
@@ -261,6 +262,7 @@ impl TaskDir {
             log_len: Arc::new(AtomicU64::new(len)),
             acked: Arc::new(AtomicU64::new(acked)),
             drops: Arc::default(),
+            ack_failed: Arc::default(),
         })
     }
 
@@ -327,6 +329,12 @@ impl TaskDir {
     pub fn set_acked(&self, n: u64) -> Result<(), SpoolError> {
         self.acked.store(n, Ordering::Release);
         write_atomic(&self.path.join("acked"), n.to_string().as_bytes())
+    }
+
+    /// True the first time it is asked after a failed `set_acked`, so the failure is
+    /// said once per task.
+    pub fn first_ack_failure(&self) -> bool {
+        !self.ack_failed.swap(true, Ordering::AcqRel)
     }
 
     pub fn record_process(&self, p: ProcessRecord) -> Result<(), SpoolError> {

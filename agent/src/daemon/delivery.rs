@@ -96,8 +96,14 @@ pub(super) async fn ship_logs(client: &ManagerClient, dir: &TaskDir) -> Result<(
             });
         }
         acked = next;
-        if let Err(e) = dir.set_acked(acked) {
-            warn!("cannot record the log acknowledgement: {e}");
+        // Harmless (a restart resends from the older mark, idempotently), and on a full
+        // disk it would fail for every chunk: said once per task.
+        match dir.set_acked(acked) {
+            Err(e) if dir.first_ack_failure() => {
+                warn!("cannot record the log acknowledgement: {e}")
+            }
+            Err(e) => debug!("cannot record the log acknowledgement: {e}"),
+            Ok(()) => {}
         }
     }
 }
