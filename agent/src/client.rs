@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use delegate_protocol::{
     API_PREFIX, AcquireResponse, ErrorBody, ErrorCode, HeartbeatRequest, HeartbeatResponse, LogAck,
-    RegisterRequest, RegisterResponse, TaskResult,
+    MAX_SUBMIT_BYTES, RegisterRequest, RegisterResponse, TaskResult,
 };
 use reqwest::StatusCode;
 use serde::de::DeserializeOwned;
@@ -15,13 +15,18 @@ use serde::de::DeserializeOwned;
 /// Why a call to the manager failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    /// Connection refused, reset, timed out: retry with backoff.
-    #[error("cannot reach the manager at {url}: {source}")]
-    Transport {
-        url: String,
-        #[source]
-        source: reqwest::Error,
-    },
+    /// Connection refused, reset, timed out: retry with backoff. `reason` is the whole
+    /// cause chain in one line (reqwest's own message hides the cause).
+    #[error("cannot reach the manager at {url}: {reason}")]
+    Transport { url: String, reason: String },
+    /// The manager's TLS certificate is not signed by a root this agent trusts.
+    #[error(
+        "the manager at {url} presented a TLS certificate this agent does not trust ({reason}); set ca_file (or DELEGATE_CA_FILE) in the agent config to the CA certificate that signed it"
+    )]
+    Untrusted { url: String, reason: String },
+    /// The HTTP client could not be built (a CA file the TLS stack refuses).
+    #[error("cannot set up the connection to the manager at {url}: {reason}")]
+    Setup { url: String, reason: String },
     /// The token is wrong or revoked: retrying will not help until an operator acts.
     #[error(
         "the manager at {url} rejected the delegate token: {message} (check token/token_file in the agent config; create a token with `delegate-manager token create --name NAME`)"
@@ -45,7 +50,10 @@ impl ClientError {
     /// Worth trying again later (network, manager restarting, overloaded).
     pub fn is_transient(&self) -> bool {
         match self {
-            ClientError::Transport { .. } | ClientError::Protocol { .. } => true,
+            ClientError::Transport { .. }
+            | ClientError::Untrusted { .. }
+            | ClientError::Protocol { .. } => true,
+            ClientError::Setup { .. } => false,
             ClientError::Api { status, .. } => *status >= 500 || *status == 429,
             ClientError::Unauthorized { .. } => false,
         }
@@ -84,22 +92,95 @@ impl std::fmt::Debug for ManagerClient {
 /// Requests other than the long poll give up after this long.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Largest reply read from the manager, except acquire's: the small JSON answers of
+/// register, heartbeat and logs (a heartbeat lists at most `capacity` task ids).
+const MAX_REPLY: usize = 256 * 1024;
+/// Most of an error body read for its message.
+const MAX_ERROR_BODY: usize = 64 * 1024;
+
+/// An acquire reply holds up to `max` assignments of at most one submitted spec each.
+fn acquire_limit(max: u32) -> usize {
+    let tasks = usize::try_from(max.max(1)).unwrap_or(usize::MAX);
+    MAX_SUBMIT_BYTES
+        .saturating_add(4096)
+        .saturating_mul(tasks)
+        .saturating_add(MAX_REPLY)
+        .min(64 * 1024 * 1024)
+}
+
+/// An error and its causes in one line, each said once (a cause whose text the previous
+/// message already holds is skipped).
+pub fn causes(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut next = e.source();
+    while let Some(c) = next {
+        let text = c.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        next = c.source();
+    }
+    out
+}
+
+/// Read a body chunk by chunk, stopping at `limit` bytes: a confused or hostile manager
+/// cannot make the agent buffer without bound. The error carries what was read.
+async fn read_limited(
+    mut resp: reqwest::Response,
+    limit: usize,
+) -> Result<Vec<u8>, (Vec<u8>, String)> {
+    if resp
+        .content_length()
+        .is_some_and(|n| n > u64::try_from(limit).unwrap_or(u64::MAX))
+    {
+        return Err((
+            Vec::new(),
+            format!("the reply is larger than {limit} bytes; not read"),
+        ));
+    }
+    let mut body = Vec::new();
+    loop {
+        match resp.chunk().await {
+            Ok(Some(chunk)) => {
+                if body.len() + chunk.len() > limit {
+                    let room = limit - body.len();
+                    body.extend_from_slice(&chunk[..room]);
+                    return Err((
+                        body,
+                        format!("the reply is larger than {limit} bytes; not read"),
+                    ));
+                }
+                body.extend_from_slice(&chunk);
+            }
+            Ok(None) => return Ok(body),
+            Err(e) => return Err((body, format!("reading the reply failed: {e}"))),
+        }
+    }
+}
+
 impl ManagerClient {
+    /// `ca_pem`: extra trusted root certificates (PEM), added to the system's.
     pub fn new(
         base_url: &str,
         token: &str,
         user_agent: &str,
+        ca_pem: Option<&[u8]>,
     ) -> Result<ManagerClient, ClientError> {
-        let http = reqwest::Client::builder()
+        let setup = |e: reqwest::Error| ClientError::Setup {
+            url: base_url.to_string(),
+            reason: causes(&e),
+        };
+        let mut builder = reqwest::Client::builder()
             .user_agent(user_agent)
             .connect_timeout(Duration::from_secs(10))
             .pool_idle_timeout(Duration::from_secs(90))
-            .tcp_nodelay(true)
-            .build()
-            .map_err(|e| ClientError::Transport {
-                url: base_url.to_string(),
-                source: e,
-            })?;
+            .tcp_nodelay(true);
+        if let Some(pem) = ca_pem {
+            builder =
+                builder.tls_certs_merge(reqwest::Certificate::from_pem_bundle(pem).map_err(setup)?);
+        }
+        let http = builder.build().map_err(setup)?;
         Ok(ManagerClient {
             http,
             base: format!("{}{API_PREFIX}", base_url.trim_end_matches('/')),
@@ -107,24 +188,40 @@ impl ManagerClient {
         })
     }
 
+    /// A failed request, told apart: an untrusted certificate needs the operator.
+    fn transport(&self, e: &reqwest::Error) -> ClientError {
+        let reason = causes(e);
+        if reason.contains("invalid peer certificate") || reason.contains("UnknownIssuer") {
+            ClientError::Untrusted {
+                url: self.base.clone(),
+                reason,
+            }
+        } else {
+            ClientError::Transport {
+                url: self.base.clone(),
+                reason,
+            }
+        }
+    }
+
     async fn send(
         &self,
         what: &'static str,
         req: reqwest::RequestBuilder,
     ) -> Result<reqwest::Response, ClientError> {
-        let resp =
-            req.bearer_auth(&self.token)
-                .send()
-                .await
-                .map_err(|e| ClientError::Transport {
-                    url: self.base.clone(),
-                    source: e,
-                })?;
+        let resp = req
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .map_err(|e| self.transport(&e))?;
         let status = resp.status();
         if status.is_success() {
             return Ok(resp);
         }
-        let body = resp.bytes().await.unwrap_or_default();
+        // An error body is only read for its message: a bounded prefix is enough.
+        let body = read_limited(resp, MAX_ERROR_BODY)
+            .await
+            .unwrap_or_else(|(partial, _)| partial);
         let parsed: Option<ErrorBody> = serde_json::from_slice(&body).ok();
         let (code, message, expected_offset) = match parsed {
             Some(b) => (b.error.code, b.error.message, b.error.expected_offset),
@@ -149,11 +246,16 @@ impl ManagerClient {
         })
     }
 
+    /// Parse a reply of at most `limit` bytes; a larger one is refused unread.
     async fn json<T: DeserializeOwned>(
         what: &'static str,
         resp: reqwest::Response,
+        limit: usize,
     ) -> Result<T, ClientError> {
-        resp.json().await.map_err(|e| ClientError::Protocol {
+        let body = read_limited(resp, limit)
+            .await
+            .map_err(|(_, why)| ClientError::Protocol { what, reason: why })?;
+        serde_json::from_slice(&body).map_err(|e| ClientError::Protocol {
             what,
             reason: e.to_string(),
         })
@@ -166,7 +268,7 @@ impl ManagerClient {
             .post(format!("{}/delegates/register", self.base))
             .timeout(REQUEST_TIMEOUT)
             .json(req);
-        Self::json(what, self.send(what, r).await?).await
+        Self::json(what, self.send(what, r).await?, MAX_REPLY).await
     }
 
     pub async fn heartbeat(
@@ -180,7 +282,7 @@ impl ManagerClient {
             .post(format!("{}/delegates/{delegate_id}/heartbeat", self.base))
             .timeout(REQUEST_TIMEOUT)
             .json(req);
-        Self::json(what, self.send(what, r).await?).await
+        Self::json(what, self.send(what, r).await?, MAX_REPLY).await
     }
 
     /// Long poll: `None` when nothing came within `wait`.
@@ -200,7 +302,7 @@ impl ManagerClient {
         if resp.status() == StatusCode::NO_CONTENT {
             return Ok(None);
         }
-        Self::json(what, resp).await.map(Some)
+        Self::json(what, resp, acquire_limit(max)).await.map(Some)
     }
 
     pub async fn started(&self, task_id: &str, attempt: u32) -> Result<(), ClientError> {
@@ -227,7 +329,7 @@ impl ManagerClient {
             .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
             .timeout(REQUEST_TIMEOUT)
             .body(chunk);
-        Self::json(what, self.send(what, r).await?).await
+        Self::json(what, self.send(what, r).await?, MAX_REPLY).await
     }
 
     pub async fn result(

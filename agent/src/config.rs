@@ -24,8 +24,11 @@ pub const DEFAULT_STATE_DIR: &str = "/var/lib/delegate";
 pub struct Config {
     /// Base URL of the manager, without the `/api/v1` suffix.
     pub manager_url: String,
-    /// The delegate token (read from `token_file` when that is set).
-    pub token: String,
+    /// Extra trusted root(s) for the manager's TLS certificate (`ca_file`), added to the
+    /// system's roots.
+    pub ca: Option<CaBundle>,
+    /// The delegate token (read from `token_file` when that is set); `Debug` hides it.
+    pub token: Secret,
     pub name: String,
     pub tags: Vec<String>,
     /// Most tasks run at once.
@@ -47,8 +50,26 @@ pub struct Config {
     pub warnings: Vec<String>,
 }
 
+/// The PEM certificates of `ca_file`, read and checked when the config is loaded.
+#[derive(Clone, PartialEq, Eq)]
+pub struct CaBundle {
+    pub path: PathBuf,
+    pub pem: Vec<u8>,
+}
+
+impl fmt::Debug for CaBundle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CaBundle")
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
 /// Standard socket of a Docker engine.
 pub const DEFAULT_DOCKER_SOCKET: &str = "/var/run/docker.sock";
+
+/// Network modes allowed when `[docker] allowed_network_modes` is not set.
+pub const DEFAULT_NETWORK_MODES: &[&str] = &["none", "bridge"];
 
 /// `[docker]`: the local engine and what its tasks may ask of it.
 #[derive(Debug, Clone, PartialEq)]
@@ -60,6 +81,10 @@ pub struct DockerConfig {
     pub allowed_mounts: Vec<PathBuf>,
     /// CAUTION: a privileged container is root on the host. Off unless set.
     pub allow_privileged: bool,
+    /// Network modes tasks may ask for. CAUTION: `host` shares the host's network stack
+    /// (its loopback services included), `container` any other container's; neither is
+    /// allowed unless listed.
+    pub allowed_network_modes: Vec<String>,
     /// Credentials per registry host (`registry.example:5000`, `docker.io`).
     pub registries: BTreeMap<String, RegistryAuth>,
 }
@@ -71,6 +96,10 @@ impl Default for DockerConfig {
             socket: PathBuf::from(DEFAULT_DOCKER_SOCKET),
             allowed_mounts: Vec::new(),
             allow_privileged: false,
+            allowed_network_modes: DEFAULT_NETWORK_MODES
+                .iter()
+                .map(|m| m.to_string())
+                .collect(),
             registries: BTreeMap::new(),
         }
     }
@@ -170,6 +199,10 @@ const KEYS: &[(&str, &str)] = &[
     ),
     ("token", "delegate token (or use token_file)"),
     ("token_file", "path of a file holding the delegate token"),
+    (
+        "ca_file",
+        "PEM file with the CA certificate that signed the manager's certificate",
+    ),
     ("name", "delegate name (default: the host name)"),
     ("tags", "list of tags, e.g. [\"linux\", \"eu\"]"),
     ("concurrency", "most tasks at once (default 4)"),
@@ -182,7 +215,7 @@ const KEYS: &[(&str, &str)] = &[
     ("http", "table [http] with enabled = true|false"),
     (
         "docker",
-        "table [docker] with enabled, socket, allowed_mounts, allow_privileged, [docker.registries.\"HOST\"]",
+        "table [docker] with enabled, socket, allowed_mounts, allowed_network_modes, allow_privileged, [docker.registries.\"HOST\"]",
     ),
 ];
 
@@ -298,6 +331,33 @@ impl Collector<'_> {
         Some(out)
     }
 
+    /// `allowed_network_modes = ["none", "bridge", "host", "container", "NETWORK"]`.
+    fn network_modes(&mut self, v: &Spanned<DeValue<'_>>) -> Option<Vec<String>> {
+        let key = "docker.allowed_network_modes";
+        let Some(items) = v.get_ref().as_array() else {
+            self.at(
+                Some(v.span().start),
+                format!("{key} must be a list, e.g. [\"none\", \"bridge\", \"host\"]"),
+            );
+            return None;
+        };
+        let mut out = Vec::new();
+        for item in items.iter() {
+            match item.get_ref().as_str() {
+                Some(m) if !m.is_empty() && !m.contains(char::is_whitespace) => {
+                    out.push(m.to_string())
+                }
+                _ => self.at(
+                    Some(item.span().start),
+                    format!(
+                        "{key} entries must be network modes: none, bridge, host, container (any container:<id>) or a network name"
+                    ),
+                ),
+            }
+        }
+        Some(out)
+    }
+
     /// `[docker]` with its `[docker.registries."HOST"]` sub-tables.
     fn docker_table(&mut self, v: &Spanned<DeValue<'_>>) -> Option<DockerConfig> {
         let Some(table) = v.get_ref().as_table() else {
@@ -331,11 +391,16 @@ impl Collector<'_> {
                         .path_list("docker.allowed_mounts", val)
                         .unwrap_or_default()
                 }
+                "allowed_network_modes" => {
+                    if let Some(modes) = self.network_modes(val) {
+                        d.allowed_network_modes = modes;
+                    }
+                }
                 "registries" => d.registries = self.registries(val),
                 other => self.at(
                     Some(k.span().start),
                     format!(
-                        "unknown key docker.{other:?} (known: enabled, socket, allowed_mounts, allow_privileged, registries)"
+                        "unknown key docker.{other:?} (known: enabled, socket, allowed_mounts, allowed_network_modes, allow_privileged, registries)"
                     ),
                 ),
             }
@@ -422,10 +487,12 @@ impl Collector<'_> {
 #[derive(Default)]
 struct Raw {
     manager_url: Option<(String, Option<usize>)>,
-    token: Option<String>,
+    /// The token and the line it is on (`None`: from the environment).
+    token: Option<(String, Option<usize>)>,
     /// The token is written in the config file itself (not the environment).
     token_in_file: bool,
     token_file: Option<(String, Option<usize>)>,
+    ca_file: Option<(String, Option<usize>)>,
     name: Option<String>,
     tags: Option<Vec<String>>,
     concurrency: Option<u32>,
@@ -443,20 +510,45 @@ impl Config {
     /// Read `path` (it may be missing when the environment gives everything), apply the
     /// environment overrides, and validate. All problems are returned together.
     pub fn load(path: &Path, env: &dyn Env) -> Result<Config, ConfigError> {
-        let text = match std::fs::read_to_string(path) {
-            Ok(t) => Some(t),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-            Err(e) => {
-                return Err(ConfigError {
-                    problems: vec![Problem {
-                        path: path.to_path_buf(),
-                        line: None,
-                        message: format!(
-                            "cannot read: {e} (the file is root:delegate 0640; run as the delegate user or root)"
+        let alone = |line: Option<usize>, message: String| ConfigError {
+            problems: vec![Problem {
+                path: path.to_path_buf(),
+                line,
+                message,
+            }],
+        };
+        let text = match std::fs::read(path) {
+            Ok(bytes) => match String::from_utf8(bytes) {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    let bytes = e.as_bytes();
+                    let at = e.utf8_error().valid_up_to();
+                    let line = bytes[..at].iter().filter(|b| **b == b'\n').count() + 1;
+                    let column = at
+                        - bytes[..at]
+                            .iter()
+                            .rposition(|b| *b == b'\n')
+                            .map_or(0, |i| i + 1)
+                        + 1;
+                    return Err(alone(
+                        Some(line),
+                        format!(
+                            "not UTF-8 text: byte 0x{:02x} at column {column} is not valid UTF-8; save the file as UTF-8",
+                            bytes[at]
                         ),
-                    }],
-                });
+                    ));
+                }
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                return Err(alone(
+                    None,
+                    format!(
+                        "cannot read: {e} (the file is root:delegate 0640; run as the delegate user or root)"
+                    ),
+                ));
             }
+            Err(e) => return Err(alone(None, format!("cannot read: {e}"))),
         };
         let text_ref = text.as_deref().unwrap_or("");
         let mut c = Collector {
@@ -502,10 +594,11 @@ fn parse_file(c: &mut Collector<'_>, raw: &mut Raw) -> bool {
         match key {
             "manager_url" => raw.manager_url = c.string(key, v).map(|s| (s, line)),
             "token" => {
-                raw.token = c.string(key, v);
+                raw.token = c.string(key, v).map(|t| (t, line));
                 raw.token_in_file = raw.token.is_some();
             }
             "token_file" => raw.token_file = c.string(key, v).map(|s| (s, line)),
+            "ca_file" => raw.ca_file = c.string(key, v).map(|s| (s, line)),
             "name" => raw.name = c.string(key, v),
             "state_dir" => raw.state_dir = c.string(key, v),
             "log_level" => raw.log_level = c.string(key, v),
@@ -566,26 +659,9 @@ fn parse_file(c: &mut Collector<'_>, raw: &mut Raw) -> bool {
     true
 }
 
-/// Near-miss detection for typos: same letters but one edit away, or a different case.
+/// Near-miss detection for typos: a different case, or at most two edits away.
 fn close(known: &str, typed: &str) -> bool {
-    let (a, b): (Vec<char>, Vec<char>) = (
-        known.chars().collect(),
-        typed.to_lowercase().chars().collect(),
-    );
-    if a == b {
-        return true;
-    }
-    // Levenshtein distance ≤ 2 on short keys is a good enough typo signal.
-    let mut prev: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.iter().enumerate() {
-        let mut cur = vec![i + 1];
-        for (j, cb) in b.iter().enumerate() {
-            let cost = usize::from(ca != cb);
-            cur.push((prev[j] + cost).min(prev[j + 1] + 1).min(cur[j] + 1));
-        }
-        prev = cur;
-    }
-    prev[b.len()] <= 2
+    strsim::levenshtein(known, &typed.to_lowercase()) <= 2
 }
 
 fn apply_env(c: &mut Collector<'_>, raw: &mut Raw, env: &dyn Env) {
@@ -593,13 +669,16 @@ fn apply_env(c: &mut Collector<'_>, raw: &mut Raw, env: &dyn Env) {
         raw.manager_url = Some((v, None));
     }
     if let Some(v) = env.var("DELEGATE_TOKEN") {
-        raw.token = Some(v);
+        raw.token = Some((v, None));
         raw.token_in_file = false;
         raw.token_file = None;
     }
     if let Some(v) = env.var("DELEGATE_TOKEN_FILE") {
         raw.token_file = Some((v, None));
         raw.token = None;
+    }
+    if let Some(v) = env.var("DELEGATE_CA_FILE") {
+        raw.ca_file = Some((v, None));
     }
     if let Some(v) = env.var("DELEGATE_NAME") {
         raw.name = Some(v);
@@ -681,9 +760,80 @@ fn finish(c: &mut Collector<'_>, raw: Raw, env: &dyn Env) -> Option<Config> {
             }
         },
     };
+    if let Some(url) = &manager_url
+        && let Some(w) = cleartext_warning(url)
+    {
+        warnings.push(w);
+    }
+    let ca = raw.ca_file.and_then(|(file, line)| {
+        let from = if line.is_some() {
+            ""
+        } else {
+            " (from DELEGATE_CA_FILE)"
+        };
+        let problem = match std::fs::read(&file) {
+            Ok(pem) => match reqwest::Certificate::from_pem_bundle(&pem) {
+                Ok(certs) if !certs.is_empty() => {
+                    return Some(CaBundle {
+                        path: PathBuf::from(&file),
+                        pem,
+                    });
+                }
+                Ok(_) => format!(
+                    "ca_file {file:?}{from} holds no PEM certificate (expected -----BEGIN CERTIFICATE-----)"
+                ),
+                Err(e) => format!("ca_file {file:?}{from} is not a PEM certificate: {e}"),
+            },
+            Err(e) => format!("ca_file {file:?}{from} cannot be read: {e}"),
+        };
+        c.problems.push(Problem {
+            path: c.path.to_path_buf(),
+            line,
+            message: problem,
+        });
+        None
+    });
     let token = match (raw.token, raw.token_file) {
-        (Some(t), _) => Some(t),
+        (Some((t, line)), _) => {
+            let from = if line.is_some() {
+                ""
+            } else {
+                " (from DELEGATE_TOKEN)"
+            };
+            let wrong = if t.is_empty() {
+                Some(format!(
+                    "token is empty{from}; paste the delegate token (dlg_...) between the quotes, or use token_file"
+                ))
+            } else if t.chars().any(char::is_whitespace) {
+                Some(format!(
+                    "token contains whitespace{from}; paste it without spaces or line breaks"
+                ))
+            } else {
+                None
+            };
+            match wrong {
+                Some(message) => {
+                    c.problems.push(Problem {
+                        path: c.path.to_path_buf(),
+                        line,
+                        message,
+                    });
+                    None
+                }
+                None => Some(t),
+            }
+        }
         (None, Some((file, line))) => match std::fs::read_to_string(&file) {
+            Ok(t) if t.trim().chars().any(char::is_whitespace) => {
+                c.problems.push(Problem {
+                    path: c.path.to_path_buf(),
+                    line,
+                    message: format!(
+                        "token_file {file:?} holds more than one word; put only the delegate token in it"
+                    ),
+                });
+                None
+            }
             Ok(t) if !t.trim().is_empty() => Some(t.trim().to_string()),
             Ok(_) => {
                 c.problems.push(Problem {
@@ -710,14 +860,6 @@ fn finish(c: &mut Collector<'_>, raw: Raw, env: &dyn Env) -> Option<Config> {
             None
         }
     };
-    if let Some(t) = &token
-        && (t.chars().any(char::is_whitespace) || t.is_empty())
-    {
-        c.at(
-            None,
-            "token contains whitespace; paste it without spaces or line breaks",
-        );
-    }
     let name = raw
         .name
         .or_else(|| {
@@ -741,7 +883,8 @@ fn finish(c: &mut Collector<'_>, raw: Raw, env: &dyn Env) -> Option<Config> {
     }
     Some(Config {
         manager_url: manager_url?,
-        token: token?,
+        ca,
+        token: Secret::new(token?),
         name,
         tags: raw.tags.unwrap_or_default(),
         concurrency: raw.concurrency.unwrap_or(4),
@@ -757,20 +900,74 @@ fn finish(c: &mut Collector<'_>, raw: Raw, env: &dyn Env) -> Option<Config> {
     })
 }
 
+/// Plain `http://` to anything but this host sends the token and the tasks' secrets in
+/// clear text over the network: allowed (a lab, a tunnel) but said at every start.
+fn cleartext_warning(manager_url: &str) -> Option<String> {
+    let u = url::Url::parse(manager_url).ok()?;
+    if u.scheme() != "http" {
+        return None;
+    }
+    let loopback = match u.host()? {
+        url::Host::Domain(d) => d.eq_ignore_ascii_case("localhost"),
+        url::Host::Ipv4(a) => a.is_loopback(),
+        url::Host::Ipv6(a) => a.is_loopback(),
+    };
+    (!loopback).then(|| {
+        format!(
+            "manager_url {manager_url} is plain http to another host: the delegate token and task secrets cross the network in clear text; use https:// (with ca_file for a private CA)"
+        )
+    })
+}
+
 /// The manager URL must be http(s) with a host; a trailing slash is dropped.
-fn check_url(url: &str) -> Result<String, &'static str> {
-    let lower = url.to_ascii_lowercase();
-    let rest = lower
-        .strip_prefix("http://")
-        .or_else(|| lower.strip_prefix("https://"))
-        .ok_or("is not a valid URL (expected http:// or https://)")?;
-    if rest.is_empty() || rest.starts_with('/') {
-        return Err("has no host (expected e.g. https://manager.example:7700)");
+fn check_url(raw: &str) -> Result<String, String> {
+    const WANT: &str = "is not a valid URL (expected http:// or https://)";
+    const NO_HOST: &str = "has no host (expected e.g. https://manager.example:7700)";
+    if raw.chars().any(char::is_whitespace) {
+        return Err("contains whitespace".into());
     }
-    if url.chars().any(char::is_whitespace) {
-        return Err("contains whitespace");
+    let u = url::Url::parse(raw).map_err(|e| match e {
+        url::ParseError::EmptyHost => NO_HOST.to_string(),
+        url::ParseError::RelativeUrlWithoutBase => WANT.to_string(),
+        e => format!("is not a valid URL ({e})"),
+    })?;
+    if !matches!(u.scheme(), "http" | "https") {
+        return Err(WANT.into());
     }
-    Ok(url.trim_end_matches('/').to_string())
+    if u.host().is_none() {
+        return Err(NO_HOST.into());
+    }
+    Ok(raw.trim_end_matches('/').to_string())
+}
+
+/// A valid config without reading a file, for other modules' unit tests.
+#[cfg(test)]
+pub(crate) mod tests_support {
+    use super::*;
+
+    pub(crate) fn minimal() -> Config {
+        Config {
+            // Nothing listens on the discard port: calls to the manager fail quietly.
+            manager_url: "http://127.0.0.1:9".into(),
+            ca: None,
+            token: Secret::new("dlg_test"),
+            name: "unit".into(),
+            tags: vec![],
+            concurrency: 4,
+            state_dir: PathBuf::from("/nonexistent"),
+            drain_timeout: Duration::from_secs(10),
+            kill_grace: Duration::from_secs(1),
+            acquire_wait: Duration::from_secs(1),
+            log_level: "info".into(),
+            shell_enabled: true,
+            http_enabled: false,
+            docker: DockerConfig {
+                enabled: false,
+                ..DockerConfig::default()
+            },
+            warnings: vec![],
+        }
+    }
 }
 
 #[cfg(test)]
@@ -847,7 +1044,7 @@ mod tests {
         ];
         let c = Config::load(f.path(), &env).expect("valid");
         assert_eq!(c.manager_url, "http://b:2");
-        assert_eq!(c.token, "envtok");
+        assert_eq!(c.token.expose(), "envtok");
         assert_eq!(c.tags, ["x", "y"]);
         assert_eq!(c.name, "n");
         assert_eq!(c.state_dir, PathBuf::from("/var/lib/delegate-x"));
@@ -856,7 +1053,7 @@ mod tests {
     #[test]
     fn a_world_readable_token_is_a_warning_not_an_error() {
         use std::os::unix::fs::PermissionsExt;
-        let f = write("manager_url = \"http://a:1\"\ntoken = \"dlg_secret\"\n");
+        let f = write("manager_url = \"http://127.0.0.1:1\"\ntoken = \"dlg_secret\"\n");
         let env: [(&str, &str); 0] = [];
         std::fs::set_permissions(f.path(), std::fs::Permissions::from_mode(0o644)).expect("chmod");
         let c = Config::load(f.path(), &env).expect("still valid");
@@ -881,6 +1078,125 @@ mod tests {
                 .expect("valid")
                 .warnings
                 .is_empty()
+        );
+    }
+
+    #[test]
+    fn debug_of_a_config_leaks_no_token() {
+        let f = write("manager_url = \"http://x\"\ntoken = \"dlg_topsecret\"\n");
+        let env: [(&str, &str); 0] = [];
+        let c = Config::load(f.path(), &env).expect("valid");
+        assert_eq!(c.token.expose(), "dlg_topsecret");
+        let shown = format!("{c:?} {c:#?}");
+        assert!(!shown.contains("topsecret"), "{shown}");
+        assert!(shown.contains("token: <redacted>"), "{shown}");
+    }
+
+    #[test]
+    fn plain_http_to_another_host_is_a_warning_and_loopback_or_https_is_not() {
+        let env: [(&str, &str); 0] = [];
+        let warned = |url: &str| {
+            let f = write(&format!("manager_url = {url:?}\ntoken = \"t\"\n"));
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(f.path(), std::fs::Permissions::from_mode(0o600))
+                .expect("chmod");
+            Config::load(f.path(), &env).expect("valid").warnings
+        };
+        let w = warned("http://manager.example:7700");
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(
+            w[0].contains("clear text") && w[0].contains("https://"),
+            "{w:?}"
+        );
+        assert_eq!(warned("http://10.1.2.3:7700").len(), 1);
+        for quiet in [
+            "http://127.0.0.1:7700",
+            "http://localhost:7700",
+            "http://[::1]:7700",
+            "https://manager.example:7700",
+        ] {
+            assert!(warned(quiet).is_empty(), "{quiet}");
+        }
+    }
+
+    #[test]
+    fn ca_file_problems_name_the_line_and_what_is_wrong() {
+        let env: [(&str, &str); 0] = [];
+        let not_pem = write("just text\n");
+        let f = write(&format!(
+            "manager_url = \"https://m:1\"\ntoken = \"t\"\nca_file = {:?}\n",
+            not_pem.path().display().to_string()
+        ));
+        let e = Config::load(f.path(), &env).expect_err("refused");
+        assert_eq!(e.problems[0].line, Some(3), "{e}");
+        assert!(e.to_string().contains("holds no PEM certificate"), "{e}");
+        let env = [("DELEGATE_CA_FILE", "/nonexistent/ca.pem")];
+        let e = Config::load(f.path(), &env).expect_err("refused");
+        assert!(
+            e.to_string()
+                .contains("ca_file \"/nonexistent/ca.pem\" (from DELEGATE_CA_FILE) cannot be read"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn manager_urls_are_checked_by_a_url_parser() {
+        assert_eq!(
+            check_url("https://m.example:7700/"),
+            Ok("https://m.example:7700".into())
+        );
+        assert!(
+            check_url("htp://x")
+                .expect_err("scheme")
+                .contains("expected http://")
+        );
+        assert!(check_url("m.example:7700").is_err());
+        assert!(
+            check_url("http://")
+                .expect_err("host")
+                .contains("has no host")
+        );
+        assert!(
+            check_url("http://a b")
+                .expect_err("space")
+                .contains("whitespace")
+        );
+        assert!(check_url("http://[::1").is_err());
+    }
+
+    #[test]
+    fn an_empty_token_names_its_line_and_says_it_is_empty() {
+        let env: [(&str, &str); 0] = [];
+        let f = write("manager_url = \"https://m:1\"\n\ntoken = \"\"\n");
+        let e = Config::load(f.path(), &env).expect_err("refused");
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "{}:3: token is empty; paste the delegate token (dlg_...) between the quotes, or use token_file",
+                f.path().display()
+            )
+        );
+        let f = write("manager_url = \"https://m:1\"\ntoken = \"dlg_a dlg_b\"\n");
+        let e = Config::load(f.path(), &env).expect_err("refused");
+        assert!(
+            e.to_string().contains(":2: token contains whitespace"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_config_that_is_not_utf8_names_the_line_and_byte() {
+        let env: [(&str, &str); 0] = [];
+        let mut f = tempfile::NamedTempFile::new().expect("temp file");
+        f.write_all(b"manager_url = \"https://m:1\"\nname = \"caf\xe9\"\ntoken = \"t\"\n")
+            .expect("write");
+        let e = Config::load(f.path(), &env).expect_err("refused");
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "{}:2: not UTF-8 text: byte 0xe9 at column 12 is not valid UTF-8; save the file as UTF-8",
+                f.path().display()
+            )
         );
     }
 

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use delegate::config::{Config, DEFAULT_CONFIG_PATH, ProcessEnv};
-use delegate::daemon::{Control, Daemon};
+use delegate::daemon::{Control, Daemon, DaemonError};
 use delegate::{EXIT_CONFIG, VERSION, dbus, logging};
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -206,12 +206,21 @@ fn run(path: PathBuf) -> ExitCode {
         };
         daemon.run(rx).await.map_err(anyhow::Error::from)
     });
+    // Said once: `logging::init` sends tracing to stderr or to the journal, not both.
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!("{e:#}");
-            eprintln!("delegate: {e:#}");
-            ExitCode::FAILURE
-        }
+        Err(e) => match e.downcast_ref::<DaemonError>() {
+            Some(rejected @ DaemonError::TokenRejected { .. }) => {
+                tracing::error!(
+                    "{rejected}; exiting with code {EXIT_CONFIG} so the service is not restarted in a loop. To fix: create a token with `delegate-manager token create --name NAME`, put it in token or token_file of {} (or run `delegate setup`), then `systemctl restart delegate`",
+                    path.display()
+                );
+                ExitCode::from(EXIT_CONFIG)
+            }
+            _ => {
+                tracing::error!("{e:#}");
+                ExitCode::FAILURE
+            }
+        },
     }
 }

@@ -15,16 +15,18 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use delegate_protocol::{Assignment, TaskResult};
-use serde::{Deserialize, Serialize};
+
+use crate::exec::{ContainerRecord, ProcessRecord, TaskLog};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SpoolError {
-    #[error("{op} {path}: {source}")]
+    /// The I/O error is said in the message and not exposed as a source, so a chain
+    /// printer says it once.
+    #[error("{op} {path}: {cause}")]
     Io {
         op: &'static str,
         path: PathBuf,
-        #[source]
-        source: io::Error,
+        cause: io::Error,
     },
     #[error("task id {0:?} has characters that cannot name a spool directory")]
     BadTaskId(String),
@@ -33,10 +35,10 @@ pub enum SpoolError {
 }
 
 fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> SpoolError + 'a {
-    move |source| SpoolError::Io {
+    move |cause| SpoolError::Io {
         op,
         path: path.to_path_buf(),
-        source,
+        cause,
     }
 }
 
@@ -61,49 +63,27 @@ pub struct Spool {
     root: PathBuf,
 }
 
-/// Identity of the process group a shell task runs in, so a restarted agent can stop it
-/// without hitting an unrelated process that reused the pid.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ProcessRecord {
-    pub pid: u32,
-    /// Field 22 of `/proc/PID/stat` (start time in clock ticks since boot).
-    pub start_time: u64,
+/// What a restarted agent finds in the spool for one directory.
+#[derive(Debug)]
+pub enum Found {
+    /// A readable task attempt.
+    Task(Recovered),
+    /// Its assignment or result did not parse: the directory was moved aside.
+    Quarantined(Quarantined),
+    /// It could not be read at all (permissions, I/O); left where it is.
+    Unreadable(SpoolError),
 }
 
-impl ProcessRecord {
-    /// Read the start time of a live process.
-    pub fn of(pid: u32) -> Option<ProcessRecord> {
-        Some(ProcessRecord {
-            pid,
-            start_time: proc_start_time(pid)?,
-        })
-    }
-
-    /// Is this very process (not a successor with the same pid) still there?
-    pub fn is_alive(&self) -> bool {
-        proc_start_time(self.pid) == Some(self.start_time)
-    }
-}
-
-fn proc_start_time(pid: u32) -> Option<u64> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) may hold spaces and parentheses; fields resume after the
-    // last ')'. Start time is field 22, i.e. the 20th after the name.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    rest.split_whitespace().nth(19)?.parse().ok()
-}
-
-/// The container a docker task runs in, so a restarted agent can re-attach to it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ContainerRecord {
-    pub id: String,
-    /// Log length when the container's output began (the agent's own notes come first);
-    /// the container's log stream maps to the spooled log from this offset on.
-    pub log_base: u64,
-    /// Set once the container has ended, before it is removed, so an agent that dies
-    /// between removal and journalling the result still reports the real exit code.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub exit_code: Option<i64>,
+/// A task directory whose journal was corrupt, moved to `STATE_DIR/quarantine/` for an
+/// operator to inspect, so that it is not found (and skipped) again at every start.
+#[derive(Debug)]
+pub struct Quarantined {
+    /// From the directory name `<task>.<attempt>`; `None` when that does not parse.
+    pub task: Option<(String, u32)>,
+    pub reason: String,
+    pub moved_to: PathBuf,
+    /// The shell task's process group, when its record was readable.
+    pub process: Option<ProcessRecord>,
 }
 
 /// What a restarted agent finds in the spool for one task attempt.
@@ -157,9 +137,10 @@ impl Spool {
         TaskDir::open(path, a.task_id.clone(), a.attempt)
     }
 
-    /// Every task directory left by an earlier run. Unreadable ones are returned as errors
-    /// so the caller can log them; they are left on disk for an operator to inspect.
-    pub fn recover(&self) -> Result<Vec<Result<Recovered, SpoolError>>, SpoolError> {
+    /// Every task directory left by an earlier run. Corrupt ones are moved aside
+    /// ([`Found::Quarantined`]) so the caller reports them once; unreadable ones are
+    /// returned as errors and left in place.
+    pub fn recover(&self) -> Result<Vec<Found>, SpoolError> {
         let mut out = Vec::new();
         let entries = fs::read_dir(&self.root).map_err(io_err("read directory", &self.root))?;
         for entry in entries {
@@ -168,9 +149,49 @@ impl Spool {
             if !path.is_dir() {
                 continue;
             }
-            out.push(Self::recover_one(path));
+            out.push(match Self::recover_one(path.clone()) {
+                Ok(r) => Found::Task(r),
+                Err(SpoolError::Corrupt { reason, .. }) => match self.quarantine(&path, reason) {
+                    Ok(q) => Found::Quarantined(q),
+                    Err(e) => Found::Unreadable(e),
+                },
+                Err(e) => Found::Unreadable(e),
+            });
         }
         Ok(out)
+    }
+
+    /// Move a corrupt task directory to `STATE_DIR/quarantine/<name>`.
+    fn quarantine(&self, path: &Path, reason: String) -> Result<Quarantined, SpoolError> {
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let task = name.rsplit_once('.').and_then(|(id, attempt)| {
+            let attempt = attempt.parse().ok()?;
+            (!id.is_empty()).then(|| (id.to_string(), attempt))
+        });
+        let dir = self.root.parent().unwrap_or(&self.root).join("quarantine");
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .map_err(io_err("create directory", &dir))?;
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let moved_to = dir.join(format!("{name}.{stamp}"));
+        let process = fs::read(path.join("process.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        fs::rename(path, &moved_to).map_err(io_err("rename", path))?;
+        Ok(Quarantined {
+            task,
+            reason,
+            moved_to,
+            process,
+        })
     }
 
     fn recover_one(path: PathBuf) -> Result<Recovered, SpoolError> {
@@ -187,11 +208,15 @@ impl Spool {
             reason,
         };
         let assignment: Assignment = match read_json("assignment.json")? {
-            Some(b) => serde_json::from_slice(&b).map_err(|e| corrupt(e.to_string()))?,
+            Some(b) => serde_json::from_slice(&b)
+                .map_err(|e| corrupt(format!("assignment.json does not parse: {e}")))?,
             None => return Err(corrupt("assignment.json is missing".into())),
         };
         let result = match read_json("result.json")? {
-            Some(b) => Some(serde_json::from_slice(&b).map_err(|e| corrupt(e.to_string()))?),
+            Some(b) => Some(
+                serde_json::from_slice(&b)
+                    .map_err(|e| corrupt(format!("result.json does not parse: {e}")))?,
+            ),
             None => None,
         };
         let process = match read_json("process.json")? {
@@ -217,6 +242,8 @@ pub struct TaskDir {
     log_len: Arc<AtomicU64>,
     /// Mirror of the `acked` file, read once at open: shipping checks it on every tick.
     acked: Arc<AtomicU64>,
+    drops: Arc<LogDrops>,
+    ack_failed: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl TaskDir {
@@ -234,6 +261,8 @@ impl TaskDir {
             attempt,
             log_len: Arc::new(AtomicU64::new(len)),
             acked: Arc::new(AtomicU64::new(acked)),
+            drops: Arc::default(),
+            ack_failed: Arc::default(),
         })
     }
 
@@ -252,8 +281,22 @@ impl TaskDir {
             .map_err(io_err("open", &p))?;
         Ok(LogWriter {
             file,
+            path: p,
             len: self.log_len.clone(),
+            drops: self.drops.clone(),
         })
+    }
+
+    /// Bytes of output dropped so far and why the first were, if any were.
+    pub fn log_drops(&self) -> Option<(u64, String)> {
+        let n = self.drops.bytes.load(Ordering::Acquire);
+        let why = self
+            .drops
+            .first_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()?;
+        Some((n, why))
     }
 
     /// Bytes written to the log so far.
@@ -286,6 +329,12 @@ impl TaskDir {
     pub fn set_acked(&self, n: u64) -> Result<(), SpoolError> {
         self.acked.store(n, Ordering::Release);
         write_atomic(&self.path.join("acked"), n.to_string().as_bytes())
+    }
+
+    /// True the first time it is asked after a failed `set_acked`, so the failure is
+    /// said once per task.
+    pub fn first_ack_failure(&self) -> bool {
+        !self.ack_failed.swap(true, Ordering::AcqRel)
     }
 
     pub fn record_process(&self, p: ProcessRecord) -> Result<(), SpoolError> {
@@ -342,18 +391,69 @@ fn read_acked(dir: &Path) -> u64 {
         .unwrap_or(0)
 }
 
+/// Output that could not be written to the spooled log (a full disk), for the task's
+/// result and its log.
+#[derive(Debug, Default)]
+pub struct LogDrops {
+    bytes: AtomicU64,
+    first_error: std::sync::Mutex<Option<String>>,
+}
+
 /// Appends task output to the spooled log.
 #[derive(Debug)]
 pub struct LogWriter {
     file: File,
+    path: PathBuf,
     len: Arc<AtomicU64>,
+    drops: Arc<LogDrops>,
+}
+
+impl TaskLog for LogWriter {
+    fn append(&mut self, data: &[u8]) {
+        LogWriter::append(self, data);
+    }
+
+    fn written(&self) -> u64 {
+        self.len.load(Ordering::Acquire)
+    }
 }
 
 impl LogWriter {
-    pub fn append(&mut self, data: &[u8]) -> io::Result<()> {
-        self.file.write_all(data)?;
-        self.len.fetch_add(data.len() as u64, Ordering::AcqRel);
-        Ok(())
+    /// Append task output. The task goes on when the disk is full: what cannot be written
+    /// is dropped and counted, the first drop is said once in the journal, and the
+    /// supervisor says the total in the task's log and result when the task ends.
+    pub fn append(&mut self, data: &[u8]) {
+        let before = self.len.load(Ordering::Acquire);
+        match self.file.write_all(data) {
+            Ok(()) => {
+                self.len.fetch_add(data.len() as u64, Ordering::AcqRel);
+            }
+            Err(e) => {
+                // A partial write may have landed: the file's length is the truth, and
+                // log offsets must keep matching it.
+                let now = self
+                    .file
+                    .metadata()
+                    .map(|m| m.len())
+                    .unwrap_or(before)
+                    .max(before);
+                self.len.store(now, Ordering::Release);
+                let lost = (data.len() as u64).saturating_sub(now - before);
+                self.drops.bytes.fetch_add(lost, Ordering::AcqRel);
+                let mut first = self
+                    .drops
+                    .first_error
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner());
+                if first.is_none() {
+                    let why = format!("cannot write {}: {e}", self.path.display());
+                    tracing::warn!(
+                        "task output is being dropped: {why}; the task goes on and its result will say how much was lost"
+                    );
+                    *first = Some(why);
+                }
+            }
+        }
     }
 }
 
@@ -378,8 +478,8 @@ mod tests {
         let spool = Spool::open(tmp.path()).expect("open");
         let dir = spool.create(&assignment("t_1")).expect("create");
         let mut w = dir.log_writer().expect("writer");
-        w.append(b"hello ").expect("append");
-        w.append(b"world").expect("append");
+        w.append(b"hello ");
+        w.append(b"world");
         dir.set_acked(6).expect("ack");
         let r = TaskResult {
             outcome: Outcome::Failed,
@@ -393,7 +493,9 @@ mod tests {
         let again = Spool::open(tmp.path()).expect("reopen");
         let found = again.recover().expect("recover");
         assert_eq!(found.len(), 1);
-        let rec = found.into_iter().next().expect("one").expect("readable");
+        let Some(Found::Task(rec)) = found.into_iter().next() else {
+            panic!("one readable task");
+        };
         assert_eq!(rec.assignment.attempt, 2);
         assert_eq!(rec.result, Some(r));
         assert_eq!(rec.dir.log_len(), 11);
@@ -401,6 +503,61 @@ mod tests {
         assert_eq!(rec.dir.read_log(6, 100).expect("read"), b"world");
         rec.dir.remove().expect("remove");
         assert!(again.recover().expect("recover").is_empty());
+    }
+
+    /// A full disk (here `/dev/full`, which fails every write with ENOSPC) drops output
+    /// without failing the task, counts it, and keeps the log length true to the file.
+    #[test]
+    fn a_full_disk_drops_output_and_counts_what_was_lost() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let spool = Spool::open(tmp.path()).expect("open");
+        let dir = spool.create(&assignment("t_full")).expect("create");
+        std::os::unix::fs::symlink("/dev/full", dir.path().join("log")).expect("symlink");
+        let mut w = dir.log_writer().expect("writer");
+        assert_eq!(dir.log_drops(), None);
+        w.append(b"hello ");
+        w.append(b"world");
+        assert_eq!(dir.log_len(), 0);
+        let (n, why) = dir.log_drops().expect("drops recorded");
+        assert_eq!(n, 11);
+        assert!(why.contains("No space left on device"), "{why}");
+    }
+
+    #[test]
+    fn a_corrupt_journal_is_moved_aside_once_with_its_task_and_reason() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let spool = Spool::open(tmp.path()).expect("open");
+        let a = spool.create(&assignment("t_badjob")).expect("create");
+        std::fs::write(a.path().join("assignment.json"), b"\x00garbage").expect("garble");
+        let r = spool.create(&assignment("t_badres")).expect("create");
+        std::fs::write(r.path().join("result.json"), b"{\"outcome\":").expect("garble");
+        let mut found = spool.recover().expect("recover");
+        found.sort_by_key(|f| format!("{f:?}"));
+        let mut seen = Vec::new();
+        for f in found {
+            let Found::Quarantined(q) = f else {
+                panic!("not quarantined: {f:?}");
+            };
+            assert!(
+                q.moved_to.starts_with(tmp.path().join("quarantine")),
+                "{q:?}"
+            );
+            assert!(q.moved_to.join("assignment.json").exists(), "{q:?}");
+            seen.push((q.task.expect("named"), q.reason));
+        }
+        seen.sort();
+        assert_eq!(seen[0].0, ("t_badjob".to_string(), 2));
+        assert!(
+            seen[0].1.starts_with("assignment.json does not parse"),
+            "{seen:?}"
+        );
+        assert_eq!(seen[1].0, ("t_badres".to_string(), 2));
+        assert!(
+            seen[1].1.starts_with("result.json does not parse"),
+            "{seen:?}"
+        );
+        // Gone from the spool: the next start finds nothing to skip.
+        assert!(spool.recover().expect("recover").is_empty());
     }
 
     #[test]

@@ -1213,6 +1213,7 @@ mod tests {
         let hb = HeartbeatRequest {
             state: DelegateState::Draining,
             in_flight: vec!["t_1".into()],
+            ..Default::default()
         };
         s.heartbeat("tok", &a, &hb, 2).expect("hb");
         assert!(s.delegate_draining(&a).expect("state"));
@@ -1234,6 +1235,7 @@ mod tests {
         let hb = HeartbeatRequest {
             state: DelegateState::Running,
             in_flight: vec![],
+            ..Default::default()
         };
         assert!(matches!(
             s.heartbeat("other", &a, &hb, 1),
@@ -1283,6 +1285,7 @@ mod tests {
         let hb = HeartbeatRequest {
             state: DelegateState::Running,
             in_flight: vec!["t_1".into(), "t_2".into(), "t_gone".into()],
+            ..Default::default()
         };
         let resp = s.heartbeat("tok", &a, &hb, 25_000).expect("hb");
         assert_eq!(resp.cancel, ["t_2"]);

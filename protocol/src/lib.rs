@@ -128,7 +128,7 @@ impl Outcome {
     }
 }
 
-/// The agent's own life-cycle state, reported in heartbeats and (later) over D-Bus.
+/// The agent's own life-cycle state, reported in heartbeats and over D-Bus (`State`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum DelegateState {
@@ -190,24 +190,46 @@ pub struct RegisterResponse {
     pub lease_ttl_secs: u64,
 }
 
+/// One attempt of a task. An agent may hold two attempts of the same task for a moment
+/// (attempt 1's lease lapsed and attempt 2 was leased to it again before a heartbeat
+/// revoked attempt 1), so everything that names a task it runs names the attempt too.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct TaskAttempt {
+    pub id: String,
+    pub attempt: u32,
+}
+
 /// `POST /api/v1/delegates/{id}/heartbeat` (delegate token). Renews the leases of the
 /// tasks listed in `in_flight`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 pub struct HeartbeatRequest {
     pub state: DelegateState,
+    /// Ids of the tasks the agent holds (each once), for managers that predate
+    /// `in_flight_attempts`.
     #[serde(default)]
     pub in_flight: Vec<String>,
+    /// The same tasks with their attempts (added later in v1; an older agent sends none).
+    /// A manager that reads it renews a lease only when the attempt is the task's current
+    /// one, and answers about attempts in `revoked_attempts`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub in_flight_attempts: Vec<TaskAttempt>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 pub struct HeartbeatResponse {
-    /// Tasks among `in_flight` that a user asked to cancel.
+    /// Tasks among `in_flight` that a user asked to cancel (every attempt the agent holds).
     #[serde(default)]
     pub cancel: Vec<String>,
     /// Tasks among `in_flight` that this delegate no longer holds (lease lapsed, re-queued
-    /// elsewhere, or finished): the agent stops them and drops their spool.
+    /// elsewhere, or finished): the agent stops every attempt of them and drops their spool.
     #[serde(default)]
     pub revoked: Vec<String>,
+    /// Attempts among `in_flight_attempts` that this delegate no longer holds: the agent
+    /// stops exactly those. A manager answering a request with `in_flight_attempts` puts
+    /// its revocations here, not in `revoked`, so a newer attempt of the same task on the
+    /// same delegate keeps running.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub revoked_attempts: Vec<TaskAttempt>,
 }
 
 /// Query of `POST /api/v1/delegates/{id}/acquire`.
@@ -495,5 +517,39 @@ mod tests {
         let back = serde_json::to_value(&s).expect("serialize");
         assert_eq!(back["kind"], "shell");
         assert_eq!(back["spec"]["script"], "echo hi");
+    }
+
+    #[test]
+    fn heartbeats_with_and_without_attempts_read_both_ways() {
+        // An older agent's heartbeat: ids only.
+        let old: HeartbeatRequest =
+            serde_json::from_str(r#"{"state":"running","in_flight":["t_1"]}"#).expect("parse");
+        assert!(old.in_flight_attempts.is_empty());
+        // A newer agent's heartbeat, as an older manager reads it: ids only, extra ignored.
+        let new = HeartbeatRequest {
+            state: DelegateState::Running,
+            in_flight: vec!["t_1".into()],
+            in_flight_attempts: vec![
+                TaskAttempt {
+                    id: "t_1".into(),
+                    attempt: 1,
+                },
+                TaskAttempt {
+                    id: "t_1".into(),
+                    attempt: 2,
+                },
+            ],
+        };
+        let wire = serde_json::to_value(&new).expect("serialize");
+        assert_eq!(wire["in_flight"], serde_json::json!(["t_1"]));
+        assert_eq!(wire["in_flight_attempts"][1]["attempt"], 2);
+        let back: HeartbeatRequest = serde_json::from_value(wire).expect("parse");
+        assert_eq!(back, new);
+        // An older manager's answer has no revoked_attempts.
+        let r: HeartbeatResponse =
+            serde_json::from_str(r#"{"cancel":[],"revoked":["t_2"]}"#).expect("parse");
+        assert!(r.revoked_attempts.is_empty());
+        let empty = serde_json::to_value(HeartbeatResponse::default()).expect("serialize");
+        assert!(empty.get("revoked_attempts").is_none(), "{empty}");
     }
 }

@@ -34,6 +34,9 @@ pub(super) async fn ship_live(shared: Arc<Shared>, dir: TaskDir, done: Cancellat
             _ = done.cancelled() => return,
         };
         if let Err(e) = shipped {
+            if shared.check_token_rejected(&e) {
+                return;
+            }
             debug!("live log shipping failed: {e}");
             tokio::select! {
                 _ = tokio::time::sleep(backoff.next_delay()) => {}
@@ -53,6 +56,9 @@ pub(super) async fn ship_logs(client: &ManagerClient, dir: &TaskDir) -> Result<(
         256 * 1024
     };
     let mut acked = dir.acked();
+    // A manager may ask once to go back (it lost bytes: `log_gap`); an answer that neither
+    // moves forward nor back is refused, and the caller backs off with the data spooled.
+    let mut rewound = false;
     loop {
         let len = dir.log_len();
         if acked >= len {
@@ -67,6 +73,7 @@ pub(super) async fn ship_logs(client: &ManagerClient, dir: &TaskDir) -> Result<(
         if chunk.is_empty() {
             return Ok(());
         }
+        let chunk_len = chunk.len() as u64;
         let stored = match client.logs(&dir.task_id, dir.attempt, acked, chunk).await {
             Ok(ack) => ack.stored,
             Err(ClientError::Api {
@@ -76,9 +83,27 @@ pub(super) async fn ship_logs(client: &ManagerClient, dir: &TaskDir) -> Result<(
             }) => want,
             Err(e) => return Err(e),
         };
-        acked = stored.min(len);
-        if let Err(e) = dir.set_acked(acked) {
-            warn!("cannot record the log acknowledgement: {e}");
+        let next = stored.min(len);
+        if next < acked && !rewound {
+            rewound = true;
+        } else if next <= acked {
+            return Err(ClientError::Protocol {
+                what: "logs",
+                reason: format!(
+                    "the manager acknowledged {stored} bytes after being sent bytes {acked}..{}; keeping them in the spool and retrying later",
+                    acked + chunk_len
+                ),
+            });
+        }
+        acked = next;
+        // Harmless (a restart resends from the older mark, idempotently), and on a full
+        // disk it would fail for every chunk: said once per task.
+        match dir.set_acked(acked) {
+            Err(e) if dir.first_ack_failure() => {
+                warn!("cannot record the log acknowledgement: {e}")
+            }
+            Err(e) => debug!("cannot record the log acknowledgement: {e}"),
+            Ok(()) => {}
         }
     }
 }
@@ -120,6 +145,7 @@ pub(super) async fn deliver(shared: &Arc<Shared>, dir: &TaskDir, result: &TaskRe
                 warn!("the manager refused the result for good, dropping it: {e}");
                 break;
             }
+            Err(e) if shared.check_token_rejected(&e) => return, // stays in the spool
             Err(e) => {
                 let delay = backoff.next_delay();
                 if backoff.failures() == 1 {

@@ -4,34 +4,38 @@
 //! Data flows one way: manager → (client) → supervisor → executor → spool → (client) →
 //! manager. The supervisor is the only place that knows about both the manager and the
 //! executors; every task it accepts is journalled in the spool before it starts.
+//!
+//! `session` talks to the manager (register, heartbeat, long poll), `supervise` runs one
+//! task from assignment to delivered result, `delivery` ships its log and result, and
+//! `recover` picks up what an earlier run left in the spool. This file holds what they
+//! share and the life of the process: start, drain, stop.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
-use delegate_protocol::{Assignment, HeartbeatRequest, Outcome, Target, TaskResult, TaskSpec};
-use nix::sys::signal::{Signal, killpg};
-use nix::unistd::Pid;
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use delegate_protocol::{Assignment, HeartbeatRequest, Target, TaskAttempt};
+use tokio::sync::{Notify, Semaphore, mpsc, watch};
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, debug, error, info, info_span, warn};
+use tracing::{Instrument, debug, info, warn};
 
 mod delivery;
+mod recover;
 mod session;
+mod supervise;
 
-use delivery::{deliver, ship_live};
+use recover::recover_spool;
 use session::session;
 
-use crate::backoff::Backoff;
 use crate::client::{ClientError, ManagerClient};
 use crate::config::{Config, DockerConfig};
-use crate::exec::{self, ExecContext, ExecOutcome};
+use crate::exec;
 use crate::notify;
-use crate::spool::{Recovered, Spool, SpoolError, TaskDir};
+use crate::spool::{Spool, SpoolError};
 use crate::state::{AgentState, Event, transition};
 
-/// Requests from signals (and later D-Bus) to the daemon.
+/// Requests from signals and D-Bus to the daemon.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Control {
     /// Stop taking tasks; in-flight ones go on (D-Bus `Drain()`).
@@ -46,10 +50,30 @@ pub enum Control {
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
-    #[error("cannot use the state directory: {0}")]
+    /// The cause is the source (printed by the binary's `{:#}`), not in the message.
+    #[error("cannot use the state directory")]
     Spool(#[from] SpoolError),
-    #[error("cannot set up the manager client: {0}")]
+    #[error("cannot set up the manager client")]
     Client(#[from] ClientError),
+    /// The manager answered 401: the token was revoked (or is wrong). Retrying cannot help
+    /// until an operator puts a new token in the config, which only a restart reads, so
+    /// the agent stops its tasks without reporting them and exits with `EX_CONFIG`.
+    #[error(
+        "the manager at {manager_url} rejected the delegate token ({message}){}",
+        stopped_note(*stopped)
+    )]
+    TokenRejected {
+        manager_url: String,
+        message: String,
+        stopped: usize,
+    },
+}
+
+fn stopped_note(n: usize) -> String {
+    match n {
+        0 => String::new(),
+        n => format!("; stopped {n} running task(s) without reporting them"),
+    }
 }
 
 /// Why the supervisor stopped a task; decides the reported outcome.
@@ -69,6 +93,25 @@ struct TaskHandle {
     running: bool,
 }
 
+impl TaskHandle {
+    /// Ask the task to stop; the first reason given is the one reported.
+    fn stop_for(&self, reason: StopReason) {
+        let mut r = self.reason.lock().unwrap_or_else(|p| p.into_inner());
+        if r.is_none() {
+            *r = Some(reason);
+        }
+        self.stop.cancel();
+    }
+}
+
+/// The key of a task the agent holds: two attempts of one task are two tasks here.
+fn key_of(a: &Assignment) -> TaskAttempt {
+    TaskAttempt {
+        id: a.task_id.clone(),
+        attempt: a.attempt,
+    }
+}
+
 /// What the daemon's loops share.
 struct Shared {
     config: Config,
@@ -80,7 +123,7 @@ struct Shared {
     state: watch::Sender<AgentState>,
     delegate_id: watch::Sender<Option<String>>,
     connected: watch::Sender<bool>,
-    tasks: Mutex<HashMap<String, TaskHandle>>,
+    tasks: Mutex<HashMap<TaskAttempt, TaskHandle>>,
     slots: Arc<Semaphore>,
     slot_freed: Notify,
     /// Bumped whenever a task starts, stops running or is delivered.
@@ -91,6 +134,9 @@ struct Shared {
     /// Cancelled when the process is about to exit: retry loops give up, the spool keeps
     /// what they had not delivered.
     stopped: CancellationToken,
+    /// Cancelled at the first 401 from the manager; `rejection` holds its message.
+    token_rejected: CancellationToken,
+    rejection: Mutex<Option<String>>,
 }
 
 impl Shared {
@@ -111,23 +157,42 @@ impl Shared {
         self.update_status();
     }
 
+    /// Note a 401 from the manager (once) and wake the main loop, which stops everything.
+    /// Returns whether `e` was one, so callers end their loop instead of retrying.
+    fn check_token_rejected(&self, e: &ClientError) -> bool {
+        let ClientError::Unauthorized { message, .. } = e else {
+            return false;
+        };
+        let mut r = self.rejection.lock().unwrap_or_else(|p| p.into_inner());
+        if r.is_none() {
+            *r = Some(message.clone());
+        }
+        self.token_rejected.cancel();
+        true
+    }
+
     fn running_count(&self) -> usize {
         self.lock_tasks().values().filter(|t| t.running).count()
     }
 
-    fn lock_tasks(&self) -> std::sync::MutexGuard<'_, HashMap<String, TaskHandle>> {
+    fn lock_tasks(&self) -> std::sync::MutexGuard<'_, HashMap<TaskAttempt, TaskHandle>> {
         // A panic while holding the lock would poison it; the map is still consistent
         // (every mutation is a single insert/remove), so keep going.
         self.tasks.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Stop every attempt of a task this agent holds (the manager's `cancel` and plain
+    /// `revoked` lists name tasks, not attempts).
     fn stop_task(&self, task_id: &str, reason: StopReason) {
-        if let Some(t) = self.lock_tasks().get(task_id) {
-            let mut r = t.reason.lock().unwrap_or_else(|p| p.into_inner());
-            if r.is_none() {
-                *r = Some(reason);
-            }
-            t.stop.cancel();
+        for (_, t) in self.lock_tasks().iter().filter(|(k, _)| k.id == task_id) {
+            t.stop_for(reason);
+        }
+    }
+
+    /// Stop one attempt, leaving any other attempt of the same task alone.
+    fn stop_attempt(&self, key: &TaskAttempt, reason: StopReason) {
+        if let Some(t) = self.lock_tasks().get(key) {
+            t.stop_for(reason);
         }
     }
 
@@ -222,8 +287,9 @@ impl Daemon {
         let spool = Spool::open(&config.state_dir)?;
         let client = ManagerClient::new(
             &config.manager_url,
-            &config.token,
+            config.token.expose(),
             &format!("delegate/{}", crate::VERSION),
+            config.ca.as_ref().map(|c| c.pem.as_slice()),
         )?;
         let shared = Arc::new(Shared {
             slots: Arc::new(Semaphore::new(config.concurrency as usize)),
@@ -241,6 +307,8 @@ impl Daemon {
             in_flight: watch::Sender::new(0),
             stop_polling: CancellationToken::new(),
             stopped: CancellationToken::new(),
+            token_rejected: CancellationToken::new(),
+            rejection: Mutex::new(None),
         });
         Ok(Daemon { shared })
     }
@@ -291,7 +359,18 @@ async fn run_shared(
     // Wait for the first request to stop; drains and resumes in between.
     let mut aborted = false;
     loop {
-        match control.recv().await {
+        let c = tokio::select! {
+            c = control.recv() => c,
+            _ = shared.token_rejected.cancelled() => {
+                let result = stop_for_rejected_token(&shared).await;
+                session.abort();
+                if let Some(w) = watchdog {
+                    w.abort();
+                }
+                return result;
+            }
+        };
+        match c {
             Some(Control::Drain) => begin_drain(&shared, false).await,
             Some(Control::Resume) => {
                 let registered = shared.delegate_id.borrow().is_some();
@@ -324,9 +403,9 @@ async fn run_shared(
                 " (drain timeout reached)"
             }
         );
-        let ids: Vec<String> = shared.lock_tasks().keys().cloned().collect();
-        for id in ids {
-            shared.stop_task(&id, StopReason::Shutdown);
+        let held: Vec<TaskAttempt> = shared.lock_tasks().keys().cloned().collect();
+        for key in &held {
+            shared.stop_attempt(key, StopReason::Shutdown);
         }
         // Executors need the kill grace to stop their processes; then a little to report.
         let limit = shared.config.kill_grace + Duration::from_secs(5);
@@ -354,6 +433,37 @@ async fn run_shared(
     }
     info!("delegate stopped");
     Ok(())
+}
+
+/// The token is no longer accepted: stop every running task as revoked (killed, nothing
+/// reported, its spool entry dropped), stop talking to the manager, and say why.
+/// Results already waiting for delivery stay in the spool for a start with a valid token.
+async fn stop_for_rejected_token(shared: &Arc<Shared>) -> Result<(), DaemonError> {
+    shared.apply(Event::Stop);
+    shared.stop_polling.cancel();
+    let running: Vec<TaskAttempt> = shared
+        .lock_tasks()
+        .iter()
+        .filter(|(_, t)| t.running)
+        .map(|(key, _)| key.clone())
+        .collect();
+    for key in &running {
+        shared.stop_attempt(key, StopReason::Revoked);
+    }
+    let limit = shared.config.kill_grace + Duration::from_secs(5);
+    wait_until(shared, limit, |s| s.running_count() == 0).await;
+    shared.stopped.cancel();
+    let message = shared
+        .rejection
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone()
+        .unwrap_or_default();
+    Err(DaemonError::TokenRejected {
+        manager_url: shared.config.manager_url.clone(),
+        message,
+        stopped: running.len(),
+    })
 }
 
 /// Stop taking tasks and tell the manager at once, so a long poll in flight ends and no
@@ -427,10 +537,16 @@ async fn wait_until(shared: &Arc<Shared>, limit: Duration, done: impl Fn(&Shared
     }
 }
 
+/// The heartbeat names every attempt held, and (for older managers) each task id once.
 fn heartbeat_request(shared: &Shared) -> HeartbeatRequest {
+    let mut attempts: Vec<TaskAttempt> = shared.lock_tasks().keys().cloned().collect();
+    attempts.sort();
+    let mut ids: Vec<String> = attempts.iter().map(|k| k.id.clone()).collect();
+    ids.dedup();
     HeartbeatRequest {
         state: *shared.state.borrow(),
-        in_flight: shared.lock_tasks().keys().cloned().collect(),
+        in_flight: ids,
+        in_flight_attempts: attempts,
     }
 }
 
@@ -461,369 +577,28 @@ async fn probe_docker(shared: &Shared, quiet: bool) -> bool {
     }
 }
 
-/// Pick up what an earlier run left in the spool: undelivered results are sent again;
-/// docker tasks still running are adopted (their containers outlive the agent); other
-/// tasks that were running when the agent died are stopped (if anything of them is left)
-/// and reported as lost at once, so the manager can retry them without waiting for the
-/// lease to lapse.
-fn recover_spool(shared: &Arc<Shared>) {
-    let found = match shared.spool.recover() {
-        Ok(f) => f,
-        Err(e) => {
-            error!("cannot read the spool: {e}");
-            return;
-        }
-    };
-    for entry in found {
-        let rec: Recovered = match entry {
-            Ok(r) => r,
-            Err(e) => {
-                error!("skipping a spool entry: {e} (left on disk for inspection)");
-                continue;
-            }
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The binary prints `{:#}` (the whole chain); every cause must appear once. It read
+    /// "cannot use the state directory: create directory X: …: create directory X: …".
+    #[test]
+    fn a_state_directory_error_says_its_cause_once() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let file = tmp.path().join("not-a-dir");
+        std::fs::write(&file, "x").expect("write");
+        let mut config = crate::config::tests_support::minimal();
+        config.state_dir = file.join("state");
+        let Err(e) = Daemon::new(config) else {
+            panic!("a state dir under a file must fail");
         };
-        if rec.result.is_none() && rec.assignment.kind == "docker" && shared.runs_kind("docker") {
-            info!(task_id = %rec.assignment.task_id, attempt = rec.assignment.attempt, "re-attaching to the container of a task that ran when the delegate stopped");
-            let permit = shared.slots.clone().try_acquire_owned().ok();
-            spawn_adopted(shared.clone(), rec.assignment, rec.dir, permit);
-            continue;
-        }
-        let result = match rec.result {
-            Some(r) => {
-                info!(task_id = %rec.assignment.task_id, attempt = rec.assignment.attempt, "re-sending a result left from the last run");
-                r
-            }
-            None => {
-                let mut message = format!(
-                    "the delegate restarted while this task was running (attempt {})",
-                    rec.assignment.attempt
-                );
-                if let Some(p) = rec.process.filter(|p| p.is_alive()) {
-                    let pgid = Pid::from_raw(i32::try_from(p.pid).unwrap_or(i32::MAX));
-                    let _ = killpg(pgid, Signal::SIGKILL);
-                    message.push_str(&format!(
-                        "; its leftover process group {} was killed",
-                        p.pid
-                    ));
-                }
-                warn!(task_id = %rec.assignment.task_id, "{message}");
-                let r = TaskResult {
-                    outcome: Outcome::Lost,
-                    exit_code: None,
-                    signal: None,
-                    message: Some(message),
-                    log_bytes: rec.dir.log_len(),
-                };
-                if let Err(e) = rec.dir.write_result(&r) {
-                    error!(task_id = %rec.assignment.task_id, "cannot journal the result: {e}");
-                }
-                r
-            }
-        };
-        let handle = TaskHandle {
-            stop: CancellationToken::new(),
-            reason: Arc::new(Mutex::new(None)),
-            running: false,
-        };
-        shared
-            .lock_tasks()
-            .insert(rec.assignment.task_id.clone(), handle);
-        let shared = shared.clone();
-        let span = task_span(&rec.assignment);
-        tokio::spawn(
-            async move {
-                deliver(&shared, &rec.dir, &result).await;
-                shared.lock_tasks().remove(&rec.dir.task_id);
-                shared.bump();
-            }
-            .instrument(span),
+        let text = format!("{:#}", anyhow::Error::from(e));
+        assert!(
+            text.starts_with("cannot use the state directory: create directory "),
+            "{text}"
         );
-    }
-    shared.bump();
-}
-
-fn task_span(a: &Assignment) -> tracing::Span {
-    info_span!("task", task_id = %a.task_id, task_kind = %a.kind, attempt = a.attempt)
-}
-
-fn spawn_task(shared: Arc<Shared>, a: Assignment, permit: Option<OwnedSemaphorePermit>) {
-    let span = task_span(&a);
-    tokio::spawn(supervise(shared, a, None, permit).instrument(span));
-}
-
-/// Supervise a task an earlier run of the agent journalled and started.
-fn spawn_adopted(
-    shared: Arc<Shared>,
-    a: Assignment,
-    dir: TaskDir,
-    permit: Option<OwnedSemaphorePermit>,
-) {
-    let span = task_span(&a);
-    tokio::spawn(supervise(shared, a, Some(dir), permit).instrument(span));
-}
-
-/// Drop a task that will not be delivered: free its slot and let the acquire loop know.
-fn forget_task(shared: &Shared, task_id: &str, permit: Option<OwnedSemaphorePermit>) {
-    drop(permit);
-    shared.lock_tasks().remove(task_id);
-    shared.slot_freed.notify_one();
-    shared.bump();
-}
-
-/// One task from assignment to delivered result. `adopted`: its journal entry from an
-/// earlier run of the agent, whose work is to be re-attached to rather than started.
-async fn supervise(
-    shared: Arc<Shared>,
-    a: Assignment,
-    adopted: Option<TaskDir>,
-    permit: Option<OwnedSemaphorePermit>,
-) {
-    let adopt = adopted.is_some();
-    let stop = CancellationToken::new();
-    let reason = Arc::new(Mutex::new(None));
-    shared.lock_tasks().insert(
-        a.task_id.clone(),
-        TaskHandle {
-            stop: stop.clone(),
-            reason: reason.clone(),
-            running: true,
-        },
-    );
-    shared.bump();
-    let created = match adopted {
-        Some(d) => Ok(d),
-        None => shared.spool.create(&a),
-    };
-    let dir = match created {
-        Ok(d) => d,
-        Err(e) => {
-            // Without a journal entry the task cannot be run safely; report it directly.
-            error!("cannot journal the task: {e}");
-            let r = TaskResult {
-                outcome: Outcome::Failed,
-                exit_code: None,
-                signal: None,
-                message: Some(format!("the delegate could not journal the task: {e}")),
-                log_bytes: 0,
-            };
-            let mut backoff = Backoff::manager();
-            for _ in 0..5 {
-                match shared.client.result(&a.task_id, a.attempt, &r).await {
-                    Err(e) if e.is_transient() => tokio::time::sleep(backoff.next_delay()).await,
-                    _ => break,
-                }
-            }
-            forget_task(&shared, &a.task_id, permit);
-            return;
-        }
-    };
-
-    // Journalled first, then reported: a crash after "running" still finds the entry.
-    if !adopt {
-        let client = shared.client.clone();
-        let (id, attempt) = (a.task_id.clone(), a.attempt);
-        tokio::spawn(async move {
-            if let Err(e) = client.started(&id, attempt).await {
-                debug!(task_id = %id, "could not report the start: {e}");
-            }
-        });
-    }
-    let result = execute(&shared, &a, &dir, adopt, stop.clone(), reason.clone()).await;
-    if *reason.lock().unwrap_or_else(|p| p.into_inner()) == Some(StopReason::Revoked) {
-        // Another delegate (or nobody) owns the task now; a report would be refused.
-        if let Err(e) = dir.remove() {
-            warn!("cannot remove the revoked task from the spool: {e}");
-        }
-        forget_task(&shared, &a.task_id, permit);
-        return;
-    }
-    if let Err(e) = dir.write_result(&result) {
-        error!("cannot journal the result (delivering it from memory): {e}");
-    }
-    let summary = match (result.exit_code, result.signal) {
-        (Some(c), _) => format!("exit code {c}"),
-        (None, Some(s)) => format!("signal {s}"),
-        _ => result.message.clone().unwrap_or_default(),
-    };
-    info!(outcome = ?result.outcome, "task finished: {summary}");
-
-    drop(permit);
-    if let Some(t) = shared.lock_tasks().get_mut(&a.task_id) {
-        t.running = false;
-    }
-    shared.slot_freed.notify_one();
-    shared.bump();
-
-    deliver(&shared, &dir, &result).await;
-    shared.lock_tasks().remove(&a.task_id);
-    shared.bump();
-}
-
-/// Check the spec, run it with its timeout, and turn the outcome into a result.
-async fn execute(
-    shared: &Arc<Shared>,
-    a: &Assignment,
-    dir: &TaskDir,
-    adopt: bool,
-    stop: CancellationToken,
-    reason: Arc<Mutex<Option<StopReason>>>,
-) -> TaskResult {
-    let failed = |message: String| TaskResult {
-        outcome: Outcome::Failed,
-        exit_code: None,
-        signal: None,
-        message: Some(message),
-        log_bytes: dir.log_len(),
-    };
-    let spec = match TaskSpec::from_wire(&a.kind, &a.spec) {
-        Ok(s) => s,
-        Err(e) => {
-            warn!("cannot run this task: {e}");
-            return failed(format!(
-                "delegate {} cannot run this task: {e}",
-                shared.config.name
-            ));
-        }
-    };
-    if !shared.runs_kind(spec.kind()) {
-        let offered = shared.targets();
-        let kinds: Vec<&str> = offered.iter().map(|t| t.kind.as_str()).collect();
-        let msg = format!(
-            "delegate {} does not offer target {:?} (it offers: {}); enable it in delegate.toml or route the task to another delegate with a selector",
-            shared.config.name,
-            spec.kind(),
-            kinds.join(", ")
-        );
-        warn!("{msg}");
-        return failed(msg);
-    }
-    let log = match dir.log_writer() {
-        Ok(l) => l,
-        Err(e) => return failed(format!("the delegate cannot write the task log: {e}")),
-    };
-
-    let shipping = CancellationToken::new();
-    let shipper = tokio::spawn(ship_live(shared.clone(), dir.clone(), shipping.clone()));
-
-    let dir_for_pid = dir.clone();
-    let ctx = ExecContext {
-        task_id: a.task_id.clone(),
-        attempt: a.attempt,
-        dir: dir.path().to_path_buf(),
-        log,
-        stop: stop.clone(),
-        kill_grace: shared.config.kill_grace,
-        on_process: Box::new(move |p| {
-            if let Err(e) = dir_for_pid.record_process(p) {
-                warn!("cannot journal the task's process: {e}");
-            }
-        }),
-        journal: dir.clone(),
-        adopt,
-        delegate_name: shared.config.name.clone(),
-        delegate_id: shared.delegate_id.borrow().clone(),
-        docker: shared.docker.clone(),
-    };
-    let mut timeout = Duration::from_secs(a.timeout_secs.max(1));
-    if adopt {
-        // The clock started when the earlier run accepted the task.
-        let spent = dir
-            .accepted_at()
-            .and_then(|t| SystemTime::now().duration_since(t).ok())
-            .unwrap_or_default();
-        timeout = timeout
-            .saturating_sub(spent)
-            .max(Duration::from_millis(100));
-    }
-    let run = exec::run(&spec, ctx);
-    tokio::pin!(run);
-    let outcome = tokio::select! {
-        o = &mut run => o,
-        _ = tokio::time::sleep(timeout) => {
-            {
-                let mut r = reason.lock().unwrap_or_else(|p| p.into_inner());
-                if r.is_none() {
-                    *r = Some(StopReason::Timeout(timeout));
-                }
-            }
-            stop.cancel();
-            run.await
-        }
-    };
-    shipping.cancel();
-    let _ = shipper.await;
-
-    let why = *reason.lock().unwrap_or_else(|p| p.into_inner());
-    to_result(outcome, why, dir.log_len(), &shared.config)
-}
-
-fn signal_name(sig: i32) -> String {
-    Signal::try_from(sig)
-        .map(|s| s.as_str().to_string())
-        .unwrap_or_else(|_| format!("signal {sig}"))
-}
-
-/// Outcome + why the supervisor stopped it → the result the manager gets.
-fn to_result(
-    outcome: ExecOutcome,
-    why: Option<StopReason>,
-    log_bytes: u64,
-    config: &Config,
-) -> TaskResult {
-    let (exit_code, signal) = match &outcome {
-        ExecOutcome::Exited(c) => (Some(*c), None),
-        ExecOutcome::Signaled(s) => (None, Some(*s)),
-        _ => (None, None),
-    };
-    let (outcome, message) = match (why, outcome) {
-        (Some(StopReason::Timeout(t)), _) => (
-            Outcome::TimedOut,
-            Some(format!(
-                "timed out after {}; the task was stopped",
-                humantime::format_duration(t)
-            )),
-        ),
-        (Some(StopReason::Cancelled), _) => {
-            (Outcome::Cancelled, Some("cancelled on request".into()))
-        }
-        (Some(StopReason::Shutdown), _) => (
-            Outcome::Cancelled,
-            Some(format!(
-                "the delegate was stopped before the task finished (drain timeout {})",
-                humantime::format_duration(config.drain_timeout)
-            )),
-        ),
-        (Some(StopReason::Revoked), _) => {
-            (Outcome::Lost, Some("the manager revoked the task".into()))
-        }
-        (None, ExecOutcome::Exited(0)) => (Outcome::Succeeded, None),
-        (None, ExecOutcome::Exited(c)) => (Outcome::Failed, Some(format!("exited with code {c}"))),
-        (None, ExecOutcome::Signaled(s)) => (
-            Outcome::Failed,
-            Some(format!("killed by {}", signal_name(s))),
-        ),
-        (
-            None,
-            ExecOutcome::Done {
-                success: true,
-                message,
-            },
-        ) => (Outcome::Succeeded, Some(message)),
-        (
-            None,
-            ExecOutcome::Done {
-                success: false,
-                message,
-            },
-        ) => (Outcome::Failed, Some(message)),
-        (None, ExecOutcome::CouldNotStart(m)) => (Outcome::Failed, Some(m)),
-        (None, ExecOutcome::Lost(m)) => (Outcome::Lost, Some(m)),
-    };
-    TaskResult {
-        outcome,
-        exit_code,
-        signal,
-        message,
-        log_bytes,
+        assert_eq!(text.matches("create directory").count(), 1, "{text}");
+        assert_eq!(text.matches("Not a directory").count(), 1, "{text}");
     }
 }

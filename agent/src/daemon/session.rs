@@ -8,11 +8,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use delegate_protocol::RegisterRequest;
-use tracing::{Instrument, debug, error, info, warn};
+use tracing::{Instrument, debug, info, warn};
 
-use super::{Event, Shared, StopReason, heartbeat_request, probe_docker, spawn_task};
+use super::supervise::{spawn_refusal, spawn_task};
+use super::{Event, Shared, StopReason, heartbeat_request, probe_docker};
 use crate::backoff::Backoff;
-use crate::client::ClientError;
 use crate::state::AgentState;
 
 /// Register (retrying forever with backoff), then keep heartbeating and polling.
@@ -58,20 +58,16 @@ pub(super) async fn register(shared: &Arc<Shared>) -> Option<Duration> {
             }
             Err(e) => {
                 shared.set_connected(false);
+                if shared.check_token_rejected(&e) {
+                    return None;
+                }
                 let delay = backoff.next_delay();
                 let retry =
                     humantime::format_duration(Duration::from_millis(delay.as_millis() as u64));
-                if matches!(e, ClientError::Unauthorized { .. }) {
-                    error!(
-                        attempt = backoff.failures(),
-                        "registration refused: {e}; retrying in {retry}"
-                    );
-                } else {
-                    warn!(
-                        attempt = backoff.failures(),
-                        "registration failed: {e}; retrying in {retry}"
-                    );
-                }
+                warn!(
+                    attempt = backoff.failures(),
+                    "registration failed: {e}; retrying in {retry}"
+                );
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
                     _ = shared.stop_polling.cancelled() => return None,
@@ -104,11 +100,16 @@ pub(super) async fn heartbeat_loop(shared: Arc<Shared>, interval: Duration) {
                     warn!(task_id = %t, "the manager no longer assigns this task to us; stopping it");
                     shared.stop_task(&t, StopReason::Revoked);
                 }
+                for k in resp.revoked_attempts {
+                    warn!(task_id = %k.id, attempt = k.attempt, "the manager no longer assigns this attempt to us; stopping it");
+                    shared.stop_attempt(&k, StopReason::Revoked);
+                }
                 // An engine that came up after the agent: register again to advertise it.
                 if probe_docker(&shared, true).await && register(&shared).await.is_none() {
                     return;
                 }
             }
+            Err(e) if shared.check_token_rejected(&e) => return,
             Err(e) if e.is_unknown_delegate() => {
                 warn!("the manager does not know this delegate any more; registering again");
                 if register(&shared).await.is_none() {
@@ -168,23 +169,42 @@ pub(super) async fn acquire_loop(shared: &Arc<Shared>) {
                     info!(task_id = %t, "cancel requested by the manager");
                     shared.stop_task(&t, StopReason::Cancelled);
                 }
+                let leased = resp.tasks.len();
+                let mut over = 0;
                 for a in resp.tasks {
-                    let permit = shared.slots.clone().try_acquire_owned().ok();
-                    spawn_task(shared.clone(), a, permit);
+                    match shared.slots.clone().try_acquire_owned() {
+                        Ok(permit) => spawn_task(shared.clone(), a, permit),
+                        Err(_) => {
+                            over += 1;
+                            spawn_refusal(shared.clone(), a, leased, free);
+                        }
+                    }
+                }
+                if over > 0 {
+                    warn!(
+                        leased,
+                        asked = free,
+                        "the manager leased {leased} task(s) for {free} free slot(s); reporting the {over} that do not fit as lost"
+                    );
                 }
             }
             Ok(None) => {
                 backoff.reset();
                 shared.set_connected(true);
             }
+            Err(e) if shared.check_token_rejected(&e) => return,
             Err(e) => {
+                let delay = backoff.next_delay();
                 if e.is_unknown_delegate() {
-                    // The heartbeat loop re-registers; give it a moment.
-                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    // The heartbeat loop re-registers; wait for it with the same backoff.
+                    debug!("polling for tasks: the manager does not know this delegate yet");
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = shared.stop_polling.cancelled() => return,
+                    }
                     continue;
                 }
                 shared.set_connected(false);
-                let delay = backoff.next_delay();
                 if backoff.failures() == 1 {
                     warn!("polling for tasks failed: {e}");
                 } else {

@@ -29,9 +29,8 @@ use delegate_protocol::{DockerSpec, MountKind, PullPolicy};
 use futures_util::StreamExt;
 use tracing::{debug, info, warn};
 
-use super::{ExecContext, ExecOutcome};
+use super::{ContainerRecord, ExecContext, ExecOutcome};
 use crate::config::{DockerConfig, RegistryAuth};
-use crate::spool::{ContainerRecord, TaskDir};
 
 /// Label keys every container of ours carries; a restarted agent finds them by these.
 pub const LABEL_TASK: &str = "dev.delegate.task-id";
@@ -115,61 +114,169 @@ pub async fn probe(cfg: &DockerConfig) -> Result<String, EngineError> {
     ))
 }
 
-/// What a task asks that this delegate's policy forbids; `None` when all is allowed.
-pub fn policy_violation(spec: &DockerSpec, cfg: &DockerConfig, delegate: &str) -> Option<String> {
+/// The mounts of a spec the policy accepted, as the engine gets them: every bind source
+/// is the *resolved* path that was checked, so a symlink swapped after the check cannot
+/// point the engine elsewhere.
+pub fn checked_mounts(
+    spec: &DockerSpec,
+    cfg: &DockerConfig,
+    delegate: &str,
+) -> Result<Vec<Mount>, String> {
     if spec.privileged && !cfg.allow_privileged {
-        return Some(format!(
+        return Err(format!(
             "spec.privileged: privileged containers are not allowed on delegate {delegate}; an operator may set allow_privileged = true in the [docker] table of delegate.toml (a privileged container is root on the host)"
         ));
     }
-    let allowed: Vec<PathBuf> = cfg
-        .allowed_mounts
+    if let Some(mode) = &spec.network_mode
+        && !network_mode_allowed(mode, &cfg.allowed_network_modes)
+    {
+        return Err(format!(
+            "spec.network_mode: network mode {mode:?} is not allowed on delegate {delegate} (allowed: {}); an operator may add it to allowed_network_modes in the [docker] table of delegate.toml (\"host\" shares the host's network stack, \"container:<id>\" another container's)",
+            cfg.allowed_network_modes.join(", ")
+        ));
+    }
+    let allowed = canonical_allowed(cfg);
+    let mut out = Vec::with_capacity(spec.mounts.len());
+    for m in &spec.mounts {
+        let source = match m.kind {
+            MountKind::Bind => {
+                // Resolve `..` and symlinks: `/srv/builds/../../etc` must not pass as
+                // `/srv/builds`, and the engine must get what was checked.
+                let real = std::fs::canonicalize(&m.source).map_err(|e| {
+                    format!(
+                        "spec.mounts: bind mount source {} cannot be used on delegate {delegate}: {e}",
+                        m.source
+                    )
+                })?;
+                if !path_allowed(&real, &allowed) {
+                    return Err(format!(
+                        "spec.mounts: bind mount of {} is not allowed on delegate {delegate} ({}); an operator may add it to allowed_mounts in the [docker] table of delegate.toml",
+                        m.source,
+                        allowed_list(cfg)
+                    ));
+                }
+                real.to_string_lossy().into_owned()
+            }
+            MountKind::Volume => m.source.clone(),
+        };
+        out.push(Mount {
+            typ: Some(match m.kind {
+                MountKind::Bind => MountType::BIND,
+                MountKind::Volume => MountType::VOLUME,
+            }),
+            source: Some(source),
+            target: Some(m.target.clone()),
+            read_only: Some(m.read_only),
+            ..Default::default()
+        });
+    }
+    Ok(out)
+}
+
+fn canonical_allowed(cfg: &DockerConfig) -> Vec<PathBuf> {
+    cfg.allowed_mounts
         .iter()
         .map(|p| std::fs::canonicalize(p).unwrap_or_else(|_| p.clone()))
-        .collect();
-    for m in spec.mounts.iter().filter(|m| m.kind == MountKind::Bind) {
-        // Resolve `..` and symlinks: `/srv/builds/../../etc` must not pass as `/srv/builds`.
-        let real = match std::fs::canonicalize(&m.source) {
-            Ok(p) => p,
+        .collect()
+}
+
+fn allowed_list(cfg: &DockerConfig) -> String {
+    if cfg.allowed_mounts.is_empty() {
+        "no host paths are allowed".to_string()
+    } else {
+        let l: Vec<String> = cfg
+            .allowed_mounts
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect();
+        format!("allowed: {}", l.join(", "))
+    }
+}
+
+/// `mode` is listed, or is `default` (the engine's name for `bridge`) while `bridge` is;
+/// a listed `container` allows every `container:<id>`.
+fn network_mode_allowed(mode: &str, allowed: &[String]) -> bool {
+    let mode = if mode == "default" { "bridge" } else { mode };
+    allowed
+        .iter()
+        .any(|a| a == mode || (a == "container" && mode.starts_with("container:")))
+}
+
+/// Named volumes that already exist are checked for what they mount: a `local` volume
+/// with driver options (`device=/etc, o=bind`, or an NFS/other filesystem) mounts
+/// something the operator did not allow. A bind-type volume of a path under
+/// `allowed_mounts` passes; every other driver option is refused. A volume that does not
+/// exist yet is created by the engine without options.
+async fn check_volumes(
+    docker: &Docker,
+    spec: &DockerSpec,
+    cfg: &DockerConfig,
+    delegate: &str,
+) -> Result<(), String> {
+    let allowed = canonical_allowed(cfg);
+    for m in spec.mounts.iter().filter(|m| m.kind == MountKind::Volume) {
+        let volume = match docker.inspect_volume(&m.source).await {
+            Ok(v) => v,
+            Err(e) if is_status(&e, 404) => continue,
             Err(e) => {
-                return Some(format!(
-                    "spec.mounts: bind mount source {} cannot be used on delegate {delegate}: {e}",
-                    m.source
+                return Err(format!(
+                    "spec.mounts: cannot inspect volume {}: {}",
+                    m.source,
+                    engine_message(&e)
                 ));
             }
         };
-        if !path_allowed(&real, &allowed) {
-            let list = if cfg.allowed_mounts.is_empty() {
-                "no host paths are allowed".to_string()
-            } else {
-                let l: Vec<String> = cfg
-                    .allowed_mounts
-                    .iter()
-                    .map(|p| p.display().to_string())
-                    .collect();
-                format!("allowed: {}", l.join(", "))
-            };
-            return Some(format!(
-                "spec.mounts: bind mount of {} is not allowed on delegate {delegate} ({list}); an operator may add it to allowed_mounts in the [docker] table of delegate.toml",
-                m.source
-            ));
+        if volume.options.is_empty() {
+            continue;
         }
+        if let Some(device) = bound_device(&volume.options)
+            && std::fs::canonicalize(device).is_ok_and(|real| path_allowed(&real, &allowed))
+        {
+            continue;
+        }
+        let mut opts: Vec<String> = volume
+            .options
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        opts.sort();
+        return Err(format!(
+            "spec.mounts: volume {} is not allowed on delegate {delegate}: its driver options ({}) mount a host path or filesystem outside allowed_mounts ({}); use a volume without driver options, or a bind mount under allowed_mounts",
+            m.source,
+            opts.join(", "),
+            allowed_list(cfg)
+        ));
     }
-    None
+    Ok(())
+}
+
+/// The host path a `local` volume binds (`type=none`/`o=bind` with `device=PATH`).
+fn bound_device(options: &HashMap<String, String>) -> Option<&str> {
+    let device = options.get("device")?;
+    let is_bind = options.get("type").is_some_and(|t| t == "none")
+        || options
+            .get("o")
+            .is_some_and(|o| o.split(',').any(|x| x == "bind" || x == "rbind"));
+    // Options other than these three could change what is mounted.
+    let only_bind_keys = options
+        .keys()
+        .all(|k| matches!(k.as_str(), "device" | "type" | "o"));
+    (is_bind && only_bind_keys).then_some(device.as_str())
 }
 
 /// Run (or, when `ctx.adopt`, re-attach to) the task's container until it ends.
 pub async fn run(spec: &DockerSpec, mut ctx: ExecContext) -> ExecOutcome {
-    if let Some(why) = policy_violation(spec, &ctx.docker, &ctx.delegate_name) {
-        return ExecOutcome::CouldNotStart(why);
-    }
+    let mounts = match checked_mounts(spec, &ctx.docker, &ctx.delegate_name) {
+        Ok(m) => m,
+        Err(why) => return ExecOutcome::CouldNotStart(why),
+    };
     let docker = match connect(&ctx.docker).await {
         Ok(d) => d,
         Err(e) => return ExecOutcome::CouldNotStart(format!("cannot run the container: {e}")),
     };
     let name = container_name(&ctx.task_id, ctx.attempt);
     let record = if ctx.adopt {
-        match find(&docker, &ctx.journal, &name).await {
+        match find(&docker, &ctx, &name).await {
             Ok(Some(r)) => r,
             Ok(None) => {
                 return ExecOutcome::Lost(format!(
@@ -179,7 +286,10 @@ pub async fn run(spec: &DockerSpec, mut ctx: ExecContext) -> ExecOutcome {
             Err(e) => return ExecOutcome::CouldNotStart(format!("cannot re-attach: {e}")),
         }
     } else {
-        match create_and_start(&docker, spec, &mut ctx, &name).await {
+        if let Err(why) = check_volumes(&docker, spec, &ctx.docker, &ctx.delegate_name).await {
+            return ExecOutcome::CouldNotStart(why);
+        }
+        match create_and_start(&docker, spec, mounts, &mut ctx, &name).await {
             Ok(r) => r,
             Err(e) => return ExecOutcome::CouldNotStart(e),
         }
@@ -208,10 +318,10 @@ fn engine_message(e: &BollardError) -> String {
 /// the journal when the container is already gone.
 async fn find(
     docker: &Docker,
-    journal: &TaskDir,
+    ctx: &ExecContext,
     name: &str,
 ) -> Result<Option<ContainerRecord>, String> {
-    let journalled = journal.container();
+    let journalled = ctx.journal.container();
     if let Some(r) = &journalled {
         match docker.inspect_container(&r.id, None).await {
             Ok(_) => return Ok(journalled),
@@ -225,8 +335,8 @@ async fn find(
     let filters = HashMap::from([(
         "label".to_string(),
         vec![
-            format!("{LABEL_TASK}={}", journal.task_id),
-            format!("{LABEL_ATTEMPT}={}", journal.attempt),
+            format!("{LABEL_TASK}={}", ctx.task_id),
+            format!("{LABEL_ATTEMPT}={}", ctx.attempt),
         ],
     )]);
     let opts = ListContainersOptionsBuilder::new()
@@ -244,18 +354,17 @@ async fn find(
     // Died before journalling the container: its output has not been written yet.
     let rec = ContainerRecord {
         id,
-        log_base: journal.log_len(),
+        log_base: ctx.log.written(),
         exit_code: None,
     };
-    if let Err(e) = journal.record_container(&rec) {
-        warn!("cannot journal the container: {e}");
-    }
+    ctx.journal.record_container(&rec);
     Ok(Some(rec))
 }
 
 async fn create_and_start(
     docker: &Docker,
     spec: &DockerSpec,
+    mounts: Vec<Mount>,
     ctx: &mut ExecContext,
     name: &str,
 ) -> Result<ContainerRecord, String> {
@@ -273,20 +382,6 @@ async fn create_and_start(
         format!("DELEGATE_TASK_ATTEMPT={}", ctx.attempt),
     ];
     env.extend(spec.env.iter().map(|(k, v)| format!("{k}={v}")));
-    let mounts: Vec<Mount> = spec
-        .mounts
-        .iter()
-        .map(|m| Mount {
-            typ: Some(match m.kind {
-                MountKind::Bind => MountType::BIND,
-                MountKind::Volume => MountType::VOLUME,
-            }),
-            source: Some(m.source.clone()),
-            target: Some(m.target.clone()),
-            read_only: Some(m.read_only),
-            ..Default::default()
-        })
-        .collect();
     let host = HostConfig {
         // The adoption path re-reads output from the engine's log; json-file keeps all of
         // it for the container's life whatever the daemon's default driver is.
@@ -323,7 +418,7 @@ async fn create_and_start(
         Err(e) if is_status(&e, 409) => {
             // Same attempt delivered again while its container exists: re-attach to it.
             info!("container {name} exists already; re-attaching");
-            return find(docker, &ctx.journal, name)
+            return find(docker, ctx, name)
                 .await?
                 .ok_or_else(|| format!("container {name} exists but cannot be found"));
         }
@@ -342,13 +437,10 @@ async fn create_and_start(
     };
     let rec = ContainerRecord {
         id: id.clone(),
-        log_base: ctx.journal.log_len(),
+        log_base: ctx.log.written(),
         exit_code: None,
     };
-    if let Err(e) = ctx.journal.record_container(&rec) {
-        // Not fatal: a restarted agent still finds the container by its labels.
-        warn!("cannot journal the container: {e}");
-    }
+    ctx.journal.record_container(&rec);
     if let Err(e) = docker.start_container(&id, None).await {
         let why = engine_message(&e);
         remove(docker, &id).await;
@@ -450,7 +542,7 @@ async fn follow(
     let id = record.id.clone();
     if record.exit_code.is_none() {
         // Bytes of the container's output the spool holds already (none on the live path).
-        let mut skip = ctx.journal.log_len().saturating_sub(record.log_base);
+        let mut skip = ctx.log.written().saturating_sub(record.log_base);
         let opts = LogsOptionsBuilder::new()
             .follow(true)
             .stdout(true)
@@ -472,7 +564,7 @@ async fn follow(
                         }
                         let from = usize::try_from(skip).unwrap_or(0);
                         skip = 0;
-                        let _ = ctx.log.append(&bytes[from..]);
+                        ctx.log.append(&bytes[from..]);
                     }
                     Some(Err(e)) => {
                         stream_error = Some(engine_message(&e));
@@ -542,9 +634,7 @@ async fn follow(
             ctx.note("the container was killed for exceeding its memory limit (OOM)");
         }
         record.exit_code = Some(state.exit_code.unwrap_or(-1));
-        if let Err(e) = ctx.journal.record_container(&record) {
-            warn!("cannot journal the container's exit code: {e}");
-        }
+        ctx.journal.record_container(&record);
     }
     if !spec.keep {
         remove(docker, &id).await;
@@ -613,12 +703,96 @@ mod tests {
             ..Default::default()
         };
         let ok = inside.display().to_string();
-        assert_eq!(policy_violation(&spec(&ok, false), &cfg, "d1"), None);
+        assert!(checked_mounts(&spec(&ok, false), &cfg, "d1").is_ok());
         let sneaky = format!("{ok}/../../..");
-        let e = policy_violation(&spec(&sneaky, false), &cfg, "d1").expect("refused");
+        let e = checked_mounts(&spec(&sneaky, false), &cfg, "d1").expect_err("refused");
         assert!(e.starts_with("spec.mounts: bind mount of"), "{e}");
-        let e = policy_violation(&spec(&ok, true), &cfg, "d1").expect("refused");
+        let e = checked_mounts(&spec(&ok, true), &cfg, "d1").expect_err("refused");
         assert!(e.starts_with("spec.privileged"), "{e}");
         assert!(path_allowed(&inside, &cfg.allowed_mounts));
+    }
+
+    /// The reproduced escape: a symlink under an allowed directory is checked, then swapped
+    /// to point at `/etc` before the engine sees the mount. The engine must get the path
+    /// that was checked, not the link.
+    #[test]
+    fn the_engine_gets_the_resolved_bind_source_so_a_swapped_symlink_cannot_escape() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let data = tmp.path().join("data");
+        std::fs::create_dir_all(&data).expect("mkdir");
+        let link = tmp.path().join("link");
+        std::os::unix::fs::symlink(&data, &link).expect("symlink");
+        let cfg = DockerConfig {
+            allowed_mounts: vec![tmp.path().to_path_buf()],
+            ..Default::default()
+        };
+        let spec = DockerSpec {
+            image: "x".into(),
+            mounts: vec![DockerMount {
+                source: link.display().to_string(),
+                target: "/d".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let mounts = checked_mounts(&spec, &cfg, "d1").expect("allowed");
+        // The swap, after the check.
+        std::fs::remove_file(&link).expect("rm link");
+        std::os::unix::fs::symlink("/etc", &link).expect("symlink to /etc");
+        let real = std::fs::canonicalize(&data).expect("canonical");
+        assert_eq!(
+            mounts[0].source.as_deref(),
+            Some(real.to_str().expect("utf8"))
+        );
+    }
+
+    #[test]
+    fn network_modes_outside_the_allow_list_are_refused_with_how_to_allow_them() {
+        let cfg = DockerConfig::default();
+        let spec = |mode: Option<&str>| DockerSpec {
+            image: "x".into(),
+            network_mode: mode.map(str::to_string),
+            ..Default::default()
+        };
+        for ok in [None, Some("none"), Some("bridge"), Some("default")] {
+            assert!(checked_mounts(&spec(ok), &cfg, "d1").is_ok(), "{ok:?}");
+        }
+        for bad in ["host", "container:abc123", "mynet"] {
+            let e = checked_mounts(&spec(Some(bad)), &cfg, "d1").expect_err(bad);
+            assert!(
+                e.starts_with(&format!(
+                    "spec.network_mode: network mode {bad:?} is not allowed on delegate d1 (allowed: none, bridge)"
+                )),
+                "{e}"
+            );
+            assert!(e.contains("allowed_network_modes"), "{e}");
+        }
+        let cfg = DockerConfig {
+            allowed_network_modes: vec!["host".into(), "container".into()],
+            ..Default::default()
+        };
+        assert!(checked_mounts(&spec(Some("host")), &cfg, "d1").is_ok());
+        assert!(checked_mounts(&spec(Some("container:abc")), &cfg, "d1").is_ok());
+        assert!(checked_mounts(&spec(Some("bridge")), &cfg, "d1").is_err());
+    }
+
+    #[test]
+    fn only_plain_bind_volume_options_name_a_device() {
+        let opts = |kv: &[(&str, &str)]| -> HashMap<String, String> {
+            kv.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let bind = opts(&[("type", "none"), ("o", "bind"), ("device", "/etc")]);
+        assert_eq!(bound_device(&bind), Some("/etc"));
+        let nfs = opts(&[("type", "nfs"), ("o", "addr=1.2.3.4"), ("device", ":/x")]);
+        assert_eq!(bound_device(&nfs), None);
+        let extra = opts(&[
+            ("type", "none"),
+            ("o", "bind"),
+            ("device", "/srv"),
+            ("x", "y"),
+        ]);
+        assert_eq!(bound_device(&extra), None);
     }
 }

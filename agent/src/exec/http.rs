@@ -70,7 +70,7 @@ pub async fn run(spec: &HttpSpec, mut ctx: ExecContext) -> ExecOutcome {
         head.push_str(&format!("{k}: {}\n", String::from_utf8_lossy(v.as_bytes())));
     }
     head.push('\n');
-    let _ = ctx.log.append(head.as_bytes());
+    ctx.log.append(head.as_bytes());
     let mut logged = 0usize;
     loop {
         let chunk = tokio::select! {
@@ -80,7 +80,7 @@ pub async fn run(spec: &HttpSpec, mut ctx: ExecContext) -> ExecOutcome {
         match chunk {
             Ok(Some(c)) => {
                 let take = c.len().min(MAX_LOGGED_BODY - logged);
-                let _ = ctx.log.append(&c[..take]);
+                ctx.log.append(&c[..take]);
                 logged += take;
                 if logged >= MAX_LOGGED_BODY {
                     ctx.note("\nbody truncated in the log at 64 KiB");

@@ -1,8 +1,10 @@
 //! Executors: run one task spec against a target and say how it ended.
 //!
-//! Executors know nothing of HTTP to the manager or of the spool format: they get the
-//! spec, a place to write output, a token that asks them to stop, and return an
-//! [`ExecOutcome`]. The supervisor in `daemon` turns that into a protocol result.
+//! Executors know nothing of HTTP to the manager or of the spool: they get the spec, a
+//! [`TaskLog`] to write output to, a [`Journal`] to record what a restarted agent needs to
+//! find their work again (a process group, a container), a token that asks them to stop,
+//! and return an [`ExecOutcome`]. The supervisor in `daemon` implements both over the spool
+//! and turns the outcome into a protocol result.
 
 pub mod docker;
 pub mod http;
@@ -13,10 +15,73 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use delegate_protocol::TaskSpec;
+use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::DockerConfig;
-use crate::spool::{LogWriter, ProcessRecord, TaskDir};
+
+/// Identity of the process group a shell task runs in, so a restarted agent can stop it
+/// without hitting an unrelated process that reused the pid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessRecord {
+    pub pid: u32,
+    /// Field 22 of `/proc/PID/stat` (start time in clock ticks since boot).
+    pub start_time: u64,
+}
+
+impl ProcessRecord {
+    /// Read the start time of a live process.
+    pub fn of(pid: u32) -> Option<ProcessRecord> {
+        Some(ProcessRecord {
+            pid,
+            start_time: proc_start_time(pid)?,
+        })
+    }
+
+    /// Is this very process (not a successor with the same pid) still there?
+    pub fn is_alive(&self) -> bool {
+        proc_start_time(self.pid) == Some(self.start_time)
+    }
+}
+
+fn proc_start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses; fields resume after the
+    // last ')'. Start time is field 22, i.e. the 20th after the name.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// The container a docker task runs in, so a restarted agent can re-attach to it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContainerRecord {
+    pub id: String,
+    /// Log length when the container's output began (the agent's own notes come first);
+    /// the container's log stream maps to the spooled log from this offset on.
+    pub log_base: u64,
+    /// Set once the container has ended, before it is removed, so an agent that dies
+    /// between removal and journalling the result still reports the real exit code.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i64>,
+}
+
+/// Where a task's output goes. Appending never fails: a write problem (a full disk) is the
+/// log's to count and report, and the task goes on.
+pub trait TaskLog: Send + Sync {
+    fn append(&mut self, data: &[u8]);
+    /// Bytes of output held so far.
+    fn written(&self) -> u64;
+}
+
+/// What an executor records about its running work for a restarted agent. Recording is
+/// best effort (a failure is logged by the journal): a restarted agent still finds a
+/// container by its labels, and reports a shell task it cannot find as lost.
+pub trait Journal: Send + Sync {
+    fn record_process(&self, p: ProcessRecord);
+    fn record_container(&self, c: &ContainerRecord);
+    /// The container recorded by this or an earlier run of the agent.
+    fn container(&self) -> Option<ContainerRecord>;
+}
 
 /// How an execution ended, before the supervisor adds why it was stopped.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,17 +103,16 @@ pub enum ExecOutcome {
 pub struct ExecContext {
     pub task_id: String,
     pub attempt: u32,
-    /// The task's spool directory; executors may put scratch files in it.
+    /// A private directory of the task for scratch files (the shell script, its default
+    /// working directory); removed with the task.
     pub dir: PathBuf,
-    pub log: LogWriter,
+    pub log: Box<dyn TaskLog>,
     /// Cancelled on timeout, user cancel or shutdown.
     pub stop: CancellationToken,
     /// Between the polite and the forced stop.
     pub kill_grace: Duration,
-    /// Called with the process group once it exists (journalled for restarts).
-    pub on_process: Box<dyn FnOnce(ProcessRecord) + Send>,
-    /// The task's journal entry; the docker executor records its container there.
-    pub journal: TaskDir,
+    /// Where the process group (shell) or the container (docker) is recorded.
+    pub journal: Box<dyn Journal>,
     /// An earlier run of the agent started this task: re-attach to it, start nothing.
     pub adopt: bool,
     /// For container labels and messages.
@@ -60,7 +124,7 @@ pub struct ExecContext {
 impl ExecContext {
     /// Write a line of the agent's own to the task log (prefixed so users tell it apart).
     pub fn note(&mut self, line: &str) {
-        let _ = self.log.append(format!("[delegate] {line}\n").as_bytes());
+        self.log.append(format!("[delegate] {line}\n").as_bytes());
     }
 }
 

@@ -16,8 +16,7 @@ use nix::unistd::Pid;
 use tokio::io::AsyncReadExt;
 use tokio::net::unix::pipe;
 
-use super::{ExecContext, ExecOutcome};
-use crate::spool::ProcessRecord;
+use super::{ExecContext, ExecOutcome, ProcessRecord};
 
 /// Variables of the agent that must not leak into tasks.
 const SCRUBBED_ENV: &[&str] = &[
@@ -113,8 +112,7 @@ pub async fn run(spec: &ShellSpec, mut ctx: ExecContext) -> ExecOutcome {
         return ExecOutcome::CouldNotStart("the process vanished at start".into());
     };
     if let Some(rec) = ProcessRecord::of(pid) {
-        (ctx.on_process)(rec);
-        ctx.on_process = Box::new(|_| {});
+        ctx.journal.record_process(rec);
     }
     let pgid = Pid::from_raw(i32::try_from(pid).unwrap_or(i32::MAX));
 
@@ -135,7 +133,7 @@ pub async fn run(spec: &ShellSpec, mut ctx: ExecContext) -> ExecOutcome {
         tokio::select! {
             n = rx.read(&mut buf), if !eof => match n {
                 Ok(0) | Err(_) => eof = true,
-                Ok(n) => { let _ = ctx.log.append(&buf[..n]); }
+                Ok(n) => { ctx.log.append(&buf[..n]); }
             },
             st = child.wait() => break st,
             _ = ctx.stop.cancelled(), if !stopping => {
@@ -156,7 +154,7 @@ pub async fn run(spec: &ShellSpec, mut ctx: ExecContext) -> ExecOutcome {
         loop {
             match tokio::time::timeout_at(deadline, rx.read(&mut buf)).await {
                 Ok(Ok(n)) if n > 0 => {
-                    let _ = ctx.log.append(&buf[..n]);
+                    ctx.log.append(&buf[..n]);
                 }
                 Ok(_) => break,
                 Err(_) => {

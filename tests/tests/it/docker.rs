@@ -331,9 +331,20 @@ fn agent_killed_while_the_container_prints_reports_exit_3_and_every_line_once() 
     let mut a = docker_agent(&w, "agent-1", &sock, "");
     // Let it print (and the agent ship) a good part, then kill the agent mid-stream.
     let id = start_counting(&w, 60);
-    std::thread::sleep(Duration::from_millis(500));
     a.kill9();
-    std::thread::sleep(Duration::from_millis(700));
+    let shipped = w.manager.task(&id).expect("task").log_bytes;
+    assert!(
+        shipped < numbered(50).len() as u64,
+        "the container finished before the kill"
+    );
+    // The container goes on printing while the agent is down: the restarted agent must
+    // pick up exactly where the manager's copy ends.
+    let name = format!("delegate-{id}-1");
+    wait_for(LONG, "the container to print past what was shipped", || {
+        let printed = cli(&sock, &["logs", &name]).ok()?.len() as u64;
+        (printed >= shipped + 30).then_some(())
+    })
+    .expect("container prints on");
     assert_eq!(task_containers(&sock, &id).expect("list").len(), 1);
     a.restart().expect("restart");
     assert_counted_to_50_and_exited_3(&w, &sock, &id);

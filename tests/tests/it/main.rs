@@ -2,7 +2,11 @@
 //! talking HTTP over loopback, with real processes, signals and SQLite.
 
 mod docker;
+mod docker_policy;
+mod fake_manager;
 mod load;
 mod resilience;
 mod shell;
+mod tls_agent;
+mod trust_agent;
 mod util;

@@ -1,5 +1,5 @@
 //! The agent against failure: manager crashes, agent crashes, stop signals, bad config,
-//! wrong token, unreachable manager.
+//! unreachable manager (a wrong token: trust_agent.rs).
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -27,10 +27,14 @@ fn manager_killed_mid_task_and_back_20s_later_gets_every_log_byte_and_the_result
             0,
         )
         .expect("submit");
-    w.manager
-        .wait_state(&id, &[TaskState::Running], LONG)
-        .expect("running");
-    std::thread::sleep(Duration::from_secs(1));
+    // The premise: some of the log reached the manager and the task still runs when the
+    // manager dies, so both the shipped part and the rest must come out right.
+    wait_for(LONG, "a log line to reach the manager", || {
+        let t = w.manager.task(&id).ok()?;
+        (t.log_bytes > 0).then_some(t)
+    })
+    .map(|t| assert_eq!(t.state, TaskState::Running, "{t:?}"))
+    .expect("log shipped");
     let addr = w.manager.addr.clone();
     w.manager.kill9();
     std::thread::sleep(Duration::from_secs(20));
@@ -214,28 +218,6 @@ fn bad_config_exits_78_and_names_the_line() {
             "{err}"
         );
     }
-}
-
-#[test]
-fn wrong_token_gets_a_clear_error_and_backs_off() {
-    let w = World::new();
-    let a = Agent::start(
-        w.tmp.path(),
-        &w.manager.url(),
-        "dlg_not_a_real_token",
-        &AgentOptions::default(),
-    )
-    .expect("start");
-    std::thread::sleep(Duration::from_secs(10));
-    let log = a.log_text();
-    let attempts = log.matches("registration refused").count();
-    assert!(log.contains("token create"), "no hint in:\n{log}");
-    // 0.5 s doubling with full jitter: about 5 tries in 10 s; a tight loop would be thousands.
-    assert!(
-        (2..=9).contains(&attempts),
-        "{attempts} attempts in 10 s:\n{log}"
-    );
-    assert!(w.manager.delegates().expect("list").is_empty());
 }
 
 #[test]

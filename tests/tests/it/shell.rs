@@ -50,10 +50,17 @@ fn failing_script_is_failed_with_its_exit_code() {
 fn timeout_kills_the_whole_process_group() {
     let w = World::new();
     let _a = w.named_agent("agent-1");
-    // A background child and a foreground one; both must go.
+    // A background child and a foreground one; both must go. The background writer would
+    // print "late" one second after the 2 s timeout, while the agent still reads the
+    // task's output (it waits up to 2 s for the pipe to close): it is in the log if, and
+    // only if, something of the group outlived the timeout.
     let id = w
         .manager
-        .submit_shell(&marked("sleep 987601 & sleep 987602; echo never"), 2, 0)
+        .submit_shell(
+            &marked("sleep 987601 & (sleep 3; echo late) & sleep 987602"),
+            2,
+            0,
+        )
         .expect("submit");
     let t = w.manager.wait_done(&id, LONG).expect("finishes");
     assert_eq!(t.state, TaskState::TimedOut, "{t:?}");
@@ -74,7 +81,11 @@ fn timeout_kills_the_whole_process_group() {
         },
     )
     .expect("process group killed");
-    assert!(!String::from_utf8_lossy(&w.manager.logs(&id).expect("logs")).contains("never"));
+    let log = String::from_utf8_lossy(&w.manager.logs(&id).expect("logs")).into_owned();
+    assert!(
+        !log.contains("late"),
+        "a background child outlived the timeout: {log:?}"
+    );
 }
 
 #[test]
