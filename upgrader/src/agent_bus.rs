@@ -12,6 +12,13 @@ use crate::error::UpgradeError;
 
 pub const BUS_NAME: &str = "dev.delegate.Agent1";
 
+fn bus(what: &str, e: impl Into<zbus::Error>) -> UpgradeError {
+    UpgradeError::Bus {
+        what: what.to_string(),
+        source: Some(e.into()),
+    }
+}
+
 #[proxy(
     interface = "dev.delegate.Agent1",
     default_service = "dev.delegate.Agent1",
@@ -46,17 +53,20 @@ impl AgentBus {
     pub async fn connect() -> Result<AgentBus, UpgradeError> {
         let conn = tokio::time::timeout(Duration::from_secs(10), zbus::Connection::system())
             .await
-            .map_err(|_| UpgradeError::Bus("no answer from the system bus within 10s".into()))?
-            .map_err(|e| UpgradeError::Bus(e.to_string()))?;
+            .map_err(|_| UpgradeError::Bus {
+                what: "no answer within 10s".into(),
+                source: None,
+            })?
+            .map_err(|e| bus("cannot connect", e))?;
         Ok(AgentBus { conn })
     }
 
     async fn proxy(&self) -> Result<Option<Agent1Proxy<'static>>, UpgradeError> {
         let dbus = zbus::fdo::DBusProxy::new(&self.conn)
             .await
-            .map_err(|e| UpgradeError::Bus(e.to_string()))?;
+            .map_err(|e| bus("cannot ask for the agent's name", e))?;
         let name = zbus::names::BusName::try_from(BUS_NAME)
-            .map_err(|e| UpgradeError::Bus(e.to_string()))?;
+            .map_err(|e| bus("cannot ask for the agent's name", e))?;
         if !dbus.name_has_owner(name).await.unwrap_or(false) {
             return Ok(None);
         }
@@ -64,7 +74,7 @@ impl AgentBus {
             .cache_properties(zbus::proxy::CacheProperties::No)
             .build()
             .await
-            .map_err(|e| UpgradeError::Bus(e.to_string()))?;
+            .map_err(|e| bus("cannot ask for the agent's name", e))?;
         Ok(Some(p))
     }
 
@@ -84,9 +94,7 @@ impl AgentBus {
         let Some(p) = self.proxy().await? else {
             return Ok(DrainResult::NotOnBus);
         };
-        p.drain()
-            .await
-            .map_err(|e| UpgradeError::Bus(format!("Drain(): {e}")))?;
+        p.drain().await.map_err(|e| bus("Drain() failed", e))?;
         let deadline = tokio::time::Instant::now() + limit;
         loop {
             let state = p.state().await.unwrap_or_default();
@@ -106,9 +114,7 @@ impl AgentBus {
         let Some(p) = self.proxy().await? else {
             return Ok(false);
         };
-        p.resume()
-            .await
-            .map_err(|e| UpgradeError::Bus(format!("Resume(): {e}")))?;
+        p.resume().await.map_err(|e| bus("Resume() failed", e))?;
         Ok(true)
     }
 }
