@@ -342,3 +342,27 @@ pub fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> UpgradeErr
     let path = path.into();
     move |source| UpgradeError::Io { path, source }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 8 item 7: "create directory X: Permission denied: create directory X:
+    /// Permission denied" — a variant's message must not repeat its source.
+    #[test]
+    fn a_cause_is_said_once() {
+        let e = io("/var/lib/x")(std::io::Error::from(std::io::ErrorKind::PermissionDenied));
+        assert_eq!(chain(&e), "/var/lib/x: permission denied");
+        let e = UpgradeError::Manifest {
+            url: "http://r/channels/stable.json".into(),
+            source: ManifestError::Skipped("0.2.0".into()),
+        };
+        let text = chain(&e);
+        assert_eq!(
+            text.matches("http://r/channels/stable.json").count(),
+            1,
+            "{text}"
+        );
+        assert_eq!(text.matches("skip list").count(), 1, "{text}");
+    }
+}

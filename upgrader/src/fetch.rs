@@ -26,8 +26,12 @@ fn network(url: &str, source: NetworkError) -> UpgradeError {
     }
 }
 
+/// The local path of a `file://` URL (percent-decoded by `url`), `None` for other schemes.
 fn file_path(url: &str) -> Option<PathBuf> {
-    url.strip_prefix("file://").map(PathBuf::from)
+    let u = url::Url::parse(url).ok()?;
+    (u.scheme() == "file")
+        .then(|| u.to_file_path().ok())
+        .flatten()
 }
 
 impl Fetcher {

@@ -5,7 +5,6 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Context;
 use clap::{Parser, Subcommand};
 use delegate_protocol::release::Version;
 use delegate_upgrader::config::{Config, DEFAULT_CONFIG_PATH, ServiceKind};
@@ -180,10 +179,8 @@ async fn upgrade<S: ServiceManager>(
         Command::Run => up.run().await?,
         Command::Check => up.check().await?,
         Command::Rollback => up.rollback().await?,
-        Command::Install { archive, signature } => up
-            .install(&archive, &signature)
-            .await
-            .with_context(|| format!("installing {}", archive.display()))?,
+        // Every error names the archive itself: no context that would say it twice.
+        Command::Install { archive, signature } => up.install(&archive, &signature).await?,
         _ => unreachable_command()?,
     };
     println!("{}: {outcome}", outcome.code());
