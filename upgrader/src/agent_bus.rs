@@ -1,16 +1,15 @@
 //! The upgrader's view of the agent over D-Bus: ask it to drain, and read the properties
 //! the health gate judges (`Version`, `State`, `Connected`).
 //!
-//! The proxy mirrors `dev.delegate.Agent1` as served by the agent (`agent/src/dbus.rs`);
-//! it is declared again here so the upgrader does not link the whole agent.
+//! The proxy is `delegate_host::agent1`, the one declaration the agent's CLI uses too, so
+//! the upgrader does not link the whole agent and the two cannot drift apart.
 
 use std::time::Duration;
 
-use zbus::proxy;
+use delegate_host::agent1::{self, Agent1Proxy, BUS_NAME};
+use delegate_protocol::DelegateState;
 
 use crate::error::UpgradeError;
-
-pub const BUS_NAME: &str = "dev.delegate.Agent1";
 
 fn bus(what: &str, e: impl Into<zbus::Error>) -> UpgradeError {
     UpgradeError::Bus {
@@ -19,29 +18,11 @@ fn bus(what: &str, e: impl Into<zbus::Error>) -> UpgradeError {
     }
 }
 
-#[proxy(
-    interface = "dev.delegate.Agent1",
-    default_service = "dev.delegate.Agent1",
-    default_path = "/dev/delegate/Agent1"
-)]
-pub trait Agent1 {
-    fn drain(&self) -> zbus::Result<()>;
-    fn resume(&self) -> zbus::Result<()>;
-    #[zbus(property)]
-    fn state(&self) -> zbus::Result<String>;
-    #[zbus(property)]
-    fn version(&self) -> zbus::Result<String>;
-    #[zbus(property)]
-    fn in_flight(&self) -> zbus::Result<u32>;
-    #[zbus(property)]
-    fn connected(&self) -> zbus::Result<bool>;
-}
-
 /// What the health gate reads.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Health {
     pub version: String,
-    pub state: String,
+    pub state: DelegateState,
     pub connected: bool,
 }
 
@@ -83,7 +64,7 @@ impl AgentBus {
         let p = self.proxy().await.ok()??;
         Some(Health {
             version: p.version().await.ok()?,
-            state: p.state().await.ok()?,
+            state: agent1::state(&p).await.ok()?,
             connected: p.connected().await.ok()?,
         })
     }
@@ -97,8 +78,7 @@ impl AgentBus {
         p.drain().await.map_err(|e| bus("Drain() failed", e))?;
         let deadline = tokio::time::Instant::now() + limit;
         loop {
-            let state = p.state().await.unwrap_or_default();
-            if state == "drained" {
+            if let Ok(DelegateState::Drained) = agent1::state(&p).await {
                 return Ok(DrainResult::Drained);
             }
             if tokio::time::Instant::now() >= deadline {

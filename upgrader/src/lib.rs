@@ -14,7 +14,6 @@ pub mod fault;
 pub mod fetch;
 pub mod layout;
 pub mod lock;
-pub mod logging;
 pub mod service;
 pub mod spawn;
 pub mod state;

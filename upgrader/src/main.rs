@@ -7,11 +7,11 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use delegate_protocol::release::Version;
+use delegate_upgrader::UpgradeError;
 use delegate_upgrader::config::{Config, DEFAULT_CONFIG_PATH, ServiceKind};
 use delegate_upgrader::service::{ServiceManager, Supervisor, Systemd};
 use delegate_upgrader::state::State;
 use delegate_upgrader::upgrade::{Outcome, Upgrader, status_text};
-use delegate_upgrader::{UpgradeError, logging};
 
 #[derive(Parser)]
 #[command(
@@ -58,7 +58,8 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    logging::init();
+    // Journal fields UPGRADE_STEP, UPGRADE_FROM, UPGRADE_TO (see upgrade.rs).
+    delegate_host::logging::init("delegate-upgrader", "info");
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

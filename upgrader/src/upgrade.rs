@@ -9,6 +9,7 @@
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use delegate_protocol::DelegateState;
 use delegate_protocol::release::{
     Decision, Local, MAX_MANIFEST_BYTES, Manifest, Version, decide_version,
     parse_artifact_trusted_comment,
@@ -622,7 +623,7 @@ impl<S: ServiceManager> Upgrader<S> {
             if let Some(b) = &bus
                 && let Some(h) = b.health().await
             {
-                if h.version == version && h.state == "running" && h.connected {
+                if h.version == version && h.state == DelegateState::Running && h.connected {
                     return Ok(());
                 }
                 last = format!(

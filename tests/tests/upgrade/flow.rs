@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use delegate_protocol::TaskState;
 use delegate_tests::upgrade::{
-    DBus, Monitor, Supervised, World, agent_v2, fake_binary, require_dbus, write_executable,
+    DBus, Monitor, Run, Supervised, World, agent_v2, fake_binary, require_dbus, write_executable,
 };
 use delegate_tests::{Manager, bin};
 
@@ -84,6 +84,17 @@ impl Host {
             .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
             .and_then(|v| v["generation"].as_u64())
             .unwrap_or(0)
+    }
+
+    /// The run ended in `unhealthy` (exit 3): it rolled back.
+    fn rolled_back(&self, r: &Run) {
+        assert_eq!(
+            r.error_code().as_deref(),
+            Some("unhealthy"),
+            "{r:#?}\n{}",
+            self.context()
+        );
+        assert_eq!(r.code, Some(3), "{r:#?}");
     }
 
     fn context(&self) -> String {
@@ -182,13 +193,7 @@ fn a_release_that_cannot_start_is_rolled_back_and_skipped() {
     let start = Instant::now();
     let r = h.w.upgrader(&["run"], None, RUN_LIMIT).expect("run");
     eprintln!("failed upgrade + rollback took {:?}", start.elapsed());
-    assert_eq!(
-        r.error_code().as_deref(),
-        Some("unhealthy"),
-        "{r:#?}\n{}",
-        h.context()
-    );
-    assert_eq!(r.code, Some(3), "{r:#?}");
+    h.rolled_back(&r);
     assert_eq!(h.w.current().as_deref(), Some(h.v1.as_str()));
     h.w.wait_healthy(&h.v1, Duration::from_secs(30))
         .expect("previous version running again");
@@ -424,13 +429,7 @@ fn a_restart_that_fails_during_rollback_is_finished_by_the_next_run() {
     assert_eq!(h.w.current().as_deref(), Some(h.v1.as_str()));
 
     let r = h.w.upgrader(&["run"], None, RUN_LIMIT).expect("second run");
-    assert_eq!(
-        r.error_code().as_deref(),
-        Some("unhealthy"),
-        "{r:#?}\n{}",
-        h.context()
-    );
-    assert_eq!(r.code, Some(3), "{r:#?}");
+    h.rolled_back(&r);
     h.w.wait_healthy(&h.v1, Duration::from_secs(30))
         .unwrap_or_else(|e| panic!("{e:#}\n{}", h.context()));
     let state = h.w.state().expect("state");
