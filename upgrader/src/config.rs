@@ -70,17 +70,6 @@ struct Raw {
     min_free_mb: Option<u64>,
 }
 
-/// 1-based line of a byte offset into the config text, for `file:line:` messages (the
-/// agent's config counts lines the same way).
-pub fn line_of(text: &str, offset: usize) -> usize {
-    let end = offset.min(text.len());
-    text.as_bytes()[..end]
-        .iter()
-        .filter(|b| **b == b'\n')
-        .count()
-        + 1
-}
-
 impl Config {
     pub fn load(path: &Path) -> Result<Config, UpgradeError> {
         let text = std::fs::read_to_string(path).map_err(|source| UpgradeError::ConfigRead {
@@ -93,7 +82,7 @@ impl Config {
     pub fn parse(path: &Path, text: &str) -> Result<Config, UpgradeError> {
         let problem = |offset: Option<usize>, message: String| UpgradeError::Config {
             path: path.to_path_buf(),
-            line: offset.map(|o| line_of(text, o)),
+            line: offset.map(|o| delegate_host::line_of(text, o)),
             message,
         };
         let at = |span: std::ops::Range<usize>, msg: String| problem(Some(span.start), msg);
