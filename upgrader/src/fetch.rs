@@ -134,7 +134,8 @@ impl Fetcher {
             {
                 return Err(too_big(n));
             }
-            body.reserve(usize::try_from(size).unwrap_or(0));
+            // The size is signed, but grow as bytes arrive rather than trust it up front.
+            body.reserve(usize::try_from(size.min(64 * 1024 * 1024)).unwrap_or(0));
             let mut stream = resp.bytes_stream();
             while let Some(chunk) = stream.next().await {
                 match chunk {

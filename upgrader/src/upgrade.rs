@@ -870,19 +870,13 @@ pub fn status_text(cfg: &Config) -> Result<String, UpgradeError> {
         },
     );
     if let Some(p) = &state.in_progress {
+        let from = p.from.clone().unwrap_or_else(none);
         let what = match &p.phase {
-            Phase::Drained => "drained, not swapped",
-            Phase::Swapped => "swapped, health gate not passed",
-            Phase::RollingBack(_) => "rolling back",
+            Phase::Drained => format!("{from} → {}: drained, not swapped", p.to),
+            Phase::Swapped => format!("{from} → {}: swapped, health gate not passed", p.to),
+            Phase::RollingBack(r) => format!("rolling back {} → {}", r.abandoned, r.back_to),
         };
-        line(
-            "interrupted:",
-            format!(
-                "{} → {} ({what}; the next run finishes it)",
-                p.from.clone().unwrap_or_else(none),
-                p.to
-            ),
-        );
+        line("interrupted:", format!("{what} (the next run finishes it)"));
     }
     Ok(s)
 }

@@ -458,6 +458,12 @@ fn manual_rollback_killed_at(fault: &str) {
         Some(true),
         "{state}"
     );
+    let s = h.w.upgrader(&["status"], None, RUN_LIMIT).expect("status");
+    assert!(
+        s.stdout
+            .contains(&format!("rolling back 0.2.0 → {} (the next run", h.v1)),
+        "{s:#?}"
+    );
 
     let r = h.w.upgrader(&["run"], None, RUN_LIMIT).expect("next run");
     assert_eq!(r.code, Some(0), "{r:#?}\n{}", h.context());
