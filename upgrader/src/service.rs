@@ -159,6 +159,11 @@ pub struct SupervisorState {
     pub generation: u64,
     /// Restarts after the child exited by itself (systemd's `NRestarts`).
     pub restarts: u32,
+    /// SIGHUP restarts done so far: a requester waits for this to grow. (`generation`
+    /// also grows when a crashed child is restarted, which must not be mistaken for the
+    /// restart asked for: the health gate would then watch the old child being replaced.)
+    #[serde(default)]
+    pub requested: u64,
 }
 
 impl SupervisorState {
@@ -193,7 +198,7 @@ impl ServiceManager for Supervisor {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
         loop {
             if let Ok(now) = SupervisorState::read(&self.state_file)
-                && now.generation > before.generation
+                && now.requested > before.requested
             {
                 return Ok(());
             }
@@ -237,6 +242,8 @@ pub async fn supervise(state_file: &Path, cmd: &[String]) -> Result<(), UpgradeE
         supervisor_pid: std::process::id(),
         ..SupervisorState::default()
     };
+    // A SIGHUP was received and the next spawn is the restart it asked for.
+    let mut requested = false;
     loop {
         // The binary may have just been written (by a test, or an unpack): retry while
         // it is busy (see crate::spawn).
@@ -250,11 +257,15 @@ pub async fn supervise(state_file: &Path, cmd: &[String]) -> Result<(), UpgradeE
         .map_err(crate::error::io(program))?;
         st.child_pid = child.id().unwrap_or(0);
         st.generation += 1;
+        if std::mem::take(&mut requested) {
+            st.requested += 1;
+        }
         let bytes = serde_json::to_vec(&st).unwrap_or_default();
         crate::state::write_atomic(state_file, &bytes)?;
         tokio::select! {
             _ = hup.recv() => {
                 stop(&mut child).await;
+                requested = true;
             }
             _ = term.recv() => {
                 stop(&mut child).await;
@@ -270,7 +281,7 @@ pub async fn supervise(state_file: &Path, cmd: &[String]) -> Result<(), UpgradeE
                 // not a second one (which would look like a crash to the health gate).
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_millis(300)) => {}
-                    _ = hup.recv() => {}
+                    _ = hup.recv() => requested = true,
                     _ = term.recv() => return Ok(()),
                     _ = int.recv() => return Ok(()),
                 }
