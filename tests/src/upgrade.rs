@@ -430,6 +430,18 @@ impl World {
     }
 
     /// `delegate-release` (keygen, sign, publish), as on the machine that builds releases.
+    /// Replace `from` by `to` in upgrader.toml (which must contain `from`, so a test cannot
+    /// silently change nothing); returns the text before, to put back.
+    pub fn edit_config(&self, from: &str, to: &str) -> Result<String> {
+        let before = fs::read_to_string(&self.config)?;
+        if !before.contains(from) {
+            bail!("{} has no {from:?}:\n{before}", self.config.display());
+        }
+        fs::write(&self.config, before.replace(from, to))?;
+        Ok(before)
+    }
+
+    /// `delegate-release` (keygen, sign, publish), as on the machine that builds releases.
     fn release_tool(&self) -> Result<Command> {
         let mut c = Command::new(bin("delegate-release")?);
         c.current_dir(&self.dir)

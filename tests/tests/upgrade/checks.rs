@@ -115,12 +115,9 @@ fn replayed_older_manifest_is_refused() {
 /// Let a run accept the current manifest but fail before installing (not enough disk),
 /// then report whether its `published_at` was recorded.
 fn run_seen(w: &World) -> bool {
-    let cfg = fs::read_to_string(&w.config).expect("cfg");
-    fs::write(
-        &w.config,
-        cfg.replace("min_free_mb = 1\n", "min_free_mb = 1000000000000\n"),
-    )
-    .expect("cfg");
+    let cfg = w
+        .edit_config("min_free_mb = 1\n", "min_free_mb = 1000000000000\n")
+        .expect("cfg");
     let r = run(w);
     fs::write(&w.config, cfg).expect("cfg");
     assert_eq!(r.error_code().as_deref(), Some("not-enough-disk"), "{r:#?}");
@@ -243,12 +240,8 @@ fn archive_without_binary_is_refused() {
 fn not_enough_disk_is_refused() {
     let w = world();
     publish(&w, "0.2.0");
-    let cfg = fs::read_to_string(&w.config).expect("cfg");
-    fs::write(
-        &w.config,
-        cfg.replace("min_free_mb = 1\n", "min_free_mb = 1000000000000\n"),
-    )
-    .expect("cfg");
+    w.edit_config("min_free_mb = 1\n", "min_free_mb = 1000000000000\n")
+        .expect("cfg");
     let r = run(&w);
     refused(&r, "not-enough-disk", 2);
     assert!(r.stderr.contains("free some disk space"), "{r:#?}");
@@ -451,12 +444,8 @@ fn a_clock_behind_the_newest_manifest_seen_is_refused() {
 fn a_channel_the_server_does_not_have_is_a_configuration_error() {
     let w = world();
     publish(&w, "0.2.0");
-    let cfg = fs::read_to_string(&w.config).expect("cfg");
-    fs::write(
-        &w.config,
-        cfg.replace("channel = \"stable\"", "channel = \"stabel\""),
-    )
-    .expect("cfg");
+    w.edit_config("channel = \"stable\"", "channel = \"stabel\"")
+        .expect("cfg");
     let r = run(&w);
     refused(&r, "channel-rejected", 78);
     assert!(r.stderr.contains("404"), "{r:#?}");

@@ -404,12 +404,8 @@ fn a_restart_that_fails_during_rollback_is_finished_by_the_next_run() {
     )
     .expect("fake");
     h.w.publish(&hang, None, "1h").expect("publish");
-    let cfg = std::fs::read_to_string(&h.w.config).expect("cfg");
-    std::fs::write(
-        &h.w.config,
-        cfg.replace("health_timeout = \"30s\"", "health_timeout = \"5s\""),
-    )
-    .expect("cfg");
+    h.w.edit_config("health_timeout = \"30s\"", "health_timeout = \"5s\"")
+        .expect("cfg");
 
     let r =
         h.w.upgrader(&["run"], Some("rollback-restart-fails"), RUN_LIMIT)
