@@ -429,7 +429,6 @@ impl World {
         Ok(())
     }
 
-    /// `delegate-release` (keygen, sign, publish), as on the machine that builds releases.
     /// Replace `from` by `to` in upgrader.toml (which must contain `from`, so a test cannot
     /// silently change nothing); returns the text before, to put back.
     pub fn edit_config(&self, from: &str, to: &str) -> Result<String> {
