@@ -10,14 +10,12 @@
 use std::time::Duration;
 
 use tokio::sync::mpsc;
-use zbus::{fdo, interface, proxy};
+use zbus::{fdo, interface};
 
 use crate::daemon::{Control, Observer};
 
-/// Well-known bus name, interface name and object path (versioned: `…Agent1`).
-pub const BUS_NAME: &str = "dev.delegate.Agent1";
-pub const INTERFACE: &str = "dev.delegate.Agent1";
-pub const OBJECT_PATH: &str = "/dev/delegate/Agent1";
+/// Names and the client proxy are shared with the upgrader (`delegate-host`).
+pub use delegate_host::agent1::{Agent1Proxy, BUS_NAME, INTERFACE, OBJECT_PATH};
 
 /// How long start-up waits for the bus before going on without it.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -84,29 +82,6 @@ impl AgentObject {
             .await
             .map_err(|_| fdo::Error::Failed("the agent is stopping".into()))
     }
-}
-
-/// Client side of the same interface, for the operator CLI and the upgrader.
-#[proxy(
-    interface = "dev.delegate.Agent1",
-    default_service = "dev.delegate.Agent1",
-    default_path = "/dev/delegate/Agent1"
-)]
-pub trait Agent1 {
-    fn drain(&self) -> zbus::Result<()>;
-    fn resume(&self) -> zbus::Result<()>;
-    #[zbus(property)]
-    fn state(&self) -> zbus::Result<String>;
-    #[zbus(property)]
-    fn version(&self) -> zbus::Result<String>;
-    #[zbus(property)]
-    fn in_flight(&self) -> zbus::Result<u32>;
-    #[zbus(property)]
-    fn connected(&self) -> zbus::Result<bool>;
-    #[zbus(property)]
-    fn delegate_id(&self) -> zbus::Result<String>;
-    #[zbus(property)]
-    fn manager_url(&self) -> zbus::Result<String>;
 }
 
 /// Take the bus name and serve the object; the returned connection must be kept alive.

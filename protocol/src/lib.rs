@@ -158,6 +158,29 @@ impl fmt::Display for DelegateState {
     }
 }
 
+/// Inverse of [`DelegateState::as_str`] (the D-Bus `State` property carries the name).
+impl std::str::FromStr for DelegateState {
+    type Err = UnknownState;
+
+    fn from_str(s: &str) -> Result<DelegateState, UnknownState> {
+        [
+            DelegateState::Starting,
+            DelegateState::Running,
+            DelegateState::Draining,
+            DelegateState::Drained,
+            DelegateState::Stopping,
+        ]
+        .into_iter()
+        .find(|d| d.as_str() == s)
+        .ok_or_else(|| UnknownState(s.to_string()))
+    }
+}
+
+/// A state name no [`DelegateState`] has.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown delegate state {0:?}")]
+pub struct UnknownState(pub String);
+
 /// One thing a delegate can run tasks against: `shell`, `http`, later `docker` and
 /// `kubernetes` (with `name` = the cluster's name from the agent config).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -471,6 +494,24 @@ pub struct LogQuery {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn delegate_state_names_round_trip() {
+        for d in [
+            DelegateState::Starting,
+            DelegateState::Running,
+            DelegateState::Draining,
+            DelegateState::Drained,
+            DelegateState::Stopping,
+        ] {
+            assert_eq!(d.as_str().parse::<DelegateState>(), Ok(d));
+            assert_eq!(
+                serde_json::to_string(&d).ok(),
+                Some(format!("\"{}\"", d.as_str()))
+            );
+        }
+        assert!("Running".parse::<DelegateState>().is_err());
+    }
 
     #[test]
     fn states_round_trip_through_their_names() {

@@ -8,7 +8,6 @@
 //! rules are one table that unit tests can walk and the release tool and upgrader cannot
 //! drift apart.
 
-use std::cmp::Ordering;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
@@ -20,6 +19,10 @@ pub const MANIFEST_SCHEMA: u32 = 1;
 
 /// Largest manifest an upgrader downloads; a bigger one is refused unread.
 pub const MAX_MANIFEST_BYTES: u64 = 1024 * 1024;
+
+/// How far the host clock may be behind the newest `published_at` already accepted
+/// before it counts as time going backwards (seconds).
+pub const CLOCK_SKEW_ALLOWED: u64 = 300;
 
 /// Name of the binary inside every release archive.
 pub const BINARY_NAME: &str = "delegate";
@@ -62,14 +65,22 @@ pub struct Artifact {
 /// operator needs to see in the log.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ManifestError {
+    #[error(
+        "the host clock says {now}, earlier than the newest manifest already accepted from this channel (published at {last_seen}): time went backwards; fix the clock (NTP, `timedatectl`) before upgrading"
+    )]
+    ClockBehind { now: u64, last_seen: u64 },
     #[error("manifest is not valid JSON: {0}")]
     Json(String),
     #[error("manifest schema {found} is newer than this upgrader understands ({MANIFEST_SCHEMA})")]
     Schema { found: u32 },
     #[error("manifest is for channel {found:?}, expected {expected:?}")]
     WrongChannel { expected: String, found: String },
-    #[error("manifest version {0:?} is not a version (expected MAJOR.MINOR.PATCH[-PRE])")]
-    BadVersion(String),
+    /// `reason` is semver's own words (its error type is neither `Clone` nor `Eq`, which
+    /// this enum is so tests can compare it).
+    #[error(
+        "version {version:?} is not a semantic version ({reason}; expected MAJOR.MINOR.PATCH[-PRE])"
+    )]
+    BadVersion { version: String, reason: String },
     #[error(
         "manifest for {version} expired at {expires_at} (now {now}); the channel must be re-signed"
     )]
@@ -102,93 +113,32 @@ pub enum ManifestError {
     BadDigest(String),
 }
 
-/// A `MAJOR.MINOR.PATCH[-PRE]` version with semver ordering (a pre-release sorts before
-/// its release; pre-release parts compare numerically when both are numbers).
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct Version {
-    pub major: u64,
-    pub minor: u64,
-    pub patch: u64,
-    pub pre: Option<String>,
-}
+/// A release version: strict [semver](https://semver.org) (`MAJOR.MINOR.PATCH[-PRE][+BUILD]`),
+/// parsed and ordered by the `semver` crate.
+///
+/// It is checked wherever a version enters (manifest, signed trusted comment, config pin,
+/// CLI): besides ordering downgrades correctly, only semver characters (ASCII letters,
+/// digits, `.`, `-`, `+`) can appear, so a version is always safe as the name of its
+/// directory (`versions/<v>`): no `/`, no `..`, no whitespace.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Version(semver::Version);
 
 impl FromStr for Version {
     type Err = ManifestError;
 
     fn from_str(s: &str) -> Result<Version, ManifestError> {
-        let bad = || ManifestError::BadVersion(s.to_string());
-        let s2 = s.trim().trim_start_matches('v');
-        let (core, pre) = match s2.split_once('-') {
-            Some((c, p)) if !p.is_empty() => (c, Some(p.to_string())),
-            Some(_) => return Err(bad()),
-            None => (s2, None),
-        };
-        let mut parts = core.split('.');
-        let mut num = || -> Result<u64, ManifestError> {
-            parts.next().and_then(|p| p.parse().ok()).ok_or_else(bad)
-        };
-        let (major, minor, patch) = (num()?, num()?, num()?);
-        if parts.next().is_some() {
-            return Err(bad());
-        }
-        Ok(Version {
-            major,
-            minor,
-            patch,
-            pre,
-        })
+        semver::Version::parse(s)
+            .map(Version)
+            .map_err(|e| ManifestError::BadVersion {
+                version: s.to_string(),
+                reason: e.to_string(),
+            })
     }
 }
 
 impl fmt::Display for Version {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}.{}.{}", self.major, self.minor, self.patch)?;
-        if let Some(p) = &self.pre {
-            write!(f, "-{p}")?;
-        }
-        Ok(())
-    }
-}
-
-impl Ord for Version {
-    fn cmp(&self, other: &Self) -> Ordering {
-        (self.major, self.minor, self.patch)
-            .cmp(&(other.major, other.minor, other.patch))
-            .then_with(|| match (&self.pre, &other.pre) {
-                (None, None) => Ordering::Equal,
-                (None, Some(_)) => Ordering::Greater,
-                (Some(_), None) => Ordering::Less,
-                (Some(a), Some(b)) => cmp_pre(a, b),
-            })
-    }
-}
-
-impl PartialOrd for Version {
-    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
-        Some(self.cmp(other))
-    }
-}
-
-fn cmp_pre(a: &str, b: &str) -> Ordering {
-    let mut x = a.split('.');
-    let mut y = b.split('.');
-    loop {
-        match (x.next(), y.next()) {
-            (None, None) => return Ordering::Equal,
-            (None, Some(_)) => return Ordering::Less,
-            (Some(_), None) => return Ordering::Greater,
-            (Some(p), Some(q)) => {
-                let o = match (p.parse::<u64>(), q.parse::<u64>()) {
-                    (Ok(m), Ok(n)) => m.cmp(&n),
-                    (Ok(_), Err(_)) => Ordering::Less,
-                    (Err(_), Ok(_)) => Ordering::Greater,
-                    (Err(_), Err(_)) => p.cmp(q),
-                };
-                if o != Ordering::Equal {
-                    return o;
-                }
-            }
-        }
+        self.0.fmt(f)
     }
 }
 
@@ -243,6 +193,17 @@ impl Manifest {
             return Err(ManifestError::WrongChannel {
                 expected: local.channel.to_string(),
                 found: self.channel.clone(),
+            });
+        }
+        // Time going backwards (as TUF refuses it): with the clock set back, an expired
+        // manifest would look fresh again. A few minutes of skew between the machine
+        // that published and this host are not an attack (expiry is measured in days).
+        if let Some(last) = local.last_seen_published_at
+            && local.now.saturating_add(CLOCK_SKEW_ALLOWED) < last
+        {
+            return Err(ManifestError::ClockBehind {
+                now: local.now,
+                last_seen: last,
             });
         }
         if self.expires_at <= local.now {
@@ -396,10 +357,51 @@ mod tests {
         assert!(v("0.2.0") > v("0.1.9"));
         assert!(v("1.0.0-rc.1") < v("1.0.0"));
         assert!(v("1.0.0-rc.2") < v("1.0.0-rc.10"));
-        assert_eq!(v("v1.2.3").to_string(), "1.2.3");
-        assert!("1.2".parse::<Version>().is_err());
-        assert!("1.2.3.4".parse::<Version>().is_err());
-        assert!("1.2.x".parse::<Version>().is_err());
+        assert!(v("1.0.0-alpha") < v("1.0.0-alpha.1"));
+        assert_eq!(v("1.2.3-rc.1+b7").to_string(), "1.2.3-rc.1+b7");
+        for bad in [
+            "1.2",
+            "1.2.3.4",
+            "1.2.x",
+            "v1.2.3",
+            "1.2.3/../x",
+            "1.2.3-a/b",
+            "../1.2.3",
+            " 1.2.3",
+            "1.2.3 ",
+            "",
+        ] {
+            assert!(
+                matches!(
+                    bad.parse::<Version>(),
+                    Err(ManifestError::BadVersion { .. })
+                ),
+                "{bad:?} accepted"
+            );
+        }
+    }
+
+    #[test]
+    fn a_clock_earlier_than_the_newest_manifest_seen_is_refused() {
+        let cur = v("0.2.0");
+        let mut l = local(Some(&cur), &[]);
+        let mut m = manifest("0.3.0");
+        m.published_at = 1000;
+        m.expires_at = 100_000;
+        l.last_seen_published_at = Some(1000);
+        l.now = 1000 - CLOCK_SKEW_ALLOWED - 1;
+        assert_eq!(
+            m.check_fresh(&l),
+            Err(ManifestError::ClockBehind {
+                now: 1000 - CLOCK_SKEW_ALLOWED - 1,
+                last_seen: 1000
+            })
+        );
+        // Within the skew allowed, and later, it is accepted.
+        l.now = 1000 - CLOCK_SKEW_ALLOWED;
+        assert_eq!(m.check_fresh(&l), Ok(()));
+        l.now = 1001;
+        assert_eq!(m.check_fresh(&l), Ok(()));
     }
 
     #[test]

@@ -21,25 +21,28 @@ use nix::unistd::Pid;
 
 use crate::{bin, wait_for};
 
-/// Is `dbus-daemon` installed? Tests that need it skip loudly without it.
-pub fn dbus_daemon_available() -> bool {
-    Command::new("dbus-daemon")
-        .arg("--version")
+/// A tool the upgrade tests run (`dbus-daemon`, `dbus-monitor`, `minisign`), or an error
+/// that says which package to install. A missing tool fails the test: a test that returns
+/// early passes without having checked anything.
+pub fn require_tool(tool: &str, version_arg: &str, package: &str) -> Result<()> {
+    let ok = Command::new(tool)
+        .arg(version_arg)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status()
-        .is_ok_and(|s| s.success())
+        .is_ok_and(|s| s.success());
+    if !ok {
+        bail!(
+            "`{tool}` is not installed: install the Debian/Ubuntu package `{package}` (`apt-get install {package}`); this test needs it and does not pass without it"
+        );
+    }
+    Ok(())
 }
 
-/// Print the loud skip message; returns true when the caller must skip.
-pub fn skip_without_dbus(test: &str) -> bool {
-    if dbus_daemon_available() {
-        return false;
-    }
-    eprintln!(
-        "\n!!!!! SKIPPED {test}: dbus-daemon is not installed (Debian package `dbus`); the D-Bus upgrade tests did not run !!!!!\n"
-    );
-    true
+/// `dbus-daemon` and `dbus-monitor` (package `dbus`), needed by every flow test.
+pub fn require_dbus() -> Result<()> {
+    require_tool("dbus-daemon", "--version", "dbus")?;
+    require_tool("dbus-monitor", "--help", "dbus")
 }
 
 /// A private bus with a policy that allows everything, as the "system bus" of one test.
@@ -99,6 +102,61 @@ impl Drop for DBus {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+}
+
+/// `dbus-monitor` on a test bus, its output collected line by line.
+pub struct Monitor {
+    child: Child,
+    lines: Arc<Mutex<String>>,
+}
+
+impl Monitor {
+    /// Start watching `rule` and return once the monitor is installed: dbus-monitor
+    /// prints the `NameLost` of its own name when it becomes a monitor, so every message
+    /// sent after this returns is seen.
+    pub fn start(address: &str, rule: &str) -> Result<Monitor> {
+        let mut child = Command::new("dbus-monitor")
+            .args(["--address", address, rule])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("spawn dbus-monitor")?;
+        let out = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
+        let lines = Arc::new(Mutex::new(String::new()));
+        let sink = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines() {
+                let Ok(line) = line else { return };
+                if let Ok(mut s) = sink.lock() {
+                    s.push_str(&line);
+                    s.push('\n');
+                }
+            }
+        });
+        let mut m = Monitor { child, lines };
+        m.wait_for(&["member=NameLost"], Duration::from_secs(10))
+            .context("dbus-monitor did not become a monitor")?;
+        Ok(m)
+    }
+
+    /// Wait until everything in `words` has been printed; the output so far.
+    pub fn wait_for(&mut self, words: &[&str], limit: Duration) -> Result<String> {
+        let lines = self.lines.clone();
+        let mut last = String::new();
+        wait_for(limit, &format!("dbus-monitor to print {words:?}"), || {
+            last = lines.lock().map(|s| s.clone()).unwrap_or_default();
+            words.iter().all(|w| last.contains(w)).then(|| last.clone())
+        })
+        .with_context(|| format!("dbus-monitor printed:\n{last}"))
+    }
+}
+
+impl Drop for Monitor {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
@@ -245,14 +303,40 @@ pub fn agent_v2() -> Result<PathBuf> {
 pub fn fake_binary(dir: &Path, version: &str) -> Result<PathBuf> {
     fs::create_dir_all(dir)?;
     let p = dir.join(format!("fake-{version}"));
-    fs::write(
+    write_executable(
         &p,
         format!(
             "#!/bin/sh\nif [ \"$1\" = version ]; then echo {version}; exit 0; fi\necho \"fake delegate {version}: cannot start\" >&2\nexit 1\n"
-        ),
+        )
+        .as_bytes(),
     )?;
-    fs::set_permissions(&p, fs::Permissions::from_mode(0o755))?;
     Ok(p)
+}
+
+/// Write an executable the way one must be written before it is run while other threads
+/// fork (tests run in parallel): to a temporary name, fsync, close, then rename into
+/// place. Writing it in place left a window where a child forked by another test still
+/// held the write descriptor when the binary was exec'd (`Text file busy`).
+pub fn write_executable(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_file_name(format!(
+        ".{}.tmp-{}",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("bin"),
+        std::process::id()
+    ));
+    let _ = fs::remove_file(&tmp);
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o755)
+        .open(&tmp)
+        .with_context(|| format!("create {}", tmp.display()))?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    f.set_permissions(fs::Permissions::from_mode(0o755))?;
+    drop(f);
+    fs::rename(&tmp, path).with_context(|| format!("rename onto {}", path.display()))?;
+    Ok(())
 }
 
 /// One host and its release infrastructure under a temp dir.
@@ -345,6 +429,26 @@ impl World {
         Ok(())
     }
 
+    /// Replace `from` by `to` in upgrader.toml (which must contain `from`, so a test cannot
+    /// silently change nothing); returns the text before, to put back.
+    pub fn edit_config(&self, from: &str, to: &str) -> Result<String> {
+        let before = fs::read_to_string(&self.config)?;
+        if !before.contains(from) {
+            bail!("{} has no {from:?}:\n{before}", self.config.display());
+        }
+        fs::write(&self.config, before.replace(from, to))?;
+        Ok(before)
+    }
+
+    /// `delegate-release` (keygen, sign, publish), as on the machine that builds releases.
+    fn release_tool(&self) -> Result<Command> {
+        let mut c = Command::new(bin("delegate-release")?);
+        c.current_dir(&self.dir)
+            .env_remove("DELEGATE_KEY_PASSPHRASE")
+            .stdin(Stdio::null());
+        Ok(c)
+    }
+
     fn tool(&self) -> Result<Command> {
         let mut c = Command::new(bin("delegate-upgrader")?);
         c.current_dir(&self.dir)
@@ -352,16 +456,15 @@ impl World {
             .env_remove("JOURNAL_STREAM")
             .env_remove("INVOCATION_ID")
             .env_remove("DELEGATE_UPGRADER_FAULT")
-            .env_remove("DELEGATE_KEY_PASSPHRASE")
             .env("RUST_LOG", "info")
             .stdin(Stdio::null());
         Ok(c)
     }
 
-    /// `delegate-upgrader keygen --no-passphrase --out <dir>/<sub>`.
+    /// `delegate-release keygen --no-passphrase --out <dir>/<sub>`.
     pub fn keygen(&self, sub: &str) -> Result<PathBuf> {
         let out = self
-            .tool()?
+            .release_tool()?
             .args(["keygen", "--no-passphrase", "--out"])
             .arg(self.dir.join(sub))
             .output()?;
@@ -374,7 +477,7 @@ impl World {
     /// Publish `binary` on channel `stable` with the trusted key (or `key`).
     pub fn publish(&self, binary: &Path, key: Option<&Path>, expires_in: &str) -> Result<()> {
         let out = self
-            .tool()?
+            .release_tool()?
             .args(["publish", "--channel", "stable", "--releases"])
             .arg(&self.releases)
             .arg("--binary")
@@ -392,7 +495,7 @@ impl World {
     /// Re-sign a file of the release directory with the trusted key.
     pub fn resign(&self, rel: &str) -> Result<()> {
         let out = self
-            .tool()?
+            .release_tool()?
             .args(["sign", "--key"])
             .arg(&self.secret_key)
             .arg(self.releases.join(rel))
@@ -428,7 +531,7 @@ impl World {
     pub fn install_initial(&self, binary: &Path, v: &str) -> Result<()> {
         let d = self.root.join("versions").join(v);
         fs::create_dir_all(&d)?;
-        fs::copy(binary, d.join("delegate"))?;
+        write_executable(&d.join("delegate"), &fs::read(binary)?)?;
         fs::write(d.join("complete"), format!("{v}\n"))?;
         let link = self.root.join("current");
         let _ = fs::remove_file(&link);

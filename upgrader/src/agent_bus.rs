@@ -1,40 +1,28 @@
 //! The upgrader's view of the agent over D-Bus: ask it to drain, and read the properties
 //! the health gate judges (`Version`, `State`, `Connected`).
 //!
-//! The proxy mirrors `dev.delegate.Agent1` as served by the agent (`agent/src/dbus.rs`);
-//! it is declared again here so the upgrader does not link the whole agent.
+//! The proxy is `delegate_host::agent1`, the one declaration the agent's CLI uses too, so
+//! the upgrader does not link the whole agent and the two cannot drift apart.
 
 use std::time::Duration;
 
-use zbus::proxy;
+use delegate_host::agent1::{self, Agent1Proxy, BUS_NAME};
+use delegate_protocol::DelegateState;
 
 use crate::error::UpgradeError;
 
-pub const BUS_NAME: &str = "dev.delegate.Agent1";
-
-#[proxy(
-    interface = "dev.delegate.Agent1",
-    default_service = "dev.delegate.Agent1",
-    default_path = "/dev/delegate/Agent1"
-)]
-pub trait Agent1 {
-    fn drain(&self) -> zbus::Result<()>;
-    fn resume(&self) -> zbus::Result<()>;
-    #[zbus(property)]
-    fn state(&self) -> zbus::Result<String>;
-    #[zbus(property)]
-    fn version(&self) -> zbus::Result<String>;
-    #[zbus(property)]
-    fn in_flight(&self) -> zbus::Result<u32>;
-    #[zbus(property)]
-    fn connected(&self) -> zbus::Result<bool>;
+fn bus(what: &str, e: impl Into<zbus::Error>) -> UpgradeError {
+    UpgradeError::Bus {
+        what: what.to_string(),
+        source: Some(e.into()),
+    }
 }
 
 /// What the health gate reads.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Health {
     pub version: String,
-    pub state: String,
+    pub state: DelegateState,
     pub connected: bool,
 }
 
@@ -46,17 +34,20 @@ impl AgentBus {
     pub async fn connect() -> Result<AgentBus, UpgradeError> {
         let conn = tokio::time::timeout(Duration::from_secs(10), zbus::Connection::system())
             .await
-            .map_err(|_| UpgradeError::Bus("no answer from the system bus within 10s".into()))?
-            .map_err(|e| UpgradeError::Bus(e.to_string()))?;
+            .map_err(|_| UpgradeError::Bus {
+                what: "no answer within 10s".into(),
+                source: None,
+            })?
+            .map_err(|e| bus("cannot connect", e))?;
         Ok(AgentBus { conn })
     }
 
     async fn proxy(&self) -> Result<Option<Agent1Proxy<'static>>, UpgradeError> {
         let dbus = zbus::fdo::DBusProxy::new(&self.conn)
             .await
-            .map_err(|e| UpgradeError::Bus(e.to_string()))?;
+            .map_err(|e| bus("cannot ask for the agent's name", e))?;
         let name = zbus::names::BusName::try_from(BUS_NAME)
-            .map_err(|e| UpgradeError::Bus(e.to_string()))?;
+            .map_err(|e| bus("cannot ask for the agent's name", e))?;
         if !dbus.name_has_owner(name).await.unwrap_or(false) {
             return Ok(None);
         }
@@ -64,7 +55,7 @@ impl AgentBus {
             .cache_properties(zbus::proxy::CacheProperties::No)
             .build()
             .await
-            .map_err(|e| UpgradeError::Bus(e.to_string()))?;
+            .map_err(|e| bus("cannot ask for the agent's name", e))?;
         Ok(Some(p))
     }
 
@@ -73,7 +64,7 @@ impl AgentBus {
         let p = self.proxy().await.ok()??;
         Some(Health {
             version: p.version().await.ok()?,
-            state: p.state().await.ok()?,
+            state: agent1::state(&p).await.ok()?,
             connected: p.connected().await.ok()?,
         })
     }
@@ -84,13 +75,10 @@ impl AgentBus {
         let Some(p) = self.proxy().await? else {
             return Ok(DrainResult::NotOnBus);
         };
-        p.drain()
-            .await
-            .map_err(|e| UpgradeError::Bus(format!("Drain(): {e}")))?;
+        p.drain().await.map_err(|e| bus("Drain() failed", e))?;
         let deadline = tokio::time::Instant::now() + limit;
         loop {
-            let state = p.state().await.unwrap_or_default();
-            if state == "drained" {
+            if let Ok(DelegateState::Drained) = agent1::state(&p).await {
                 return Ok(DrainResult::Drained);
             }
             if tokio::time::Instant::now() >= deadline {
@@ -106,9 +94,7 @@ impl AgentBus {
         let Some(p) = self.proxy().await? else {
             return Ok(false);
         };
-        p.resume()
-            .await
-            .map_err(|e| UpgradeError::Bus(format!("Resume(): {e}")))?;
+        p.resume().await.map_err(|e| bus("Resume() failed", e))?;
         Ok(true)
     }
 }

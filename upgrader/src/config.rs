@@ -72,56 +72,48 @@ struct Raw {
 
 impl Config {
     pub fn load(path: &Path) -> Result<Config, UpgradeError> {
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            UpgradeError::Config(format!(
-                "{}: cannot read: {e} (write one from the packaged example)",
-                path.display()
-            ))
+        let text = std::fs::read_to_string(path).map_err(|source| UpgradeError::ConfigRead {
+            path: path.to_path_buf(),
+            source,
         })?;
         Config::parse(path, &text)
     }
 
     pub fn parse(path: &Path, text: &str) -> Result<Config, UpgradeError> {
-        let at = |span: std::ops::Range<usize>, msg: String| {
-            let line = text
-                .get(..span.start)
-                .map(|t| t.matches('\n').count() + 1)
-                .unwrap_or(1);
-            UpgradeError::Config(format!("{}:{line}: {msg}", path.display()))
+        let problem = |offset: Option<usize>, message: String| UpgradeError::Config {
+            path: path.to_path_buf(),
+            line: offset.map(|o| delegate_host::line_of(text, o)),
+            message,
         };
-        let raw: Raw = toml::from_str(text).map_err(|e| {
-            let line = e
-                .span()
-                .and_then(|s| text.get(..s.start))
-                .map(|t| t.matches('\n').count() + 1);
-            let msg = e.message().trim().to_string();
-            UpgradeError::Config(match line {
-                Some(l) => format!("{}:{l}: {msg}", path.display()),
-                None => format!("{}: {msg}", path.display()),
-            })
-        })?;
+        let at = |span: std::ops::Range<usize>, msg: String| problem(Some(span.start), msg);
+        let raw: Raw = toml::from_str(text)
+            .map_err(|e| problem(e.span().map(|s| s.start), e.message().trim().to_string()))?;
         let channel_url = match raw.channel_url {
             Some(u) => {
                 let s = u.get_ref().trim_end_matches('/').to_string();
-                if !(s.starts_with("http://")
-                    || s.starts_with("https://")
-                    || s.starts_with("file://"))
-                {
-                    return Err(at(
-                        u.span(),
-                        format!(
-                            "channel_url {:?} is not a URL (expected http://, https:// or file://)",
-                            u.get_ref()
-                        ),
-                    ));
+                match url::Url::parse(&s) {
+                    Ok(parsed)
+                        if matches!(parsed.scheme(), "http" | "https" | "file")
+                            && (parsed.scheme() == "file" || parsed.host().is_some()) =>
+                    {
+                        s
+                    }
+                    _ => {
+                        return Err(at(
+                            u.span(),
+                            format!(
+                                "channel_url {:?} is not a URL (expected http://, https:// or file://)",
+                                u.get_ref()
+                            ),
+                        ));
+                    }
                 }
-                s
             }
             None => {
-                return Err(UpgradeError::Config(format!(
-                    "{}: channel_url is missing (the base URL of the release directory)",
-                    path.display()
-                )));
+                return Err(problem(
+                    None,
+                    "channel_url is missing (the base URL of the release directory)".into(),
+                ));
             }
         };
         let channel = match raw.channel {

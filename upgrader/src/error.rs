@@ -18,8 +18,11 @@ pub enum Class {
     RetryLater,
     /// The new version failed its health gate and the previous one runs again.
     RolledBack,
-    /// Something on this host needs an operator (config, permissions, a broken rollback).
+    /// Something on this host needs an operator (permissions, a broken rollback, the clock).
     Local,
+    /// The configuration is wrong (the file, or a channel the server does not have):
+    /// retrying cannot help until an operator fixes it.
+    Config,
 }
 
 impl Class {
@@ -30,6 +33,7 @@ impl Class {
             Class::RetryLater => 75, // EX_TEMPFAIL
             Class::RolledBack => 3,
             Class::Local => 1,
+            Class::Config => 78, // EX_CONFIG
         }
     }
 }
@@ -41,17 +45,32 @@ pub enum UpgradeError {
         "no trusted release key in {dir}: installing nothing (fail closed); put the release public key there as *.pub"
     )]
     NoTrustedKeys { dir: PathBuf },
-    #[error("{path}: not a minisign public key: {reason}")]
-    BadKey { path: PathBuf, reason: String },
-    #[error("{url}: signature does not verify with trusted key {key}: {reason}; refusing")]
+    #[error("{path}: not a minisign public key")]
+    BadKey {
+        path: PathBuf,
+        #[source]
+        source: minisign_verify::Error,
+    },
+    #[error("{url}: signature does not verify with trusted key {key}; refusing")]
     BadSignature {
         url: String,
         key: PathBuf,
-        reason: String,
+        #[source]
+        source: minisign_verify::Error,
     },
+    #[error("{url}: not a minisign signature; refusing")]
+    MalformedSignature {
+        url: String,
+        #[source]
+        source: minisign_verify::Error,
+    },
+    #[error(
+        "{url}: the signature's trusted comment {comment:?} does not say `delegate <version> <target>` (not made by `delegate-release publish`); refusing"
+    )]
+    BadTrustedComment { url: String, comment: String },
     #[error("{url}: signed by a key that is not in {dir} (untrusted key); refusing")]
     UntrustedKey { url: String, dir: PathBuf },
-    #[error("{url}: {source}")]
+    #[error("{url}")]
     Manifest {
         url: String,
         #[source]
@@ -72,8 +91,18 @@ pub enum UpgradeError {
     },
     #[error("{archive}: archive holds no `delegate` binary")]
     MissingBinary { archive: String },
-    #[error("{archive}: not a valid tar.gz: {reason}")]
-    BadArchive { archive: String, reason: String },
+    #[error("{archive}: not a valid tar.gz")]
+    BadArchive {
+        archive: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{archive}: the `delegate` binary inside is larger than {limit} bytes; refusing")]
+    BinaryTooLarge { archive: String, limit: u64 },
+    #[error(
+        "{path}: larger than {limit} bytes, too large for a release archive or signature; refusing"
+    )]
+    ArchiveTooLarge { path: PathBuf, limit: u64 },
     #[error("{path}: `version` printed {found:?}, expected {expected}")]
     VersionMismatch {
         path: PathBuf,
@@ -82,6 +111,12 @@ pub enum UpgradeError {
     },
     #[error("{path}: the new binary does not run (`version`): {reason}")]
     BinaryFailed { path: PathBuf, reason: String },
+    #[error("{path}: cannot run the new binary")]
+    Spawn {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error(
         "{path}: {available} bytes free, {needed} needed to unpack {version}; free some disk space"
     )]
@@ -91,9 +126,18 @@ pub enum UpgradeError {
         needed: u64,
         available: u64,
     },
+    // --- configuration ----------------------------------------------------------------
+    #[error(
+        "{url}: the release server answered {status}: check channel_url and channel in the config (a {status} is not retried: the next run would get the same answer)"
+    )]
+    Rejected { url: String, status: u16 },
     // --- retry later ----------------------------------------------------------------
-    #[error("{url}: {reason} (will retry on the next run)")]
-    Network { url: String, reason: String },
+    #[error("{url}: cannot fetch (will retry on the next run)")]
+    Network {
+        url: String,
+        #[source]
+        source: NetworkError,
+    },
     #[error(
         "{url}: download ended after {received} of {expected} bytes (truncated; will retry on the next run)"
     )]
@@ -102,10 +146,19 @@ pub enum UpgradeError {
         expected: u64,
         received: u64,
     },
-    #[error("cannot reach the system bus or systemd: {0} (will retry on the next run)")]
-    Bus(String),
+    #[error("system bus: {what} (will retry on the next run)")]
+    Bus {
+        what: String,
+        #[source]
+        source: Option<zbus::Error>,
+    },
     #[error("{unit}: restart failed: {reason}")]
-    Restart { unit: String, reason: String },
+    Restart {
+        unit: String,
+        reason: String,
+        #[source]
+        source: Option<zbus::Error>,
+    },
     // --- rolled back ----------------------------------------------------------------
     #[error(
         "{version} is unhealthy ({reason}); rolled back to {previous}, added {version} to the skip list"
@@ -116,16 +169,31 @@ pub enum UpgradeError {
         reason: String,
     },
     // --- local ----------------------------------------------------------------------
-    #[error("{0}")]
-    Config(String),
-    #[error("{path}: {source}")]
+    #[error("{path}: cannot read the config (write one from the packaged example)")]
+    ConfigRead {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}{}: {message}", path.display(), line.map(|l| format!(":{l}")).unwrap_or_default())]
+    Config {
+        path: PathBuf,
+        /// 1-based; `None` when the problem is not on one line (a missing key).
+        line: Option<usize>,
+        message: String,
+    },
+    #[error("{path}")]
     Io {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("{path}: state file is corrupt: {reason}")]
-    State { path: PathBuf, reason: String },
+    #[error("{path}: state file is corrupt")]
+    State {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
     #[error("{root}: no `current` version is installed; install the delegate package first")]
     NotInstalled { root: PathBuf },
     #[error("{root}: no `previous` version to roll back to")]
@@ -134,40 +202,59 @@ pub enum UpgradeError {
         "rolling back to {previous} failed too: {reason}; the agent may be down, see `journalctl -u delegate`"
     )]
     RollbackFailed { previous: String, reason: String },
+    #[error(
+        "rolling back to {back_to}: the restart failed; the next run retries the rollback (state.json records it); see `journalctl -u delegate`"
+    )]
+    RollbackRestart {
+        back_to: String,
+        #[source]
+        source: Box<UpgradeError>,
+    },
+    #[error(transparent)]
+    Transition(#[from] crate::state::TransitionError),
     #[error("another delegate-upgrader holds {path}")]
     Locked { path: PathBuf },
-    #[error("signing failed: {0}")]
-    Sign(String),
 }
 
 impl UpgradeError {
     pub fn class(&self) -> Class {
         use UpgradeError as E;
         match self {
+            // The host's clock, not the release, is wrong.
+            E::Manifest {
+                source: ManifestError::ClockBehind { .. },
+                ..
+            } => Class::Local,
+            E::Manifest { .. } => Class::Refused,
             E::NoTrustedKeys { .. }
             | E::BadKey { .. }
             | E::BadSignature { .. }
+            | E::MalformedSignature { .. }
+            | E::BadTrustedComment { .. }
             | E::UntrustedKey { .. }
-            | E::Manifest { .. }
             | E::DigestMismatch { .. }
             | E::SizeMismatch { .. }
             | E::MissingBinary { .. }
             | E::BadArchive { .. }
+            | E::BinaryTooLarge { .. }
+            | E::ArchiveTooLarge { .. }
             | E::VersionMismatch { .. }
             | E::BinaryFailed { .. }
+            | E::Spawn { .. }
             | E::NotEnoughDisk { .. } => Class::Refused,
-            E::Network { .. } | E::Truncated { .. } | E::Bus(_) | E::Restart { .. } => {
+            E::Network { .. } | E::Truncated { .. } | E::Bus { .. } | E::Restart { .. } => {
                 Class::RetryLater
             }
             E::Unhealthy { .. } => Class::RolledBack,
-            E::Config(_)
-            | E::Io { .. }
+            E::ConfigRead { .. } | E::Config { .. } | E::Rejected { .. } => Class::Config,
+            E::Io { .. }
             | E::State { .. }
             | E::NotInstalled { .. }
             | E::NoPrevious { .. }
             | E::RollbackFailed { .. }
-            | E::Locked { .. }
-            | E::Sign(_) => Class::Local,
+            | E::RollbackRestart { .. }
+            | E::Transition(_)
+            | E::Locked { .. } => Class::Local,
         }
     }
 
@@ -177,9 +264,12 @@ impl UpgradeError {
         match self {
             E::NoTrustedKeys { .. } => "no-trusted-keys",
             E::BadKey { .. } => "bad-key",
-            E::BadSignature { .. } => "bad-signature",
+            E::BadSignature { .. } | E::MalformedSignature { .. } | E::BadTrustedComment { .. } => {
+                "bad-signature"
+            }
             E::UntrustedKey { .. } => "untrusted-key",
             E::Manifest { source, .. } => match source {
+                ManifestError::ClockBehind { .. } => "clock-behind",
                 ManifestError::Expired { .. } => "expired",
                 ManifestError::Replayed { .. } => "replayed",
                 ManifestError::Downgrade { .. } => "downgrade",
@@ -192,28 +282,87 @@ impl UpgradeError {
             E::SizeMismatch { .. } => "size-mismatch",
             E::MissingBinary { .. } => "missing-binary",
             E::BadArchive { .. } => "bad-archive",
+            E::BinaryTooLarge { .. } => "binary-too-large",
+            E::ArchiveTooLarge { .. } => "archive-too-large",
             E::VersionMismatch { .. } => "version-mismatch",
             E::BinaryFailed { .. } => "binary-failed",
+            E::Spawn { .. } => "binary-failed",
             E::NotEnoughDisk { .. } => "not-enough-disk",
             E::Network { .. } => "network",
             E::Truncated { .. } => "truncated",
-            E::Bus(_) => "bus",
+            E::Bus { .. } => "bus",
             E::Restart { .. } => "restart-failed",
             E::Unhealthy { .. } => "unhealthy",
-            E::Config(_) => "config",
+            E::ConfigRead { .. } | E::Config { .. } => "config",
+            E::Rejected { .. } => "channel-rejected",
             E::Io { .. } => "io",
             E::State { .. } => "state",
             E::NotInstalled { .. } => "not-installed",
             E::NoPrevious { .. } => "no-previous",
             E::RollbackFailed { .. } => "rollback-failed",
+            E::RollbackRestart { .. } => "rollback-restart-failed",
+            E::Transition(_) => "bad-transition",
             E::Locked { .. } => "locked",
-            E::Sign(_) => "sign",
         }
     }
+}
+
+/// Why a fetch failed (the cause of [`UpgradeError::Network`]).
+#[derive(Debug, thiserror::Error)]
+pub enum NetworkError {
+    #[error("cannot set up the HTTP client")]
+    Client(#[source] reqwest::Error),
+    #[error("request failed")]
+    Request(#[source] reqwest::Error),
+    #[error("the server answered {0}")]
+    Status(reqwest::StatusCode),
+    #[error("reading the body failed")]
+    Body(#[source] reqwest::Error),
+    #[error("cannot read the file")]
+    File(#[source] std::io::Error),
+    #[error("larger than {0} bytes")]
+    TooLarge(u64),
+}
+
+/// The message of `e` and of every cause under it, each said once, joined with `: `
+/// (what `{:#}` of an `anyhow::Error` prints), for the state file and `status`.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
 }
 
 /// `map_err` helper for I/O on a path.
 pub fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> UpgradeError {
     let path = path.into();
     move |source| UpgradeError::Io { path, source }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 8 item 7: "create directory X: Permission denied: create directory X:
+    /// Permission denied" — a variant's message must not repeat its source.
+    #[test]
+    fn a_cause_is_said_once() {
+        let e = io("/var/lib/x")(std::io::Error::from(std::io::ErrorKind::PermissionDenied));
+        assert_eq!(chain(&e), "/var/lib/x: permission denied");
+        let e = UpgradeError::Manifest {
+            url: "http://r/channels/stable.json".into(),
+            source: ManifestError::Skipped("0.2.0".into()),
+        };
+        let text = chain(&e);
+        assert_eq!(
+            text.matches("http://r/channels/stable.json").count(),
+            1,
+            "{text}"
+        );
+        assert_eq!(text.matches("skip list").count(), 1, "{text}");
+    }
 }

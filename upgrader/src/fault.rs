@@ -1,5 +1,7 @@
-//! Test-only fault points: `DELEGATE_UPGRADER_FAULT=after-step-N` (or `after-swap`) makes
-//! the process abort right there, as a `kill -9` or a power cut would.
+//! Test-only fault points: `DELEGATE_UPGRADER_FAULT=after-step-N` (or `after-swap`,
+//! `rollback-after-drain`, `rollback-after-links`) makes the process abort right there, as
+//! a `kill -9` or a power cut would; `rollback-restart-fails` makes the restart of a
+//! rollback fail instead of happening.
 //!
 //! The promise "killing the upgrader at any step leaves a working host" can only be
 //! tested if a test can stop the real binary at each step; an environment variable costs
@@ -13,4 +15,9 @@ pub fn point(name: &str) {
         eprintln!("delegate-upgrader: fault point {name} reached: aborting ({ENV})");
         std::process::abort();
     }
+}
+
+/// Is the fault `name` armed? For faults that are not an abort (a restart that fails).
+pub fn armed(name: &str) -> bool {
+    std::env::var(ENV).is_ok_and(|v| v == name)
 }

@@ -5,28 +5,33 @@
 //! fill the disk; a body that ends early is told apart from one of the wrong size
 //! ([`UpgradeError::Truncated`] is retried later, [`UpgradeError::SizeMismatch`] refused).
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use futures_util::StreamExt;
 use sha2::{Digest, Sha256};
 
-use crate::error::{UpgradeError, io};
+use tokio::io::AsyncReadExt;
+
+use crate::error::{NetworkError, UpgradeError};
 
 pub struct Fetcher {
     http: reqwest::Client,
 }
 
-fn network(url: &str, reason: impl std::fmt::Display) -> UpgradeError {
+fn network(url: &str, source: NetworkError) -> UpgradeError {
     UpgradeError::Network {
         url: url.to_string(),
-        reason: reason.to_string(),
+        source,
     }
 }
 
+/// The local path of a `file://` URL (percent-decoded by `url`), `None` for other schemes.
 fn file_path(url: &str) -> Option<PathBuf> {
-    url.strip_prefix("file://").map(PathBuf::from)
+    let u = url::Url::parse(url).ok()?;
+    (u.scheme() == "file")
+        .then(|| u.to_file_path().ok())
+        .flatten()
 }
 
 impl Fetcher {
@@ -36,27 +41,34 @@ impl Fetcher {
             .read_timeout(Duration::from_secs(60))
             .user_agent(concat!("delegate-upgrader/", env!("CARGO_PKG_VERSION")))
             .build()
-            .map_err(|e| network("(client)", e))?;
+            .map_err(|e| network("(client)", NetworkError::Client(e)))?;
         Ok(Fetcher { http })
     }
 
     /// A small document (manifest, signature), at most `max` bytes.
     pub async fn get_small(&self, url: &str, max: u64) -> Result<Vec<u8>, UpgradeError> {
         if let Some(p) = file_path(url) {
-            let meta = tokio::fs::metadata(&p).await.map_err(|e| network(url, e))?;
-            if meta.len() > max {
-                return Err(network(url, format!("larger than {max} bytes")));
+            let f = tokio::fs::File::open(&p)
+                .await
+                .map_err(|e| network(url, NetworkError::File(e)))?;
+            let mut body = Vec::new();
+            f.take(max.saturating_add(1))
+                .read_to_end(&mut body)
+                .await
+                .map_err(|e| network(url, NetworkError::File(e)))?;
+            if body.len() as u64 > max {
+                return Err(network(url, NetworkError::TooLarge(max)));
             }
-            return tokio::fs::read(&p).await.map_err(|e| network(url, e));
+            return Ok(body);
         }
         let resp = self.get(url).await?;
         let mut body = Vec::new();
         let mut stream = resp.bytes_stream();
         while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|e| network(url, format!("reading the body: {e}")))?;
+            let chunk = chunk.map_err(|e| network(url, NetworkError::Body(e)))?;
             body.extend_from_slice(&chunk);
             if body.len() as u64 > max {
-                return Err(network(url, format!("larger than {max} bytes")));
+                return Err(network(url, NetworkError::TooLarge(max)));
             }
         }
         Ok(body)
@@ -68,66 +80,76 @@ impl Fetcher {
             .get(url)
             .send()
             .await
-            .map_err(|e| network(url, format!("request failed: {e}")))?;
-        if !resp.status().is_success() {
-            return Err(network(url, format!("server answered {}", resp.status())));
+            .map_err(|e| network(url, NetworkError::Request(e)))?;
+        let status = resp.status();
+        // A 4xx is the server saying the request is wrong (a mistyped channel → 404):
+        // the next run would get the same answer. 408 and 429 are the exceptions that
+        // say "later".
+        if status.is_client_error()
+            && status != reqwest::StatusCode::REQUEST_TIMEOUT
+            && status != reqwest::StatusCode::TOO_MANY_REQUESTS
+        {
+            return Err(UpgradeError::Rejected {
+                url: url.to_string(),
+                status: status.as_u16(),
+            });
+        }
+        if !status.is_success() {
+            return Err(network(url, NetworkError::Status(status)));
         }
         Ok(resp)
     }
 
-    /// Download to `dest` (created), checking size and SHA-256 against the signed manifest.
+    /// Download into memory, bounded by the signed `size`, and check size and SHA-256
+    /// against the signed manifest. The returned bytes are the ones that were checked:
+    /// the caller unpacks exactly them, never a path that could change in between.
     pub async fn download(
         &self,
         url: &str,
-        dest: &Path,
         size: u64,
         sha256: &str,
-    ) -> Result<(), UpgradeError> {
-        let mut out = std::fs::File::create(dest).map_err(io(dest))?;
-        let mut hasher = Sha256::new();
-        let mut received: u64 = 0;
-        let mut put = |chunk: &[u8], received: &mut u64| -> Result<(), UpgradeError> {
-            *received += chunk.len() as u64;
-            if *received > size {
-                return Err(UpgradeError::SizeMismatch {
-                    url: url.to_string(),
-                    expected: size,
-                    actual: *received,
-                });
-            }
-            hasher.update(chunk);
-            out.write_all(chunk).map_err(io(dest))
+    ) -> Result<Vec<u8>, UpgradeError> {
+        let too_big = |actual: u64| UpgradeError::SizeMismatch {
+            url: url.to_string(),
+            expected: size,
+            actual,
         };
+        let mut body: Vec<u8> = Vec::new();
         if let Some(p) = file_path(url) {
-            let bytes = tokio::fs::read(&p).await.map_err(|e| network(url, e))?;
-            let len = bytes.len() as u64;
+            let f = tokio::fs::File::open(&p)
+                .await
+                .map_err(|e| network(url, NetworkError::File(e)))?;
+            f.take(size.saturating_add(1))
+                .read_to_end(&mut body)
+                .await
+                .map_err(|e| network(url, NetworkError::File(e)))?;
+            let len = body.len() as u64;
             if len != size {
-                return Err(UpgradeError::SizeMismatch {
-                    url: url.to_string(),
-                    expected: size,
-                    actual: len,
-                });
+                return Err(too_big(len));
             }
-            put(&bytes, &mut received)?;
         } else {
             let resp = self.get(url).await?;
-            let announced = resp.content_length();
-            if let Some(n) = announced
+            if let Some(n) = resp.content_length()
                 && n != size
             {
-                return Err(UpgradeError::SizeMismatch {
-                    url: url.to_string(),
-                    expected: size,
-                    actual: n,
-                });
+                return Err(too_big(n));
             }
+            // The size is signed, but grow as bytes arrive rather than trust it up front.
+            body.reserve(usize::try_from(size.min(64 * 1024 * 1024)).unwrap_or(0));
             let mut stream = resp.bytes_stream();
             while let Some(chunk) = stream.next().await {
                 match chunk {
-                    Ok(c) => put(&c, &mut received)?,
+                    Ok(c) => {
+                        let received = (body.len() + c.len()) as u64;
+                        if received > size {
+                            return Err(too_big(received));
+                        }
+                        body.extend_from_slice(&c);
+                    }
                     Err(_) => break, // the connection ended early: judged below
                 }
             }
+            let received = body.len() as u64;
             if received < size {
                 return Err(UpgradeError::Truncated {
                     url: url.to_string(),
@@ -136,8 +158,7 @@ impl Fetcher {
                 });
             }
         }
-        out.sync_all().map_err(io(dest))?;
-        let actual = hex::encode(hasher.finalize());
+        let actual = hex::encode(Sha256::digest(&body));
         if !actual.eq_ignore_ascii_case(sha256) {
             return Err(UpgradeError::DigestMismatch {
                 url: url.to_string(),
@@ -145,6 +166,6 @@ impl Fetcher {
                 actual,
             });
         }
-        Ok(())
+        Ok(body)
     }
 }

@@ -1,18 +1,17 @@
-//! `delegate-upgrader`: the timer's job and the release tools. Parses arguments, runs the
-//! library, maps errors to exit codes (2 refused, 75 retry later, 3 rolled back, 1 local).
+//! `delegate-upgrader`: the timer's job. Parses arguments, runs the library, maps errors to
+//! exit codes (2 refused, 75 retry later, 3 rolled back, 78 configuration, 1 local). The
+//! release tools (keygen, sign, publish) are `delegate-release`, not installed on hosts.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 
-use anyhow::Context;
 use clap::{Parser, Subcommand};
-use delegate_upgrader::config::{BUILD_TARGET, Config, DEFAULT_CONFIG_PATH, ServiceKind};
-use delegate_upgrader::release_tool::{self, PASSPHRASE_ENV, Publish, Signer};
+use delegate_protocol::release::Version;
+use delegate_upgrader::UpgradeError;
+use delegate_upgrader::config::{Config, DEFAULT_CONFIG_PATH, ServiceKind};
 use delegate_upgrader::service::{ServiceManager, Supervisor, Systemd};
 use delegate_upgrader::state::State;
 use delegate_upgrader::upgrade::{Outcome, Upgrader, status_text};
-use delegate_upgrader::{UpgradeError, logging};
 
 #[derive(Parser)]
 #[command(
@@ -47,41 +46,6 @@ enum Command {
     Unskip { version: String },
     /// Put a version on the skip list.
     Skip { version: String },
-    /// Release tool: make a minisign key pair `<out>/<name>.pub` + `<out>/<name>.key`.
-    Keygen {
-        #[arg(long)]
-        out: PathBuf,
-        #[arg(long, default_value = "delegate-release")]
-        name: String,
-        /// Store the secret key unencrypted (otherwise the passphrase comes from
-        /// DELEGATE_KEY_PASSPHRASE or a prompt).
-        #[arg(long)]
-        no_passphrase: bool,
-    },
-    /// Release tool: sign a file into FILE.minisig.
-    Sign {
-        file: PathBuf,
-        #[arg(long)]
-        key: PathBuf,
-        #[arg(long, default_value = "")]
-        trusted_comment: String,
-    },
-    /// Release tool: pack a built binary, add it to a channel and sign the manifest.
-    Publish {
-        #[arg(long)]
-        releases: PathBuf,
-        #[arg(long)]
-        channel: String,
-        #[arg(long)]
-        binary: PathBuf,
-        #[arg(long)]
-        key: PathBuf,
-        #[arg(long, default_value = BUILD_TARGET)]
-        target: String,
-        /// How long upgraders accept the manifest.
-        #[arg(long, default_value = "30d", value_parser = humantime::parse_duration)]
-        expires_in: Duration,
-    },
     /// Test seam: keep a command running like systemd would; SIGHUP restarts it.
     #[command(hide = true)]
     Supervise {
@@ -94,7 +58,8 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    logging::init();
+    // Journal fields UPGRADE_STEP, UPGRADE_FROM, UPGRADE_TO (see upgrade.rs).
+    delegate_host::logging::init("delegate-upgrader", "info");
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -121,72 +86,10 @@ fn main() -> ExitCode {
     }
 }
 
-fn passphrase(no_passphrase: bool) -> Option<String> {
-    if no_passphrase {
-        return None;
-    }
-    std::env::var(PASSPHRASE_ENV).ok()
-}
-
 async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
-    match cli.command {
-        Command::Keygen {
-            out,
-            name,
-            no_passphrase,
-        } => {
-            let pass = passphrase(no_passphrase);
-            if !no_passphrase && pass.is_none() {
-                anyhow::bail!(
-                    "set {PASSPHRASE_ENV} to protect the secret key, or pass --no-passphrase"
-                );
-            }
-            let (pk, sk) = release_tool::keygen(&out, &name, pass)?;
-            println!("public key: {}\nsecret key: {}", pk.display(), sk.display());
-            return Ok(ExitCode::SUCCESS);
-        }
-        Command::Sign {
-            file,
-            key,
-            trusted_comment,
-        } => {
-            let signer = Signer::load(&key, std::env::var(PASSPHRASE_ENV).ok())?;
-            let out = signer.sign_file(&file, &trusted_comment)?;
-            println!("{}", out.display());
-            return Ok(ExitCode::SUCCESS);
-        }
-        Command::Publish {
-            releases,
-            channel,
-            binary,
-            key,
-            target,
-            expires_in,
-        } => {
-            let signer = Signer::load(&key, std::env::var(PASSPHRASE_ENV).ok())?;
-            let p = release_tool::publish(
-                &Publish {
-                    releases: &releases,
-                    channel: &channel,
-                    binary: &binary,
-                    target: &target,
-                    expires_in,
-                },
-                &signer,
-            )?;
-            println!(
-                "published {} on channel {channel}: {} ({})",
-                p.version,
-                p.manifest.display(),
-                p.artifact.display()
-            );
-            return Ok(ExitCode::SUCCESS);
-        }
-        Command::Supervise { state, command } => {
-            delegate_upgrader::service::supervise(&state, &command).await?;
-            return Ok(ExitCode::SUCCESS);
-        }
-        _ => {}
+    if let Command::Supervise { state, command } = &cli.command {
+        delegate_upgrader::service::supervise(state, command).await?;
+        return Ok(ExitCode::SUCCESS);
     }
     let cfg = Config::load(&cli.config)?;
     match cli.command {
@@ -195,6 +98,13 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Skip { version } => {
+            // Checked like every version that enters: the skip list names directories.
+            version
+                .parse::<Version>()
+                .map_err(|source| UpgradeError::Manifest {
+                    url: "skip (command line)".into(),
+                    source,
+                })?;
             let mut s = State::load(&cfg.root)?;
             s.skip(&version);
             s.write(&cfg.root)?;
@@ -222,7 +132,10 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 match s {
                     Ok(s) => upgrade(cfg, s, cli.command).await,
                     Err(e) if matches!(cli.command, Command::Check) => {
-                        tracing::debug!("systemd not reachable ({e}); check does not need it");
+                        tracing::debug!(
+                            "systemd not reachable ({}); check does not need it",
+                            delegate_upgrader::error::chain(&e)
+                        );
                         upgrade(cfg, NoService, cli.command).await
                     }
                     Err(e) => Err(e.into()),
@@ -235,15 +148,22 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
+fn no_systemd() -> UpgradeError {
+    UpgradeError::Bus {
+        what: "systemd is not reachable".into(),
+        source: None,
+    }
+}
+
 /// For `check` on a host without systemd on the bus.
 struct NoService;
 
 impl ServiceManager for NoService {
     async fn restart(&self) -> Result<(), UpgradeError> {
-        Err(UpgradeError::Bus("systemd is not reachable".into()))
+        Err(no_systemd())
     }
     async fn instance(&self) -> Result<delegate_upgrader::service::Instance, UpgradeError> {
-        Err(UpgradeError::Bus("systemd is not reachable".into()))
+        Err(no_systemd())
     }
     fn describe(&self) -> String {
         "no service manager".into()
@@ -260,10 +180,8 @@ async fn upgrade<S: ServiceManager>(
         Command::Run => up.run().await?,
         Command::Check => up.check().await?,
         Command::Rollback => up.rollback().await?,
-        Command::Install { archive, signature } => up
-            .install(&archive, &signature)
-            .await
-            .with_context(|| format!("installing {}", archive.display()))?,
+        // Every error names the archive itself: no context that would say it twice.
+        Command::Install { archive, signature } => up.install(&archive, &signature).await?,
         _ => unreachable_command()?,
     };
     println!("{}: {outcome}", outcome.code());

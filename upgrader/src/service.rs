@@ -71,7 +71,10 @@ pub struct Systemd {
 }
 
 fn bus(e: zbus::Error) -> UpgradeError {
-    UpgradeError::Bus(e.to_string())
+    UpgradeError::Bus {
+        what: "talking to systemd failed".into(),
+        source: Some(e),
+    }
 }
 
 /// systemd jobs of a unit with a long drain can take long; bounded all the same.
@@ -89,9 +92,10 @@ impl Systemd {
 
 impl ServiceManager for Systemd {
     async fn restart(&self) -> Result<(), UpgradeError> {
-        let failed = |reason: String| UpgradeError::Restart {
+        let failed = |reason: String, source: Option<zbus::Error>| UpgradeError::Restart {
             unit: self.unit.clone(),
             reason,
+            source,
         };
         let m = SystemdManagerProxy::new(&self.conn).await.map_err(bus)?;
         // Signals are only broadcast to subscribers; subscribe before starting the job.
@@ -100,7 +104,7 @@ impl ServiceManager for Systemd {
         let job = m
             .restart_unit(&self.unit, "replace")
             .await
-            .map_err(|e| failed(e.to_string()))?;
+            .map_err(|e| failed("RestartUnit was refused".into(), Some(e)))?;
         let wait = async {
             while let Some(sig) = removed.next().await {
                 let Ok(args) = sig.args() else { continue };
@@ -112,11 +116,15 @@ impl ServiceManager for Systemd {
         };
         match tokio::time::timeout(RESTART_JOB_LIMIT, wait).await {
             Ok(Some(r)) if r == "done" => Ok(()),
-            Ok(Some(r)) => Err(failed(format!("restart job finished with {r:?}"))),
-            Ok(None) => Err(failed("lost the bus while waiting for the job".into())),
-            Err(_) => Err(failed(format!(
-                "job not finished within {RESTART_JOB_LIMIT:?}"
-            ))),
+            Ok(Some(r)) => Err(failed(format!("restart job finished with {r:?}"), None)),
+            Ok(None) => Err(failed(
+                "lost the bus while waiting for the job".into(),
+                None,
+            )),
+            Err(_) => Err(failed(
+                format!("job not finished within {RESTART_JOB_LIMIT:?}"),
+                None,
+            )),
         }
     }
 
@@ -151,14 +159,19 @@ pub struct SupervisorState {
     pub generation: u64,
     /// Restarts after the child exited by itself (systemd's `NRestarts`).
     pub restarts: u32,
+    /// SIGHUP restarts done so far: a requester waits for this to grow. (`generation`
+    /// also grows when a crashed child is restarted, which must not be mistaken for the
+    /// restart asked for: the health gate would then watch the old child being replaced.)
+    #[serde(default)]
+    pub requested: u64,
 }
 
 impl SupervisorState {
     pub fn read(path: &Path) -> Result<SupervisorState, UpgradeError> {
         let bytes = std::fs::read(path).map_err(crate::error::io(path))?;
-        serde_json::from_slice(&bytes).map_err(|e| UpgradeError::State {
+        serde_json::from_slice(&bytes).map_err(|source| UpgradeError::State {
             path: path.to_path_buf(),
-            reason: e.to_string(),
+            source,
         })
     }
 }
@@ -173,6 +186,7 @@ impl ServiceManager for Supervisor {
         let failed = |reason: String| UpgradeError::Restart {
             unit: self.describe(),
             reason,
+            source: None,
         };
         let before = SupervisorState::read(&self.state_file)?;
         let pid = i32::try_from(before.supervisor_pid).map_err(|e| failed(e.to_string()))?;
@@ -184,7 +198,7 @@ impl ServiceManager for Supervisor {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
         loop {
             if let Ok(now) = SupervisorState::read(&self.state_file)
-                && now.generation > before.generation
+                && now.requested > before.requested
             {
                 return Ok(());
             }
@@ -215,9 +229,11 @@ impl ServiceManager for Supervisor {
 /// Test seam only; production uses systemd.
 pub async fn supervise(state_file: &Path, cmd: &[String]) -> Result<(), UpgradeError> {
     use tokio::signal::unix::{SignalKind, signal};
-    let (program, args) = cmd
-        .split_first()
-        .ok_or_else(|| UpgradeError::Config("supervise: no command given".into()))?;
+    let (program, args) = cmd.split_first().ok_or_else(|| UpgradeError::Config {
+        path: state_file.to_path_buf(),
+        line: None,
+        message: "supervise: no command given".into(),
+    })?;
     let sig = |k| signal(k).map_err(crate::error::io(state_file));
     let mut hup = sig(SignalKind::hangup())?;
     let mut term = sig(SignalKind::terminate())?;
@@ -226,19 +242,30 @@ pub async fn supervise(state_file: &Path, cmd: &[String]) -> Result<(), UpgradeE
         supervisor_pid: std::process::id(),
         ..SupervisorState::default()
     };
+    // A SIGHUP was received and the next spawn is the restart it asked for.
+    let mut requested = false;
     loop {
-        let mut child = tokio::process::Command::new(program)
-            .args(args)
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(crate::error::io(program))?;
+        // The binary may have just been written (by a test, or an unpack): retry while
+        // it is busy (see crate::spawn).
+        let mut child = crate::spawn::retry_busy(|| {
+            tokio::process::Command::new(program)
+                .args(args)
+                .kill_on_drop(true)
+                .spawn()
+        })
+        .await
+        .map_err(crate::error::io(program))?;
         st.child_pid = child.id().unwrap_or(0);
         st.generation += 1;
+        if std::mem::take(&mut requested) {
+            st.requested += 1;
+        }
         let bytes = serde_json::to_vec(&st).unwrap_or_default();
         crate::state::write_atomic(state_file, &bytes)?;
         tokio::select! {
             _ = hup.recv() => {
                 stop(&mut child).await;
+                requested = true;
             }
             _ = term.recv() => {
                 stop(&mut child).await;
@@ -254,7 +281,7 @@ pub async fn supervise(state_file: &Path, cmd: &[String]) -> Result<(), UpgradeE
                 // not a second one (which would look like a crash to the health gate).
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_millis(300)) => {}
-                    _ = hup.recv() => {}
+                    _ = hup.recv() => requested = true,
                     _ = term.recv() => return Ok(()),
                     _ = int.recv() => return Ok(()),
                 }

@@ -39,9 +39,9 @@ impl TrustedKeys {
             let text = std::fs::read_to_string(&path).map_err(io(&path))?;
             let key = PublicKey::decode(&text)
                 .or_else(|_| PublicKey::from_base64(text.trim()))
-                .map_err(|e| UpgradeError::BadKey {
+                .map_err(|source| UpgradeError::BadKey {
                     path: path.clone(),
-                    reason: e.to_string(),
+                    source,
                 })?;
             keys.push((path, key));
         }
@@ -67,21 +67,21 @@ impl TrustedKeys {
     /// Verify `data` against a minisign signature text (`url` names it in errors).
     /// Returns the signature's trusted comment, which the signature covers.
     pub fn verify(&self, url: &str, data: &[u8], sig_text: &str) -> Result<String, UpgradeError> {
-        let sig = Signature::decode(sig_text).map_err(|e| UpgradeError::BadSignature {
-            url: url.to_string(),
-            key: self.dir.clone(),
-            reason: format!("malformed signature: {e}"),
-        })?;
+        let sig =
+            Signature::decode(sig_text).map_err(|source| UpgradeError::MalformedSignature {
+                url: url.to_string(),
+                source,
+            })?;
         for (path, key) in &self.keys {
             match key.verify(data, &sig, false) {
                 Ok(()) => return Ok(sig.trusted_comment().to_string()),
                 // Made by another key: try the next one.
                 Err(VerifyError::UnexpectedKeyId) => continue,
-                Err(e) => {
+                Err(source) => {
                     return Err(UpgradeError::BadSignature {
                         url: url.to_string(),
                         key: path.clone(),
-                        reason: e.to_string(),
+                        source,
                     });
                 }
             }
@@ -140,7 +140,7 @@ mod tests {
         ));
         assert!(matches!(
             keys.verify("u", b"data", "garbage"),
-            Err(UpgradeError::BadSignature { .. })
+            Err(UpgradeError::MalformedSignature { .. })
         ));
     }
 }

@@ -9,25 +9,46 @@
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use delegate_protocol::DelegateState;
 use delegate_protocol::release::{
     Decision, Local, MAX_MANIFEST_BYTES, Manifest, Version, decide_version,
     parse_artifact_trusted_comment,
 };
+use sha2::{Digest, Sha256};
 use tracing::{info, warn};
 
 use crate::agent_bus::{AgentBus, DrainResult};
 use crate::config::Config;
-use crate::error::{UpgradeError, io};
+use crate::error::{UpgradeError, chain, io};
 use crate::fault;
 use crate::fetch::Fetcher;
-use crate::layout::{Layout, check_version};
+use crate::layout::{Layout, Reuse, check_version};
 use crate::lock::Lock;
 use crate::service::{Instance, ServiceManager};
-use crate::state::{Check, InProgress, Seen, State};
+use crate::state::{Check, Event, Phase, Rollback, Seen, State};
 use crate::trust::TrustedKeys;
 
 /// Largest signature file read.
 const MAX_SIGNATURE_BYTES: u64 = 64 * 1024;
+/// Largest archive `install` reads (into memory, once).
+const MAX_ARCHIVE_BYTES: u64 = 512 * 1024 * 1024;
+
+/// Read at most `limit` bytes of `path` with one open; more is an error.
+fn read_bounded(path: &Path, limit: u64) -> Result<Vec<u8>, UpgradeError> {
+    use std::io::Read;
+    let f = std::fs::File::open(path).map_err(io(path))?;
+    let mut bytes = Vec::new();
+    f.take(limit.saturating_add(1))
+        .read_to_end(&mut bytes)
+        .map_err(io(path))?;
+    if bytes.len() as u64 > limit {
+        return Err(UpgradeError::ArchiveTooLarge {
+            path: path.to_path_buf(),
+            limit,
+        });
+    }
+    Ok(bytes)
+}
 
 /// What a run did (or, for `check`, would do).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -176,15 +197,17 @@ impl<S: ServiceManager> Upgrader<S> {
         from: Option<String>,
         to: String,
     ) -> Result<Outcome, UpgradeError> {
-        state.in_progress = Some(InProgress {
-            from: from.clone(),
-            to: to.clone(),
-            previous_before: self.layout.previous(),
-        });
-        state.write(&self.cfg.root)?;
+        self.advance(
+            state,
+            Event::Drain {
+                from: from.clone(),
+                to: to.clone(),
+                previous_before: self.layout.previous(),
+            },
+        )?;
         self.step4_drain(&from, &to).await?;
         fault::point("after-step-4");
-        self.step5_swap_restart(&from, &to).await?;
+        self.step5_swap_restart(state, &from, &to).await?;
         fault::point("after-step-5");
         self.step6_health_gate(state, &from, &to).await?;
         fault::point("after-step-6");
@@ -193,43 +216,142 @@ impl<S: ServiceManager> Upgrader<S> {
         Ok(Outcome::Installed { from, to })
     }
 
-    /// A run killed after the drain left `in_progress` behind: finish it (swapped: make
-    /// sure the new version runs and passes the gate) or undo it (not swapped: resume).
+    /// Apply `event` to the state machine (one table: [`crate::state::transition`]) and
+    /// persist the result before the step it announces changes anything.
+    fn advance(&self, state: &mut State, event: Event) -> Result<(), UpgradeError> {
+        state.apply(event)?;
+        state.write(&self.cfg.root)
+    }
+
+    /// A run killed (or failed) with an upgrade under way left its phase in the state
+    /// file: finish that phase. Drained: resume the agent and let this run start over.
+    /// Swapped: make sure the new version runs and passes the gate. Rolling back: set the
+    /// links back again, restart, check the old version.
     async fn recover(&self, state: &mut State) -> Result<Option<Outcome>, UpgradeError> {
         let Some(p) = state.in_progress.clone() else {
             return Ok(None);
         };
-        let current = self.layout.current();
         warn!(
             upgrade_from = p.from.as_deref().unwrap_or(""),
             upgrade_to = %p.to,
-            "a previous run was interrupted; recovering"
+            "a previous run was interrupted in phase {:?}; recovering",
+            p.phase
         );
-        if current.as_deref() == Some(p.to.as_str()) {
-            let running = match AgentBus::connect().await {
-                Ok(b) => b.health().await.map(|h| h.version),
-                Err(_) => None,
-            };
-            if running.as_deref() != Some(p.to.as_str()) {
-                step(5, &p.from, &p.to, "restarting onto the swapped version");
-                self.service.restart().await?;
+        match p.phase {
+            Phase::Drained => {
+                // Not swapped: the old version still runs, maybe drained.
+                if let Ok(b) = AgentBus::connect().await
+                    && let Ok(true) = b.resume().await
+                {
+                    info!("resumed the agent left drained by the interrupted run");
+                }
+                self.advance(state, Event::Abandon)?;
+                Ok(None)
             }
-            self.step6_health_gate(state, &p.from, &p.to).await?;
-            self.step7_prune(&p.from, &p.to)?;
-            return Ok(Some(Outcome::Installed {
-                from: p.from,
-                to: p.to,
-            }));
+            Phase::Swapped => {
+                self.set_links(&p.from, &p.to)?;
+                if self.running_version().await.as_deref() != Some(p.to.as_str()) {
+                    step(5, &p.from, &p.to, "restarting onto the swapped version");
+                    self.service.restart().await?;
+                }
+                self.step6_health_gate(state, &p.from, &p.to).await?;
+                self.step7_prune(&p.from, &p.to)?;
+                Ok(Some(Outcome::Installed {
+                    from: p.from,
+                    to: p.to,
+                }))
+            }
+            Phase::RollingBack(r) => {
+                self.roll_back(state, &r, true).await?;
+                self.step7_prune(&Some(r.abandoned.clone()), &r.back_to)?;
+                if r.manual {
+                    return Ok(Some(Outcome::RolledBack {
+                        from: r.abandoned,
+                        to: r.back_to,
+                    }));
+                }
+                Err(UpgradeError::Unhealthy {
+                    version: r.abandoned,
+                    previous: r.back_to,
+                    reason: r.reason,
+                })
+            }
         }
-        // Not swapped: the old version still runs, maybe drained.
-        if let Ok(b) = AgentBus::connect().await
-            && let Ok(true) = b.resume().await
-        {
-            info!("resumed the agent left drained by the interrupted run");
+    }
+
+    /// The version the agent reports on the bus, if it is there.
+    async fn running_version(&self) -> Option<String> {
+        match AgentBus::connect().await {
+            Ok(b) => b.health().await.map(|h| h.version),
+            Err(_) => None,
         }
-        state.in_progress = None;
+    }
+
+    /// `previous → from` (when there is one), then `current → to`; each link is one
+    /// `rename(2)`, and setting them again is harmless.
+    fn set_links(&self, from: &Option<String>, to: &str) -> Result<(), UpgradeError> {
+        if let Some(f) = from {
+            self.layout.set_link("previous", Some(f))?;
+        }
+        self.layout.set_link("current", Some(to))
+    }
+
+    /// Go back as `r` says: skip the abandoned version, `current → back_to`,
+    /// `previous → r.previous`, restart unless `back_to` already runs (`recovering`), and
+    /// check `back_to` is healthy. The phase stays `RollingBack` until all of it is done,
+    /// so a run that fails or is killed half-way is finished by the next one.
+    async fn roll_back(
+        &self,
+        state: &mut State,
+        r: &Rollback,
+        recovering: bool,
+    ) -> Result<(), UpgradeError> {
+        let from = Some(r.abandoned.clone());
+        state.skip(&r.abandoned);
         state.write(&self.cfg.root)?;
-        Ok(None)
+        self.layout.set_link("current", Some(&r.back_to))?;
+        self.layout.set_link("previous", r.previous.as_deref())?;
+        fault::point("rollback-after-links");
+        let already = recovering
+            && self.running_version().await.as_deref() == Some(r.back_to.as_str())
+            && self.healthy(&r.back_to).await.is_ok();
+        if !already {
+            let restarted = if fault::armed("rollback-restart-fails") {
+                Err(UpgradeError::Restart {
+                    unit: self.service.describe(),
+                    reason: format!("fault injected ({})", fault::ENV),
+                    source: None,
+                })
+            } else {
+                self.service.restart().await
+            };
+            restarted.map_err(|source| UpgradeError::RollbackRestart {
+                back_to: r.back_to.clone(),
+                source: Box::new(source),
+            })?;
+            step(
+                5,
+                &from,
+                &r.back_to,
+                &format!("current → {}; restarted", r.back_to),
+            );
+            self.healthy(&r.back_to)
+                .await
+                .map_err(|reason| UpgradeError::RollbackFailed {
+                    previous: r.back_to.clone(),
+                    reason,
+                })?;
+        }
+        step(
+            6,
+            &from,
+            &r.back_to,
+            &format!(
+                "{} runs again and is healthy; {} is on the skip list",
+                r.back_to, r.abandoned
+            ),
+        );
+        self.advance(state, Event::RolledBack)
     }
 
     /// Step 2: fetch the manifest and its signature, verify, apply every policy check.
@@ -309,27 +431,12 @@ impl<S: ServiceManager> Upgrader<S> {
     /// Step 3: download, check disk, size and SHA-256, unpack, run `version`, mark complete.
     async fn step3_download(&self, r: &Release, from: &Option<String>) -> Result<(), UpgradeError> {
         let to = r.version.to_string();
-        if self.layout.is_complete(&to) {
-            step(
-                3,
-                from,
-                &to,
-                "version directory already complete: reusing it",
-            );
+        if self.reusable(&to, &r.sha256, from)? {
             return Ok(());
         }
         self.check_disk(&to, r.size)?;
-        let dl = self.layout.download_path(&to);
-        std::fs::create_dir_all(self.layout.versions()).map_err(io(self.layout.versions()))?;
-        let result = async {
-            self.fetcher
-                .download(&r.url, &dl, r.size, &r.sha256)
-                .await?;
-            self.unpack(&to, &dl)
-        }
-        .await;
-        let _ = std::fs::remove_file(&dl);
-        result?;
+        let bytes = self.fetcher.download(&r.url, r.size, &r.sha256).await?;
+        self.unpack(&to, &r.url, &bytes).await?;
         step(
             3,
             from,
@@ -340,6 +447,38 @@ impl<S: ServiceManager> Upgrader<S> {
             ),
         );
         Ok(())
+    }
+
+    /// A complete `versions/<to>` is reused only when it provably holds the release whose
+    /// archive digest is `archive_sha256` (see [`Layout::verified_complete`]); otherwise it
+    /// is unpacked again from verified bytes.
+    fn reusable(
+        &self,
+        to: &str,
+        archive_sha256: &str,
+        from: &Option<String>,
+    ) -> Result<bool, UpgradeError> {
+        match self.layout.verified_complete(to, archive_sha256)? {
+            Reuse::Verified => {
+                step(
+                    3,
+                    from,
+                    to,
+                    "version directory already complete and its SHA-256 matches: reusing it",
+                );
+                Ok(true)
+            }
+            Reuse::Absent => Ok(false),
+            Reuse::Mismatch(why) => {
+                warn!(
+                    upgrade_step = 3,
+                    upgrade_to = to,
+                    "step 3: {} is not reused: {why}; unpacking the signed release again",
+                    self.layout.version_dir(to).display()
+                );
+                Ok(false)
+            }
+        }
     }
 
     fn check_disk(&self, to: &str, size: u64) -> Result<(), UpgradeError> {
@@ -360,10 +499,12 @@ impl<S: ServiceManager> Upgrader<S> {
         Ok(())
     }
 
-    fn unpack(&self, to: &str, archive: &Path) -> Result<(), UpgradeError> {
-        let user = self.cfg.version_check_user.clone();
-        self.layout
-            .install_archive(to, archive, |bin| check_version(bin, to, &user))?;
+    /// Unpack the verified archive `bytes` (named `name` in errors), run the new binary's
+    /// `version`, and only then make it `versions/<to>`.
+    async fn unpack(&self, to: &str, name: &str, bytes: &[u8]) -> Result<(), UpgradeError> {
+        let partial = self.layout.unpack(to, name, bytes)?;
+        check_version(&partial.binary(), to, &self.cfg.version_check_user).await?;
+        partial.commit()?;
         Ok(())
     }
 
@@ -385,16 +526,16 @@ impl<S: ServiceManager> Upgrader<S> {
         Ok(())
     }
 
-    /// Step 5: swap `current`/`previous` atomically, restart the service.
+    /// Step 5: swap `current`/`previous` atomically, restart the service. The phase is
+    /// `Swapped` before the first link changes.
     async fn step5_swap_restart(
         &self,
+        state: &mut State,
         from: &Option<String>,
         to: &str,
     ) -> Result<(), UpgradeError> {
-        if let Some(f) = from {
-            self.layout.set_link("previous", Some(f))?;
-        }
-        self.layout.set_link("current", Some(to))?;
+        self.advance(state, Event::Swap)?;
+        self.set_links(from, to)?;
         fault::point("after-swap");
         self.service.restart().await?;
         step(
@@ -414,56 +555,51 @@ impl<S: ServiceManager> Upgrader<S> {
         from: &Option<String>,
         to: &str,
     ) -> Result<(), UpgradeError> {
-        match self.healthy(to).await {
+        let reason = match self.healthy(to).await {
             Ok(()) => {
-                state.in_progress = None;
-                state.write(&self.cfg.root)?;
+                self.advance(state, Event::Healthy)?;
                 step(
                     6,
                     from,
                     to,
                     "health gate passed: version, running, connected",
                 );
-                Ok(())
+                return Ok(());
             }
-            Err(reason) => {
-                warn!(
-                    upgrade_step = 6,
-                    upgrade_from = from.as_deref().unwrap_or(""),
-                    upgrade_to = to,
-                    "step 6: health gate failed: {reason}; rolling back"
-                );
-                let previous = from.clone().ok_or_else(|| UpgradeError::RollbackFailed {
-                    previous: "(none)".into(),
-                    reason: format!(
-                        "{to} is unhealthy ({reason}) and there is no previous version"
-                    ),
-                })?;
-                let before = state
-                    .in_progress
-                    .as_ref()
-                    .and_then(|p| p.previous_before.clone());
-                state.skip(to);
-                state.write(&self.cfg.root)?;
-                self.layout.set_link("current", Some(&previous))?;
-                self.layout.set_link("previous", before.as_deref())?;
-                self.service.restart().await?;
-                if let Err(r) = self.healthy(&previous).await {
-                    return Err(UpgradeError::RollbackFailed {
-                        previous,
-                        reason: r,
-                    });
-                }
-                state.in_progress = None;
-                state.write(&self.cfg.root)?;
-                self.step7_prune(from, to)?;
-                Err(UpgradeError::Unhealthy {
-                    version: to.to_string(),
-                    previous,
-                    reason,
-                })
-            }
-        }
+            Err(reason) => reason,
+        };
+        warn!(
+            upgrade_step = 6,
+            upgrade_from = from.as_deref().unwrap_or(""),
+            upgrade_to = to,
+            "step 6: health gate failed: {reason}; rolling back"
+        );
+        let Some(back_to) = from.clone() else {
+            return Err(UpgradeError::RollbackFailed {
+                previous: "(none)".into(),
+                reason: format!("{to} is unhealthy ({reason}) and there is no previous version"),
+            });
+        };
+        let previous = state
+            .in_progress
+            .as_ref()
+            .and_then(|p| p.previous_before.clone());
+        let r = Rollback {
+            abandoned: to.to_string(),
+            back_to: back_to.clone(),
+            previous,
+            reason: reason.clone(),
+            manual: false,
+        };
+        state.skip(to);
+        self.advance(state, Event::Unhealthy(r.clone()))?;
+        self.roll_back(state, &r, false).await?;
+        self.step7_prune(from, to)?;
+        Err(UpgradeError::Unhealthy {
+            version: to.to_string(),
+            previous: back_to,
+            reason,
+        })
     }
 
     /// The gate itself; `Err` carries why, for the log and the error.
@@ -487,7 +623,7 @@ impl<S: ServiceManager> Upgrader<S> {
             if let Some(b) = &bus
                 && let Some(h) = b.health().await
             {
-                if h.version == version && h.state == "running" && h.connected {
+                if h.version == version && h.state == DelegateState::Running && h.connected {
                     return Ok(());
                 }
                 last = format!(
@@ -555,21 +691,22 @@ impl<S: ServiceManager> Upgrader<S> {
         }
         let keys = TrustedKeys::load(&self.cfg.keys_dir)?;
         let name = archive.display().to_string();
-        let bytes = std::fs::read(archive).map_err(io(archive))?;
-        let sig = std::fs::read_to_string(signature).map_err(io(signature))?;
+        // Read once: the bytes verified here are the bytes unpacked below (a path opened
+        // twice may give different bytes each time: a FIFO, a file replaced in between).
+        let bytes = read_bounded(archive, MAX_ARCHIVE_BYTES)?;
+        let sig =
+            String::from_utf8_lossy(&read_bounded(signature, MAX_SIGNATURE_BYTES)?).into_owned();
         let comment = keys.verify(&name, &bytes, &sig)?;
         let bad = |source| UpgradeError::Manifest {
             url: name.clone(),
             source,
         };
-        let (version, target) =
-            parse_artifact_trusted_comment(&comment).ok_or_else(|| UpgradeError::BadSignature {
+        let (version, target) = parse_artifact_trusted_comment(&comment).ok_or_else(|| {
+            UpgradeError::BadTrustedComment {
                 url: name.clone(),
-                key: self.cfg.keys_dir.clone(),
-                reason: format!(
-                    "trusted comment {comment:?} does not say `delegate <version> <target>`"
-                ),
-            })?;
+                comment: comment.clone(),
+            }
+        })?;
         if target != self.cfg.target {
             return Err(bad(delegate_protocol::release::ManifestError::NoArtifact {
                 target: self.cfg.target.clone(),
@@ -604,18 +741,32 @@ impl<S: ServiceManager> Upgrader<S> {
             &to,
             &format!("{name}: signature verified (offline install)"),
         );
-        if !self.layout.is_complete(&to) {
+        let digest = hex::encode(Sha256::digest(&bytes));
+        if !self.reusable(&to, &digest, &from)? {
             self.check_disk(&to, bytes.len() as u64)?;
-            self.unpack(&to, archive)?;
+            self.unpack(&to, &name, &bytes).await?;
         }
         step(3, &from, &to, &format!("{name}: unpacked and checked"));
         self.deploy(state, from, to).await
     }
 
-    /// `rollback`: go back to `previous` now, and skip the abandoned version.
+    /// `rollback`: go back to `previous` now, and skip the abandoned version. Recorded as
+    /// phase `RollingBack` before anything changes, so a rollback killed half-way is
+    /// finished by the next run.
     pub async fn rollback(&self) -> Result<Outcome, UpgradeError> {
         let _lock = self.lock()?;
         let mut state = State::load(&self.cfg.root)?;
+        let result = self.rollback_locked(&mut state).await;
+        record(&mut state, &result);
+        state.write(&self.cfg.root)?;
+        result
+    }
+
+    async fn rollback_locked(&self, state: &mut State) -> Result<Outcome, UpgradeError> {
+        // Finish whatever an interrupted run left first; a rollback it finished is done.
+        if let Some(o @ Outcome::RolledBack { .. }) = self.recover(state).await? {
+            return Ok(o);
+        }
         let root = self.cfg.root.clone();
         let current = self
             .layout
@@ -626,33 +777,28 @@ impl<S: ServiceManager> Upgrader<S> {
             .previous()
             .ok_or(UpgradeError::NoPrevious { root })?;
         let from = Some(current.clone());
+        let r = Rollback {
+            abandoned: current.clone(),
+            back_to: previous.clone(),
+            previous: Some(current.clone()),
+            reason: "rolled back by hand".into(),
+            manual: true,
+        };
         state.skip(&current);
-        state.in_progress = None;
-        state.write(&self.cfg.root)?;
+        self.advance(
+            state,
+            Event::ManualRollback {
+                from: current.clone(),
+                rollback: r.clone(),
+            },
+        )?;
         self.step4_drain(&from, &previous).await?;
-        self.layout.set_link("current", Some(&previous))?;
-        self.layout.set_link("previous", Some(&current))?;
-        self.service.restart().await?;
-        step(5, &from, &previous, "rolled back by hand; restarted");
-        self.healthy(&previous)
-            .await
-            .map_err(|reason| UpgradeError::RollbackFailed {
-                previous: previous.clone(),
-                reason,
-            })?;
-        step(
-            6,
-            &from,
-            &previous,
-            &format!("health gate passed; {current} is on the skip list"),
-        );
-        let outcome = Outcome::RolledBack {
+        fault::point("rollback-after-drain");
+        self.roll_back(state, &r, false).await?;
+        Ok(Outcome::RolledBack {
             from: current,
             to: previous,
-        };
-        record(&mut state, &Ok(outcome.clone()));
-        state.write(&self.cfg.root)?;
-        Ok(outcome)
+        })
     }
 }
 
@@ -666,7 +812,7 @@ fn record(state: &mut State, result: &Result<Outcome, UpgradeError>) {
         Err(e) => Check {
             at: now(),
             outcome: e.code().to_string(),
-            message: e.to_string(),
+            message: chain(e),
         },
     });
 }
@@ -724,14 +870,13 @@ pub fn status_text(cfg: &Config) -> Result<String, UpgradeError> {
         },
     );
     if let Some(p) = &state.in_progress {
-        line(
-            "interrupted:",
-            format!(
-                "{} → {} (the next run finishes or undoes it)",
-                p.from.clone().unwrap_or_else(none),
-                p.to
-            ),
-        );
+        let from = p.from.clone().unwrap_or_else(none);
+        let what = match &p.phase {
+            Phase::Drained => format!("{from} → {}: drained, not swapped", p.to),
+            Phase::Swapped => format!("{from} → {}: swapped, health gate not passed", p.to),
+            Phase::RollingBack(r) => format!("rolling back {} → {}", r.abandoned, r.back_to),
+        };
+        line("interrupted:", format!("{what} (the next run finishes it)"));
     }
     Ok(s)
 }

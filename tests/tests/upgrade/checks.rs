@@ -5,7 +5,7 @@
 use std::fs;
 use std::time::Duration;
 
-use delegate_tests::upgrade::{Run, World, fake_binary};
+use delegate_tests::upgrade::{Run, World, fake_binary, require_tool, write_executable};
 
 const NO_BUS: &str = "unix:path=/nonexistent/bus.sock";
 const LIMIT: Duration = Duration::from_secs(60);
@@ -115,12 +115,9 @@ fn replayed_older_manifest_is_refused() {
 /// Let a run accept the current manifest but fail before installing (not enough disk),
 /// then report whether its `published_at` was recorded.
 fn run_seen(w: &World) -> bool {
-    let cfg = fs::read_to_string(&w.config).expect("cfg");
-    fs::write(
-        &w.config,
-        cfg.replace("min_free_mb = 1\n", "min_free_mb = 1000000000000\n"),
-    )
-    .expect("cfg");
+    let cfg = w
+        .edit_config("min_free_mb = 1\n", "min_free_mb = 1000000000000\n")
+        .expect("cfg");
     let r = run(w);
     fs::write(&w.config, cfg).expect("cfg");
     assert_eq!(r.error_code().as_deref(), Some("not-enough-disk"), "{r:#?}");
@@ -243,12 +240,8 @@ fn archive_without_binary_is_refused() {
 fn not_enough_disk_is_refused() {
     let w = world();
     publish(&w, "0.2.0");
-    let cfg = fs::read_to_string(&w.config).expect("cfg");
-    fs::write(
-        &w.config,
-        cfg.replace("min_free_mb = 1\n", "min_free_mb = 1000000000000\n"),
-    )
-    .expect("cfg");
+    w.edit_config("min_free_mb = 1\n", "min_free_mb = 1000000000000\n")
+        .expect("cfg");
     let r = run(&w);
     refused(&r, "not-enough-disk", 2);
     assert!(r.stderr.contains("free some disk space"), "{r:#?}");
@@ -271,15 +264,8 @@ fn config_errors_name_the_line() {
 
 #[test]
 fn signatures_verify_with_the_minisign_tool() {
-    let ok = std::process::Command::new("minisign")
-        .arg("-v")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok {
-        eprintln!(
-            "\n!!!!! SKIPPED: `minisign` is not installed; interoperability not checked !!!!!\n"
-        );
-        return;
+    if let Err(e) = require_tool("minisign", "-v", "minisign") {
+        panic!("{e:#}");
     }
     let w = world();
     publish(&w, "0.2.0");
@@ -295,4 +281,198 @@ fn signatures_verify_with_the_minisign_tool() {
             .expect("minisign");
         assert!(out.status.success(), "{file:?}: {out:?}");
     }
+}
+
+/// A tar.gz holding `binary` as `delegate`, made with the system `tar`.
+fn pack(w: &World, binary: &std::path::Path, out: &std::path::Path) {
+    let src = w.dir.join(format!(
+        "pack-{}",
+        out.file_name().and_then(|n| n.to_str()).unwrap_or("x")
+    ));
+    fs::create_dir_all(&src).expect("dir");
+    fs::copy(binary, src.join("delegate")).expect("copy");
+    let st = std::process::Command::new("tar")
+        .arg("-czf")
+        .arg(out)
+        .arg("-C")
+        .arg(&src)
+        .arg("delegate")
+        .status()
+        .expect("tar");
+    assert!(st.success());
+}
+
+/// A binary that passes the `version` check for 0.2.0 but is not the published one.
+fn evil_binary(w: &World) -> std::path::PathBuf {
+    let p = w.dir.join("evil").join("delegate");
+    fs::create_dir_all(p.parent().expect("parent")).expect("dir");
+    write_executable(
+        &p,
+        b"#!/bin/sh\n# EVIL: not the signed release\necho 0.2.0\n",
+    )
+    .expect("evil");
+    p
+}
+
+/// Issue 7 item 2 (reproduced): `install` read and verified the archive, then opened the
+/// path again to unpack it. A FIFO serves the signed archive on the first open and another
+/// archive on the second: only the verified bytes may end up in `versions/0.2.0`.
+#[test]
+fn offline_install_unpacks_the_bytes_it_verified_not_a_second_read_of_the_path() {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let w = world();
+    publish(&w, "0.2.0");
+    let signed = w.releases.join(w.artifact_rel().expect("rel"));
+    let sig = format!("{}.minisig", signed.display());
+    let good = fs::read(&signed).expect("archive");
+    let evil_tgz = w.dir.join("evil.tar.gz");
+    pack(&w, &evil_binary(&w), &evil_tgz);
+    let evil = fs::read(&evil_tgz).expect("evil archive");
+
+    let fifo = w.dir.join("release.tar.gz");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).expect("mkfifo");
+    let fifo2 = fifo.clone();
+    let (tx, served) = std::sync::mpsc::channel();
+    let server = std::thread::spawn(move || {
+        for (i, payload) in [good, evil].into_iter().enumerate() {
+            // Blocks until a reader opens the FIFO.
+            let Ok(mut f) = fs::OpenOptions::new().write(true).open(&fifo2) else {
+                return;
+            };
+            let _ = tx.send(i);
+            let _ = f.write_all(&payload);
+            drop(f);
+            // Serve the next payload to the next open, not to this reader: wait until it
+            // has closed (a non-blocking open for writing fails with ENXIO when no reader
+            // holds the FIFO).
+            let start = std::time::Instant::now();
+            while fs::OpenOptions::new()
+                .write(true)
+                .custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits())
+                .open(&fifo2)
+                .is_ok()
+            {
+                if start.elapsed() > LIMIT {
+                    return;
+                }
+                std::thread::yield_now();
+            }
+        }
+    });
+    let r = w
+        .upgrader(
+            &["install", &fifo.display().to_string(), "--signature", &sig],
+            None,
+            LIMIT,
+        )
+        .expect("install");
+    // Unblock the server if it still waits for a second reader, then stop it.
+    drop(
+        fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits())
+            .open(&fifo),
+    );
+    server.join().expect("fifo server");
+    let opens: Vec<usize> = served.try_iter().collect();
+
+    // Verified, unpacked, checked; it then stops at the drain (no bus in this world).
+    refused(&r, "bus", 75);
+    let installed = fs::read(w.root.join("versions/0.2.0/delegate")).expect("unpacked binary");
+    let published = fs::read(w.dir.join("bin").join("fake-0.2.0")).expect("published binary");
+    assert!(
+        installed == published,
+        "versions/0.2.0/delegate is not the binary that was signed (FIFO opened {} time(s)):\n{}",
+        opens.len(),
+        String::from_utf8_lossy(&installed)
+    );
+}
+
+/// Issue 7 item 2: a `versions/<v>` left with its `complete` marker is re-checked against
+/// the signed SHA-256 before it is reused; a changed binary is unpacked again.
+#[test]
+fn a_tampered_complete_version_directory_is_not_reused() {
+    let w = world();
+    publish(&w, "0.2.0");
+    // The first run unpacks 0.2.0 and stops at the drain (no bus in this world).
+    refused(&run(&w), "bus", 75);
+    let bin = w.root.join("versions/0.2.0/delegate");
+    assert!(w.is_complete("0.2.0"));
+    write_executable(&bin, &fs::read(evil_binary(&w)).expect("evil")).expect("tamper");
+
+    let r = run(&w);
+    refused(&r, "bus", 75);
+    let published = fs::read(w.dir.join("bin").join("fake-0.2.0")).expect("published binary");
+    assert!(
+        fs::read(&bin).expect("binary") == published,
+        "the tampered binary was reused: {r:#?}"
+    );
+    assert!(r.stderr.contains("is not reused"), "{r:#?}");
+}
+
+/// Issue 7 item 11: a host clock earlier than the newest `published_at` already accepted
+/// means time went backwards (an expired manifest would look fresh): refused, and the
+/// operator is told to fix the clock (exit 1: this host needs an operator).
+#[test]
+fn a_clock_behind_the_newest_manifest_seen_is_refused() {
+    let w = world();
+    publish(&w, "0.2.0");
+    let future = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs()
+        + 86_400;
+    fs::create_dir_all(&w.root).expect("root");
+    fs::write(
+        w.root.join("state.json"),
+        serde_json::to_vec(&serde_json::json!({
+            "last_seen": {"stable": {"version": "0.1.5", "published_at": future}}
+        }))
+        .expect("json"),
+    )
+    .expect("state");
+    let r = run(&w);
+    refused(&r, "clock-behind", 1);
+    assert!(r.stderr.contains("fix the clock"), "{r:#?}");
+    assert_eq!(w.current().as_deref(), Some("0.1.0"));
+}
+
+/// Issue 7 item 11: a mistyped channel (the server answers 404) is a configuration error
+/// with its own exit code (78, EX_CONFIG), not a network flake retried forever (75).
+#[test]
+fn a_channel_the_server_does_not_have_is_a_configuration_error() {
+    let w = world();
+    publish(&w, "0.2.0");
+    w.edit_config("channel = \"stable\"", "channel = \"stabel\"")
+        .expect("cfg");
+    let r = run(&w);
+    refused(&r, "channel-rejected", 78);
+    assert!(r.stderr.contains("404"), "{r:#?}");
+    assert!(r.stderr.contains("channels/stabel.json"), "{r:#?}");
+}
+
+/// Issue 7 item 11: versions are strict semver wherever they enter; a version with a `/`
+/// in a signed manifest is refused before it can name a directory.
+#[test]
+fn a_version_that_is_not_semver_is_refused_where_it_is_parsed() {
+    let w = world();
+    publish(&w, "0.2.0");
+    let mut m = w.manifest().expect("manifest");
+    // The old parser took anything after `-` as the pre-release: a path.
+    m["version"] = "0.3.0-x/../../../evil".into();
+    fs::write(
+        w.manifest_path(),
+        serde_json::to_vec_pretty(&m).expect("json"),
+    )
+    .expect("write");
+    w.resign("channels/stable.json").expect("resign");
+    let r = run(&w);
+    refused(&r, "bad-manifest", 2);
+    assert!(r.stderr.contains("not a semantic version"), "{r:#?}");
+    let r = w
+        .upgrader(&["skip", "1.0.0-a/b"], None, LIMIT)
+        .expect("skip");
+    assert_eq!(r.code, Some(2), "{r:#?}");
+    assert!(r.stderr.contains("not a semantic version"), "{r:#?}");
 }

@@ -7,7 +7,9 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use delegate_protocol::TaskState;
-use delegate_tests::upgrade::{DBus, Supervised, World, agent_v2, fake_binary, skip_without_dbus};
+use delegate_tests::upgrade::{
+    DBus, Monitor, Run, Supervised, World, agent_v2, fake_binary, require_dbus, write_executable,
+};
 use delegate_tests::{Manager, bin};
 
 const RUN_LIMIT: Duration = Duration::from_secs(180);
@@ -32,9 +34,9 @@ fn v1_version() -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
-fn host(test: &str) -> Option<Host> {
-    if skip_without_dbus(test) {
-        return None;
+fn host() -> Host {
+    if let Err(e) = require_dbus() {
+        panic!("{e:#}");
     }
     let bus_dir = tempfile::tempdir().expect("tempdir");
     let bus = DBus::start(bus_dir.path()).expect("dbus-daemon");
@@ -56,14 +58,14 @@ fn host(test: &str) -> Option<Host> {
                 tail(&manager.log_text(), 40)
             )
         });
-    Some(Host {
+    Host {
         sup,
         w,
         manager,
         _bus: bus,
         _bus_dir: bus_dir,
         v1,
-    })
+    }
 }
 
 impl Host {
@@ -84,6 +86,17 @@ impl Host {
             .unwrap_or(0)
     }
 
+    /// The run ended in `unhealthy` (exit 3): it rolled back.
+    fn rolled_back(&self, r: &Run) {
+        assert_eq!(
+            r.error_code().as_deref(),
+            Some("unhealthy"),
+            "{r:#?}\n{}",
+            self.context()
+        );
+        assert_eq!(r.code, Some(3), "{r:#?}");
+    }
+
     fn context(&self) -> String {
         format!("agent log (tail):\n{}", tail(&self.sup.log_text(), 60))
     }
@@ -96,9 +109,7 @@ fn tail(s: &str, n: usize) -> String {
 
 #[test]
 fn full_upgrade_drains_a_running_task_then_swaps_and_rolls_back_by_hand() {
-    let Some(h) = host("full_upgrade") else {
-        return;
-    };
+    let h = host();
     h.publish_v2();
     let task = h
         .manager
@@ -176,19 +187,13 @@ fn full_upgrade_drains_a_running_task_then_swaps_and_rolls_back_by_hand() {
 
 #[test]
 fn a_release_that_cannot_start_is_rolled_back_and_skipped() {
-    let Some(h) = host("rollback") else { return };
+    let h = host();
     let broken = fake_binary(&h.w.dir.join("bin"), "0.3.0").expect("fake");
     h.w.publish(&broken, None, "1h").expect("publish");
     let start = Instant::now();
     let r = h.w.upgrader(&["run"], None, RUN_LIMIT).expect("run");
     eprintln!("failed upgrade + rollback took {:?}", start.elapsed());
-    assert_eq!(
-        r.error_code().as_deref(),
-        Some("unhealthy"),
-        "{r:#?}\n{}",
-        h.context()
-    );
-    assert_eq!(r.code, Some(3), "{r:#?}");
+    h.rolled_back(&r);
     assert_eq!(h.w.current().as_deref(), Some(h.v1.as_str()));
     h.w.wait_healthy(&h.v1, Duration::from_secs(30))
         .expect("previous version running again");
@@ -206,9 +211,7 @@ fn a_release_that_cannot_start_is_rolled_back_and_skipped() {
 
 #[test]
 fn operator_cli_drains_and_resumes_over_dbus() {
-    let Some(h) = host("operator_cli") else {
-        return;
-    };
+    let h = host();
     let delegate = bin("delegate").expect("delegate");
     let cli = |args: &[&str]| {
         std::process::Command::new(&delegate)
@@ -218,17 +221,11 @@ fn operator_cli_drains_and_resumes_over_dbus() {
             .expect("delegate cli")
     };
     // Watch PropertiesChanged on the bus while draining and resuming.
-    let mut monitor = std::process::Command::new("dbus-monitor")
-        .args([
-            "--address",
-            &h.w.bus_address,
-            "type='signal',interface='org.freedesktop.DBus.Properties',member='PropertiesChanged',path='/dev/delegate/Agent1'",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("dbus-monitor");
-    std::thread::sleep(Duration::from_millis(500));
+    let mut monitor = Monitor::start(
+        &h.w.bus_address,
+        "type='signal',interface='org.freedesktop.DBus.Properties',member='PropertiesChanged',path='/dev/delegate/Agent1'",
+    )
+    .expect("dbus-monitor");
     let out = cli(&["drain", "--wait", "--timeout", "20s"]);
     assert!(out.status.success(), "{out:?}");
     assert!(
@@ -240,16 +237,12 @@ fn operator_cli_drains_and_resumes_over_dbus() {
     assert!(out.status.success(), "{out:?}");
     h.w.wait_healthy(&h.v1, Duration::from_secs(10))
         .expect("running");
-    std::thread::sleep(Duration::from_millis(300));
-    let _ = monitor.kill();
-    let seen = monitor.wait_with_output().expect("monitor output");
-    let seen = String::from_utf8_lossy(&seen.stdout);
-    for word in ["\"State\"", "\"drained\"", "\"running\""] {
-        assert!(
-            seen.contains(word),
-            "no PropertiesChanged with {word}:\n{seen}"
-        );
-    }
+    monitor
+        .wait_for(
+            &["\"State\"", "\"drained\"", "\"running\""],
+            Duration::from_secs(10),
+        )
+        .expect("PropertiesChanged for drained and running");
     // Without an agent on the bus the CLI says so.
     let out = std::process::Command::new(&delegate)
         .arg("status")
@@ -263,7 +256,7 @@ fn operator_cli_drains_and_resumes_over_dbus() {
 /// Kill the upgrader at `fault`; `current` must point at a complete version, and a
 /// second run must converge on 0.2.0, healthy.
 fn killed_at(fault: &str) {
-    let Some(h) = host(fault) else { return };
+    let h = host();
     h.publish_v2();
     let r = h.w.upgrader(&["run"], Some(fault), RUN_LIMIT).expect("run");
     assert_eq!(r.code, None, "expected an abort at {fault}: {r:#?}");
@@ -327,9 +320,7 @@ fn killed_after_step_7_then_converges() {
 
 #[test]
 fn two_upgraders_at_once_upgrade_once() {
-    let Some(h) = host("two_upgraders") else {
-        return;
-    };
+    let h = host();
     h.publish_v2();
     let gen_before = h.generation();
     let a = h.w.spawn_upgrader(&["run"]).expect("first");
@@ -370,9 +361,7 @@ fn two_upgraders_at_once_upgrade_once() {
 
 #[test]
 fn offline_install_of_a_signed_archive() {
-    let Some(h) = host("offline_install") else {
-        return;
-    };
+    let h = host();
     h.publish_v2();
     let archive = h.w.releases.join(h.w.artifact_rel().expect("rel"));
     let sig = format!("{}.minisig", archive.display());
@@ -397,4 +386,98 @@ fn offline_install_of_a_signed_archive() {
     assert!(r.stdout.starts_with("installed"), "{r:#?}");
     h.w.wait_healthy("0.2.0", Duration::from_secs(30))
         .expect("0.2.0 healthy");
+}
+
+/// Issue 8 item 1: a rollback whose restart failed left `in_progress` behind, and the
+/// next run guessed from the `current` link (already back on the old version) that the
+/// upgrade had "not swapped yet": it only resumed and cleared the state, so the abandoned
+/// release kept running. The phase is now recorded; the next run finishes the rollback.
+#[test]
+fn a_restart_that_fails_during_rollback_is_finished_by_the_next_run() {
+    let h = host();
+    // Starts and keeps running, but never comes onto the bus: the gate fails.
+    let hang = h.w.dir.join("bin").join("hang-0.3.0");
+    std::fs::create_dir_all(h.w.dir.join("bin")).expect("bin dir");
+    write_executable(
+        &hang,
+        b"#!/bin/sh\nif [ \"$1\" = version ]; then echo 0.3.0; exit 0; fi\nexec sleep 600\n",
+    )
+    .expect("fake");
+    h.w.publish(&hang, None, "1h").expect("publish");
+    h.w.edit_config("health_timeout = \"30s\"", "health_timeout = \"5s\"")
+        .expect("cfg");
+
+    let r =
+        h.w.upgrader(&["run"], Some("rollback-restart-fails"), RUN_LIMIT)
+            .expect("run");
+    assert_eq!(
+        r.error_code().as_deref(),
+        Some("rollback-restart-failed"),
+        "{r:#?}\n{}",
+        h.context()
+    );
+    let state = h.w.state().expect("state");
+    assert_eq!(
+        state["in_progress"]["phase"]["rolling_back"]["back_to"].as_str(),
+        Some(h.v1.as_str()),
+        "{state}"
+    );
+    assert_eq!(h.w.current().as_deref(), Some(h.v1.as_str()));
+
+    let r = h.w.upgrader(&["run"], None, RUN_LIMIT).expect("second run");
+    h.rolled_back(&r);
+    h.w.wait_healthy(&h.v1, Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", h.context()));
+    let state = h.w.state().expect("state");
+    assert!(state["in_progress"].is_null(), "{state}");
+    assert_eq!(state["skip"], serde_json::json!(["0.3.0"]), "{state}");
+}
+
+/// Issue 8 item 1: a manual `rollback` recorded nothing, so killed between its steps it
+/// left `current` on the old version with the new one still running, and the next run
+/// refused the (now skipped) new version and changed nothing. It now records its phase.
+fn manual_rollback_killed_at(fault: &str) {
+    let h = host();
+    h.publish_v2();
+    let r = h.w.upgrader(&["run"], None, RUN_LIMIT).expect("run");
+    assert_eq!(r.code, Some(0), "{r:#?}\n{}", h.context());
+    h.w.wait_healthy("0.2.0", Duration::from_secs(30))
+        .expect("0.2.0 healthy");
+
+    let r =
+        h.w.upgrader(&["rollback"], Some(fault), RUN_LIMIT)
+            .expect("rollback");
+    assert_eq!(r.code, None, "expected an abort at {fault}: {r:#?}");
+    let state = h.w.state().expect("state");
+    assert_eq!(
+        state["in_progress"]["phase"]["rolling_back"]["manual"].as_bool(),
+        Some(true),
+        "{state}"
+    );
+    let s = h.w.upgrader(&["status"], None, RUN_LIMIT).expect("status");
+    assert!(
+        s.stdout
+            .contains(&format!("rolling back 0.2.0 → {} (the next run", h.v1)),
+        "{s:#?}"
+    );
+
+    let r = h.w.upgrader(&["run"], None, RUN_LIMIT).expect("next run");
+    assert_eq!(r.code, Some(0), "{r:#?}\n{}", h.context());
+    assert!(r.stdout.starts_with("rolled-back"), "{r:#?}");
+    h.w.wait_healthy(&h.v1, Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", h.context()));
+    assert_eq!(h.w.current().as_deref(), Some(h.v1.as_str()));
+    let state = h.w.state().expect("state");
+    assert!(state["in_progress"].is_null(), "{state}");
+    assert_eq!(state["skip"], serde_json::json!(["0.2.0"]), "{state}");
+}
+
+#[test]
+fn a_manual_rollback_killed_after_the_drain_is_finished_by_the_next_run() {
+    manual_rollback_killed_at("rollback-after-drain");
+}
+
+#[test]
+fn a_manual_rollback_killed_after_the_links_is_finished_by_the_next_run() {
+    manual_rollback_killed_at("rollback-after-links");
 }

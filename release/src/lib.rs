@@ -1,4 +1,8 @@
-//! Release tooling: `keygen`, `sign` and `publish`, the other half of the trust chain.
+//! `delegate-release`: `keygen`, `sign` and `publish`, the signing half of the trust chain.
+//!
+//! A crate of its own so the upgrader that runs as root on every host links only
+//! `minisign-verify`: the secret-key code (minisign with scrypt, passphrase prompts) lives
+//! on the machine that builds releases, and the host package does not install it.
 //!
 //! Layout of a release directory (serve it with any static web server, or with
 //! `delegate-manager serve --releases DIR`):
@@ -22,14 +26,63 @@ use delegate_protocol::release::{
 };
 use sha2::{Digest, Sha256};
 
-use crate::error::{UpgradeError, io};
-use crate::state::write_atomic;
+use delegate_protocol::release::ManifestError;
+use delegate_upgrader::UpgradeError;
+use delegate_upgrader::state::write_atomic;
 
 /// Environment variable holding the secret key's passphrase.
 pub const PASSPHRASE_ENV: &str = "DELEGATE_KEY_PASSPHRASE";
 
-fn sign_err(e: impl std::fmt::Display) -> UpgradeError {
-    UpgradeError::Sign(e.to_string())
+/// Target triple these tools were built for: the default `--target` of `publish`.
+pub use delegate_upgrader::config::BUILD_TARGET;
+
+/// Every way a release tool fails; each names the file involved and keeps its cause.
+#[derive(Debug, thiserror::Error)]
+pub enum ReleaseError {
+    #[error("{path}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} exists; refusing to overwrite a key")]
+    KeyExists { path: PathBuf },
+    #[error("{path}: cannot read the secret key (wrong passphrase? set {PASSPHRASE_ENV})")]
+    Key {
+        path: PathBuf,
+        #[source]
+        source: minisign::PError,
+    },
+    #[error("minisign could not {what}")]
+    Minisign {
+        what: &'static str,
+        #[source]
+        source: minisign::PError,
+    },
+    #[error("{path}: `version` exited with {status}; is it a delegate binary?")]
+    BinaryFailed {
+        path: PathBuf,
+        status: std::process::ExitStatus,
+    },
+    #[error("{path}: `version` did not print a release version")]
+    BinaryVersion {
+        path: PathBuf,
+        #[source]
+        source: ManifestError,
+    },
+    #[error("cannot encode the manifest")]
+    Json(#[source] serde_json::Error),
+    #[error(transparent)]
+    Write(#[from] UpgradeError),
+}
+
+fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> ReleaseError {
+    let path = path.into();
+    move |source| ReleaseError::Io { path, source }
+}
+
+fn minisign_err(what: &'static str) -> impl FnOnce(minisign::PError) -> ReleaseError {
+    move |source| ReleaseError::Minisign { what, source }
 }
 
 /// Write `<dir>/<name>.pub` and `<dir>/<name>.key`. With `passphrase` the secret key is
@@ -39,28 +92,29 @@ pub fn keygen(
     dir: &Path,
     name: &str,
     passphrase: Option<String>,
-) -> Result<(PathBuf, PathBuf), UpgradeError> {
+) -> Result<(PathBuf, PathBuf), ReleaseError> {
     std::fs::create_dir_all(dir).map_err(io(dir))?;
     let pub_path = dir.join(format!("{name}.pub"));
     let key_path = dir.join(format!("{name}.key"));
     for p in [&pub_path, &key_path] {
         if p.exists() {
-            return Err(UpgradeError::Sign(format!(
-                "{} exists; refusing to overwrite a key",
-                p.display()
-            )));
+            return Err(ReleaseError::KeyExists { path: p.clone() });
         }
     }
     let kp = match passphrase {
         Some(p) => minisign::KeyPair::generate_encrypted_keypair(Some(p)),
         None => minisign::KeyPair::generate_unencrypted_keypair(),
     }
-    .map_err(sign_err)?;
-    let pk = kp.pk.to_box().map_err(sign_err)?.into_string();
+    .map_err(minisign_err("generate a key pair"))?;
+    let pk = kp
+        .pk
+        .to_box()
+        .map_err(minisign_err("encode the public key"))?
+        .into_string();
     let sk = kp
         .sk
         .to_box(Some("delegate release signing key"))
-        .map_err(sign_err)?
+        .map_err(minisign_err("encode the secret key"))?
         .into_string();
     std::fs::write(&pub_path, pk).map_err(io(&pub_path))?;
     {
@@ -83,29 +137,30 @@ pub struct Signer {
 }
 
 impl Signer {
-    pub fn load(path: &Path, passphrase: Option<String>) -> Result<Signer, UpgradeError> {
+    pub fn load(path: &Path, passphrase: Option<String>) -> Result<Signer, ReleaseError> {
         let text = std::fs::read_to_string(path).map_err(io(path))?;
-        let sk_box = minisign::SecretKeyBox::from_string(&text)
-            .map_err(|e| UpgradeError::Sign(format!("{}: {e}", path.display())))?;
+        let key_err = |source| ReleaseError::Key {
+            path: path.to_path_buf(),
+            source,
+        };
+        let sk_box = minisign::SecretKeyBox::from_string(&text).map_err(key_err)?;
         // Try unencrypted first; a protected key needs the passphrase (or a prompt).
         let sk = match sk_box.clone().into_unencrypted_secret_key() {
             Ok(sk) if !sk.is_encrypted() => sk,
-            _ => sk_box
-                .into_secret_key(passphrase)
-                .map_err(|e| UpgradeError::Sign(format!("{}: {e}", path.display())))?,
+            _ => sk_box.into_secret_key(passphrase).map_err(key_err)?,
         };
         Ok(Signer { sk })
     }
 
     /// A minisign signature (prehashed) with `trusted` as its trusted comment.
-    pub fn sign(&self, data: &[u8], trusted: &str) -> Result<String, UpgradeError> {
+    pub fn sign(&self, data: &[u8], trusted: &str) -> Result<String, ReleaseError> {
         Ok(minisign::sign(None, &self.sk, data, Some(trusted), None)
-            .map_err(sign_err)?
+            .map_err(minisign_err("sign"))?
             .into_string())
     }
 
     /// Sign `file` into `file.minisig`.
-    pub fn sign_file(&self, file: &Path, trusted: &str) -> Result<PathBuf, UpgradeError> {
+    pub fn sign_file(&self, file: &Path, trusted: &str) -> Result<PathBuf, ReleaseError> {
         let data = std::fs::read(file).map_err(io(file))?;
         let sig = self.sign(&data, trusted)?;
         let out = PathBuf::from(format!("{}.minisig", file.display()));
@@ -131,7 +186,7 @@ pub struct Published {
 }
 
 /// Pack `binary` for `target`, add it to the channel and (re)sign the channel manifest.
-pub fn publish(p: &Publish<'_>, signer: &Signer) -> Result<Published, UpgradeError> {
+pub fn publish(p: &Publish<'_>, signer: &Signer) -> Result<Published, ReleaseError> {
     let version = binary_version(p.binary)?;
     let rel = format!(
         "artifacts/{version}/{BINARY_NAME}-{version}-{}.tar.gz",
@@ -180,7 +235,7 @@ pub fn publish(p: &Publish<'_>, signer: &Signer) -> Result<Published, UpgradeErr
         expires_at: published_at + p.expires_in.as_secs(),
         artifacts,
     };
-    let mut json = serde_json::to_vec_pretty(&manifest).map_err(sign_err)?;
+    let mut json = serde_json::to_vec_pretty(&manifest).map_err(ReleaseError::Json)?;
     json.push(b'\n');
     let sig = signer.sign(
         &json,
@@ -202,29 +257,34 @@ pub fn publish(p: &Publish<'_>, signer: &Signer) -> Result<Published, UpgradeErr
 }
 
 /// `<binary> version`, checked to be a version.
-fn binary_version(binary: &Path) -> Result<String, UpgradeError> {
-    let out = std::process::Command::new(binary)
-        .arg("version")
-        .output()
-        .map_err(io(binary))?;
-    let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
+fn binary_version(binary: &Path) -> Result<String, ReleaseError> {
+    // The binary may just have been written by a build or a test (see the upgrader's
+    // `spawn` module): retry briefly while it is busy.
+    let out = delegate_upgrader::spawn::retry_busy_blocking(|| {
+        std::process::Command::new(binary)
+            .arg("version")
+            .stdin(std::process::Stdio::null())
+            .output()
+    })
+    .map_err(io(binary))?;
     if !out.status.success() {
-        return Err(UpgradeError::BinaryFailed {
+        return Err(ReleaseError::BinaryFailed {
             path: binary.to_path_buf(),
-            reason: format!("`version` exited with {}", out.status),
+            status: out.status,
         });
     }
+    let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
     text.parse::<Version>()
-        .map_err(|e| UpgradeError::BinaryFailed {
+        .map_err(|source| ReleaseError::BinaryVersion {
             path: binary.to_path_buf(),
-            reason: e.to_string(),
+            source,
         })
         .map(|v| v.to_string())
 }
 
 /// A tar.gz holding `binary` as `delegate` (mode 0755, root-owned, no timestamps that
 /// would make two packs of the same binary differ).
-fn pack(binary: &Path, out: &Path) -> Result<(), UpgradeError> {
+fn pack(binary: &Path, out: &Path) -> Result<(), ReleaseError> {
     let mut data = Vec::new();
     std::fs::File::open(binary)
         .and_then(|mut f| f.read_to_end(&mut data))
@@ -253,7 +313,7 @@ fn pack(binary: &Path, out: &Path) -> Result<(), UpgradeError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::trust::TrustedKeys;
+    use delegate_upgrader::trust::TrustedKeys;
 
     #[test]
     fn publish_then_verify_with_a_protected_key() {
