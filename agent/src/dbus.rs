@@ -9,6 +9,7 @@
 
 use std::time::Duration;
 
+use delegate_protocol::DelegateState;
 use tokio::sync::mpsc;
 use zbus::{fdo, interface};
 
@@ -148,7 +149,7 @@ async fn forward_changes(conn: zbus::Connection, mut o: Observer) {
 #[derive(Debug, thiserror::Error)]
 pub enum CliError {
     #[error(
-        "cannot reach the system bus ({address}): {source}; is dbus running? (the bus address comes from DBUS_SYSTEM_BUS_ADDRESS)"
+        "cannot reach the system bus ({address}); is dbus running? (the bus address comes from DBUS_SYSTEM_BUS_ADDRESS)"
     )]
     NoBus {
         address: String,
@@ -158,7 +159,7 @@ pub enum CliError {
         "the agent is not on the system bus (name {BUS_NAME} has no owner): is delegate.service running? (`systemctl status delegate`)"
     )]
     NotRunning,
-    #[error("{what} failed: {source}")]
+    #[error("{what} failed")]
     Call {
         what: &'static str,
         source: zbus::Error,
@@ -167,6 +168,8 @@ pub enum CliError {
         "the agent did not reach `drained` within {0:?}; tasks are still running (see `delegate status`)"
     )]
     DrainTimeout(Duration),
+    #[error(transparent)]
+    State(#[from] delegate_host::agent1::StateError),
 }
 
 fn system_bus_address() -> String {
@@ -240,11 +243,7 @@ pub async fn drain(p: &Agent1Proxy<'_>, wait: Option<Duration>) -> Result<(), Cl
     };
     let deadline = tokio::time::Instant::now() + limit;
     loop {
-        let state = p.state().await.map_err(|source| CliError::Call {
-            what: "State",
-            source,
-        })?;
-        if state == "drained" {
+        if delegate_host::agent1::state(p).await? == DelegateState::Drained {
             return Ok(());
         }
         if tokio::time::Instant::now() >= deadline {
