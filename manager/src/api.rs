@@ -391,6 +391,7 @@ async fn acquire(
         if *shutdown.borrow() || (max > 0 && app.store.delegate_draining(&id)?) {
             return Ok(StatusCode::NO_CONTENT.into_response());
         }
+        let _waiting = app.hub.waiting();
         tokio::select! {
             _ = &mut notified => {}
             _ = tokio::time::sleep_until(deadline) => {
@@ -714,6 +715,7 @@ mod tests {
         stop: Option<oneshot::Sender<()>>,
         handle: tokio::task::JoinHandle<Result<(), ServeError>>,
         data: std::path::PathBuf,
+        app: App,
         _dir: tempfile::TempDir,
     }
 
@@ -736,6 +738,7 @@ mod tests {
         };
         let server = server::bind(&cfg).await.expect("bind");
         let base = format!("http://{}", server.local_addr());
+        let app = server.app();
         let (tx, rx) = oneshot::channel::<()>();
         let handle = tokio::spawn(server.run(async {
             let _ = rx.await;
@@ -751,6 +754,7 @@ mod tests {
             stop: Some(tx),
             handle,
             data,
+            app,
             _dir: dir,
         }
     }
@@ -795,6 +799,19 @@ mod tests {
             (created.token, reg.delegate_id)
         }
 
+        /// Wait until `n` long polls are waiting for a wake-up (the premise of a wake-up
+        /// test: a poll that has not started waiting proves nothing).
+        async fn polls_waiting(&self, n: usize) {
+            let t0 = Instant::now();
+            while self.app.hub.waiting_polls() < n {
+                assert!(
+                    t0.elapsed() < Duration::from_secs(10),
+                    "no long poll started waiting within 10 s"
+                );
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+
         async fn stop(mut self) {
             if let Some(tx) = self.stop.take() {
                 let _ = tx.send(());
@@ -833,7 +850,7 @@ mod tests {
                 t0.elapsed(),
             )
         });
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        s.polls_waiting(1).await;
         let resp = s
             .admin_post(
                 "/tasks",
@@ -931,6 +948,43 @@ mod tests {
         s.stop().await;
     }
 
+    /// Issue 7 item 5, reproduced: a long poll opened before its token was revoked still
+    /// leased the next task.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_revoked_tokens_open_long_poll_leases_nothing() {
+        let s = start().await;
+        let (token, id) = s.delegate("d1", &[]).await;
+        let req = s
+            .http
+            .post(s.url(&format!("/delegates/{id}/acquire?wait=20")))
+            .bearer_auth(token)
+            .send();
+        let poll = tokio::spawn(async move {
+            let t0 = Instant::now();
+            let r = req.await.expect("acquire");
+            let status = r.status().as_u16();
+            (status, r.bytes().await.expect("body"), t0.elapsed())
+        });
+        s.polls_waiting(1).await;
+        let r = s.admin_post("/tokens/d1/revoke", json!({})).await;
+        assert_eq!(r.status().as_u16(), 200);
+        let r = s
+            .admin_post("/tasks", json!({"kind": "shell", "spec": {"script": "x"}}))
+            .await;
+        let task: SubmitResponse = r.json().await.expect("submit");
+        let (status, body, took) = poll.await.expect("join");
+        assert_eq!(
+            status,
+            401,
+            "the poll answered {}",
+            String::from_utf8_lossy(&body)
+        );
+        assert!(took < Duration::from_secs(5), "took {took:?}");
+        let view = s.app.store.task(&task.task_id).expect("task");
+        assert_eq!(view.state, delegate_protocol::TaskState::Queued);
+        s.stop().await;
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn oversized_submit_is_a_json_413() {
         let s = start().await;
@@ -1023,7 +1077,7 @@ mod tests {
             let r = req.await.expect("acquire");
             (r.status().as_u16(), t0.elapsed())
         });
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        s.polls_waiting(1).await;
         s.stop().await;
         let (status, took) = poll.await.expect("join");
         assert_eq!(status, 204);

@@ -129,6 +129,11 @@ impl Server {
         self.addr
     }
 
+    /// The shared state, for tests that watch the hub or the store.
+    pub fn app(&self) -> App {
+        self.app.clone()
+    }
+
     /// Serve until `shutdown` completes, then wake long polls and log followers so they
     /// answer at once, and give open connections a short grace period.
     pub async fn run(

@@ -307,8 +307,11 @@ struct OwnDelegate {
     draining: bool,
 }
 
-/// The delegate `id` if it was registered with `token_name`.
+/// The delegate `id` if it was registered with `token_name` and that token is still
+/// live: checked in the caller's transaction, so a revoke that raced the request (a long
+/// poll opened before it) leases nothing.
 fn own_delegate(conn: &Connection, id: &str, token_name: &str) -> Result<OwnDelegate, StoreError> {
+    live_token_tags(conn, token_name)?;
     let mut stmt =
         conn.prepare_cached("SELECT tags, state FROM delegates WHERE id = ?1 AND token_name = ?2")?;
     stmt.query_row([id, token_name], |r| {
