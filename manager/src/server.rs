@@ -19,6 +19,7 @@ use crate::api::{self, App, AppInner};
 use crate::auth;
 use crate::error::ServeError;
 use crate::hub::{self, Hub};
+use crate::reaper::{Reaper, SystemClock};
 use crate::store::{Store, now_ms};
 
 /// Where the manager keeps its database and admin token unless told otherwise.
@@ -227,22 +228,33 @@ async fn reap_leases(app: App) {
     let tick = (app.lease_ttl / 4).clamp(Duration::from_millis(100), Duration::from_secs(1));
     let mut interval = tokio::time::interval(tick);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let clock = SystemClock::default();
+    let mut reaper = Reaper::default();
     loop {
         interval.tick().await;
-        match app.store.reap(now_ms()) {
-            Ok(r) if r.any() => {
-                info!(
-                    requeued = r.requeued,
-                    lost = r.lost,
-                    cancelled = r.cancelled,
-                    "leases lapsed"
-                );
-                if r.requeued > 0 {
-                    app.hub.work_available();
+        match reaper.pass(&app.store, &clock) {
+            Ok(pass) => {
+                if let Some((ms, moved)) = pass.step {
+                    warn!(
+                        "the wall clock jumped {} forward; moved {moved} lease(s) with it so \
+                         that no task is lost for it",
+                        humantime::format_duration(Duration::from_millis(ms as u64))
+                    );
                 }
-                app.hub.changed();
+                let r = pass.reaped;
+                if r.any() {
+                    info!(
+                        requeued = r.requeued,
+                        lost = r.lost,
+                        cancelled = r.cancelled,
+                        "leases lapsed"
+                    );
+                    if r.requeued > 0 {
+                        app.hub.work_available();
+                    }
+                    app.hub.changed();
+                }
             }
-            Ok(_) => {}
             Err(e) => warn!("lease reaper: {e}"),
         }
     }

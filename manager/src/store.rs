@@ -1190,6 +1190,16 @@ impl Store {
         Ok(reaped)
     }
 
+    /// Move by `by_ms` the deadline of every held lease that ends by `set_before`: the
+    /// leases set before a wall-clock step (see `reaper`).
+    pub fn shift_leases(&self, by_ms: i64, set_before: UnixMillis) -> Result<usize, StoreError> {
+        Ok(self.conn().execute(
+            "UPDATE tasks SET lease_expires = lease_expires + ?1 \
+             WHERE state IN ('assigned', 'running') AND lease_expires <= ?2",
+            params![by_ms, set_before],
+        )?)
+    }
+
     /// Give every held task a full lease from `now`: called at startup, because delegates
     /// could not heartbeat while the manager was down and must not lose tasks for it.
     pub fn extend_leases(&self, now: UnixMillis) -> Result<usize, StoreError> {
