@@ -88,7 +88,7 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn new(status: StatusCode, code: ErrorCode, message: impl Into<String>) -> ApiError {
+    pub fn new(status: StatusCode, code: ErrorCode, message: impl Into<String>) -> ApiError {
         ApiError {
             status,
             body: ErrorBody {
@@ -301,8 +301,15 @@ pub fn router(app: App) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .nest(API_PREFIX, api);
     if let Some(dir) = releases {
-        // Static, read-only, no listing; ServeDir refuses `..` and paths out of `dir`.
-        root = root.nest_service("/releases", tower_http::services::ServeDir::new(dir));
+        // Static, read-only, no listing, nothing outside `dir` (see `releases`).
+        let dir = Arc::new(dir);
+        root = root.route(
+            "/releases/{*path}",
+            get(move |P(rel): P| {
+                let dir = dir.clone();
+                async move { crate::releases::serve(&dir, &rel).await }
+            }),
+        );
     }
     root.fallback(no_route)
         .method_not_allowed_fallback(wrong_method)

@@ -17,5 +17,6 @@ pub mod client;
 pub mod error;
 pub mod hub;
 pub mod reaper;
+pub mod releases;
 pub mod server;
 pub mod store;

@@ -156,3 +156,50 @@ fn a_token_with_a_tag_set_cannot_register_other_tags() {
     let (_, list, _) = m.cli(&["token", "list"]).expect("cli");
     assert!(list.contains("linux,eu"), "{list}");
 }
+
+/// Issue 7 item 7, reproduced: `/releases/` followed `rel/pw -> /etc/passwd` and served
+/// it, unauthenticated.
+#[test]
+fn releases_do_not_follow_symlinks_out_of_the_release_directory() {
+    use std::os::unix::fs::symlink;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let rel = tmp.path().join("rel");
+    std::fs::create_dir_all(rel.join("channels")).expect("mkdir");
+    std::fs::write(rel.join("channels/stable.json"), b"{\"version\":\"1.0.0\"}").expect("write");
+    symlink("/etc/passwd", rel.join("pw")).expect("symlink");
+    symlink("..", rel.join("up")).expect("symlink");
+    symlink("channels/stable.json", rel.join("latest.json")).expect("symlink");
+    let rel_arg = rel.to_str().expect("utf-8 path");
+    let m =
+        Manager::start_with(tmp.path(), "127.0.0.1:0", &["--releases", rel_arg]).expect("manager");
+    let http = reqwest::blocking::Client::new();
+    let get = |path: &str| {
+        let r = http
+            .get(format!("{}/releases/{path}", m.url()))
+            .send()
+            .expect("get");
+        (r.status().as_u16(), r.text().unwrap_or_default())
+    };
+    for path in [
+        "pw",
+        "up/manager/admin.token",
+        "channels",
+        "../manager/admin.token",
+    ] {
+        let (status, body) = get(path);
+        assert_eq!(status, 404, "{path} answered {status}: {body}");
+        assert!(
+            !body.contains("root:") && !body.contains("adm_"),
+            "{path} leaked: {body}"
+        );
+    }
+    assert_eq!(
+        get("channels/stable.json"),
+        (200, "{\"version\":\"1.0.0\"}".into())
+    );
+    assert_eq!(
+        get("latest.json").0,
+        200,
+        "a link inside the directory is served"
+    );
+}
