@@ -62,6 +62,8 @@ pub struct AppInner {
     pub heartbeat_interval: Duration,
     /// Served read-only under `/releases/` when set.
     pub releases: Option<PathBuf>,
+    /// A request body that makes no progress for this long is refused (408).
+    pub idle_timeout: Duration,
 }
 
 #[derive(Clone)]
@@ -248,11 +250,23 @@ impl<S: Send + Sync> FromRequestParts<S> for P {
 
 /// Read a whole body, refusing (with 413) one larger than `limit`. Axum's own limit
 /// answers in plain text, and the protocol promises JSON.
-async fn read_body(body: Body, limit: usize, what: &str) -> ApiResult<Bytes> {
+async fn read_body(app: &App, body: Body, limit: usize, what: &str) -> ApiResult<Bytes> {
     let mut stream = body.into_data_stream();
     let mut buf = BytesMut::new();
     let mut seen = 0usize;
-    while let Some(chunk) = stream.next().await {
+    let idle = app.idle_timeout;
+    loop {
+        let Ok(next) = tokio::time::timeout(idle, stream.next()).await else {
+            return Err(ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                ErrorCode::BadRequest,
+                format!(
+                    "the {what} body stalled: no byte for {}; send it whole",
+                    humantime::format_duration(idle)
+                ),
+            ));
+        };
+        let Some(chunk) = next else { break };
         let chunk = chunk
             .map_err(|e| ApiError::bad_request(format!("cannot read the {what} body: {e}")))?;
         seen += chunk.len();
@@ -274,8 +288,13 @@ async fn read_body(body: Body, limit: usize, what: &str) -> ApiResult<Bytes> {
     Ok(buf.freeze())
 }
 
-async fn read_json<T: DeserializeOwned>(body: Body, limit: usize, what: &str) -> ApiResult<T> {
-    let bytes = read_body(body, limit, what).await?;
+async fn read_json<T: DeserializeOwned>(
+    app: &App,
+    body: Body,
+    limit: usize,
+    what: &str,
+) -> ApiResult<T> {
+    let bytes = read_body(app, body, limit, what).await?;
     serde_json::from_slice(&bytes)
         .map_err(|e| ApiError::bad_request(format!("{what} body is not valid: {e}")))
 }
@@ -339,7 +358,7 @@ async fn register(
     auth: DelegateAuth,
     body: Body,
 ) -> ApiResult<Json<RegisterResponse>> {
-    let req: RegisterRequest = read_json(body, SMALL_BODY_LIMIT, "register").await?;
+    let req: RegisterRequest = read_json(&app, body, SMALL_BODY_LIMIT, "register").await?;
     let id = app.store.register(&auth.token_name, &req, now_ms())?;
     info!(
         delegate_id = %id, name = %req.name, hostname = %req.hostname,
@@ -358,7 +377,7 @@ async fn heartbeat(
     P(id): P,
     body: Body,
 ) -> ApiResult<Json<HeartbeatResponse>> {
-    let req: HeartbeatRequest = read_json(body, SMALL_BODY_LIMIT, "heartbeat").await?;
+    let req: HeartbeatRequest = read_json(&app, body, SMALL_BODY_LIMIT, "heartbeat").await?;
     let resp = app.store.heartbeat(&auth.token_name, &id, &req, now_ms())?;
     if crate::store::is_draining(req.state.as_str()) {
         // End this delegate's long poll now, so it takes nothing new while draining.
@@ -436,7 +455,7 @@ async fn append_log(
             "log chunk without `offset`; send ?attempt=N&offset=BYTES",
         ));
     };
-    let data = read_body(body, MAX_LOG_CHUNK_BYTES, "log chunk").await?;
+    let data = read_body(&app, body, MAX_LOG_CHUNK_BYTES, "log chunk").await?;
     let stored = app
         .store
         .append_log(&auth.token_name, &id, q.attempt, offset, &data)?;
@@ -453,7 +472,7 @@ async fn result(
     Q(q): Q<AttemptQuery>,
     body: Body,
 ) -> ApiResult<Json<TaskView>> {
-    let res: TaskResult = read_json(body, SMALL_BODY_LIMIT, "result").await?;
+    let res: TaskResult = read_json(&app, body, SMALL_BODY_LIMIT, "result").await?;
     let (view, effect) = app
         .store
         .finish(&auth.token_name, &id, q.attempt, &res, now_ms())?;
@@ -521,7 +540,7 @@ async fn submit(
     _: AdminAuth,
     body: Body,
 ) -> ApiResult<(StatusCode, Json<SubmitResponse>)> {
-    let bytes = read_body(body, MAX_SUBMIT_BYTES, "task submission").await?;
+    let bytes = read_body(&app, body, MAX_SUBMIT_BYTES, "task submission").await?;
     let raw: RawSubmit = serde_json::from_slice(&bytes)
         .map_err(|e| ApiError::invalid_spec(format!("task submission: {e}")))?;
     let (task, timeout) = validate_submit(raw)?;
@@ -652,7 +671,7 @@ async fn create_token(
     _: AdminAuth,
     body: Body,
 ) -> ApiResult<Json<CreatedToken>> {
-    let req: CreateToken = read_json(body, SMALL_BODY_LIMIT, "create token").await?;
+    let req: CreateToken = read_json(&app, body, SMALL_BODY_LIMIT, "create token").await?;
     let token = auth::new_delegate_token();
     app.store.create_token(
         &req.name,
@@ -689,7 +708,7 @@ async fn forget_delegate(
     _: AdminAuth,
     body: Body,
 ) -> ApiResult<Json<ForgottenDelegate>> {
-    let req: ForgetDelegate = read_json(body, SMALL_BODY_LIMIT, "forget delegate").await?;
+    let req: ForgetDelegate = read_json(&app, body, SMALL_BODY_LIMIT, "forget delegate").await?;
     let gone = app
         .store
         .forget_delegate(&req.name, req.hostname.as_deref(), now_ms())?;
@@ -737,11 +756,8 @@ mod tests {
         )
         .expect("manifest");
         let cfg = ServeConfig {
-            listen: "127.0.0.1:0".parse().expect("addr"),
-            data_dir: data.clone(),
-            lease_ttl: Duration::from_secs(30),
-            heartbeat_interval: Duration::from_secs(10),
             releases: Some(releases),
+            ..ServeConfig::new("127.0.0.1:0".parse().expect("addr"), data.clone())
         };
         let server = server::bind(&cfg).await.expect("bind");
         let base = format!("http://{}", server.local_addr());
@@ -1108,13 +1124,10 @@ mod tests {
         }
         handle.await.expect("join").expect("stop");
         // A restart on the same directory keeps the token.
-        server::bind(&ServeConfig {
-            listen: "127.0.0.1:0".parse().expect("addr"),
-            data_dir: data.clone(),
-            lease_ttl: Duration::from_secs(30),
-            heartbeat_interval: Duration::from_secs(10),
-            releases: None,
-        })
+        server::bind(&ServeConfig::new(
+            "127.0.0.1:0".parse().expect("addr"),
+            data.clone(),
+        ))
         .await
         .expect("restart");
         let again = std::fs::read_to_string(&path).expect("read");

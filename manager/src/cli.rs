@@ -101,6 +101,18 @@ pub struct ServeArgs {
     /// `/releases/`, as the upgrader's channel URL.
     #[arg(long)]
     pub releases: Option<std::path::PathBuf>,
+    /// A client must send a whole request head within this long (also how long a
+    /// kept-alive connection may sit idle between requests).
+    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+    pub header_timeout: Duration,
+    /// A request body or response that moves no byte for this long ends its connection.
+    /// Long polls and log follows are not affected: there the manager is the one waiting.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    pub idle_timeout: Duration,
+    /// Most connections open at once (each delegate holds one or two); keep it below the
+    /// open-file limit (`ulimit -n`, `LimitNOFILE=`). More wait until one closes.
+    #[arg(long, default_value_t = 1000)]
+    pub max_connections: usize,
 }
 
 #[derive(Debug, Subcommand)]

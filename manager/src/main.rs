@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Parser;
 use delegate_manager::cli::{self, Cli, Command};
+use delegate_manager::conn::Limits;
 use delegate_manager::server::{self, ServeConfig};
 use tracing_subscriber::EnvFilter;
 
@@ -46,6 +47,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             .heartbeat_interval
             .unwrap_or_else(|| ServeConfig::default_heartbeat(args.lease_ttl)),
         releases: args.releases.clone(),
+        limits: Limits {
+            header_timeout: args.header_timeout,
+            idle_timeout: args.idle_timeout,
+            max_connections: args.max_connections,
+        },
     };
     let server = server::bind(&cfg).await.with_context(|| {
         format!(

@@ -17,8 +17,9 @@ use tracing::{info, warn};
 
 use crate::api::{self, App, AppInner};
 use crate::auth;
+use crate::conn::{self, Limits};
 use crate::error::ServeError;
-use crate::hub::{self, Hub};
+use crate::hub::Hub;
 use crate::reaper::{Reaper, SystemClock};
 use crate::store::{Store, now_ms};
 
@@ -39,9 +40,24 @@ pub struct ServeConfig {
     /// A release directory served read-only under `/releases/` (for the upgrader's
     /// channel), so a quick start needs no other web server.
     pub releases: Option<PathBuf>,
+    /// Header, idle and connection-count limits.
+    pub limits: Limits,
 }
 
 impl ServeConfig {
+    /// Defaults for everything but where to listen and keep data.
+    pub fn new(listen: SocketAddr, data_dir: PathBuf) -> ServeConfig {
+        let lease_ttl = Duration::from_secs(30);
+        ServeConfig {
+            listen,
+            data_dir,
+            lease_ttl,
+            heartbeat_interval: Self::default_heartbeat(lease_ttl),
+            releases: None,
+            limits: Limits::default(),
+        }
+    }
+
     /// The heartbeat interval when none is given: a third of the lease TTL, between 1 s
     /// and 10 s, so a delegate gets about three tries before its leases lapse.
     pub fn default_heartbeat(lease_ttl: Duration) -> Duration {
@@ -67,6 +83,22 @@ impl ServeConfig {
                 humantime::format_duration(self.lease_ttl)
             )));
         }
+        if self.limits.max_connections == 0 {
+            return Err(ServeError::Config(
+                "--max-connections 0 would refuse every client; give at least 1".to_string(),
+            ));
+        }
+        for (flag, d) in [
+            ("--header-timeout", self.limits.header_timeout),
+            ("--idle-timeout", self.limits.idle_timeout),
+        ] {
+            if d < Duration::from_millis(100) {
+                return Err(ServeError::Config(format!(
+                    "{flag} {} is too short; give at least 100ms",
+                    humantime::format_duration(d)
+                )));
+            }
+        }
         Ok(())
     }
 }
@@ -76,6 +108,7 @@ pub struct Server {
     listener: TcpListener,
     addr: SocketAddr,
     app: App,
+    limits: Limits,
 }
 
 /// Step 1-4 of a start: data directory, database (migrated), admin token, leases
@@ -116,11 +149,13 @@ pub async fn bind(cfg: &ServeConfig) -> Result<Server, ServeError> {
         lease_ttl: cfg.lease_ttl,
         heartbeat_interval: cfg.heartbeat_interval,
         releases: cfg.releases.clone(),
+        idle_timeout: cfg.limits.idle_timeout,
     });
     Ok(Server {
         listener,
         addr,
         app,
+        limits: cfg.limits,
     })
 }
 
@@ -145,35 +180,21 @@ impl Server {
             listener,
             addr,
             app,
+            limits,
         } = self;
         let reaper = tokio::spawn(reap_leases(app.clone()));
         let stopper = app.clone();
-        let signal = async move {
+        tokio::spawn(async move {
             shutdown.await;
             info!("stopping: answering open long polls and closing connections");
             stopper.hub.shutdown();
-        };
-        let mut stopping = app.hub.subscribe_shutdown();
-        info!("listening on {addr}");
-        // Long-poll answers and acks are small writes; don't let Nagle hold them back.
-        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-            if let Err(e) = tcp.set_nodelay(true) {
-                tracing::debug!("cannot set TCP_NODELAY: {e}");
-            }
         });
-        let serve = axum::serve(listener, api::router(app)).with_graceful_shutdown(signal);
-        let res = tokio::select! {
-            r = serve => r.map_err(ServeError::Serve),
-            _ = async {
-                hub::stopping(&mut stopping).await;
-                tokio::time::sleep(SHUTDOWN_GRACE).await;
-            } => {
-                warn!("connections still open {SHUTDOWN_GRACE:?} after the stop signal; closing them");
-                Ok(())
-            }
-        };
+        let stopping = app.hub.subscribe_shutdown();
+        info!("listening on {addr}");
+        let router = api::router(app);
+        conn::serve(listener, router, limits, None, stopping, SHUTDOWN_GRACE).await;
         reaper.abort();
-        res
+        Ok(())
     }
 }
 

@@ -203,3 +203,113 @@ fn releases_do_not_follow_symlinks_out_of_the_release_directory() {
         "a link inside the directory is served"
     );
 }
+
+/// Issue 7 item 4, reproduced: 300 half-open connections (a request head never
+/// finished) made `/healthz` time out; nothing ever closed them.
+#[test]
+fn half_open_connections_neither_starve_the_manager_nor_stay_open() {
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+    use std::time::Instant;
+
+    const HALF_OPEN: usize = 300;
+    let header_timeout = Duration::from_secs(2);
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let m = Manager::start_with(
+        tmp.path(),
+        "127.0.0.1:0",
+        &["--header-timeout", "2s", "--idle-timeout", "2s"],
+    )
+    .expect("manager");
+    let token = m.token("t").expect("token");
+    let caller = Caller::new(&m, &token);
+    let (status, reg) = caller.register("d", "h", &[]);
+    assert_eq!(status, 200, "{reg}");
+    let id = reg["delegate_id"].as_str().expect("id").to_string();
+
+    // A long poll that outlives the header timeout: the manager is the one waiting.
+    let poll_url = format!("{}/api/v1/delegates/{id}/acquire?wait=4", m.url());
+    let poll_token = token.clone();
+    let poll = std::thread::spawn(move || {
+        let t0 = Instant::now();
+        let r = reqwest::blocking::Client::new()
+            .post(poll_url)
+            .bearer_auth(poll_token)
+            .send()
+            .expect("long poll");
+        (r.status().as_u16(), t0.elapsed())
+    });
+
+    let opened = Instant::now();
+    let mut half_open: Vec<TcpStream> = (0..HALF_OPEN)
+        .map(|_| {
+            let mut s = TcpStream::connect(&m.addr).expect("connect");
+            s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+                .expect("half a request");
+            s
+        })
+        .collect();
+
+    let t0 = Instant::now();
+    let r = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .expect("client")
+        .get(format!("{}/healthz", m.url()))
+        .send()
+        .expect("/healthz answers while 300 half-open connections are held");
+    assert_eq!(r.status().as_u16(), 200);
+    let took = t0.elapsed();
+    assert!(took < Duration::from_secs(1), "/healthz took {took:?}");
+
+    // A stalled request body is refused after the idle timeout.
+    let mut stalled = TcpStream::connect(&m.addr).expect("connect");
+    write!(
+        stalled,
+        "POST /api/v1/delegates/register HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\
+         Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{"
+    )
+    .expect("stalled body");
+
+    // Every half-open connection is closed by the manager after the header timeout.
+    let limit = header_timeout + Duration::from_secs(5);
+    for s in &mut half_open {
+        let left = limit
+            .saturating_sub(opened.elapsed())
+            .max(Duration::from_millis(10));
+        s.set_read_timeout(Some(left)).expect("timeout");
+        let mut buf = Vec::new();
+        if let Err(e) = s.read_to_end(&mut buf) {
+            assert!(
+                !matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ),
+                "a half-open connection was still open {:?} after it was made",
+                opened.elapsed()
+            );
+        }
+    }
+    let closed_after = opened.elapsed();
+    assert!(
+        closed_after >= header_timeout - Duration::from_millis(200),
+        "{closed_after:?}"
+    );
+
+    stalled
+        .set_read_timeout(Some(Duration::from_secs(6)))
+        .expect("timeout");
+    let mut answer = String::new();
+    let _ = stalled.read_to_string(&mut answer);
+    assert!(
+        answer.starts_with("HTTP/1.1 408"),
+        "stalled body got: {answer:?}"
+    );
+
+    let (status, took) = poll.join().expect("poll thread");
+    assert_eq!(status, 204, "the long poll ran its course");
+    assert!(
+        took >= Duration::from_secs(4),
+        "the long poll was cut after {took:?}"
+    );
+}
