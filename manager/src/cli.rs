@@ -45,6 +45,10 @@ pub struct Cli {
         hide_env_values = true
     )]
     pub admin_token: Option<String>,
+    /// CA certificate(s) (PEM) that signed an https:// manager's certificate; only these
+    /// are trusted then.
+    #[arg(long, global = true, env = "DELEGATE_MANAGER_CA_FILE")]
+    pub ca_file: Option<PathBuf>,
     /// Data directory: database and admin.token.
     #[arg(long, global = true, env = "DELEGATE_MANAGER_DATA", default_value = DEFAULT_DATA_DIR)]
     pub data: PathBuf,
@@ -113,6 +117,12 @@ pub struct ServeArgs {
     /// open-file limit (`ulimit -n`, `LimitNOFILE=`). More wait until one closes.
     #[arg(long, default_value_t = 1000)]
     pub max_connections: usize,
+    /// Serve HTTPS with this certificate chain (PEM, leaf first); needs --tls-key.
+    #[arg(long, requires = "tls_key", env = "DELEGATE_MANAGER_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, requires = "tls_cert", env = "DELEGATE_MANAGER_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -244,7 +254,7 @@ pub struct SubmitArgs {
 /// Run a client command (anything but `serve`).
 pub async fn run(cli: Cli) -> Result<ExitCode, CliError> {
     let token = admin_token(cli.admin_token.as_deref(), &cli.data)?;
-    let client = Client::new(&cli.server, token)?;
+    let client = Client::new(&cli.server, token, cli.ca_file.as_deref())?;
     match cli.command {
         Command::Serve(_) => Err(CliError::Usage("serve is not a client command".to_string())),
         Command::Token(cmd) => token_cmd(&client, cmd).await,

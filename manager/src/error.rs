@@ -161,6 +161,22 @@ pub enum ServeError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("cannot make the database {path} private (mode 0600)")]
+    Database {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// `reason` is the PEM reader's complaint, which is all there is to say.
+    #[error(
+        "cannot read the TLS file {path}: {reason} (give PEM files to --tls-cert and --tls-key)"
+    )]
+    TlsFile { path: PathBuf, reason: String },
+    #[error("the TLS certificate {cert} and key {key} do not make a server identity")]
+    Tls {
+        cert: PathBuf,
+        key: PathBuf,
+        source: tokio_rustls::rustls::Error,
+    },
     #[error("{0}")]
     Config(String),
     #[error(transparent)]
@@ -181,7 +197,17 @@ pub enum CliError {
     /// operator needs here.
     #[error("cannot reach the manager at {url}: is `delegate-manager serve` running? ({reason})")]
     Unreachable { url: String, reason: String },
-    #[error("request to {url} failed: {source}")]
+    /// `reason` is the TLS library's verdict (e.g. "invalid peer certificate:
+    /// UnknownIssuer").
+    #[error(
+        "cannot trust the manager at {url}: its TLS certificate did not verify ({reason}); \
+         pass the CA certificate that signed it with --ca-file FILE (or \
+         DELEGATE_MANAGER_CA_FILE)"
+    )]
+    Certificate { url: String, reason: String },
+    #[error("{path} holds no PEM CERTIFICATE; give --ca-file the CA certificate(s) in PEM")]
+    CaFile { path: PathBuf },
+    #[error("request to {url} failed")]
     Http { url: String, source: reqwest::Error },
     /// The manager answered with an error body; `message` is its human text.
     #[error("{message}")]

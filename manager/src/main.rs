@@ -8,7 +8,7 @@ use anyhow::Context;
 use clap::Parser;
 use delegate_manager::cli::{self, Cli, Command};
 use delegate_manager::conn::Limits;
-use delegate_manager::server::{self, ServeConfig};
+use delegate_manager::server::{self, ServeConfig, TlsFiles};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
@@ -51,6 +51,13 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             header_timeout: args.header_timeout,
             idle_timeout: args.idle_timeout,
             max_connections: args.max_connections,
+        },
+        tls: match (&args.tls_cert, &args.tls_key) {
+            (Some(cert), Some(key)) => Some(TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+            }),
+            _ => None,
         },
     };
     let server = server::bind(&cfg).await.with_context(|| {

@@ -8,11 +8,13 @@ use std::fs::{self, DirBuilder, OpenOptions};
 use std::future::Future;
 use std::io::Write;
 use std::net::SocketAddr;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
 use tracing::{info, warn};
 
 use crate::api::{self, App, AppInner};
@@ -42,6 +44,16 @@ pub struct ServeConfig {
     pub releases: Option<PathBuf>,
     /// Header, idle and connection-count limits.
     pub limits: Limits,
+    /// Serve HTTPS with this certificate chain and key (PEM files); plain HTTP without.
+    pub tls: Option<TlsFiles>,
+}
+
+/// The PEM files of the manager's TLS identity.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    /// The certificate chain, leaf first.
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 impl ServeConfig {
@@ -55,6 +67,7 @@ impl ServeConfig {
             heartbeat_interval: Self::default_heartbeat(lease_ttl),
             releases: None,
             limits: Limits::default(),
+            tls: None,
         }
     }
 
@@ -109,21 +122,31 @@ pub struct Server {
     addr: SocketAddr,
     app: App,
     limits: Limits,
+    tls: Option<TlsAcceptor>,
 }
 
 /// Step 1-4 of a start: data directory, database (migrated), admin token, leases
 /// extended over the downtime; then bind the listener.
 pub async fn bind(cfg: &ServeConfig) -> Result<Server, ServeError> {
     cfg.check()?;
+    let tls = cfg.tls.as_ref().map(tls_acceptor).transpose()?;
+    let dir_err = |source| ServeError::DataDir {
+        path: cfg.data_dir.clone(),
+        source,
+    };
     DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(&cfg.data_dir)
-        .map_err(|source| ServeError::DataDir {
-            path: cfg.data_dir.clone(),
-            source,
-        })?;
-    let store = Store::open(&cfg.data_dir.join(DB_FILE), cfg.lease_ttl)?;
+        .map_err(dir_err)?;
+    // Also when it existed: the database holds task specs and their secrets.
+    fs::set_permissions(&cfg.data_dir, fs::Permissions::from_mode(0o700)).map_err(dir_err)?;
+    let db = cfg.data_dir.join(DB_FILE);
+    private_file(&db).map_err(|source| ServeError::Database {
+        path: db.clone(),
+        source,
+    })?;
+    let store = Store::open(&db, cfg.lease_ttl)?;
     let admin_hash = ensure_admin_token(&store, &cfg.data_dir)?;
     let extended = store.extend_leases(now_ms())?;
     if extended > 0 {
@@ -156,6 +179,7 @@ pub async fn bind(cfg: &ServeConfig) -> Result<Server, ServeError> {
         addr,
         app,
         limits: cfg.limits,
+        tls,
     })
 }
 
@@ -181,6 +205,7 @@ impl Server {
             addr,
             app,
             limits,
+            tls,
         } = self;
         let reaper = tokio::spawn(reap_leases(app.clone()));
         let stopper = app.clone();
@@ -190,12 +215,60 @@ impl Server {
             stopper.hub.shutdown();
         });
         let stopping = app.hub.subscribe_shutdown();
-        info!("listening on {addr}");
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        info!("listening on {addr} ({scheme})");
         let router = api::router(app);
-        conn::serve(listener, router, limits, None, stopping, SHUTDOWN_GRACE).await;
+        conn::serve(listener, router, limits, tls, stopping, SHUTDOWN_GRACE).await;
         reaper.abort();
         Ok(())
     }
+}
+
+/// Create `path` with mode 0600 if it is missing, else make it 0600: SQLite creates its
+/// `-wal` and `-shm` files with the database's mode.
+fn private_file(path: &Path) -> std::io::Result<()> {
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)?;
+    fs::set_permissions(path, fs::Permissions::from_mode(0o600))
+}
+
+/// A TLS acceptor for the certificate chain and key in `files` (rustls on aws-lc-rs,
+/// TLS 1.2 and 1.3, HTTP/1.1).
+fn tls_acceptor(files: &TlsFiles) -> Result<TlsAcceptor, ServeError> {
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let pem_err = |path: &Path| {
+        let path = path.to_path_buf();
+        move |e: tokio_rustls::rustls::pki_types::pem::Error| ServeError::TlsFile {
+            path,
+            reason: e.to_string(),
+        }
+    };
+    let certs = CertificateDer::pem_file_iter(&files.cert)
+        .map_err(pem_err(&files.cert))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(pem_err(&files.cert))?;
+    if certs.is_empty() {
+        return Err(ServeError::TlsFile {
+            path: files.cert.clone(),
+            reason: "no CERTIFICATE block in it".to_string(),
+        });
+    }
+    let key = PrivateKeyDer::from_pem_file(&files.key).map_err(pem_err(&files.key))?;
+    let provider = Arc::new(tokio_rustls::rustls::crypto::aws_lc_rs::default_provider());
+    let mut config = tokio_rustls::rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .and_then(|b| b.with_no_client_auth().with_single_cert(certs, key))
+        .map_err(|source| ServeError::Tls {
+            cert: files.cert.clone(),
+            key: files.key.clone(),
+            source,
+        })?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
 /// The admin token's hash; on first start a new token is written to `DIR/admin.token`.
