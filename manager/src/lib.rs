@@ -17,6 +17,7 @@ pub mod client;
 pub mod conn;
 pub mod error;
 pub mod hub;
+pub mod lifecycle;
 pub mod reaper;
 pub mod releases;
 pub mod server;

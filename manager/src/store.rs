@@ -2,6 +2,8 @@
 //!
 //! Every change of a task's state happens here, in one short transaction under one mutex,
 //! so two delegates can never lease the same task and a crash never leaves half a change.
+//! What a change *is* — which event a task's state allows and where it leads — is decided
+//! by `lifecycle::transition`; this module reads the task, asks, and persists the answer.
 //! Functions take the time as an argument (`now`) so tests can move the clock; the HTTP
 //! layer passes the wall clock. WAL mode with `synchronous=NORMAL` makes a commit a write
 //! to the log without an fsync, which is what lets one manager move hundreds of tasks a
@@ -21,6 +23,7 @@ use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use crate::auth;
 use crate::error::StoreError;
+use crate::lifecycle::{self, Change, Event, Task, TransitionError};
 
 /// Schema migrations, applied in order; `PRAGMA user_version` counts those applied.
 const MIGRATIONS: &[&str] = &[
@@ -173,6 +176,15 @@ struct Held {
 }
 
 impl Held {
+    fn task(&self) -> Task {
+        Task {
+            state: self.state,
+            attempt: self.attempt,
+            retries: self.retries,
+            cancel_requested: self.cancel_requested,
+        }
+    }
+
     /// Refuse a report unless it is about the current attempt and comes from a delegate of
     /// the token that holds (or last held) the task.
     fn check(&self, task: &str, attempt: u32, token_name: &str) -> Result<(), StoreError> {
@@ -343,63 +355,132 @@ fn forget(
     name: &str,
     now: UnixMillis,
 ) -> Result<u32, StoreError> {
-    let held: Vec<(String, u32, u32, bool)> = conn
+    let held: Vec<(String, Task)> = conn
         .prepare_cached(
-            "SELECT id, attempt, retries, cancel_requested FROM tasks \
+            "SELECT id, state, attempt, retries, cancel_requested FROM tasks \
              WHERE delegate_id = ?1 AND state IN ('assigned', 'running')",
         )?
-        .query_map([id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
+        .query_map([id], held_task)?
         .collect::<Result<_, _>>()?;
     let mut reaped = Reaped::default();
-    for (task, attempt, retries, cancel) in &held {
-        let cause = format!("delegate {name} was forgotten ({why})");
-        release(
-            conn,
-            task,
-            *attempt,
-            *retries,
-            *cancel,
-            &cause,
-            now,
-            &mut reaped,
-        )?;
+    let cause = format!("delegate {name} was forgotten ({why})");
+    for (task, t) in &held {
+        holder_gone(conn, task, *t, &cause, now, &mut reaped)?;
     }
     conn.prepare_cached("DELETE FROM delegates WHERE id = ?1")?
         .execute([id])?;
     Ok(held.len() as u32)
 }
 
-/// A held task whose delegate is gone (lease lapsed, forgotten): cancelled if a cancel
-/// was asked, re-queued while it has retries, else lost. `cause` says what happened.
-#[allow(clippy::too_many_arguments)]
-fn release(
+/// `(id, lifecycle task)` of a row `id, state, attempt, retries, cancel_requested`.
+fn held_task(r: &Row<'_>) -> rusqlite::Result<(String, Task)> {
+    Ok((
+        r.get(0)?,
+        Task {
+            state: state_col(r, 1)?,
+            attempt: r.get(2)?,
+            retries: r.get(3)?,
+            cancel_requested: r.get(4)?,
+        },
+    ))
+}
+
+/// A held task whose holder is gone without a result (`cause` says how): the life
+/// cycle's one rule for a lost attempt decides, this persists it and counts it.
+fn holder_gone(
     conn: &Connection,
     id: &str,
-    attempt: u32,
-    retries: u32,
-    cancel: bool,
+    task: Task,
     cause: &str,
     now: UnixMillis,
     reaped: &mut Reaped,
-) -> rusqlite::Result<()> {
-    if cancel {
-        let msg = format!("cancel requested and {cause}");
-        end_by_manager(conn, id, TaskState::Cancelled, &msg, now)?;
-        reaped.cancelled += 1;
-    } else if attempt <= retries {
-        let next = attempt + 1;
-        let msg = format!("{cause}; re-queued (attempt {next})");
-        requeue(conn, id, next, &msg)?;
-        reaped.requeued += 1;
-    } else {
-        let msg = format!(
-            "{cause} on attempt {attempt}; no retries left \
-             (submit with more retries to survive lost delegates)"
-        );
-        end_by_manager(conn, id, TaskState::Lost, &msg, now)?;
-        reaped.lost += 1;
+) -> Result<(), StoreError> {
+    let change = lifecycle::transition(task, Event::HolderGone)
+        .map_err(|e| StoreError::Invalid(format!("task {id}: {e}")))?;
+    let message = match change {
+        Change::End(TaskState::Cancelled) => {
+            reaped.cancelled += 1;
+            format!("cancel requested and {cause}")
+        }
+        Change::Requeue { next } => {
+            reaped.requeued += 1;
+            format!("{cause}; re-queued (attempt {next})")
+        }
+        _ => {
+            reaped.lost += 1;
+            format!(
+                "{cause} on attempt {}; no retries left \
+                 (submit with more retries to survive lost delegates)",
+                task.attempt
+            )
+        }
+    };
+    persist(conn, id, change, Some(&message), None, now)
+}
+
+/// Write what [`lifecycle::transition`] decided. `result` is the delegate's report when
+/// it ended the task (its outcome, exit code and signal are kept), `None` when the manager
+/// did.
+fn persist(
+    conn: &Connection,
+    id: &str,
+    change: Change,
+    message: Option<&str>,
+    result: Option<&TaskResult>,
+    now: UnixMillis,
+) -> Result<(), StoreError> {
+    match change {
+        Change::Keep => {}
+        Change::Assign => {
+            // Leasing needs the holder; `acquire` writes it.
+            return Err(StoreError::Invalid(format!(
+                "task {id}: a lease is written by acquire"
+            )));
+        }
+        Change::Run => {
+            conn.prepare_cached(
+                "UPDATE tasks SET state = 'running', started_at = ?2 WHERE id = ?1",
+            )?
+            .execute(params![id, now])?;
+        }
+        Change::FlagCancel => {
+            conn.prepare_cached("UPDATE tasks SET cancel_requested = 1 WHERE id = ?1")?
+                .execute([id])?;
+        }
+        Change::End(state) => {
+            conn.prepare_cached(
+                "UPDATE tasks SET state = ?2, outcome = ?3, exit_code = ?4, signal = ?5, \
+                 message = ?6, finished_at = ?7, lease_expires = NULL WHERE id = ?1",
+            )?
+            .execute(params![
+                id,
+                state.as_str(),
+                result.map(|r| r.outcome.state().as_str()),
+                result.and_then(|r| r.exit_code),
+                result.and_then(|r| r.signal),
+                message,
+                now
+            ])?;
+        }
+        Change::Requeue { next } => {
+            conn.prepare_cached(
+                "UPDATE tasks SET state = 'queued', attempt = ?2, delegate_id = NULL, \
+                 lease_expires = NULL, assigned_at = NULL, started_at = NULL, log_bytes = 0, \
+                 cancel_delivered = 0, message = ?3 WHERE id = ?1",
+            )?
+            .execute(params![id, next, message])?;
+        }
     }
     Ok(())
+}
+
+/// A delegate's report the life cycle refuses (e.g. about a task nobody holds).
+fn stale(id: &str, attempt: u32, e: TransitionError) -> StoreError {
+    StoreError::StaleAttempt {
+        task: id.to_string(),
+        attempt,
+        why: e.to_string(),
+    }
 }
 
 fn to_json<T: serde::Serialize + ?Sized>(v: &T) -> String {
@@ -416,33 +497,6 @@ fn result_summary(outcome: &str, exit_code: Option<i32>, signal: Option<i32>) ->
         s.push_str(&format!(" signal {sig}"));
     }
     s
-}
-
-/// Put a task back in the queue for its next attempt, forgetting the holder.
-fn requeue(conn: &Connection, id: &str, next_attempt: u32, message: &str) -> rusqlite::Result<()> {
-    conn.prepare_cached(
-        "UPDATE tasks SET state = 'queued', attempt = ?2, delegate_id = NULL, \
-         lease_expires = NULL, assigned_at = NULL, started_at = NULL, log_bytes = 0, \
-         cancel_delivered = 0, message = ?3 WHERE id = ?1",
-    )?
-    .execute(params![id, next_attempt, message])?;
-    Ok(())
-}
-
-/// End a task for good without a result from its delegate (cancel, lapsed lease).
-fn end_by_manager(
-    conn: &Connection,
-    id: &str,
-    state: TaskState,
-    message: &str,
-    now: UnixMillis,
-) -> rusqlite::Result<()> {
-    conn.prepare_cached(
-        "UPDATE tasks SET state = ?2, lease_expires = NULL, message = ?3, finished_at = ?4 \
-         WHERE id = ?1",
-    )?
-    .execute(params![id, state.as_str(), message, now])?;
-    Ok(())
 }
 
 impl Store {
@@ -812,6 +866,8 @@ impl Store {
                 .execute([id])?;
         }
 
+        // Only queued tasks are leased (`lifecycle`: Lease is allowed from queued alone);
+        // the query and the guarded UPDATE below are that rule in SQL.
         if max > 0 {
             let mut stmt = tx.prepare_cached(
                 "SELECT id, kind, spec, selectors, attempt, timeout_secs FROM tasks \
@@ -955,13 +1011,9 @@ impl Store {
         let conn = self.conn();
         let held = load_held(&conn, id)?;
         held.check(id, attempt, token_name)?;
-        if held.state == TaskState::Assigned {
-            conn.prepare_cached(
-                "UPDATE tasks SET state = 'running', started_at = ?2 WHERE id = ?1 \
-                 AND state = 'assigned'",
-            )?
-            .execute(params![id, now])?;
-        }
+        let change =
+            lifecycle::transition(held.task(), Event::Start).map_err(|e| stale(id, attempt, e))?;
+        persist(&conn, id, change, None, None, now)?;
         load_view(&conn, id)
     }
 
@@ -1062,68 +1114,53 @@ impl Store {
         let held = load_held(&tx, id)?;
         held.check(id, attempt, token_name)?;
         let outcome = result.outcome.state().as_str();
-        if held.state.is_terminal() {
-            return match &held.outcome {
-                Some(o)
-                    if o == outcome
-                        && held.exit_code == result.exit_code
-                        && held.signal == result.signal =>
-                {
-                    Ok((load_view(&tx, id)?, Finish::Done))
-                }
-                Some(o) => Err(StoreError::ResultConflict {
-                    task: id.to_string(),
-                    attempt,
-                    existing: result_summary(o, held.exit_code, held.signal),
-                    new: result_summary(outcome, result.exit_code, result.signal),
-                }),
-                None => Err(StoreError::Finished {
-                    task: id.to_string(),
-                    state: held.state,
-                    detail: "the manager ended it (cancelled or lease lapsed); result dropped",
-                }),
-            };
-        }
+        let change = match lifecycle::transition(held.task(), Event::Report(result.outcome)) {
+            Ok(change) => change,
+            // Already ended: the same result again is fine, another one is not.
+            Err(TransitionError::Finished(state)) => {
+                return match &held.outcome {
+                    Some(o)
+                        if o == outcome
+                            && held.exit_code == result.exit_code
+                            && held.signal == result.signal =>
+                    {
+                        Ok((load_view(&tx, id)?, Finish::Done))
+                    }
+                    Some(o) => Err(StoreError::ResultConflict {
+                        task: id.to_string(),
+                        attempt,
+                        existing: result_summary(o, held.exit_code, held.signal),
+                        new: result_summary(outcome, result.exit_code, result.signal),
+                    }),
+                    None => Err(StoreError::Finished {
+                        task: id.to_string(),
+                        state,
+                        detail: "the manager ended it (cancelled or lease lapsed); result dropped",
+                    }),
+                };
+            }
+            Err(e) => return Err(stale(id, attempt, e)),
+        };
         let delegate = held.delegate_name.as_deref().unwrap_or("?");
         let why = result.message.as_deref().unwrap_or("no reason given");
-        let (state, message, effect) = match result.outcome {
-            Outcome::Lost if held.cancel_requested => (
-                TaskState::Cancelled,
+        let (message, effect) = match change {
+            Change::Requeue { next } => (
+                Some(format!(
+                    "delegate {delegate} reported attempt {attempt} lost: {why}; \
+                     re-queued (attempt {next})"
+                )),
+                Finish::Requeued,
+            ),
+            Change::End(TaskState::Cancelled) if result.outcome == Outcome::Lost => (
                 Some(format!(
                     "cancelled by user; delegate {delegate} reported the attempt lost: {why}"
                 )),
                 Finish::Done,
             ),
-            Outcome::Lost if attempt <= held.retries => {
-                let next = attempt + 1;
-                requeue(
-                    &tx,
-                    id,
-                    next,
-                    &format!(
-                        "delegate {delegate} reported attempt {attempt} lost: {why}; \
-                         re-queued (attempt {next})"
-                    ),
-                )?;
-                let view = load_view(&tx, id)?;
-                tx.commit()?;
-                return Ok((view, Finish::Requeued));
-            }
-            other => (other.state(), result.message.clone(), Finish::Done),
+            _ => (result.message.clone(), Finish::Done),
         };
-        tx.prepare_cached(
-            "UPDATE tasks SET state = ?2, outcome = ?3, exit_code = ?4, signal = ?5, \
-             message = ?6, finished_at = ?7, lease_expires = NULL WHERE id = ?1",
-        )?
-        .execute(params![
-            id,
-            state.as_str(),
-            outcome,
-            result.exit_code,
-            result.signal,
-            message,
-            now
-        ])?;
+        let result = (effect == Finish::Done).then_some(result);
+        persist(&tx, id, change, message.as_deref(), result, now)?;
         let view = load_view(&tx, id)?;
         tx.commit()?;
         Ok((view, effect))
@@ -1135,32 +1172,26 @@ impl Store {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         let held = load_held(&tx, id)?;
-        let effect = match held.state {
-            TaskState::Queued => {
-                end_by_manager(
-                    &tx,
-                    id,
-                    TaskState::Cancelled,
-                    "cancelled by user before a delegate took it",
-                    now,
-                )?;
-                Cancel::Cancelled
-            }
-            TaskState::Assigned | TaskState::Running => {
-                tx.prepare_cached(
-                    "UPDATE tasks SET cancel_requested = 1 WHERE id = ?1 AND cancel_requested = 0",
-                )?
-                .execute([id])?;
-                Cancel::Requested
-            }
-            done => {
-                return Err(StoreError::Finished {
-                    task: id.to_string(),
-                    state: done,
-                    detail: "nothing to cancel",
-                });
-            }
+        let change = lifecycle::transition(held.task(), Event::Cancel).map_err(|e| match e {
+            TransitionError::Finished(state) => StoreError::Finished {
+                task: id.to_string(),
+                state,
+                detail: "nothing to cancel",
+            },
+            other => StoreError::Invalid(format!("task {id}: {other}")),
+        })?;
+        let effect = match change {
+            Change::End(_) => Cancel::Cancelled,
+            _ => Cancel::Requested,
         };
+        persist(
+            &tx,
+            id,
+            change,
+            Some("cancelled by user before a delegate took it"),
+            None,
+            now,
+        )?;
         let view = load_view(&tx, id)?;
         tx.commit()?;
         Ok((view, effect))
@@ -1170,21 +1201,22 @@ impl Store {
     pub fn reap(&self, now: UnixMillis) -> Result<Reaped, StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
-        let expired: Vec<(String, u32, u32, bool, Option<String>)> = tx
+        let expired: Vec<(String, Task, Option<String>)> = tx
             .prepare_cached(
-                "SELECT t.id, t.attempt, t.retries, t.cancel_requested, d.name \
+                "SELECT t.id, t.state, t.attempt, t.retries, t.cancel_requested, d.name \
                  FROM tasks t LEFT JOIN delegates d ON d.id = t.delegate_id \
                  WHERE t.state IN ('assigned', 'running') AND t.lease_expires < ?1",
             )?
             .query_map([now], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+                let (id, task) = held_task(r)?;
+                Ok((id, task, r.get(5)?))
             })?
             .collect::<Result<_, _>>()?;
         let mut reaped = Reaped::default();
-        for (id, attempt, retries, cancel, name) in expired {
+        for (id, task, name) in expired {
             let name = name.unwrap_or_else(|| "?".to_string());
             let cause = format!("lease lapsed on delegate {name}");
-            release(&tx, &id, attempt, retries, cancel, &cause, now, &mut reaped)?;
+            holder_gone(&tx, &id, task, &cause, now, &mut reaped)?;
         }
         tx.commit()?;
         Ok(reaped)
