@@ -128,10 +128,11 @@ impl From<StoreError> for ApiError {
             (_, ErrorCode::Internal) => StatusCode::INTERNAL_SERVER_ERROR,
             _ => StatusCode::CONFLICT,
         };
+        let text = crate::error::chain(&e);
         if status == StatusCode::INTERNAL_SERVER_ERROR {
-            error!("{e}");
+            error!("{text}");
         }
-        let mut err = ApiError::new(status, code, e.to_string());
+        let mut err = ApiError::new(status, code, text);
         if let StoreError::LogGap { expected, .. } = e {
             err.body.error.expected_offset = Some(expected);
         }
@@ -620,7 +621,7 @@ impl Follow {
             let slice = match self.app.store.read_log(&self.id, self.offset, FOLLOW_CHUNK) {
                 Ok(s) => s,
                 Err(e) => {
-                    warn!(task_id = %self.id, "log follower stops: {e}");
+                    warn!(task_id = %self.id, "log follower stops: {}", crate::error::chain(&e));
                     return None;
                 }
             };

@@ -4,7 +4,11 @@
 //! the attempt, the path, the URL — and says how to fix it. The HTTP layer maps store
 //! errors to `protocol::ErrorBody` codes (see `api::ApiError`); the binary wraps the rest
 //! with `anyhow` context at its edge.
+//!
+//! A message says its cause once: a variant that exposes a source does not repeat it in
+//! its text; whoever prints the error prints the chain ([`chain`], or `{:#}` of anyhow).
 
+use std::error::Error;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -15,7 +19,7 @@ use delegate_protocol::{ErrorCode, TaskState};
 /// trouble.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("cannot open the database {path}: {source}")]
+    #[error("cannot open the database {path}")]
     Open {
         path: PathBuf,
         source: rusqlite::Error,
@@ -29,7 +33,7 @@ pub enum StoreError {
         found: i64,
         known: i64,
     },
-    #[error("database error: {0}")]
+    #[error("database error")]
     Sqlite(#[from] rusqlite::Error),
     #[error("task {0} not found; list tasks with `delegate-manager task list`")]
     TaskNotFound(String),
@@ -151,12 +155,12 @@ impl StoreError {
 /// Why `delegate-manager serve` could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
-    #[error("cannot create the data directory {path}: {source} (choose another with --data DIR)")]
+    #[error("cannot use the data directory {path} (choose another with --data DIR)")]
     DataDir {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("cannot write the admin token file {path}: {source}")]
+    #[error("cannot write the admin token file {path}")]
     AdminToken {
         path: PathBuf,
         source: std::io::Error,
@@ -181,13 +185,11 @@ pub enum ServeError {
     Config(String),
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("cannot listen on {addr}: {source} (choose another address with --listen)")]
+    #[error("cannot listen on {addr} (choose another address with --listen)")]
     Bind {
         addr: SocketAddr,
         source: std::io::Error,
     },
-    #[error("HTTP server failed: {0}")]
-    Serve(std::io::Error),
 }
 
 /// Why a CLI command failed; the message is what the operator sees.
@@ -216,7 +218,7 @@ pub enum CliError {
         code: ErrorCode,
         message: String,
     },
-    #[error("{url} answered with an unexpected body: {source}")]
+    #[error("{url} answered with an unexpected body")]
     BadAnswer {
         url: String,
         source: serde_json::Error,
@@ -234,11 +236,70 @@ pub enum CliError {
          restarting?); follow again with `delegate-manager task logs --follow {task}`"
     )]
     StreamEnded { task: String, state: TaskState },
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}")]
     ReadFile {
         path: PathBuf,
         source: std::io::Error,
     },
     #[error("cannot write to stdout: {0}")]
     Stdout(std::io::Error),
+}
+
+/// An error and its causes on one line, `outer: cause: root cause`, for log lines and
+/// API answers (the binary's edge uses anyhow's `{:#}`, which does the same).
+pub fn chain(e: &(dyn Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut cur = e.source();
+    while let Some(cause) = cur {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        cur = cause.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 8 item 7: "cannot use the state directory: create directory X: Permission
+    /// denied: create directory X: Permission denied" — each cause once.
+    #[test]
+    fn every_cause_is_said_once() {
+        let io = || std::io::Error::new(std::io::ErrorKind::PermissionDenied, "Permission denied");
+        let errors: Vec<Box<dyn Error + 'static>> = vec![
+            Box::new(ServeError::DataDir {
+                path: "/d".into(),
+                source: io(),
+            }),
+            Box::new(ServeError::AdminToken {
+                path: "/d/admin.token".into(),
+                source: io(),
+            }),
+            Box::new(ServeError::Bind {
+                addr: "127.0.0.1:1".parse().expect("addr"),
+                source: io(),
+            }),
+            Box::new(ServeError::Database {
+                path: "/d/manager.db".into(),
+                source: io(),
+            }),
+            Box::new(CliError::ReadFile {
+                path: "/f".into(),
+                source: io(),
+            }),
+            Box::new(StoreError::Sqlite(rusqlite::Error::InvalidQuery)),
+        ];
+        for e in errors {
+            let text = chain(e.as_ref());
+            let root = {
+                let mut cur: &dyn Error = e.as_ref();
+                while let Some(next) = cur.source() {
+                    cur = next;
+                }
+                cur.to_string()
+            };
+            assert_eq!(text.matches(&root).count(), 1, "{text}");
+        }
+    }
 }

@@ -29,7 +29,7 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {}", report(&e));
+            eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
     }
@@ -60,12 +60,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             _ => None,
         },
     };
-    let server = server::bind(&cfg).await.with_context(|| {
-        format!(
-            "cannot start the manager (data dir {})",
-            cfg.data_dir.display()
-        )
-    })?;
+    let server = server::bind(&cfg)
+        .await
+        .context("cannot start the manager")?;
     server
         .run(stop_signal())
         .await
@@ -88,23 +85,6 @@ async fn stop_signal() {
             let _ = tokio::signal::ctrl_c().await;
         }
     }
-}
-
-/// The error and its causes on one line, skipping a cause whose text the message above it
-/// already quotes (most of our messages include their source).
-fn report(e: &anyhow::Error) -> String {
-    let mut msg = String::new();
-    for cause in e.chain() {
-        let text = cause.to_string();
-        if msg.contains(&text) {
-            continue;
-        }
-        if !msg.is_empty() {
-            msg.push_str(": ");
-        }
-        msg.push_str(&text);
-    }
-    msg
 }
 
 /// Human-readable lines on stderr; `RUST_LOG` overrides the level.

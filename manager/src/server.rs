@@ -349,7 +349,7 @@ async fn reap_leases(app: App) {
                     app.hub.changed();
                 }
             }
-            Err(e) => warn!("lease reaper: {e}"),
+            Err(e) => warn!("lease reaper: {}", crate::error::chain(&e)),
         }
     }
 }
