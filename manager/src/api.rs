@@ -935,7 +935,6 @@ mod tests {
         assert_eq!(status, 409);
         assert_eq!(gap.error.code, ErrorCode::LogGap);
         assert_eq!(gap.error.expected_offset, Some(3));
-        tokio::time::sleep(Duration::from_millis(100)).await;
         let ack: LogAck = post(
             format!("/tasks/{tid}/logs?attempt={attempt}&offset=3"),
             "bye\n".into(),
