@@ -94,5 +94,8 @@ fn init_logging(default: &str) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
+        // A closed stderr (a log pipe whose reader died) must not panic the logger, and
+        // with it whatever task logged.
+        .log_internal_errors(false)
         .init();
 }

@@ -211,8 +211,9 @@ impl Server {
         let stopper = app.clone();
         tokio::spawn(async move {
             shutdown.await;
-            info!("stopping: answering open long polls and closing connections");
+            // Stop first: nothing after this line may keep the server from stopping.
             stopper.hub.shutdown();
+            info!("stopping: answering open long polls and closing connections");
         });
         let stopping = app.hub.subscribe_shutdown();
         let scheme = if tls.is_some() { "https" } else { "http" };

@@ -396,3 +396,47 @@ fn data_dir_and_database_are_private_even_when_the_dir_existed() {
     assert_eq!(mode(&m.data), 0o700);
     assert_eq!(mode(&m.data.join("manager.db")), 0o600);
 }
+
+/// Found while testing the above: with its stderr pipe closed (a log reader that died),
+/// the manager's stop line panicked the logger and SIGTERM no longer stopped it.
+#[test]
+fn sigterm_stops_the_manager_even_when_its_stderr_is_gone() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    use std::time::Instant;
+
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut child = Command::new(delegate_tests::bin("delegate-manager").expect("bin"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+        .arg(tmp.path().join("m"))
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let stderr = child.stderr.take().expect("stderr");
+    let mut lines = BufReader::new(stderr).lines();
+    let listening = lines
+        .by_ref()
+        .take(20)
+        .map_while(Result::ok)
+        .any(|l| l.contains("listening on"));
+    assert!(listening, "the manager did not say it listens");
+    drop(lines); // the reader goes away
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).expect("pid"));
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().expect("wait") {
+            break st;
+        }
+        if t0.elapsed() > Duration::from_secs(15) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the manager did not stop within 15 s of SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status}");
+}
