@@ -22,10 +22,11 @@ use axum::routing::{get, post};
 use bytes::BytesMut;
 use delegate_protocol::{
     API_PREFIX, AcquireQuery, AcquireResponse, AttemptQuery, CreateToken, CreatedToken,
-    DEFAULT_TASK_TIMEOUT_SECS, DelegateView, ErrorBody, ErrorCode, ErrorDetail, HeartbeatRequest,
-    HeartbeatResponse, ListTasksQuery, LogAck, LogQuery, MAX_ACQUIRE_WAIT_SECS,
-    MAX_LOG_CHUNK_BYTES, MAX_RETRIES, MAX_SUBMIT_BYTES, MAX_TASK_TIMEOUT_SECS, RegisterRequest,
-    RegisterResponse, SubmitResponse, SubmitTask, TaskResult, TaskSpec, TaskView, TokenView,
+    DEFAULT_TASK_TIMEOUT_SECS, DelegateView, ErrorBody, ErrorCode, ErrorDetail, ForgetDelegate,
+    ForgottenDelegate, HeartbeatRequest, HeartbeatResponse, ListTasksQuery, LogAck, LogQuery,
+    MAX_ACQUIRE_WAIT_SECS, MAX_LOG_CHUNK_BYTES, MAX_RETRIES, MAX_SUBMIT_BYTES,
+    MAX_TASK_TIMEOUT_SECS, RegisterRequest, RegisterResponse, SubmitResponse, SubmitTask,
+    TaskResult, TaskSpec, TaskView, TokenView,
 };
 use futures_util::StreamExt;
 use serde::Deserialize;
@@ -61,6 +62,8 @@ pub struct AppInner {
     pub heartbeat_interval: Duration,
     /// Served read-only under `/releases/` when set.
     pub releases: Option<PathBuf>,
+    /// A request body that makes no progress for this long is refused (408).
+    pub idle_timeout: Duration,
 }
 
 #[derive(Clone)]
@@ -87,7 +90,7 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn new(status: StatusCode, code: ErrorCode, message: impl Into<String>) -> ApiError {
+    pub fn new(status: StatusCode, code: ErrorCode, message: impl Into<String>) -> ApiError {
         ApiError {
             status,
             body: ErrorBody {
@@ -119,14 +122,17 @@ impl From<StoreError> for ApiError {
         let status = match (&e, code) {
             (StoreError::TokenExists(_), _) => StatusCode::CONFLICT,
             (_, ErrorCode::NotFound) => StatusCode::NOT_FOUND,
+            (_, ErrorCode::Unauthorized) => StatusCode::UNAUTHORIZED,
+            (_, ErrorCode::TagsNotAllowed) => StatusCode::FORBIDDEN,
             (_, ErrorCode::BadRequest) => StatusCode::BAD_REQUEST,
             (_, ErrorCode::Internal) => StatusCode::INTERNAL_SERVER_ERROR,
             _ => StatusCode::CONFLICT,
         };
+        let text = crate::error::chain(&e);
         if status == StatusCode::INTERNAL_SERVER_ERROR {
-            error!("{e}");
+            error!("{text}");
         }
-        let mut err = ApiError::new(status, code, e.to_string());
+        let mut err = ApiError::new(status, code, text);
         if let StoreError::LogGap { expected, .. } = e {
             err.body.error.expected_offset = Some(expected);
         }
@@ -195,7 +201,7 @@ impl FromRequestParts<App> for AdminAuth {
                 "missing `Authorization: Bearer <admin token>` header; {ADMIN_TOKEN_HINT}"
             )));
         };
-        if auth::hash_token(token) == app.admin_hash {
+        if auth::token_matches(token, &app.admin_hash) {
             return Ok(AdminAuth);
         }
         let what = if token.starts_with(auth::DELEGATE_PREFIX) {
@@ -245,11 +251,23 @@ impl<S: Send + Sync> FromRequestParts<S> for P {
 
 /// Read a whole body, refusing (with 413) one larger than `limit`. Axum's own limit
 /// answers in plain text, and the protocol promises JSON.
-async fn read_body(body: Body, limit: usize, what: &str) -> ApiResult<Bytes> {
+async fn read_body(app: &App, body: Body, limit: usize, what: &str) -> ApiResult<Bytes> {
     let mut stream = body.into_data_stream();
     let mut buf = BytesMut::new();
     let mut seen = 0usize;
-    while let Some(chunk) = stream.next().await {
+    let idle = app.idle_timeout;
+    loop {
+        let Ok(next) = tokio::time::timeout(idle, stream.next()).await else {
+            return Err(ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                ErrorCode::BadRequest,
+                format!(
+                    "the {what} body stalled: no byte for {}; send it whole",
+                    humantime::format_duration(idle)
+                ),
+            ));
+        };
+        let Some(chunk) = next else { break };
         let chunk = chunk
             .map_err(|e| ApiError::bad_request(format!("cannot read the {what} body: {e}")))?;
         seen += chunk.len();
@@ -271,8 +289,13 @@ async fn read_body(body: Body, limit: usize, what: &str) -> ApiResult<Bytes> {
     Ok(buf.freeze())
 }
 
-async fn read_json<T: DeserializeOwned>(body: Body, limit: usize, what: &str) -> ApiResult<T> {
-    let bytes = read_body(body, limit, what).await?;
+async fn read_json<T: DeserializeOwned>(
+    app: &App,
+    body: Body,
+    limit: usize,
+    what: &str,
+) -> ApiResult<T> {
+    let bytes = read_body(app, body, limit, what).await?;
     serde_json::from_slice(&bytes)
         .map_err(|e| ApiError::bad_request(format!("{what} body is not valid: {e}")))
 }
@@ -285,6 +308,7 @@ pub fn router(app: App) -> Router {
         .route("/delegates/{id}/heartbeat", post(heartbeat))
         .route("/delegates/{id}/acquire", post(acquire))
         .route("/delegates", get(list_delegates))
+        .route("/delegates/forget", post(forget_delegate))
         .route("/tasks", post(submit).get(list_tasks))
         .route("/tasks/{id}", get(show_task))
         .route("/tasks/{id}/started", post(started))
@@ -297,8 +321,15 @@ pub fn router(app: App) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .nest(API_PREFIX, api);
     if let Some(dir) = releases {
-        // Static, read-only, no listing; ServeDir refuses `..` and paths out of `dir`.
-        root = root.nest_service("/releases", tower_http::services::ServeDir::new(dir));
+        // Static, read-only, no listing, nothing outside `dir` (see `releases`).
+        let dir = Arc::new(dir);
+        root = root.route(
+            "/releases/{*path}",
+            get(move |P(rel): P| {
+                let dir = dir.clone();
+                async move { crate::releases::serve(&dir, &rel).await }
+            }),
+        );
     }
     root.fallback(no_route)
         .method_not_allowed_fallback(wrong_method)
@@ -328,7 +359,7 @@ async fn register(
     auth: DelegateAuth,
     body: Body,
 ) -> ApiResult<Json<RegisterResponse>> {
-    let req: RegisterRequest = read_json(body, SMALL_BODY_LIMIT, "register").await?;
+    let req: RegisterRequest = read_json(&app, body, SMALL_BODY_LIMIT, "register").await?;
     let id = app.store.register(&auth.token_name, &req, now_ms())?;
     info!(
         delegate_id = %id, name = %req.name, hostname = %req.hostname,
@@ -347,7 +378,7 @@ async fn heartbeat(
     P(id): P,
     body: Body,
 ) -> ApiResult<Json<HeartbeatResponse>> {
-    let req: HeartbeatRequest = read_json(body, SMALL_BODY_LIMIT, "heartbeat").await?;
+    let req: HeartbeatRequest = read_json(&app, body, SMALL_BODY_LIMIT, "heartbeat").await?;
     let resp = app.store.heartbeat(&auth.token_name, &id, &req, now_ms())?;
     if crate::store::is_draining(req.state.as_str()) {
         // End this delegate's long poll now, so it takes nothing new while draining.
@@ -387,6 +418,7 @@ async fn acquire(
         if *shutdown.borrow() || (max > 0 && app.store.delegate_draining(&id)?) {
             return Ok(StatusCode::NO_CONTENT.into_response());
         }
+        let _waiting = app.hub.waiting();
         tokio::select! {
             _ = &mut notified => {}
             _ = tokio::time::sleep_until(deadline) => {
@@ -424,7 +456,7 @@ async fn append_log(
             "log chunk without `offset`; send ?attempt=N&offset=BYTES",
         ));
     };
-    let data = read_body(body, MAX_LOG_CHUNK_BYTES, "log chunk").await?;
+    let data = read_body(&app, body, MAX_LOG_CHUNK_BYTES, "log chunk").await?;
     let stored = app
         .store
         .append_log(&auth.token_name, &id, q.attempt, offset, &data)?;
@@ -441,7 +473,7 @@ async fn result(
     Q(q): Q<AttemptQuery>,
     body: Body,
 ) -> ApiResult<Json<TaskView>> {
-    let res: TaskResult = read_json(body, SMALL_BODY_LIMIT, "result").await?;
+    let res: TaskResult = read_json(&app, body, SMALL_BODY_LIMIT, "result").await?;
     let (view, effect) = app
         .store
         .finish(&auth.token_name, &id, q.attempt, &res, now_ms())?;
@@ -509,7 +541,7 @@ async fn submit(
     _: AdminAuth,
     body: Body,
 ) -> ApiResult<(StatusCode, Json<SubmitResponse>)> {
-    let bytes = read_body(body, MAX_SUBMIT_BYTES, "task submission").await?;
+    let bytes = read_body(&app, body, MAX_SUBMIT_BYTES, "task submission").await?;
     let raw: RawSubmit = serde_json::from_slice(&bytes)
         .map_err(|e| ApiError::invalid_spec(format!("task submission: {e}")))?;
     let (task, timeout) = validate_submit(raw)?;
@@ -589,7 +621,7 @@ impl Follow {
             let slice = match self.app.store.read_log(&self.id, self.offset, FOLLOW_CHUNK) {
                 Ok(s) => s,
                 Err(e) => {
-                    warn!(task_id = %self.id, "log follower stops: {e}");
+                    warn!(task_id = %self.id, "log follower stops: {}", crate::error::chain(&e));
                     return None;
                 }
             };
@@ -640,11 +672,15 @@ async fn create_token(
     _: AdminAuth,
     body: Body,
 ) -> ApiResult<Json<CreatedToken>> {
-    let req: CreateToken = read_json(body, SMALL_BODY_LIMIT, "create token").await?;
+    let req: CreateToken = read_json(&app, body, SMALL_BODY_LIMIT, "create token").await?;
     let token = auth::new_delegate_token();
-    app.store
-        .create_token(&req.name, &auth::hash_token(&token), now_ms())?;
-    info!(name = %req.name, "delegate token created");
+    app.store.create_token(
+        &req.name,
+        &auth::hash_token(&token),
+        req.tags.as_deref(),
+        now_ms(),
+    )?;
+    info!(name = %req.name, tags = ?req.tags, "delegate token created");
     Ok(Json(CreatedToken {
         name: req.name,
         token,
@@ -661,8 +697,30 @@ async fn revoke_token(
     P(name): P,
 ) -> ApiResult<Json<TokenView>> {
     let view = app.store.revoke_token(&name, now_ms())?;
-    info!(name = %name, "delegate token revoked");
+    info!(name = %name, "delegate token revoked; the delegate names it held are free");
+    // Its open long polls look again and get 401; tasks it held may be queued again.
+    app.hub.work_available();
+    app.hub.changed();
     Ok(Json(view))
+}
+
+async fn forget_delegate(
+    State(app): State<App>,
+    _: AdminAuth,
+    body: Body,
+) -> ApiResult<Json<ForgottenDelegate>> {
+    let req: ForgetDelegate = read_json(&app, body, SMALL_BODY_LIMIT, "forget delegate").await?;
+    let gone = app
+        .store
+        .forget_delegate(&req.name, req.hostname.as_deref(), now_ms())?;
+    info!(
+        delegate_id = %gone.id, name = %gone.name, hostname = %gone.hostname,
+        token = %gone.token_name, released_tasks = gone.released_tasks,
+        "delegate forgotten; its name is free"
+    );
+    app.hub.work_available();
+    app.hub.changed();
+    Ok(Json(gone))
 }
 
 #[cfg(test)]
@@ -684,6 +742,7 @@ mod tests {
         stop: Option<oneshot::Sender<()>>,
         handle: tokio::task::JoinHandle<Result<(), ServeError>>,
         data: std::path::PathBuf,
+        app: App,
         _dir: tempfile::TempDir,
     }
 
@@ -698,14 +757,12 @@ mod tests {
         )
         .expect("manifest");
         let cfg = ServeConfig {
-            listen: "127.0.0.1:0".parse().expect("addr"),
-            data_dir: data.clone(),
-            lease_ttl: Duration::from_secs(30),
-            heartbeat_interval: Duration::from_secs(10),
             releases: Some(releases),
+            ..ServeConfig::new("127.0.0.1:0".parse().expect("addr"), data.clone())
         };
         let server = server::bind(&cfg).await.expect("bind");
         let base = format!("http://{}", server.local_addr());
+        let app = server.app();
         let (tx, rx) = oneshot::channel::<()>();
         let handle = tokio::spawn(server.run(async {
             let _ = rx.await;
@@ -721,6 +778,7 @@ mod tests {
             stop: Some(tx),
             handle,
             data,
+            app,
             _dir: dir,
         }
     }
@@ -765,6 +823,19 @@ mod tests {
             (created.token, reg.delegate_id)
         }
 
+        /// Wait until `n` long polls are waiting for a wake-up (the premise of a wake-up
+        /// test: a poll that has not started waiting proves nothing).
+        async fn polls_waiting(&self, n: usize) {
+            let t0 = Instant::now();
+            while self.app.hub.waiting_polls() < n {
+                assert!(
+                    t0.elapsed() < Duration::from_secs(10),
+                    "no long poll started waiting within 10 s"
+                );
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+
         async fn stop(mut self) {
             if let Some(tx) = self.stop.take() {
                 let _ = tx.send(());
@@ -803,7 +874,7 @@ mod tests {
                 t0.elapsed(),
             )
         });
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        s.polls_waiting(1).await;
         let resp = s
             .admin_post(
                 "/tasks",
@@ -864,7 +935,6 @@ mod tests {
         assert_eq!(status, 409);
         assert_eq!(gap.error.code, ErrorCode::LogGap);
         assert_eq!(gap.error.expected_offset, Some(3));
-        tokio::time::sleep(Duration::from_millis(100)).await;
         let ack: LogAck = post(
             format!("/tasks/{tid}/logs?attempt={attempt}&offset=3"),
             "bye\n".into(),
@@ -898,6 +968,43 @@ mod tests {
             .expect("follower ends with the task")
             .expect("join");
         assert_eq!(&streamed[..], b"hi\nbye\n");
+        s.stop().await;
+    }
+
+    /// Issue 7 item 5, reproduced: a long poll opened before its token was revoked still
+    /// leased the next task.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_revoked_tokens_open_long_poll_leases_nothing() {
+        let s = start().await;
+        let (token, id) = s.delegate("d1", &[]).await;
+        let req = s
+            .http
+            .post(s.url(&format!("/delegates/{id}/acquire?wait=20")))
+            .bearer_auth(token)
+            .send();
+        let poll = tokio::spawn(async move {
+            let t0 = Instant::now();
+            let r = req.await.expect("acquire");
+            let status = r.status().as_u16();
+            (status, r.bytes().await.expect("body"), t0.elapsed())
+        });
+        s.polls_waiting(1).await;
+        let r = s.admin_post("/tokens/d1/revoke", json!({})).await;
+        assert_eq!(r.status().as_u16(), 200);
+        let r = s
+            .admin_post("/tasks", json!({"kind": "shell", "spec": {"script": "x"}}))
+            .await;
+        let task: SubmitResponse = r.json().await.expect("submit");
+        let (status, body, took) = poll.await.expect("join");
+        assert_eq!(
+            status,
+            401,
+            "the poll answered {}",
+            String::from_utf8_lossy(&body)
+        );
+        assert!(took < Duration::from_secs(5), "took {took:?}");
+        let view = s.app.store.task(&task.task_id).expect("task");
+        assert_eq!(view.state, delegate_protocol::TaskState::Queued);
         s.stop().await;
     }
 
@@ -970,6 +1077,19 @@ mod tests {
         )
         .await;
         assert_eq!((status, body.error.code), (401, ErrorCode::Unauthorized));
+        // A wrong admin token of the right length and prefix, one digit off.
+        let mut near = s.admin.clone();
+        let last = if near.ends_with('0') { "1" } else { "0" };
+        near.replace_range(near.len() - 1.., last);
+        let r = s.http.get(s.url("/tasks")).bearer_auth(&near).send().await;
+        assert_eq!(r.expect("send").status().as_u16(), 401);
+        let r = s
+            .http
+            .get(s.url("/tasks"))
+            .bearer_auth(&s.admin)
+            .send()
+            .await;
+        assert_eq!(r.expect("send").status().as_u16(), 200);
 
         let status = s.admin_post("/tokens", json!({"name": "a"})).await.status();
         assert_eq!(status.as_u16(), 200);
@@ -993,7 +1113,7 @@ mod tests {
             let r = req.await.expect("acquire");
             (r.status().as_u16(), t0.elapsed())
         });
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        s.polls_waiting(1).await;
         s.stop().await;
         let (status, took) = poll.await.expect("join");
         assert_eq!(status, 204);
@@ -1017,13 +1137,10 @@ mod tests {
         }
         handle.await.expect("join").expect("stop");
         // A restart on the same directory keeps the token.
-        server::bind(&ServeConfig {
-            listen: "127.0.0.1:0".parse().expect("addr"),
-            data_dir: data.clone(),
-            lease_ttl: Duration::from_secs(30),
-            heartbeat_interval: Duration::from_secs(10),
-            releases: None,
-        })
+        server::bind(&ServeConfig::new(
+            "127.0.0.1:0".parse().expect("addr"),
+            data.clone(),
+        ))
         .await
         .expect("restart");
         let again = std::fs::read_to_string(&path).expect("read");

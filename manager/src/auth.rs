@@ -6,6 +6,7 @@
 
 use rand::RngCore;
 use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
 
 /// Prefix of delegate tokens (`dlg_` + 64 hex digits).
 pub const DELEGATE_PREFIX: &str = "dlg_";
@@ -32,6 +33,12 @@ pub fn new_admin_token() -> String {
 /// What the database keeps of a token.
 pub fn hash_token(token: &str) -> String {
     hex::encode(Sha256::digest(token.as_bytes()))
+}
+
+/// Is `token` the one whose [`hash_token`] is `hash`? Compared in constant time, so the
+/// time an answer takes says nothing about how much of a guess was right.
+pub fn token_matches(token: &str, hash: &str) -> bool {
+    hash_token(token).as_bytes().ct_eq(hash.as_bytes()).into()
 }
 
 /// The token of an `Authorization: Bearer ...` header value, if it is one.
@@ -61,6 +68,21 @@ mod tests {
             hash_token("abc"),
             "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
         );
+    }
+
+    #[test]
+    fn a_token_matches_only_its_own_hash() {
+        let t = new_admin_token();
+        let h = hash_token(&t);
+        assert!(token_matches(&t, &h));
+        // Same length, last digit changed.
+        let mut wrong = t.clone();
+        let last = if wrong.ends_with('0') { "1" } else { "0" };
+        wrong.replace_range(wrong.len() - 1.., last);
+        assert_eq!(wrong.len(), t.len());
+        assert!(!token_matches(&wrong, &h));
+        assert!(!token_matches("", &h));
+        assert!(!token_matches(&t, ""));
     }
 
     #[test]

@@ -13,8 +13,9 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use clap::{Args, Parser, Subcommand};
 use delegate_protocol::{
-    CreateToken, CreatedToken, DelegateView, DockerSpec, Env, HttpSpec, PullPolicy, ShellSpec,
-    SubmitResponse, SubmitTask, TaskSpec, TaskState, TaskView, TokenView, UnixMillis,
+    CreateToken, CreatedToken, DelegateView, DockerSpec, Env, ForgetDelegate, ForgottenDelegate,
+    HttpSpec, PullPolicy, ShellSpec, SubmitResponse, SubmitTask, TaskSpec, TaskState, TaskView,
+    TokenView, UnixMillis,
 };
 
 use crate::client::Client;
@@ -44,6 +45,10 @@ pub struct Cli {
         hide_env_values = true
     )]
     pub admin_token: Option<String>,
+    /// CA certificate(s) (PEM) that signed an https:// manager's certificate; only these
+    /// are trusted then.
+    #[arg(long, global = true, env = "DELEGATE_MANAGER_CA_FILE")]
+    pub ca_file: Option<PathBuf>,
     /// Data directory: database and admin.token.
     #[arg(long, global = true, env = "DELEGATE_MANAGER_DATA", default_value = DEFAULT_DATA_DIR)]
     pub data: PathBuf,
@@ -61,10 +66,25 @@ pub enum Command {
     /// Submit, inspect, follow and cancel tasks.
     #[command(subcommand)]
     Task(TaskCmd),
-    /// List registered delegates.
+    /// List registered delegates, or forget one.
+    #[command(args_conflicts_with_subcommands = true)]
     Delegates {
+        #[command(subcommand)]
+        cmd: Option<DelegatesCmd>,
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DelegatesCmd {
+    /// Free a delegate name so that a delegate with another token may register it: the
+    /// tasks it holds are re-queued (or lost without retries left) at once.
+    Forget {
+        name: String,
+        /// The delegate's hostname; needed when the name is registered on several hosts.
+        #[arg(long)]
+        host: Option<String>,
     },
 }
 
@@ -85,6 +105,24 @@ pub struct ServeArgs {
     /// `/releases/`, as the upgrader's channel URL.
     #[arg(long)]
     pub releases: Option<std::path::PathBuf>,
+    /// A client must send a whole request head within this long (also how long a
+    /// kept-alive connection may sit idle between requests).
+    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+    pub header_timeout: Duration,
+    /// A request body or response that moves no byte for this long ends its connection.
+    /// Long polls and log follows are not affected: there the manager is the one waiting.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    pub idle_timeout: Duration,
+    /// Most connections open at once (each delegate holds one or two); keep it below the
+    /// open-file limit (`ulimit -n`, `LimitNOFILE=`). More wait until one closes.
+    #[arg(long, default_value_t = 1000)]
+    pub max_connections: usize,
+    /// Serve HTTPS with this certificate chain (PEM, leaf first); needs --tls-key.
+    #[arg(long, requires = "tls_key", env = "DELEGATE_MANAGER_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, requires = "tls_cert", env = "DELEGATE_MANAGER_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -93,6 +131,10 @@ pub enum TokenCmd {
     Create {
         #[arg(long)]
         name: String,
+        /// Tags its delegates may register with (comma separated); without it, any.
+        /// A stolen token with tags cannot attract tasks meant for other hosts.
+        #[arg(long, value_name = "TAG,TAG")]
+        tags: Option<String>,
     },
     /// List delegate tokens.
     List {
@@ -212,12 +254,16 @@ pub struct SubmitArgs {
 /// Run a client command (anything but `serve`).
 pub async fn run(cli: Cli) -> Result<ExitCode, CliError> {
     let token = admin_token(cli.admin_token.as_deref(), &cli.data)?;
-    let client = Client::new(&cli.server, token)?;
+    let client = Client::new(&cli.server, token, cli.ca_file.as_deref())?;
     match cli.command {
         Command::Serve(_) => Err(CliError::Usage("serve is not a client command".to_string())),
         Command::Token(cmd) => token_cmd(&client, cmd).await,
         Command::Task(cmd) => task_cmd(&client, cmd).await,
-        Command::Delegates { json } => delegates(&client, json).await,
+        Command::Delegates { cmd: None, json } => delegates(&client, json).await,
+        Command::Delegates {
+            cmd: Some(DelegatesCmd::Forget { name, host }),
+            ..
+        } => forget(&client, name, host).await,
     }
 }
 
@@ -253,8 +299,11 @@ fn print_json<T: serde::Serialize>(v: &T) -> Result<(), CliError> {
 
 async fn token_cmd(client: &Client, cmd: TokenCmd) -> Result<ExitCode, CliError> {
     match cmd {
-        TokenCmd::Create { name } => {
-            let created: CreatedToken = client.post("/tokens", Some(&CreateToken { name })).await?;
+        TokenCmd::Create { name, tags } => {
+            let tags = tags.as_deref().map(delegate_protocol::parse_tags);
+            let created: CreatedToken = client
+                .post("/tokens", Some(&CreateToken { name, tags }))
+                .await?;
             out(&created.token)?;
         }
         TokenCmd::List { json } => {
@@ -269,10 +318,14 @@ async fn token_cmd(client: &Client, cmd: TokenCmd) -> Result<ExitCode, CliError>
                             t.name.clone(),
                             rfc3339(t.created_at),
                             if t.revoked { "revoked" } else { "active" }.to_string(),
+                            t.tags
+                                .as_ref()
+                                .map(|t| t.join(","))
+                                .unwrap_or_else(|| "(any)".to_string()),
                         ]
                     })
                     .collect();
-                out(&table(&["NAME", "CREATED", "STATUS"], rows))?;
+                out(&table(&["NAME", "CREATED", "STATUS", "TAGS"], rows))?;
             }
         }
         TokenCmd::Revoke { name } => {
@@ -652,6 +705,20 @@ async fn delegates(client: &Client, json: bool) -> Result<ExitCode, CliError> {
         ],
         rows,
     ))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn forget(client: &Client, name: String, host: Option<String>) -> Result<ExitCode, CliError> {
+    let req = ForgetDelegate {
+        name,
+        hostname: host,
+    };
+    let gone: ForgottenDelegate = client.post("/delegates/forget", Some(&req)).await?;
+    eprintln!(
+        "delegate {} on {} ({}, token {}) forgotten; {} held task(s) released; any token may \
+         register the name now",
+        gone.name, gone.hostname, gone.id, gone.token_name, gone.released_tasks
+    );
     Ok(ExitCode::SUCCESS)
 }
 

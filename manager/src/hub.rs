@@ -5,10 +5,15 @@
 //! log follower sleeps on a `watch` counter bumped by every log append and state change.
 //! The database stays the only truth: a wake-up only says "look again".
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use tokio::sync::{Notify, futures::Notified, watch};
 
 pub struct Hub {
     work: Notify,
+    /// Acquires waiting for a wake-up right now (tests check that a poll is waiting
+    /// before they wake it).
+    waiting: AtomicUsize,
     changes: watch::Sender<u64>,
     shutdown: watch::Sender<bool>,
 }
@@ -17,6 +22,7 @@ impl Default for Hub {
     fn default() -> Self {
         Hub {
             work: Notify::new(),
+            waiting: AtomicUsize::new(0),
             changes: watch::Sender::new(0),
             shutdown: watch::Sender::new(false),
         }
@@ -35,6 +41,17 @@ impl Hub {
         self.work.notify_waiters();
     }
 
+    /// Count a long poll as waiting until the guard is dropped.
+    pub fn waiting(&self) -> Waiting<'_> {
+        self.waiting.fetch_add(1, Ordering::SeqCst);
+        Waiting(&self.waiting)
+    }
+
+    /// How many long polls wait for a wake-up now.
+    pub fn waiting_polls(&self) -> usize {
+        self.waiting.load(Ordering::SeqCst)
+    }
+
     /// Logs grew or a task changed state.
     pub fn changed(&self) {
         self.changes.send_modify(|n| *n = n.wrapping_add(1));
@@ -51,6 +68,15 @@ impl Hub {
 
     pub fn subscribe_shutdown(&self) -> watch::Receiver<bool> {
         self.shutdown.subscribe()
+    }
+}
+
+/// A long poll counted in [`Hub::waiting_polls`].
+pub struct Waiting<'a>(&'a AtomicUsize);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 

@@ -6,7 +6,7 @@
 //!
 //! Data flows one way: a user submits a task (`api`), the store queues it (`store`), the
 //! hub wakes a waiting delegate (`hub`), which leases it, reports logs and a result, and
-//! the lease reaper (`server`) re-queues the work of delegates that went silent.
+//! the lease reaper (`reaper`) re-queues the work of delegates that went silent.
 
 #![forbid(unsafe_code)]
 
@@ -14,7 +14,11 @@ pub mod api;
 pub mod auth;
 pub mod cli;
 pub mod client;
+pub mod conn;
 pub mod error;
 pub mod hub;
+pub mod lifecycle;
+pub mod reaper;
+pub mod releases;
 pub mod server;
 pub mod store;

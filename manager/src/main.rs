@@ -7,7 +7,8 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Parser;
 use delegate_manager::cli::{self, Cli, Command};
-use delegate_manager::server::{self, ServeConfig};
+use delegate_manager::conn::Limits;
+use delegate_manager::server::{self, ServeConfig, TlsFiles};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
@@ -28,7 +29,7 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {}", report(&e));
+            eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
     }
@@ -46,13 +47,22 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             .heartbeat_interval
             .unwrap_or_else(|| ServeConfig::default_heartbeat(args.lease_ttl)),
         releases: args.releases.clone(),
+        limits: Limits {
+            header_timeout: args.header_timeout,
+            idle_timeout: args.idle_timeout,
+            max_connections: args.max_connections,
+        },
+        tls: match (&args.tls_cert, &args.tls_key) {
+            (Some(cert), Some(key)) => Some(TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+            }),
+            _ => None,
+        },
     };
-    let server = server::bind(&cfg).await.with_context(|| {
-        format!(
-            "cannot start the manager (data dir {})",
-            cfg.data_dir.display()
-        )
-    })?;
+    let server = server::bind(&cfg)
+        .await
+        .context("cannot start the manager")?;
     server
         .run(stop_signal())
         .await
@@ -77,23 +87,6 @@ async fn stop_signal() {
     }
 }
 
-/// The error and its causes on one line, skipping a cause whose text the message above it
-/// already quotes (most of our messages include their source).
-fn report(e: &anyhow::Error) -> String {
-    let mut msg = String::new();
-    for cause in e.chain() {
-        let text = cause.to_string();
-        if msg.contains(&text) {
-            continue;
-        }
-        if !msg.is_empty() {
-            msg.push_str(": ");
-        }
-        msg.push_str(&text);
-    }
-    msg
-}
-
 /// Human-readable lines on stderr; `RUST_LOG` overrides the level.
 fn init_logging(default: &str) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
@@ -101,5 +94,8 @@ fn init_logging(default: &str) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
+        // A closed stderr (a log pipe whose reader died) must not panic the logger, and
+        // with it whatever task logged.
+        .log_internal_errors(false)
         .init();
 }

@@ -8,17 +8,21 @@ use std::fs::{self, DirBuilder, OpenOptions};
 use std::future::Future;
 use std::io::Write;
 use std::net::SocketAddr;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
 use tracing::{info, warn};
 
 use crate::api::{self, App, AppInner};
 use crate::auth;
+use crate::conn::{self, Limits};
 use crate::error::ServeError;
-use crate::hub::{self, Hub};
+use crate::hub::Hub;
+use crate::reaper::{Reaper, SystemClock};
 use crate::store::{Store, now_ms};
 
 /// Where the manager keeps its database and admin token unless told otherwise.
@@ -38,9 +42,35 @@ pub struct ServeConfig {
     /// A release directory served read-only under `/releases/` (for the upgrader's
     /// channel), so a quick start needs no other web server.
     pub releases: Option<PathBuf>,
+    /// Header, idle and connection-count limits.
+    pub limits: Limits,
+    /// Serve HTTPS with this certificate chain and key (PEM files); plain HTTP without.
+    pub tls: Option<TlsFiles>,
+}
+
+/// The PEM files of the manager's TLS identity.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    /// The certificate chain, leaf first.
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 impl ServeConfig {
+    /// Defaults for everything but where to listen and keep data.
+    pub fn new(listen: SocketAddr, data_dir: PathBuf) -> ServeConfig {
+        let lease_ttl = Duration::from_secs(30);
+        ServeConfig {
+            listen,
+            data_dir,
+            lease_ttl,
+            heartbeat_interval: Self::default_heartbeat(lease_ttl),
+            releases: None,
+            limits: Limits::default(),
+            tls: None,
+        }
+    }
+
     /// The heartbeat interval when none is given: a third of the lease TTL, between 1 s
     /// and 10 s, so a delegate gets about three tries before its leases lapse.
     pub fn default_heartbeat(lease_ttl: Duration) -> Duration {
@@ -66,6 +96,22 @@ impl ServeConfig {
                 humantime::format_duration(self.lease_ttl)
             )));
         }
+        if self.limits.max_connections == 0 {
+            return Err(ServeError::Config(
+                "--max-connections 0 would refuse every client; give at least 1".to_string(),
+            ));
+        }
+        for (flag, d) in [
+            ("--header-timeout", self.limits.header_timeout),
+            ("--idle-timeout", self.limits.idle_timeout),
+        ] {
+            if d < Duration::from_millis(100) {
+                return Err(ServeError::Config(format!(
+                    "{flag} {} is too short; give at least 100ms",
+                    humantime::format_duration(d)
+                )));
+            }
+        }
         Ok(())
     }
 }
@@ -75,21 +121,32 @@ pub struct Server {
     listener: TcpListener,
     addr: SocketAddr,
     app: App,
+    limits: Limits,
+    tls: Option<TlsAcceptor>,
 }
 
 /// Step 1-4 of a start: data directory, database (migrated), admin token, leases
 /// extended over the downtime; then bind the listener.
 pub async fn bind(cfg: &ServeConfig) -> Result<Server, ServeError> {
     cfg.check()?;
+    let tls = cfg.tls.as_ref().map(tls_acceptor).transpose()?;
+    let dir_err = |source| ServeError::DataDir {
+        path: cfg.data_dir.clone(),
+        source,
+    };
     DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(&cfg.data_dir)
-        .map_err(|source| ServeError::DataDir {
-            path: cfg.data_dir.clone(),
-            source,
-        })?;
-    let store = Store::open(&cfg.data_dir.join(DB_FILE), cfg.lease_ttl)?;
+        .map_err(dir_err)?;
+    // Also when it existed: the database holds task specs and their secrets.
+    fs::set_permissions(&cfg.data_dir, fs::Permissions::from_mode(0o700)).map_err(dir_err)?;
+    let db = cfg.data_dir.join(DB_FILE);
+    private_file(&db).map_err(|source| ServeError::Database {
+        path: db.clone(),
+        source,
+    })?;
+    let store = Store::open(&db, cfg.lease_ttl)?;
     let admin_hash = ensure_admin_token(&store, &cfg.data_dir)?;
     let extended = store.extend_leases(now_ms())?;
     if extended > 0 {
@@ -115,11 +172,14 @@ pub async fn bind(cfg: &ServeConfig) -> Result<Server, ServeError> {
         lease_ttl: cfg.lease_ttl,
         heartbeat_interval: cfg.heartbeat_interval,
         releases: cfg.releases.clone(),
+        idle_timeout: cfg.limits.idle_timeout,
     });
     Ok(Server {
         listener,
         addr,
         app,
+        limits: cfg.limits,
+        tls,
     })
 }
 
@@ -127,6 +187,11 @@ impl Server {
     /// The address actually bound (useful with port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The shared state, for tests that watch the hub or the store.
+    pub fn app(&self) -> App {
+        self.app.clone()
     }
 
     /// Serve until `shutdown` completes, then wake long polls and log followers so they
@@ -139,36 +204,72 @@ impl Server {
             listener,
             addr,
             app,
+            limits,
+            tls,
         } = self;
         let reaper = tokio::spawn(reap_leases(app.clone()));
         let stopper = app.clone();
-        let signal = async move {
+        tokio::spawn(async move {
             shutdown.await;
-            info!("stopping: answering open long polls and closing connections");
+            // Stop first: nothing after this line may keep the server from stopping.
             stopper.hub.shutdown();
-        };
-        let mut stopping = app.hub.subscribe_shutdown();
-        info!("listening on {addr}");
-        // Long-poll answers and acks are small writes; don't let Nagle hold them back.
-        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-            if let Err(e) = tcp.set_nodelay(true) {
-                tracing::debug!("cannot set TCP_NODELAY: {e}");
-            }
+            info!("stopping: answering open long polls and closing connections");
         });
-        let serve = axum::serve(listener, api::router(app)).with_graceful_shutdown(signal);
-        let res = tokio::select! {
-            r = serve => r.map_err(ServeError::Serve),
-            _ = async {
-                hub::stopping(&mut stopping).await;
-                tokio::time::sleep(SHUTDOWN_GRACE).await;
-            } => {
-                warn!("connections still open {SHUTDOWN_GRACE:?} after the stop signal; closing them");
-                Ok(())
-            }
-        };
+        let stopping = app.hub.subscribe_shutdown();
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        info!("listening on {addr} ({scheme})");
+        let router = api::router(app);
+        conn::serve(listener, router, limits, tls, stopping, SHUTDOWN_GRACE).await;
         reaper.abort();
-        res
+        Ok(())
     }
+}
+
+/// Create `path` with mode 0600 if it is missing, else make it 0600: SQLite creates its
+/// `-wal` and `-shm` files with the database's mode.
+fn private_file(path: &Path) -> std::io::Result<()> {
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)?;
+    fs::set_permissions(path, fs::Permissions::from_mode(0o600))
+}
+
+/// A TLS acceptor for the certificate chain and key in `files` (rustls on aws-lc-rs,
+/// TLS 1.2 and 1.3, HTTP/1.1).
+fn tls_acceptor(files: &TlsFiles) -> Result<TlsAcceptor, ServeError> {
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let pem_err = |path: &Path| {
+        let path = path.to_path_buf();
+        move |e: tokio_rustls::rustls::pki_types::pem::Error| ServeError::TlsFile {
+            path,
+            reason: e.to_string(),
+        }
+    };
+    let certs = CertificateDer::pem_file_iter(&files.cert)
+        .map_err(pem_err(&files.cert))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(pem_err(&files.cert))?;
+    if certs.is_empty() {
+        return Err(ServeError::TlsFile {
+            path: files.cert.clone(),
+            reason: "no CERTIFICATE block in it".to_string(),
+        });
+    }
+    let key = PrivateKeyDer::from_pem_file(&files.key).map_err(pem_err(&files.key))?;
+    let provider = Arc::new(tokio_rustls::rustls::crypto::aws_lc_rs::default_provider());
+    let mut config = tokio_rustls::rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .and_then(|b| b.with_no_client_auth().with_single_cert(certs, key))
+        .map_err(|source| ServeError::Tls {
+            cert: files.cert.clone(),
+            key: files.key.clone(),
+            source,
+        })?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
 /// The admin token's hash; on first start a new token is written to `DIR/admin.token`.
@@ -222,23 +323,34 @@ async fn reap_leases(app: App) {
     let tick = (app.lease_ttl / 4).clamp(Duration::from_millis(100), Duration::from_secs(1));
     let mut interval = tokio::time::interval(tick);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let clock = SystemClock::default();
+    let mut reaper = Reaper::default();
     loop {
         interval.tick().await;
-        match app.store.reap(now_ms()) {
-            Ok(r) if r.any() => {
-                info!(
-                    requeued = r.requeued,
-                    lost = r.lost,
-                    cancelled = r.cancelled,
-                    "leases lapsed"
-                );
-                if r.requeued > 0 {
-                    app.hub.work_available();
+        match reaper.pass(&app.store, &clock) {
+            Ok(pass) => {
+                if let Some((ms, moved)) = pass.step {
+                    warn!(
+                        "the wall clock jumped {} forward; moved {moved} lease(s) with it so \
+                         that no task is lost for it",
+                        humantime::format_duration(Duration::from_millis(ms as u64))
+                    );
                 }
-                app.hub.changed();
+                let r = pass.reaped;
+                if r.any() {
+                    info!(
+                        requeued = r.requeued,
+                        lost = r.lost,
+                        cancelled = r.cancelled,
+                        "leases lapsed"
+                    );
+                    if r.requeued > 0 {
+                        app.hub.work_available();
+                    }
+                    app.hub.changed();
+                }
             }
-            Ok(_) => {}
-            Err(e) => warn!("lease reaper: {e}"),
+            Err(e) => warn!("lease reaper: {}", crate::error::chain(&e)),
         }
     }
 }

@@ -2,6 +2,8 @@
 //!
 //! Every change of a task's state happens here, in one short transaction under one mutex,
 //! so two delegates can never lease the same task and a crash never leaves half a change.
+//! What a change *is* — which event a task's state allows and where it leads — is decided
+//! by `lifecycle::transition`; this module reads the task, asks, and persists the answer.
 //! Functions take the time as an argument (`now`) so tests can move the clock; the HTTP
 //! layer passes the wall clock. WAL mode with `synchronous=NORMAL` makes a commit a write
 //! to the log without an fsync, which is what lets one manager move hundreds of tasks a
@@ -12,18 +14,20 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use delegate_protocol::{
-    AcquireResponse, Assignment, DelegateState, DelegateView, HeartbeatRequest, HeartbeatResponse,
-    Outcome, RegisterRequest, SubmitTask, TaskResult, TaskState, TaskView, TokenView, UnixMillis,
-    selectors_match,
+    AcquireResponse, Assignment, DelegateState, DelegateView, ForgottenDelegate, HeartbeatRequest,
+    HeartbeatResponse, Outcome, RegisterRequest, SubmitTask, TaskResult, TaskState, TaskView,
+    TokenView, UnixMillis, selectors_match,
 };
 use rusqlite::types::Type;
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use crate::auth;
 use crate::error::StoreError;
+use crate::lifecycle::{self, Change, Event, Task, TransitionError};
 
 /// Schema migrations, applied in order; `PRAGMA user_version` counts those applied.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE meta (
     key   TEXT PRIMARY KEY,
     value TEXT NOT NULL
@@ -81,7 +85,12 @@ CREATE TABLE log_chunks (
     data    BLOB NOT NULL,
     PRIMARY KEY (task_id, attempt, start)
 );
-"#];
+"#,
+    // Tokens may carry an allowed tag set (JSON array; NULL allows any tags).
+    r#"
+ALTER TABLE tokens ADD COLUMN tags TEXT;
+"#,
+];
 
 const ADMIN_HASH_KEY: &str = "admin_token_sha256";
 
@@ -167,6 +176,15 @@ struct Held {
 }
 
 impl Held {
+    fn task(&self) -> Task {
+        Task {
+            state: self.state,
+            attempt: self.attempt,
+            retries: self.retries,
+            cancel_requested: self.cancel_requested,
+        }
+    }
+
     /// Refuse a report unless it is about the current attempt and comes from a delegate of
     /// the token that holds (or last held) the task.
     fn check(&self, task: &str, attempt: u32, token_name: &str) -> Result<(), StoreError> {
@@ -209,6 +227,15 @@ fn u64_col(row: &Row<'_>, idx: usize) -> rusqlite::Result<u64> {
 fn json_col<T: serde::de::DeserializeOwned>(row: &Row<'_>, idx: usize) -> rusqlite::Result<T> {
     let s: String = row.get(idx)?;
     serde_json::from_str(&s).map_err(|e| conv_err(idx, e))
+}
+
+fn opt_json_col<T: serde::de::DeserializeOwned>(
+    row: &Row<'_>,
+    idx: usize,
+) -> rusqlite::Result<Option<T>> {
+    let s: Option<String> = row.get(idx)?;
+    s.map(|s| serde_json::from_str(&s).map_err(|e| conv_err(idx, e)))
+        .transpose()
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -292,8 +319,11 @@ struct OwnDelegate {
     draining: bool,
 }
 
-/// The delegate `id` if it was registered with `token_name`.
+/// The delegate `id` if it was registered with `token_name` and that token is still
+/// live: checked in the caller's transaction, so a revoke that raced the request (a long
+/// poll opened before it) leases nothing.
 fn own_delegate(conn: &Connection, id: &str, token_name: &str) -> Result<OwnDelegate, StoreError> {
+    live_token_tags(conn, token_name)?;
     let mut stmt =
         conn.prepare_cached("SELECT tags, state FROM delegates WHERE id = ?1 AND token_name = ?2")?;
     stmt.query_row([id, token_name], |r| {
@@ -306,7 +336,154 @@ fn own_delegate(conn: &Connection, id: &str, token_name: &str) -> Result<OwnDele
     .ok_or_else(|| StoreError::DelegateNotFound(id.to_string()))
 }
 
-fn to_json<T: serde::Serialize>(v: &T) -> String {
+/// The allowed tag set of the live token `name` (`None`: any tags); a token revoked since
+/// the request was let in is refused here, inside the caller's transaction.
+fn live_token_tags(conn: &Connection, name: &str) -> Result<Option<Vec<String>>, StoreError> {
+    let mut stmt =
+        conn.prepare_cached("SELECT tags FROM tokens WHERE name = ?1 AND revoked_at IS NULL")?;
+    stmt.query_row([name], |r| opt_json_col(r, 0))
+        .optional()?
+        .ok_or_else(|| StoreError::TokenRevoked(name.to_string()))
+}
+
+/// Delete a delegate and release the tasks it holds as if its lease had lapsed; returns
+/// how many it held.
+fn forget(
+    conn: &Connection,
+    id: &str,
+    why: &str,
+    name: &str,
+    now: UnixMillis,
+) -> Result<u32, StoreError> {
+    let held: Vec<(String, Task)> = conn
+        .prepare_cached(
+            "SELECT id, state, attempt, retries, cancel_requested FROM tasks \
+             WHERE delegate_id = ?1 AND state IN ('assigned', 'running')",
+        )?
+        .query_map([id], held_task)?
+        .collect::<Result<_, _>>()?;
+    let mut reaped = Reaped::default();
+    let cause = format!("delegate {name} was forgotten ({why})");
+    for (task, t) in &held {
+        holder_gone(conn, task, *t, &cause, now, &mut reaped)?;
+    }
+    conn.prepare_cached("DELETE FROM delegates WHERE id = ?1")?
+        .execute([id])?;
+    Ok(held.len() as u32)
+}
+
+/// `(id, lifecycle task)` of a row `id, state, attempt, retries, cancel_requested`.
+fn held_task(r: &Row<'_>) -> rusqlite::Result<(String, Task)> {
+    Ok((
+        r.get(0)?,
+        Task {
+            state: state_col(r, 1)?,
+            attempt: r.get(2)?,
+            retries: r.get(3)?,
+            cancel_requested: r.get(4)?,
+        },
+    ))
+}
+
+/// A held task whose holder is gone without a result (`cause` says how): the life
+/// cycle's one rule for a lost attempt decides, this persists it and counts it.
+fn holder_gone(
+    conn: &Connection,
+    id: &str,
+    task: Task,
+    cause: &str,
+    now: UnixMillis,
+    reaped: &mut Reaped,
+) -> Result<(), StoreError> {
+    let change = lifecycle::transition(task, Event::HolderGone)
+        .map_err(|e| StoreError::Invalid(format!("task {id}: {e}")))?;
+    let message = match change {
+        Change::End(TaskState::Cancelled) => {
+            reaped.cancelled += 1;
+            format!("cancel requested and {cause}")
+        }
+        Change::Requeue { next } => {
+            reaped.requeued += 1;
+            format!("{cause}; re-queued (attempt {next})")
+        }
+        _ => {
+            reaped.lost += 1;
+            format!(
+                "{cause} on attempt {}; no retries left \
+                 (submit with more retries to survive lost delegates)",
+                task.attempt
+            )
+        }
+    };
+    persist(conn, id, change, Some(&message), None, now)
+}
+
+/// Write what [`lifecycle::transition`] decided. `result` is the delegate's report when
+/// it ended the task (its outcome, exit code and signal are kept), `None` when the manager
+/// did.
+fn persist(
+    conn: &Connection,
+    id: &str,
+    change: Change,
+    message: Option<&str>,
+    result: Option<&TaskResult>,
+    now: UnixMillis,
+) -> Result<(), StoreError> {
+    match change {
+        Change::Keep => {}
+        Change::Assign => {
+            // Leasing needs the holder; `acquire` writes it.
+            return Err(StoreError::Invalid(format!(
+                "task {id}: a lease is written by acquire"
+            )));
+        }
+        Change::Run => {
+            conn.prepare_cached(
+                "UPDATE tasks SET state = 'running', started_at = ?2 WHERE id = ?1",
+            )?
+            .execute(params![id, now])?;
+        }
+        Change::FlagCancel => {
+            conn.prepare_cached("UPDATE tasks SET cancel_requested = 1 WHERE id = ?1")?
+                .execute([id])?;
+        }
+        Change::End(state) => {
+            conn.prepare_cached(
+                "UPDATE tasks SET state = ?2, outcome = ?3, exit_code = ?4, signal = ?5, \
+                 message = ?6, finished_at = ?7, lease_expires = NULL WHERE id = ?1",
+            )?
+            .execute(params![
+                id,
+                state.as_str(),
+                result.map(|r| r.outcome.state().as_str()),
+                result.and_then(|r| r.exit_code),
+                result.and_then(|r| r.signal),
+                message,
+                now
+            ])?;
+        }
+        Change::Requeue { next } => {
+            conn.prepare_cached(
+                "UPDATE tasks SET state = 'queued', attempt = ?2, delegate_id = NULL, \
+                 lease_expires = NULL, assigned_at = NULL, started_at = NULL, log_bytes = 0, \
+                 cancel_delivered = 0, message = ?3 WHERE id = ?1",
+            )?
+            .execute(params![id, next, message])?;
+        }
+    }
+    Ok(())
+}
+
+/// A delegate's report the life cycle refuses (e.g. about a task nobody holds).
+fn stale(id: &str, attempt: u32, e: TransitionError) -> StoreError {
+    StoreError::StaleAttempt {
+        task: id.to_string(),
+        attempt,
+        why: e.to_string(),
+    }
+}
+
+fn to_json<T: serde::Serialize + ?Sized>(v: &T) -> String {
     // Serializing plain vectors and maps of strings cannot fail.
     serde_json::to_string(v).unwrap_or_else(|_| "null".to_string())
 }
@@ -320,33 +497,6 @@ fn result_summary(outcome: &str, exit_code: Option<i32>, signal: Option<i32>) ->
         s.push_str(&format!(" signal {sig}"));
     }
     s
-}
-
-/// Put a task back in the queue for its next attempt, forgetting the holder.
-fn requeue(conn: &Connection, id: &str, next_attempt: u32, message: &str) -> rusqlite::Result<()> {
-    conn.prepare_cached(
-        "UPDATE tasks SET state = 'queued', attempt = ?2, delegate_id = NULL, \
-         lease_expires = NULL, assigned_at = NULL, started_at = NULL, log_bytes = 0, \
-         cancel_delivered = 0, message = ?3 WHERE id = ?1",
-    )?
-    .execute(params![id, next_attempt, message])?;
-    Ok(())
-}
-
-/// End a task for good without a result from its delegate (cancel, lapsed lease).
-fn end_by_manager(
-    conn: &Connection,
-    id: &str,
-    state: TaskState,
-    message: &str,
-    now: UnixMillis,
-) -> rusqlite::Result<()> {
-    conn.prepare_cached(
-        "UPDATE tasks SET state = ?2, lease_expires = NULL, message = ?3, finished_at = ?4 \
-         WHERE id = ?1",
-    )?
-    .execute(params![id, state.as_str(), message, now])?;
-    Ok(())
 }
 
 impl Store {
@@ -401,17 +551,34 @@ impl Store {
 
     // ---- delegate tokens --------------------------------------------------------------
 
-    pub fn create_token(&self, name: &str, hash: &str, now: UnixMillis) -> Result<(), StoreError> {
+    /// Create a delegate token. `tags` is the set its delegates may register with
+    /// (`None`: any).
+    pub fn create_token(
+        &self,
+        name: &str,
+        hash: &str,
+        tags: Option<&[String]>,
+        now: UnixMillis,
+    ) -> Result<(), StoreError> {
         if name.trim().is_empty() {
             return Err(StoreError::Invalid(
                 "token name is empty; give one, e.g. --name build-hosts".to_string(),
             ));
         }
+        if let Some(bad) = tags
+            .unwrap_or_default()
+            .iter()
+            .find(|t| t.is_empty() || t.contains(|c: char| c == ',' || c.is_whitespace()))
+        {
+            return Err(StoreError::Invalid(format!(
+                "token tags: {bad:?} is not a tag; give non-empty tags without spaces or commas"
+            )));
+        }
         let conn = self.conn();
         let inserted = conn.execute(
-            "INSERT INTO tokens (name, hash, created_at) VALUES (?1, ?2, ?3) \
+            "INSERT INTO tokens (name, hash, created_at, tags) VALUES (?1, ?2, ?3, ?4) \
              ON CONFLICT DO NOTHING",
-            params![name, hash, now],
+            params![name, hash, now, tags.map(to_json)],
         )?;
         if inserted == 0 {
             return Err(StoreError::TokenExists(name.to_string()));
@@ -422,34 +589,102 @@ impl Store {
     pub fn list_tokens(&self) -> Result<Vec<TokenView>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn.prepare_cached(
-            "SELECT name, created_at, revoked_at IS NOT NULL FROM tokens ORDER BY created_at, name",
+            "SELECT name, created_at, revoked_at IS NOT NULL, tags FROM tokens \
+             ORDER BY created_at, name",
         )?;
         let rows = stmt.query_map([], |r| {
             Ok(TokenView {
                 name: r.get(0)?,
                 created_at: r.get(1)?,
                 revoked: r.get(2)?,
+                tags: opt_json_col(r, 3)?,
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    /// Revoke a token; delegates using it get 401 from then on. Revoking twice is fine.
+    /// Revoke a token; delegates using it get 401 from then on, and the delegate names it
+    /// held are freed (their tasks released as if their leases had lapsed), so that
+    /// another token may register them. Revoking twice is fine.
     pub fn revoke_token(&self, name: &str, now: UnixMillis) -> Result<TokenView, StoreError> {
-        let conn = self.conn();
-        conn.prepare_cached(
-            "UPDATE tokens SET revoked_at = COALESCE(revoked_at, ?2) WHERE name = ?1 \
-             RETURNING name, created_at",
-        )?
-        .query_row(params![name, now], |r| {
-            Ok(TokenView {
-                name: r.get(0)?,
-                created_at: r.get(1)?,
-                revoked: true,
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let view = tx
+            .prepare_cached(
+                "UPDATE tokens SET revoked_at = COALESCE(revoked_at, ?2) WHERE name = ?1 \
+                 RETURNING name, created_at, tags",
+            )?
+            .query_row(params![name, now], |r| {
+                Ok(TokenView {
+                    name: r.get(0)?,
+                    created_at: r.get(1)?,
+                    revoked: true,
+                    tags: opt_json_col(r, 2)?,
+                })
             })
+            .optional()?
+            .ok_or_else(|| StoreError::TokenNotFound(name.to_string()))?;
+        let held: Vec<(String, String)> = tx
+            .prepare_cached("SELECT id, name FROM delegates WHERE token_name = ?1")?
+            .query_map([name], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<Result<_, _>>()?;
+        for (id, dname) in held {
+            forget(
+                &tx,
+                &id,
+                &format!("its token {name:?} was revoked"),
+                &dname,
+                now,
+            )?;
+        }
+        tx.commit()?;
+        Ok(view)
+    }
+
+    /// Forget the delegate `name` (on `hostname`, needed when the name is registered on
+    /// several hosts): its tasks are released as if its lease had lapsed and the name is
+    /// free for any token to register.
+    pub fn forget_delegate(
+        &self,
+        name: &str,
+        hostname: Option<&str>,
+        now: UnixMillis,
+    ) -> Result<ForgottenDelegate, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let found: Vec<(String, String, String)> = tx
+            .prepare_cached(
+                "SELECT id, hostname, token_name FROM delegates WHERE name = ?1 \
+                 AND (?2 IS NULL OR hostname = ?2) ORDER BY hostname",
+            )?
+            .query_map(params![name, hostname], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })?
+            .collect::<Result<_, _>>()?;
+        let (id, host, token_name) = match <[_; 1]>::try_from(found) {
+            Ok([one]) => one,
+            Err(found) if found.is_empty() => {
+                return Err(StoreError::NoSuchDelegate {
+                    name: name.to_string(),
+                    hostname: hostname.map(str::to_string),
+                });
+            }
+            Err(found) => {
+                return Err(StoreError::AmbiguousDelegate {
+                    name: name.to_string(),
+                    hosts: found.into_iter().map(|(_, h, _)| h).collect(),
+                });
+            }
+        };
+        let released = forget(&tx, &id, "an admin forgot it", name, now)?;
+        tx.commit()?;
+        Ok(ForgottenDelegate {
+            id,
+            name: name.to_string(),
+            hostname: host,
+            token_name,
+            released_tasks: released,
         })
-        .optional()?
-        .ok_or_else(|| StoreError::TokenNotFound(name.to_string()))
     }
 
     /// The name of the live (not revoked) token with this hash.
@@ -479,21 +714,50 @@ impl Store {
         let targets = to_json(&req.targets);
         let mut conn = self.conn();
         let tx = conn.transaction()?;
-        let existing: Option<String> = tx
-            .prepare_cached("SELECT id FROM delegates WHERE name = ?1 AND hostname = ?2")?
-            .query_row([&req.name, &req.hostname], |r| r.get(0))
+        let allowed = live_token_tags(&tx, token_name)?;
+        if let Some(allowed) = allowed {
+            let refused: Vec<String> = req
+                .tags
+                .iter()
+                .filter(|t| !allowed.contains(t))
+                .cloned()
+                .collect();
+            if !refused.is_empty() {
+                return Err(StoreError::TagsNotAllowed {
+                    token: token_name.to_string(),
+                    refused,
+                    allowed,
+                });
+            }
+        }
+        let existing: Option<(String, String)> = tx
+            .prepare_cached(
+                "SELECT id, token_name FROM delegates WHERE name = ?1 AND hostname = ?2",
+            )?
+            .query_row([&req.name, &req.hostname], |r| Ok((r.get(0)?, r.get(1)?)))
             .optional()?;
+        // A name belongs to the token that first registered it: another token must not
+        // take over its id, its leased tasks and their secrets. Revoking the owner or
+        // `delegates forget` frees it.
+        let existing = match existing {
+            Some((_, owner)) if owner != token_name => {
+                return Err(StoreError::NameTaken {
+                    name: req.name.clone(),
+                    hostname: req.hostname.clone(),
+                    owner,
+                });
+            }
+            other => other.map(|(id, _)| id),
+        };
         let id = match existing {
             Some(id) => {
-                // The token may have been rotated; the newest one that registered owns it.
                 tx.prepare_cached(
-                    "UPDATE delegates SET token_name = ?2, version = ?3, tags = ?4, \
-                     targets = ?5, capacity = ?6, state = 'starting', last_seen = ?7 \
+                    "UPDATE delegates SET version = ?2, tags = ?3, \
+                     targets = ?4, capacity = ?5, state = 'starting', last_seen = ?6 \
                      WHERE id = ?1",
                 )?
                 .execute(params![
                     id,
-                    token_name,
                     req.version,
                     tags,
                     targets,
@@ -543,6 +807,38 @@ impl Store {
             .execute(params![delegate_id, req.state.as_str(), now])?;
         let mut resp = HeartbeatResponse::default();
         let lease = now + self.lease_ttl_ms;
+        if !req.in_flight_attempts.is_empty() {
+            // A newer agent names attempts: renew only the task's current attempt on this
+            // delegate and revoke exactly the others, so that a second attempt of a task
+            // leased to the same agent keeps running while the first is stopped.
+            for held_attempt in &req.in_flight_attempts {
+                let held: Option<(Option<String>, String, u32, bool)> = tx
+                    .prepare_cached(
+                        "SELECT delegate_id, state, attempt, cancel_requested FROM tasks \
+                         WHERE id = ?1",
+                    )?
+                    .query_row([&held_attempt.id], |r| {
+                        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+                    })
+                    .optional()?;
+                match held {
+                    Some((Some(d), state, attempt, cancel))
+                        if d == delegate_id
+                            && attempt == held_attempt.attempt
+                            && (state == "assigned" || state == "running") =>
+                    {
+                        tx.prepare_cached("UPDATE tasks SET lease_expires = ?2 WHERE id = ?1")?
+                            .execute(params![held_attempt.id, lease])?;
+                        if cancel && !resp.cancel.contains(&held_attempt.id) {
+                            resp.cancel.push(held_attempt.id.clone());
+                        }
+                    }
+                    _ => resp.revoked_attempts.push(held_attempt.clone()),
+                }
+            }
+            tx.commit()?;
+            return Ok(resp);
+        }
         for task in &req.in_flight {
             let held: Option<(Option<String>, String, bool)> = tx
                 .prepare_cached(
@@ -602,6 +898,8 @@ impl Store {
                 .execute([id])?;
         }
 
+        // Only queued tasks are leased (`lifecycle`: Lease is allowed from queued alone);
+        // the query and the guarded UPDATE below are that rule in SQL.
         if max > 0 {
             let mut stmt = tx.prepare_cached(
                 "SELECT id, kind, spec, selectors, attempt, timeout_secs FROM tasks \
@@ -745,13 +1043,9 @@ impl Store {
         let conn = self.conn();
         let held = load_held(&conn, id)?;
         held.check(id, attempt, token_name)?;
-        if held.state == TaskState::Assigned {
-            conn.prepare_cached(
-                "UPDATE tasks SET state = 'running', started_at = ?2 WHERE id = ?1 \
-                 AND state = 'assigned'",
-            )?
-            .execute(params![id, now])?;
-        }
+        let change =
+            lifecycle::transition(held.task(), Event::Start).map_err(|e| stale(id, attempt, e))?;
+        persist(&conn, id, change, None, None, now)?;
         load_view(&conn, id)
     }
 
@@ -852,68 +1146,53 @@ impl Store {
         let held = load_held(&tx, id)?;
         held.check(id, attempt, token_name)?;
         let outcome = result.outcome.state().as_str();
-        if held.state.is_terminal() {
-            return match &held.outcome {
-                Some(o)
-                    if o == outcome
-                        && held.exit_code == result.exit_code
-                        && held.signal == result.signal =>
-                {
-                    Ok((load_view(&tx, id)?, Finish::Done))
-                }
-                Some(o) => Err(StoreError::ResultConflict {
-                    task: id.to_string(),
-                    attempt,
-                    existing: result_summary(o, held.exit_code, held.signal),
-                    new: result_summary(outcome, result.exit_code, result.signal),
-                }),
-                None => Err(StoreError::Finished {
-                    task: id.to_string(),
-                    state: held.state,
-                    detail: "the manager ended it (cancelled or lease lapsed); result dropped",
-                }),
-            };
-        }
+        let change = match lifecycle::transition(held.task(), Event::Report(result.outcome)) {
+            Ok(change) => change,
+            // Already ended: the same result again is fine, another one is not.
+            Err(TransitionError::Finished(state)) => {
+                return match &held.outcome {
+                    Some(o)
+                        if o == outcome
+                            && held.exit_code == result.exit_code
+                            && held.signal == result.signal =>
+                    {
+                        Ok((load_view(&tx, id)?, Finish::Done))
+                    }
+                    Some(o) => Err(StoreError::ResultConflict {
+                        task: id.to_string(),
+                        attempt,
+                        existing: result_summary(o, held.exit_code, held.signal),
+                        new: result_summary(outcome, result.exit_code, result.signal),
+                    }),
+                    None => Err(StoreError::Finished {
+                        task: id.to_string(),
+                        state,
+                        detail: "the manager ended it (cancelled or lease lapsed); result dropped",
+                    }),
+                };
+            }
+            Err(e) => return Err(stale(id, attempt, e)),
+        };
         let delegate = held.delegate_name.as_deref().unwrap_or("?");
         let why = result.message.as_deref().unwrap_or("no reason given");
-        let (state, message, effect) = match result.outcome {
-            Outcome::Lost if held.cancel_requested => (
-                TaskState::Cancelled,
+        let (message, effect) = match change {
+            Change::Requeue { next } => (
+                Some(format!(
+                    "delegate {delegate} reported attempt {attempt} lost: {why}; \
+                     re-queued (attempt {next})"
+                )),
+                Finish::Requeued,
+            ),
+            Change::End(TaskState::Cancelled) if result.outcome == Outcome::Lost => (
                 Some(format!(
                     "cancelled by user; delegate {delegate} reported the attempt lost: {why}"
                 )),
                 Finish::Done,
             ),
-            Outcome::Lost if attempt <= held.retries => {
-                let next = attempt + 1;
-                requeue(
-                    &tx,
-                    id,
-                    next,
-                    &format!(
-                        "delegate {delegate} reported attempt {attempt} lost: {why}; \
-                         re-queued (attempt {next})"
-                    ),
-                )?;
-                let view = load_view(&tx, id)?;
-                tx.commit()?;
-                return Ok((view, Finish::Requeued));
-            }
-            other => (other.state(), result.message.clone(), Finish::Done),
+            _ => (result.message.clone(), Finish::Done),
         };
-        tx.prepare_cached(
-            "UPDATE tasks SET state = ?2, outcome = ?3, exit_code = ?4, signal = ?5, \
-             message = ?6, finished_at = ?7, lease_expires = NULL WHERE id = ?1",
-        )?
-        .execute(params![
-            id,
-            state.as_str(),
-            outcome,
-            result.exit_code,
-            result.signal,
-            message,
-            now
-        ])?;
+        let result = (effect == Finish::Done).then_some(result);
+        persist(&tx, id, change, message.as_deref(), result, now)?;
         let view = load_view(&tx, id)?;
         tx.commit()?;
         Ok((view, effect))
@@ -925,32 +1204,26 @@ impl Store {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         let held = load_held(&tx, id)?;
-        let effect = match held.state {
-            TaskState::Queued => {
-                end_by_manager(
-                    &tx,
-                    id,
-                    TaskState::Cancelled,
-                    "cancelled by user before a delegate took it",
-                    now,
-                )?;
-                Cancel::Cancelled
-            }
-            TaskState::Assigned | TaskState::Running => {
-                tx.prepare_cached(
-                    "UPDATE tasks SET cancel_requested = 1 WHERE id = ?1 AND cancel_requested = 0",
-                )?
-                .execute([id])?;
-                Cancel::Requested
-            }
-            done => {
-                return Err(StoreError::Finished {
-                    task: id.to_string(),
-                    state: done,
-                    detail: "nothing to cancel",
-                });
-            }
+        let change = lifecycle::transition(held.task(), Event::Cancel).map_err(|e| match e {
+            TransitionError::Finished(state) => StoreError::Finished {
+                task: id.to_string(),
+                state,
+                detail: "nothing to cancel",
+            },
+            other => StoreError::Invalid(format!("task {id}: {other}")),
+        })?;
+        let effect = match change {
+            Change::End(_) => Cancel::Cancelled,
+            _ => Cancel::Requested,
         };
+        persist(
+            &tx,
+            id,
+            change,
+            Some("cancelled by user before a delegate took it"),
+            None,
+            now,
+        )?;
         let view = load_view(&tx, id)?;
         tx.commit()?;
         Ok((view, effect))
@@ -960,39 +1233,35 @@ impl Store {
     pub fn reap(&self, now: UnixMillis) -> Result<Reaped, StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
-        let expired: Vec<(String, u32, u32, bool, Option<String>)> = tx
+        let expired: Vec<(String, Task, Option<String>)> = tx
             .prepare_cached(
-                "SELECT t.id, t.attempt, t.retries, t.cancel_requested, d.name \
+                "SELECT t.id, t.state, t.attempt, t.retries, t.cancel_requested, d.name \
                  FROM tasks t LEFT JOIN delegates d ON d.id = t.delegate_id \
                  WHERE t.state IN ('assigned', 'running') AND t.lease_expires < ?1",
             )?
             .query_map([now], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+                let (id, task) = held_task(r)?;
+                Ok((id, task, r.get(5)?))
             })?
             .collect::<Result<_, _>>()?;
         let mut reaped = Reaped::default();
-        for (id, attempt, retries, cancel, name) in expired {
+        for (id, task, name) in expired {
             let name = name.unwrap_or_else(|| "?".to_string());
-            if cancel {
-                let msg = format!("cancel requested and lease lapsed on delegate {name}");
-                end_by_manager(&tx, &id, TaskState::Cancelled, &msg, now)?;
-                reaped.cancelled += 1;
-            } else if attempt <= retries {
-                let next = attempt + 1;
-                let msg = format!("lease lapsed on delegate {name}; re-queued (attempt {next})");
-                requeue(&tx, &id, next, &msg)?;
-                reaped.requeued += 1;
-            } else {
-                let msg = format!(
-                    "lease lapsed on delegate {name} on attempt {attempt}; no retries left \
-                     (submit with more retries to survive lost delegates)"
-                );
-                end_by_manager(&tx, &id, TaskState::Lost, &msg, now)?;
-                reaped.lost += 1;
-            }
+            let cause = format!("lease lapsed on delegate {name}");
+            holder_gone(&tx, &id, task, &cause, now, &mut reaped)?;
         }
         tx.commit()?;
         Ok(reaped)
+    }
+
+    /// Move by `by_ms` the deadline of every held lease that ends by `set_before`: the
+    /// leases set before a wall-clock step (see `reaper`).
+    pub fn shift_leases(&self, by_ms: i64, set_before: UnixMillis) -> Result<usize, StoreError> {
+        Ok(self.conn().execute(
+            "UPDATE tasks SET lease_expires = lease_expires + ?1 \
+             WHERE state IN ('assigned', 'running') AND lease_expires <= ?2",
+            params![by_ms, set_before],
+        )?)
     }
 
     /// Give every held task a full lease from `now`: called at startup, because delegates
@@ -1034,9 +1303,9 @@ mod tests {
     fn store() -> (tempfile::TempDir, Store) {
         let dir = tempfile::tempdir().expect("tempdir");
         let s = Store::open(&dir.path().join("m.db"), TTL).expect("open");
-        s.create_token("tok", &auth::hash_token("dlg_a"), 0)
+        s.create_token("tok", &auth::hash_token("dlg_a"), None, 0)
             .expect("token");
-        s.create_token("other", &auth::hash_token("dlg_b"), 0)
+        s.create_token("other", &auth::hash_token("dlg_b"), None, 0)
             .expect("token");
         (dir, s)
     }
@@ -1102,11 +1371,11 @@ mod tests {
     fn tokens_duplicate_empty_and_revoked() {
         let (_d, s) = store();
         assert!(matches!(
-            s.create_token("tok", "x", 1),
+            s.create_token("tok", "x", None, 1),
             Err(StoreError::TokenExists(_))
         ));
         assert!(matches!(
-            s.create_token(" ", "y", 1),
+            s.create_token(" ", "y", None, 1),
             Err(StoreError::Invalid(_))
         ));
         let h = auth::hash_token("dlg_a");
@@ -1298,6 +1567,36 @@ mod tests {
     }
 
     #[test]
+    fn heartbeat_with_attempts_renews_the_current_attempt_and_revokes_only_the_old_one() {
+        use delegate_protocol::TaskAttempt;
+        let (_d, s) = store();
+        let a = s.register("tok", &reg("a", &[]), 0).expect("reg");
+        submit(&s, "t_1", shell(&[], 1), 0);
+        s.acquire("tok", &a, 1, 0).expect("acquire attempt 1");
+        // Attempt 1's lease lapses; the task is re-queued and leased again to the same
+        // delegate, which still holds attempt 1 as well.
+        let r = s.reap(31_000).expect("reap");
+        assert_eq!(r.requeued, 1, "{r:?}");
+        let got = s.acquire("tok", &a, 1, 31_000).expect("acquire attempt 2");
+        assert_eq!(got.tasks[0].attempt, 2);
+        let att = |attempt| TaskAttempt {
+            id: "t_1".into(),
+            attempt,
+        };
+        let hb = HeartbeatRequest {
+            state: DelegateState::Running,
+            in_flight: vec!["t_1".into()],
+            in_flight_attempts: vec![att(1), att(2)],
+        };
+        let resp = s.heartbeat("tok", &a, &hb, 40_000).expect("hb");
+        assert_eq!(resp.revoked_attempts, [att(1)], "only attempt 1 is stopped");
+        assert!(resp.revoked.is_empty(), "no id-wide revoke: {resp:?}");
+        // Attempt 2's lease was renewed at 40 s: alive at 65 s.
+        assert!(!s.reap(65_000).expect("reap").any());
+        assert_eq!(s.task("t_1").expect("view").attempt, 2);
+    }
+
+    #[test]
     fn logs_are_stored_once_and_gaps_refused() {
         let (_d, s) = store();
         let a = s.register("tok", &reg("a", &[]), 0).expect("reg");
@@ -1464,6 +1763,102 @@ mod tests {
         assert_eq!(ds[0].in_flight, 1);
         assert!(ds[0].connected);
         assert!(!s.list_delegates(10 + 31_000).expect("list")[0].connected);
+    }
+
+    #[test]
+    fn another_token_cannot_take_over_a_registered_name() {
+        let (_d, s) = store();
+        let a = s.register("tok", &reg("a", &[]), 0).expect("reg");
+        submit(&s, "t_1", shell(&[], 0), 0);
+        s.acquire("tok", &a, 1, 0).expect("acquire");
+        match s.register("other", &reg("a", &[]), 1) {
+            Err(StoreError::NameTaken { owner, .. }) => assert_eq!(owner, "tok"),
+            other => panic!("expected name_taken, got {other:?}"),
+        }
+        // The victim keeps its id and its task.
+        assert_eq!(s.task("t_1").expect("view").delegate_id, Some(a.clone()));
+        assert_eq!(s.register("tok", &reg("a", &[]), 2).expect("re-reg"), a);
+    }
+
+    #[test]
+    fn forget_frees_the_name_and_releases_its_tasks() {
+        let (_d, s) = store();
+        let a = s.register("tok", &reg("a", &[]), 0).expect("reg");
+        submit(&s, "t_1", shell(&[], 1), 0);
+        s.acquire("tok", &a, 1, 0).expect("acquire");
+        assert!(matches!(
+            s.forget_delegate("nope", None, 1),
+            Err(StoreError::NoSuchDelegate { .. })
+        ));
+        let gone = s.forget_delegate("a", None, 1).expect("forget");
+        assert_eq!((gone.id.as_str(), gone.released_tasks), (a.as_str(), 1));
+        let v = s.task("t_1").expect("view");
+        assert_eq!((v.state, v.attempt), (TaskState::Queued, 2));
+        let b = s.register("other", &reg("a", &[]), 2).expect("free now");
+        assert_ne!(b, a);
+        // The old id is gone for its token too.
+        assert!(matches!(
+            s.acquire("tok", &a, 1, 3),
+            Err(StoreError::DelegateNotFound(_))
+        ));
+    }
+
+    #[test]
+    fn forget_needs_the_host_when_the_name_is_on_several() {
+        let (_d, s) = store();
+        s.register("tok", &reg("a", &[]), 0).expect("reg");
+        let other_host = RegisterRequest {
+            hostname: "host2".into(),
+            ..reg("a", &[])
+        };
+        s.register("tok", &other_host, 0).expect("reg");
+        assert!(matches!(
+            s.forget_delegate("a", None, 1),
+            Err(StoreError::AmbiguousDelegate { .. })
+        ));
+        let gone = s.forget_delegate("a", Some("host2"), 1).expect("forget");
+        assert_eq!(gone.hostname, "host2");
+    }
+
+    #[test]
+    fn revoking_a_token_frees_its_names() {
+        let (_d, s) = store();
+        s.register("tok", &reg("a", &[]), 0).expect("reg");
+        s.revoke_token("tok", 1).expect("revoke");
+        assert!(s.list_delegates(1).expect("list").is_empty());
+        s.register("other", &reg("a", &[]), 2).expect("free now");
+        assert!(matches!(
+            s.register("tok", &reg("b", &[]), 3),
+            Err(StoreError::TokenRevoked(_))
+        ));
+    }
+
+    #[test]
+    fn a_token_with_tags_registers_only_those() {
+        let (_d, s) = store();
+        let tags = vec!["linux".to_string(), "eu".to_string()];
+        s.create_token("tagged", &auth::hash_token("dlg_c"), Some(&tags), 0)
+            .expect("token");
+        match s.register("tagged", &reg("a", &["linux", "gpu"]), 1) {
+            Err(StoreError::TagsNotAllowed {
+                refused, allowed, ..
+            }) => {
+                assert_eq!(refused, ["gpu"]);
+                assert_eq!(allowed, tags);
+            }
+            other => panic!("expected tags_not_allowed, got {other:?}"),
+        }
+        s.register("tagged", &reg("a", &["linux"]), 2)
+            .expect("allowed tags");
+        s.register("tok", &reg("b", &["anything"]), 2)
+            .expect("a token without tags allows any");
+        let listed = s.list_tokens().expect("list");
+        let t = listed.iter().find(|t| t.name == "tagged").expect("listed");
+        assert_eq!(t.tags.as_ref(), Some(&tags));
+        assert!(matches!(
+            s.create_token("bad", "h", Some(&["a b".to_string()]), 0),
+            Err(StoreError::Invalid(_))
+        ));
     }
 
     #[test]

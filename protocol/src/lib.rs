@@ -394,6 +394,10 @@ pub struct DelegateView {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CreateToken {
     pub name: String,
+    /// The tags delegates of this token may register with; `None` allows any. A stolen
+    /// token with a tag set cannot attract tasks meant for other hosts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tags: Option<Vec<String>>,
 }
 
 /// The only time a delegate token is shown; the manager keeps its SHA-256 alone.
@@ -409,6 +413,30 @@ pub struct TokenView {
     pub name: String,
     pub created_at: UnixMillis,
     pub revoked: bool,
+    /// The allowed tag set (`None`: any tags).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tags: Option<Vec<String>>,
+}
+
+/// `POST /api/v1/delegates/forget` (admin token): free a delegate name so that another
+/// token may register it. Without `hostname` the name must be unique.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ForgetDelegate {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+}
+
+/// The answer to [`ForgetDelegate`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ForgottenDelegate {
+    pub id: String,
+    pub name: String,
+    pub hostname: String,
+    /// The token that held the name.
+    pub token_name: String,
+    /// Tasks it held, now re-queued or ended as if its lease had lapsed.
+    pub released_tasks: u32,
 }
 
 /// Machine-readable error codes; every error body carries one.
@@ -428,6 +456,10 @@ pub enum ErrorCode {
     ResultConflict,
     /// The task is already finished.
     Finished,
+    /// `register`: the name and hostname belong to a delegate of another token.
+    NameTaken,
+    /// `register`: a tag outside the token's allowed tag set.
+    TagsNotAllowed,
     Internal,
     /// A code from a newer manager.
     #[serde(other)]

@@ -277,11 +277,18 @@ impl ShellSpec {
 
 impl HttpSpec {
     pub fn validate(&self) -> Result<(), SpecError> {
-        let lower = self.url.to_ascii_lowercase();
-        if !(lower.starts_with("http://") || lower.starts_with("https://")) {
+        let why = match url::Url::parse(&self.url) {
+            Err(e) => Some(e.to_string()),
+            Ok(u) if !matches!(u.scheme(), "http" | "https") => {
+                Some(format!("scheme {:?} is not http or https", u.scheme()))
+            }
+            Ok(u) if u.host().is_none() => Some("it names no host".to_string()),
+            Ok(_) => None,
+        };
+        if let Some(why) = why {
             return Err(invalid(
                 "spec.url",
-                format!("{:?} is not an http:// or https:// URL", self.url),
+                format!("{:?} is not an http:// or https:// URL: {why}", self.url),
             ));
         }
         if let Some(m) = &self.method
@@ -459,6 +466,15 @@ mod tests {
 
     #[test]
     fn http_checks_url_and_status() {
+        for bad in ["ftp://x/y", "http://", "not a url", "http://exa mple.com/"] {
+            let e = TaskSpec::from_wire("http", &json!({ "url": bad }))
+                .expect_err("refused")
+                .to_string();
+            assert!(
+                e.contains("spec.url") && e.contains("is not an http"),
+                "{bad}: {e}"
+            );
+        }
         let ok = TaskSpec::from_wire("http", &json!({"url": "http://127.0.0.1:1/x"}))
             .expect("valid http spec");
         assert_eq!(ok.kind(), "http");

@@ -9,4 +9,5 @@ mod resilience;
 mod shell;
 mod tls_agent;
 mod trust_agent;
+mod trust_manager;
 mod util;
