@@ -233,6 +233,13 @@ fn run(path: PathBuf) -> ExitCode {
                 );
                 ExitCode::from(EXIT_CONFIG)
             }
+            Some(refused @ DaemonError::RegistrationRefused { .. }) => {
+                tracing::error!(
+                    "{refused}; exiting with code {EXIT_CONFIG} so the service is not restarted in a loop. To fix: change name or tags in {} (or as the manager's message says), then `systemctl restart delegate`",
+                    path.display()
+                );
+                ExitCode::from(EXIT_CONFIG)
+            }
             _ => {
                 tracing::error!("{e:#}");
                 ExitCode::FAILURE

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use delegate_protocol::{Assignment, HeartbeatRequest, Target, TaskAttempt};
+use delegate_protocol::{Assignment, ErrorCode, HeartbeatRequest, Target, TaskAttempt};
 use tokio::sync::{Notify, Semaphore, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, warn};
@@ -67,6 +67,21 @@ pub enum DaemonError {
         message: String,
         stopped: usize,
     },
+    /// The manager refused the registration itself: the name is another token's
+    /// (`name_taken`) or the tags are outside the token's set (`tags_not_allowed`). Like a
+    /// rejected token, only an operator can fix it (the manager's message says how).
+    #[error("the manager at {manager_url} refused to register this delegate: {message}")]
+    RegistrationRefused {
+        manager_url: String,
+        message: String,
+    },
+}
+
+/// Why the manager will not work with this agent until an operator acts.
+#[derive(Debug, Clone)]
+enum Rejection {
+    Token(String),
+    Registration(String),
 }
 
 fn stopped_note(n: usize) -> String {
@@ -134,9 +149,10 @@ struct Shared {
     /// Cancelled when the process is about to exit: retry loops give up, the spool keeps
     /// what they had not delivered.
     stopped: CancellationToken,
-    /// Cancelled at the first 401 from the manager; `rejection` holds its message.
+    /// Cancelled at the first 401 from the manager (or a refused registration);
+    /// `rejection` says which and holds the manager's message.
     token_rejected: CancellationToken,
-    rejection: Mutex<Option<String>>,
+    rejection: Mutex<Option<Rejection>>,
 }
 
 impl Shared {
@@ -163,12 +179,32 @@ impl Shared {
         let ClientError::Unauthorized { message, .. } = e else {
             return false;
         };
+        self.reject(Rejection::Token(message.clone()));
+        true
+    }
+
+    /// Like [`Self::check_token_rejected`], for the answers to `register` that only an
+    /// operator can change: 401, `name_taken`, `tags_not_allowed`.
+    fn check_registration_refused(&self, e: &ClientError) -> bool {
+        match e {
+            ClientError::Api {
+                code: ErrorCode::NameTaken | ErrorCode::TagsNotAllowed,
+                message,
+                ..
+            } => {
+                self.reject(Rejection::Registration(message.clone()));
+                true
+            }
+            e => self.check_token_rejected(e),
+        }
+    }
+
+    fn reject(&self, why: Rejection) {
         let mut r = self.rejection.lock().unwrap_or_else(|p| p.into_inner());
         if r.is_none() {
-            *r = Some(message.clone());
+            *r = Some(why);
         }
         self.token_rejected.cancel();
-        true
     }
 
     fn running_count(&self) -> usize {
@@ -453,16 +489,27 @@ async fn stop_for_rejected_token(shared: &Arc<Shared>) -> Result<(), DaemonError
     let limit = shared.config.kill_grace + Duration::from_secs(5);
     wait_until(shared, limit, |s| s.running_count() == 0).await;
     shared.stopped.cancel();
-    let message = shared
+    let rejection = shared
         .rejection
         .lock()
         .unwrap_or_else(|p| p.into_inner())
-        .clone()
-        .unwrap_or_default();
-    Err(DaemonError::TokenRejected {
-        manager_url: shared.config.manager_url.clone(),
-        message,
-        stopped: running.len(),
+        .clone();
+    let manager_url = shared.config.manager_url.clone();
+    Err(match rejection {
+        Some(Rejection::Registration(message)) => DaemonError::RegistrationRefused {
+            manager_url,
+            message,
+        },
+        Some(Rejection::Token(message)) => DaemonError::TokenRejected {
+            manager_url,
+            message,
+            stopped: running.len(),
+        },
+        None => DaemonError::TokenRejected {
+            manager_url,
+            message: String::new(),
+            stopped: running.len(),
+        },
     })
 }
 

@@ -58,7 +58,7 @@ pub(super) async fn register(shared: &Arc<Shared>) -> Option<Duration> {
             }
             Err(e) => {
                 shared.set_connected(false);
-                if shared.check_token_rejected(&e) {
+                if shared.check_registration_refused(&e) {
                     return None;
                 }
                 let delay = backoff.next_delay();

@@ -89,6 +89,56 @@ fn a_wrong_token_at_start_exits_78_with_one_clear_line() {
     assert!(w.manager.delegates().expect("list").is_empty());
 }
 
+/// A name another token owns (or tags outside the token's set) is refused at registration
+/// with a message that says how to free it; the agent says so once and exits 78 instead of
+/// retrying a registration that only an operator can make succeed.
+#[test]
+fn a_name_owned_by_another_token_exits_78_with_the_managers_hint() {
+    let w = World::new();
+    let owner = w.manager.token("owner").expect("token");
+    let first = Agent::start(
+        &w.tmp.path().join("first"),
+        &w.manager.url(),
+        &owner,
+        &AgentOptions::default(),
+    )
+    .expect("start");
+    wait_for(LONG, "the first agent to register", || {
+        (!w.manager.delegates().ok()?.is_empty()).then_some(())
+    })
+    .expect("registered");
+    let other = w.manager.token("other").expect("token");
+    let mut second = Agent::start(
+        &w.tmp.path().join("second"),
+        &w.manager.url(),
+        &other,
+        &AgentOptions::default(),
+    )
+    .expect("start");
+    let status = second.wait_exit(Duration::from_secs(20)).expect("exits");
+    let log = second.log_text();
+    assert_eq!(status.code(), Some(78), "{log}");
+    assert_eq!(
+        log.matches("refused to register this delegate").count(),
+        1,
+        "said once:\n{log}"
+    );
+    assert!(log.contains("delegates forget"), "no hint in:\n{log}");
+    // The owner was not disturbed: still the one delegate, still connected.
+    let ds = w.manager.delegates().expect("list");
+    assert_eq!(ds.len(), 1, "{ds:?}");
+    assert!(ds[0].connected, "{ds:?}");
+    assert!(
+        first
+            .log_text()
+            .matches("registered with the manager")
+            .count()
+            == 1,
+        "the owner had to register again:\n{}",
+        first.log_text()
+    );
+}
+
 fn shell_assignment(id: &str, script: &str) -> Assignment {
     Assignment {
         task_id: id.into(),
