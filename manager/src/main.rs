@@ -60,29 +60,36 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             _ => None,
         },
     };
+    let stop = stop_signal();
     let server = server::bind(&cfg)
         .await
         .context("cannot start the manager")?;
     server
-        .run(stop_signal())
+        .run(stop)
         .await
         .context("manager stopped with an error")?;
     Ok(ExitCode::SUCCESS)
 }
 
-/// Completes on the first SIGTERM (systemctl stop) or SIGINT (Ctrl-C).
-async fn stop_signal() {
+/// Completes on the first SIGTERM (systemctl stop) or SIGINT (Ctrl-C). The handlers are
+/// installed here, before the manager says it listens: a signal that arrives right after
+/// `listening on` must stop it, not kill it.
+fn stop_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    async move {
+        match (term, int) {
+            (Ok(mut term), Ok(mut int)) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
             }
-        }
-        Err(e) => {
-            tracing::warn!("cannot listen for SIGTERM ({e}); stopping on Ctrl-C only");
-            let _ = tokio::signal::ctrl_c().await;
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::warn!("cannot listen for SIGTERM/SIGINT ({e}); stopping on Ctrl-C only");
+                let _ = tokio::signal::ctrl_c().await;
+            }
         }
     }
 }
