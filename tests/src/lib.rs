@@ -77,6 +77,8 @@ pub struct Manager {
     pub admin_token: String,
     log: PathBuf,
     http: reqwest::blocking::Client,
+    /// `https` when started with [`Manager::start_tls`].
+    scheme: &'static str,
 }
 
 impl Manager {
@@ -129,11 +131,31 @@ impl Manager {
             http: reqwest::blocking::Client::builder()
                 .timeout(Duration::from_secs(60))
                 .build()?,
+            scheme: "http",
         })
     }
 
+    /// Start serving HTTPS with the server certificate of `pki`; this handle's own
+    /// requests trust `pki`'s CA, and [`Manager::url`] is `https://`.
+    pub fn start_tls(root: &Path, pki: &tls::TestPki) -> Result<Manager> {
+        let arg = |p: &Path| p.to_str().map(str::to_string).context("non-UTF-8 path");
+        let (cert, key) = (arg(&pki.server_cert)?, arg(&pki.server_key)?);
+        let mut m = Self::start_with(
+            root,
+            "127.0.0.1:0",
+            &["--tls-cert", &cert, "--tls-key", &key],
+        )?;
+        let ca = reqwest::Certificate::from_pem(&fs::read(&pki.ca_cert)?)?;
+        m.http = reqwest::blocking::Client::builder()
+            .timeout(Duration::from_secs(60))
+            .tls_certs_merge([ca])
+            .build()?;
+        m.scheme = "https";
+        Ok(m)
+    }
+
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("{}://{}", self.scheme, self.addr)
     }
 
     pub fn log_text(&self) -> String {

@@ -3,126 +3,37 @@
 //! (issue 7, item 8). The server is the fake manager serving HTTPS; the CA and the
 //! certificate are made by the test with `openssl`.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
-use delegate_tests::{Agent, AgentOptions, wait_for};
+use delegate_protocol::TaskState;
+use delegate_tests::tls::{TestPki, make_pki};
+use delegate_tests::{Agent, AgentOptions, Manager, wait_for};
 
 use crate::fake_manager::{Behaviour, FakeManager};
 use crate::util::LONG;
 
-fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl")
-        .current_dir(dir)
-        .args(args)
-        .output()
-        .expect("the TLS tests need the openssl CLI (apt-get install openssl)");
-    assert!(
-        out.status.success(),
-        "openssl {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// A CA `NAME.pem`/`NAME.key` in `dir`.
-fn make_ca(dir: &Path, name: &str) -> PathBuf {
-    let (pem, key) = (format!("{name}.pem"), format!("{name}.key"));
-    openssl(
-        dir,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            &key,
-            "-out",
-            &pem,
-            "-days",
-            "2",
-            "-subj",
-            &format!("/CN=delegate test {name}"),
-        ],
-    );
-    dir.join(pem)
-}
-
-/// A server certificate for 127.0.0.1 signed by the CA `ca`; (cert, key).
-fn make_server_cert(dir: &Path, ca: &str) -> (PathBuf, PathBuf) {
-    openssl(
-        dir,
-        &[
-            "req",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            "server.key",
-            "-out",
-            "server.csr",
-            "-subj",
-            "/CN=127.0.0.1",
-        ],
-    );
-    std::fs::write(
-        dir.join("server.ext"),
-        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
-    )
-    .expect("ext file");
-    openssl(
-        dir,
-        &[
-            "x509",
-            "-req",
-            "-in",
-            "server.csr",
-            "-CA",
-            &format!("{ca}.pem"),
-            "-CAkey",
-            &format!("{ca}.key"),
-            "-CAcreateserial",
-            "-out",
-            "server.pem",
-            "-days",
-            "2",
-            "-extfile",
-            "server.ext",
-        ],
-    );
-    (dir.join("server.pem"), dir.join("server.key"))
-}
-
-/// A fake manager on HTTPS with a certificate from `ca`, and the test's temp dir.
-fn tls_manager() -> (FakeManager, tempfile::TempDir) {
+/// A fake manager on HTTPS with a certificate from the CA `ca`, and a second, unrelated CA.
+fn tls_manager() -> (FakeManager, tempfile::TempDir, TestPki, TestPki) {
     let tmp = tempfile::tempdir().expect("tmp");
-    make_ca(tmp.path(), "ca");
-    make_ca(tmp.path(), "other-ca");
-    let cert = make_server_cert(tmp.path(), "ca");
+    let ca = make_pki(tmp.path(), "ca").expect("pki");
+    let other = make_pki(tmp.path(), "other-ca").expect("pki");
     let fake = FakeManager::start(Behaviour {
-        tls: Some(cert),
+        tls: Some((ca.server_cert.clone(), ca.server_key.clone())),
         ..Behaviour::default()
     });
     assert!(fake.url.starts_with("https://127.0.0.1:"), "{}", fake.url);
-    (fake, tmp)
+    (fake, tmp, ca, other)
 }
 
-fn agent_with_ca(fake: &FakeManager, tmp: &Path, ca: &str) -> Agent {
+fn agent_with_ca(url: &str, token: &str, tmp: &Path, ca: &Path) -> Agent {
     Agent::start(
         tmp,
-        &fake.url,
-        "dlg_fake",
+        url,
+        token,
         &AgentOptions {
-            extra: format!(
-                "ca_file = {:?}\n",
-                tmp.join(format!("{ca}.pem")).display().to_string()
-            ),
+            extra: format!("ca_file = {:?}\n", ca.display().to_string()),
             ..AgentOptions::default()
         },
     )
@@ -131,8 +42,8 @@ fn agent_with_ca(fake: &FakeManager, tmp: &Path, ca: &str) -> Agent {
 
 #[test]
 fn with_ca_file_the_agent_trusts_a_manager_certificate_from_a_private_ca() {
-    let (fake, tmp) = tls_manager();
-    let a = agent_with_ca(&fake, tmp.path(), "ca");
+    let (fake, tmp, ca, _) = tls_manager();
+    let a = agent_with_ca(&fake.url, "dlg_fake", tmp.path(), &ca.ca_cert);
     wait_for(LONG, "a heartbeat over TLS", || {
         (fake.seen.heartbeats.load(Ordering::SeqCst) > 0).then_some(())
     })
@@ -142,8 +53,8 @@ fn with_ca_file_the_agent_trusts_a_manager_certificate_from_a_private_ca() {
 
 #[test]
 fn a_certificate_from_another_ca_is_refused_with_an_error_that_names_ca_file() {
-    let (fake, tmp) = tls_manager();
-    let a = agent_with_ca(&fake, tmp.path(), "other-ca");
+    let (fake, tmp, _, other) = tls_manager();
+    let a = agent_with_ca(&fake.url, "dlg_fake", tmp.path(), &other.ca_cert);
     a.wait_log(
         "presented a TLS certificate this agent does not trust",
         LONG,
@@ -153,4 +64,22 @@ fn a_certificate_from_another_ca_is_refused_with_an_error_that_names_ca_file() {
     assert!(log.contains("set ca_file"), "{log}");
     assert!(log.contains("UnknownIssuer"), "{log}");
     assert_eq!(fake.seen.registers.load(Ordering::SeqCst), 0, "{log}");
+}
+
+/// The whole path over TLS against the real manager (`serve --tls-cert --tls-key`): the
+/// agent with `ca_file` registers, runs a task and ships its log and result.
+#[test]
+fn a_task_runs_end_to_end_against_the_real_manager_over_tls() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let pki = make_pki(tmp.path(), "ca").expect("pki");
+    let m = Manager::start_tls(tmp.path(), &pki).expect("manager");
+    assert!(m.url().starts_with("https://"), "{}", m.url());
+    let token = m.token("tls-agent").expect("token");
+    let a = agent_with_ca(&m.url(), &token, tmp.path(), &pki.ca_cert);
+    let id = m.submit_shell("echo over-tls", 30, 0).expect("submit");
+    let t = m
+        .wait_state(&id, &[TaskState::Succeeded], Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("{e}:\n{}", a.log_text()));
+    assert_eq!(t.exit_code, Some(0));
+    assert_eq!(m.logs(&id).expect("logs"), b"over-tls\n");
 }
