@@ -8,7 +8,9 @@ use clap_complete::Shell;
 
 /// Write `<name>.1` (and `<name>-<sub>.1` per visible subcommand) into `dir/man1`, and
 /// completions into `dir/completions/{bash,zsh,fish}`.
-pub fn generate(mut cmd: clap::Command, dir: &Path) -> std::io::Result<()> {
+pub fn generate(cmd: clap::Command, dir: &Path) -> std::io::Result<()> {
+    // `help` subcommands would each get a page saying what --help says.
+    let mut cmd = without_help_subcommands(cmd);
     cmd.build();
     let name = cmd.get_name().to_string();
     let man = dir.join("man1");
@@ -20,6 +22,11 @@ pub fn generate(mut cmd: clap::Command, dir: &Path) -> std::io::Result<()> {
         clap_complete::generate_to(shell, &mut cmd, &name, &out)?;
     }
     Ok(())
+}
+
+fn without_help_subcommands(cmd: clap::Command) -> clap::Command {
+    cmd.disable_help_subcommand(true)
+        .mut_subcommands(without_help_subcommands)
 }
 
 /// `BINARY generate-docs DIR`, checked before clap parses, for the binaries that do not

@@ -9,6 +9,7 @@
 #![forbid(unsafe_code)]
 
 pub mod docker;
+pub mod nspawn;
 pub mod upgrade;
 
 use std::fs;
