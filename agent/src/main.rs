@@ -167,13 +167,20 @@ fn run_setup(
 ) -> Result<(), setup::SetupError> {
     let gid = setup::agent_gid()?;
     setup::write_config(config, settings, Some(gid))?;
-    println!("{}: written (root:{} 0640)", config.display(), setup::AGENT_GROUP);
+    println!(
+        "{}: written (root:{} 0640)",
+        config.display(),
+        setup::AGENT_GROUP
+    );
     if no_restart || !setup::systemd_booted() {
         println!("start the agent with: systemctl restart {}", setup::UNIT);
         return Ok(());
     }
     setup::restart_service()?;
-    println!("{} restarted; `delegate status` shows its state", setup::UNIT);
+    println!(
+        "{} restarted; `delegate status` shows its state",
+        setup::UNIT
+    );
     Ok(())
 }
 

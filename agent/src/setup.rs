@@ -93,7 +93,8 @@ pub fn render(existing: Option<&str>, s: &Settings) -> Result<String, SetupError
             return Err(SetupError::BadTag(t.clone()));
         }
     }
-    let mut out = String::from("# Written by `delegate setup`; the keys below replace earlier values.\n");
+    let mut out =
+        String::from("# Written by `delegate setup`; the keys below replace earlier values.\n");
     out.push_str(&format!("manager_url = {}\n", toml_string(&s.manager_url)));
     out.push_str(&format!("token = {}\n", toml_string(&s.token)));
     if let Some(n) = &s.name {
@@ -288,7 +289,10 @@ mod tests {
         let err = write_config(&path, &s, None).expect_err("bad url refused");
         let text = err.to_string();
         assert!(matches!(err, SetupError::Invalid(_)), "{text}");
-        assert!(text.contains("manager_url") && text.contains(&path.display().to_string()), "{text}");
+        assert!(
+            text.contains("manager_url") && text.contains(&path.display().to_string()),
+            "{text}"
+        );
         assert_eq!(fs::read_to_string(&path).expect("read"), before);
         let left: Vec<_> = fs::read_dir(dir.path()).expect("ls").collect();
         assert_eq!(left.len(), 1, "no temp file left behind");

@@ -69,9 +69,8 @@ fn missing_for_e2e() -> Option<String> {
 }
 
 fn tool_exists(name: &str) -> bool {
-    std::env::var_os("PATH").is_some_and(|paths| {
-        std::env::split_paths(&paths).any(|d| d.join(name).is_file())
-    })
+    std::env::var_os("PATH")
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|d| d.join(name).is_file()))
 }
 
 /// The cached Debian rootfs (built by `scripts/rootfs` on first use; it takes a lock, so
@@ -137,7 +136,9 @@ impl Container {
     /// Boot an overlay of the cached rootfs and wait until systemd has finished booting.
     pub fn boot(opts: &BootOptions) -> Result<Container> {
         let rootfs = rootfs()?;
-        let dir = tempfile::Builder::new().prefix("delegate-nspawn-").tempdir()?;
+        let dir = tempfile::Builder::new()
+            .prefix("delegate-nspawn-")
+            .tempdir()?;
         let console = dir.path().join("console.log");
         let name = format!(
             "delegate-e2e-{}-{}",
@@ -150,7 +151,12 @@ impl Container {
         let mut cmd = Command::new("systemd-nspawn");
         cmd.arg("-D")
             .arg(&rootfs)
-            .args(["--volatile=overlay", "--boot", "--register=no", "--keep-unit"])
+            .args([
+                "--volatile=overlay",
+                "--boot",
+                "--register=no",
+                "--keep-unit",
+            ])
             .arg(format!("--machine={name}"))
             .arg("--console=passive");
         for (host, inside) in &opts.bind_ro {
@@ -203,7 +209,11 @@ impl Container {
             .arg(self.leader.to_string())
             .args(["-a", "--", "/usr/bin/env", "-i"])
             .arg(format!("PATH={PATH}"))
-            .args(["LANG=C.UTF-8", "DEBIAN_FRONTEND=noninteractive", "SYSTEMD_PAGER="])
+            .args([
+                "LANG=C.UTF-8",
+                "DEBIAN_FRONTEND=noninteractive",
+                "SYSTEMD_PAGER=",
+            ])
             .env_clear();
         cmd
     }
@@ -241,7 +251,10 @@ impl Container {
             stderr: t_err.join().unwrap_or_default(),
         };
         if status.is_none() {
-            bail!("`{script}` in {} took longer than {limit:?}: {run:?}", self.name);
+            bail!(
+                "`{script}` in {} took longer than {limit:?}: {run:?}",
+                self.name
+            );
         }
         Ok(run)
     }

@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use delegate_protocol::TaskState;
 use delegate_tests::Manager;
-use delegate_tests::nspawn::{BootOptions, Container, skip_or_fail, skip_without_nspawn, workspace};
+use delegate_tests::nspawn::{
+    BootOptions, Container, skip_or_fail, skip_without_nspawn, workspace,
+};
 use delegate_tests::upgrade::{StaticServer, agent_v2, fake_binary};
 use serde_json::json;
 
@@ -34,7 +36,10 @@ fn skip(test: &str) -> bool {
     if package("delegate_", ".deb").is_err() {
         return skip_or_fail(
             test,
-            &format!("no packages in {} (run scripts/packages)", packages_dir().display()),
+            &format!(
+                "no packages in {} (run scripts/packages)",
+                packages_dir().display()
+            ),
         );
     }
     false
@@ -134,7 +139,10 @@ impl World {
         let t = self.m.wait_done(id, Duration::from_secs(120))?;
         let log = self.logs(id)?;
         if t.state != TaskState::Succeeded || t.attempt != 1 || !log.contains(needle) {
-            bail!("task {id}: {t:?}\nlog: {log}\njournal:\n{}", self.c.journal("delegate"));
+            bail!(
+                "task {id}: {t:?}\nlog: {log}\njournal:\n{}",
+                self.c.journal("delegate")
+            );
         }
         Ok(())
     }
@@ -180,7 +188,8 @@ fn deb_install_setup_status_drain_remove_purge() -> Result<()> {
         "{journal}"
     );
     assert_eq!(
-        c.run("stat -c '%U:%G %a' /etc/delegate/delegate.toml")?.trim(),
+        c.run("stat -c '%U:%G %a' /etc/delegate/delegate.toml")?
+            .trim(),
         "root:delegate 640"
     );
     assert_eq!(
@@ -199,15 +208,16 @@ fn deb_install_setup_status_drain_remove_purge() -> Result<()> {
     // 2. Setup makes it active; a task runs and the journal carries its id.
     w.setup("e2e-deb")?;
     assert_eq!(
-        c.run("stat -c '%U:%G %a' /etc/delegate/delegate.toml")?.trim(),
+        c.run("stat -c '%U:%G %a' /etc/delegate/delegate.toml")?
+            .trim(),
         "root:delegate 640"
     );
     let id = w.submit("echo hello from $(id -un)")?;
     w.assert_succeeded(&id, "hello from delegate")?;
     let entries = c.journal_json("delegate")?;
-    let tagged = entries
-        .iter()
-        .find(|e| e["TASK_ID"] == id.as_str() && e["DELEGATE_ID"].as_str().is_some_and(|d| !d.is_empty()));
+    let tagged = entries.iter().find(|e| {
+        e["TASK_ID"] == id.as_str() && e["DELEGATE_ID"].as_str().is_some_and(|d| !d.is_empty())
+    });
     assert!(
         tagged.is_some(),
         "no journal entry with TASK_ID={id} and DELEGATE_ID:\n{}",
@@ -246,7 +256,10 @@ fn deb_install_setup_status_drain_remove_purge() -> Result<()> {
         "find / -xdev -name '*delegate*' -not -path '/proc/*' -not -path '/mnt/*' -not -path /.delegate-rootfs -print",
     )?;
     assert_eq!(left.trim(), "", "files left after purge");
-    assert!(!c.sh("test -e /var/lib/delegate-upgrader || test -e /etc/delegate")?.ok());
+    assert!(
+        !c.sh("test -e /var/lib/delegate-upgrader || test -e /etc/delegate")?
+            .ok()
+    );
     elapsed("deb_install_setup_status_drain_remove_purge", start);
     Ok(())
 }
@@ -260,7 +273,9 @@ struct Channel {
 }
 
 fn release_tool() -> Result<std::process::Command> {
-    Ok(std::process::Command::new(delegate_tests::bin(RELEASE_TOOL)?))
+    Ok(std::process::Command::new(delegate_tests::bin(
+        RELEASE_TOOL,
+    )?))
 }
 
 impl Channel {
@@ -369,7 +384,10 @@ fn upgrader_service_upgrades_through_systemd_and_rolls_back_a_broken_release() -
         "systemctl start delegate-upgrader.service",
         Duration::from_secs(300),
     )?;
-    assert!(!r.ok(), "the broken release must fail the upgrader run: {r:?}");
+    assert!(
+        !r.ok(),
+        "the broken release must fail the upgrader run: {r:?}"
+    );
     assert_eq!(
         c.unit_property("delegate-upgrader", "ExecMainStatus")?,
         "3",
@@ -381,8 +399,23 @@ fn upgrader_service_upgrades_through_systemd_and_rolls_back_a_broken_release() -
     assert!(c.run("delegate status")?.contains("version:     0.2.0"));
     let status = c.run("delegate-upgrader status")?;
     assert!(status.contains("0.3.0"), "skip list: {status}");
-    c.run("systemctl start delegate-upgrader.service")?;
-    assert_eq!(w.current()?, "versions/0.2.0", "a skipped release stays skipped");
+    // The next run refuses the skipped release (exit 2, "refused") and changes nothing.
+    let again = c.sh_limit(
+        "systemctl start delegate-upgrader.service",
+        Duration::from_secs(300),
+    )?;
+    let log = c.journal("delegate-upgrader");
+    assert!(!again.ok(), "{again:?}");
+    assert_eq!(
+        c.unit_property("delegate-upgrader", "ExecMainStatus")?,
+        "2",
+        "refused as skipped:\n{log}"
+    );
+    assert_eq!(
+        w.current()?,
+        "versions/0.2.0",
+        "a skipped release stays skipped"
+    );
     elapsed(test, start);
     Ok(())
 }
@@ -421,14 +454,17 @@ fn deb_upgrade_moves_current_forward_through_a_drain_and_never_back() -> Result<
     w.assert_succeeded(&id, "after")?;
     assert_eq!(w.current()?, "versions/0.2.0", "{out}");
     assert_eq!(
-        c.run("readlink /var/lib/delegate-upgrader/previous")?.trim(),
+        c.run("readlink /var/lib/delegate-upgrader/previous")?
+            .trim(),
         "versions/0.1.0"
     );
     w.wait_connected()?;
     assert!(c.run("delegate status")?.contains("version:     0.2.0"));
     let pid = c.unit_property("delegate", "MainPID")?;
 
-    let out = c.run(&format!("apt-get install -y -q --allow-downgrades {old} 2>&1"))?;
+    let out = c.run(&format!(
+        "apt-get install -y -q --allow-downgrades {old} 2>&1"
+    ))?;
     assert!(out.contains("never moved backward"), "{out}");
     assert_eq!(w.current()?, "versions/0.2.0");
     assert_eq!(c.unit_property("delegate", "MainPID")?, pid, "no restart");
@@ -454,7 +490,10 @@ fn rpm_scriptlets_install_configure_and_erase() -> Result<()> {
     let w = world()?;
     let c = &w.c;
     c.run(&format!("rpm --initdb && rpm -i --nodeps {rpm}"))?;
-    assert!(c.run("getent passwd delegate")?.contains("/var/lib/delegate"));
+    assert!(
+        c.run("getent passwd delegate")?
+            .contains("/var/lib/delegate")
+    );
     assert_eq!(w.current()?, "versions/0.1.0");
     assert_eq!(c.unit_property("delegate", "UnitFileState")?, "enabled");
     c.wait_until(
@@ -467,7 +506,10 @@ fn rpm_scriptlets_install_configure_and_erase() -> Result<()> {
     w.assert_succeeded(&id, "rpm task")?;
     c.run("rpm -e delegate")?;
     assert_eq!(c.unit_property("delegate", "ActiveState")?, "inactive");
-    assert!(!c.sh("test -e /usr/bin/delegate || test -e /usr/lib/systemd/system/delegate.service")?.ok());
+    assert!(
+        !c.sh("test -e /usr/bin/delegate || test -e /usr/lib/systemd/system/delegate.service")?
+            .ok()
+    );
     elapsed(test, start);
     Ok(())
 }
