@@ -198,6 +198,18 @@ fn deb_install_setup_status_drain_remove_purge() -> Result<()> {
         "auto-upgrade is off until the operator enables the timer"
     );
 
+    // The installed units are valid, and the agent's sandbox scores 2.5 or better.
+    c.run("systemd-analyze verify --man=no delegate.service delegate-upgrader.service delegate-upgrader.timer")?;
+    let security = c.run("systemd-analyze security --no-pager delegate.service")?;
+    let exposure: f64 = security
+        .lines()
+        .find_map(|l| l.split("delegate.service: ").nth(1))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .with_context(|| format!("no exposure figure in:\n{security}"))?;
+    eprintln!("systemd-analyze security delegate.service: {exposure}");
+    assert!(exposure <= 2.5, "{security}");
+
     // `delegate setup` with a bad URL changes nothing.
     let before = c.run("sha256sum /etc/delegate/delegate.toml")?;
     let bad = c.sh("delegate setup --manager htp://typo --token dlg_x")?;
@@ -441,7 +453,7 @@ fn deb_upgrade_moves_current_forward_through_a_drain_and_never_back() -> Result<
          cp /root/v2/delegate /root/deb2/usr/bin/delegate
          sed -i 's/^Version: .*/Version: 0.2.0-1/' /root/deb2/DEBIAN/control
          cd /root/deb2 && find usr -type f -exec md5sum {{}} + > DEBIAN/md5sums
-         dpkg-deb -b /root/deb2 /root/delegate_0.2.0-1_amd64.deb >/dev/null"
+         dpkg-deb -Zgzip -z1 -b /root/deb2 /root/delegate_0.2.0-1_amd64.deb >/dev/null"
     ))?;
 
     c.run(&format!("apt-get install -y -q {old}"))?;
