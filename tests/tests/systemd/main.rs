@@ -525,3 +525,57 @@ fn rpm_scriptlets_install_configure_and_erase() -> Result<()> {
     elapsed(test, start);
     Ok(())
 }
+
+/// The manager's package: installed and started by its postinst under its own dynamic
+/// user, serving on the address from /etc/default/delegate-manager, and its CLI works as
+/// root on that host; purge removes its data.
+#[test]
+fn manager_deb_starts_serves_and_purges() -> Result<()> {
+    let test = "manager_deb_starts_serves_and_purges";
+    if skip(test) {
+        return Ok(());
+    }
+    let start = Instant::now();
+    let deb = format!("{PKG}/{}", package("delegate-manager_", ".deb")?);
+    // A port nobody uses right now (the container shares the host's loopback).
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let c = Container::boot(&BootOptions {
+        bind_ro: vec![(packages_dir(), PKG.into())],
+    })?;
+    c.write(
+        "/etc/default/delegate-manager",
+        format!("DELEGATE_MANAGER_ARGS=\"--listen 127.0.0.1:{port}\"\n").as_bytes(),
+        0o644,
+    )?;
+    c.run(&format!("apt-get install -y -q {deb}"))?;
+    assert_eq!(
+        c.unit_property("delegate-manager", "UnitFileState")?,
+        "enabled"
+    );
+    let server = format!("--server http://127.0.0.1:{port}");
+    let token = c.wait_until(
+        Duration::from_secs(30),
+        "the manager to answer",
+        &format!("delegate-manager {server} token create --name vm-1"),
+    )?;
+    assert!(token.trim().starts_with("dlg_"), "{token}");
+    // DynamicUser=yes: a uid from systemd's dynamic range (61184–65519), not root.
+    let uid: u32 = c
+        .run("stat -c %u /proc/$(systemctl show delegate-manager -p MainPID --value)")?
+        .trim()
+        .parse()?;
+    assert!((61184..=65519).contains(&uid), "runs as uid {uid}");
+    c.run("apt-get purge -y -q delegate-manager")?;
+    assert_eq!(
+        c.unit_property("delegate-manager", "ActiveState")?,
+        "inactive"
+    );
+    assert!(
+        !c.sh("test -e /var/lib/private/delegate-manager || test -e /var/lib/delegate-manager")?
+            .ok()
+    );
+    elapsed(test, start);
+    Ok(())
+}
