@@ -255,13 +255,24 @@ fn deb_install_setup_status_drain_remove_purge() -> Result<()> {
     assert_eq!(c.unit_property("delegate", "ExecMainStatus")?, "0");
     assert_eq!(c.unit_property("delegate", "ActiveState")?, "inactive");
 
-    // 7. Remove stops the service; purge leaves nothing behind.
+    // Auto-upgrade is one command away; remove turns it off again.
+    c.run("systemctl enable --now delegate-upgrader.timer")?;
+    assert_eq!(
+        c.unit_property("delegate-upgrader.timer", "ActiveState")?,
+        "active"
+    );
+
+    // 7. Remove stops the service (and the timer); purge leaves nothing behind.
     c.run("systemctl start delegate")?;
     w.wait_connected()?;
     c.run("apt-get remove -y -q delegate")?;
     assert_eq!(c.unit_property("delegate", "ActiveState")?, "inactive");
     assert_eq!(c.unit_property("delegate", "MainPID")?, "0");
     assert!(!c.sh("test -e /usr/bin/delegate")?.ok());
+    assert_eq!(
+        c.unit_property("delegate-upgrader.timer", "ActiveState")?,
+        "inactive"
+    );
     c.run("apt-get purge -y -q delegate")?;
     let left = c.run(
         // (/.delegate-rootfs marks the cached rootfs itself.)
