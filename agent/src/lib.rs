@@ -8,9 +8,11 @@ pub mod client;
 pub mod config;
 pub mod daemon;
 pub mod dbus;
+pub mod docs;
 pub mod exec;
 pub mod logging;
 pub mod notify;
+pub mod setup;
 pub mod spool;
 pub mod state;
 

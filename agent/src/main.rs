@@ -3,10 +3,10 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use delegate::config::{Config, DEFAULT_CONFIG_PATH, ProcessEnv};
 use delegate::daemon::{Control, Daemon, DaemonError};
-use delegate::{EXIT_CONFIG, VERSION, dbus, logging};
+use delegate::{EXIT_CONFIG, VERSION, dbus, docs, logging, setup};
 use tokio::signal::unix::{SignalKind, signal};
 
 #[derive(Parser)]
@@ -43,6 +43,27 @@ enum Command {
     },
     /// Let a drained agent take tasks again.
     Resume,
+    /// Write the manager URL and token into the config (root:delegate 0640) and restart
+    /// delegate.service: the one command to run after installing the package.
+    Setup {
+        /// Base URL of the manager, e.g. https://manager.example:7700.
+        #[arg(long = "manager", value_name = "URL")]
+        manager_url: String,
+        /// Delegate token from `delegate-manager token create --name NAME`.
+        #[arg(long, value_name = "TOKEN")]
+        token: String,
+        /// Name shown by the manager (default: the host name).
+        #[arg(long)]
+        name: Option<String>,
+        /// Tags matched against task selectors, comma separated.
+        #[arg(long, value_delimiter = ',', value_name = "TAG,...")]
+        tags: Vec<String>,
+        #[arg(long, default_value = DEFAULT_CONFIG_PATH, env = "DELEGATE_CONFIG")]
+        config: PathBuf,
+        /// Only write the config; do not restart delegate.service.
+        #[arg(long)]
+        no_restart: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -55,6 +76,10 @@ enum ConfigCommand {
 }
 
 fn main() -> ExitCode {
+    // `delegate generate-docs DIR` (packaging only; not in --help).
+    if let Some(code) = docs::from_args(Cli::command) {
+        return code;
+    }
     let cli = Cli::parse();
     match cli.command {
         Command::Version => {
@@ -109,7 +134,54 @@ fn main() -> ExitCode {
             println!("running");
             Ok(())
         }),
+        Command::Setup {
+            manager_url,
+            token,
+            name,
+            tags,
+            config,
+            no_restart,
+        } => {
+            let settings = setup::Settings {
+                manager_url,
+                token,
+                name,
+                tags,
+            };
+            match run_setup(&config, &settings, no_restart) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("delegate setup: {e}");
+                    ExitCode::from(EXIT_CONFIG)
+                }
+            }
+        }
     }
+}
+
+/// `delegate setup`: write the config, then restart the unit when systemd runs it.
+fn run_setup(
+    config: &std::path::Path,
+    settings: &setup::Settings,
+    no_restart: bool,
+) -> Result<(), setup::SetupError> {
+    let gid = setup::agent_gid()?;
+    setup::write_config(config, settings, Some(gid))?;
+    println!(
+        "{}: written (root:{} 0640)",
+        config.display(),
+        setup::AGENT_GROUP
+    );
+    if no_restart || !setup::systemd_booted() {
+        println!("start the agent with: systemctl restart {}", setup::UNIT);
+        return Ok(());
+    }
+    setup::restart_service()?;
+    println!(
+        "{} restarted; `delegate status` shows its state",
+        setup::UNIT
+    );
+    Ok(())
 }
 
 /// Run one operator command against the agent on the system bus.
@@ -163,7 +235,10 @@ fn run(path: PathBuf) -> ExitCode {
         Ok(c) => c,
         Err(e) => {
             eprintln!("{e}");
-            eprintln!("delegate: configuration is invalid; not starting (exit 78)");
+            eprintln!(
+                "delegate: configuration is invalid; not starting (exit 78). Fix {} (`delegate config check` lists every problem), or run `delegate setup --manager URL --token TOKEN`",
+                path.display()
+            );
             return ExitCode::from(EXIT_CONFIG);
         }
     };

@@ -101,7 +101,7 @@ pub struct ServeArgs {
     /// most 10s).
     #[arg(long, value_parser = humantime::parse_duration)]
     pub heartbeat_interval: Option<Duration>,
-    /// Serve this release directory (made by `delegate-upgrader publish`) read-only under
+    /// Serve this release directory (made by `delegate-release publish`) read-only under
     /// `/releases/`, as the upgrader's channel URL.
     #[arg(long)]
     pub releases: Option<std::path::PathBuf>,

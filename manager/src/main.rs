@@ -11,7 +11,15 @@ use delegate_manager::conn::Limits;
 use delegate_manager::server::{self, ServeConfig, TlsFiles};
 use tracing_subscriber::EnvFilter;
 
+// Man pages and completions for the packages (`scripts/packages`); one source, shared with
+// the agent. Not a clap subcommand, so it never shows in --help.
+#[path = "../../agent/src/docs.rs"]
+mod docs;
+
 fn main() -> ExitCode {
+    if let Some(code) = docs::from_args(<Cli as clap::CommandFactory>::command) {
+        return code;
+    }
     let cli = Cli::parse();
     let serving = matches!(cli.command, Command::Serve(_));
     init_logging(if serving { "info" } else { "warn" });

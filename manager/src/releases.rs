@@ -1,4 +1,4 @@
-//! `/releases/`: a release directory (made by `delegate-upgrader publish`) served
+//! `/releases/`: a release directory (made by `delegate-release publish`) served
 //! read-only and unauthenticated, so a quick start needs no other web server for the
 //! upgrader's channel.
 //!

@@ -9,6 +9,7 @@
 #![forbid(unsafe_code)]
 
 pub mod docker;
+pub mod nspawn;
 pub mod tls;
 pub mod upgrade;
 

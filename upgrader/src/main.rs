@@ -56,7 +56,15 @@ enum Command {
     },
 }
 
+// Man pages and completions for the packages (`scripts/packages`); one source, shared with
+// the agent. Not a clap subcommand, so it never shows in --help.
+#[path = "../../agent/src/docs.rs"]
+mod docs;
+
 fn main() -> ExitCode {
+    if let Some(code) = docs::from_args(<Cli as clap::CommandFactory>::command) {
+        return code;
+    }
     let cli = Cli::parse();
     // Journal fields UPGRADE_STEP, UPGRADE_FROM, UPGRADE_TO (see upgrade.rs).
     delegate_host::logging::init("delegate-upgrader", "info");

@@ -98,8 +98,14 @@ impl ServiceManager for Systemd {
             source,
         };
         let m = SystemdManagerProxy::new(&self.conn).await.map_err(bus)?;
-        // Signals are only broadcast to subscribers; subscribe before starting the job.
-        m.subscribe().await.map_err(bus)?;
+        // Signals are only broadcast to subscribers; subscribe before starting the job. A
+        // second restart on this connection (the rollback's) is subscribed already.
+        match m.subscribe().await {
+            Ok(()) => {}
+            Err(zbus::Error::MethodError(name, _, _))
+                if name.as_str() == "org.freedesktop.systemd1.AlreadySubscribed" => {}
+            Err(e) => return Err(bus(e)),
+        }
         let mut removed = m.receive_job_removed().await.map_err(bus)?;
         let job = m
             .restart_unit(&self.unit, "replace")
@@ -116,6 +122,17 @@ impl ServiceManager for Systemd {
         };
         match tokio::time::timeout(RESTART_JOB_LIMIT, wait).await {
             Ok(Some(r)) if r == "done" => Ok(()),
+            // The old process was stopped and the new one started, but the unit did not
+            // come up (it exited before READY=1, or its start timed out): that is the new
+            // version's health, which the health gate judges and rolls back — not a
+            // restart to retry later while `current` points at a version that cannot run.
+            Ok(Some(r)) if matches!(r.as_str(), "failed" | "timeout" | "dependency") => {
+                tracing::warn!(
+                    "restart job of {} finished with {r:?}: the unit did not come up",
+                    self.unit
+                );
+                Ok(())
+            }
             Ok(Some(r)) => Err(failed(format!("restart job finished with {r:?}"), None)),
             Ok(None) => Err(failed(
                 "lost the bus while waiting for the job".into(),

@@ -1,0 +1,312 @@
+//! `delegate setup`: the one command an operator runs after installing the package.
+//!
+//! It writes the manager URL, token, name and tags into the agent's config, keeping every
+//! other setting (and comment) already there, owned `root:delegate` with mode 0640 so the
+//! agent can read the token and nobody else can, then restarts `delegate.service`. The new
+//! file is validated with the agent's own config loader *before* it replaces the old one:
+//! bad arguments leave any existing config untouched.
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::config::{Config, ConfigError, Env};
+
+/// The group the agent's unit runs as; it must be able to read the config.
+pub const AGENT_GROUP: &str = "delegate";
+/// The unit restarted after the config is written.
+pub const UNIT: &str = "delegate.service";
+
+/// What the operator passed.
+#[derive(Debug, Clone, Default)]
+pub struct Settings {
+    pub manager_url: String,
+    pub token: String,
+    pub name: Option<String>,
+    pub tags: Vec<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error(
+        "--token is empty or contains whitespace; paste it exactly as `delegate-manager token create` printed it"
+    )]
+    BadToken,
+    #[error("--tags {0:?}: a tag may not be empty or contain whitespace (write --tags a,b)")]
+    BadTag(String),
+    #[error(
+        "{path} is not valid TOML, so setup cannot keep its other settings; fix or remove it first (`delegate config check` shows where)"
+    )]
+    Unparsable { path: PathBuf },
+    /// The file as it would be written fails the agent's own checks; nothing was changed.
+    #[error("nothing was changed; the new configuration would be invalid:\n{0}")]
+    Invalid(ConfigError),
+    #[error("cannot read {path} (run as root: sudo delegate setup ...)")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot write {path} (run as root: sudo delegate setup ...)")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "group {AGENT_GROUP:?} does not exist: install the delegate package first (it creates the user and group)"
+    )]
+    NoGroup,
+    #[error(
+        "the configuration is written, but `systemctl restart {UNIT}` failed ({0}); see `journalctl -u delegate`"
+    )]
+    Restart(String),
+}
+
+/// No environment: the written file alone must be a complete config.
+struct NoEnv;
+
+impl Env for NoEnv {
+    fn var(&self, _name: &str) -> Option<String> {
+        None
+    }
+}
+
+/// Keys setup owns; any earlier value of them is replaced (`token_file` too, since the
+/// token now lives in the file).
+const OWNED_KEYS: &[&str] = &["manager_url", "token", "token_file", "name", "tags"];
+
+fn toml_string(s: &str) -> String {
+    toml::Value::String(s.to_string()).to_string()
+}
+
+/// The new config text: `existing` without the keys setup owns, with the new ones at the
+/// top. Pure, so it is tested without touching /etc.
+pub fn render(existing: Option<&str>, s: &Settings) -> Result<String, SetupError> {
+    if s.token.is_empty() || s.token.chars().any(char::is_whitespace) {
+        return Err(SetupError::BadToken);
+    }
+    for t in &s.tags {
+        if t.is_empty() || t.chars().any(char::is_whitespace) {
+            return Err(SetupError::BadTag(t.clone()));
+        }
+    }
+    let mut out =
+        String::from("# Written by `delegate setup`; the keys below replace earlier values.\n");
+    out.push_str(&format!("manager_url = {}\n", toml_string(&s.manager_url)));
+    out.push_str(&format!("token = {}\n", toml_string(&s.token)));
+    if let Some(n) = &s.name {
+        out.push_str(&format!("name = {}\n", toml_string(n)));
+    }
+    if !s.tags.is_empty() {
+        let tags: Vec<String> = s.tags.iter().map(|t| toml_string(t)).collect();
+        out.push_str(&format!("tags = [{}]\n", tags.join(", ")));
+    }
+    let Some(existing) = existing else {
+        return Ok(out);
+    };
+    out.push('\n');
+    // Drop top-level assignments of the owned keys (they sit before the first table
+    // header); a multi-line array value is dropped up to its closing bracket.
+    let mut in_table = false;
+    let mut skipping_array = false;
+    for line in existing.lines() {
+        let t = line.trim_start();
+        if skipping_array {
+            if t.contains(']') {
+                skipping_array = false;
+            }
+            continue;
+        }
+        if t.starts_with('[') {
+            in_table = true;
+        }
+        if !in_table && !t.starts_with('#') {
+            let key = t.split('=').next().unwrap_or("").trim().trim_matches('"');
+            if t.contains('=') && OWNED_KEYS.contains(&key) {
+                let value = t.split_once('=').map(|(_, v)| v.trim()).unwrap_or("");
+                skipping_array = value.starts_with('[') && !value.contains(']');
+                continue;
+            }
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    Ok(out)
+}
+
+/// Check `text` with the agent's own loader, as if it were at `path`.
+fn validate(path: &Path, tmp: &Path) -> Result<(), SetupError> {
+    match Config::load(tmp, &NoEnv) {
+        Ok(_) => Ok(()),
+        Err(mut e) => {
+            for p in &mut e.problems {
+                p.path = path.to_path_buf();
+            }
+            Err(SetupError::Invalid(e))
+        }
+    }
+}
+
+/// Write the config for `s` at `path` (validated first, then replaced in one rename),
+/// owned by root and `group` (None: keep the caller's group, for tests) with mode 0640.
+pub fn write_config(path: &Path, s: &Settings, group: Option<u32>) -> Result<(), SetupError> {
+    let existing = match fs::read_to_string(path) {
+        Ok(t) => Some(t),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(source) => {
+            return Err(SetupError::Read {
+                path: path.to_path_buf(),
+                source,
+            });
+        }
+    };
+    if let Some(text) = &existing
+        && toml::from_str::<toml::Table>(text).is_err()
+    {
+        return Err(SetupError::Unparsable {
+            path: path.to_path_buf(),
+        });
+    }
+    let text = render(existing.as_deref(), s)?;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(
+        ".{}.setup-{}",
+        path.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        std::process::id()
+    ));
+    let werr = |source| SetupError::Write {
+        path: path.to_path_buf(),
+        source,
+    };
+    let result = (|| {
+        let _ = fs::remove_file(&tmp);
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o640)
+            .open(&tmp)
+            .map_err(werr)?;
+        if let Some(gid) = group {
+            std::os::unix::fs::fchown(&f, Some(0), Some(gid)).map_err(werr)?;
+        }
+        // The umask may have narrowed the mode given to open().
+        f.set_permissions(fs::Permissions::from_mode(0o640))
+            .map_err(werr)?;
+        f.write_all(text.as_bytes()).map_err(werr)?;
+        f.sync_all().map_err(werr)?;
+        validate(path, &tmp)?;
+        fs::rename(&tmp, path).map_err(werr)?;
+        if let Ok(d) = fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// The agent's group id, which must exist on a packaged host.
+pub fn agent_gid() -> Result<u32, SetupError> {
+    match nix::unistd::Group::from_name(AGENT_GROUP) {
+        Ok(Some(g)) => Ok(g.gid.as_raw()),
+        _ => Err(SetupError::NoGroup),
+    }
+}
+
+/// Is systemd the init system here (so there is a unit to restart)?
+pub fn systemd_booted() -> bool {
+    Path::new("/run/systemd/system").is_dir()
+}
+
+/// `systemctl restart delegate.service`: the agent drains, then starts with the new config.
+pub fn restart_service() -> Result<(), SetupError> {
+    let out = Command::new("systemctl")
+        .args(["restart", UNIT])
+        .output()
+        .map_err(|e| SetupError::Restart(e.to_string()))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(SetupError::Restart(
+            String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> Settings {
+        Settings {
+            manager_url: "https://m.example:7700".into(),
+            token: "dlg_abc".into(),
+            name: Some("vm-1".into()),
+            tags: vec!["a".into(), "b".into()],
+        }
+    }
+
+    #[test]
+    fn render_replaces_owned_keys_and_keeps_the_rest() {
+        let old = "# comment\nmanager_url = \"http://old:1\"\ntoken_file = \"/x\"\ntags = [\n  \"x\",\n]\nconcurrency = 8\n\n[docker]\nname = \"not-top-level\"\n";
+        let text = render(Some(old), &settings()).expect("render");
+        let v: toml::Table = toml::from_str(&text).expect("valid toml");
+        assert_eq!(v["manager_url"].as_str(), Some("https://m.example:7700"));
+        assert_eq!(v["token"].as_str(), Some("dlg_abc"));
+        assert_eq!(v["name"].as_str(), Some("vm-1"));
+        assert_eq!(v["concurrency"].as_integer(), Some(8));
+        assert!(v.get("token_file").is_none(), "{text}");
+        assert_eq!(v["tags"].as_array().map(Vec::len), Some(2));
+        assert_eq!(v["docker"]["name"].as_str(), Some("not-top-level"));
+        assert!(text.contains("# comment"));
+    }
+
+    #[test]
+    fn bad_token_and_tags_are_refused() {
+        let mut s = settings();
+        s.token = "dlg abc".into();
+        assert!(matches!(render(None, &s), Err(SetupError::BadToken)));
+        let mut s = settings();
+        s.tags = vec!["".into()];
+        assert!(matches!(render(None, &s), Err(SetupError::BadTag(_))));
+    }
+
+    #[test]
+    fn a_bad_url_leaves_the_existing_config_untouched() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("delegate.toml");
+        let before = "manager_url = \"http://ok:1\"\ntoken = \"dlg_x\"\n";
+        fs::write(&path, before).expect("write");
+        let mut s = settings();
+        s.manager_url = "htp://typo".into();
+        let err = write_config(&path, &s, None).expect_err("bad url refused");
+        let text = err.to_string();
+        assert!(matches!(err, SetupError::Invalid(_)), "{text}");
+        assert!(
+            text.contains("manager_url") && text.contains(&path.display().to_string()),
+            "{text}"
+        );
+        assert_eq!(fs::read_to_string(&path).expect("read"), before);
+        let left: Vec<_> = fs::read_dir(dir.path()).expect("ls").collect();
+        assert_eq!(left.len(), 1, "no temp file left behind");
+    }
+
+    #[test]
+    fn the_written_config_loads_and_is_0640() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("delegate.toml");
+        write_config(&path, &settings(), None).expect("write");
+        let c = Config::load(&path, &NoEnv).expect("loads");
+        assert_eq!(c.name, "vm-1");
+        assert_eq!(c.tags, vec!["a".to_string(), "b".to_string()]);
+        let mode = fs::metadata(&path).expect("stat").permissions().mode() & 0o777;
+        assert_eq!(mode, 0o640);
+    }
+}
