@@ -9,6 +9,7 @@
 #![forbid(unsafe_code)]
 
 pub mod docker;
+pub mod fleet;
 pub mod upgrade;
 
 use std::fs;
@@ -133,6 +134,11 @@ impl Manager {
 
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// Process id while it runs (for RSS and CPU readings).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     pub fn log_text(&self) -> String {
