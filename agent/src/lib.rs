@@ -10,6 +10,7 @@ pub mod daemon;
 pub mod dbus;
 pub mod exec;
 pub mod logging;
+pub mod metrics;
 pub mod notify;
 pub mod spool;
 pub mod state;
