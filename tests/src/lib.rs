@@ -10,6 +10,7 @@
 
 pub mod docker;
 pub mod fleet;
+pub mod postgres;
 pub mod upgrade;
 
 use std::fs;
