@@ -123,6 +123,21 @@ pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[idx.min(sorted.len() - 1)]
 }
 
+/// `p50 …, p99 … (n)` of heartbeat round trips, or `none` when no heartbeat fell in a
+/// phase (phases shorter than the heartbeat interval with few delegates).
+fn hb_summary(sorted: &[f64]) -> String {
+    if sorted.is_empty() {
+        return "none sent".into();
+    }
+    format!(
+        "p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms ({} of them)",
+        percentile(sorted, 0.5),
+        percentile(sorted, 0.99),
+        percentile(sorted, 1.0),
+        sorted.len()
+    )
+}
+
 /// A `/proc/PID/status` field in KiB (`VmRSS:`, `VmHWM:`).
 pub fn proc_status_kib(pid: u32, field: &str) -> Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
@@ -262,14 +277,12 @@ async fn fleet(
     let idle_kib = proc_status_kib(pid, "VmRSS:")?;
     let hb = counters.heartbeat_ms(t_idle, Instant::now());
     println!(
-        "idle fleet over {} s: manager RSS {:.1} MiB ({:.1} KiB per delegate over the fresh manager), CPU {:.1} % of a core; heartbeats p50 {:.2} ms, p99 {:.2} ms ({} of them)",
+        "idle fleet over {} s: manager RSS {:.1} MiB ({:.1} KiB per delegate over the fresh manager), CPU {:.1} % of a core; heartbeats {}",
         opts.idle_secs,
         idle_kib as f64 / 1024.0,
         idle_kib.saturating_sub(fresh_kib) as f64 / opts.delegates.max(1) as f64,
         idle_cpu * 100.0 / opts.idle_secs.max(1) as f64,
-        percentile(&hb, 0.5),
-        percentile(&hb, 0.99),
-        hb.len()
+        hb_summary(&hb)
     );
 
     // 2. Pick-up latency: one task at a time, submit → a delegate holds it; the next task
@@ -283,7 +296,13 @@ async fn fleet(
     let t_lat = Instant::now();
     let cpu0 = proc_cpu_ticks(pid)?;
     let (mut lat, mut missed) = (Vec::with_capacity(opts.tasks), 0usize);
-    for i in 0..opts.tasks + WARM_UP_TASKS {
+    // `--tasks 0` skips the phase (the big-log run needs no pick-up numbers).
+    let rounds = if opts.tasks == 0 {
+        0
+    } else {
+        opts.tasks + WARM_UP_TASKS
+    };
+    for i in 0..rounds {
         if Instant::now() > deadline {
             println!("pick-up: stopped after {i} tasks at the time limit");
             break;
@@ -311,21 +330,22 @@ async fn fleet(
     let lat_cpu = (proc_cpu_ticks(pid)? - cpu0) as f64 / tck;
     lat.sort_by(f64::total_cmp);
     let hb = counters.heartbeat_ms(t_lat, Instant::now());
-    println!(
-        "pick-up, submit → a delegate holds it, {} tasks one at a time: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms{}; manager CPU {:.1} ms per task; heartbeats meanwhile p50 {:.2} ms, p99 {:.2} ms",
-        lat.len(),
-        percentile(&lat, 0.5),
-        percentile(&lat, 0.99),
-        percentile(&lat, 1.0),
-        if missed > 0 {
-            format!(", {missed} not picked up within {PICK_UP_LIMIT:?}")
-        } else {
-            String::new()
-        },
-        lat_cpu * 1000.0 / (lat.len() + WARM_UP_TASKS).max(1) as f64,
-        percentile(&hb, 0.5),
-        percentile(&hb, 0.99),
-    );
+    if rounds > 0 {
+        println!(
+            "pick-up, submit → a delegate holds it, {} tasks one at a time: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms{}; manager CPU {:.1} ms per task; heartbeats meanwhile {}",
+            lat.len(),
+            percentile(&lat, 0.5),
+            percentile(&lat, 0.99),
+            percentile(&lat, 1.0),
+            if missed > 0 {
+                format!(", {missed} not picked up within {PICK_UP_LIMIT:?}")
+            } else {
+                String::new()
+            },
+            lat_cpu * 1000.0 / rounds as f64,
+            hb_summary(&hb)
+        );
+    }
 
     // 3. Burst: `burst` tasks submitted at once (BURST_SUBMITTERS requests in flight);
     //    rate = tasks / (first submit → the last task held by a delegate).
@@ -374,13 +394,12 @@ async fn fleet(
         let burst_cpu = (proc_cpu_ticks(pid)? - cpu0) as f64 / tck;
         let hb = counters.heartbeat_ms(t_burst, Instant::now());
         println!(
-            "burst of {} tasks: {picked} held by delegates after {span:.2} s → {:.0} tasks leased per second (all submitted after {:.2} s); manager CPU {:.2} s; heartbeats meanwhile p50 {:.2} ms, p99 {:.2} ms",
+            "burst of {} tasks: {picked} held by delegates after {span:.2} s → {:.0} tasks leased per second (all submitted after {:.2} s); manager CPU {:.2} s; heartbeats meanwhile {}",
             opts.burst,
             picked as f64 / span.max(1e-9),
             submitted_in.as_secs_f64(),
             burst_cpu,
-            percentile(&hb, 0.5),
-            percentile(&hb, 0.99),
+            hb_summary(&hb)
         );
     }
 
@@ -520,16 +539,13 @@ async fn big_log(
     }
     let hb = counters.heartbeat_ms(t_read, t_end);
     println!(
-        "big log: read {} MiB in {:.1} s (first byte after {:.2} s); manager peak RSS while serving it {:.1} MiB (VmHWM {:.1} MiB); heartbeats meanwhile p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms ({} of them)",
+        "big log: read {} MiB in {:.1} s (first byte after {:.2} s); manager peak RSS while serving it {:.1} MiB (VmHWM {:.1} MiB); heartbeats meanwhile {}",
         got >> 20,
         t_end.duration_since(t_read).as_secs_f64(),
         first_byte.unwrap_or_default().as_secs_f64(),
         peak.load(Ordering::Relaxed) as f64 / 1024.0,
         proc_status_kib(pid, "VmHWM:")? as f64 / 1024.0,
-        percentile(&hb, 0.5),
-        percentile(&hb, 0.99),
-        percentile(&hb, 1.0),
-        hb.len()
+        hb_summary(&hb)
     );
     Ok(())
 }
