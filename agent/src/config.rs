@@ -7,6 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -45,6 +46,8 @@ pub struct Config {
     pub shell_enabled: bool,
     pub http_enabled: bool,
     pub docker: DockerConfig,
+    /// Serve Prometheus metrics here (`metrics_listen`); off when `None`.
+    pub metrics_listen: Option<SocketAddr>,
     /// Things that work but should be fixed (a secret readable by every user): printed by
     /// `config check`, logged by `run`.
     pub warnings: Vec<String>,
@@ -211,6 +214,10 @@ const KEYS: &[(&str, &str)] = &[
     ("kill_grace", "duration, e.g. \"10s\""),
     ("acquire_wait", "duration, e.g. \"30s\""),
     ("log_level", "e.g. \"info\" or \"debug\""),
+    (
+        "metrics_listen",
+        "address for Prometheus metrics, e.g. \"127.0.0.1:9469\" (default: off)",
+    ),
     ("shell", "table [shell] with enabled = true|false"),
     ("http", "table [http] with enabled = true|false"),
     (
@@ -252,6 +259,20 @@ impl Collector<'_> {
                 self.at(
                     Some(v.span().start),
                     format!("{key} must be a string, found {t}"),
+                );
+                None
+            }
+        }
+    }
+
+    fn socket_addr(&mut self, key: &str, v: &Spanned<DeValue<'_>>) -> Option<SocketAddr> {
+        let s = self.string(key, v)?;
+        match s.parse() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                self.at(
+                    Some(v.span().start),
+                    format!("{key} {s:?} is not an address and port, e.g. \"127.0.0.1:9469\""),
                 );
                 None
             }
@@ -504,6 +525,7 @@ struct Raw {
     shell_enabled: Option<bool>,
     http_enabled: Option<bool>,
     docker: Option<DockerConfig>,
+    metrics_listen: Option<SocketAddr>,
 }
 
 impl Config {
@@ -605,6 +627,7 @@ fn parse_file(c: &mut Collector<'_>, raw: &mut Raw) -> bool {
             "drain_timeout" => raw.drain_timeout = c.duration(key, v),
             "kill_grace" => raw.kill_grace = c.duration(key, v),
             "acquire_wait" => raw.acquire_wait = c.duration(key, v),
+            "metrics_listen" => raw.metrics_listen = c.socket_addr(key, v),
             "shell" => raw.shell_enabled = c.target_table(key, v),
             "http" => raw.http_enabled = c.target_table(key, v),
             "docker" => raw.docker = c.docker_table(v),
@@ -734,6 +757,14 @@ fn finish(c: &mut Collector<'_>, raw: Raw, env: &dyn Env) -> Option<Config> {
         && let Some((file, _)) = &raw.token_file
     {
         warnings.extend(world_readable_secret(Path::new(file), "the delegate token"));
+    }
+    if let Some(addr) = raw.metrics_listen
+        && !addr.ip().is_loopback()
+    {
+        warnings.push(format!(
+            "metrics_listen {addr} is not a loopback address: anyone who reaches it can read \
+             the agent's metrics (use 127.0.0.1:PORT unless a firewall guards it)"
+        ));
     }
     let manager_url = match raw.manager_url {
         None => {
@@ -896,6 +927,7 @@ fn finish(c: &mut Collector<'_>, raw: Raw, env: &dyn Env) -> Option<Config> {
         shell_enabled: raw.shell_enabled.unwrap_or(true),
         http_enabled: raw.http_enabled.unwrap_or(true),
         docker: raw.docker.unwrap_or_default(),
+        metrics_listen: raw.metrics_listen,
         warnings,
     })
 }
@@ -965,6 +997,7 @@ pub(crate) mod tests_support {
                 enabled: false,
                 ..DockerConfig::default()
             },
+            metrics_listen: None,
             warnings: vec![],
         }
     }
@@ -1117,6 +1150,38 @@ mod tests {
         ] {
             assert!(warned(quiet).is_empty(), "{quiet}");
         }
+    }
+
+    #[test]
+    fn metrics_are_off_by_default_and_a_non_loopback_listener_is_a_warning() {
+        let env: [(&str, &str); 0] = [];
+        let load = |extra: &str| {
+            let f = write(&format!(
+                "manager_url = \"http://127.0.0.1:7700\"\ntoken = \"t\"\n{extra}"
+            ));
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(f.path(), std::fs::Permissions::from_mode(0o600))
+                .expect("chmod");
+            Config::load(f.path(), &env)
+        };
+        let c = load("").expect("valid");
+        assert_eq!(c.metrics_listen, None);
+        let c = load("metrics_listen = \"127.0.0.1:9469\"\n").expect("valid");
+        assert_eq!(
+            c.metrics_listen,
+            Some("127.0.0.1:9469".parse().expect("addr"))
+        );
+        assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+        let c = load("metrics_listen = \"0.0.0.0:9469\"\n").expect("valid");
+        assert_eq!(c.warnings.len(), 1, "{:?}", c.warnings);
+        assert!(
+            c.warnings[0].contains("not a loopback address"),
+            "{:?}",
+            c.warnings
+        );
+        let e = load("metrics_listen = \"localhost\"\n").expect_err("no port");
+        assert_eq!(e.problems[0].line, Some(3), "{e}");
+        assert!(e.problems[0].message.contains("127.0.0.1:9469"), "{e}");
     }
 
     #[test]

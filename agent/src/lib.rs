@@ -11,6 +11,7 @@ pub mod dbus;
 pub mod docs;
 pub mod exec;
 pub mod logging;
+pub mod metrics;
 pub mod notify;
 pub mod setup;
 pub mod spool;

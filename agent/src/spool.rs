@@ -106,6 +106,11 @@ impl Spool {
         Ok(Spool { root })
     }
 
+    /// The spool's directory, `STATE_DIR/tasks` (metrics sum its size).
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
     /// Journal a newly accepted assignment.
     pub fn create(&self, a: &Assignment) -> Result<TaskDir, SpoolError> {
         let valid = !a.task_id.is_empty()

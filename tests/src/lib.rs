@@ -9,7 +9,9 @@
 #![forbid(unsafe_code)]
 
 pub mod docker;
+pub mod fleet;
 pub mod nspawn;
+pub mod postgres;
 pub mod tls;
 pub mod upgrade;
 
@@ -157,6 +159,11 @@ impl Manager {
 
     pub fn url(&self) -> String {
         format!("{}://{}", self.scheme, self.addr)
+    }
+
+    /// Process id while it runs (for RSS and CPU readings).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     pub fn log_text(&self) -> String {

@@ -55,6 +55,8 @@ pub enum DaemonError {
     Spool(#[from] SpoolError),
     #[error("cannot set up the manager client")]
     Client(#[from] ClientError),
+    #[error(transparent)]
+    Metrics(#[from] crate::metrics::MetricsError),
     /// The manager answered 401: the token was revoked (or is wrong). Retrying cannot help
     /// until an operator puts a new token in the config, which only a restart reads, so
     /// the agent stops its tasks without reporting them and exits with `EX_CONFIG`.
@@ -153,6 +155,7 @@ struct Shared {
     /// `rejection` says which and holds the manager's message.
     token_rejected: CancellationToken,
     rejection: Mutex<Option<Rejection>>,
+    metrics: crate::metrics::Metrics,
 }
 
 impl Shared {
@@ -260,6 +263,7 @@ impl Shared {
             .connected
             .send_if_modified(|c| std::mem::replace(c, up) != up)
         {
+            self.metrics.set_connected(up);
             if up {
                 info!(manager = %self.config.manager_url, "connected to the manager");
             }
@@ -345,6 +349,7 @@ impl Daemon {
             stopped: CancellationToken::new(),
             token_rejected: CancellationToken::new(),
             rejection: Mutex::new(None),
+            metrics: crate::metrics::Metrics::new(),
         });
         Ok(Daemon { shared })
     }
@@ -376,6 +381,12 @@ async fn run_shared(
     shared: Arc<Shared>,
     mut control: mpsc::Receiver<Control>,
 ) -> Result<(), DaemonError> {
+    // Bound first so a taken port stops the start with a clear error; served until
+    // this function returns (the guard aborts it).
+    let _metrics = match shared.config.metrics_listen {
+        Some(addr) => Some(serve_metrics(&shared, addr).await?),
+        None => None,
+    };
     probe_docker(&shared, false).await;
     recover_spool(&shared);
     notify::ready();
@@ -469,6 +480,23 @@ async fn run_shared(
     }
     info!("delegate stopped");
     Ok(())
+}
+
+/// Start the opt-in metrics listener; tasks running and spool bytes are read per scrape.
+async fn serve_metrics(
+    shared: &Arc<Shared>,
+    addr: std::net::SocketAddr,
+) -> Result<crate::metrics::Server, DaemonError> {
+    let listener = crate::metrics::bind(addr).await?;
+    // The bound address, so `127.0.0.1:0` (tests) says which port it got.
+    let bound = listener.local_addr().unwrap_or(addr);
+    info!(addr = %bound, "serving metrics on http://{bound}/metrics");
+    let weak = Arc::downgrade(shared);
+    let render = move || match weak.upgrade() {
+        Some(s) => s.metrics.render(s.running_count(), s.spool.root()),
+        None => String::new(),
+    };
+    Ok(crate::metrics::Server::spawn(listener, Arc::new(render)))
 }
 
 /// The token is no longer accepted: stop every running task as revoked (killed, nothing

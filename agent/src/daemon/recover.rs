@@ -74,6 +74,7 @@ pub(super) fn recover_spool(shared: &Arc<Shared>) {
                 if let Err(e) = rec.dir.write_result(&r) {
                     error!(task_id = %rec.assignment.task_id, "cannot journal the result: {e}");
                 }
+                shared.metrics.task_finished(r.outcome);
                 r
             }
         };

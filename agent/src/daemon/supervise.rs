@@ -160,6 +160,7 @@ async fn supervise(
         _ => result.message.clone().unwrap_or_default(),
     };
     info!(outcome = ?result.outcome, "task finished: {summary}");
+    shared.metrics.task_finished(result.outcome);
 
     drop(permit);
     if let Some(t) = shared.lock_tasks().get_mut(&key) {

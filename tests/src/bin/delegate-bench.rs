@@ -3,6 +3,9 @@
 //! Prints numbers; asserts nothing. Build in release first:
 //! `cargo build --release --workspace --bins && target/release/delegate-bench`.
 //! Everything runs on 127.0.0.1 with a bounded number of tasks.
+//!
+//! `delegate-bench fleet --delegates N` measures the manager alone against N simulated
+//! delegates instead (see `delegate_tests::fleet`).
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -33,7 +36,45 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[idx.min(sorted.len() - 1)]
 }
 
+/// `delegate-bench fleet`: one manager, N simulated delegates (protocol v1, loopback).
+#[derive(clap::Parser, Debug)]
+#[command(name = "delegate-bench fleet")]
+struct FleetArgs {
+    /// Simulated delegates, each long-polling `acquire?wait=30` and heartbeating.
+    #[arg(long, default_value_t = 1000)]
+    delegates: usize,
+    /// Tasks submitted one at a time for the pick-up latency.
+    #[arg(long, default_value_t = 200)]
+    tasks: usize,
+    /// Tasks submitted at once for the lease rate (0: skip).
+    #[arg(long, default_value_t = 1000)]
+    burst: usize,
+    /// Seconds the connected fleet idles before memory and CPU are read.
+    #[arg(long, default_value_t = 10)]
+    idle_secs: u64,
+    /// Also have one delegate write a log of this many bytes, then read it whole while the
+    /// fleet heartbeats (e.g. 1073741824 for 1 GiB).
+    #[arg(long, default_value_t = 0)]
+    log_bytes: u64,
+    /// Give up after this many seconds in all.
+    #[arg(long, default_value_t = 900)]
+    limit_secs: u64,
+}
+
 fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("fleet") {
+        use clap::Parser;
+        let a = FleetArgs::parse_from(&args[1..]);
+        return delegate_tests::fleet::run(&delegate_tests::fleet::FleetOptions {
+            delegates: a.delegates,
+            tasks: a.tasks,
+            burst: a.burst,
+            idle_secs: a.idle_secs,
+            log_bytes: a.log_bytes,
+            limit: Duration::from_secs(a.limit_secs),
+        });
+    }
     let quick = std::env::args().any(|a| a == "--quick");
     let scale = if quick { 10 } else { 1 };
     let tmp = tempfile::Builder::new()

@@ -5,6 +5,7 @@ mod docker;
 mod docker_policy;
 mod fake_manager;
 mod load;
+mod metrics;
 mod resilience;
 mod shell;
 mod tls_agent;
