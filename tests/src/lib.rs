@@ -9,6 +9,7 @@
 #![forbid(unsafe_code)]
 
 pub mod docker;
+pub mod kube;
 pub mod upgrade;
 
 use std::fs;
