@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 
 pub use spec::{
     DockerMount, DockerSpec, HttpSpec, KubeAction, KubernetesSpec, MountKind, PullPolicy,
-    ShellSpec, SpecError, TaskSpec,
+    ShellSpec, SpecError, TaskSpec, rollout_kind,
 };
 
 /// Path prefix of every endpoint of this protocol version.

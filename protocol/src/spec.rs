@@ -183,6 +183,32 @@ pub enum KubeAction {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         namespace: Option<String>,
     },
+    /// Wait until a Deployment, StatefulSet or DaemonSet is rolled out, with the rules of
+    /// `kubectl rollout status`; the task's timeout bounds the wait.
+    Rollout {
+        /// `Deployment`, `StatefulSet` or `DaemonSet` (any case; `deploy`, `sts`, `ds`).
+        #[serde(rename = "kind")]
+        object_kind: String,
+        name: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        namespace: Option<String>,
+    },
+    /// Delete the objects of a manifest, or one object by kind and name.
+    Delete {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        manifest: Option<String>,
+        /// With `name`: e.g. `Deployment`, `apps/v1 Deployment` or `v1 ConfigMap`.
+        #[serde(default, rename = "kind", skip_serializing_if = "Option::is_none")]
+        object_kind: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        name: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        namespace: Option<String>,
+        /// `background` (default), `foreground` or `orphan` (CAUTION: leaves a Job's pods
+        /// and a Deployment's ReplicaSets running).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        propagation: Option<String>,
+    },
 }
 
 impl KubernetesSpec {
@@ -256,7 +282,62 @@ impl KubernetesSpec {
                 check_env("spec.env", env)?;
                 check_namespace(namespace.as_deref())
             }
+            KubeAction::Rollout {
+                object_kind,
+                name,
+                namespace,
+            } => {
+                if rollout_kind(object_kind).is_none() {
+                    return Err(invalid(
+                        "spec.kind",
+                        format!(
+                            "{object_kind:?} has no rollout; give Deployment, StatefulSet or DaemonSet"
+                        ),
+                    ));
+                }
+                if name.trim().is_empty() {
+                    return Err(invalid("spec.name", "is empty; name the object"));
+                }
+                check_namespace(namespace.as_deref())
+            }
+            KubeAction::Delete {
+                manifest,
+                object_kind,
+                name,
+                namespace,
+                propagation,
+            } => {
+                match (manifest, object_kind, name) {
+                    (Some(m), None, None) if !m.trim().is_empty() => {}
+                    (None, Some(k), Some(n)) if !k.trim().is_empty() && !n.trim().is_empty() => {}
+                    _ => {
+                        return Err(invalid(
+                            "spec.manifest",
+                            "give either a manifest, or a kind and a name",
+                        ));
+                    }
+                }
+                if let Some(p) = propagation
+                    && !matches!(p.as_str(), "background" | "foreground" | "orphan")
+                {
+                    return Err(invalid(
+                        "spec.propagation",
+                        format!("{p:?} is not background, foreground or orphan"),
+                    ));
+                }
+                check_namespace(namespace.as_deref())
+            }
         }
+    }
+}
+
+/// The canonical kind of a rollout target: `Deployment`, `StatefulSet` or `DaemonSet`.
+pub fn rollout_kind(kind: &str) -> Option<&'static str> {
+    match kind.to_ascii_lowercase().as_str() {
+        "deployment" | "deployments" | "deploy" => Some("Deployment"),
+        "statefulset" | "statefulsets" | "sts" => Some("StatefulSet"),
+        "daemonset" | "daemonsets" | "ds" => Some("DaemonSet"),
+        _ => None,
     }
 }
 

@@ -19,7 +19,7 @@ use kube::{Client, Config};
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
-use super::{ExecContext, ExecOutcome, kubernetes_job};
+use super::{ExecContext, ExecOutcome, kubernetes_job, kubernetes_rollout};
 use crate::config::{KubeCluster, KubeSource};
 
 /// The field manager of every server-side apply by the agent.
@@ -203,6 +203,33 @@ pub async fn run(spec: &KubernetesSpec, mut ctx: ExecContext) -> ExecOutcome {
             };
             kubernetes_job::run(&client, &mut ctx, req, &stop).await
         }
+        KubeAction::Rollout {
+            object_kind,
+            name,
+            namespace,
+        } => {
+            let ns = default_ns(namespace);
+            let kind = delegate_protocol::rollout_kind(object_kind).unwrap_or("Deployment");
+            kubernetes_rollout::rollout(&client, &mut ctx, kind, name, &ns, &stop)
+                .await
+                .map(|message| ExecOutcome::Done {
+                    success: true,
+                    message,
+                })
+        }
+        KubeAction::Delete {
+            manifest,
+            object_kind,
+            name,
+            namespace,
+            propagation,
+        } => {
+            let ns = default_ns(namespace);
+            tokio::select! {
+                r = kubernetes_rollout::delete(&client, &mut ctx, manifest.as_deref(), object_kind.as_deref(), name.as_deref(), &ns, propagation.as_deref()) => r.map(|message| ExecOutcome::Done { success: true, message }),
+                _ = stop.cancelled() => Err(Failure("stopped before the action finished".into())),
+            }
+        }
     };
     match result {
         Ok(outcome) => outcome,
@@ -281,12 +308,12 @@ pub(crate) fn parse_manifest(text: &str) -> Result<Vec<(usize, DynamicObject)>, 
 
 /// API resources resolved so far in one task, by group/version/kind.
 #[derive(Default)]
-struct Resolver {
+pub(super) struct Resolver {
     known: HashMap<(String, String, String), (ApiResource, ApiCapabilities)>,
 }
 
 impl Resolver {
-    async fn resolve(
+    pub(super) async fn resolve(
         &mut self,
         client: &Client,
         gvk: &GroupVersionKind,

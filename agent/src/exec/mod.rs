@@ -10,6 +10,7 @@ pub mod docker;
 pub mod http;
 pub mod kubernetes;
 pub mod kubernetes_job;
+pub mod kubernetes_rollout;
 pub mod shell;
 
 use std::path::PathBuf;

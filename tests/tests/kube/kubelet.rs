@@ -290,8 +290,18 @@ async fn run_pod(s: Arc<Shared>, pod: Value, kill: Arc<Notify>) {
         patch_status(&s, &ns, &name, json!({"phase": "Failed", "containerStatuses": container_status(json!({"terminated": {"exitCode": 128, "reason": "ContainerCannotRun", "message": "the kubelet stand-in runs command + args; this container has none"}}), false)})).await;
         return;
     };
-    let mut cmd = tokio::process::Command::new(prog);
-    cmd.args(args)
+    // Under a guardian shell that leads the process group and kills it when the test
+    // process is gone: a Deployment's `sleep 3600` must not outlive the test binary.
+    let guard = format!(
+        "\"$@\" & c=$!; ( while kill -0 {} 2>/dev/null; do sleep 1; done; kill -KILL -$$ ) >/dev/null 2>&1 & w=$!; wait $c; r=$?; kill $w 2>/dev/null; exit $r",
+        std::process::id()
+    );
+    let mut cmd = tokio::process::Command::new("sh");
+    cmd.arg("-c")
+        .arg(guard)
+        .arg("pod")
+        .arg(prog)
+        .args(args)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())

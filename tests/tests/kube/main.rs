@@ -100,19 +100,13 @@ impl World {
 
     /// Run a kubernetes task on cluster `cluster` to its end: its view and its log.
     fn run(&self, spec: Value) -> (TaskView, String) {
-        let id = self
-            .manager
-            .submit(
-                &json!({ "kind": "kubernetes", "spec": spec, "timeout_secs": 120, "retries": 0 }),
-            )
-            .expect("submit");
-        let t = self.manager.wait_done(&id, LONG).expect("task ends");
-        let log = wait_for(Duration::from_secs(10), "the whole log", || {
-            let l = self.manager.logs(&id).ok()?;
-            (l.len() as u64 >= t.log_bytes).then_some(l)
-        })
-        .expect("log");
-        (t, String::from_utf8_lossy(&log).into_owned())
+        self.run_for(spec, 120)
+    }
+
+    fn run_for(&self, spec: Value, timeout_secs: u64) -> (TaskView, String) {
+        let task = json!({ "kind": "kubernetes", "spec": spec, "timeout_secs": timeout_secs, "retries": 0 });
+        let id = self.manager.submit(&task).expect("submit");
+        self.finish(&id)
     }
 
     /// Submit a shorthand job running `script` with `sh -c` on the stand-in node.
@@ -543,4 +537,172 @@ fn kill_9_of_the_agent_during_a_job_loses_and_repeats_no_line() {
     assert_eq!(t.exit_code, Some(5), "the real exit code: {t:?}");
     assert_eq!(output_lines(&log), numbered(1, 80), "{log}");
     assert!(log.contains("re-attached to Job job-kill9/"), "{log}");
+}
+
+/// A Deployment of `replicas` pods that sleep on the stand-in node, with env V=`v`.
+fn deployment(name: &str, v: &str, extra_pod_spec: &str, extra_spec: &str) -> String {
+    format!(
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: {name}\nspec:\n  replicas: 2\n{extra_spec}  strategy:\n    type: RollingUpdate\n    rollingUpdate: {{maxUnavailable: 0, maxSurge: 1}}\n  selector:\n    matchLabels: {{app: {name}}}\n  template:\n    metadata:\n      labels: {{app: {name}}}\n    spec:\n{extra_pod_spec}      containers:\n      - name: main\n        image: stand-in/sh\n        command: [sleep, \"3600\"]\n        env: [{{name: V, value: \"{v}\"}}]\n"
+    )
+}
+
+fn rollout(name: &str) -> Value {
+    json!({ "cluster": "test", "action": "rollout", "kind": "Deployment", "name": name })
+}
+
+#[test]
+fn rollout_waits_through_a_real_rolling_update_until_available() {
+    let w = World::new("rollout", "");
+    node();
+    let (t, log) = w.apply(&deployment("web", "1", "", ""), false);
+    assert_eq!(t.state, TaskState::Succeeded, "{t:?}\n{log}");
+    let (t, log) = w.run(rollout("web"));
+    assert_eq!(t.state, TaskState::Succeeded, "{t:?}\n{log}");
+    assert!(
+        log.contains("deployment \"web\" successfully rolled out"),
+        "{log}"
+    );
+
+    let (t, log) = w.apply(&deployment("web", "2", "", ""), false);
+    assert_eq!(t.state, TaskState::Succeeded, "{t:?}\n{log}");
+    let (t, log) = w.run(rollout("web"));
+    assert_eq!(t.state, TaskState::Succeeded, "{t:?}\n{log}");
+    assert!(
+        log.contains("[delegate] waiting for deployment \"web\""),
+        "it waited: {log}"
+    );
+    // Done means what kubectl means: every replica updated and available, old ones gone.
+    let status = kubectl(
+        &w.admin(),
+        &[
+            "-n",
+            "rollout",
+            "get",
+            "deployment",
+            "web",
+            "-o",
+            "jsonpath={.status.updatedReplicas} {.status.availableReplicas} {.status.replicas}",
+        ],
+    )
+    .expect("kubectl");
+    assert_eq!(status, "2 2 2", "{log}");
+    let pods = kubectl(
+        &w.admin(),
+        &[
+            "-n",
+            "rollout",
+            "get",
+            "pods",
+            "-l",
+            "app=web",
+            "-o",
+            "jsonpath={range .items[*]}{.spec.containers[0].env[0].value}{end}",
+        ],
+    )
+    .expect("kubectl");
+    assert!(!pods.contains('1'), "no old pod left: {pods}");
+}
+
+#[test]
+fn rollout_fails_at_once_on_progress_deadline_exceeded_with_the_events() {
+    let w = World::new("rollout-stuck", "");
+    // Pods that no node can take: the rollout cannot progress.
+    let stuck = deployment(
+        "stuck",
+        "1",
+        "      nodeSelector: {nowhere: \"true\"}\n",
+        "  progressDeadlineSeconds: 2\n",
+    );
+    let (t, log) = w.apply(&stuck, false);
+    assert_eq!(t.state, TaskState::Succeeded, "{t:?}\n{log}");
+    let started = std::time::Instant::now();
+    let (t, log) = w.run(rollout("stuck"));
+    assert_eq!(t.state, TaskState::Failed, "{t:?}\n{log}");
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "failed fast, not at the task's timeout"
+    );
+    let msg = t.message.unwrap_or_default();
+    assert!(
+        msg.contains("deployment \"stuck\" exceeded its progress deadline"),
+        "{msg}"
+    );
+    assert!(
+        log.contains("recent events of Deployment rollout-stuck/stuck"),
+        "{log}"
+    );
+    assert!(log.contains("ScalingReplicaSet"), "{log}");
+}
+
+#[test]
+fn rollout_that_never_finishes_times_out() {
+    let w = World::new("rollout-timeout", "");
+    let stuck = deployment("slow", "1", "      nodeSelector: {nowhere: \"true\"}\n", "");
+    let (t, log) = w.apply(&stuck, false);
+    assert_eq!(t.state, TaskState::Succeeded, "{t:?}\n{log}");
+    let (t, log) = w.run_for(rollout("slow"), 4);
+    assert_eq!(t.state, TaskState::TimedOut, "{t:?}\n{log}");
+    assert!(
+        log.contains("waiting for deployment \"slow\" rollout to finish"),
+        "{log}"
+    );
+}
+
+#[test]
+fn deleting_a_job_takes_its_pods_along() {
+    let w = World::new("delete-job", "");
+    node();
+    let job = "apiVersion: batch/v1\nkind: Job\nmetadata:\n  name: sleeper\nspec:\n  template:\n    metadata:\n      labels: {app: sleeper}\n    spec:\n      restartPolicy: Never\n      containers:\n      - name: main\n        image: stand-in/sh\n        command: [sleep, \"3600\"]\n";
+    let (t, log) = w.apply(job, false);
+    assert_eq!(t.state, TaskState::Succeeded, "{t:?}\n{log}");
+    wait_for(LONG, "the Job's pod to run", || {
+        let out = kubectl(
+            &w.admin(),
+            &[
+                "-n",
+                "delete-job",
+                "get",
+                "pods",
+                "-l",
+                "app=sleeper",
+                "-o",
+                "jsonpath={.items[*].status.phase}",
+            ],
+        )
+        .ok()?;
+        (out == "Running").then_some(())
+    })
+    .expect("pod running");
+    let (t, log) =
+        w.run(json!({"cluster": "test", "action": "delete", "kind": "Job", "name": "sleeper"}));
+    assert_eq!(t.state, TaskState::Succeeded, "{t:?}\n{log}");
+    assert!(
+        log.contains("job/sleeper in namespace delete-job deleted"),
+        "{log}"
+    );
+    // A bare DELETE of a Job would orphan the pod; with propagation it goes too.
+    wait_for(LONG, "the Job's pod to go", || {
+        let out = kubectl(
+            &w.admin(),
+            &[
+                "-n",
+                "delete-job",
+                "get",
+                "pods",
+                "-l",
+                "app=sleeper",
+                "-o",
+                "name",
+            ],
+        )
+        .ok()?;
+        out.trim().is_empty().then_some(())
+    })
+    .expect("pod deleted with its Job");
+    let (t, log) = w.run(json!({"cluster": "test", "action": "delete", "manifest": job}));
+    assert_eq!(t.state, TaskState::Succeeded, "{t:?}\n{log}");
+    assert!(
+        log.contains("job/sleeper in namespace delete-job was already gone"),
+        "{log}"
+    );
 }
