@@ -18,6 +18,8 @@ use anyhow::{Context, Result, bail};
 pub const DEFAULT_KUBE_DIR: &str = "/var/cache/delegate-ci/kube";
 /// The bearer token of the cluster admin (group system:masters).
 pub const ADMIN_TOKEN: &str = "delegate-test-admin";
+/// The bearer token of user `limited`, who has no RBAC grants of its own.
+pub const LIMITED_TOKEN: &str = "delegate-test-limited";
 
 /// The directory holding kube-apiserver and friends, or how to get them.
 pub fn kube_bin_dir() -> Result<PathBuf> {
@@ -172,7 +174,7 @@ impl ControlPlane {
             .arg(d.join("sa.pub")))?;
         std::fs::write(
             d.join("tokens.csv"),
-            format!("{ADMIN_TOKEN},admin,admin,system:masters\n"),
+            format!("{ADMIN_TOKEN},admin,admin,system:masters\n{LIMITED_TOKEN},limited,limited\n"),
         )?;
         // A control plane kept in a static is never dropped: remove its files once the test
         // process is gone (its processes are gone by then too, see `spawn`).

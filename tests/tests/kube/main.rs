@@ -10,7 +10,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use delegate_protocol::{TaskState, TaskView};
-use delegate_tests::kube::{ControlPlane, kubectl};
+use delegate_tests::kube::{ControlPlane, LIMITED_TOKEN, kubectl};
 use delegate_tests::{Agent, AgentOptions, Manager, wait_for};
 use kubelet::Kubelet;
 use serde_json::{Value, json};
@@ -704,5 +704,64 @@ fn deleting_a_job_takes_its_pods_along() {
     assert!(
         log.contains("job/sleeper in namespace delete-job was already gone"),
         "{log}"
+    );
+}
+
+#[test]
+fn an_action_rbac_forbids_fails_with_the_servers_message() {
+    let cp = control_plane();
+    let kc = cp
+        .write_kubeconfig("limited", LIMITED_TOKEN)
+        .expect("kubeconfig");
+    let w = World::new(
+        "rbac",
+        &format!(
+            "[[kubernetes]]\nname = \"limited\"\nkubeconfig = {:?}\n",
+            kc.display().to_string()
+        ),
+    );
+    let (t, log) = w.run(json!({ "cluster": "limited", "action": "apply", "namespace": "rbac", "manifest": configmap("x", "1") }));
+    assert_eq!(t.state, TaskState::Failed, "{t:?}\n{log}");
+    let msg = t.message.unwrap_or_default();
+    assert!(
+        msg.contains("configmaps \"x\" is forbidden: User \"limited\" cannot"),
+        "the server's own words: {msg}"
+    );
+    assert!(msg.contains("403"), "{msg}");
+}
+
+/// Numbers for the issue (printed, not asserted beyond success): apply of a 50-object
+/// manifest, and the agent's RSS with three clusters configured.
+#[test]
+fn measure_apply_of_50_objects_and_rss_with_three_clusters() {
+    let cp = control_plane();
+    let extra: String = ["two", "three"]
+        .iter()
+        .map(|n| {
+            format!(
+                "[[kubernetes]]\nname = \"{n}\"\nkubeconfig = {:?}\n",
+                cp.admin_kubeconfig().display().to_string()
+            )
+        })
+        .collect();
+    let w = World::new("measure", &extra);
+    let manifest: Vec<String> = (1..=50)
+        .map(|i| configmap(&format!("cm-{i}"), "v"))
+        .collect();
+    let manifest = manifest.join("---\n");
+    let started = std::time::Instant::now();
+    let (t, log) = w.apply(&manifest, false);
+    let wall = started.elapsed();
+    assert_eq!(t.state, TaskState::Succeeded, "{t:?}\n{log}");
+    let ran = match (t.started_at, t.finished_at) {
+        (Some(s), Some(f)) => Duration::from_millis(u64::try_from(f - s).unwrap_or(0)),
+        _ => wall,
+    };
+    let rss = w.agent.rss_kib().expect("rss");
+    println!(
+        "MEASURE apply of 50 objects: {:.2} s in the agent ({:.0} objects/s), {:.2} s submit-to-result; agent RSS with 3 clusters after it: {rss} KiB",
+        ran.as_secs_f64(),
+        50.0 / ran.as_secs_f64().max(0.001),
+        wall.as_secs_f64()
     );
 }
