@@ -270,13 +270,16 @@ impl ControlPlane {
         let log = self.dir.path().join(format!("{name}.log"));
         let out = std::fs::File::create(&log)?;
         // The guardian runs the process, forwards a TERM to it, and kills it when the test
-        // process (its parent's pid, fixed here) is gone.
+        // process (its parent's pid, fixed here) is gone: TERM, then KILL after 10 s (an
+        // API server whose etcd went first may never finish its graceful shutdown).
         let program = cmd.get_program().to_owned();
         let args: Vec<_> = cmd.get_args().map(|a| a.to_owned()).collect();
         let guard = format!(
             "\"$@\" & c=$!; trap 'kill $c 2>/dev/null; wait $c; exit 0' TERM; \
              while kill -0 {} 2>/dev/null && kill -0 $c 2>/dev/null; do sleep 0.5; done; \
-             kill $c 2>/dev/null; wait $c",
+             kill $c 2>/dev/null; i=0; \
+             while kill -0 $c 2>/dev/null && [ $i -lt 20 ]; do sleep 0.5; i=$((i+1)); done; \
+             kill -9 $c 2>/dev/null; wait $c",
             std::process::id()
         );
         let child = Command::new("sh")

@@ -765,3 +765,40 @@ fn measure_apply_of_50_objects_and_rss_with_three_clusters() {
         wall.as_secs_f64()
     );
 }
+
+/// The shipped in-cluster example is valid for a real API server (server-side dry run).
+#[test]
+fn the_example_in_cluster_manifest_is_accepted_by_the_api_server() {
+    let cp = control_plane();
+    let admin = cp.admin_kubeconfig();
+    for ns in ["apps", "delegate"] {
+        // Created here because a dry run persists nothing, not even the manifest's own.
+        let _ = kubectl(&admin, &["create", "namespace", ns]);
+    }
+    let manifest = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../packaging/kubernetes/delegate.yaml");
+    let out = kubectl(
+        &admin,
+        &[
+            "apply",
+            "--server-side",
+            "--dry-run=server",
+            "-f",
+            &manifest.display().to_string(),
+        ],
+    )
+    .expect("the example applies");
+    assert!(
+        out.contains("deployment.apps/delegate serverside-applied"),
+        "{out}"
+    );
+    let text = std::fs::read_to_string(&manifest).expect("read");
+    let grace: u32 = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("terminationGracePeriodSeconds:"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("terminationGracePeriodSeconds");
+    assert!(text.contains("drain_timeout = \"10m\""), "{text}");
+    // Longer than the agent's drain_timeout of 10 minutes.
+    assert!(grace > 600, "{grace}");
+}
