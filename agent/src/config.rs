@@ -48,6 +48,8 @@ pub struct Config {
     pub docker: DockerConfig,
     /// Serve Prometheus metrics here (`metrics_listen`); off when `None`.
     pub metrics_listen: Option<SocketAddr>,
+    /// `[[kubernetes]]`: the clusters this delegate reaches, by name.
+    pub kubernetes: Vec<KubeCluster>,
     /// Things that work but should be fixed (a secret readable by every user): printed by
     /// `config check`, logged by `run`.
     pub warnings: Vec<String>,
@@ -66,6 +68,28 @@ impl fmt::Debug for CaBundle {
             .field("path", &self.path)
             .finish()
     }
+}
+
+/// `[[kubernetes]]`: one cluster the delegate reaches, advertised as `kubernetes:NAME`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KubeCluster {
+    pub name: String,
+    pub source: KubeSource,
+    /// Namespace for namespaced objects that name none (default `default`).
+    pub namespace: Option<String>,
+}
+
+/// Where a cluster's address and credentials come from. Never `$HOME/.kube/config`: a
+/// service has no home, and an operator must say which file is used.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KubeSource {
+    /// A kubeconfig file, optionally one of its contexts (its current context otherwise).
+    Kubeconfig {
+        path: PathBuf,
+        context: Option<String>,
+    },
+    /// The pod's service account (the agent runs inside this cluster).
+    InCluster,
 }
 
 /// Standard socket of a Docker engine.
@@ -223,6 +247,10 @@ const KEYS: &[(&str, &str)] = &[
     (
         "docker",
         "table [docker] with enabled, socket, allowed_mounts, allowed_network_modes, allow_privileged, [docker.registries.\"HOST\"]",
+    ),
+    (
+        "kubernetes",
+        "tables [[kubernetes]] with name and kubeconfig (context, namespace) or in_cluster = true",
     ),
 ];
 
@@ -429,6 +457,104 @@ impl Collector<'_> {
         Some(d)
     }
 
+    /// `[[kubernetes]]` tables, each one cluster.
+    fn kubernetes(&mut self, v: &Spanned<DeValue<'_>>) -> Vec<KubeCluster> {
+        const HOW: &str = "kubernetes must be tables: [[kubernetes]] with name = \"prod\" and kubeconfig = \"/etc/delegate/kube/prod.yaml\" or in_cluster = true";
+        let Some(items) = v.get_ref().as_array() else {
+            self.at(Some(v.span().start), HOW);
+            return Vec::new();
+        };
+        let mut out: Vec<KubeCluster> = Vec::new();
+        for item in items.iter() {
+            let Some(t) = item.get_ref().as_table() else {
+                self.at(Some(item.span().start), HOW);
+                continue;
+            };
+            let (mut name, mut kubeconfig, mut context, mut namespace, mut in_cluster) =
+                (None, None, None, None, false);
+            // A bad or misspelt key was reported already; "needs kubeconfig" would repeat it.
+            let reported = self.problems.len();
+            for (k, val) in t.iter() {
+                match k.get_ref().as_ref() {
+                    "name" => name = self.string("kubernetes.name", val),
+                    "kubeconfig" => {
+                        if let Some(p) = self.string("kubernetes.kubeconfig", val) {
+                            if p.starts_with('/') {
+                                kubeconfig = Some(PathBuf::from(p));
+                            } else {
+                                self.at(
+                                    Some(val.span().start),
+                                    format!("kubernetes.kubeconfig {p:?} must be an absolute path, e.g. \"/etc/delegate/kube/prod.yaml\""),
+                                );
+                            }
+                        }
+                    }
+                    "context" => context = self.string("kubernetes.context", val),
+                    "namespace" => namespace = self.string("kubernetes.namespace", val),
+                    "in_cluster" => {
+                        in_cluster = self
+                            .boolean("kubernetes.in_cluster", val)
+                            .unwrap_or(false)
+                    }
+                    other => self.at(
+                        Some(k.span().start),
+                        format!(
+                            "unknown key kubernetes.{other:?} (known: name, kubeconfig, context, namespace, in_cluster)"
+                        ),
+                    ),
+                }
+            }
+            let at = Some(item.span().start);
+            let Some(name) = name else {
+                self.at(at, "[[kubernetes]] needs a name, e.g. name = \"prod\" (tasks name the cluster by it)");
+                continue;
+            };
+            let valid_name = !name.is_empty()
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+            if !valid_name {
+                self.at(
+                    at,
+                    format!(
+                        "kubernetes.name {name:?} may hold only letters, digits, '-', '_' and '.'"
+                    ),
+                );
+                continue;
+            }
+            if out.iter().any(|c| c.name == name) {
+                self.at(
+                    at,
+                    format!("[[kubernetes]] {name:?} is configured twice; names must be unique"),
+                );
+                continue;
+            }
+            let source = match (kubeconfig, in_cluster) {
+                (Some(path), false) => KubeSource::Kubeconfig { path, context },
+                (None, true) if context.is_none() => KubeSource::InCluster,
+                (None, true) => {
+                    self.at(at, format!("[[kubernetes]] {name:?}: context applies to a kubeconfig, not to in_cluster = true"));
+                    continue;
+                }
+                (Some(_), true) => {
+                    self.at(at, format!("[[kubernetes]] {name:?} has both kubeconfig and in_cluster = true; keep one"));
+                    continue;
+                }
+                (None, false) if self.problems.len() > reported => continue,
+                (None, false) => {
+                    self.at(at, format!("[[kubernetes]] {name:?} needs kubeconfig = \"/etc/delegate/kube/{name}.yaml\" or in_cluster = true (the service has no $HOME/.kube/config)"));
+                    continue;
+                }
+            };
+            out.push(KubeCluster {
+                name,
+                source,
+                namespace,
+            });
+        }
+        out
+    }
+
     fn registries(&mut self, v: &Spanned<DeValue<'_>>) -> BTreeMap<String, RegistryAuth> {
         let mut out = BTreeMap::new();
         let Some(table) = v.get_ref().as_table() else {
@@ -526,6 +652,7 @@ struct Raw {
     http_enabled: Option<bool>,
     docker: Option<DockerConfig>,
     metrics_listen: Option<SocketAddr>,
+    kubernetes: Vec<KubeCluster>,
 }
 
 impl Config {
@@ -631,6 +758,7 @@ fn parse_file(c: &mut Collector<'_>, raw: &mut Raw) -> bool {
             "shell" => raw.shell_enabled = c.target_table(key, v),
             "http" => raw.http_enabled = c.target_table(key, v),
             "docker" => raw.docker = c.docker_table(v),
+            "kubernetes" => raw.kubernetes = c.kubernetes(v),
             "concurrency" => {
                 let n = v.get_ref().as_integer().and_then(|i| {
                     i64::from_str_radix(&i.as_str().replace('_', ""), i.radix()).ok()
@@ -928,6 +1056,7 @@ fn finish(c: &mut Collector<'_>, raw: Raw, env: &dyn Env) -> Option<Config> {
         http_enabled: raw.http_enabled.unwrap_or(true),
         docker: raw.docker.unwrap_or_default(),
         metrics_listen: raw.metrics_listen,
+        kubernetes: raw.kubernetes,
         warnings,
     })
 }
@@ -998,6 +1127,7 @@ pub(crate) mod tests_support {
                 ..DockerConfig::default()
             },
             metrics_listen: None,
+            kubernetes: vec![],
             warnings: vec![],
         }
     }
@@ -1302,5 +1432,42 @@ mod tests {
         // The registry's problem points at its table header.
         assert_eq!(lines, [Some(4), Some(5), Some(6)], "{e}");
         assert!(e.to_string().contains("needs username and password"), "{e}");
+    }
+
+    #[test]
+    fn kubernetes_tables_load_and_their_problems_name_their_lines() {
+        const NO_ENV: [(&str, &str); 0] = [];
+        let f = write(
+            "manager_url = \"http://x\"\ntoken = \"t\"\n[[kubernetes]]\nname = \"prod\"\nkubeconfig = \"/etc/delegate/kube/prod.yaml\"\ncontext = \"admin@prod\"\n[[kubernetes]]\nname = \"here\"\nin_cluster = true\n",
+        );
+        let c = Config::load(f.path(), &NO_ENV).expect("loads");
+        assert_eq!(c.kubernetes.len(), 2);
+        assert_eq!(
+            c.kubernetes[0].source,
+            KubeSource::Kubeconfig {
+                path: PathBuf::from("/etc/delegate/kube/prod.yaml"),
+                context: Some("admin@prod".into())
+            }
+        );
+        assert_eq!(c.kubernetes[1].source, KubeSource::InCluster);
+
+        let f = write(
+            "manager_url = \"http://x\"\ntoken = \"t\"\n[[kubernetes]]\nname = \"a\"\n[[kubernetes]]\nname = \"b\"\nkubeconfig = \"rel.yaml\"\n[[kubernetes]]\nname = \"c\"\nkubeconfg = \"/x\"\n",
+        );
+        let e = Config::load(f.path(), &NO_ENV).expect_err("problems");
+        let text = e.to_string();
+        assert!(
+            text.contains(":3: [[kubernetes]] \"a\" needs kubeconfig"),
+            "{text}"
+        );
+        assert!(
+            text.contains(":7: kubernetes.kubeconfig \"rel.yaml\" must be an absolute path"),
+            "{text}"
+        );
+        assert!(
+            text.contains(":10: unknown key kubernetes.\"kubeconfg\""),
+            "{text}"
+        );
+        assert_eq!(text.lines().count(), 3, "one problem each: {text}");
     }
 }

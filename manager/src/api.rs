@@ -1032,7 +1032,7 @@ mod tests {
         assert_eq!((status, body.error.code), (400, ErrorCode::InvalidSpec));
         assert_eq!(
             body.error.message,
-            "unknown task kind \"cobol\" (known kinds: shell, http, docker)"
+            "unknown task kind \"cobol\" (known kinds: shell, http, docker, kubernetes)"
         );
         let (status, body) = error_of(
             s.admin_post("/tasks", json!({"kind": "shell", "spec": {"script": ""}}))

@@ -16,7 +16,8 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 pub use spec::{
-    DockerMount, DockerSpec, HttpSpec, MountKind, PullPolicy, ShellSpec, SpecError, TaskSpec,
+    DockerMount, DockerSpec, HttpSpec, KubeAction, KubernetesSpec, MountKind, PullPolicy,
+    ShellSpec, SpecError, TaskSpec, rollout_kind,
 };
 
 /// Path prefix of every endpoint of this protocol version.

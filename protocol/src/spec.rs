@@ -21,6 +21,7 @@ pub enum TaskSpec {
     Shell(ShellSpec),
     Http(HttpSpec),
     Docker(DockerSpec),
+    Kubernetes(KubernetesSpec),
 }
 
 /// Run a script with an interpreter, in its own process group.
@@ -141,6 +142,223 @@ pub struct DockerMount {
     pub read_only: bool,
 }
 
+/// Largest manifest an `apply` or `delete` task may carry.
+pub const MAX_MANIFEST_BYTES: usize = 1024 * 1024;
+
+/// Work on a Kubernetes cluster the delegate reaches, named in its `[[kubernetes]]`
+/// config (`kubernetes:NAME` among its targets).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KubernetesSpec {
+    /// Name of a `[[kubernetes]]` cluster of the delegate.
+    pub cluster: String,
+    #[serde(flatten)]
+    pub action: KubeAction,
+}
+
+/// What to do on the cluster: `{"action": "apply", ...}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "action", rename_all = "snake_case")]
+pub enum KubeAction {
+    /// Server-side apply of multi-document YAML with field manager `delegate`.
+    Apply {
+        manifest: String,
+        /// For namespaced objects that name none.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        namespace: Option<String>,
+        /// Take over fields another field manager owns instead of failing on the conflict.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        force: bool,
+    },
+    /// Run a Job to its end, its pod's log as the task log, its container's exit code as
+    /// the result. Either `job` (a full batch/v1 Job, YAML or JSON) or `image` + `command`.
+    Job {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        job: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        image: Option<String>,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        command: Vec<String>,
+        #[serde(default, skip_serializing_if = "Env::is_empty")]
+        env: Env,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        namespace: Option<String>,
+    },
+    /// Wait until a Deployment, StatefulSet or DaemonSet is rolled out, with the rules of
+    /// `kubectl rollout status`; the task's timeout bounds the wait.
+    Rollout {
+        /// `Deployment`, `StatefulSet` or `DaemonSet` (any case; `deploy`, `sts`, `ds`).
+        #[serde(rename = "kind")]
+        object_kind: String,
+        name: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        namespace: Option<String>,
+    },
+    /// Delete the objects of a manifest, or one object by kind and name.
+    Delete {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        manifest: Option<String>,
+        /// With `name`: e.g. `Deployment`, `apps/v1 Deployment` or `v1 ConfigMap`.
+        #[serde(default, rename = "kind", skip_serializing_if = "Option::is_none")]
+        object_kind: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        name: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        namespace: Option<String>,
+        /// `background` (default), `foreground` or `orphan` (CAUTION: leaves a Job's pods
+        /// and a Deployment's ReplicaSets running).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        propagation: Option<String>,
+    },
+}
+
+impl KubernetesSpec {
+    pub fn validate(&self) -> Result<(), SpecError> {
+        if self.cluster.trim().is_empty() {
+            return Err(invalid(
+                "spec.cluster",
+                "is empty; name a [[kubernetes]] cluster of the delegate, e.g. \"prod\"",
+            ));
+        }
+        match &self.action {
+            KubeAction::Apply {
+                manifest,
+                namespace,
+                ..
+            } => {
+                if manifest.trim().is_empty() {
+                    return Err(invalid(
+                        "spec.manifest",
+                        "is empty; give one or more YAML documents",
+                    ));
+                }
+                if manifest.len() > MAX_MANIFEST_BYTES {
+                    return Err(invalid(
+                        "spec.manifest",
+                        format!(
+                            "is {} bytes; the limit is {MAX_MANIFEST_BYTES}",
+                            manifest.len()
+                        ),
+                    ));
+                }
+                check_namespace(namespace.as_deref())
+            }
+            KubeAction::Job {
+                job,
+                image,
+                command,
+                env,
+                namespace,
+            } => {
+                match (job, image) {
+                    (Some(_), Some(_)) => {
+                        return Err(invalid(
+                            "spec.job",
+                            "and spec.image are both given; give a full Job, or an image and command",
+                        ));
+                    }
+                    (None, None) => {
+                        return Err(invalid(
+                            "spec.image",
+                            "is missing; give an image and command, or a full Job in spec.job",
+                        ));
+                    }
+                    (Some(j), None) if j.len() > MAX_MANIFEST_BYTES => {
+                        return Err(invalid(
+                            "spec.job",
+                            format!("is larger than {MAX_MANIFEST_BYTES} bytes"),
+                        ));
+                    }
+                    (None, Some(i)) if i.trim().is_empty() || i.contains(char::is_whitespace) => {
+                        return Err(invalid(
+                            "spec.image",
+                            format!("{i:?} is not an image reference"),
+                        ));
+                    }
+                    _ => {}
+                }
+                if command.iter().any(|a| a.contains('\0')) {
+                    return Err(invalid("spec.command", "an argument contains a NUL byte"));
+                }
+                check_env("spec.env", env)?;
+                check_namespace(namespace.as_deref())
+            }
+            KubeAction::Rollout {
+                object_kind,
+                name,
+                namespace,
+            } => {
+                if rollout_kind(object_kind).is_none() {
+                    return Err(invalid(
+                        "spec.kind",
+                        format!(
+                            "{object_kind:?} has no rollout; give Deployment, StatefulSet or DaemonSet"
+                        ),
+                    ));
+                }
+                if name.trim().is_empty() {
+                    return Err(invalid("spec.name", "is empty; name the object"));
+                }
+                check_namespace(namespace.as_deref())
+            }
+            KubeAction::Delete {
+                manifest,
+                object_kind,
+                name,
+                namespace,
+                propagation,
+            } => {
+                match (manifest, object_kind, name) {
+                    (Some(m), None, None) if !m.trim().is_empty() => {}
+                    (None, Some(k), Some(n)) if !k.trim().is_empty() && !n.trim().is_empty() => {}
+                    _ => {
+                        return Err(invalid(
+                            "spec.manifest",
+                            "give either a manifest, or a kind and a name",
+                        ));
+                    }
+                }
+                if let Some(p) = propagation
+                    && !matches!(p.as_str(), "background" | "foreground" | "orphan")
+                {
+                    return Err(invalid(
+                        "spec.propagation",
+                        format!("{p:?} is not background, foreground or orphan"),
+                    ));
+                }
+                check_namespace(namespace.as_deref())
+            }
+        }
+    }
+}
+
+/// The canonical kind of a rollout target: `Deployment`, `StatefulSet` or `DaemonSet`.
+pub fn rollout_kind(kind: &str) -> Option<&'static str> {
+    match kind.to_ascii_lowercase().as_str() {
+        "deployment" | "deployments" | "deploy" => Some("Deployment"),
+        "statefulset" | "statefulsets" | "sts" => Some("StatefulSet"),
+        "daemonset" | "daemonsets" | "ds" => Some("DaemonSet"),
+        _ => None,
+    }
+}
+
+fn check_namespace(ns: Option<&str>) -> Result<(), SpecError> {
+    match ns {
+        Some(n)
+            if n.is_empty()
+                || n.len() > 63
+                || !n
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-') =>
+        {
+            Err(invalid(
+                "spec.namespace",
+                format!("{n:?} is not a namespace name (lower-case letters, digits, '-')"),
+            ))
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Why a spec cannot be run: which field, what is wrong, how to fix it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SpecError {
@@ -157,13 +375,14 @@ pub enum SpecError {
 
 impl TaskSpec {
     /// Kinds this build of the protocol knows.
-    pub const KINDS: &'static [&'static str] = &["shell", "http", "docker"];
+    pub const KINDS: &'static [&'static str] = &["shell", "http", "docker", "kubernetes"];
 
     pub fn kind(&self) -> &'static str {
         match self {
             TaskSpec::Shell(_) => "shell",
             TaskSpec::Http(_) => "http",
             TaskSpec::Docker(_) => "docker",
+            TaskSpec::Kubernetes(_) => "kubernetes",
         }
     }
 
@@ -179,6 +398,7 @@ impl TaskSpec {
             "shell" => serde_json::from_value(spec.clone()).map(TaskSpec::Shell),
             "http" => serde_json::from_value(spec.clone()).map(TaskSpec::Http),
             "docker" => serde_json::from_value(spec.clone()).map(TaskSpec::Docker),
+            "kubernetes" => serde_json::from_value(spec.clone()).map(TaskSpec::Kubernetes),
             other => {
                 return Err(SpecError::UnknownKind {
                     kind: other.to_string(),
@@ -200,6 +420,7 @@ impl TaskSpec {
             TaskSpec::Shell(s) => s.validate(),
             TaskSpec::Http(h) => h.validate(),
             TaskSpec::Docker(d) => d.validate(),
+            TaskSpec::Kubernetes(k) => k.validate(),
         }
     }
 }
@@ -452,7 +673,7 @@ mod tests {
         let e = TaskSpec::from_wire("cobol", &json!({})).expect_err("must be refused");
         assert_eq!(
             e.to_string(),
-            "unknown task kind \"cobol\" (known kinds: shell, http, docker)"
+            "unknown task kind \"cobol\" (known kinds: shell, http, docker, kubernetes)"
         );
     }
 
@@ -559,5 +780,33 @@ mod tests {
         let e = TaskSpec::from_wire("docker", &json!({"image": "x", "pull": "sometimes"}))
             .expect_err("bad pull policy");
         assert!(e.to_string().contains("unknown variant"), "{e}");
+    }
+
+    #[test]
+    fn kubernetes_specs_parse_and_refuse_what_cannot_run() {
+        let s = TaskSpec::from_wire(
+            "kubernetes",
+            &json!({"cluster": "prod", "action": "apply", "manifest": "kind: X", "force": true}),
+        )
+        .expect("valid");
+        assert_eq!(s.kind(), "kubernetes");
+        let e = TaskSpec::from_wire(
+            "kubernetes",
+            &json!({"cluster": "prod", "action": "job", "command": ["true"]}),
+        )
+        .expect_err("no image and no job");
+        assert!(e.to_string().starts_with("spec.image: is missing"), "{e}");
+        let e = TaskSpec::from_wire(
+            "kubernetes",
+            &json!({"cluster": "prod", "action": "apply", "manifest": "x", "namespace": "Bad_NS"}),
+        )
+        .expect_err("bad namespace");
+        assert!(e.to_string().starts_with("spec.namespace: "), "{e}");
+        let e = TaskSpec::from_wire(
+            "kubernetes",
+            &json!({"cluster": "prod", "action": "explode"}),
+        )
+        .expect_err("unknown action");
+        assert!(e.to_string().contains("unknown variant `explode`"), "{e}");
     }
 }

@@ -10,6 +10,7 @@
 
 pub mod docker;
 pub mod fleet;
+pub mod kube;
 pub mod nspawn;
 pub mod postgres;
 pub mod tls;

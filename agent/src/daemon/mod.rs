@@ -10,7 +10,7 @@
 //! `recover` picks up what an earlier run left in the spool. This file holds what they
 //! share and the life of the process: start, drain, stop.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -29,7 +29,7 @@ use recover::recover_spool;
 use session::session;
 
 use crate::client::{ClientError, ManagerClient};
-use crate::config::{Config, DockerConfig};
+use crate::config::{Config, DockerConfig, KubeCluster};
 use crate::exec;
 use crate::notify;
 use crate::spool::{Spool, SpoolError};
@@ -135,6 +135,11 @@ struct Shared {
     docker: Arc<DockerConfig>,
     /// The Docker engine answered at the last probe; decides whether `docker` is offered.
     docker_up: AtomicBool,
+    kubernetes: Arc<Vec<KubeCluster>>,
+    /// Names of the clusters that answered; only they are advertised.
+    kube_up: Mutex<BTreeSet<String>>,
+    /// A cluster came up since the last registration: register again to advertise it.
+    targets_changed: AtomicBool,
     client: ManagerClient,
     spool: Spool,
     state: watch::Sender<AgentState>,
@@ -291,6 +296,13 @@ impl Shared {
                 name: None,
             });
         }
+        let up = self.kube_up.lock().unwrap_or_else(|p| p.into_inner());
+        for name in up.iter() {
+            t.push(Target {
+                kind: "kubernetes".into(),
+                name: Some(name.clone()),
+            });
+        }
         t
     }
 
@@ -301,6 +313,8 @@ impl Shared {
             "shell" => self.config.shell_enabled,
             "http" => self.config.http_enabled,
             "docker" => self.config.docker.enabled,
+            // A cluster down right now fails its task naming the problem.
+            "kubernetes" => !self.config.kubernetes.is_empty(),
             _ => false,
         }
     }
@@ -335,6 +349,9 @@ impl Daemon {
             slots: Arc::new(Semaphore::new(config.concurrency as usize)),
             docker: Arc::new(config.docker.clone()),
             docker_up: AtomicBool::new(false),
+            kubernetes: Arc::new(config.kubernetes.clone()),
+            kube_up: Mutex::new(BTreeSet::new()),
+            targets_changed: AtomicBool::new(false),
             config,
             client,
             spool,
@@ -388,6 +405,8 @@ async fn run_shared(
         None => None,
     };
     probe_docker(&shared, false).await;
+    probe_clusters(&shared, true).await;
+    tokio::spawn(watch_clusters(shared.clone()).in_current_span());
     recover_spool(&shared);
     notify::ready();
     shared.update_status();
@@ -648,6 +667,71 @@ async fn probe_docker(shared: &Shared, quiet: bool) -> bool {
                 "docker target not offered: {e} (other targets run as usual; set enabled = false in [docker] to silence this)"
             );
             false
+        }
+    }
+}
+
+/// How often clusters that did not answer are asked again.
+const CLUSTER_RECHECK: Duration = Duration::from_secs(10);
+
+/// Ask every cluster not yet seen up for its version. Each one that does not answer is
+/// logged once as a warning naming the cluster and the cause (`first`), then quietly
+/// re-checked; one that answers is advertised from the next registration on. Returns true
+/// when a cluster came up.
+async fn probe_clusters(shared: &Shared, first: bool) -> bool {
+    let mut came_up = false;
+    for cluster in shared.kubernetes.iter() {
+        let known = shared
+            .kube_up
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&cluster.name);
+        if known {
+            continue;
+        }
+        match exec::kubernetes::probe(cluster).await {
+            Ok(version) => {
+                info!(cluster = %cluster.name, "Kubernetes cluster {} answers (server {version}); offering target kubernetes:{}", cluster.name, cluster.name);
+                shared
+                    .kube_up
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(cluster.name.clone());
+                came_up = true;
+            }
+            Err(e) if first => warn!(
+                cluster = %cluster.name,
+                "kubernetes:{} not offered: {} (re-checked every {}s; other targets run as usual)",
+                cluster.name,
+                exec::kubernetes::error_text(&e),
+                CLUSTER_RECHECK.as_secs()
+            ),
+            Err(e) => {
+                debug!(cluster = %cluster.name, "cluster still not answering: {}", exec::kubernetes::error_text(&e))
+            }
+        }
+    }
+    came_up
+}
+
+/// Re-check clusters that did not answer until every one has.
+async fn watch_clusters(shared: Arc<Shared>) {
+    loop {
+        let all_up = shared
+            .kube_up
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len()
+            == shared.kubernetes.len();
+        if all_up {
+            return;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(CLUSTER_RECHECK) => {}
+            _ = shared.stopped.cancelled() => return,
+        }
+        if probe_clusters(&shared, false).await {
+            shared.targets_changed.store(true, Ordering::Relaxed);
         }
     }
 }

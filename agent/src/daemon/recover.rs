@@ -15,7 +15,8 @@ use super::{Shared, TaskHandle, key_of};
 use crate::spool::{Found, Quarantined, Recovered};
 
 /// Pick up what an earlier run left in the spool: undelivered results are sent again;
-/// docker tasks still running are adopted (their containers outlive the agent); other
+/// docker tasks still running are adopted (their containers outlive the agent) and
+/// kubernetes tasks run again (they are idempotent); other
 /// tasks that were running when the agent died are stopped (if anything of them is left)
 /// and reported as lost at once, so the manager can retry them without waiting for the
 /// lease to lapse.
@@ -39,6 +40,15 @@ pub(super) fn recover_spool(shared: &Arc<Shared>) {
                 continue;
             }
         };
+        // Kubernetes actions are idempotent (server-side apply): an interrupted one is run
+        // again rather than reported lost.
+        let kind = rec.assignment.kind.as_str();
+        if rec.result.is_none() && kind == "kubernetes" && shared.runs_kind(kind) {
+            info!(task_id = %rec.assignment.task_id, attempt = rec.assignment.attempt, "running again a kubernetes task that ran when the delegate stopped");
+            let permit = shared.slots.clone().try_acquire_owned().ok();
+            spawn_adopted(shared.clone(), rec.assignment, rec.dir, permit);
+            continue;
+        }
         if rec.result.is_none() && rec.assignment.kind == "docker" && shared.runs_kind("docker") {
             info!(task_id = %rec.assignment.task_id, attempt = rec.assignment.attempt, "re-attaching to the container of a task that ran when the delegate stopped");
             let permit = shared.slots.clone().try_acquire_owned().ok();

@@ -5,6 +5,7 @@
 //! on this delegate until its lease lapses.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use delegate_protocol::RegisterRequest;
@@ -105,7 +106,10 @@ pub(super) async fn heartbeat_loop(shared: Arc<Shared>, interval: Duration) {
                     shared.stop_attempt(&k, StopReason::Revoked);
                 }
                 // An engine that came up after the agent: register again to advertise it.
-                if probe_docker(&shared, true).await && register(&shared).await.is_none() {
+                let kube_up = shared.targets_changed.swap(false, Ordering::Relaxed);
+                if (probe_docker(&shared, true).await || kube_up)
+                    && register(&shared).await.is_none()
+                {
                     return;
                 }
             }

@@ -232,6 +232,7 @@ async fn execute(
         delegate_name: shared.config.name.clone(),
         delegate_id: shared.delegate_id.borrow().clone(),
         docker: shared.docker.clone(),
+        kubernetes: shared.kubernetes.clone(),
     };
     let mut timeout = Duration::from_secs(a.timeout_secs.max(1));
     if adopt {

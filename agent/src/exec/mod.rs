@@ -8,6 +8,9 @@
 
 pub mod docker;
 pub mod http;
+pub mod kubernetes;
+pub mod kubernetes_job;
+pub mod kubernetes_rollout;
 pub mod shell;
 
 use std::path::PathBuf;
@@ -18,7 +21,7 @@ use delegate_protocol::TaskSpec;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::DockerConfig;
+use crate::config::{DockerConfig, KubeCluster};
 
 /// Identity of the process group a shell task runs in, so a restarted agent can stop it
 /// without hitting an unrelated process that reused the pid.
@@ -119,6 +122,8 @@ pub struct ExecContext {
     pub delegate_name: String,
     pub delegate_id: Option<String>,
     pub docker: Arc<DockerConfig>,
+    /// The `[[kubernetes]]` clusters of the config.
+    pub kubernetes: Arc<Vec<KubeCluster>>,
 }
 
 impl ExecContext {
@@ -134,5 +139,6 @@ pub async fn run(spec: &TaskSpec, ctx: ExecContext) -> ExecOutcome {
         TaskSpec::Shell(s) => shell::run(s, ctx).await,
         TaskSpec::Http(h) => http::run(h, ctx).await,
         TaskSpec::Docker(d) => docker::run(d, ctx).await,
+        TaskSpec::Kubernetes(k) => kubernetes::run(k, ctx).await,
     }
 }

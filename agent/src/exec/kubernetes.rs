@@ -1,0 +1,541 @@
+//! The `kubernetes` executor: work on a remote cluster named in `[[kubernetes]]`.
+//!
+//! The agent reaches clusters with a kubeconfig file it is given (never `$HOME`, which a
+//! service does not have) or, inside a pod, its service account. `apply` is server-side
+//! apply with field manager `delegate`, every kind resolved through API discovery of its
+//! group/version (so custom resources work, and no list of kinds goes stale); CRDs of the
+//! same manifest go first and are waited for until Established. Server-side apply is
+//! idempotent, so an apply interrupted by an agent restart is simply run again.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use delegate_protocol::{KubeAction, KubernetesSpec};
+use kube::api::{Api, DynamicObject, Patch, PatchParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::core::GroupVersionKind;
+use kube::discovery::{ApiCapabilities, ApiResource, Scope};
+use kube::{Client, Config};
+use serde::Deserialize;
+use tokio_util::sync::CancellationToken;
+
+use super::{ExecContext, ExecOutcome, kubernetes_job, kubernetes_rollout};
+use crate::config::{KubeCluster, KubeSource};
+
+/// The field manager of every server-side apply by the agent.
+pub const FIELD_MANAGER: &str = "delegate";
+/// How long a cluster gets to answer a probe (start-up and re-checks).
+const PROBE_LIMIT: Duration = Duration::from_secs(5);
+/// How long a CRD of a manifest may take to become Established.
+const ESTABLISHED_LIMIT: Duration = Duration::from_secs(60);
+
+/// Why a cluster cannot be used at all; each says which cluster and how to fix it.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error(
+        "cluster {cluster}: kubeconfig {path} cannot be used; check the file (kubectl --kubeconfig {path} version) or fix kubeconfig in [[kubernetes]] of delegate.toml"
+    )]
+    Kubeconfig {
+        cluster: String,
+        path: String,
+        #[source]
+        source: kube::config::KubeconfigError,
+    },
+    #[error(
+        "cluster {cluster}: in_cluster = true, but this is not a pod with a service account (KUBERNETES_SERVICE_HOST and the token under /var/run/secrets/kubernetes.io/serviceaccount)"
+    )]
+    InCluster {
+        cluster: String,
+        #[source]
+        source: kube::config::InClusterError,
+    },
+    #[error("cluster {cluster}: cannot build a client for {url}")]
+    Client {
+        cluster: String,
+        url: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("cluster {cluster}: the API server at {url} does not answer ({reason})")]
+    Unreachable {
+        cluster: String,
+        url: String,
+        reason: String,
+    },
+}
+
+/// A client for `cluster`, with the server URL for messages.
+pub async fn connect(cluster: &KubeCluster) -> Result<(Client, Config), ClusterError> {
+    let config = match &cluster.source {
+        KubeSource::Kubeconfig { path, context } => {
+            let bad = |source| ClusterError::Kubeconfig {
+                cluster: cluster.name.clone(),
+                path: path.display().to_string(),
+                source,
+            };
+            let kc = Kubeconfig::read_from(path).map_err(bad)?;
+            let opts = KubeConfigOptions {
+                context: context.clone(),
+                ..KubeConfigOptions::default()
+            };
+            Config::from_custom_kubeconfig(kc, &opts)
+                .await
+                .map_err(bad)?
+        }
+        KubeSource::InCluster => Config::incluster().map_err(|source| ClusterError::InCluster {
+            cluster: cluster.name.clone(),
+            source,
+        })?,
+    };
+    let client = Client::try_from(config.clone()).map_err(|source| ClusterError::Client {
+        cluster: cluster.name.clone(),
+        url: config.cluster_url.to_string(),
+        source,
+    })?;
+    Ok((client, config))
+}
+
+/// Ask the cluster for its version: whether it answers decides whether it is advertised.
+pub async fn probe(cluster: &KubeCluster) -> Result<String, ClusterError> {
+    let (client, config) = connect(cluster).await?;
+    let unreachable = |reason: String| ClusterError::Unreachable {
+        cluster: cluster.name.clone(),
+        url: config.cluster_url.to_string(),
+        reason,
+    };
+    match tokio::time::timeout(PROBE_LIMIT, client.apiserver_version()).await {
+        Ok(Ok(v)) => Ok(v.git_version),
+        Ok(Err(e)) => Err(unreachable(cause_chain(&e))),
+        Err(_) => Err(unreachable(format!(
+            "no answer within {}s",
+            PROBE_LIMIT.as_secs()
+        ))),
+    }
+}
+
+/// A cluster error with its causes, for log lines and task messages.
+pub fn error_text(e: &ClusterError) -> String {
+    cause_chain(e)
+}
+
+/// An error and its causes on one line, each once.
+fn cause_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts = vec![e.to_string()];
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        let text = s.to_string();
+        if !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        cur = s.source();
+    }
+    parts.join(": ")
+}
+
+/// Why an action failed, as the task's message.
+pub(super) struct Failure(pub String);
+
+impl<T: Into<String>> From<T> for Failure {
+    fn from(s: T) -> Failure {
+        Failure(s.into())
+    }
+}
+
+/// Run one kubernetes task to its end.
+pub async fn run(spec: &KubernetesSpec, mut ctx: ExecContext) -> ExecOutcome {
+    let Some(cluster) = ctx
+        .kubernetes
+        .iter()
+        .find(|c| c.name == spec.cluster)
+        .cloned()
+    else {
+        let known: Vec<&str> = ctx.kubernetes.iter().map(|c| c.name.as_str()).collect();
+        return ExecOutcome::CouldNotStart(format!(
+            "spec.cluster: delegate {} has no cluster {:?} (it has: {}); add a [[kubernetes]] table to its delegate.toml or route the task to a delegate that reaches the cluster",
+            ctx.delegate_name,
+            spec.cluster,
+            if known.is_empty() {
+                "none".to_string()
+            } else {
+                known.join(", ")
+            }
+        ));
+    };
+    let (client, config) = match connect(&cluster).await {
+        Ok(c) => c,
+        Err(e) => return ExecOutcome::CouldNotStart(cause_chain(&e)),
+    };
+    if ctx.adopt {
+        ctx.note("the delegate restarted during this task; running it again (it is idempotent)");
+    }
+    let stop = ctx.stop.clone();
+    let default_ns = |ns: &Option<String>| {
+        ns.clone()
+            .or_else(|| cluster.namespace.clone())
+            .unwrap_or_else(|| config.default_namespace.clone())
+    };
+    let result = match &spec.action {
+        KubeAction::Apply {
+            manifest,
+            namespace,
+            force,
+        } => {
+            let ns = default_ns(namespace);
+            tokio::select! {
+                r = apply(&client, &mut ctx, manifest, &ns, *force, &stop) => r.map(|message| ExecOutcome::Done { success: true, message }),
+                _ = stop.cancelled() => Err(Failure("stopped before the action finished".into())),
+            }
+        }
+        KubeAction::Job {
+            job,
+            image,
+            command,
+            env,
+            namespace,
+        } => {
+            let ns = default_ns(namespace);
+            let req = kubernetes_job::JobRequest {
+                full: job.as_deref(),
+                image: image.as_deref(),
+                command,
+                env,
+                namespace: &ns,
+            };
+            kubernetes_job::run(&client, &mut ctx, req, &stop).await
+        }
+        KubeAction::Rollout {
+            object_kind,
+            name,
+            namespace,
+        } => {
+            let ns = default_ns(namespace);
+            let kind = delegate_protocol::rollout_kind(object_kind).unwrap_or("Deployment");
+            kubernetes_rollout::rollout(&client, &mut ctx, kind, name, &ns, &stop)
+                .await
+                .map(|message| ExecOutcome::Done {
+                    success: true,
+                    message,
+                })
+        }
+        KubeAction::Delete {
+            manifest,
+            object_kind,
+            name,
+            namespace,
+            propagation,
+        } => {
+            let ns = default_ns(namespace);
+            tokio::select! {
+                r = kubernetes_rollout::delete(&client, &mut ctx, manifest.as_deref(), object_kind.as_deref(), name.as_deref(), &ns, propagation.as_deref()) => r.map(|message| ExecOutcome::Done { success: true, message }),
+                _ = stop.cancelled() => Err(Failure("stopped before the action finished".into())),
+            }
+        }
+    };
+    match result {
+        Ok(outcome) => outcome,
+        Err(Failure(message)) => ExecOutcome::Done {
+            success: false,
+            message: format!(
+                "cluster {} ({}): {message}",
+                cluster.name,
+                config.cluster_url.to_string().trim_end_matches('/')
+            ),
+        },
+    }
+}
+
+/// One document of a manifest, parsed and placed.
+struct Doc {
+    /// 1-based position in the manifest, for messages.
+    index: usize,
+    obj: DynamicObject,
+    gvk: GroupVersionKind,
+}
+
+impl Doc {
+    fn is_crd(&self) -> bool {
+        self.gvk.group == "apiextensions.k8s.io" && self.gvk.kind == "CustomResourceDefinition"
+    }
+
+    /// `deployment.apps/web` as kubectl names it.
+    fn label(&self) -> String {
+        let kind = self.gvk.kind.to_lowercase();
+        let name = self.obj.metadata.name.as_deref().unwrap_or("");
+        if self.gvk.group.is_empty() {
+            format!("{kind}/{name}")
+        } else {
+            format!("{kind}.{}/{name}", self.gvk.group)
+        }
+    }
+}
+
+/// Split a multi-document YAML manifest into objects; a document that does not parse or
+/// lacks apiVersion, kind or metadata.name fails the whole manifest naming its index.
+pub(crate) fn parse_manifest(text: &str) -> Result<Vec<(usize, DynamicObject)>, String> {
+    let mut out = Vec::new();
+    for (i, de) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let index = i + 1;
+        let value = serde_yaml::Value::deserialize(de)
+            .map_err(|e| format!("manifest document {index} is not valid YAML: {e}"))?;
+        if value.is_null() {
+            continue; // an empty document (`---` at the start or end)
+        }
+        let obj: DynamicObject = serde_yaml::from_value(value)
+            .map_err(|e| format!("manifest document {index} is not a Kubernetes object: {e}"))?;
+        let Some(types) = &obj.types else {
+            return Err(format!(
+                "manifest document {index} has no apiVersion and kind"
+            ));
+        };
+        if types.api_version.is_empty() || types.kind.is_empty() {
+            return Err(format!(
+                "manifest document {index} has no apiVersion and kind"
+            ));
+        }
+        if obj.metadata.name.as_deref().is_none_or(str::is_empty) {
+            return Err(format!(
+                "manifest document {index} ({}) has no metadata.name",
+                types.kind
+            ));
+        }
+        out.push((index, obj));
+    }
+    if out.is_empty() {
+        return Err("the manifest holds no objects".into());
+    }
+    Ok(out)
+}
+
+/// API resources resolved so far in one task, by group/version/kind.
+#[derive(Default)]
+pub(super) struct Resolver {
+    known: HashMap<(String, String, String), (ApiResource, ApiCapabilities)>,
+}
+
+impl Resolver {
+    pub(super) async fn resolve(
+        &mut self,
+        client: &Client,
+        gvk: &GroupVersionKind,
+    ) -> Result<(ApiResource, ApiCapabilities), kube::Error> {
+        let key = (gvk.group.clone(), gvk.version.clone(), gvk.kind.clone());
+        if let Some(r) = self.known.get(&key) {
+            return Ok(r.clone());
+        }
+        // Discovery of this one group/version: no aggregated discovery (which 1.20
+        // servers answer with zero groups) and no listing of every group.
+        let r = kube::discovery::pinned_kind(client, gvk).await?;
+        self.known.insert(key, r.clone());
+        Ok(r)
+    }
+}
+
+/// A server's refusal in its own words, or the transport problem.
+pub(super) fn api_message(e: &kube::Error) -> String {
+    match e {
+        kube::Error::Api(s) => format!("{} ({} {})", s.message, s.code, s.reason),
+        other => cause_chain(other),
+    }
+}
+
+pub(super) fn is_status(e: &kube::Error, code: u16) -> bool {
+    matches!(e, kube::Error::Api(s) if s.code == code)
+}
+
+async fn apply(
+    client: &Client,
+    ctx: &mut ExecContext,
+    manifest: &str,
+    default_ns: &str,
+    force: bool,
+    stop: &CancellationToken,
+) -> Result<String, Failure> {
+    let mut docs = Vec::new();
+    for (index, obj) in parse_manifest(manifest)? {
+        let types = obj.types.clone().unwrap_or_default();
+        let gvk = GroupVersionKind::try_from(&types)
+            .map_err(|e| format!("manifest document {index}: {e}"))?;
+        docs.push(Doc { index, obj, gvk });
+    }
+    // CRDs first, then namespaces, then the rest in manifest order.
+    docs.sort_by_key(|d| match () {
+        _ if d.is_crd() => 0,
+        _ if d.gvk.group.is_empty() && d.gvk.kind == "Namespace" => 1,
+        _ => 2,
+    });
+    let mut params = PatchParams::apply(FIELD_MANAGER);
+    if force {
+        params = params.force();
+    }
+    let mut resolver = Resolver::default();
+    let (mut created, mut changed, mut unchanged) = (0, 0, 0);
+    let mut crds_pending: Vec<String> = Vec::new();
+    for doc in &docs {
+        if !doc.is_crd() && !crds_pending.is_empty() {
+            for name in std::mem::take(&mut crds_pending) {
+                wait_established(client, ctx, &name, stop).await?;
+            }
+        }
+        let (ar, caps) = resolver.resolve(client, &doc.gvk).await.map_err(|e| {
+            if is_status(&e, 404) {
+                format!(
+                    "manifest document {} ({}): the cluster has no kind {} in {}; is its CRD installed?",
+                    doc.index,
+                    doc.label(),
+                    doc.gvk.kind,
+                    types_of(&doc.gvk)
+                )
+            } else {
+                format!(
+                    "manifest document {} ({}): API discovery failed: {}",
+                    doc.index,
+                    doc.label(),
+                    api_message(&e)
+                )
+            }
+        })?;
+        let name = doc.obj.metadata.name.clone().unwrap_or_default();
+        let (api, where_): (Api<DynamicObject>, String) = match caps.scope {
+            Scope::Namespaced => {
+                let ns = doc
+                    .obj
+                    .metadata
+                    .namespace
+                    .clone()
+                    .unwrap_or_else(|| default_ns.to_string());
+                let w = format!(" in namespace {ns}");
+                (Api::namespaced_with(client.clone(), &ns, &ar), w)
+            }
+            Scope::Cluster => (Api::all_with(client.clone(), &ar), String::new()),
+        };
+        let mut obj = doc.obj.clone();
+        if caps.scope == Scope::Namespaced && obj.metadata.namespace.is_none() {
+            obj.metadata.namespace = Some(default_ns.to_string());
+        }
+        let fail = |what: &str, e: &kube::Error| {
+            let hint = if is_status(e, 409) && !force {
+                "; another field manager owns these fields: change them there, or set force = true to take them over"
+            } else {
+                ""
+            };
+            Failure(format!(
+                "manifest document {} ({}{where_}): {what}: {}{hint}",
+                doc.index,
+                doc.label(),
+                api_message(e)
+            ))
+        };
+        let before = match api.get_opt(&name).await {
+            Ok(b) => b.and_then(|o| o.metadata.resource_version),
+            Err(e) => return Err(fail("cannot read it", &e)),
+        };
+        let after = api
+            .patch(&name, &params, &Patch::Apply(&obj))
+            .await
+            .map_err(|e| fail("server-side apply failed", &e))?;
+        let verdict = match before {
+            None => {
+                created += 1;
+                "created"
+            }
+            Some(rv) if Some(&rv) == after.metadata.resource_version.as_ref() => {
+                unchanged += 1;
+                "unchanged"
+            }
+            Some(_) => {
+                changed += 1;
+                "changed"
+            }
+        };
+        ctx.note(&format!("{}{where_} {verdict}", doc.label()));
+        if doc.is_crd() {
+            crds_pending.push(name);
+        }
+    }
+    for name in crds_pending {
+        wait_established(client, ctx, &name, stop).await?;
+    }
+    Ok(format!(
+        "applied {} objects: {created} created, {changed} changed, {unchanged} unchanged",
+        docs.len()
+    ))
+}
+
+fn types_of(gvk: &GroupVersionKind) -> String {
+    if gvk.group.is_empty() {
+        gvk.version.clone()
+    } else {
+        format!("{}/{}", gvk.group, gvk.version)
+    }
+}
+
+/// Wait until the CRD `name` is Established, so its custom resources can be applied.
+async fn wait_established(
+    client: &Client,
+    ctx: &mut ExecContext,
+    name: &str,
+    stop: &CancellationToken,
+) -> Result<(), Failure> {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let deadline = tokio::time::Instant::now() + ESTABLISHED_LIMIT;
+    let mut delay = Duration::from_millis(50);
+    loop {
+        let crd = api
+            .get(name)
+            .await
+            .map_err(|e| format!("CRD {name}: cannot read it back: {}", api_message(&e)))?;
+        let established = crd
+            .status
+            .and_then(|s| s.conditions)
+            .unwrap_or_default()
+            .iter()
+            .any(|c| c.type_ == "Established" && c.status == "True");
+        if established {
+            ctx.note(&format!(
+                "customresourcedefinition.apiextensions.k8s.io/{name} established"
+            ));
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(Failure(format!(
+                "CRD {name} was not Established within {}s; see `kubectl describe crd {name}`",
+                ESTABLISHED_LIMIT.as_secs()
+            )));
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = stop.cancelled() => return Err(Failure("stopped while waiting for CRDs".into())),
+        }
+        delay = (delay * 2).min(Duration::from_secs(1));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_malformed_document_is_named_by_its_index_and_parse_error() {
+        let text = "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: a\n---\napiVersion: v1\nkind: ConfigMap\nmetadata: [\n";
+        let e = parse_manifest(text).expect_err("broken");
+        assert!(
+            e.starts_with("manifest document 2 is not valid YAML: "),
+            "{e}"
+        );
+        let e =
+            parse_manifest("kind: ConfigMap\nmetadata:\n  name: a\n").expect_err("no apiVersion");
+        assert!(e.starts_with("manifest document 1 "), "{e}");
+        let e = parse_manifest("apiVersion: v1\nkind: ConfigMap\n").expect_err("no name");
+        assert_eq!(e, "manifest document 1 (ConfigMap) has no metadata.name");
+    }
+
+    #[test]
+    fn empty_documents_are_skipped_and_indexes_kept() {
+        let text = "---\napiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: a\n---\n---\napiVersion: v1\nkind: Secret\nmetadata:\n  name: b\n";
+        let docs = parse_manifest(text).expect("parses");
+        let idx: Vec<usize> = docs.iter().map(|(i, _)| *i).collect();
+        assert_eq!(idx.len(), 2);
+        assert!(idx[1] > idx[0]);
+    }
+}

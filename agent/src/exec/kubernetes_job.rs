@@ -1,0 +1,603 @@
+//! The `job` action of the kubernetes executor: a Job whose pod's log is the task log and
+//! whose container's exit code is the result.
+//!
+//! The Job outlives the agent, like a docker task's container, so nothing is lost to a
+//! restart: the Job's namespace, name and uid are journalled in the task's directory
+//! before its pod can print anything, and every log line the agent keeps is recorded with
+//! its kubelet timestamp and the log length after it ("log cursor"). A restarted agent
+//! finds the Job again, works out from the log length which lines it already holds, and
+//! resumes the pod's log from there: kubelet timestamps plus a count of lines at the same
+//! timestamp skip exactly what is held, so no line is lost or repeated. A follow stream
+//! that ends early (kubelet log rotation, a proxy timeout) is resumed the same way; the end
+//! of the task is decided from the container's state, never from the end of a stream.
+//!
+//! Script failures (a non-zero exit code) and infrastructure failures (OOMKilled, Evicted,
+//! DeadlineExceeded, image pull errors, the pod or Job deleted) are told apart: the first
+//! is the task's exit code, the second a message starting "infrastructure failure".
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use delegate_protocol::Env;
+use futures_util::{AsyncBufReadExt, StreamExt};
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::Pod;
+use kube::Client;
+use kube::api::{Api, DeleteParams, ListParams, LogParams, PostParams, PropagationPolicy};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use super::kubernetes::{Failure, api_message, is_status};
+use super::{ExecContext, ExecOutcome};
+
+/// Labels every Job of ours carries.
+pub const LABEL_TASK: &str = "delegate.dev/task-id";
+pub const LABEL_ATTEMPT: &str = "delegate.dev/attempt";
+/// Finished Jobs stay this long (for a restarted agent and for post-mortems): longer than
+/// an agent outage. Servers without the TTL controller keep them until deleted.
+const TTL_AFTER_FINISHED_SECS: i32 = 86_400;
+/// Between looks at a pod that is not running yet.
+const POLL: Duration = Duration::from_millis(300);
+
+/// What a restarted agent needs to find the Job again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KubeJobRecord {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+}
+
+/// Where the pod's log stands: the timestamp of the last line kept and how many lines
+/// with exactly that timestamp are kept.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Cursor {
+    ts: Option<jiff::Timestamp>,
+    same: usize,
+}
+
+impl Cursor {
+    /// Is a line with timestamp `ts` already held? Advances the count of lines at the
+    /// cursor's timestamp that have been seen in this stream.
+    fn already_held(&self, ts: jiff::Timestamp, seen_at_cursor: &mut usize) -> bool {
+        match self.ts {
+            None => false,
+            Some(c) if ts < c => true,
+            Some(c) if ts == c => {
+                *seen_at_cursor += 1;
+                *seen_at_cursor <= self.same
+            }
+            Some(_) => false,
+        }
+    }
+
+    fn advance(&mut self, ts: jiff::Timestamp) {
+        if self.ts == Some(ts) {
+            self.same += 1;
+        } else {
+            self.ts = Some(ts);
+            self.same = 1;
+        }
+    }
+}
+
+fn record_path(dir: &Path) -> PathBuf {
+    dir.join("kube-job.json")
+}
+
+fn cursor_path(dir: &Path) -> PathBuf {
+    dir.join("kube-log.cursor")
+}
+
+fn read_record(dir: &Path) -> Option<KubeJobRecord> {
+    serde_json::from_slice(&std::fs::read(record_path(dir)).ok()?).ok()
+}
+
+fn write_record(dir: &Path, rec: &KubeJobRecord) -> std::io::Result<()> {
+    let tmp = dir.join("kube-job.json.tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(&serde_json::to_vec(rec).map_err(std::io::Error::other)?)?;
+    f.sync_all()?;
+    std::fs::rename(tmp, record_path(dir))
+}
+
+/// The cursor of the lines the log holds: entries `TS END` were written before their
+/// line was appended, so those whose END is beyond the log's length were not kept.
+fn load_cursor(dir: &Path, log_len: u64) -> Cursor {
+    let text = std::fs::read_to_string(cursor_path(dir)).unwrap_or_default();
+    let mut c = Cursor::default();
+    for line in text.lines() {
+        let Some((ts, end)) = line.split_once(' ') else {
+            continue;
+        };
+        let (Ok(ts), Ok(end)) = (ts.parse::<jiff::Timestamp>(), end.parse::<u64>()) else {
+            continue;
+        };
+        if end > log_len {
+            break;
+        }
+        c.advance(ts);
+    }
+    c
+}
+
+/// A Job name from the task id and attempt: deterministic (a restarted agent and a
+/// retried create land on the same Job), DNS-1123, at most 63 characters.
+pub fn job_name(task_id: &str, attempt: u32) -> String {
+    let mut id: String = task_id
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    let suffix = format!("-{attempt}");
+    id.truncate(63 - "delegate-".len() - suffix.len());
+    let name = format!("delegate-{}{suffix}", id.trim_matches('-'));
+    name.replace("--", "-")
+}
+
+/// The Job to create: the user's full Job or the shorthand, with our name, labels and
+/// the settings that make it safe to supervise.
+fn build_job(
+    ctx: &ExecContext,
+    name: &str,
+    ns: &str,
+    full: Option<&str>,
+    image: Option<&str>,
+    command: &[String],
+    env: &Env,
+) -> Result<Job, Failure> {
+    let mut job: Job = match full {
+        Some(text) => serde_yaml::from_str(text)
+            .map_err(|e| Failure(format!("spec.job is not a batch/v1 Job: {e}")))?,
+        None => {
+            let env: Vec<_> = env
+                .iter()
+                .map(|(k, v)| json!({"name": k, "value": v}))
+                .collect();
+            let mut container =
+                json!({"name": "main", "image": image.unwrap_or_default(), "env": env});
+            if !command.is_empty() {
+                container["command"] = json!(command);
+            }
+            serde_json::from_value(json!({
+                "apiVersion": "batch/v1",
+                "kind": "Job",
+                "metadata": {},
+                "spec": {"template": {"spec": {"containers": [container]}}}
+            }))
+            .map_err(|e| Failure(format!("cannot build the Job: {e}")))?
+        }
+    };
+    job.metadata.name = Some(name.to_string());
+    job.metadata.namespace = Some(ns.to_string());
+    let labels = job.metadata.labels.get_or_insert_with(Default::default);
+    labels.insert(LABEL_TASK.into(), label_value(&ctx.task_id));
+    labels.insert(LABEL_ATTEMPT.into(), ctx.attempt.to_string());
+    let spec = job.spec.get_or_insert_with(Default::default);
+    // One pod, never restarted: its exit code is the task's.
+    spec.backoff_limit = Some(0);
+    spec.ttl_seconds_after_finished = Some(TTL_AFTER_FINISHED_SECS);
+    let tmeta = spec.template.metadata.get_or_insert_with(Default::default);
+    let tlabels = tmeta.labels.get_or_insert_with(Default::default);
+    tlabels.insert(LABEL_TASK.into(), label_value(&ctx.task_id));
+    let pod = spec
+        .template
+        .spec
+        .as_mut()
+        .ok_or_else(|| Failure("spec.job has no spec.template.spec".into()))?;
+    pod.restart_policy = Some("Never".into());
+    if pod.containers.is_empty() {
+        return Err(Failure("spec.job has no containers".into()));
+    }
+    Ok(job)
+}
+
+/// A label value (63 characters of `[A-Za-z0-9._-]`).
+fn label_value(s: &str) -> String {
+    let mut v: String = s
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "._-".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    v.truncate(63);
+    v
+}
+
+pub(super) struct JobRequest<'a> {
+    pub full: Option<&'a str>,
+    pub image: Option<&'a str>,
+    pub command: &'a [String],
+    pub env: &'a Env,
+    pub namespace: &'a str,
+}
+
+/// Create (or find again) the Job, follow its pod's log and report how it ended.
+pub(super) async fn run(
+    client: &Client,
+    ctx: &mut ExecContext,
+    req: JobRequest<'_>,
+    stop: &CancellationToken,
+) -> Result<ExecOutcome, Failure> {
+    let dir = ctx.dir.clone();
+    let (rec, cursor) = match read_record(&dir) {
+        Some(rec) => {
+            // Lines held are decided before the agent writes anything more to the log.
+            let cursor = load_cursor(&dir, ctx.log.written());
+            let jobs: Api<Job> = Api::namespaced(client.clone(), &rec.namespace);
+            match jobs.get_opt(&rec.name).await {
+                Ok(Some(j)) if j.metadata.uid.as_deref() == Some(rec.uid.as_str()) => {}
+                Ok(_) => {
+                    return Ok(ExecOutcome::Lost(format!(
+                        "infrastructure failure: Job {}/{} was deleted while the delegate was down",
+                        rec.namespace, rec.name
+                    )));
+                }
+                Err(e) => {
+                    return Err(Failure(format!(
+                        "cannot read Job {}/{}: {}",
+                        rec.namespace,
+                        rec.name,
+                        api_message(&e)
+                    )));
+                }
+            }
+            ctx.note(&format!(
+                "re-attached to Job {}/{} after a delegate restart",
+                rec.namespace, rec.name
+            ));
+            (rec, cursor)
+        }
+        None => {
+            let name = job_name(&ctx.task_id, ctx.attempt);
+            let ns = req.namespace.to_string();
+            let job = build_job(ctx, &name, &ns, req.full, req.image, req.command, req.env)?;
+            let jobs: Api<Job> = Api::namespaced(client.clone(), &ns);
+            let created = match jobs.create(&PostParams::default(), &job).await {
+                Ok(j) => j,
+                // Created by this task before a crash that came before the journal.
+                Err(e) if is_status(&e, 409) => {
+                    let j = jobs.get(&name).await.map_err(|e| {
+                        Failure(format!("cannot read Job {ns}/{name}: {}", api_message(&e)))
+                    })?;
+                    let ours = j
+                        .metadata
+                        .labels
+                        .as_ref()
+                        .and_then(|l| l.get(LABEL_TASK))
+                        .is_some_and(|t| *t == label_value(&ctx.task_id));
+                    if !ours {
+                        return Err(Failure(format!(
+                            "a Job {ns}/{name} exists that is not this task's; delete it or pick another namespace"
+                        )));
+                    }
+                    j
+                }
+                Err(e) => {
+                    return Err(Failure(format!(
+                        "cannot create Job {ns}/{name}: {}",
+                        api_message(&e)
+                    )));
+                }
+            };
+            let rec = KubeJobRecord {
+                namespace: ns.clone(),
+                name: name.clone(),
+                uid: created.metadata.uid.clone().unwrap_or_default(),
+            };
+            if let Err(e) = write_record(&dir, &rec) {
+                tracing::warn!("cannot journal the Job: {e}");
+            }
+            ctx.note(&format!("created Job {ns}/{name}"));
+            (rec, Cursor::default())
+        }
+    };
+    let follow = follow_job(client, ctx, &rec, cursor, &dir);
+    tokio::select! {
+        r = follow => r,
+        _ = stop.cancelled() => {
+            // Stopped (timeout, cancel, drain limit): the Job and its pod go too.
+            let jobs: Api<Job> = Api::namespaced(client.clone(), &rec.namespace);
+            let dp = DeleteParams { propagation_policy: Some(PropagationPolicy::Background), ..DeleteParams::default() };
+            match jobs.delete(&rec.name, &dp).await {
+                Ok(_) => ctx.note(&format!("deleted Job {}/{} and its pod", rec.namespace, rec.name)),
+                Err(e) => ctx.note(&format!("could not delete Job {}/{}: {}", rec.namespace, rec.name, api_message(&e))),
+            }
+            Err(Failure("stopped".into()))
+        }
+    }
+}
+
+/// How the pod's one container stands.
+enum PodState {
+    /// Not running yet; `Some` names an infrastructure problem that will not clear.
+    Waiting(Option<String>),
+    Running,
+    /// The container ended with this code and reason.
+    Terminated {
+        code: i32,
+        reason: String,
+    },
+    /// The pod failed without a container exit (Evicted...).
+    PodFailed(String),
+}
+
+fn pod_state(pod: &Pod) -> PodState {
+    let Some(status) = &pod.status else {
+        return PodState::Waiting(None);
+    };
+    if status.phase.as_deref() == Some("Failed")
+        && let Some(reason) = &status.reason
+    {
+        let msg = status.message.clone().unwrap_or_default();
+        return PodState::PodFailed(format!("pod {reason}: {msg}"));
+    }
+    let cs = status.container_statuses.as_ref().and_then(|v| v.first());
+    let Some(cs) = cs else {
+        return PodState::Waiting(None);
+    };
+    let Some(state) = &cs.state else {
+        return PodState::Waiting(None);
+    };
+    if let Some(t) = &state.terminated {
+        return PodState::Terminated {
+            code: t.exit_code,
+            reason: t.reason.clone().unwrap_or_default(),
+        };
+    }
+    if state.running.is_some() {
+        return PodState::Running;
+    }
+    if let Some(w) = &state.waiting {
+        let reason = w.reason.clone().unwrap_or_default();
+        const FATAL: &[&str] = &[
+            "ErrImagePull",
+            "ImagePullBackOff",
+            "InvalidImageName",
+            "CreateContainerConfigError",
+            "CreateContainerError",
+        ];
+        if FATAL.contains(&reason.as_str()) {
+            let msg = w.message.clone().unwrap_or_default();
+            return PodState::Waiting(Some(format!("{reason}: {msg}")));
+        }
+    }
+    PodState::Waiting(None)
+}
+
+/// The Job's failure condition, if it has failed (DeadlineExceeded...).
+fn job_failed(job: &Job) -> Option<String> {
+    job.status
+        .as_ref()?
+        .conditions
+        .as_ref()?
+        .iter()
+        .find(|c| c.type_ == "Failed" && c.status == "True")
+        .map(|c| {
+            format!(
+                "{}: {}",
+                c.reason.clone().unwrap_or_default(),
+                c.message.clone().unwrap_or_default()
+            )
+        })
+}
+
+async fn follow_job(
+    client: &Client,
+    ctx: &mut ExecContext,
+    rec: &KubeJobRecord,
+    mut cursor: Cursor,
+    dir: &Path,
+) -> Result<ExecOutcome, Failure> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &rec.namespace);
+    let jobs: Api<Job> = Api::namespaced(client.clone(), &rec.namespace);
+    let infra = |what: String| {
+        Ok(ExecOutcome::Done {
+            success: false,
+            message: format!("infrastructure failure: {what}"),
+        })
+    };
+    // Step 1: the pod, running or ended.
+    let mut said_waiting = false;
+    let pod_name = loop {
+        let job = match jobs.get_opt(&rec.name).await {
+            Ok(Some(j)) => j,
+            Ok(None) => return infra(format!("Job {}/{} was deleted", rec.namespace, rec.name)),
+            Err(e) => {
+                return Err(Failure(format!(
+                    "cannot read Job {}/{}: {}",
+                    rec.namespace,
+                    rec.name,
+                    api_message(&e)
+                )));
+            }
+        };
+        let lp = ListParams::default().labels(&format!("controller-uid={}", rec.uid));
+        let list = pods
+            .list(&lp)
+            .await
+            .map_err(|e| Failure(format!("cannot list the Job's pods: {}", api_message(&e))))?;
+        let pod = list
+            .items
+            .into_iter()
+            .max_by_key(|p| p.metadata.creation_timestamp.clone().map(|t| t.0));
+        match pod.as_ref().map(pod_state) {
+            Some(PodState::Waiting(Some(problem))) => {
+                delete_job(&jobs, &rec.name).await;
+                return infra(format!("the pod cannot start: {problem}"));
+            }
+            Some(PodState::PodFailed(why)) => return infra(why),
+            Some(PodState::Waiting(None)) | None => {
+                if let Some(why) = job_failed(&job) {
+                    return infra(format!("Job failed before its pod ran: {why}"));
+                }
+                if !said_waiting {
+                    ctx.note("waiting for the Job's pod to start");
+                    said_waiting = true;
+                }
+                tokio::time::sleep(POLL).await;
+            }
+            Some(_) => break pod.and_then(|p| p.metadata.name).unwrap_or_default(),
+        }
+    };
+    // Step 2: its log, resumed from the cursor until the container has ended and a last
+    // read after that has returned everything.
+    let mut cursor_file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(cursor_path(dir))
+        .map_err(|e| {
+            Failure(format!(
+                "cannot write the log cursor in {}: {e}",
+                dir.display()
+            ))
+        })?;
+    let mut ended: Option<(i32, String)> = None;
+    loop {
+        let last_pass = ended.is_some();
+        let mut lp = LogParams {
+            follow: !last_pass,
+            timestamps: true,
+            ..LogParams::default()
+        };
+        if let Some(ts) = cursor.ts {
+            // Whole seconds, rounded down: the kubelet's sinceTime is second-precise, and
+            // the lines of that second already held are skipped below.
+            lp.since_time = jiff::Timestamp::from_second(ts.as_second()).ok();
+        }
+        match pods.log_stream(&pod_name, &lp).await {
+            Ok(stream) => {
+                let mut lines = stream.lines();
+                let mut seen_at_cursor = 0usize;
+                let start = cursor.clone();
+                while let Some(line) = lines.next().await {
+                    let Ok(line) = line else { break };
+                    let (ts, text) = match line.split_once(' ') {
+                        Some((ts, text)) => match ts.parse::<jiff::Timestamp>() {
+                            Ok(t) => (Some(t), text),
+                            Err(_) => (None, line.as_str()),
+                        },
+                        None => (None, line.as_str()),
+                    };
+                    if let Some(t) = ts {
+                        if start.already_held(t, &mut seen_at_cursor) {
+                            continue;
+                        }
+                        let end = ctx.log.written() + text.len() as u64 + 1;
+                        // Intent first: a line whose entry is beyond the log's length
+                        // after a crash was not kept.
+                        let _ = writeln!(cursor_file, "{t} {end}");
+                        cursor.advance(t);
+                    }
+                    ctx.log.append(format!("{text}\n").as_bytes());
+                }
+            }
+            Err(e) if is_status(&e, 404) => {
+                // The Job controller would start a new pod: this attempt is over.
+                delete_job(&jobs, &rec.name).await;
+                return infra(format!("pod {}/{pod_name} was deleted", rec.namespace));
+            }
+            Err(e) => {
+                tracing::debug!("pod log stream failed: {}; retrying", api_message(&e));
+            }
+        }
+        if let Some((code, reason)) = &ended {
+            let code = *code;
+            return Ok(outcome(code, reason));
+        }
+        // The stream ended: decide from the container, not from the end of the stream.
+        match pods.get_opt(&pod_name).await {
+            Ok(Some(p)) => match pod_state(&p) {
+                PodState::Terminated { code, reason } => ended = Some((code, reason)),
+                PodState::PodFailed(why) => return infra(why),
+                _ => tokio::time::sleep(Duration::from_millis(100)).await,
+            },
+            Ok(None) => {
+                delete_job(&jobs, &rec.name).await;
+                return infra(format!("pod {}/{pod_name} was deleted", rec.namespace));
+            }
+            Err(e) => {
+                tracing::debug!("cannot read the pod: {}; retrying", api_message(&e));
+                tokio::time::sleep(POLL).await;
+            }
+        }
+    }
+}
+
+fn outcome(code: i32, reason: &str) -> ExecOutcome {
+    match reason {
+        "OOMKilled" => ExecOutcome::Done {
+            success: false,
+            message: format!(
+                "infrastructure failure: the container was OOMKilled (exit code {code})"
+            ),
+        },
+        "DeadlineExceeded" | "Evicted" => ExecOutcome::Done {
+            success: false,
+            message: format!("infrastructure failure: {reason} (exit code {code})"),
+        },
+        _ => ExecOutcome::Exited(code),
+    }
+}
+
+async fn delete_job(jobs: &Api<Job>, name: &str) {
+    let dp = DeleteParams {
+        propagation_policy: Some(PropagationPolicy::Background),
+        ..DeleteParams::default()
+    };
+    let _ = jobs.delete(name, &dp).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn job_names_are_deterministic_dns_labels() {
+        let n = job_name("t_01JABCDEF", 2);
+        assert_eq!(n, "delegate-t-01jabcdef-2");
+        let long = job_name(&"x".repeat(100), 1);
+        assert!(long.len() <= 63, "{long}");
+    }
+
+    #[test]
+    fn the_cursor_skips_exactly_the_lines_held() {
+        let t = |s: &str| s.parse::<jiff::Timestamp>().expect("ts");
+        let mut c = Cursor::default();
+        c.advance(t("2026-01-01T00:00:01.5Z"));
+        c.advance(t("2026-01-01T00:00:02Z"));
+        c.advance(t("2026-01-01T00:00:02Z"));
+        let mut seen = 0;
+        assert!(c.already_held(t("2026-01-01T00:00:01.9Z"), &mut seen));
+        assert!(c.already_held(t("2026-01-01T00:00:02Z"), &mut seen));
+        assert!(c.already_held(t("2026-01-01T00:00:02Z"), &mut seen));
+        assert!(
+            !c.already_held(t("2026-01-01T00:00:02Z"), &mut seen),
+            "a third line at the same instant is new"
+        );
+        assert!(!c.already_held(t("2026-01-01T00:00:03Z"), &mut seen));
+    }
+
+    #[test]
+    fn cursor_entries_beyond_the_log_were_not_kept() {
+        let dir = tempfile::tempdir().expect("tmp");
+        std::fs::write(
+            cursor_path(dir.path()),
+            "2026-01-01T00:00:01Z 10\n2026-01-01T00:00:02Z 20\n2026-01-01T00:00:03Z 30\n",
+        )
+        .expect("write");
+        let c = load_cursor(dir.path(), 20);
+        assert_eq!(c.ts, Some("2026-01-01T00:00:02Z".parse().expect("ts")));
+        assert_eq!(c.same, 1);
+    }
+}

@@ -1,0 +1,576 @@
+//! A kubelet stand-in (not a kubelet): there is no container runtime here, so this plays
+//! the node's part against the real API server, and nothing more.
+//!
+//! It registers a Ready node without taints, and for every pod the scheduler binds to it
+//! runs the pod's first container's `command` + `args` as a local process (the image is
+//! ignored), with the container's `env`: the pod goes Running, then Succeeded or Failed
+//! with the process's exit code, so a test chooses the exit code and the output in its
+//! script. The output is kept with nanosecond timestamps and served over HTTPS at
+//! `/containerLogs/{ns}/{pod}/{container}` with `follow`, `timestamps` and `sinceTime`,
+//! which the real API server proxies for `pods/log`. A container whose env has
+//! `STANDIN_CUT_FOLLOW_AFTER=N` has each follow stream ended after N lines, as a kubelet's log rotation or a proxy timeout does. A pod being deleted has its
+//! process killed and its deletion confirmed.
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{Path as UrlPath, Query, State};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use delegate_tests::kube::{ADMIN_TOKEN, ControlPlane};
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::sync::Notify;
+
+/// Output of one container so far.
+#[derive(Default)]
+struct ContainerLog {
+    /// (unix nanos, line without newline)
+    lines: Mutex<Vec<(i128, String)>>,
+    done: std::sync::atomic::AtomicBool,
+    changed: Notify,
+    /// End each follow stream of this container after this many lines (0: never), set by
+    /// the container's env `STANDIN_CUT_FOLLOW_AFTER`.
+    cut_follow_after: usize,
+}
+
+impl ContainerLog {
+    fn push(&self, line: String) {
+        let mut l = self.lines.lock().unwrap_or_else(|p| p.into_inner());
+        // Strictly increasing timestamps, as a runtime's log file has in practice.
+        let mut now = now_nanos();
+        if let Some((last, _)) = l.last()
+            && now <= *last
+        {
+            now = *last + 1;
+        }
+        l.push((now, line));
+        drop(l);
+        self.changed.notify_waiters();
+    }
+
+    fn finish(&self) {
+        self.done.store(true, Ordering::SeqCst);
+        self.changed.notify_waiters();
+    }
+}
+
+struct Shared {
+    api: String,
+    http: reqwest::Client,
+    node: String,
+    logs: Mutex<HashMap<String, Arc<ContainerLog>>>,
+    /// Follow streams ended early so far.
+    cuts: AtomicUsize,
+}
+
+pub struct Kubelet {
+    shared: Arc<Shared>,
+    _runtime: tokio::runtime::Runtime,
+}
+
+impl Kubelet {
+    /// Register node `node` with the control plane and start serving it.
+    pub fn start(cp: &ControlPlane, node: &str) -> Kubelet {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let ca = reqwest::Certificate::from_pem(&std::fs::read(cp.pki.ca()).expect("ca"))
+            .expect("ca pem");
+        let http = reqwest::Client::builder()
+            .add_root_certificate(ca)
+            .timeout(Duration::from_secs(20))
+            .build()
+            .expect("client");
+        let shared = Arc::new(Shared {
+            api: cp.url(),
+            http,
+            node: node.to_string(),
+            logs: Mutex::new(HashMap::new()),
+            cuts: AtomicUsize::new(0),
+        });
+        let (cert, key) = cp.pki.serving(&format!("kubelet-{node}")).expect("cert");
+        let listener = runtime
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let app = Router::new()
+            .route("/containerLogs/{ns}/{pod}/{container}", get(container_logs))
+            .with_state(shared.clone());
+        let tls = TlsListener {
+            tcp: listener,
+            acceptor: acceptor(&cert, &key),
+        };
+        runtime.spawn(async move {
+            let _ = axum::serve(tls, app).await;
+        });
+        runtime
+            .block_on(register(&shared, port))
+            .expect("node registers");
+        runtime.spawn(run_pods(shared.clone()));
+        Kubelet {
+            shared,
+            _runtime: runtime,
+        }
+    }
+
+    /// How many follow streams were ended early.
+    pub fn cuts(&self) -> usize {
+        self.shared.cuts.load(Ordering::SeqCst)
+    }
+}
+
+async fn api(
+    s: &Shared,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<(&str, Value)>,
+) -> Result<Value, String> {
+    let mut req = s
+        .http
+        .request(method, format!("{}{path}", s.api))
+        .bearer_auth(ADMIN_TOKEN);
+    if let Some((ct, b)) = body {
+        req = req.header("content-type", ct).body(b.to_string());
+    }
+    let r = req.send().await.map_err(|e| e.to_string())?;
+    let status = r.status();
+    let text = r.text().await.map_err(|e| e.to_string())?;
+    if !status.is_success() {
+        return Err(format!("{path}: {status}: {text}"));
+    }
+    Ok(serde_json::from_str(&text).unwrap_or_default())
+}
+
+async fn register(s: &Shared, port: u16) -> Result<(), String> {
+    let node = json!({
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {"name": s.node, "labels": {"kubernetes.io/hostname": s.node, "kubernetes.io/os": "linux"}},
+        "spec": {},
+        "status": {
+            "capacity": {"cpu": "8", "memory": "16Gi", "pods": "110"},
+            "allocatable": {"cpu": "8", "memory": "16Gi", "pods": "110"},
+            "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady", "message": "kubelet stand-in is ready"}],
+            "addresses": [{"type": "InternalIP", "address": "127.0.0.1"}, {"type": "Hostname", "address": s.node}],
+            "daemonEndpoints": {"kubeletEndpoint": {"Port": port}},
+            "nodeInfo": {"machineID": "", "systemUUID": "", "bootID": "", "kernelVersion": "", "osImage": "", "containerRuntimeVersion": "stand-in://0", "kubeletVersion": "v1.20.2", "kubeProxyVersion": "v1.20.2", "operatingSystem": "linux", "architecture": "amd64"}
+        }
+    });
+    api(
+        s,
+        reqwest::Method::POST,
+        "/api/v1/nodes",
+        Some(("application/json", node)),
+    )
+    .await?;
+    // Some API servers drop status on create: set it again through the status endpoint.
+    let status = json!({"status": {
+        "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady", "message": "kubelet stand-in is ready"}],
+        "addresses": [{"type": "InternalIP", "address": "127.0.0.1"}, {"type": "Hostname", "address": s.node}],
+        "daemonEndpoints": {"kubeletEndpoint": {"Port": port}},
+        "capacity": {"cpu": "8", "memory": "16Gi", "pods": "110"},
+        "allocatable": {"cpu": "8", "memory": "16Gi", "pods": "110"}
+    }});
+    api(
+        s,
+        reqwest::Method::PATCH,
+        &format!("/api/v1/nodes/{}/status", s.node),
+        Some(("application/merge-patch+json", status)),
+    )
+    .await?;
+    // The API server's admission taints a new node not-ready; a kubelet clears it once it
+    // is ready (the node lifecycle controller, which would re-add it, is off).
+    api(
+        s,
+        reqwest::Method::PATCH,
+        &format!("/api/v1/nodes/{}", s.node),
+        Some((
+            "application/merge-patch+json",
+            json!({"spec": {"taints": null}}),
+        )),
+    )
+    .await?;
+    Ok(())
+}
+
+/// Find pods bound to this node and run each once; confirm deletions.
+async fn run_pods(s: Arc<Shared>) {
+    let mut started: HashSet<String> = HashSet::new();
+    let mut killers: HashMap<String, Arc<Notify>> = HashMap::new();
+    loop {
+        let path = format!("/api/v1/pods?fieldSelector=spec.nodeName%3D{}", s.node);
+        if let Ok(list) = api(&s, reqwest::Method::GET, &path, None).await {
+            for pod in list["items"].as_array().cloned().unwrap_or_default() {
+                let ns = pod["metadata"]["namespace"]
+                    .as_str()
+                    .unwrap_or("")
+                    .to_string();
+                let name = pod["metadata"]["name"].as_str().unwrap_or("").to_string();
+                let uid = pod["metadata"]["uid"].as_str().unwrap_or("").to_string();
+                if !pod["metadata"]["deletionTimestamp"].is_null() {
+                    if let Some(k) = killers.get(&uid) {
+                        k.notify_one();
+                    }
+                    let _ = api(
+                        &s,
+                        reqwest::Method::DELETE,
+                        &format!("/api/v1/namespaces/{ns}/pods/{name}"),
+                        Some((
+                            "application/json",
+                            json!({"gracePeriodSeconds": 0, "preconditions": {"uid": uid}}),
+                        )),
+                    )
+                    .await;
+                    continue;
+                }
+                if started.insert(uid.clone()) {
+                    let kill = Arc::new(Notify::new());
+                    killers.insert(uid, kill.clone());
+                    tokio::spawn(run_pod(s.clone(), pod, kill));
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn patch_status(s: &Shared, ns: &str, name: &str, status: Value) {
+    let _ = api(
+        s,
+        reqwest::Method::PATCH,
+        &format!("/api/v1/namespaces/{ns}/pods/{name}/status"),
+        Some(("application/merge-patch+json", json!({ "status": status }))),
+    )
+    .await;
+}
+
+async fn run_pod(s: Arc<Shared>, pod: Value, kill: Arc<Notify>) {
+    let ns = pod["metadata"]["namespace"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    let name = pod["metadata"]["name"].as_str().unwrap_or("").to_string();
+    let c = &pod["spec"]["containers"][0];
+    let cname = c["name"].as_str().unwrap_or("main").to_string();
+    let image = c["image"].as_str().unwrap_or("").to_string();
+    let argv: Vec<String> = c["command"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .chain(c["args"].as_array().into_iter().flatten())
+        .filter_map(|v| v.as_str().map(str::to_string))
+        .collect();
+    let cut_follow_after = c["env"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|e| e["name"] == "STANDIN_CUT_FOLLOW_AFTER")
+        .and_then(|e| e["value"].as_str()?.parse().ok())
+        .unwrap_or(0);
+    let log = Arc::new(ContainerLog {
+        cut_follow_after,
+        ..ContainerLog::default()
+    });
+    s.logs
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(format!("{ns}/{name}/{cname}"), log.clone());
+    let started = rfc3339_nanos(now_nanos());
+    let container_status = |state: Value, ready: bool| json!([{ "name": cname, "image": image, "imageID": "", "ready": ready, "restartCount": 0, "started": ready, "state": state }]);
+    let Some((prog, args)) = argv.split_first() else {
+        log.finish();
+        patch_status(&s, &ns, &name, json!({"phase": "Failed", "containerStatuses": container_status(json!({"terminated": {"exitCode": 128, "reason": "ContainerCannotRun", "message": "the kubelet stand-in runs command + args; this container has none"}}), false)})).await;
+        return;
+    };
+    // Under a guardian shell that leads the process group and kills it when the test
+    // process is gone: a Deployment's `sleep 3600` must not outlive the test binary.
+    let guard = format!(
+        "\"$@\" & c=$!; ( while kill -0 {} 2>/dev/null; do sleep 1; done; kill -KILL -$$ ) >/dev/null 2>&1 & w=$!; wait $c; r=$?; kill $w 2>/dev/null; exit $r",
+        std::process::id()
+    );
+    let mut cmd = tokio::process::Command::new("sh");
+    cmd.arg("-c")
+        .arg(guard)
+        .arg("pod")
+        .arg(prog)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true);
+    for e in c["env"].as_array().into_iter().flatten() {
+        if let (Some(k), Some(v)) = (e["name"].as_str(), e["value"].as_str()) {
+            cmd.env(k, v);
+        }
+    }
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            log.finish();
+            patch_status(&s, &ns, &name, json!({"phase": "Failed", "containerStatuses": container_status(json!({"terminated": {"exitCode": 128, "reason": "ContainerCannotRun", "message": e.to_string()}}), false)})).await;
+            return;
+        }
+    };
+    patch_status(
+        &s,
+        &ns,
+        &name,
+        json!({
+            "phase": "Running",
+            "hostIP": "127.0.0.1",
+            "podIP": "127.0.0.1",
+            "startTime": started,
+            "conditions": [{"type": "Ready", "status": "True"}, {"type": "ContainersReady", "status": "True"}, {"type": "Initialized", "status": "True"}, {"type": "PodScheduled", "status": "True"}],
+            "containerStatuses": container_status(json!({"running": {"startedAt": started}}), true),
+        }),
+    )
+    .await;
+    let out = child.stdout.take().expect("stdout");
+    let err = child.stderr.take().expect("stderr");
+    let pump = |r: Box<dyn tokio::io::AsyncRead + Unpin + Send>, log: Arc<ContainerLog>| async move {
+        let mut lines = BufReader::new(r).lines();
+        while let Ok(Some(l)) = lines.next_line().await {
+            log.push(l);
+        }
+    };
+    let a = tokio::spawn(pump(Box::new(out), log.clone()));
+    let b = tokio::spawn(pump(Box::new(err), log.clone()));
+    let (code, reason) = tokio::select! {
+        st = child.wait() => {
+            let code = st.ok().and_then(|s| s.code()).unwrap_or(137);
+            (code, if code == 0 { "Completed" } else { "Error" })
+        }
+        _ = kill.notified() => {
+            // Deleted: the pod object is going away, no status to report. The whole
+            // process group goes (a `sleep` under `sh -c` holds the output pipes open).
+            if let Some(pid) = child.id() {
+                let _ = nix::sys::signal::killpg(
+                    nix::unistd::Pid::from_raw(pid as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+            let _ = child.wait().await;
+            a.abort();
+            b.abort();
+            log.finish();
+            return;
+        }
+    };
+    let _ = a.await;
+    let _ = b.await;
+    log.finish();
+    let finished = rfc3339_nanos(now_nanos());
+    patch_status(
+        &s,
+        &ns,
+        &name,
+        json!({
+            "phase": if code == 0 { "Succeeded" } else { "Failed" },
+            "conditions": [{"type": "Ready", "status": "False"}, {"type": "ContainersReady", "status": "False"}, {"type": "Initialized", "status": "True"}, {"type": "PodScheduled", "status": "True"}],
+            "containerStatuses": container_status(json!({"terminated": {"exitCode": code, "reason": reason, "startedAt": started, "finishedAt": finished}}), false),
+        }),
+    )
+    .await;
+}
+
+fn truthy(q: &HashMap<String, String>, key: &str) -> bool {
+    q.get(key).is_some_and(|v| v == "true" || v == "1")
+}
+
+async fn container_logs(
+    State(s): State<Arc<Shared>>,
+    UrlPath((ns, pod, container)): UrlPath<(String, String, String)>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    let Some(log) = s
+        .logs
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(&format!("{ns}/{pod}/{container}"))
+        .cloned()
+    else {
+        return (axum::http::StatusCode::NOT_FOUND, "container not found").into_response();
+    };
+    let follow = truthy(&q, "follow");
+    let stamps = truthy(&q, "timestamps");
+    let since = q
+        .get("sinceTime")
+        .and_then(|t| parse_rfc3339(t))
+        .unwrap_or(i128::MIN);
+    let cut = if follow { log.cut_follow_after } else { 0 };
+    // (next index, lines sent)
+    let stream =
+        futures_util::stream::unfold((0usize, 0usize, false), move |(mut i, sent, ended)| {
+            let log = log.clone();
+            let s = s.clone();
+            async move {
+                if ended {
+                    return None;
+                }
+                loop {
+                    let notified = log.changed.notified();
+                    let next = {
+                        let l = log.lines.lock().unwrap_or_else(|p| p.into_inner());
+                        while i < l.len() && l[i].0 < since {
+                            i += 1;
+                        }
+                        l.get(i).cloned()
+                    };
+                    if let Some((ts, line)) = next {
+                        let text = if stamps {
+                            format!("{} {line}\n", rfc3339_nanos(ts))
+                        } else {
+                            format!("{line}\n")
+                        };
+                        let sent = sent + 1;
+                        let end_now = cut > 0 && sent >= cut;
+                        if end_now {
+                            s.cuts.fetch_add(1, Ordering::SeqCst);
+                        }
+                        return Some((
+                            Ok::<_, std::io::Error>(Bytes::from(text)),
+                            (i + 1, sent, end_now),
+                        ));
+                    }
+                    if !follow || log.done.load(Ordering::SeqCst) {
+                        return None;
+                    }
+                    let _ = tokio::time::timeout(Duration::from_millis(500), notified).await;
+                }
+            }
+        });
+    Response::builder()
+        .header("content-type", "text/plain")
+        .body(Body::from_stream(stream))
+        .unwrap_or_else(|_| axum::http::StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+fn now_nanos() -> i128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i128)
+        .unwrap_or(0)
+}
+
+/// Days since 1970-01-01 to (year, month, day) (Howard Hinnant's civil_from_days).
+fn civil(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y.rem_euclid(400);
+    let m = i64::from(m);
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + i64::from(d) - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// `2026-11-30T07:45:44.123456789Z`
+pub fn rfc3339_nanos(n: i128) -> String {
+    let secs = n.div_euclid(1_000_000_000) as i64;
+    let nanos = n.rem_euclid(1_000_000_000);
+    let (y, mo, d) = civil(secs.div_euclid(86_400));
+    let sod = secs.rem_euclid(86_400);
+    format!(
+        "{y:04}-{mo:02}-{d:02}T{:02}:{:02}:{:02}.{nanos:09}Z",
+        sod / 3600,
+        sod / 60 % 60,
+        sod % 60
+    )
+}
+
+/// Parse `YYYY-MM-DDTHH:MM:SS[.frac]Z` to unix nanos.
+pub fn parse_rfc3339(s: &str) -> Option<i128> {
+    let s = s.strip_suffix('Z')?;
+    let (date, time) = s.split_once('T')?;
+    let mut dp = date.split('-');
+    let y: i64 = dp.next()?.parse().ok()?;
+    let mo: u32 = dp.next()?.parse().ok()?;
+    let d: u32 = dp.next()?.parse().ok()?;
+    let (hms, frac) = time.split_once('.').unwrap_or((time, ""));
+    let mut tp = hms.split(':');
+    let h: i64 = tp.next()?.parse().ok()?;
+    let mi: i64 = tp.next()?.parse().ok()?;
+    let sec: i64 = tp.next()?.parse().ok()?;
+    let mut nanos: i128 = 0;
+    if !frac.is_empty() {
+        let digits = &frac[..frac.len().min(9)];
+        nanos = digits.parse::<i128>().ok()? * 10i128.pow(9 - digits.len() as u32);
+    }
+    let secs = days_from_civil(y, mo, d) * 86_400 + h * 3600 + mi * 60 + sec;
+    Some(i128::from(secs) * 1_000_000_000 + nanos)
+}
+
+/// A rustls (aws-lc-rs) acceptor for the PEM certificate and key.
+fn acceptor(cert: &Path, key: &Path) -> tokio_rustls::TlsAcceptor {
+    use tokio_rustls::rustls;
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .expect("cert file")
+        .collect::<Result<_, _>>()
+        .expect("certs");
+    let key = PrivateKeyDer::from_pem_file(key).expect("key");
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("protocol versions")
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .expect("server config");
+    tokio_rustls::TlsAcceptor::from(Arc::new(config))
+}
+
+struct TlsListener {
+    tcp: tokio::net::TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            let Ok((tcp, addr)) = self.tcp.accept().await else {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            };
+            if let Ok(tls) = self.acceptor.accept(tcp).await {
+                return (tls, addr);
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.tcp.local_addr()
+    }
+}
+
+#[test]
+fn timestamps_round_trip() {
+    let n = 1_796_024_744_123_456_789i128;
+    let s = rfc3339_nanos(n);
+    assert_eq!(parse_rfc3339(&s), Some(n));
+    assert_eq!(parse_rfc3339("1970-01-01T00:00:01Z"), Some(1_000_000_000));
+}
