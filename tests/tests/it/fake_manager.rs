@@ -17,6 +17,7 @@ use delegate_protocol::{
     AcquireQuery, AcquireResponse, Assignment, AttemptQuery, HeartbeatResponse, LogAck,
     RegisterResponse, TaskResult,
 };
+use delegate_tests::tls::{TlsListener, acceptor};
 use serde_json::json;
 
 /// How the fake misbehaves.
@@ -103,54 +104,6 @@ impl FakeManager {
             seen,
             _runtime: runtime,
         }
-    }
-}
-
-/// A rustls (aws-lc-rs) acceptor for the PEM certificate chain and key.
-fn acceptor(cert: &std::path::Path, key: &std::path::Path) -> tokio_rustls::TlsAcceptor {
-    use tokio_rustls::rustls;
-    use tokio_rustls::rustls::pki_types::pem::PemObject;
-    use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-        .expect("cert file")
-        .collect::<Result<_, _>>()
-        .expect("certs");
-    let key = PrivateKeyDer::from_pem_file(key).expect("key");
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .expect("protocol versions")
-        .with_no_client_auth()
-        .with_single_cert(chain, key)
-        .expect("server config");
-    tokio_rustls::TlsAcceptor::from(Arc::new(config))
-}
-
-/// HTTPS for axum: a handshake per accepted connection; failed ones (a client that does
-/// not trust the certificate) are dropped and the next is accepted.
-struct TlsListener {
-    tcp: tokio::net::TcpListener,
-    acceptor: tokio_rustls::TlsAcceptor,
-}
-
-impl axum::serve::Listener for TlsListener {
-    type Io = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
-    type Addr = std::net::SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        loop {
-            let Ok((tcp, addr)) = self.tcp.accept().await else {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-                continue;
-            };
-            if let Ok(tls) = self.acceptor.accept(tcp).await {
-                return (tls, addr);
-            }
-        }
-    }
-
-    fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        self.tcp.local_addr()
     }
 }
 
