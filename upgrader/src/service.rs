@@ -43,6 +43,7 @@ pub trait ServiceManager {
 trait SystemdManager {
     fn subscribe(&self) -> zbus::Result<()>;
     fn restart_unit(&self, name: &str, mode: &str) -> zbus::Result<zbus::OwnedObjectPath>;
+    fn reset_failed_unit(&self, name: &str) -> zbus::Result<()>;
     fn load_unit(&self, name: &str) -> zbus::Result<zbus::OwnedObjectPath>;
     #[zbus(signal)]
     fn job_removed(
@@ -107,6 +108,13 @@ impl ServiceManager for Systemd {
             Err(e) => return Err(bus(e)),
         }
         let mut removed = m.receive_job_removed().await.map_err(bus)?;
+        // Clear the unit's start rate limit first: a release that crash-loops plus the
+        // upgrader's own restarts (the swap, then the rollback) can exceed the default
+        // 5 starts in 10 s, and systemd would then refuse to start the version we roll
+        // back to ("start-limit-hit"), leaving the host without an agent.
+        if let Err(e) = m.reset_failed_unit(&self.unit).await {
+            tracing::debug!("ResetFailedUnit({}) before the restart: {e}", self.unit);
+        }
         let job = m
             .restart_unit(&self.unit, "replace")
             .await

@@ -413,8 +413,9 @@ fn upgrader_service_upgrades_through_systemd_and_rolls_back_a_broken_release() -
     assert_eq!(
         c.unit_property("delegate-upgrader", "ExecMainStatus")?,
         "3",
-        "rolled back:\n{}",
-        c.journal("delegate-upgrader")
+        "rolled back:\n{}\nagent:\n{}",
+        c.journal("delegate-upgrader"),
+        c.journal("delegate")
     );
     assert_eq!(w.current()?, "versions/0.2.0");
     w.wait_connected()?;
