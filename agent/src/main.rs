@@ -196,26 +196,10 @@ where
     match runtime.block_on(async { f(dbus::connect().await?).await }) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("delegate: {}", chain(&e));
+            eprintln!("delegate: {}", delegate::client::causes(&e));
             ExitCode::FAILURE
         }
     }
-}
-
-/// An error and its causes on one line, each said once (`what: why: root cause`).
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        // Some crates (zbus) put their source in their own message too: say it once.
-        let text = c.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        cause = c.source();
-    }
-    out
 }
 
 /// Build a runtime, or say why not (the caller exits non-zero).
