@@ -94,6 +94,16 @@ fn read_record(dir: &Path) -> Option<KubeJobRecord> {
     serde_json::from_slice(&std::fs::read(record_path(dir)).ok()?).ok()
 }
 
+/// The journalled Job could not be read from the API server.
+fn cannot_read(rec: &KubeJobRecord, e: &kube::Error) -> Failure {
+    Failure(format!(
+        "cannot read Job {}/{}: {}",
+        rec.namespace,
+        rec.name,
+        api_message(e)
+    ))
+}
+
 fn write_record(dir: &Path, rec: &KubeJobRecord) -> std::io::Result<()> {
     let tmp = dir.join("kube-job.json.tmp");
     let mut f = std::fs::File::create(&tmp)?;
@@ -243,14 +253,7 @@ pub(super) async fn run(
                         rec.namespace, rec.name
                     )));
                 }
-                Err(e) => {
-                    return Err(Failure(format!(
-                        "cannot read Job {}/{}: {}",
-                        rec.namespace,
-                        rec.name,
-                        api_message(&e)
-                    )));
-                }
+                Err(e) => return Err(cannot_read(&rec, &e)),
             }
             ctx.note(&format!(
                 "re-attached to Job {}/{} after a delegate restart",
@@ -413,14 +416,7 @@ async fn follow_job(
         let job = match jobs.get_opt(&rec.name).await {
             Ok(Some(j)) => j,
             Ok(None) => return infra(format!("Job {}/{} was deleted", rec.namespace, rec.name)),
-            Err(e) => {
-                return Err(Failure(format!(
-                    "cannot read Job {}/{}: {}",
-                    rec.namespace,
-                    rec.name,
-                    api_message(&e)
-                )));
-            }
+            Err(e) => return Err(cannot_read(rec, &e)),
         };
         let lp = ListParams::default().labels(&format!("controller-uid={}", rec.uid));
         let list = pods
