@@ -21,12 +21,11 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use bytes::BytesMut;
 use delegate_protocol::{
-    API_PREFIX, AcquireQuery, AcquireResponse, AttemptQuery, CreateToken, CreatedToken,
-    DEFAULT_TASK_TIMEOUT_SECS, DelegateView, ErrorBody, ErrorCode, ErrorDetail, ForgetDelegate,
-    ForgottenDelegate, HeartbeatRequest, HeartbeatResponse, ListTasksQuery, LogAck, LogQuery,
-    MAX_ACQUIRE_WAIT_SECS, MAX_LOG_CHUNK_BYTES, MAX_RETRIES, MAX_SUBMIT_BYTES,
-    MAX_TASK_TIMEOUT_SECS, RegisterRequest, RegisterResponse, SubmitResponse, SubmitTask,
-    TaskResult, TaskSpec, TaskView, TokenView,
+    API_PREFIX, AcquireQuery, AttemptQuery, CreateToken, CreatedToken, DEFAULT_TASK_TIMEOUT_SECS,
+    DelegateView, ErrorBody, ErrorCode, ErrorDetail, ForgetDelegate, ForgottenDelegate,
+    HeartbeatRequest, HeartbeatResponse, ListTasksQuery, LogAck, LogQuery, MAX_ACQUIRE_WAIT_SECS,
+    MAX_LOG_CHUNK_BYTES, MAX_RETRIES, MAX_SUBMIT_BYTES, MAX_TASK_TIMEOUT_SECS, RegisterRequest,
+    RegisterResponse, SubmitResponse, SubmitTask, TaskResult, TaskSpec, TaskView, TokenView,
 };
 use futures_util::StreamExt;
 use serde::Deserialize;
@@ -72,6 +71,26 @@ pub struct App(Arc<AppInner>);
 impl App {
     pub fn new(inner: AppInner) -> App {
         App(Arc::new(inner))
+    }
+
+    /// Run a store call on tokio's blocking pool: SQLite work (and the wait for the store's
+    /// lock) must not stall the async workers that answer every other connection.
+    pub async fn db<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
+    {
+        let app = self.clone();
+        tokio::task::spawn_blocking(move || f(&app.store))
+            .await
+            .map_err(|e| StoreError::Invalid(format!("a store call failed: {e}")))?
+    }
+
+    /// Wake one waiting poll for each task queued since the last call (see `hub`).
+    pub fn wake_for_queued(&self) {
+        for task in self.store.take_fresh() {
+            self.hub.task_queued(task);
+        }
     }
 }
 
@@ -180,7 +199,12 @@ impl FromRequestParts<App> for DelegateAuth {
                  {CREATE_TOKEN_HINT}"
             )));
         }
-        match app.store.token_name(&auth::hash_token(token))? {
+        let hash = auth::hash_token(token);
+        let name = match app.store.cached_token_name(&hash) {
+            Some(name) => Some(name),
+            None => app.db(move |s| s.token_name(&hash)).await?,
+        };
+        match name {
             Some(token_name) => Ok(DelegateAuth { token_name }),
             None => Err(ApiError::unauthorized(format!(
                 "delegate token not recognised or revoked; {CREATE_TOKEN_HINT}"
@@ -360,7 +384,10 @@ async fn register(
     body: Body,
 ) -> ApiResult<Json<RegisterResponse>> {
     let req: RegisterRequest = read_json(&app, body, SMALL_BODY_LIMIT, "register").await?;
-    let id = app.store.register(&auth.token_name, &req, now_ms())?;
+    let token = auth.token_name.clone();
+    let (id, req) = app
+        .db(move |s| Ok((s.register(&token, &req, now_ms())?, req)))
+        .await?;
     info!(
         delegate_id = %id, name = %req.name, hostname = %req.hostname,
         version = %req.version, token = %auth.token_name, "delegate registered"
@@ -379,10 +406,14 @@ async fn heartbeat(
     body: Body,
 ) -> ApiResult<Json<HeartbeatResponse>> {
     let req: HeartbeatRequest = read_json(&app, body, SMALL_BODY_LIMIT, "heartbeat").await?;
-    let resp = app.store.heartbeat(&auth.token_name, &id, &req, now_ms())?;
-    if crate::store::is_draining(req.state.as_str()) {
+    let draining = crate::store::is_draining(req.state.as_str());
+    let (token, delegate) = (auth.token_name, id.clone());
+    let resp = app
+        .db(move |s| s.heartbeat(&token, &delegate, &req, now_ms()))
+        .await?;
+    if draining {
         // End this delegate's long poll now, so it takes nothing new while draining.
-        app.hub.work_available();
+        app.hub.wake_delegate(&id);
     }
     if !resp.revoked.is_empty() {
         debug!(delegate_id = %id, revoked = ?resp.revoked, "heartbeat named tasks it no longer holds");
@@ -391,7 +422,8 @@ async fn heartbeat(
 }
 
 /// Long poll: lease tasks or hand out cancellations, else wait for a wake-up until `wait`
-/// runs out (204).
+/// runs out (204). While it waits the poll is registered in the hub under its delegate's
+/// tags, so only a task it may take (or a cancel or drain of its own) wakes it.
 async fn acquire(
     State(app): State<App>,
     auth: DelegateAuth,
@@ -402,12 +434,27 @@ async fn acquire(
         tokio::time::Instant::now() + Duration::from_secs(q.wait.min(MAX_ACQUIRE_WAIT_SECS));
     let max = q.max.min(MAX_ACQUIRE_BATCH);
     let mut shutdown = app.hub.subscribe_shutdown();
+    let delegate = id.clone();
+    let Some(tags) = app.db(move |s| s.delegate_tags(&delegate)).await? else {
+        return Err(StoreError::DelegateNotFound(id).into());
+    };
+    // A task the hub handed to this poll: looked at first on the next pass.
+    let mut prefer: Option<String> = None;
     loop {
         // Registered before the look at the database, so a submit in between still wakes us.
-        let notified = app.hub.work_notified();
-        tokio::pin!(notified);
-        notified.as_mut().enable();
-        let got: AcquireResponse = app.store.acquire(&auth.token_name, &id, max, now_ms())?;
+        let waiter = app.hub.register(&id, &tags);
+        app.hub.looked();
+        let (token, delegate, handed) = (auth.token_name.clone(), id.clone(), prefer.take());
+        let got = app
+            .db(move |s| {
+                let got = s.acquire(&token, &delegate, max, now_ms(), handed.as_deref())?;
+                let draining = max > 0 && got.tasks.is_empty() && s.delegate_draining(&delegate)?;
+                Ok((got, draining))
+            })
+            .await;
+        // A task handed to an earlier pass and left queued goes to another poll.
+        app.wake_for_queued();
+        let (got, draining) = got?;
         if !got.tasks.is_empty() || !got.cancel.is_empty() {
             if !got.tasks.is_empty() {
                 app.hub.changed();
@@ -415,12 +462,14 @@ async fn acquire(
             }
             return Ok(Json(got).into_response());
         }
-        if *shutdown.borrow() || (max > 0 && app.store.delegate_draining(&id)?) {
+        if *shutdown.borrow() || draining {
             return Ok(StatusCode::NO_CONTENT.into_response());
         }
         let _waiting = app.hub.waiting();
         tokio::select! {
-            _ = &mut notified => {}
+            _ = waiter.woken() => {
+                prefer = waiter.take_handoff().map(|f| f.task);
+            }
             _ = tokio::time::sleep_until(deadline) => {
                 return Ok(StatusCode::NO_CONTENT.into_response());
             }
@@ -437,9 +486,10 @@ async fn started(
     P(id): P,
     Q(q): Q<AttemptQuery>,
 ) -> ApiResult<Json<TaskView>> {
+    let token = auth.token_name;
     let view = app
-        .store
-        .started(&auth.token_name, &id, q.attempt, now_ms())?;
+        .db(move |s| s.started(&token, &id, q.attempt, now_ms()))
+        .await?;
     app.hub.changed();
     Ok(Json(view))
 }
@@ -457,10 +507,12 @@ async fn append_log(
         ));
     };
     let data = read_body(&app, body, MAX_LOG_CHUNK_BYTES, "log chunk").await?;
+    let len = data.len() as u64;
+    let token = auth.token_name;
     let stored = app
-        .store
-        .append_log(&auth.token_name, &id, q.attempt, offset, &data)?;
-    if offset + data.len() as u64 >= stored && !data.is_empty() {
+        .db(move |s| s.append_log(&token, &id, q.attempt, offset, &data))
+        .await?;
+    if offset + len >= stored && len > 0 {
         app.hub.changed();
     }
     Ok(Json(LogAck { stored }))
@@ -474,12 +526,13 @@ async fn result(
     body: Body,
 ) -> ApiResult<Json<TaskView>> {
     let res: TaskResult = read_json(&app, body, SMALL_BODY_LIMIT, "result").await?;
+    let (token, task) = (auth.token_name, id.clone());
     let (view, effect) = app
-        .store
-        .finish(&auth.token_name, &id, q.attempt, &res, now_ms())?;
+        .db(move |s| s.finish(&token, &task, q.attempt, &res, now_ms()))
+        .await?;
     if effect == Finish::Requeued {
         info!(task_id = %id, attempt = q.attempt, "attempt reported lost; task re-queued");
-        app.hub.work_available();
+        app.wake_for_queued();
     } else {
         debug!(task_id = %id, state = %view.state, "task finished");
     }
@@ -546,14 +599,17 @@ async fn submit(
         .map_err(|e| ApiError::invalid_spec(format!("task submission: {e}")))?;
     let (task, timeout) = validate_submit(raw)?;
     let id = store::new_task_id();
-    app.store.submit(&id, &task, timeout, now_ms())?;
-    app.hub.work_available();
-    debug!(task_id = %id, kind = task.spec.kind(), "task queued");
+    let kind = task.spec.kind();
+    let task_id = id.clone();
+    app.db(move |s| s.submit(&task_id, &task, timeout, now_ms()))
+        .await?;
+    app.wake_for_queued();
+    debug!(task_id = %id, kind, "task queued");
     Ok((StatusCode::CREATED, Json(SubmitResponse { task_id: id })))
 }
 
 async fn show_task(State(app): State<App>, _: AdminAuth, P(id): P) -> ApiResult<Json<TaskView>> {
-    Ok(Json(app.store.task(&id)?))
+    Ok(Json(app.db(move |s| s.task(&id)).await?))
 }
 
 async fn list_tasks(
@@ -562,7 +618,7 @@ async fn list_tasks(
     Q(q): Q<ListTasksQuery>,
 ) -> ApiResult<Json<Vec<TaskView>>> {
     let limit = q.limit.unwrap_or(DEFAULT_LIST_LIMIT).min(MAX_LIST_LIMIT);
-    Ok(Json(app.store.list_tasks(q.state, limit)?))
+    Ok(Json(app.db(move |s| s.list_tasks(q.state, limit)).await?))
 }
 
 fn text_headers() -> [(header::HeaderName, HeaderValue); 2] {
@@ -650,10 +706,13 @@ impl Follow {
 }
 
 async fn cancel(State(app): State<App>, _: AdminAuth, P(id): P) -> ApiResult<Json<TaskView>> {
-    let (view, effect) = app.store.cancel(&id, now_ms())?;
-    if effect == Cancel::Requested {
+    let task = id.clone();
+    let (view, effect) = app.db(move |s| s.cancel(&task, now_ms())).await?;
+    if effect == Cancel::Requested
+        && let Some(holder) = &view.delegate_id
+    {
         // The holder's long poll hands the cancellation out.
-        app.hub.work_available();
+        app.hub.wake_delegate(holder);
     }
     app.hub.changed();
     info!(task_id = %id, state = %view.state, "cancel requested");
@@ -664,7 +723,7 @@ async fn list_delegates(
     State(app): State<App>,
     _: AdminAuth,
 ) -> ApiResult<Json<Vec<DelegateView>>> {
-    Ok(Json(app.store.list_delegates(now_ms())?))
+    Ok(Json(app.db(|s| s.list_delegates(now_ms())).await?))
 }
 
 async fn create_token(
@@ -674,12 +733,10 @@ async fn create_token(
 ) -> ApiResult<Json<CreatedToken>> {
     let req: CreateToken = read_json(&app, body, SMALL_BODY_LIMIT, "create token").await?;
     let token = auth::new_delegate_token();
-    app.store.create_token(
-        &req.name,
-        &auth::hash_token(&token),
-        req.tags.as_deref(),
-        now_ms(),
-    )?;
+    let hash = auth::hash_token(&token);
+    let (name, tags) = (req.name.clone(), req.tags.clone());
+    app.db(move |s| s.create_token(&name, &hash, tags.as_deref(), now_ms()))
+        .await?;
     info!(name = %req.name, tags = ?req.tags, "delegate token created");
     Ok(Json(CreatedToken {
         name: req.name,
@@ -688,7 +745,7 @@ async fn create_token(
 }
 
 async fn list_tokens(State(app): State<App>, _: AdminAuth) -> ApiResult<Json<Vec<TokenView>>> {
-    Ok(Json(app.store.list_tokens()?))
+    Ok(Json(app.db(|s| s.list_tokens()).await?))
 }
 
 async fn revoke_token(
@@ -696,10 +753,12 @@ async fn revoke_token(
     _: AdminAuth,
     P(name): P,
 ) -> ApiResult<Json<TokenView>> {
-    let view = app.store.revoke_token(&name, now_ms())?;
+    let revoked = name.clone();
+    let view = app.db(move |s| s.revoke_token(&revoked, now_ms())).await?;
     info!(name = %name, "delegate token revoked; the delegate names it held are free");
     // Its open long polls look again and get 401; tasks it held may be queued again.
-    app.hub.work_available();
+    app.hub.wake_all();
+    app.wake_for_queued();
     app.hub.changed();
     Ok(Json(view))
 }
@@ -711,14 +770,15 @@ async fn forget_delegate(
 ) -> ApiResult<Json<ForgottenDelegate>> {
     let req: ForgetDelegate = read_json(&app, body, SMALL_BODY_LIMIT, "forget delegate").await?;
     let gone = app
-        .store
-        .forget_delegate(&req.name, req.hostname.as_deref(), now_ms())?;
+        .db(move |s| s.forget_delegate(&req.name, req.hostname.as_deref(), now_ms()))
+        .await?;
     info!(
         delegate_id = %gone.id, name = %gone.name, hostname = %gone.hostname,
         token = %gone.token_name, released_tasks = gone.released_tasks,
         "delegate forgotten; its name is free"
     );
-    app.hub.work_available();
+    app.hub.wake_delegate(&gone.id);
+    app.wake_for_queued();
     app.hub.changed();
     Ok(Json(gone))
 }
@@ -727,7 +787,7 @@ async fn forget_delegate(
 mod tests {
     use std::time::Instant;
 
-    use delegate_protocol::{ErrorCode, Outcome};
+    use delegate_protocol::{AcquireResponse, ErrorCode, Outcome};
     use serde_json::json;
     use tokio::sync::oneshot;
 
@@ -968,6 +1028,64 @@ mod tests {
             .expect("follower ends with the task")
             .expect("join");
         assert_eq!(&streamed[..], b"hi\nbye\n");
+        s.stop().await;
+    }
+
+    /// Issue 12: every submit woke every waiting poll, which each looked at the queue, so
+    /// the cost of a pick-up grew with the number of idle delegates.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_submit_wakes_one_poll_that_may_take_it_not_every_poll() {
+        let s = start().await;
+        let mut polls = tokio::task::JoinSet::new();
+        let mut ask = |token: String, id: String| {
+            let req = s
+                .http
+                .post(s.url(&format!("/delegates/{id}/acquire?wait=20")))
+                .bearer_auth(token)
+                .send();
+            polls.spawn(async move {
+                let r = req.await.expect("acquire");
+                (id, r.status().as_u16(), r.bytes().await.expect("body"))
+            });
+        };
+        const PLAIN: usize = 20;
+        for i in 0..PLAIN {
+            let (token, id) = s.delegate(&format!("plain{i}"), &[]).await;
+            ask(token, id);
+        }
+        s.polls_waiting(PLAIN).await;
+        // The GPU delegate waits the shortest time, yet only it may take a GPU task.
+        let (token, gpu) = s.delegate("gpu", &["gpu"]).await;
+        ask(token, gpu.clone());
+        s.polls_waiting(PLAIN + 1).await;
+        let before = s.app.hub.looks();
+        let r = s
+            .admin_post(
+                "/tasks",
+                json!({"kind": "shell", "spec": {"script": "x"}, "selectors": ["gpu"]}),
+            )
+            .await;
+        assert_eq!(r.status().as_u16(), 201);
+        let (who, status, body) = polls.join_next().await.expect("a poll").expect("join");
+        assert_eq!((who.as_str(), status), (gpu.as_str(), 200));
+        let got: AcquireResponse = serde_json::from_slice(&body).expect("acquire answer");
+        assert_eq!(got.tasks.len(), 1);
+        s.polls_waiting(PLAIN).await;
+        assert_eq!(
+            s.app.hub.looks() - before,
+            1,
+            "one poll looked at the queue for one task"
+        );
+        // A task any delegate may take wakes one of the plain polls, and only one.
+        let before = s.app.hub.looks();
+        s.admin_post("/tasks", json!({"kind": "shell", "spec": {"script": "x"}}))
+            .await;
+        let (_, status, _) = polls.join_next().await.expect("a poll").expect("join");
+        assert_eq!(status, 200);
+        s.polls_waiting(PLAIN - 1).await;
+        assert_eq!(s.app.hub.looks() - before, 1);
+        assert_eq!(s.app.hub.waiting_polls(), PLAIN - 1);
+        polls.abort_all();
         s.stop().await;
     }
 

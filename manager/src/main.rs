@@ -24,7 +24,12 @@ fn main() -> ExitCode {
     let serving = matches!(cli.command, Command::Serve(_));
     init_logging(if serving { "info" } else { "warn" });
     let runtime = if serving {
-        tokio::runtime::Builder::new_multi_thread()
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        // Store calls run on the blocking pool but take turns on one SQLite connection: a
+        // few threads keep it busy; hundreds (tokio's default cap) would only cost memory
+        // when a burst of requests arrives at once.
+        b.max_blocking_threads(8);
+        b
     } else {
         tokio::runtime::Builder::new_current_thread()
     }

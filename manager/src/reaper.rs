@@ -172,7 +172,7 @@ mod tests {
         submit(&s, "t_1", clock.wall());
         submit(&s, "t_2", clock.wall());
         assert_eq!(
-            s.acquire("tok", &me, 2, clock.wall())
+            s.acquire("tok", &me, 2, clock.wall(), None)
                 .expect("acquire")
                 .tasks
                 .len(),
@@ -209,7 +209,8 @@ mod tests {
         let clock = TestClock(Mutex::new((1_000_000, Duration::ZERO)));
         let mut reaper = Reaper::default();
         submit(&s, "t_1", clock.wall());
-        s.acquire("tok", &me, 1, clock.wall()).expect("acquire");
+        s.acquire("tok", &me, 1, clock.wall(), None)
+            .expect("acquire");
         for _ in 0..10 {
             clock.advance(1_000);
             assert_eq!(reaper.pass(&s, &clock).expect("pass").step, None);

@@ -323,11 +323,29 @@ async fn reap_leases(app: App) {
     let tick = (app.lease_ttl / 4).clamp(Duration::from_millis(100), Duration::from_secs(1));
     let mut interval = tokio::time::interval(tick);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    let clock = SystemClock::default();
+    let mut clock = SystemClock::default();
     let mut reaper = Reaper::default();
     loop {
         interval.tick().await;
-        match reaper.pass(&app.store, &clock) {
+        // On the blocking pool, as every store call: the async workers keep answering.
+        let worker = app.clone();
+        let done = tokio::task::spawn_blocking(move || {
+            let pass = reaper.pass(&worker.store, &clock);
+            (reaper, clock, pass)
+        })
+        .await;
+        let pass = match done {
+            Ok((r, c, pass)) => {
+                reaper = r;
+                clock = c;
+                pass
+            }
+            Err(e) => {
+                warn!("lease reaper: its pass failed: {e}");
+                return;
+            }
+        };
+        match pass {
             Ok(pass) => {
                 if let Some((ms, moved)) = pass.step {
                     warn!(
@@ -345,7 +363,7 @@ async fn reap_leases(app: App) {
                         "leases lapsed"
                     );
                     if r.requeued > 0 {
-                        app.hub.work_available();
+                        app.wake_for_queued();
                     }
                     app.hub.changed();
                 }

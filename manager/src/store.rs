@@ -9,6 +9,7 @@
 //! to the log without an fsync, which is what lets one manager move hundreds of tasks a
 //! second; a power cut may lose the last commits but never corrupts the database.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -24,6 +25,7 @@ use rusqlite::{Connection, OptionalExtension, Row, params};
 use crate::auth;
 use crate::error::StoreError;
 use crate::lifecycle::{self, Change, Event, Task, TransitionError};
+use crate::queue::{Fresh, Queue, Selectors, selector_key};
 
 /// Schema migrations, applied in order; `PRAGMA user_version` counts those applied.
 const MIGRATIONS: &[&str] = &[
@@ -208,9 +210,22 @@ impl Held {
 
 /// The SQLite store. One connection behind a mutex: every call is a short synchronous
 /// transaction, which is simpler and faster than a pool for a single-file database.
+/// Beside it, in memory: the queued tasks by selector set (`queue`), so a lease does not
+/// scan the queue, and two caches the hot paths read on every request — token hash →
+/// name and delegate id → tags — each kept in step by the calls that change them.
+/// Lock order: `conn`, then `queue`; the caches are taken alone.
 pub struct Store {
     conn: Mutex<Connection>,
+    queue: Mutex<Queue>,
+    tokens: Mutex<HashMap<String, String>>,
+    tags: Mutex<HashMap<String, Selectors>>,
     lease_ttl_ms: i64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // The maps under these locks are changed by single inserts and removes; a panic
+    // elsewhere while one was held leaves them usable.
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn conv_err(idx: usize, e: impl std::error::Error + Send + Sync + 'static) -> rusqlite::Error {
@@ -350,6 +365,7 @@ fn live_token_tags(conn: &Connection, name: &str) -> Result<Option<Vec<String>>,
 /// how many it held.
 fn forget(
     conn: &Connection,
+    q: &mut Queue,
     id: &str,
     why: &str,
     name: &str,
@@ -365,7 +381,7 @@ fn forget(
     let mut reaped = Reaped::default();
     let cause = format!("delegate {name} was forgotten ({why})");
     for (task, t) in &held {
-        holder_gone(conn, task, *t, &cause, now, &mut reaped)?;
+        holder_gone(conn, q, task, *t, &cause, now, &mut reaped)?;
     }
     conn.prepare_cached("DELETE FROM delegates WHERE id = ?1")?
         .execute([id])?;
@@ -389,6 +405,7 @@ fn held_task(r: &Row<'_>) -> rusqlite::Result<(String, Task)> {
 /// cycle's one rule for a lost attempt decides, this persists it and counts it.
 fn holder_gone(
     conn: &Connection,
+    q: &mut Queue,
     id: &str,
     task: Task,
     cause: &str,
@@ -415,7 +432,7 @@ fn holder_gone(
             )
         }
     };
-    persist(conn, id, change, Some(&message), None, now)
+    persist(conn, q, id, change, Some(&message), None, now)
 }
 
 /// Write what [`lifecycle::transition`] decided. `result` is the delegate's report when
@@ -423,6 +440,7 @@ fn holder_gone(
 /// did.
 fn persist(
     conn: &Connection,
+    q: &mut Queue,
     id: &str,
     change: Change,
     message: Option<&str>,
@@ -469,6 +487,12 @@ fn persist(
                  cancel_delivered = 0, message = ?3 WHERE id = ?1",
             )?
             .execute(params![id, next, message])?;
+            // Back in the queue at its old place (the index is a hint until the commit:
+            // a lease checks the row, so a rolled-back re-queue leases nothing).
+            let (selectors, created_at, seq): (Vec<String>, UnixMillis, i64) = conn
+                .prepare_cached("SELECT selectors, created_at, seq FROM tasks WHERE id = ?1")?
+                .query_row([id], |r| Ok((json_col(r, 0)?, r.get(1)?, r.get(2)?)))?;
+            q.add(id, &selectors, created_at, seq);
         }
     }
     Ok(())
@@ -516,10 +540,64 @@ impl Store {
             .map_err(open_err)?;
         conn.set_prepared_statement_cache_capacity(64);
         migrate(&mut conn, path)?;
+        let mut queue = Queue::default();
+        {
+            let mut stmt = conn.prepare(
+                "SELECT id, selectors, created_at, seq FROM tasks WHERE state = 'queued'",
+            )?;
+            let mut rows = stmt.query([])?;
+            while let Some(r) = rows.next()? {
+                let id: String = r.get(0)?;
+                let selectors: Vec<String> = json_col(r, 1)?;
+                queue.add(&id, &selectors, r.get(2)?, r.get(3)?);
+            }
+        }
         Ok(Store {
             conn: Mutex::new(conn),
+            queue: Mutex::new(queue),
+            tokens: Mutex::new(HashMap::new()),
+            tags: Mutex::new(HashMap::new()),
             lease_ttl_ms: lease_ttl.as_millis() as i64,
         })
+    }
+
+    fn queue(&self) -> MutexGuard<'_, Queue> {
+        lock(&self.queue)
+    }
+
+    /// Tasks queued (or re-queued) since the last call: the API wakes one poll for each.
+    pub fn take_fresh(&self) -> Vec<Fresh> {
+        self.queue().take_fresh()
+    }
+
+    /// How many tasks are queued now.
+    pub fn queue_depth(&self) -> usize {
+        self.queue().len()
+    }
+
+    /// The tags of a registered delegate (from memory; read once from the database).
+    pub fn delegate_tags(&self, id: &str) -> Result<Option<Selectors>, StoreError> {
+        if let Some(t) = lock(&self.tags).get(id) {
+            return Ok(Some(t.clone()));
+        }
+        let tags: Option<Vec<String>> = self
+            .conn()
+            .prepare_cached("SELECT tags FROM delegates WHERE id = ?1")?
+            .query_row([id], |r| json_col(r, 0))
+            .optional()?;
+        Ok(tags.map(|t| {
+            let key = selector_key(&t);
+            lock(&self.tags).insert(id.to_string(), key.clone());
+            key
+        }))
+    }
+
+    /// Forget cached facts about delegates that are gone or changed.
+    fn uncache_delegates(&self, ids: &[String]) {
+        let mut tags = lock(&self.tags);
+        for id in ids {
+            tags.remove(id);
+        }
     }
 
     fn conn(&self) -> MutexGuard<'_, Connection> {
@@ -628,16 +706,22 @@ impl Store {
             .prepare_cached("SELECT id, name FROM delegates WHERE token_name = ?1")?
             .query_map([name], |r| Ok((r.get(0)?, r.get(1)?)))?
             .collect::<Result<_, _>>()?;
-        for (id, dname) in held {
+        let mut q = self.queue();
+        for (id, dname) in &held {
             forget(
                 &tx,
-                &id,
+                &mut q,
+                id,
                 &format!("its token {name:?} was revoked"),
-                &dname,
+                dname,
                 now,
             )?;
         }
         tx.commit()?;
+        drop(q);
+        lock(&self.tokens).retain(|_, n| n != name);
+        let ids: Vec<String> = held.into_iter().map(|(id, _)| id).collect();
+        self.uncache_delegates(&ids);
         Ok(view)
     }
 
@@ -676,8 +760,9 @@ impl Store {
                 });
             }
         };
-        let released = forget(&tx, &id, "an admin forgot it", name, now)?;
+        let released = forget(&tx, &mut self.queue(), &id, "an admin forgot it", name, now)?;
         tx.commit()?;
+        self.uncache_delegates(std::slice::from_ref(&id));
         Ok(ForgottenDelegate {
             id,
             name: name.to_string(),
@@ -688,11 +773,27 @@ impl Store {
     }
 
     /// The name of the live (not revoked) token with this hash.
+    /// Served from memory after the first request; a revoke empties the entry (and
+    /// acquire and heartbeat check the token again inside their transactions).
     pub fn token_name(&self, hash: &str) -> Result<Option<String>, StoreError> {
+        if let Some(name) = lock(&self.tokens).get(hash) {
+            return Ok(Some(name.clone()));
+        }
         let conn = self.conn();
         let mut stmt =
             conn.prepare_cached("SELECT name FROM tokens WHERE hash = ?1 AND revoked_at IS NULL")?;
-        Ok(stmt.query_row([hash], |r| r.get(0)).optional()?)
+        let name: Option<String> = stmt.query_row([hash], |r| r.get(0)).optional()?;
+        if let Some(name) = &name {
+            // Inserted under the connection lock: a revoke (which holds it to commit)
+            // cannot slip between the read and the insert.
+            lock(&self.tokens).insert(hash.to_string(), name.clone());
+        }
+        Ok(name)
+    }
+
+    /// The token name of a presented token, if it is already known in memory.
+    pub fn cached_token_name(&self, hash: &str) -> Option<String> {
+        lock(&self.tokens).get(hash).cloned()
     }
 
     // ---- delegates --------------------------------------------------------------------
@@ -788,6 +889,7 @@ impl Store {
             }
         };
         tx.commit()?;
+        lock(&self.tags).insert(id.clone(), selector_key(&req.tags));
         Ok(id)
     }
 
@@ -864,14 +966,17 @@ impl Store {
     }
 
     /// Lease up to `max` queued tasks whose selectors this delegate's tags satisfy, oldest
-    /// first, and collect cancellations not yet delivered. One transaction: a task is
-    /// leased to one delegate only.
+    /// first (`prefer`, a task handed to this poll by the hub, first of all), and collect
+    /// cancellations not yet delivered. One transaction: a task is leased to one delegate
+    /// only. The queue index names the candidates; each is checked against its row, so a
+    /// stale entry leases nothing. A preferred task left queued is offered again.
     pub fn acquire(
         &self,
         token_name: &str,
         delegate_id: &str,
         max: u32,
         now: UnixMillis,
+        prefer: Option<&str>,
     ) -> Result<AcquireResponse, StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
@@ -881,7 +986,7 @@ impl Store {
             .execute(params![delegate_id, now])?;
         // A draining delegate takes nothing new, even from a poll it started before it
         // said so.
-        let max = if me.draining { 0 } else { max };
+        let max = if me.draining { 0 } else { max as usize };
 
         let mut resp = AcquireResponse::default();
         {
@@ -899,39 +1004,68 @@ impl Store {
         }
 
         // Only queued tasks are leased (`lifecycle`: Lease is allowed from queued alone);
-        // the query and the guarded UPDATE below are that rule in SQL.
-        if max > 0 {
-            let mut stmt = tx.prepare_cached(
-                "SELECT id, kind, spec, selectors, attempt, timeout_secs FROM tasks \
-                 WHERE state = 'queued' ORDER BY created_at, seq",
-            )?;
-            let mut rows = stmt.query([])?;
-            while let Some(r) = rows.next()? {
-                let selectors: Vec<String> = json_col(r, 3)?;
-                if !selectors_match(&selectors, &tags) {
-                    continue;
-                }
-                resp.tasks.push(Assignment {
-                    task_id: r.get(0)?,
-                    kind: r.get(1)?,
-                    spec: json_col(r, 2)?,
-                    attempt: r.get(4)?,
-                    timeout_secs: u64_col(r, 5)?,
-                });
-                if resp.tasks.len() >= max as usize {
-                    break;
+        // the row check and the guarded UPDATE below are that rule in SQL.
+        let mut q = self.queue();
+        let lease = now + self.lease_ttl_ms;
+        let mut seen: Vec<String> = Vec::new();
+        while resp.tasks.len() < max {
+            let want = max - resp.tasks.len();
+            let mut ids = Vec::with_capacity(want);
+            if let Some(p) = prefer
+                && !seen.iter().any(|s| s == p)
+                && q.selectors(p)
+                    .is_some_and(|sel| selectors_match(&sel, &tags))
+            {
+                ids.push(p.to_string());
+            }
+            ids.extend(q.oldest_for(&tags, want - ids.len(), &seen));
+            if ids.is_empty() {
+                break;
+            }
+            for id in ids {
+                let row = tx
+                    .prepare_cached(
+                        "SELECT kind, spec, attempt, timeout_secs FROM tasks \
+                         WHERE id = ?1 AND state = 'queued'",
+                    )?
+                    .query_row([&id], |r| {
+                        Ok(Assignment {
+                            task_id: id.clone(),
+                            kind: r.get(0)?,
+                            spec: json_col(r, 1)?,
+                            attempt: r.get(2)?,
+                            timeout_secs: u64_col(r, 3)?,
+                        })
+                    })
+                    .optional()?;
+                match row {
+                    Some(a) => {
+                        tx.prepare_cached(
+                            "UPDATE tasks SET state = 'assigned', delegate_id = ?2, \
+                             assigned_at = ?3, lease_expires = ?4, cancel_delivered = 0 \
+                             WHERE id = ?1 AND state = 'queued'",
+                        )?
+                        .execute(params![
+                            a.task_id,
+                            delegate_id,
+                            now,
+                            lease
+                        ])?;
+                        resp.tasks.push(a);
+                        seen.push(id);
+                    }
+                    // Not queued in the database (a re-queue that rolled back): drop it.
+                    None => q.remove(&id),
                 }
             }
         }
-        let lease = now + self.lease_ttl_ms;
-        for a in &resp.tasks {
-            tx.prepare_cached(
-                "UPDATE tasks SET state = 'assigned', delegate_id = ?2, assigned_at = ?3, \
-                 lease_expires = ?4, cancel_delivered = 0 WHERE id = ?1 AND state = 'queued'",
-            )?
-            .execute(params![a.task_id, delegate_id, now, lease])?;
-        }
         tx.commit()?;
+        for a in &resp.tasks {
+            q.remove(&a.task_id);
+        }
+        if let Some(p) = prefer {
+            q.refresh(p);
+        }
         Ok(resp)
     }
 
@@ -997,6 +1131,8 @@ impl Store {
             timeout_secs as i64,
             now
         ])?;
+        let seq = conn.last_insert_rowid();
+        self.queue().add(id, &task.selectors, now, seq);
         Ok(())
     }
 
@@ -1045,7 +1181,7 @@ impl Store {
         held.check(id, attempt, token_name)?;
         let change =
             lifecycle::transition(held.task(), Event::Start).map_err(|e| stale(id, attempt, e))?;
-        persist(&conn, id, change, None, None, now)?;
+        persist(&conn, &mut self.queue(), id, change, None, None, now)?;
         load_view(&conn, id)
     }
 
@@ -1192,7 +1328,15 @@ impl Store {
             _ => (result.message.clone(), Finish::Done),
         };
         let result = (effect == Finish::Done).then_some(result);
-        persist(&tx, id, change, message.as_deref(), result, now)?;
+        persist(
+            &tx,
+            &mut self.queue(),
+            id,
+            change,
+            message.as_deref(),
+            result,
+            now,
+        )?;
         let view = load_view(&tx, id)?;
         tx.commit()?;
         Ok((view, effect))
@@ -1218,6 +1362,7 @@ impl Store {
         };
         persist(
             &tx,
+            &mut self.queue(),
             id,
             change,
             Some("cancelled by user before a delegate took it"),
@@ -1226,6 +1371,9 @@ impl Store {
         )?;
         let view = load_view(&tx, id)?;
         tx.commit()?;
+        if effect == Cancel::Cancelled {
+            self.queue().remove(id);
+        }
         Ok((view, effect))
     }
 
@@ -1245,10 +1393,11 @@ impl Store {
             })?
             .collect::<Result<_, _>>()?;
         let mut reaped = Reaped::default();
+        let mut q = self.queue();
         for (id, task, name) in expired {
             let name = name.unwrap_or_else(|| "?".to_string());
             let cause = format!("lease lapsed on delegate {name}");
-            holder_gone(&tx, &id, task, &cause, now, &mut reaped)?;
+            holder_gone(&tx, &mut q, &id, task, &cause, now, &mut reaped)?;
         }
         tx.commit()?;
         Ok(reaped)
@@ -1399,15 +1548,15 @@ mod tests {
         let b = s.register("tok", &reg("b", &[]), 0).expect("reg");
         submit(&s, "t_1", shell(&[], 0), 10);
         submit(&s, "t_2", shell(&[], 0), 20);
-        let got_a = s.acquire("tok", &a, 1, 30).expect("acquire");
+        let got_a = s.acquire("tok", &a, 1, 30, None).expect("acquire");
         assert_eq!(got_a.tasks.len(), 1);
         assert_eq!(got_a.tasks[0].task_id, "t_1");
         assert_eq!(got_a.tasks[0].attempt, 1);
-        let got_b = s.acquire("tok", &b, 5, 30).expect("acquire");
+        let got_b = s.acquire("tok", &b, 5, 30, None).expect("acquire");
         assert_eq!(got_b.tasks.len(), 1);
         assert_eq!(got_b.tasks[0].task_id, "t_2");
         assert!(
-            s.acquire("tok", &a, 5, 30)
+            s.acquire("tok", &a, 5, 30, None)
                 .expect("acquire")
                 .tasks
                 .is_empty()
@@ -1434,7 +1583,7 @@ mod tests {
                 std::thread::spawn(move || {
                     let mut mine = Vec::new();
                     loop {
-                        let got = s.acquire("tok", &id, 3, 100).expect("acquire");
+                        let got = s.acquire("tok", &id, 3, 100, None).expect("acquire");
                         if got.tasks.is_empty() {
                             return mine;
                         }
@@ -1465,10 +1614,10 @@ mod tests {
             .expect("reg");
         submit(&s, "t_gpu", shell(&["linux", "gpu"], 0), 1);
         submit(&s, "t_any", shell(&[], 0), 2);
-        let got = s.acquire("tok", &plain, 5, 3).expect("acquire");
+        let got = s.acquire("tok", &plain, 5, 3, None).expect("acquire");
         let ids: Vec<_> = got.tasks.iter().map(|a| a.task_id.as_str()).collect();
         assert_eq!(ids, ["t_any"]);
-        let got = s.acquire("tok", &gpu, 5, 3).expect("acquire");
+        let got = s.acquire("tok", &gpu, 5, 3, None).expect("acquire");
         assert_eq!(got.tasks[0].task_id, "t_gpu");
     }
 
@@ -1477,7 +1626,7 @@ mod tests {
         let (_d, s) = store();
         let a = s.register("tok", &reg("a", &[]), 0).expect("reg");
         submit(&s, "t_1", shell(&[], 0), 0);
-        s.acquire("tok", &a, 1, 0).expect("acquire");
+        s.acquire("tok", &a, 1, 0, None).expect("acquire");
         submit(&s, "t_2", shell(&[], 0), 1);
         let hb = HeartbeatRequest {
             state: DelegateState::Draining,
@@ -1487,7 +1636,7 @@ mod tests {
         s.heartbeat("tok", &a, &hb, 2).expect("hb");
         assert!(s.delegate_draining(&a).expect("state"));
         s.cancel("t_1", 3).expect("cancel");
-        let got = s.acquire("tok", &a, 5, 4).expect("acquire");
+        let got = s.acquire("tok", &a, 5, 4, None).expect("acquire");
         assert!(got.tasks.is_empty());
         assert_eq!(got.cancel, ["t_1"]);
         assert_eq!(s.task("t_2").expect("view").state, TaskState::Queued);
@@ -1498,7 +1647,7 @@ mod tests {
         let (_d, s) = store();
         let a = s.register("tok", &reg("a", &[]), 0).expect("reg");
         assert!(matches!(
-            s.acquire("other", &a, 1, 1),
+            s.acquire("other", &a, 1, 1, None),
             Err(StoreError::DelegateNotFound(_))
         ));
         let hb = HeartbeatRequest {
@@ -1517,7 +1666,7 @@ mod tests {
         let (_d, s) = store();
         let a = s.register("tok", &reg("a", &[]), 0).expect("reg");
         submit(&s, "t_1", shell(&[], 1), 0);
-        s.acquire("tok", &a, 1, 1000).expect("acquire");
+        s.acquire("tok", &a, 1, 1000, None).expect("acquire");
         s.started("tok", "t_1", 1, 1001).expect("started");
         // Still inside the lease: nothing happens.
         assert!(!s.reap(1000 + 29_000).expect("reap").any());
@@ -1536,7 +1685,7 @@ mod tests {
             s.append_log("tok", "t_1", 1, 0, b"x"),
             Err(StoreError::StaleAttempt { .. })
         ));
-        let got = s.acquire("tok", &a, 1, 40_000).expect("acquire");
+        let got = s.acquire("tok", &a, 1, 40_000, None).expect("acquire");
         assert_eq!(got.tasks[0].attempt, 2);
         let r = s.reap(40_000 + 31_000).expect("reap");
         assert_eq!(r.lost, 1);
@@ -1549,7 +1698,7 @@ mod tests {
         let a = s.register("tok", &reg("a", &[]), 0).expect("reg");
         submit(&s, "t_1", shell(&[], 0), 0);
         submit(&s, "t_2", shell(&[], 0), 1);
-        s.acquire("tok", &a, 2, 0).expect("acquire");
+        s.acquire("tok", &a, 2, 0, None).expect("acquire");
         s.cancel("t_2", 5).expect("cancel");
         let hb = HeartbeatRequest {
             state: DelegateState::Running,
@@ -1572,12 +1721,14 @@ mod tests {
         let (_d, s) = store();
         let a = s.register("tok", &reg("a", &[]), 0).expect("reg");
         submit(&s, "t_1", shell(&[], 1), 0);
-        s.acquire("tok", &a, 1, 0).expect("acquire attempt 1");
+        s.acquire("tok", &a, 1, 0, None).expect("acquire attempt 1");
         // Attempt 1's lease lapses; the task is re-queued and leased again to the same
         // delegate, which still holds attempt 1 as well.
         let r = s.reap(31_000).expect("reap");
         assert_eq!(r.requeued, 1, "{r:?}");
-        let got = s.acquire("tok", &a, 1, 31_000).expect("acquire attempt 2");
+        let got = s
+            .acquire("tok", &a, 1, 31_000, None)
+            .expect("acquire attempt 2");
         assert_eq!(got.tasks[0].attempt, 2);
         let att = |attempt| TaskAttempt {
             id: "t_1".into(),
@@ -1601,7 +1752,7 @@ mod tests {
         let (_d, s) = store();
         let a = s.register("tok", &reg("a", &[]), 0).expect("reg");
         submit(&s, "t_1", shell(&[], 0), 0);
-        s.acquire("tok", &a, 1, 0).expect("acquire");
+        s.acquire("tok", &a, 1, 0, None).expect("acquire");
         assert_eq!(s.append_log("tok", "t_1", 1, 0, b"hello ").expect("log"), 6);
         // Resend of the same range: stored once.
         assert_eq!(s.append_log("tok", "t_1", 1, 0, b"hello ").expect("log"), 6);
@@ -1642,7 +1793,7 @@ mod tests {
         let (_d, s) = store();
         let a = s.register("tok", &reg("a", &[]), 0).expect("reg");
         submit(&s, "t_1", shell(&[], 0), 0);
-        s.acquire("tok", &a, 1, 0).expect("acquire");
+        s.acquire("tok", &a, 1, 0, None).expect("acquire");
         assert!(matches!(
             s.finish("tok", "t_1", 2, &result(Outcome::Failed, Some(1)), 1),
             Err(StoreError::StaleAttempt { .. })
@@ -1669,7 +1820,7 @@ mod tests {
         let (_d, s) = store();
         let a = s.register("tok", &reg("a", &[]), 0).expect("reg");
         submit(&s, "t_1", shell(&[], 1), 0);
-        s.acquire("tok", &a, 1, 0).expect("acquire");
+        s.acquire("tok", &a, 1, 0, None).expect("acquire");
         let (v, f) = s
             .finish("tok", "t_1", 1, &result(Outcome::Lost, None), 1)
             .expect("finish");
@@ -1677,7 +1828,7 @@ mod tests {
             (v.state, v.attempt, f),
             (TaskState::Queued, 2, Finish::Requeued)
         );
-        s.acquire("tok", &a, 1, 2).expect("acquire");
+        s.acquire("tok", &a, 1, 2, None).expect("acquire");
         let (v, f) = s
             .finish("tok", "t_1", 2, &result(Outcome::Lost, None), 3)
             .expect("finish");
@@ -1693,7 +1844,7 @@ mod tests {
             s.started("tok", "t_1", 1, 1),
             Err(StoreError::StaleAttempt { .. })
         ));
-        s.acquire("tok", &a, 1, 1).expect("acquire");
+        s.acquire("tok", &a, 1, 1, None).expect("acquire");
         let v = s.started("tok", "t_1", 1, 2).expect("started");
         assert_eq!((v.state, v.started_at), (TaskState::Running, Some(2)));
         let v = s.started("tok", "t_1", 1, 3).expect("again");
@@ -1715,16 +1866,19 @@ mod tests {
             })
         ));
         submit(&s, "t_r", shell(&[], 0), 3);
-        s.acquire("tok", &a, 1, 3).expect("acquire");
+        s.acquire("tok", &a, 1, 3, None).expect("acquire");
         let (v, c) = s.cancel("t_r", 4).expect("cancel held");
         assert_eq!(
             (v.state, v.cancel_requested, c),
             (TaskState::Assigned, true, Cancel::Requested)
         );
         // Delivered once through acquire, then not again.
-        assert_eq!(s.acquire("tok", &a, 0, 5).expect("acquire").cancel, ["t_r"]);
+        assert_eq!(
+            s.acquire("tok", &a, 0, 5, None).expect("acquire").cancel,
+            ["t_r"]
+        );
         assert!(
-            s.acquire("tok", &a, 0, 6)
+            s.acquire("tok", &a, 0, 6, None)
                 .expect("acquire")
                 .cancel
                 .is_empty()
@@ -1746,7 +1900,7 @@ mod tests {
         let (_d, s) = store();
         let a = s.register("tok", &reg("a", &["x"]), 0).expect("reg");
         submit(&s, "t_1", shell(&[], 0), 0);
-        s.acquire("tok", &a, 1, 0).expect("acquire");
+        s.acquire("tok", &a, 1, 0, None).expect("acquire");
         s.started("tok", "t_1", 1, 1).expect("started");
         let again = s
             .register("tok", &reg("a", &["x", "y"]), 10)
@@ -1770,7 +1924,7 @@ mod tests {
         let (_d, s) = store();
         let a = s.register("tok", &reg("a", &[]), 0).expect("reg");
         submit(&s, "t_1", shell(&[], 0), 0);
-        s.acquire("tok", &a, 1, 0).expect("acquire");
+        s.acquire("tok", &a, 1, 0, None).expect("acquire");
         match s.register("other", &reg("a", &[]), 1) {
             Err(StoreError::NameTaken { owner, .. }) => assert_eq!(owner, "tok"),
             other => panic!("expected name_taken, got {other:?}"),
@@ -1785,7 +1939,7 @@ mod tests {
         let (_d, s) = store();
         let a = s.register("tok", &reg("a", &[]), 0).expect("reg");
         submit(&s, "t_1", shell(&[], 1), 0);
-        s.acquire("tok", &a, 1, 0).expect("acquire");
+        s.acquire("tok", &a, 1, 0, None).expect("acquire");
         assert!(matches!(
             s.forget_delegate("nope", None, 1),
             Err(StoreError::NoSuchDelegate { .. })
@@ -1798,7 +1952,7 @@ mod tests {
         assert_ne!(b, a);
         // The old id is gone for its token too.
         assert!(matches!(
-            s.acquire("tok", &a, 1, 3),
+            s.acquire("tok", &a, 1, 3, None),
             Err(StoreError::DelegateNotFound(_))
         ));
     }
@@ -1862,11 +2016,47 @@ mod tests {
     }
 
     #[test]
+    fn the_queue_index_is_rebuilt_at_open_and_a_handed_task_goes_first() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("m.db");
+        {
+            let s = Store::open(&path, TTL).expect("open");
+            s.create_token("tok", &auth::hash_token("dlg_a"), None, 0)
+                .expect("token");
+            submit(&s, "t_old", shell(&[], 0), 1);
+            submit(&s, "t_gpu", shell(&["gpu"], 0), 2);
+            submit(&s, "t_new", shell(&[], 0), 3);
+        }
+        let s = Store::open(&path, TTL).expect("reopen");
+        assert_eq!(s.queue_depth(), 3);
+        let a = s.register("tok", &reg("a", &[]), 4).expect("reg");
+        // Handed t_new by the hub: it goes first, then the oldest it may take.
+        let got = s.acquire("tok", &a, 2, 5, Some("t_new")).expect("acquire");
+        let ids: Vec<_> = got.tasks.iter().map(|t| t.task_id.as_str()).collect();
+        assert_eq!(ids, ["t_new", "t_old"]);
+        assert_eq!(s.queue_depth(), 1, "t_gpu stays, nobody may take it");
+        // A hand-off this delegate may not take is offered again.
+        s.take_fresh();
+        let got = s.acquire("tok", &a, 1, 6, Some("t_gpu")).expect("acquire");
+        assert!(got.tasks.is_empty());
+        let again: Vec<_> = s.take_fresh().into_iter().map(|f| f.task).collect();
+        assert_eq!(again, ["t_gpu"]);
+        // A lapsed lease puts a task back in the index.
+        let r = s.reap(5 + 31_000).expect("reap");
+        assert_eq!(r.requeued + r.lost, 2);
+        assert_eq!(
+            s.queue_depth(),
+            1,
+            "retries 0: both lost, nothing re-queued"
+        );
+    }
+
+    #[test]
     fn startup_extends_leases() {
         let (_d, s) = store();
         let a = s.register("tok", &reg("a", &[]), 0).expect("reg");
         submit(&s, "t_1", shell(&[], 0), 0);
-        s.acquire("tok", &a, 1, 0).expect("acquire");
+        s.acquire("tok", &a, 1, 0, None).expect("acquire");
         // Manager was down for an hour; at startup leases are extended.
         assert_eq!(s.extend_leases(3_600_000).expect("extend"), 1);
         assert!(!s.reap(3_600_001).expect("reap").any());

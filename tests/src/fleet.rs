@@ -189,7 +189,14 @@ pub fn run(opts: &FleetOptions) -> Result<()> {
     let tmp = tempfile::Builder::new()
         .prefix("delegate-bench-fleet-")
         .tempdir()?;
-    let manager = Manager::start(tmp.path())?;
+    // The manager's connection cap (default 1,000) must not be what limits the fleet: each
+    // delegate may hold two connections at a moment (poll + heartbeat).
+    let max_conns = (opts.delegates as u64 * 2 + FD_MARGIN).min(nofile.saturating_sub(64));
+    let manager = Manager::start_with(
+        tmp.path(),
+        "127.0.0.1:0",
+        &["--max-connections", &max_conns.to_string()],
+    )?;
     let pid = manager.pid().context("manager pid")?;
     let mut tokens = Vec::new();
     for i in 0..opts.delegates.div_ceil(DELEGATES_PER_TOKEN).max(1) {
