@@ -45,8 +45,8 @@ const MAX_ACQUIRE_BATCH: u32 = 100;
 /// Task list size when the query names none, and the most it may ask for.
 const DEFAULT_LIST_LIMIT: u32 = 100;
 const MAX_LIST_LIMIT: u32 = 10_000;
-/// Largest piece a log follower sends at once.
-const FOLLOW_CHUNK: usize = 256 * 1024;
+/// Largest piece of a log read from the store and sent at once (reads and follows).
+const LOG_PAGE: usize = MAX_LOG_CHUNK_BYTES;
 /// How much of an oversized body is read (and dropped) before answering 413, so that the
 /// client gets to read the answer instead of a reset connection.
 const DRAIN_LIMIT: usize = 64 * 1024 * 1024;
@@ -63,6 +63,8 @@ pub struct AppInner {
     pub releases: Option<PathBuf>,
     /// A request body that makes no progress for this long is refused (408).
     pub idle_timeout: Duration,
+    /// Finished tasks and their logs are deleted this long after they ended.
+    pub retention: Option<Duration>,
 }
 
 #[derive(Clone)]
@@ -637,51 +639,66 @@ async fn read_log(
     P(id): P,
     Q(q): Q<LogQuery>,
 ) -> ApiResult<Response> {
-    if !q.follow {
-        let slice = app.store.read_log(&id, q.offset, usize::MAX)?;
-        return Ok((text_headers(), slice.data).into_response());
-    }
-    // Read once now so a missing task is a JSON 404 rather than an empty stream.
-    let first = app.store.read_log(&id, q.offset, 0)?;
-    let follow = Follow {
+    // Read the first page now so a missing task is a JSON 404 rather than an empty stream.
+    let task = id.clone();
+    let first = app
+        .db(move |s| s.read_log(&task, q.offset, LOG_PAGE))
+        .await?;
+    let reader = LogReader {
         changes: app.hub.subscribe_changes(),
         shutdown: app.hub.subscribe_shutdown(),
         app,
         id,
-        offset: q.offset,
+        offset: q.offset + first.data.len() as u64,
         attempt: first.attempt,
+        first: (!first.data.is_empty()).then(|| Bytes::from(first.data)),
+        follow: q.follow,
     };
-    let stream = futures_util::stream::unfold(follow, |mut f| async move {
-        f.next_chunk()
-            .await
-            .map(|b| (Ok::<Bytes, Infallible>(b), f))
+    let stream = futures_util::stream::unfold(reader, |mut r| async move {
+        r.next_page().await.map(|b| (Ok::<Bytes, Infallible>(b), r))
     });
     Ok((text_headers(), Body::from_stream(stream)).into_response())
 }
 
-/// A log follower: sends what is new whenever the hub says something changed, and ends
-/// once the task is finished and every byte was sent.
-struct Follow {
+/// Sends a log one page at a time, reading the next page only when the client took the
+/// last one: the manager holds one page per reader, whatever the log's size. Without
+/// `follow` it ends at the end of what is stored; with it, it waits for more whenever the
+/// hub says something changed, and ends once the task is finished and every byte was sent.
+struct LogReader {
     app: App,
     id: String,
     offset: u64,
     attempt: u32,
+    first: Option<Bytes>,
+    follow: bool,
     changes: watch::Receiver<u64>,
     shutdown: watch::Receiver<bool>,
 }
 
-impl Follow {
-    async fn next_chunk(&mut self) -> Option<Bytes> {
+impl LogReader {
+    async fn next_page(&mut self) -> Option<Bytes> {
+        if let Some(first) = self.first.take() {
+            return Some(first);
+        }
         loop {
             self.changes.borrow_and_update();
-            let slice = match self.app.store.read_log(&self.id, self.offset, FOLLOW_CHUNK) {
+            let (id, offset) = (self.id.clone(), self.offset);
+            let slice = match self
+                .app
+                .db(move |s| s.read_log(&id, offset, LOG_PAGE))
+                .await
+            {
                 Ok(s) => s,
                 Err(e) => {
-                    warn!(task_id = %self.id, "log follower stops: {}", crate::error::chain(&e));
+                    warn!(task_id = %self.id, "log reader stops: {}", crate::error::chain(&e));
                     return None;
                 }
             };
             if slice.attempt != self.attempt {
+                if !self.follow {
+                    // Re-queued while being read: this attempt's log is gone.
+                    return None;
+                }
                 // Re-queued: the new attempt's log starts at byte 0.
                 self.attempt = slice.attempt;
                 self.offset = 0;
@@ -694,7 +711,7 @@ impl Follow {
                 self.offset += slice.data.len() as u64;
                 return Some(Bytes::from(slice.data));
             }
-            if slice.state.is_terminal() && self.offset >= slice.stored {
+            if !self.follow || (slice.state.is_terminal() && self.offset >= slice.stored) {
                 return None;
             }
             tokio::select! {

@@ -123,6 +123,14 @@ pub struct ServeArgs {
     /// The private key (PEM) of --tls-cert.
     #[arg(long, requires = "tls_cert", env = "DELEGATE_MANAGER_TLS_KEY")]
     pub tls_key: Option<PathBuf>,
+    /// Most log bytes kept per task attempt (default 256 MiB); the log is cut there, ends
+    /// with a `log truncated` line and the task shows `log truncated`.
+    #[arg(long, default_value_t = crate::store::DEFAULT_MAX_LOG_BYTES)]
+    pub max_log_bytes: u64,
+    /// Delete finished tasks and their logs this long after they ended (e.g. `30days`);
+    /// without it they are kept.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub retention: Option<Duration>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -651,7 +659,17 @@ fn show_text(t: &TaskView) -> String {
             .unwrap_or_default();
         lines.push(("finished", format!("{}{ran}", rfc3339(f))));
     }
-    lines.push(("log bytes", t.log_bytes.to_string()));
+    lines.push((
+        "log bytes",
+        if t.log_truncated {
+            format!(
+                "{} (truncated at the manager's --max-log-bytes cap)",
+                t.log_bytes
+            )
+        } else {
+            t.log_bytes.to_string()
+        },
+    ));
     lines
         .into_iter()
         .map(|(k, v)| format!("{:<10} {v}", format!("{k}:")))

@@ -72,6 +72,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }),
             _ => None,
         },
+        max_log_bytes: args.max_log_bytes,
+        retention: args.retention,
     };
     let stop = stop_signal();
     let server = server::bind(&cfg)

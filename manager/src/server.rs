@@ -46,6 +46,10 @@ pub struct ServeConfig {
     pub limits: Limits,
     /// Serve HTTPS with this certificate chain and key (PEM files); plain HTTP without.
     pub tls: Option<TlsFiles>,
+    /// Most log bytes kept per task attempt.
+    pub max_log_bytes: u64,
+    /// Finished tasks and their logs are deleted this long after they ended.
+    pub retention: Option<Duration>,
 }
 
 /// The PEM files of the manager's TLS identity.
@@ -68,6 +72,8 @@ impl ServeConfig {
             releases: None,
             limits: Limits::default(),
             tls: None,
+            max_log_bytes: crate::store::DEFAULT_MAX_LOG_BYTES,
+            retention: None,
         }
     }
 
@@ -146,7 +152,7 @@ pub async fn bind(cfg: &ServeConfig) -> Result<Server, ServeError> {
         path: db.clone(),
         source,
     })?;
-    let store = Store::open(&db, cfg.lease_ttl)?;
+    let store = Store::open(&db, cfg.lease_ttl)?.with_max_log_bytes(cfg.max_log_bytes);
     let admin_hash = ensure_admin_token(&store, &cfg.data_dir)?;
     let extended = store.extend_leases(now_ms())?;
     if extended > 0 {
@@ -173,6 +179,7 @@ pub async fn bind(cfg: &ServeConfig) -> Result<Server, ServeError> {
         heartbeat_interval: cfg.heartbeat_interval,
         releases: cfg.releases.clone(),
         idle_timeout: cfg.limits.idle_timeout,
+        retention: cfg.retention,
     });
     Ok(Server {
         listener,
@@ -331,6 +338,9 @@ async fn reap_leases(app: App) {
         let worker = app.clone();
         let done = tokio::task::spawn_blocking(move || {
             let pass = reaper.pass(&worker.store, &clock);
+            if let Some(keep) = worker.retention {
+                prune(&worker.store, keep);
+            }
             (reaper, clock, pass)
         })
         .await;
@@ -370,5 +380,35 @@ async fn reap_leases(app: App) {
             }
             Err(e) => warn!("lease reaper: {}", crate::error::chain(&e)),
         }
+    }
+}
+
+/// Delete finished tasks older than `keep`, a batch at a time, at most a few batches per
+/// tick so a backlog (retention just switched on) never holds the store for long.
+fn prune(store: &Store, keep: Duration) {
+    let before = now_ms() - keep.as_millis() as i64;
+    let mut total = crate::store::Pruned::default();
+    for _ in 0..5 {
+        match store.prune(before) {
+            Ok(p) => {
+                total.tasks += p.tasks;
+                total.log_bytes += p.log_bytes;
+                if p.tasks == 0 {
+                    break;
+                }
+            }
+            Err(e) => {
+                warn!("retention: {}", crate::error::chain(&e));
+                break;
+            }
+        }
+    }
+    if total.tasks > 0 {
+        info!(
+            tasks = total.tasks,
+            log_bytes = total.log_bytes,
+            "retention: deleted finished tasks older than {}",
+            humantime::format_duration(keep)
+        );
     }
 }

@@ -92,7 +92,19 @@ CREATE TABLE log_chunks (
     r#"
 ALTER TABLE tokens ADD COLUMN tags TEXT;
 "#,
+    // Per-task log cap (issue 12): the attempt's log was cut at the cap. Retention finds
+    // finished tasks by their end time.
+    r#"
+ALTER TABLE tasks ADD COLUMN log_truncated INTEGER NOT NULL DEFAULT 0;
+CREATE INDEX tasks_by_finished ON tasks (finished_at) WHERE finished_at IS NOT NULL;
+"#,
 ];
+
+/// Default per-task log cap: 256 MiB.
+pub const DEFAULT_MAX_LOG_BYTES: u64 = 256 * 1024 * 1024;
+
+/// Most finished tasks one retention pass deletes, so that it never holds the store long.
+const PRUNE_BATCH: u32 = 200;
 
 const ADMIN_HASH_KEY: &str = "admin_token_sha256";
 
@@ -100,7 +112,7 @@ const ADMIN_HASH_KEY: &str = "admin_token_sha256";
 const TASK_VIEW_SQL: &str = "SELECT t.id, t.kind, t.spec, t.selectors, t.state, t.attempt, \
      t.retries, t.timeout_secs, t.cancel_requested, t.delegate_id, d.name, t.exit_code, \
      t.signal, t.message, t.created_at, t.assigned_at, t.started_at, t.finished_at, \
-     t.log_bytes FROM tasks t LEFT JOIN delegates d ON d.id = t.delegate_id";
+     t.log_bytes, t.log_truncated FROM tasks t LEFT JOIN delegates d ON d.id = t.delegate_id";
 
 /// The wall clock in the protocol's unit.
 pub fn now_ms() -> UnixMillis {
@@ -172,6 +184,7 @@ struct Held {
     delegate_name: Option<String>,
     token_name: Option<String>,
     log_bytes: u64,
+    log_truncated: bool,
     outcome: Option<String>,
     exit_code: Option<i32>,
     signal: Option<i32>,
@@ -220,6 +233,14 @@ pub struct Store {
     tokens: Mutex<HashMap<String, String>>,
     tags: Mutex<HashMap<String, Selectors>>,
     lease_ttl_ms: i64,
+    max_log_bytes: u64,
+}
+
+/// What one retention pass deleted.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Pruned {
+    pub tasks: usize,
+    pub log_bytes: u64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -288,6 +309,7 @@ fn task_view(row: &Row<'_>) -> rusqlite::Result<TaskView> {
         started_at: row.get(16)?,
         finished_at: row.get(17)?,
         log_bytes: u64_col(row, 18)?,
+        log_truncated: row.get(19)?,
     })
 }
 
@@ -301,7 +323,7 @@ fn load_view(conn: &Connection, id: &str) -> Result<TaskView, StoreError> {
 fn load_held(conn: &Connection, id: &str) -> Result<Held, StoreError> {
     let mut stmt = conn.prepare_cached(
         "SELECT t.state, t.attempt, t.retries, t.cancel_requested, t.delegate_id, d.name, \
-         d.token_name, t.log_bytes, t.outcome, t.exit_code, t.signal \
+         d.token_name, t.log_bytes, t.outcome, t.exit_code, t.signal, t.log_truncated \
          FROM tasks t LEFT JOIN delegates d ON d.id = t.delegate_id WHERE t.id = ?1",
     )?;
     stmt.query_row([id], |r| {
@@ -317,6 +339,7 @@ fn load_held(conn: &Connection, id: &str) -> Result<Held, StoreError> {
             outcome: r.get(8)?,
             exit_code: r.get(9)?,
             signal: r.get(10)?,
+            log_truncated: r.get(11)?,
         })
     })
     .optional()?
@@ -484,7 +507,7 @@ fn persist(
             conn.prepare_cached(
                 "UPDATE tasks SET state = 'queued', attempt = ?2, delegate_id = NULL, \
                  lease_expires = NULL, assigned_at = NULL, started_at = NULL, log_bytes = 0, \
-                 cancel_delivered = 0, message = ?3 WHERE id = ?1",
+                 log_truncated = 0, cancel_delivered = 0, message = ?3 WHERE id = ?1",
             )?
             .execute(params![id, next, message])?;
             // Back in the queue at its old place (the index is a hint until the commit:
@@ -505,6 +528,14 @@ fn stale(id: &str, attempt: u32, e: TransitionError) -> StoreError {
         attempt,
         why: e.to_string(),
     }
+}
+
+/// The line that ends a log cut at the cap.
+fn truncation_marker(cap: u64) -> String {
+    format!(
+        "\n[delegate-manager] log truncated: it reached the manager's cap of {cap} bytes per \
+         task (--max-log-bytes); later output was dropped\n"
+    )
 }
 
 fn to_json<T: serde::Serialize + ?Sized>(v: &T) -> String {
@@ -558,7 +589,14 @@ impl Store {
             tokens: Mutex::new(HashMap::new()),
             tags: Mutex::new(HashMap::new()),
             lease_ttl_ms: lease_ttl.as_millis() as i64,
+            max_log_bytes: DEFAULT_MAX_LOG_BYTES,
         })
+    }
+
+    /// Cap each attempt's stored log at `bytes` (default [`DEFAULT_MAX_LOG_BYTES`]).
+    pub fn with_max_log_bytes(mut self, bytes: u64) -> Store {
+        self.max_log_bytes = bytes;
+        self
     }
 
     fn queue(&self) -> MutexGuard<'_, Queue> {
@@ -1187,7 +1225,10 @@ impl Store {
 
     /// Store a log chunk that starts at byte `offset` of the attempt's log; returns how
     /// many bytes are stored now. Bytes already stored are skipped, so resending a range
-    /// stores it once; a chunk that starts past the end is a gap.
+    /// stores it once; a chunk that starts past the end is a gap. At the per-task cap the
+    /// log is cut, a `[delegate-manager] log truncated` line ends it, the task is marked
+    /// `log_truncated`, and later chunks are acknowledged whole (so the delegate moves on)
+    /// but dropped.
     pub fn append_log(
         &self,
         token_name: &str,
@@ -1200,6 +1241,11 @@ impl Store {
         let tx = conn.transaction()?;
         let held = load_held(&tx, id)?;
         held.check(id, attempt, token_name)?;
+        let end = offset + data.len() as u64;
+        if held.log_truncated {
+            // Counted in the delegate's offsets, which went on past the cut.
+            return Ok(end);
+        }
         let stored = held.log_bytes;
         if offset > stored {
             return Err(StoreError::LogGap {
@@ -1209,19 +1255,64 @@ impl Store {
                 expected: stored,
             });
         }
-        let end = offset + data.len() as u64;
         if end <= stored {
             return Ok(stored);
         }
         let fresh = &data[(stored - offset) as usize..];
-        tx.prepare_cached(
-            "INSERT INTO log_chunks (task_id, attempt, start, data) VALUES (?1, ?2, ?3, ?4)",
-        )?
-        .execute(params![id, attempt, stored as i64, fresh])?;
-        tx.prepare_cached("UPDATE tasks SET log_bytes = ?2 WHERE id = ?1")?
-            .execute(params![id, end as i64])?;
+        let room = self.max_log_bytes.saturating_sub(stored);
+        let insert = |start: u64, bytes: &[u8]| -> Result<(), StoreError> {
+            tx.prepare_cached(
+                "INSERT INTO log_chunks (task_id, attempt, start, data) VALUES (?1, ?2, ?3, ?4)",
+            )?
+            .execute(params![id, attempt, start as i64, bytes])?;
+            Ok(())
+        };
+        if (fresh.len() as u64) <= room {
+            insert(stored, fresh)?;
+            tx.prepare_cached("UPDATE tasks SET log_bytes = ?2 WHERE id = ?1")?
+                .execute(params![id, end as i64])?;
+            tx.commit()?;
+            return Ok(end);
+        }
+        let kept = &fresh[..room as usize];
+        if !kept.is_empty() {
+            insert(stored, kept)?;
+        }
+        let marker = truncation_marker(self.max_log_bytes);
+        let cut = stored + kept.len() as u64;
+        insert(cut, marker.as_bytes())?;
+        tx.prepare_cached("UPDATE tasks SET log_bytes = ?2, log_truncated = 1 WHERE id = ?1")?
+            .execute(params![id, (cut + marker.len() as u64) as i64])?;
         tx.commit()?;
         Ok(end)
+    }
+
+    /// Delete finished tasks (and their logs) that ended before `before`, at most
+    /// [`PRUNE_BATCH`] per call so the store is never held long; call again while it
+    /// returns a full batch.
+    pub fn prune(&self, before: UnixMillis) -> Result<Pruned, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let old: Vec<(String, u64)> = tx
+            .prepare_cached(
+                "SELECT id, log_bytes FROM tasks WHERE finished_at IS NOT NULL \
+                 AND finished_at < ?1 ORDER BY finished_at LIMIT ?2",
+            )?
+            .query_map(params![before, PRUNE_BATCH], |r| {
+                Ok((r.get(0)?, u64_col(r, 1)?))
+            })?
+            .collect::<Result<_, _>>()?;
+        let mut pruned = Pruned::default();
+        for (id, bytes) in &old {
+            tx.prepare_cached("DELETE FROM log_chunks WHERE task_id = ?1")?
+                .execute([id])?;
+            tx.prepare_cached("DELETE FROM tasks WHERE id = ?1")?
+                .execute([id])?;
+            pruned.tasks += 1;
+            pruned.log_bytes += bytes;
+        }
+        tx.commit()?;
+        Ok(pruned)
     }
 
     /// Up to `max` bytes of the current attempt's log, from byte `offset`.
@@ -2049,6 +2140,66 @@ mod tests {
             1,
             "retries 0: both lost, nothing re-queued"
         );
+    }
+
+    #[test]
+    fn a_log_is_cut_at_the_cap_and_prune_deletes_old_finished_tasks() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = Store::open(&dir.path().join("m.db"), TTL)
+            .expect("open")
+            .with_max_log_bytes(10);
+        s.create_token("tok", &auth::hash_token("dlg_a"), None, 0)
+            .expect("token");
+        let a = s.register("tok", &reg("a", &[]), 0).expect("reg");
+        submit(&s, "t_1", shell(&[], 0), 0);
+        submit(&s, "t_2", shell(&[], 0), 0);
+        s.acquire("tok", &a, 2, 0, None).expect("acquire");
+        assert_eq!(
+            s.append_log("tok", "t_1", 1, 0, b"0123456").expect("log"),
+            7
+        );
+        assert_eq!(
+            s.append_log("tok", "t_1", 1, 7, b"789abc").expect("log"),
+            13
+        );
+        assert_eq!(s.append_log("tok", "t_1", 1, 13, b"def").expect("log"), 16);
+        let log = s.read_log("t_1", 0, usize::MAX).expect("read").data;
+        let text = String::from_utf8_lossy(&log);
+        assert!(
+            text.starts_with("0123456789\n[delegate-manager] log truncated"),
+            "{text}"
+        );
+        let v = s.task("t_1").expect("view");
+        assert!(v.log_truncated);
+        assert_eq!(v.log_bytes, log.len() as u64);
+        s.finish("tok", "t_1", 1, &result(Outcome::Succeeded, Some(0)), 100)
+            .expect("finish");
+        s.finish("tok", "t_2", 1, &result(Outcome::Succeeded, Some(0)), 200)
+            .expect("finish");
+        submit(&s, "t_3", shell(&["nobody"], 0), 0);
+        assert_eq!(
+            s.prune(150).expect("prune"),
+            Pruned {
+                tasks: 1,
+                log_bytes: log.len() as u64
+            }
+        );
+        assert!(matches!(s.task("t_1"), Err(StoreError::TaskNotFound(_))));
+        assert!(matches!(
+            s.read_log("t_1", 0, 10),
+            Err(StoreError::TaskNotFound(_))
+        ));
+        let left: i64 = s
+            .conn()
+            .query_row(
+                "SELECT COUNT(*) FROM log_chunks WHERE task_id = 't_1'",
+                [],
+                |r| r.get(0),
+            )
+            .expect("count");
+        assert_eq!(left, 0, "its log chunks are gone");
+        assert_eq!(s.task("t_2").expect("kept").state, TaskState::Succeeded);
+        assert_eq!(s.task("t_3").expect("queued kept").state, TaskState::Queued);
     }
 
     #[test]

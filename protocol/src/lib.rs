@@ -372,6 +372,10 @@ pub struct TaskView {
     pub finished_at: Option<UnixMillis>,
     /// Bytes of log the manager holds for the current attempt.
     pub log_bytes: u64,
+    /// The attempt's log reached the manager's per-task cap: what came after was dropped
+    /// and the log ends with a `[delegate-manager] log truncated` line.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub log_truncated: bool,
 }
 
 /// `GET /api/v1/delegates`.

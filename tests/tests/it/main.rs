@@ -5,6 +5,7 @@ mod docker;
 mod docker_policy;
 mod fake_manager;
 mod load;
+mod manager_logs;
 mod metrics;
 mod resilience;
 mod shell;
