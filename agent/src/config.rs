@@ -48,6 +48,8 @@ pub struct Config {
     pub docker: DockerConfig,
     /// Serve Prometheus metrics here (`metrics_listen`); off when `None`.
     pub metrics_listen: Option<SocketAddr>,
+    /// Most log bytes kept per task attempt (`max_log_bytes`, default 256 MiB).
+    pub max_log_bytes: u64,
     /// `[[kubernetes]]`: the clusters this delegate reaches, by name.
     pub kubernetes: Vec<KubeCluster>,
     /// Things that work but should be fixed (a secret readable by every user): printed by
@@ -233,6 +235,10 @@ const KEYS: &[(&str, &str)] = &[
     ("name", "delegate name (default: the host name)"),
     ("tags", "list of tags, e.g. [\"linux\", \"eu\"]"),
     ("concurrency", "most tasks at once (default 4)"),
+    (
+        "max_log_bytes",
+        "most log bytes kept per task (default 268435456 = 256 MiB)",
+    ),
     ("state_dir", "directory for the spool and journal"),
     ("drain_timeout", "duration, e.g. \"10m\""),
     ("kill_grace", "duration, e.g. \"10s\""),
@@ -652,6 +658,7 @@ struct Raw {
     http_enabled: Option<bool>,
     docker: Option<DockerConfig>,
     metrics_listen: Option<SocketAddr>,
+    max_log_bytes: Option<u64>,
     kubernetes: Vec<KubeCluster>,
 }
 
@@ -759,6 +766,18 @@ fn parse_file(c: &mut Collector<'_>, raw: &mut Raw) -> bool {
             "http" => raw.http_enabled = c.target_table(key, v),
             "docker" => raw.docker = c.docker_table(v),
             "kubernetes" => raw.kubernetes = c.kubernetes(v),
+            "max_log_bytes" => {
+                let n = v.get_ref().as_integer().and_then(|i| {
+                    i64::from_str_radix(&i.as_str().replace('_', ""), i.radix()).ok()
+                });
+                match n.and_then(|n| u64::try_from(n).ok()) {
+                    Some(n) if n >= 1024 => raw.max_log_bytes = Some(n),
+                    _ => c.at(
+                        Some(v.span().start),
+                        "max_log_bytes must be a whole number of bytes, at least 1024",
+                    ),
+                }
+            }
             "concurrency" => {
                 let n = v.get_ref().as_integer().and_then(|i| {
                     i64::from_str_radix(&i.as_str().replace('_', ""), i.radix()).ok()
@@ -1056,6 +1075,9 @@ fn finish(c: &mut Collector<'_>, raw: Raw, env: &dyn Env) -> Option<Config> {
         http_enabled: raw.http_enabled.unwrap_or(true),
         docker: raw.docker.unwrap_or_default(),
         metrics_listen: raw.metrics_listen,
+        max_log_bytes: raw
+            .max_log_bytes
+            .unwrap_or(crate::spool::DEFAULT_MAX_LOG_BYTES),
         kubernetes: raw.kubernetes,
         warnings,
     })
@@ -1127,6 +1149,7 @@ pub(crate) mod tests_support {
                 ..DockerConfig::default()
             },
             metrics_listen: None,
+            max_log_bytes: crate::spool::DEFAULT_MAX_LOG_BYTES,
             kubernetes: vec![],
             warnings: vec![],
         }
@@ -1279,6 +1302,31 @@ mod tests {
             "https://manager.example:7700",
         ] {
             assert!(warned(quiet).is_empty(), "{quiet}");
+        }
+    }
+
+    #[test]
+    fn max_log_bytes_defaults_to_256_mib_and_refuses_nonsense() {
+        let env: [(&str, &str); 0] = [];
+        let load = |extra: &str| {
+            let f = write(&format!(
+                "manager_url = \"http://127.0.0.1:7700\"\ntoken = \"t\"\n{extra}"
+            ));
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(f.path(), std::fs::Permissions::from_mode(0o600))
+                .expect("chmod");
+            Config::load(f.path(), &env)
+        };
+        assert_eq!(load("").expect("valid").max_log_bytes, 256 * 1024 * 1024);
+        assert_eq!(
+            load("max_log_bytes = 1_048_576\n")
+                .expect("valid")
+                .max_log_bytes,
+            1 << 20
+        );
+        for bad in ["max_log_bytes = 10\n", "max_log_bytes = \"1G\"\n"] {
+            let e = load(bad).expect_err(bad);
+            assert!(e.to_string().contains("max_log_bytes must be"), "{e}");
         }
     }
 

@@ -61,7 +61,12 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), SpoolError> {
 #[derive(Debug, Clone)]
 pub struct Spool {
     root: PathBuf,
+    /// Most log bytes kept per task attempt (`max_log_bytes`).
+    log_cap: u64,
 }
+
+/// Default cap of one task attempt's spooled log: 256 MiB, as the manager's default.
+pub const DEFAULT_MAX_LOG_BYTES: u64 = 256 * 1024 * 1024;
 
 /// What a restarted agent finds in the spool for one directory.
 #[derive(Debug)]
@@ -103,7 +108,18 @@ impl Spool {
             .mode(0o700)
             .create(&root)
             .map_err(io_err("create directory", &root))?;
-        Ok(Spool { root })
+        Ok(Spool {
+            root,
+            log_cap: DEFAULT_MAX_LOG_BYTES,
+        })
+    }
+
+    /// Cut each task attempt's log at `bytes` (default [`DEFAULT_MAX_LOG_BYTES`]): output
+    /// past it is dropped, a `[delegate] log truncated` line says so in the log and the
+    /// result says how much was dropped.
+    pub fn with_log_cap(mut self, bytes: u64) -> Spool {
+        self.log_cap = bytes;
+        self
     }
 
     /// The spool's directory, `STATE_DIR/tasks` (metrics sum its size).
@@ -139,7 +155,7 @@ impl Spool {
             reason: e.to_string(),
         })?;
         write_atomic(&path.join("assignment.json"), &json)?;
-        TaskDir::open(path, a.task_id.clone(), a.attempt)
+        TaskDir::open(path, a.task_id.clone(), a.attempt, self.log_cap)
     }
 
     /// Every task directory left by an earlier run. Corrupt ones are moved aside
@@ -154,7 +170,7 @@ impl Spool {
             if !path.is_dir() {
                 continue;
             }
-            out.push(match Self::recover_one(path.clone()) {
+            out.push(match Self::recover_one(path.clone(), self.log_cap) {
                 Ok(r) => Found::Task(r),
                 Err(SpoolError::Corrupt { reason, .. }) => match self.quarantine(&path, reason) {
                     Ok(q) => Found::Quarantined(q),
@@ -199,7 +215,7 @@ impl Spool {
         })
     }
 
-    fn recover_one(path: PathBuf) -> Result<Recovered, SpoolError> {
+    fn recover_one(path: PathBuf, log_cap: u64) -> Result<Recovered, SpoolError> {
         let read_json = |name: &str| -> Result<Option<Vec<u8>>, SpoolError> {
             let p = path.join(name);
             match fs::read(&p) {
@@ -228,7 +244,12 @@ impl Spool {
             Some(b) => serde_json::from_slice(&b).ok(),
             None => None,
         };
-        let dir = TaskDir::open(path.clone(), assignment.task_id.clone(), assignment.attempt)?;
+        let dir = TaskDir::open(
+            path.clone(),
+            assignment.task_id.clone(),
+            assignment.attempt,
+            log_cap,
+        )?;
         Ok(Recovered {
             dir,
             assignment,
@@ -249,10 +270,16 @@ pub struct TaskDir {
     acked: Arc<AtomicU64>,
     drops: Arc<LogDrops>,
     ack_failed: Arc<std::sync::atomic::AtomicBool>,
+    log_cap: u64,
 }
 
 impl TaskDir {
-    fn open(path: PathBuf, task_id: String, attempt: u32) -> Result<TaskDir, SpoolError> {
+    fn open(
+        path: PathBuf,
+        task_id: String,
+        attempt: u32,
+        log_cap: u64,
+    ) -> Result<TaskDir, SpoolError> {
         let log = path.join("log");
         let len = match fs::metadata(&log) {
             Ok(m) => m.len(),
@@ -268,6 +295,7 @@ impl TaskDir {
             acked: Arc::new(AtomicU64::new(acked)),
             drops: Arc::default(),
             ack_failed: Arc::default(),
+            log_cap,
         })
     }
 
@@ -289,6 +317,7 @@ impl TaskDir {
             path: p,
             len: self.log_len.clone(),
             drops: self.drops.clone(),
+            cap: self.log_cap,
         })
     }
 
@@ -411,6 +440,7 @@ pub struct LogWriter {
     path: PathBuf,
     len: Arc<AtomicU64>,
     drops: Arc<LogDrops>,
+    cap: u64,
 }
 
 impl TaskLog for LogWriter {
@@ -429,6 +459,49 @@ impl LogWriter {
     /// supervisor says the total in the task's log and result when the task ends.
     pub fn append(&mut self, data: &[u8]) {
         let before = self.len.load(Ordering::Acquire);
+        let room = self.cap.saturating_sub(before);
+        if data.len() as u64 > room {
+            // At the cap: keep what fits, end the log with a marker once (the marker is
+            // what takes the log past the cap, so later output finds no room), drop the rest.
+            let (fits, over) = data.split_at(room as usize);
+            if before <= self.cap {
+                self.write(fits);
+                let marker = format!(
+                    "\n[delegate] log truncated: it reached the agent's cap of {} bytes per \
+                     task (max_log_bytes); later output is dropped\n",
+                    self.cap
+                );
+                self.write(marker.as_bytes());
+            }
+            self.drop_output(over.len() as u64, || {
+                format!(
+                    "the log reached its cap of {} bytes (max_log_bytes)",
+                    self.cap
+                )
+            });
+            return;
+        }
+        self.write(data);
+    }
+
+    fn drop_output(&self, lost: u64, why: impl FnOnce() -> String) {
+        self.drops.bytes.fetch_add(lost, Ordering::AcqRel);
+        let mut first = self
+            .drops
+            .first_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if first.is_none() {
+            let why = why();
+            tracing::warn!(
+                "task output is being dropped: {why}; the task goes on and its result will say how much was lost"
+            );
+            *first = Some(why);
+        }
+    }
+
+    fn write(&mut self, data: &[u8]) {
+        let before = self.len.load(Ordering::Acquire);
         match self.file.write_all(data) {
             Ok(()) => {
                 self.len.fetch_add(data.len() as u64, Ordering::AcqRel);
@@ -444,19 +517,9 @@ impl LogWriter {
                     .max(before);
                 self.len.store(now, Ordering::Release);
                 let lost = (data.len() as u64).saturating_sub(now - before);
-                self.drops.bytes.fetch_add(lost, Ordering::AcqRel);
-                let mut first = self
-                    .drops
-                    .first_error
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner());
-                if first.is_none() {
-                    let why = format!("cannot write {}: {e}", self.path.display());
-                    tracing::warn!(
-                        "task output is being dropped: {why}; the task goes on and its result will say how much was lost"
-                    );
-                    *first = Some(why);
-                }
+                self.drop_output(lost, || {
+                    format!("cannot write {}: {e}", self.path.display())
+                });
             }
         }
     }
@@ -512,6 +575,36 @@ mod tests {
 
     /// A full disk (here `/dev/full`, which fails every write with ENOSPC) drops output
     /// without failing the task, counts it, and keeps the log length true to the file.
+    #[test]
+    fn a_log_at_its_cap_ends_with_a_marker_and_counts_the_rest_as_dropped() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let spool = Spool::open(tmp.path()).expect("open").with_log_cap(10);
+        let dir = spool.create(&assignment("t_cap")).expect("create");
+        let mut w = dir.log_writer().expect("writer");
+        w.append(b"0123456");
+        w.append(b"789abc");
+        w.append(b"more");
+        let log = dir.read_log(0, 1000).expect("read");
+        let text = String::from_utf8_lossy(&log);
+        assert!(
+            text.starts_with("0123456789\n[delegate] log truncated:")
+                && text.ends_with("dropped\n"),
+            "{text}"
+        );
+        assert_eq!(dir.log_len(), log.len() as u64);
+        let (n, why) = dir.log_drops().expect("drops counted");
+        assert_eq!(n, 3 + 4);
+        assert!(why.contains("cap of 10 bytes"), "{why}");
+        // After a restart the cut log stays cut, without a second marker.
+        let again = Spool::open(tmp.path()).expect("reopen").with_log_cap(10);
+        let found = again.recover().expect("recover");
+        let Some(Found::Task(rec)) = found.into_iter().next() else {
+            panic!("task not recovered");
+        };
+        rec.dir.log_writer().expect("writer").append(b"late");
+        assert_eq!(rec.dir.read_log(0, 1000).expect("read"), log);
+    }
+
     #[test]
     fn a_full_disk_drops_output_and_counts_what_was_lost() {
         let tmp = tempfile::tempdir().expect("tempdir");

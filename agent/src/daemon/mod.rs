@@ -338,7 +338,7 @@ pub struct Observer {
 
 impl Daemon {
     pub fn new(config: Config) -> Result<Daemon, DaemonError> {
-        let spool = Spool::open(&config.state_dir)?;
+        let spool = Spool::open(&config.state_dir)?.with_log_cap(config.max_log_bytes);
         let client = ManagerClient::new(
             &config.manager_url,
             config.token.expose(),

@@ -214,3 +214,40 @@ fn retention_deletes_finished_tasks_and_their_logs_and_keeps_the_rest() {
         m.log_text()
     );
 }
+
+/// The agent enforces the cap too, before the bytes leave the host.
+#[test]
+fn an_agent_cuts_a_log_at_its_max_log_bytes_and_its_result_says_so() {
+    use delegate_tests::AgentOptions;
+    let world = crate::util::World::new();
+    let _agent = world.agent(AgentOptions {
+        name: "capped".into(),
+        extra: "max_log_bytes = 2048\n".into(),
+        ..AgentOptions::default()
+    });
+    world.wait_connected(1);
+    let id = world
+        .manager
+        .submit_shell("head -c 10000 /dev/zero | tr '\\0' x; echo; echo done", 60, 0)
+        .expect("submit");
+    let view = world
+        .manager
+        .wait_done(&id, crate::util::LONG)
+        .expect("task ends");
+    assert_eq!(view.state, TaskState::Succeeded, "{view:?}");
+    let log = world.manager.logs(&id).expect("logs");
+    let text = String::from_utf8_lossy(&log);
+    assert!(log.starts_with(&[b'x'; 2048]), "{text}");
+    assert!(
+        text[2048..].starts_with("\n[delegate] log truncated:"),
+        "no marker after the cap: {:?}",
+        &text[2048..]
+    );
+    assert!(!text.contains("done"), "output past the cap was kept");
+    let message = view.message.unwrap_or_default();
+    assert!(
+        message.contains("bytes of the task's output were dropped")
+            && message.contains("cap of 2048 bytes"),
+        "the result does not say the log was cut: {message:?}"
+    );
+}
