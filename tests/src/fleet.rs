@@ -192,11 +192,16 @@ pub fn run(opts: &FleetOptions) -> Result<()> {
     // The manager's connection cap (default 1,000) must not be what limits the fleet: each
     // delegate may hold two connections at a moment (poll + heartbeat).
     let max_conns = (opts.delegates as u64 * 2 + FD_MARGIN).min(nofile.saturating_sub(64));
-    let manager = Manager::start_with(
-        tmp.path(),
-        "127.0.0.1:0",
-        &["--max-connections", &max_conns.to_string()],
-    )?;
+    let mut args = vec!["--max-connections".to_string(), max_conns.to_string()];
+    if opts.log_bytes > 0 {
+        // The big log is read whole: the manager's per-task cap must not cut it.
+        args.extend([
+            "--max-log-bytes".to_string(),
+            (opts.log_bytes + (1 << 20)).to_string(),
+        ]);
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let manager = Manager::start_with(tmp.path(), "127.0.0.1:0", &args)?;
     let pid = manager.pid().context("manager pid")?;
     let mut tokens = Vec::new();
     for i in 0..opts.delegates.div_ceil(DELEGATES_PER_TOKEN).max(1) {

@@ -228,7 +228,11 @@ fn an_agent_cuts_a_log_at_its_max_log_bytes_and_its_result_says_so() {
     world.wait_connected(1);
     let id = world
         .manager
-        .submit_shell("head -c 10000 /dev/zero | tr '\\0' x; echo; echo done", 60, 0)
+        .submit_shell(
+            "head -c 10000 /dev/zero | tr '\\0' x; echo; echo done",
+            60,
+            0,
+        )
         .expect("submit");
     let view = world
         .manager
