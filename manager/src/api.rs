@@ -345,6 +345,7 @@ pub fn router(app: App) -> Router {
         .route("/tokens/{name}/revoke", post(revoke_token));
     let mut root = Router::new()
         .route("/healthz", get(|| async { "ok" }))
+        .route("/metrics", get(metrics))
         .nest(API_PREFIX, api);
     if let Some(dir) = releases {
         // Static, read-only, no listing, nothing outside `dir` (see `releases`).
@@ -360,6 +361,24 @@ pub fn router(app: App) -> Router {
     root.fallback(no_route)
         .method_not_allowed_fallback(wrong_method)
         .with_state(app)
+}
+
+/// Prometheus scrape: counts and versions only, no token needed (see `metrics`).
+async fn metrics(State(app): State<App>) -> ApiResult<Response> {
+    let text = app
+        .db(|s| Ok(s.metrics().render(&s.snapshot(now_ms())?)))
+        .await?;
+    Ok((
+        [
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static(crate::metrics::CONTENT_TYPE),
+            ),
+            (header::CACHE_CONTROL, HeaderValue::from_static("no-cache")),
+        ],
+        text,
+    )
+        .into_response())
 }
 
 async fn no_route(method: Method, uri: Uri) -> ApiError {

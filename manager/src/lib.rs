@@ -18,6 +18,7 @@ pub mod conn;
 pub mod error;
 pub mod hub;
 pub mod lifecycle;
+pub mod metrics;
 pub mod queue;
 pub mod reaper;
 pub mod releases;

@@ -12,6 +12,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use delegate_protocol::{UnixMillis, selectors_match};
 
@@ -39,7 +40,8 @@ pub struct Fresh {
 #[derive(Debug, Default)]
 pub struct Queue {
     groups: HashMap<Selectors, BTreeMap<Place, String>>,
-    by_id: HashMap<String, (Selectors, Place)>,
+    /// Its group, its place, and since when it waits (for the pick-up figure).
+    by_id: HashMap<String, (Selectors, Place, Instant)>,
     fresh: Vec<Fresh>,
 }
 
@@ -55,7 +57,8 @@ impl Queue {
             .entry(key.clone())
             .or_default()
             .insert(place, id.to_string());
-        self.by_id.insert(id.to_string(), (key.clone(), place));
+        self.by_id
+            .insert(id.to_string(), (key.clone(), place, Instant::now()));
         self.fresh.push(Fresh {
             task: id.to_string(),
             selectors: key,
@@ -64,7 +67,7 @@ impl Queue {
 
     /// The task left the queue (leased or ended).
     pub fn remove(&mut self, id: &str) {
-        if let Some((key, place)) = self.by_id.remove(id)
+        if let Some((key, place, _)) = self.by_id.remove(id)
             && let Some(group) = self.groups.get_mut(&key)
         {
             group.remove(&place);
@@ -80,7 +83,13 @@ impl Queue {
 
     /// The selectors of a queued task.
     pub fn selectors(&self, id: &str) -> Option<Selectors> {
-        self.by_id.get(id).map(|(k, _)| k.clone())
+        self.by_id.get(id).map(|(k, _, _)| k.clone())
+    }
+
+    /// How long a queued task has waited (since it was queued, or since the manager
+    /// started for a task queued before).
+    pub fn waited(&self, id: &str) -> Option<Duration> {
+        self.by_id.get(id).map(|(_, _, since)| since.elapsed())
     }
 
     pub fn len(&self) -> usize {
@@ -122,7 +131,7 @@ impl Queue {
 
     /// Say a queued task again as fresh (a wake-up for it was not used).
     pub fn refresh(&mut self, id: &str) {
-        if let Some((key, _)) = self.by_id.get(id) {
+        if let Some((key, _, _)) = self.by_id.get(id) {
             self.fresh.push(Fresh {
                 task: id.to_string(),
                 selectors: key.clone(),

@@ -25,6 +25,7 @@ use rusqlite::{Connection, OptionalExtension, Row, params};
 use crate::auth;
 use crate::error::StoreError;
 use crate::lifecycle::{self, Change, Event, Task, TransitionError};
+use crate::metrics::{Metrics, Snapshot};
 use crate::queue::{Fresh, Queue, Selectors, selector_key};
 
 /// Schema migrations, applied in order; `PRAGMA user_version` counts those applied.
@@ -234,6 +235,7 @@ pub struct Store {
     tags: Mutex<HashMap<String, Selectors>>,
     lease_ttl_ms: i64,
     max_log_bytes: u64,
+    metrics: Metrics,
 }
 
 /// What one retention pass deleted.
@@ -590,7 +592,38 @@ impl Store {
             tags: Mutex::new(HashMap::new()),
             lease_ttl_ms: lease_ttl.as_millis() as i64,
             max_log_bytes: DEFAULT_MAX_LOG_BYTES,
+            metrics: Metrics::new(),
         })
+    }
+
+    /// The figures the store records as things happen (pick-up, run time, lapsed leases).
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// The counts `/metrics` reads from the database at a scrape.
+    pub fn snapshot(&self, now: UnixMillis) -> Result<Snapshot, StoreError> {
+        let conn = self.conn();
+        let mut snap = Snapshot::default();
+        let mut stmt = conn.prepare_cached(
+            "SELECT CASE WHEN last_seen < ?1 THEN 'disconnected' ELSE state END, version, \
+             COUNT(*) FROM delegates GROUP BY 1, 2",
+        )?;
+        let mut rows = stmt.query([now - self.lease_ttl_ms])?;
+        while let Some(r) = rows.next()? {
+            snap.delegates.insert((r.get(0)?, r.get(1)?), r.get(2)?);
+        }
+        let mut stmt =
+            conn.prepare_cached("SELECT state, kind, COUNT(*) FROM tasks GROUP BY state, kind")?;
+        let mut rows = stmt.query([])?;
+        while let Some(r) = rows.next()? {
+            snap.tasks.insert((r.get(0)?, r.get(1)?), r.get(2)?);
+        }
+        snap.log_bytes = conn
+            .prepare_cached("SELECT COALESCE(SUM(log_bytes), 0) FROM tasks")?
+            .query_row([], |r| r.get(0))?;
+        snap.queue_depth = self.queue().len() as i64;
+        Ok(snap)
     }
 
     /// Cap each attempt's stored log at `bytes` (default [`DEFAULT_MAX_LOG_BYTES`]).
@@ -1099,6 +1132,9 @@ impl Store {
         }
         tx.commit()?;
         for a in &resp.tasks {
+            if let Some(waited) = q.waited(&a.task_id) {
+                self.metrics.picked_up(&a.kind, waited.as_secs_f64());
+            }
             q.remove(&a.task_id);
         }
         if let Some(p) = prefer {
@@ -1430,6 +1466,15 @@ impl Store {
         )?;
         let view = load_view(&tx, id)?;
         tx.commit()?;
+        // Run time from `started` (from the lease when a delegate never said it started).
+        if let (true, Some(started), Some(ended)) = (
+            view.state.is_terminal(),
+            view.started_at.or(view.assigned_at),
+            view.finished_at,
+        ) {
+            self.metrics
+                .finished(&view.kind, (ended - started).max(0) as f64 / 1000.0);
+        }
         Ok((view, effect))
     }
 
@@ -1491,6 +1536,8 @@ impl Store {
             holder_gone(&tx, &mut q, &id, task, &cause, now, &mut reaped)?;
         }
         tx.commit()?;
+        self.metrics
+            .leases_lapsed((reaped.requeued + reaped.lost + reaped.cancelled) as u64);
         Ok(reaped)
     }
 

@@ -6,6 +6,7 @@ mod docker_policy;
 mod fake_manager;
 mod load;
 mod manager_logs;
+mod manager_metrics;
 mod metrics;
 mod resilience;
 mod shell;

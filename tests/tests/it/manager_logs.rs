@@ -11,7 +11,7 @@ use delegate_tests::{Manager, fleet::proc_status_kib, wait_for};
 use serde_json::json;
 
 /// A delegate that is only its HTTP calls.
-struct SimDelegate {
+pub(crate) struct SimDelegate {
     http: reqwest::blocking::Client,
     base: String,
     token: String,
@@ -19,7 +19,7 @@ struct SimDelegate {
 }
 
 impl SimDelegate {
-    fn register(m: &Manager, name: &str) -> Result<SimDelegate> {
+    pub(crate) fn register(m: &Manager, name: &str) -> Result<SimDelegate> {
         let token = m.token(name)?;
         let http = reqwest::blocking::Client::builder()
             .timeout(Duration::from_secs(60))
@@ -45,7 +45,7 @@ impl SimDelegate {
     }
 
     /// Lease one task (waits up to 10 s).
-    fn lease(&self) -> Result<(String, u32)> {
+    pub(crate) fn lease(&self) -> Result<(String, u32)> {
         let r: AcquireResponse = self
             .http
             .post(format!(
@@ -60,7 +60,7 @@ impl SimDelegate {
         Ok((a.task_id.clone(), a.attempt))
     }
 
-    fn log(&self, task: &str, attempt: u32, offset: u64, data: Vec<u8>) -> Result<u64> {
+    pub(crate) fn log(&self, task: &str, attempt: u32, offset: u64, data: Vec<u8>) -> Result<u64> {
         let r = self
             .http
             .post(format!(
@@ -76,7 +76,7 @@ impl SimDelegate {
         Ok(r.json::<LogAck>()?.stored)
     }
 
-    fn succeed(&self, task: &str, attempt: u32) -> Result<()> {
+    pub(crate) fn succeed(&self, task: &str, attempt: u32) -> Result<()> {
         self.http
             .post(format!(
                 "{}/tasks/{task}/result?attempt={attempt}",

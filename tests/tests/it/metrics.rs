@@ -41,7 +41,7 @@ fn scrape(addr: &str) -> (String, String) {
 }
 
 /// Samples by `name{labels}`, as the parser read them; panics on a parse error.
-fn parse(text: &str) -> BTreeMap<String, f64> {
+pub(crate) fn parse(text: &str) -> BTreeMap<String, f64> {
     let mut child = Command::new("/usr/bin/python3")
         .args(["-c", PARSER])
         .stdin(Stdio::piped())
