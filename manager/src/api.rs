@@ -456,7 +456,11 @@ async fn acquire(
     let max = q.max.min(MAX_ACQUIRE_BATCH);
     let mut shutdown = app.hub.subscribe_shutdown();
     let delegate = id.clone();
-    let Some(tags) = app.db(move |s| s.delegate_tags(&delegate)).await? else {
+    let tags = match app.store.cached_delegate_tags(&id) {
+        Some(tags) => Some(tags),
+        None => app.db(move |s| s.delegate_tags(&delegate)).await?,
+    };
+    let Some(tags) = tags else {
         return Err(StoreError::DelegateNotFound(id).into());
     };
     // A task the hub handed to this poll: looked at first on the next pass.

@@ -646,6 +646,11 @@ impl Store {
         self.queue().len()
     }
 
+    /// The tags of a delegate if they are in memory already.
+    pub fn cached_delegate_tags(&self, id: &str) -> Option<Selectors> {
+        lock(&self.tags).get(id).cloned()
+    }
+
     /// The tags of a registered delegate (from memory; read once from the database).
     pub fn delegate_tags(&self, id: &str) -> Result<Option<Selectors>, StoreError> {
         if let Some(t) = lock(&self.tags).get(id) {
