@@ -467,7 +467,7 @@ async fn acquire(
     let mut prefer: Option<String> = None;
     loop {
         // Registered before the look at the database, so a submit in between still wakes us.
-        let waiter = app.hub.register(&id, &tags);
+        let waiter = app.hub.register(&id, &tags, max > 0);
         app.hub.looked();
         let (token, delegate, handed) = (auth.token_name.clone(), id.clone(), prefer.take());
         let got = app
@@ -1126,6 +1126,49 @@ mod tests {
         assert_eq!(s.app.hub.looks() - before, 1);
         assert_eq!(s.app.hub.waiting_polls(), PLAIN - 1);
         polls.abort_all();
+        s.stop().await;
+    }
+
+    /// A full agent polls with `max=0` for cancellations only: handing it a task made it
+    /// look at the queue for nothing (and, when it was the only delegate with the task's
+    /// tags, hand the task back to itself until its poll ran out).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_poll_that_asks_for_no_task_is_not_woken_by_one() {
+        let s = start().await;
+        let (full_token, full) = s.delegate("full", &[]).await;
+        let full_poll = s
+            .http
+            .post(s.url(&format!("/delegates/{full}/acquire?wait=20&max=0")))
+            .bearer_auth(full_token)
+            .send();
+        let full_poll = tokio::spawn(full_poll);
+        s.polls_waiting(1).await;
+        let (free_token, free) = s.delegate("free", &[]).await;
+        let free_poll = s
+            .http
+            .post(s.url(&format!("/delegates/{free}/acquire?wait=20&max=1")))
+            .bearer_auth(free_token)
+            .send();
+        let free_poll = tokio::spawn(free_poll);
+        s.polls_waiting(2).await;
+        let before = s.app.hub.looks();
+        s.admin_post("/tasks", json!({"kind": "shell", "spec": {"script": "x"}}))
+            .await;
+        let r = free_poll.await.expect("join").expect("free poll");
+        assert_eq!(r.status().as_u16(), 200);
+        let got: AcquireResponse = r.json().await.expect("acquire answer");
+        assert_eq!(got.tasks.len(), 1);
+        s.polls_waiting(1).await;
+        assert_eq!(
+            s.app.hub.looks() - before,
+            1,
+            "only the poll that may take the task looked"
+        );
+        assert!(
+            !full_poll.is_finished(),
+            "the full agent's poll was answered"
+        );
+        full_poll.abort();
         s.stop().await;
     }
 

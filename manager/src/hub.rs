@@ -104,9 +104,10 @@ impl Hub {
     }
 
     /// Register a long poll of `delegate` (with `tags`) for wake-ups. Register before
-    /// looking at the database, so a task queued between the look and the wait still
-    /// wakes it.
-    pub fn register(&self, delegate: &str, tags: &[String]) -> Waiter<'_> {
+    /// looking at the database, so a task queued between the look and the wait still wakes
+    /// it. `takes_tasks` is false for a poll of a full agent (`max=0`): it waits for
+    /// cancellations only and is never handed a task, which it could not take.
+    pub fn register(&self, delegate: &str, tags: &[String], takes_tasks: bool) -> Waiter<'_> {
         let slot = Arc::new(Slot {
             delegate: delegate.into(),
             tags: selector_key(tags),
@@ -116,7 +117,9 @@ impl Hub {
         let mut w = self.waiters();
         let id = w.next;
         w.next += 1;
-        w.by_tags.entry(slot.tags.clone()).or_default().insert(id);
+        if takes_tasks {
+            w.by_tags.entry(slot.tags.clone()).or_default().insert(id);
+        }
         w.by_delegate
             .entry(slot.delegate.clone())
             .or_default()
@@ -273,9 +276,9 @@ mod tests {
     async fn a_queued_task_wakes_one_matching_waiter_only() {
         let hub = Hub::default();
         let plain: Vec<_> = (0..100)
-            .map(|i| hub.register(&format!("d{i}"), &[]))
+            .map(|i| hub.register(&format!("d{i}"), &[], true))
             .collect();
-        let gpu = hub.register("g", &s(&["gpu", "linux"]));
+        let gpu = hub.register("g", &s(&["gpu", "linux"]), true);
         hub.task_queued(fresh("t1", &["gpu"]));
         assert!(is_woken(&gpu).await);
         assert_eq!(gpu.take_handoff().map(|f| f.task).as_deref(), Some("t1"));
@@ -302,8 +305,8 @@ mod tests {
     #[tokio::test]
     async fn an_unused_handoff_passes_to_another_waiter() {
         let hub = Hub::default();
-        let a = hub.register("a", &[]);
-        let b = hub.register("b", &[]);
+        let a = hub.register("a", &[], true);
+        let b = hub.register("b", &[], true);
         hub.task_queued(fresh("t1", &[]));
         assert!(is_woken(&a).await);
         drop(a); // the poll ended (deadline, disconnect) without looking
@@ -312,10 +315,23 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_poll_that_asks_for_no_task_is_never_handed_one() {
+        let hub = Hub::default();
+        let full = hub.register("full", &[], false);
+        let free = hub.register("free", &[], true);
+        hub.task_queued(fresh("t1", &[]));
+        assert!(!is_woken(&full).await, "a max=0 poll was handed a task");
+        assert!(is_woken(&free).await);
+        // It still hears about its own cancellations.
+        hub.wake_delegate("full");
+        assert!(is_woken(&full).await);
+    }
+
+    #[tokio::test]
     async fn delegate_and_all_wakeups() {
         let hub = Hub::default();
-        let a = hub.register("a", &[]);
-        let b = hub.register("b", &[]);
+        let a = hub.register("a", &[], true);
+        let b = hub.register("b", &[], true);
         hub.wake_delegate("b");
         assert!(is_woken(&b).await);
         assert!(!is_woken(&a).await);
