@@ -16,6 +16,7 @@ use kubelet::Kubelet;
 use serde_json::{Value, json};
 use tempfile::TempDir;
 
+mod incluster;
 mod kubelet;
 
 const LONG: Duration = Duration::from_secs(90);
