@@ -19,6 +19,7 @@ use tempfile::TempDir;
 mod incluster;
 mod infra;
 mod kubelet;
+mod late;
 mod workloads;
 
 const LONG: Duration = Duration::from_secs(90);
