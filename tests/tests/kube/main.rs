@@ -16,6 +16,7 @@ use kubelet::Kubelet;
 use serde_json::{Value, json};
 use tempfile::TempDir;
 
+mod any_cluster;
 mod incluster;
 mod infra;
 mod kubelet;
@@ -41,7 +42,8 @@ fn node() -> &'static Kubelet {
 struct World {
     manager: Manager,
     agent: Agent,
-    cp: &'static ControlPlane,
+    /// A kubeconfig with the rights to check and clean up what a test did.
+    admin: PathBuf,
     /// This test's namespace, created by the world.
     ns: String,
     _tmp: TempDir,
@@ -51,23 +53,21 @@ impl World {
     /// A manager and an agent with cluster `test` (admin) plus `extra` config lines, and
     /// a fresh namespace `ns`.
     fn new(ns: &str, extra: &str) -> World {
-        let cp = control_plane();
+        World::on(&control_plane().admin_kubeconfig(), ns, extra)
+    }
+
+    /// The same on the cluster of `admin` (cluster `test` of the agent uses it too).
+    fn on(admin: &Path, ns: &str, extra: &str) -> World {
         let tmp = tempfile::Builder::new()
             .prefix("delegate-kube-it-")
             .tempdir()
             .expect("temp dir");
-        kubectl(&cp.admin_kubeconfig(), &["create", "namespace", ns]).expect("namespace");
+        kubectl(admin, &["create", "namespace", ns]).expect("namespace");
         // Pods need the namespace's default service account (the controller makes it).
         wait_for(
             Duration::from_secs(30),
             "the default service account",
-            || {
-                kubectl(
-                    &cp.admin_kubeconfig(),
-                    &["-n", ns, "get", "serviceaccount", "default"],
-                )
-                .ok()
-            },
+            || kubectl(admin, &["-n", ns, "get", "serviceaccount", "default"]).ok(),
         )
         .expect("service account");
         let manager = Manager::start(tmp.path()).expect("manager starts");
@@ -80,7 +80,7 @@ impl World {
                 name: format!("kube-{ns}"),
                 extra: format!(
                     "[docker]\nenabled = false\n[[kubernetes]]\nname = \"test\"\nkubeconfig = {:?}\nnamespace = {ns:?}\n{extra}",
-                    cp.admin_kubeconfig().display().to_string()
+                    admin.display().to_string()
                 ),
                 ..AgentOptions::default()
             },
@@ -92,14 +92,14 @@ impl World {
         World {
             manager,
             agent,
-            cp,
+            admin: admin.to_path_buf(),
             ns: ns.to_string(),
             _tmp: tmp,
         }
     }
 
     fn admin(&self) -> PathBuf {
-        self.cp.admin_kubeconfig()
+        self.admin.clone()
     }
 
     /// Run a kubernetes task on cluster `cluster` to its end: its view and its log.
