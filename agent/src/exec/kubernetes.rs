@@ -292,6 +292,13 @@ fn documents(text: &str) -> Vec<&str> {
     docs
 }
 
+/// Errors on one line (the task's message), without the source snippet.
+pub(crate) fn yaml_options() -> serde_saphyr::Options {
+    let mut o = serde_saphyr::Options::default();
+    o.with_snippet = false;
+    o
+}
+
 /// A document of only markers, comments and white space.
 fn is_blank(doc: &str) -> bool {
     doc.lines()
@@ -308,8 +315,16 @@ pub(crate) fn parse_manifest(text: &str) -> Result<Vec<(usize, DynamicObject)>, 
         if is_blank(doc) {
             continue; // an empty document (`---` at the start or end)
         }
-        let value: serde_json::Value = serde_saphyr::from_str(doc)
-            .map_err(|e| format!("manifest document {index} is not valid YAML: {e}"))?;
+        let value: serde_json::Value = serde_saphyr::from_str_with_options(doc, yaml_options())
+            .map_err(|e| {
+                let first = text[..doc.as_ptr() as usize - text.as_ptr() as usize]
+                    .matches('\n')
+                    .count()
+                    + 1;
+                format!(
+                    "manifest document {index} is not valid YAML: {e} (counted from the document's first line, line {first} of the manifest)"
+                )
+            })?;
         if value.is_null() {
             continue; // `~` or `null`: nothing to apply
         }
@@ -552,9 +567,9 @@ mod tests {
     fn a_malformed_document_is_named_by_its_index_and_parse_error() {
         let text = "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: a\n---\napiVersion: v1\nkind: ConfigMap\nmetadata: [\n";
         let e = parse_manifest(text).expect_err("broken");
-        assert!(
-            e.starts_with("manifest document 2 is not valid YAML: "),
-            "{e}"
+        assert_eq!(
+            e,
+            "manifest document 2 is not valid YAML: unclosed bracket '[' at line 4, column 11 (counted from the document's first line, line 5 of the manifest)"
         );
         let e =
             parse_manifest("kind: ConfigMap\nmetadata:\n  name: a\n").expect_err("no apiVersion");

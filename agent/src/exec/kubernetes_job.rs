@@ -166,7 +166,7 @@ fn build_job(
     env: &Env,
 ) -> Result<Job, Failure> {
     let mut job: Job = match full {
-        Some(text) => serde_saphyr::from_str(text)
+        Some(text) => serde_saphyr::from_str_with_options(text, super::kubernetes::yaml_options())
             .map_err(|e| Failure(format!("spec.job is not a batch/v1 Job: {e}")))?,
         None => {
             let env: Vec<_> = env
