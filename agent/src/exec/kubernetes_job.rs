@@ -556,7 +556,9 @@ async fn why_the_pod_went(jobs: &Api<Job>, rec: &KubeJobRecord, pod_name: &str) 
             Ok(None) => return format!("{deleted} with its Job"),
             Err(_) => return deleted,
         };
-        if let Some(why) = job_failed(&job) {
+        // Only the deadline deletes pods; a BackoffLimitExceeded written now was caused
+        // by this very deletion (the killed pod counted as failed).
+        if let Some(why) = job_failed(&job).filter(|w| w.starts_with("DeadlineExceeded")) {
             return format!("Job {}/{} failed: {why}", rec.namespace, rec.name);
         }
         let Some(secs) = past_active_deadline(&job) else {
