@@ -14,8 +14,8 @@ use std::time::{Duration, UNIX_EPOCH};
 use clap::{Args, Parser, Subcommand};
 use delegate_protocol::{
     CreateToken, CreatedToken, DelegateView, DockerSpec, Env, ForgetDelegate, ForgottenDelegate,
-    HttpSpec, PullPolicy, ShellSpec, SubmitResponse, SubmitTask, TaskSpec, TaskState, TaskView,
-    TokenView, UnixMillis,
+    HttpSpec, KubeAction, KubernetesSpec, PullPolicy, ShellSpec, SubmitResponse, SubmitTask,
+    TaskSpec, TaskState, TaskView, TokenView, UnixMillis,
 };
 
 use crate::client::Client;
@@ -188,12 +188,12 @@ pub enum TaskCmd {
 
 #[derive(Debug, Args)]
 pub struct SubmitArgs {
-    /// Task kind: shell, http or docker (inferred from --script / --url / --image when
-    /// absent).
+    /// Task kind: shell, http, docker or kubernetes (inferred from --script / --url /
+    /// --cluster / --image when absent).
     #[arg(long)]
     pub kind: Option<String>,
     /// A full SubmitTask JSON document (`-` = stdin) instead of the flags below.
-    #[arg(long, conflicts_with_all = ["kind", "script", "url", "image"])]
+    #[arg(long, conflicts_with_all = ["kind", "script", "url", "image", "cluster", "action"])]
     pub spec: Option<PathBuf>,
 
     /// shell: the script to run.
@@ -202,7 +202,7 @@ pub struct SubmitArgs {
     /// shell: interpreter and its arguments, e.g. '/bin/bash -e' (default /bin/sh).
     #[arg(long)]
     pub interpreter: Option<String>,
-    /// shell, docker: environment variable K=V (repeatable).
+    /// shell, docker, kubernetes job: environment variable K=V (repeatable).
     #[arg(long = "env", value_name = "K=V")]
     pub env: Vec<String>,
     /// shell, docker: absolute working directory.
@@ -225,7 +225,7 @@ pub struct SubmitArgs {
     #[arg(long)]
     pub expect_status: Vec<u16>,
 
-    /// docker: image to run; the command and its arguments follow `--`.
+    /// docker, kubernetes job: image to run; the command and its arguments follow `--`.
     #[arg(long)]
     pub image: Option<String>,
     /// docker: pull policy: always, if-not-present (default) or never.
@@ -240,9 +240,12 @@ pub struct SubmitArgs {
     /// docker: keep the container after the task instead of removing it.
     #[arg(long)]
     pub keep: bool,
-    /// docker: the command and its arguments, after `--`.
+    /// docker, kubernetes job: the command and its arguments, after `--`.
     #[arg(last = true, value_name = "CMD")]
     pub command: Vec<String>,
+
+    #[command(flatten)]
+    pub kube: KubeArgs,
 
     /// Tag a delegate must have (repeatable).
     #[arg(long = "selector", value_name = "TAG")]
@@ -257,6 +260,38 @@ pub struct SubmitArgs {
     /// with the task's status (0 if it succeeded, else its exit code, else 1).
     #[arg(long)]
     pub wait: bool,
+}
+
+/// The flags of a `kubernetes` task; `--image`, `--env` and the command after `--` are
+/// shared with docker.
+#[derive(Debug, Args)]
+pub struct KubeArgs {
+    /// kubernetes: the cluster, by its name in the delegate's [[kubernetes]] config.
+    #[arg(long)]
+    pub cluster: Option<String>,
+    /// kubernetes: apply, job, rollout or delete.
+    #[arg(long, value_parser = ["apply", "job", "rollout", "delete"])]
+    pub action: Option<String>,
+    /// kubernetes apply, delete: a file of YAML documents (`-` = stdin).
+    #[arg(long, value_name = "FILE")]
+    pub manifest: Option<PathBuf>,
+    /// kubernetes job: a file holding a full batch/v1 Job (YAML or JSON) instead of
+    /// --image and a command.
+    #[arg(long, value_name = "FILE")]
+    pub job: Option<PathBuf>,
+    /// kubernetes rollout, delete: the object as KIND/NAME, as kubectl names it
+    /// (deployment/web, sts/db, 'apps/v1 Deployment/web').
+    #[arg(long, value_name = "KIND/NAME")]
+    pub object: Option<String>,
+    /// kubernetes: the namespace (default: the cluster's in the delegate's config).
+    #[arg(long)]
+    pub namespace: Option<String>,
+    /// kubernetes apply: take over fields that another field manager owns.
+    #[arg(long)]
+    pub force: bool,
+    /// kubernetes delete: background (default), foreground or orphan.
+    #[arg(long)]
+    pub propagation: Option<String>,
 }
 
 /// Run a client command (anything but `serve`).
@@ -425,17 +460,7 @@ async fn task_cmd(client: &Client, cmd: TaskCmd) -> Result<ExitCode, CliError> {
 /// Build the submission from `--spec` or from the kind's flags.
 fn submission(args: &SubmitArgs) -> Result<SubmitTask, CliError> {
     let mut task = if let Some(path) = &args.spec {
-        let text = if path.as_os_str() == "-" {
-            std::io::read_to_string(std::io::stdin()).map_err(|source| CliError::ReadFile {
-                path: path.clone(),
-                source,
-            })?
-        } else {
-            std::fs::read_to_string(path).map_err(|source| CliError::ReadFile {
-                path: path.clone(),
-                source,
-            })?
-        };
+        let text = read_input(path)?;
         serde_json::from_str::<SubmitTask>(&text).map_err(|e| {
             CliError::Usage(format!(
                 "{}: not a task submission: {e} (expected {{\"kind\": ..., \"spec\": {{...}}}})",
@@ -447,11 +472,13 @@ fn submission(args: &SubmitArgs) -> Result<SubmitTask, CliError> {
             (Some(k), _, _, _) => k.clone(),
             (None, Some(_), _, _) => "shell".to_string(),
             (None, None, Some(_), _) => "http".to_string(),
+            (None, None, None, _) if args.kube.cluster.is_some() => "kubernetes".to_string(),
             (None, None, None, Some(_)) => "docker".to_string(),
             (None, None, None, None) => {
                 return Err(CliError::Usage(
                     "say what to run: --kind shell --script '...', --kind http --url URL, \
-                     --kind docker --image IMAGE -- CMD ARG..., or --spec FILE"
+                     --kind docker --image IMAGE -- CMD ARG..., --kind kubernetes --cluster \
+                     NAME --action ACTION ..., or --spec FILE"
                         .to_string(),
                 ));
             }
@@ -488,6 +515,7 @@ fn submission(args: &SubmitArgs) -> Result<SubmitTask, CliError> {
                 keep: args.keep,
                 ..DockerSpec::default()
             }),
+            "kubernetes" => TaskSpec::Kubernetes(kube_spec(args)?),
             other => {
                 return Err(CliError::Usage(format!(
                     "unknown task kind {other:?} (known kinds: {}); other kinds need --spec FILE",
@@ -512,6 +540,114 @@ fn submission(args: &SubmitArgs) -> Result<SubmitTask, CliError> {
         task.retries = r;
     }
     Ok(task)
+}
+
+/// A file's text, or stdin's for `-`.
+fn read_input(path: &Path) -> Result<String, CliError> {
+    let read = if path.as_os_str() == "-" {
+        std::io::read_to_string(std::io::stdin())
+    } else {
+        std::fs::read_to_string(path)
+    };
+    read.map_err(|source| CliError::ReadFile {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// A kubernetes spec from `--cluster`, `--action` and the action's flags; a flag the
+/// action does not use is refused rather than silently dropped.
+fn kube_spec(args: &SubmitArgs) -> Result<KubernetesSpec, CliError> {
+    let k = &args.kube;
+    let usage = |m: &str| CliError::Usage(m.to_string());
+    let cluster = k.cluster.clone().ok_or_else(|| {
+        usage("--kind kubernetes needs --cluster NAME (a [[kubernetes]] cluster of the delegate)")
+    })?;
+    let action = k
+        .action
+        .as_deref()
+        .ok_or_else(|| usage("--kind kubernetes needs --action apply|job|rollout|delete"))?;
+    let given: [(&str, bool); 8] = [
+        ("--manifest", k.manifest.is_some()),
+        ("--job", k.job.is_some()),
+        ("--object", k.object.is_some()),
+        ("--force", k.force),
+        ("--propagation", k.propagation.is_some()),
+        ("--image", args.image.is_some()),
+        ("--env", !args.env.is_empty()),
+        ("a command after --", !args.command.is_empty()),
+    ];
+    let allowed: &[&str] = match action {
+        "apply" => &["--manifest", "--force"],
+        "job" => &["--job", "--image", "--env", "a command after --"],
+        "rollout" => &["--object"],
+        _ => &["--manifest", "--object", "--propagation"],
+    };
+    if let Some((flag, _)) = given.iter().find(|(f, on)| *on && !allowed.contains(f)) {
+        return Err(CliError::Usage(format!(
+            "{flag} does not go with --action {action} (it takes {})",
+            allowed.join(", ")
+        )));
+    }
+    let namespace = k.namespace.clone();
+    let manifest = k.manifest.as_deref().map(read_input).transpose()?;
+    let object = match k.object.as_deref() {
+        Some(o) => Some(
+            o.rsplit_once('/')
+                .filter(|(kind, name)| !kind.is_empty() && !name.is_empty())
+                .ok_or_else(|| {
+                    CliError::Usage(format!(
+                        "--object {o:?} is not KIND/NAME, e.g. deployment/web"
+                    ))
+                })?,
+        ),
+        None => None,
+    };
+    let action = match action {
+        "apply" => KubeAction::Apply {
+            manifest: manifest.ok_or_else(|| usage("--action apply needs --manifest FILE"))?,
+            namespace,
+            force: k.force,
+        },
+        "job" => {
+            if k.job.is_none() && args.image.is_none() {
+                return Err(usage(
+                    "--action job needs --image IMAGE -- CMD ARG..., or --job FILE",
+                ));
+            }
+            KubeAction::Job {
+                job: k.job.as_deref().map(read_input).transpose()?,
+                image: args.image.clone(),
+                command: args.command.clone(),
+                env: pairs(&args.env, '=', "--env", "K=V")?,
+                namespace,
+            }
+        }
+        "rollout" => {
+            let (kind, name) =
+                object.ok_or_else(|| usage("--action rollout needs --object KIND/NAME"))?;
+            KubeAction::Rollout {
+                object_kind: kind.to_string(),
+                name: name.to_string(),
+                namespace,
+            }
+        }
+        _ => {
+            if manifest.is_some() == object.is_some() {
+                return Err(usage(
+                    "--action delete needs either --manifest FILE or --object KIND/NAME",
+                ));
+            }
+            KubeAction::Delete {
+                manifest,
+                object_kind: object.map(|(kind, _)| kind.to_string()),
+                name: object.map(|(_, name)| name.to_string()),
+                namespace,
+                propagation: k.propagation.clone(),
+            }
+        }
+    };
+    Ok(KubernetesSpec { cluster, action })
 }
 
 fn parse_pull(s: &str) -> Result<PullPolicy, String> {
@@ -875,6 +1011,136 @@ mod tests {
         }
         let e = submission(&args(&["--kind", "docker"])).expect_err("no image");
         assert!(e.to_string().contains("--image"), "{e}");
+    }
+
+    #[test]
+    fn kubernetes_flags_make_each_action_and_refuse_flags_the_action_does_not_take() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("m.yaml");
+        std::fs::write(&file, "apiVersion: v1\nkind: ConfigMap\n").expect("write");
+        let m = file.to_str().expect("utf-8 path");
+        let spec = |extra: &[&str]| match submission(&args(extra)) {
+            Ok(SubmitTask {
+                spec: TaskSpec::Kubernetes(k),
+                ..
+            }) => Ok(k),
+            Ok(other) => panic!("wrong kind {other:?}"),
+            Err(e) => Err(e.to_string()),
+        };
+        // --cluster alone says the kind.
+        let k = spec(&[
+            "--cluster",
+            "prod",
+            "--action",
+            "apply",
+            "--manifest",
+            m,
+            "--namespace",
+            "web",
+            "--force",
+        ])
+        .expect("apply");
+        assert_eq!(k.cluster, "prod");
+        assert_eq!(
+            k.action,
+            KubeAction::Apply {
+                manifest: "apiVersion: v1\nkind: ConfigMap\n".into(),
+                namespace: Some("web".into()),
+                force: true
+            }
+        );
+        let k = spec(&[
+            "--kind",
+            "kubernetes",
+            "--cluster",
+            "prod",
+            "--action",
+            "job",
+            "--image",
+            "busybox:1",
+            "--env",
+            "A=1",
+            "--",
+            "sh",
+            "-c",
+            "exit 3",
+        ])
+        .expect("job");
+        match k.action {
+            KubeAction::Job {
+                job: None,
+                image: Some(i),
+                command,
+                env,
+                namespace: None,
+            } => {
+                assert_eq!(i, "busybox:1");
+                assert_eq!(command, ["sh", "-c", "exit 3"]);
+                assert_eq!(env.get("A").map(String::as_str), Some("1"));
+            }
+            other => panic!("{other:?}"),
+        }
+        let k = spec(&[
+            "--cluster",
+            "prod",
+            "--action",
+            "rollout",
+            "--object",
+            "apps/v1 Deployment/web",
+        ])
+        .expect("rollout");
+        assert_eq!(
+            k.action,
+            KubeAction::Rollout {
+                object_kind: "apps/v1 Deployment".into(),
+                name: "web".into(),
+                namespace: None
+            }
+        );
+        let k = spec(&[
+            "--cluster",
+            "prod",
+            "--action",
+            "delete",
+            "--object",
+            "job/x",
+            "--propagation",
+            "foreground",
+        ])
+        .expect("delete");
+        assert!(matches!(
+            k.action,
+            KubeAction::Delete { manifest: None, object_kind: Some(ref o), name: Some(ref n), propagation: Some(ref p), .. }
+                if o == "job" && n == "x" && p == "foreground"
+        ));
+        let e = spec(&[
+            "--cluster",
+            "prod",
+            "--action",
+            "rollout",
+            "--force",
+            "--object",
+            "deploy/w",
+        ])
+        .expect_err("force is for apply");
+        assert!(
+            e.contains("--force does not go with --action rollout"),
+            "{e}"
+        );
+        let e = spec(&["--cluster", "prod", "--action", "delete"]).expect_err("what to delete");
+        assert!(e.contains("--manifest FILE or --object KIND/NAME"), "{e}");
+        let e = spec(&[
+            "--cluster",
+            "prod",
+            "--action",
+            "rollout",
+            "--object",
+            "web",
+        ])
+        .expect_err("no kind");
+        assert!(e.contains("not KIND/NAME"), "{e}");
+        let e = spec(&["--kind", "kubernetes", "--action", "job"]).expect_err("no cluster");
+        assert!(e.contains("--cluster NAME"), "{e}");
     }
 
     #[test]

@@ -16,7 +16,6 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::core::GroupVersionKind;
 use kube::discovery::{ApiCapabilities, ApiResource, Scope};
 use kube::{Client, Config};
-use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
 use super::{ExecContext, ExecOutcome, kubernetes_job, kubernetes_rollout};
@@ -269,18 +268,67 @@ impl Doc {
     }
 }
 
+/// The documents of a multi-document YAML text, split as kubectl splits them: at lines
+/// starting with the `---` marker (which YAML allows nowhere else at column 0). A first
+/// document before the first marker that holds nothing is not counted, so indexes are what
+/// a person counts.
+fn documents(text: &str) -> Vec<&str> {
+    let mut starts = vec![0];
+    let mut at = 0;
+    for line in text.split_inclusive('\n') {
+        let marker = line
+            .strip_prefix("---")
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with(char::is_whitespace));
+        if marker && at > 0 {
+            starts.push(at);
+        }
+        at += line.len();
+    }
+    starts.push(text.len());
+    let mut docs: Vec<&str> = starts.windows(2).map(|w| &text[w[0]..w[1]]).collect();
+    if docs.len() > 1 && is_blank(docs[0]) && !docs[0].starts_with("---") {
+        docs.remove(0);
+    }
+    docs
+}
+
+/// Errors on one line (the task's message), without the source snippet.
+pub(crate) fn yaml_options() -> serde_saphyr::Options {
+    let mut o = serde_saphyr::Options::default();
+    o.with_snippet = false;
+    o
+}
+
+/// A document of only markers, comments and white space.
+fn is_blank(doc: &str) -> bool {
+    doc.lines()
+        .map(str::trim)
+        .all(|l| l.is_empty() || l.starts_with('#') || l == "---")
+}
+
 /// Split a multi-document YAML manifest into objects; a document that does not parse or
 /// lacks apiVersion, kind or metadata.name fails the whole manifest naming its index.
 pub(crate) fn parse_manifest(text: &str) -> Result<Vec<(usize, DynamicObject)>, String> {
     let mut out = Vec::new();
-    for (i, de) in serde_yaml::Deserializer::from_str(text).enumerate() {
+    for (i, doc) in documents(text).into_iter().enumerate() {
         let index = i + 1;
-        let value = serde_yaml::Value::deserialize(de)
-            .map_err(|e| format!("manifest document {index} is not valid YAML: {e}"))?;
-        if value.is_null() {
+        if is_blank(doc) {
             continue; // an empty document (`---` at the start or end)
         }
-        let obj: DynamicObject = serde_yaml::from_value(value)
+        let value: serde_json::Value = serde_saphyr::from_str_with_options(doc, yaml_options())
+            .map_err(|e| {
+                let first = text[..doc.as_ptr() as usize - text.as_ptr() as usize]
+                    .matches('\n')
+                    .count()
+                    + 1;
+                format!(
+                    "manifest document {index} is not valid YAML: {e} (counted from the document's first line, line {first} of the manifest)"
+                )
+            })?;
+        if value.is_null() {
+            continue; // `~` or `null`: nothing to apply
+        }
+        let obj: DynamicObject = serde_json::from_value(value)
             .map_err(|e| format!("manifest document {index} is not a Kubernetes object: {e}"))?;
         let Some(types) = &obj.types else {
             return Err(format!(
@@ -519,15 +567,38 @@ mod tests {
     fn a_malformed_document_is_named_by_its_index_and_parse_error() {
         let text = "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: a\n---\napiVersion: v1\nkind: ConfigMap\nmetadata: [\n";
         let e = parse_manifest(text).expect_err("broken");
-        assert!(
-            e.starts_with("manifest document 2 is not valid YAML: "),
-            "{e}"
+        assert_eq!(
+            e,
+            "manifest document 2 is not valid YAML: unclosed bracket '[' at line 4, column 11 (counted from the document's first line, line 5 of the manifest)"
         );
         let e =
             parse_manifest("kind: ConfigMap\nmetadata:\n  name: a\n").expect_err("no apiVersion");
         assert!(e.starts_with("manifest document 1 "), "{e}");
         let e = parse_manifest("apiVersion: v1\nkind: ConfigMap\n").expect_err("no name");
         assert_eq!(e, "manifest document 1 (ConfigMap) has no metadata.name");
+    }
+
+    #[test]
+    fn documents_split_at_markers_as_kubectl_does() {
+        let text = "# leading comment\n---\na: 1\n--- # marker with a comment\nb: |\n  ---not a marker (indented)\n---\n";
+        let docs = documents(text);
+        assert_eq!(docs.len(), 3, "{docs:?}");
+        assert!(docs[0].contains("a: 1"));
+        assert!(docs[1].contains("not a marker"));
+        assert!(is_blank(docs[2]));
+        let e = parse_manifest(
+            "---\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: a}\n---\nkind: [\n",
+        )
+        .expect_err("second is broken");
+        assert!(
+            e.starts_with("manifest document 2 is not valid YAML: "),
+            "{e}"
+        );
+        let docs = parse_manifest(
+            "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: a\ndata:\n  n: \"1\"\n  text: |\n    x\n    y\n",
+        )
+        .expect("parses");
+        assert_eq!(docs[0].1.data["data"]["text"], "x\ny\n");
     }
 
     #[test]

@@ -13,7 +13,10 @@
 //!
 //! Script failures (a non-zero exit code) and infrastructure failures (OOMKilled, Evicted,
 //! DeadlineExceeded, image pull errors, the pod or Job deleted) are told apart: the first
-//! is the task's exit code, the second a message starting "infrastructure failure".
+//! is the task's exit code, the second a message starting "infrastructure failure". A
+//! container that ends while its pod is being deleted (a kubelet reports the kill's 143 or
+//! 137 before the pod goes) did not fail by itself: the Job's own verdict names the cause
+//! when it has one (DeadlineExceeded: the controller deletes the pod, then writes it).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -163,7 +166,7 @@ fn build_job(
     env: &Env,
 ) -> Result<Job, Failure> {
     let mut job: Job = match full {
-        Some(text) => serde_yaml::from_str(text)
+        Some(text) => serde_saphyr::from_str_with_options(text, super::kubernetes::yaml_options())
             .map_err(|e| Failure(format!("spec.job is not a batch/v1 Job: {e}")))?,
         None => {
             let env: Vec<_> = env
@@ -432,7 +435,6 @@ async fn follow_job(
                 delete_job(&jobs, &rec.name).await;
                 return infra(format!("the pod cannot start: {problem}"));
             }
-            Some(PodState::PodFailed(why)) => return infra(why),
             Some(PodState::Waiting(None)) | None => {
                 if let Some(why) = job_failed(&job) {
                     return infra(format!("Job failed before its pod ran: {why}"));
@@ -499,9 +501,10 @@ async fn follow_job(
                 }
             }
             Err(e) if is_status(&e, 404) => {
+                let why = why_the_pod_went(&jobs, rec, &pod_name).await;
                 // The Job controller would start a new pod: this attempt is over.
                 delete_job(&jobs, &rec.name).await;
-                return infra(format!("pod {}/{pod_name} was deleted", rec.namespace));
+                return infra(why);
             }
             Err(e) => {
                 tracing::debug!("pod log stream failed: {}; retrying", api_message(&e));
@@ -513,14 +516,22 @@ async fn follow_job(
         }
         // The stream ended: decide from the container, not from the end of the stream.
         match pods.get_opt(&pod_name).await {
+            // Being deleted: whatever its container reports now (143, 137) is the
+            // kill's exit code, not the script's.
+            Ok(Some(p)) if p.metadata.deletion_timestamp.is_some() => {
+                let why = why_the_pod_went(&jobs, rec, &pod_name).await;
+                delete_job(&jobs, &rec.name).await;
+                return infra(why);
+            }
             Ok(Some(p)) => match pod_state(&p) {
                 PodState::Terminated { code, reason } => ended = Some((code, reason)),
                 PodState::PodFailed(why) => return infra(why),
                 _ => tokio::time::sleep(Duration::from_millis(100)).await,
             },
             Ok(None) => {
+                let why = why_the_pod_went(&jobs, rec, &pod_name).await;
                 delete_job(&jobs, &rec.name).await;
-                return infra(format!("pod {}/{pod_name} was deleted", rec.namespace));
+                return infra(why);
             }
             Err(e) => {
                 tracing::debug!("cannot read the pod: {}; retrying", api_message(&e));
@@ -528,6 +539,49 @@ async fn follow_job(
             }
         }
     }
+}
+
+/// How long the Job controller gets to write its verdict after it deleted the pod of a
+/// Job past its `activeDeadlineSeconds` (it deletes first, then writes the condition).
+const VERDICT_LIMIT: Duration = Duration::from_secs(10);
+
+/// Why the pod was deleted before its container ended on its own: the Job's verdict
+/// (DeadlineExceeded) when it has one, else a deletion by someone else.
+async fn why_the_pod_went(jobs: &Api<Job>, rec: &KubeJobRecord, pod_name: &str) -> String {
+    let deleted = format!("pod {}/{pod_name} was deleted", rec.namespace);
+    let give_up = tokio::time::Instant::now() + VERDICT_LIMIT;
+    loop {
+        let job = match jobs.get_opt(&rec.name).await {
+            Ok(Some(j)) => j,
+            Ok(None) => return format!("{deleted} with its Job"),
+            Err(_) => return deleted,
+        };
+        // Only the deadline deletes pods; a BackoffLimitExceeded written now was caused
+        // by this very deletion (the killed pod counted as failed).
+        if let Some(why) = job_failed(&job).filter(|w| w.starts_with("DeadlineExceeded")) {
+            return format!("Job {}/{} failed: {why}", rec.namespace, rec.name);
+        }
+        let Some(secs) = past_active_deadline(&job) else {
+            return deleted;
+        };
+        if tokio::time::Instant::now() >= give_up {
+            return format!(
+                "Job {}/{} failed: DeadlineExceeded: it was active longer than its activeDeadlineSeconds ({secs}s)",
+                rec.namespace, rec.name
+            );
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// The Job's `activeDeadlineSeconds` when it has passed.
+fn past_active_deadline(job: &Job) -> Option<i64> {
+    let secs = job.spec.as_ref()?.active_deadline_seconds?;
+    let start = job.status.as_ref()?.start_time.as_ref()?.0;
+    let end = start
+        .checked_add(jiff::SignedDuration::from_secs(secs))
+        .ok()?;
+    (jiff::Timestamp::now() >= end).then_some(secs)
 }
 
 fn outcome(code: i32, reason: &str) -> ExecOutcome {

@@ -277,6 +277,7 @@ fn parse_kind(kind: &str) -> Result<GroupVersionKind, Failure> {
             )));
         }
     };
+    let k = kubectl_kind(k);
     let av = av.unwrap_or(match k {
         "Deployment" | "StatefulSet" | "DaemonSet" | "ReplicaSet" => "apps/v1",
         "Job" => "batch/v1",
@@ -289,6 +290,34 @@ fn parse_kind(kind: &str) -> Result<GroupVersionKind, Failure> {
     });
     let (group, version) = av.split_once('/').unwrap_or(("", av));
     Ok(GroupVersionKind::gvk(group, version, k))
+}
+
+/// The Kind for the names kubectl accepts for common kinds (`deployment`, `deploy`,
+/// `cm`...), so `deployment/web` works as it does in kubectl; anything else as given.
+fn kubectl_kind(k: &str) -> &str {
+    const KINDS: &[(&[&str], &str)] = &[
+        (&["deployment", "deployments", "deploy"], "Deployment"),
+        (&["statefulset", "statefulsets", "sts"], "StatefulSet"),
+        (&["daemonset", "daemonsets", "ds"], "DaemonSet"),
+        (&["replicaset", "replicasets", "rs"], "ReplicaSet"),
+        (&["job", "jobs"], "Job"),
+        (&["cronjob", "cronjobs", "cj"], "CronJob"),
+        (&["configmap", "configmaps", "cm"], "ConfigMap"),
+        (&["secret", "secrets"], "Secret"),
+        (&["service", "services", "svc"], "Service"),
+        (&["pod", "pods", "po"], "Pod"),
+        (&["namespace", "namespaces", "ns"], "Namespace"),
+        (
+            &["serviceaccount", "serviceaccounts", "sa"],
+            "ServiceAccount",
+        ),
+        (&["ingress", "ingresses", "ing"], "Ingress"),
+    ];
+    let lower = k.to_ascii_lowercase();
+    KINDS
+        .iter()
+        .find(|(names, _)| names.contains(&lower.as_str()))
+        .map_or(k, |(_, kind)| kind)
 }
 
 /// Delete the objects of a manifest (in reverse order) or one object.
@@ -368,6 +397,24 @@ pub(super) async fn delete(
 mod tests {
     use super::*;
     use k8s_openapi::api::apps::v1::{DeploymentSpec, DeploymentStatus};
+
+    #[test]
+    fn kubectl_names_of_kinds_resolve_and_others_stay_as_given() {
+        let gvk = |k: &str| parse_kind(k).map_err(|f| f.0).expect("kind");
+        assert_eq!(
+            gvk("deployment"),
+            GroupVersionKind::gvk("apps", "v1", "Deployment")
+        );
+        assert_eq!(
+            gvk("sts"),
+            GroupVersionKind::gvk("apps", "v1", "StatefulSet")
+        );
+        assert_eq!(gvk("cm"), GroupVersionKind::gvk("", "v1", "ConfigMap"));
+        assert_eq!(
+            gvk("example.dev/v1 Widget"),
+            GroupVersionKind::gvk("example.dev", "v1", "Widget")
+        );
+    }
 
     fn deployment(generation: i64, observed: i64, status: DeploymentStatus) -> Deployment {
         let mut d = Deployment::default();

@@ -8,8 +8,16 @@
 //! script. The output is kept with nanosecond timestamps and served over HTTPS at
 //! `/containerLogs/{ns}/{pod}/{container}` with `follow`, `timestamps` and `sinceTime`,
 //! which the real API server proxies for `pods/log`. A container whose env has
-//! `STANDIN_CUT_FOLLOW_AFTER=N` has each follow stream ended after N lines, as a kubelet's log rotation or a proxy timeout does. A pod being deleted has its
-//! process killed and its deletion confirmed.
+//! `STANDIN_CUT_FOLLOW_AFTER=N` has each follow stream ended after N lines, as a kubelet's
+//! log rotation or a proxy timeout does. A pod being deleted has its process sent SIGTERM
+//! (SIGKILL after 2 s), its container reported terminated with that exit code, as a
+//! kubelet does within the grace period, and then its deletion confirmed.
+//!
+//! Infrastructure failures are chosen by the container's env `STANDIN_SIMULATE`:
+//! `OOMKilled` (the script runs, then the container is reported terminated with reason
+//! OOMKilled and exit code 137), `Evicted` (the script runs, then the pod is reported
+//! Failed with reason Evicted and its container exit code 137), `ErrImagePull` (nothing
+//! runs; the container waits with ErrImagePull, then ImagePullBackOff, until deleted).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -67,6 +75,9 @@ struct Shared {
     logs: Mutex<HashMap<String, Arc<ContainerLog>>>,
     /// Follow streams ended early so far.
     cuts: AtomicUsize,
+    /// Pods with a process (or an image pull) of ours going, by uid: told when the pod
+    /// is being deleted; the pod's task confirms the deletion then.
+    running: Mutex<HashMap<String, Arc<Notify>>>,
 }
 
 pub struct Kubelet {
@@ -95,6 +106,7 @@ impl Kubelet {
             node: node.to_string(),
             logs: Mutex::new(HashMap::new()),
             cuts: AtomicUsize::new(0),
+            running: Mutex::new(HashMap::new()),
         });
         let (cert, key) = cp.pki.serving(&format!("kubelet-{node}")).expect("cert");
         let listener = runtime
@@ -201,10 +213,9 @@ async fn register(s: &Shared, port: u16) -> Result<(), String> {
     Ok(())
 }
 
-/// Find pods bound to this node and run each once; confirm deletions.
+/// Find pods bound to this node and run each once; stop and confirm deletions.
 async fn run_pods(s: Arc<Shared>) {
     let mut started: HashSet<String> = HashSet::new();
-    let mut killers: HashMap<String, Arc<Notify>> = HashMap::new();
     loop {
         let path = format!("/api/v1/pods?fieldSelector=spec.nodeName%3D{}", s.node);
         if let Ok(list) = api(&s, reqwest::Method::GET, &path, None).await {
@@ -216,30 +227,44 @@ async fn run_pods(s: Arc<Shared>) {
                 let name = pod["metadata"]["name"].as_str().unwrap_or("").to_string();
                 let uid = pod["metadata"]["uid"].as_str().unwrap_or("").to_string();
                 if !pod["metadata"]["deletionTimestamp"].is_null() {
-                    if let Some(k) = killers.get(&uid) {
-                        k.notify_one();
+                    let going = s
+                        .running
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .get(&uid)
+                        .cloned();
+                    match going {
+                        // Its task stops it, reports it and confirms the deletion.
+                        Some(stop) => stop.notify_one(),
+                        None => confirm_deletion(&s, &ns, &name, &uid).await,
                     }
-                    let _ = api(
-                        &s,
-                        reqwest::Method::DELETE,
-                        &format!("/api/v1/namespaces/{ns}/pods/{name}"),
-                        Some((
-                            "application/json",
-                            json!({"gracePeriodSeconds": 0, "preconditions": {"uid": uid}}),
-                        )),
-                    )
-                    .await;
                     continue;
                 }
                 if started.insert(uid.clone()) {
-                    let kill = Arc::new(Notify::new());
-                    killers.insert(uid, kill.clone());
-                    tokio::spawn(run_pod(s.clone(), pod, kill));
+                    let stop = Arc::new(Notify::new());
+                    s.running
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(uid, stop.clone());
+                    tokio::spawn(run_pod(s.clone(), pod, stop));
                 }
             }
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+async fn confirm_deletion(s: &Shared, ns: &str, name: &str, uid: &str) {
+    let _ = api(
+        s,
+        reqwest::Method::DELETE,
+        &format!("/api/v1/namespaces/{ns}/pods/{name}"),
+        Some((
+            "application/json",
+            json!({"gracePeriodSeconds": 0, "preconditions": {"uid": uid}}),
+        )),
+    )
+    .await;
 }
 
 async fn patch_status(s: &Shared, ns: &str, name: &str, status: Value) {
@@ -252,7 +277,23 @@ async fn patch_status(s: &Shared, ns: &str, name: &str, status: Value) {
     .await;
 }
 
-async fn run_pod(s: Arc<Shared>, pod: Value, kill: Arc<Notify>) {
+async fn run_pod(s: Arc<Shared>, pod: Value, stop: Arc<Notify>) {
+    let uid = pod["metadata"]["uid"].as_str().unwrap_or("").to_string();
+    let deleted = run_container(&s, &pod, &stop).await;
+    s.running
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(&uid);
+    if deleted {
+        let ns = pod["metadata"]["namespace"].as_str().unwrap_or("");
+        let name = pod["metadata"]["name"].as_str().unwrap_or("");
+        confirm_deletion(&s, ns, name, &uid).await;
+    }
+}
+
+/// Run the pod's container to its end and report it; true when it was stopped because
+/// the pod is being deleted.
+async fn run_container(s: &Shared, pod: &Value, stop: &Notify) -> bool {
     let ns = pod["metadata"]["namespace"]
         .as_str()
         .unwrap_or("")
@@ -268,13 +309,18 @@ async fn run_pod(s: Arc<Shared>, pod: Value, kill: Arc<Notify>) {
         .chain(c["args"].as_array().into_iter().flatten())
         .filter_map(|v| v.as_str().map(str::to_string))
         .collect();
-    let cut_follow_after = c["env"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|e| e["name"] == "STANDIN_CUT_FOLLOW_AFTER")
-        .and_then(|e| e["value"].as_str()?.parse().ok())
+    let env_var = |key: &str| {
+        c["env"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|e| e["name"] == key)
+            .and_then(|e| e["value"].as_str().map(str::to_string))
+    };
+    let cut_follow_after = env_var("STANDIN_CUT_FOLLOW_AFTER")
+        .and_then(|v| v.parse().ok())
         .unwrap_or(0);
+    let simulate = env_var("STANDIN_SIMULATE").unwrap_or_default();
     let log = Arc::new(ContainerLog {
         cut_follow_after,
         ..ContainerLog::default()
@@ -285,15 +331,35 @@ async fn run_pod(s: Arc<Shared>, pod: Value, kill: Arc<Notify>) {
         .insert(format!("{ns}/{name}/{cname}"), log.clone());
     let started = rfc3339_nanos(now_nanos());
     let container_status = |state: Value, ready: bool| json!([{ "name": cname, "image": image, "imageID": "", "ready": ready, "restartCount": 0, "started": ready, "state": state }]);
+    if simulate == "ErrImagePull" {
+        log.finish();
+        // What a kubelet reports for an image it cannot pull: ErrImagePull, then back-off.
+        for reason in ["ErrImagePull", "ImagePullBackOff"].iter().cycle() {
+            let waiting = json!({"waiting": {"reason": reason, "message": format!("rpc error: code = Unknown desc = failed to pull and unpack image \"{image}\": pull access denied (kubelet stand-in)")}});
+            patch_status(
+                s,
+                &ns,
+                &name,
+                json!({"phase": "Pending", "containerStatuses": container_status(waiting, false)}),
+            )
+            .await;
+            if tokio::time::timeout(Duration::from_millis(500), stop.notified())
+                .await
+                .is_ok()
+            {
+                return true;
+            }
+        }
+    }
     let Some((prog, args)) = argv.split_first() else {
         log.finish();
-        patch_status(&s, &ns, &name, json!({"phase": "Failed", "containerStatuses": container_status(json!({"terminated": {"exitCode": 128, "reason": "ContainerCannotRun", "message": "the kubelet stand-in runs command + args; this container has none"}}), false)})).await;
-        return;
+        patch_status(s, &ns, &name, json!({"phase": "Failed", "containerStatuses": container_status(json!({"terminated": {"exitCode": 128, "reason": "ContainerCannotRun", "message": "the kubelet stand-in runs command + args; this container has none"}}), false)})).await;
+        return false;
     };
     // Under a guardian shell that leads the process group and kills it when the test
     // process is gone: a Deployment's `sleep 3600` must not outlive the test binary.
     let guard = format!(
-        "\"$@\" & c=$!; ( while kill -0 {} 2>/dev/null; do sleep 1; done; kill -KILL -$$ ) >/dev/null 2>&1 & w=$!; wait $c; r=$?; kill $w 2>/dev/null; exit $r",
+        "\"$@\" & c=$!; ( while kill -0 {} 2>/dev/null; do sleep 1; done; kill -KILL -$$ ) >/dev/null 2>&1 & w=$!; trap 'kill -TERM $c 2>/dev/null' TERM; wait $c; r=$?; if [ $r -gt 128 ] && kill -0 $c 2>/dev/null; then wait $c; r=$?; fi; kill $w 2>/dev/null; exit $r",
         std::process::id()
     );
     let mut cmd = tokio::process::Command::new("sh");
@@ -316,12 +382,12 @@ async fn run_pod(s: Arc<Shared>, pod: Value, kill: Arc<Notify>) {
         Ok(c) => c,
         Err(e) => {
             log.finish();
-            patch_status(&s, &ns, &name, json!({"phase": "Failed", "containerStatuses": container_status(json!({"terminated": {"exitCode": 128, "reason": "ContainerCannotRun", "message": e.to_string()}}), false)})).await;
-            return;
+            patch_status(s, &ns, &name, json!({"phase": "Failed", "containerStatuses": container_status(json!({"terminated": {"exitCode": 128, "reason": "ContainerCannotRun", "message": e.to_string()}}), false)})).await;
+            return false;
         }
     };
     patch_status(
-        &s,
+        s,
         &ns,
         &name,
         json!({
@@ -344,42 +410,66 @@ async fn run_pod(s: Arc<Shared>, pod: Value, kill: Arc<Notify>) {
     };
     let a = tokio::spawn(pump(Box::new(out), log.clone()));
     let b = tokio::spawn(pump(Box::new(err), log.clone()));
-    let (code, reason) = tokio::select! {
-        st = child.wait() => {
-            let code = st.ok().and_then(|s| s.code()).unwrap_or(137);
-            (code, if code == 0 { "Completed" } else { "Error" })
-        }
-        _ = kill.notified() => {
-            // Deleted: the pod object is going away, no status to report. The whole
-            // process group goes (a `sleep` under `sh -c` holds the output pipes open).
-            if let Some(pid) = child.id() {
-                let _ = nix::sys::signal::killpg(
-                    nix::unistd::Pid::from_raw(pid as i32),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-            }
-            let _ = child.wait().await;
-            a.abort();
-            b.abort();
-            log.finish();
-            return;
+    let group = child.id().map(|pid| nix::unistd::Pid::from_raw(pid as i32));
+    let signal = |sig| {
+        if let Some(pg) = group {
+            let _ = nix::sys::signal::killpg(pg, sig);
         }
     };
-    let _ = a.await;
-    let _ = b.await;
-    log.finish();
+    let mut deleted = false;
+    let code = tokio::select! {
+        st = child.wait() => st.ok().and_then(|s| s.code()).unwrap_or(137),
+        _ = stop.notified() => {
+            // Deleted: TERM, then KILL after a short grace period, as a kubelet does.
+            deleted = true;
+            signal(nix::sys::signal::Signal::SIGTERM);
+            match tokio::time::timeout(Duration::from_secs(2), child.wait()).await {
+                Ok(st) => st.ok().and_then(|s| s.code()).unwrap_or(137),
+                Err(_) => {
+                    signal(nix::sys::signal::Signal::SIGKILL);
+                    let _ = child.wait().await;
+                    137
+                }
+            }
+        }
+    };
+    if deleted {
+        // A `sleep` under `sh -c` may hold the output pipes open.
+        signal(nix::sys::signal::Signal::SIGKILL);
+        a.abort();
+        b.abort();
+    } else {
+        let _ = a.await;
+        let _ = b.await;
+    }
+    if !deleted {
+        log.finish();
+    }
     let finished = rfc3339_nanos(now_nanos());
-    patch_status(
-        &s,
-        &ns,
-        &name,
-        json!({
-            "phase": if code == 0 { "Succeeded" } else { "Failed" },
-            "conditions": [{"type": "Ready", "status": "False"}, {"type": "ContainersReady", "status": "False"}, {"type": "Initialized", "status": "True"}, {"type": "PodScheduled", "status": "True"}],
-            "containerStatuses": container_status(json!({"terminated": {"exitCode": code, "reason": reason, "startedAt": started, "finishedAt": finished}}), false),
-        }),
-    )
-    .await;
+    let (phase, code, reason, pod_reason) = match simulate.as_str() {
+        _ if deleted => ("Failed", code, "Error", None),
+        "OOMKilled" => ("Failed", 137, "OOMKilled", None),
+        "Evicted" => ("Failed", 137, "Error", Some("Evicted")),
+        _ if code == 0 => ("Succeeded", 0, "Completed", None),
+        _ => ("Failed", code, "Error", None),
+    };
+    let mut status = json!({
+        "phase": phase,
+        "conditions": [{"type": "Ready", "status": "False"}, {"type": "ContainersReady", "status": "False"}, {"type": "Initialized", "status": "True"}, {"type": "PodScheduled", "status": "True"}],
+        "containerStatuses": container_status(json!({"terminated": {"exitCode": code, "reason": reason, "startedAt": started, "finishedAt": finished}}), false),
+    });
+    if let Some(r) = pod_reason {
+        status["reason"] = json!(r);
+        status["message"] = json!("The node was low on resource: memory. (kubelet stand-in)");
+    }
+    patch_status(s, &ns, &name, status).await;
+    if deleted {
+        // The killed container is reported while the pod still exists (a kubelet's status
+        // sync comes before its final delete): an agent that looks now sees exit code 143.
+        log.finish();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    deleted
 }
 
 fn truthy(q: &HashMap<String, String>, key: &str) -> bool {
