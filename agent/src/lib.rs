@@ -16,6 +16,7 @@ pub mod notify;
 pub mod setup;
 pub mod spool;
 pub mod state;
+pub mod task_runner;
 
 /// The version this build reports. `DELEGATE_VERSION_OVERRIDE` at build time lets tests
 /// build the same source as two versions (for upgrade tests).

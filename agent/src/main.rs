@@ -43,6 +43,9 @@ enum Command {
     },
     /// Let a drained agent take tasks again.
     Resume,
+    /// Run one task inside its delegate-task@ unit (what the unit starts; not for people).
+    #[command(hide = true)]
+    TaskRun,
     /// Write the manager URL and token into the config (root:delegate 0640) and restart
     /// delegate.service: the one command to run after installing the package.
     Setup {
@@ -109,6 +112,7 @@ fn main() -> ExitCode {
             }
         },
         Command::Run { config } => run(config),
+        Command::TaskRun => delegate::task_runner::main(),
         Command::Status => operator(|p| async move {
             let s = dbus::status(&p).await?;
             println!("state:       {}", s.state);

@@ -161,6 +161,8 @@ struct Shared {
     token_rejected: CancellationToken,
     rejection: Mutex<Option<Rejection>>,
     metrics: crate::metrics::Metrics,
+    /// Set at start when shell tasks run as `delegate-task@` units.
+    units: std::sync::OnceLock<Arc<crate::exec::unit::TaskUnits>>,
 }
 
 impl Shared {
@@ -367,6 +369,7 @@ impl Daemon {
             token_rejected: CancellationToken::new(),
             rejection: Mutex::new(None),
             metrics: crate::metrics::Metrics::new(),
+            units: std::sync::OnceLock::new(),
         });
         Ok(Daemon { shared })
     }
@@ -407,6 +410,9 @@ async fn run_shared(
     probe_docker(&shared, false).await;
     probe_clusters(&shared, true).await;
     tokio::spawn(watch_clusters(shared.clone()).in_current_span());
+    if shared.config.shell_enabled {
+        detect_task_units(&shared).await;
+    }
     recover_spool(&shared);
     notify::ready();
     shared.update_status();
@@ -499,6 +505,20 @@ async fn run_shared(
     }
     info!("delegate stopped");
     Ok(())
+}
+
+/// Run shell tasks as `delegate-task@` units when systemd and the template are there;
+/// otherwise say once what that means.
+async fn detect_task_units(shared: &Shared) {
+    match crate::exec::unit::TaskUnits::detect(&shared.config.state_dir).await {
+        Ok(u) => {
+            info!("shell tasks run as {} units", crate::exec::unit::TEMPLATE);
+            let _ = shared.units.set(Arc::new(u));
+        }
+        Err(why) => warn!(
+            "shell tasks run as children of the agent: they share its user and its access (config, token, spool, Docker socket) and do not survive an agent restart ({why})"
+        ),
+    }
 }
 
 /// Start the opt-in metrics listener; tasks running and spool bytes are read per scrape.
