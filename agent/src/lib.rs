@@ -10,6 +10,7 @@ pub mod daemon;
 pub mod dbus;
 pub mod docs;
 pub mod exec;
+pub mod hostcheck;
 pub mod logging;
 pub mod metrics;
 pub mod notify;

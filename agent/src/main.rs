@@ -96,6 +96,9 @@ fn main() -> ExitCode {
                 for w in &c.warnings {
                     eprintln!("warning: {w}");
                 }
+                if let Some(w) = delegate::hostcheck::docker_group_warning(&c) {
+                    eprintln!("warning: {w}");
+                }
                 println!(
                     "{}: ok (manager {}, name {}, concurrency {}, state {})",
                     config.display(),
@@ -232,6 +235,9 @@ fn run(path: PathBuf) -> ExitCode {
     };
     logging::init(&config.log_level);
     for w in &config.warnings {
+        tracing::warn!("{w}");
+    }
+    if let Some(w) = delegate::hostcheck::docker_group_warning(&config) {
         tracing::warn!("{w}");
     }
     // Two workers: the agent mostly waits on sockets and children; more threads would only

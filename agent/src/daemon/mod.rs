@@ -42,6 +42,11 @@ pub enum Control {
     Drain,
     /// Take tasks again (D-Bus `Resume()`).
     Resume,
+    /// D-Bus `Handover()`, for an upgrade: stop taking tasks and wait only for work a new
+    /// agent cannot adopt; `drained` then means the rest (task units, containers,
+    /// Kubernetes actions) is journalled and left running, and the next SIGTERM exits at
+    /// once without stopping it. The new agent adopts it from the spool.
+    Handover,
     /// SIGTERM: drain, then exit once in-flight work is done or the drain timeout passed.
     Shutdown,
     /// Second SIGTERM or SIGINT: cancel in-flight work now and exit.
@@ -108,6 +113,9 @@ struct TaskHandle {
     reason: Arc<Mutex<Option<StopReason>>>,
     /// Still executing (as opposed to delivering its result).
     running: bool,
+    /// Its work outlives the agent and a restarted agent re-attaches to it: a task unit,
+    /// a container, a Kubernetes action (run again, idempotent).
+    adoptable: bool,
 }
 
 impl TaskHandle {
@@ -163,6 +171,8 @@ struct Shared {
     metrics: crate::metrics::Metrics,
     /// Set at start when shell tasks run as `delegate-task@` units.
     units: std::sync::OnceLock<Arc<crate::exec::unit::TaskUnits>>,
+    /// `Handover()` was asked: adoptable tasks do not hold up `drained` or the exit.
+    handover: AtomicBool,
 }
 
 impl Shared {
@@ -221,6 +231,25 @@ impl Shared {
         self.lock_tasks().values().filter(|t| t.running).count()
     }
 
+    /// Running tasks a drain must wait for: all of them, or after `Handover()` those a
+    /// new agent cannot adopt.
+    fn blocking_count(&self) -> usize {
+        let handover = self.handover.load(Ordering::Acquire);
+        self.lock_tasks()
+            .values()
+            .filter(|t| t.running && !(handover && t.adoptable))
+            .count()
+    }
+
+    /// Would a restarted agent re-attach to a task of this kind?
+    fn adoptable(&self, kind: &str) -> bool {
+        match kind {
+            "docker" | "kubernetes" => true,
+            "shell" => self.units.get().is_some(),
+            _ => false,
+        }
+    }
+
     fn lock_tasks(&self) -> std::sync::MutexGuard<'_, HashMap<TaskAttempt, TaskHandle>> {
         // A panic while holding the lock would poison it; the map is still consistent
         // (every mutation is a single insert/remove), so keep going.
@@ -247,7 +276,7 @@ impl Shared {
         let held = u32::try_from(self.lock_tasks().len()).unwrap_or(u32::MAX);
         self.in_flight
             .send_if_modified(|n| std::mem::replace(n, held) != held);
-        if *self.state.borrow() == AgentState::Draining && self.running_count() == 0 {
+        if *self.state.borrow() == AgentState::Draining && self.blocking_count() == 0 {
             self.apply(Event::Idle);
         } else {
             self.update_status();
@@ -370,6 +399,7 @@ impl Daemon {
             rejection: Mutex::new(None),
             metrics: crate::metrics::Metrics::new(),
             units: std::sync::OnceLock::new(),
+            handover: AtomicBool::new(false),
         });
         Ok(Daemon { shared })
     }
@@ -444,6 +474,13 @@ async fn run_shared(
         };
         match c {
             Some(Control::Drain) => begin_drain(&shared, false).await,
+            Some(Control::Handover) => {
+                shared.handover.store(true, Ordering::Release);
+                info!(
+                    "handing over: taking no new tasks; task units, containers and Kubernetes actions are left running for the next agent"
+                );
+                begin_drain(&shared, false).await;
+            }
             Some(Control::Resume) => {
                 let registered = shared.delegate_id.borrow().is_some();
                 shared.apply(Event::Resume { registered });
@@ -463,6 +500,22 @@ async fn run_shared(
     begin_drain(&shared, true).await;
     if !aborted {
         aborted = wait_for_drain(&shared, &mut control).await;
+    }
+    if shared.handover.load(Ordering::Acquire) && !aborted {
+        // Everything still running is journalled and outlives this process; the next
+        // agent adopts it. Stopping it here would undo the handover.
+        let left = shared.running_count();
+        shared.apply(Event::Stop);
+        shared.stopped.cancel();
+        session.abort();
+        if let Some(w) = watchdog {
+            w.abort();
+        }
+        info!(
+            tasks = left,
+            "delegate stopped; its running tasks are handed over to the next start"
+        );
+        return Ok(());
     }
     let leftover = shared.running_count();
     if leftover > 0 {
@@ -584,7 +637,7 @@ async fn stop_for_rejected_token(shared: &Arc<Shared>) -> Result<(), DaemonError
 /// new task is handed to this delegate. `for_exit`: the process will stop afterwards.
 async fn begin_drain(shared: &Arc<Shared>, for_exit: bool) {
     shared.apply(Event::Drain);
-    if shared.running_count() == 0 {
+    if shared.blocking_count() == 0 {
         shared.apply(Event::Idle);
     }
     shared.slot_freed.notify_one();
@@ -621,7 +674,7 @@ async fn wait_for_drain(shared: &Arc<Shared>, control: &mut mpsc::Receiver<Contr
     let deadline = tokio::time::Instant::now() + timeout;
     let mut changed = shared.tasks_changed.subscribe();
     loop {
-        if shared.running_count() == 0 {
+        if shared.blocking_count() == 0 {
             return false;
         }
         tokio::select! {
@@ -630,7 +683,7 @@ async fn wait_for_drain(shared: &Arc<Shared>, control: &mut mpsc::Receiver<Contr
             c = control.recv() => match c {
                 Some(Control::Abort) | Some(Control::Shutdown) => return true,
                 Some(Control::Resume) => info!("resume ignored: the agent is stopping"),
-                Some(Control::Drain) | None => {}
+                Some(Control::Drain) | Some(Control::Handover) | None => {}
             },
         }
     }

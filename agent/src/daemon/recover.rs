@@ -102,6 +102,7 @@ pub(super) fn recover_spool(shared: &Arc<Shared>) {
             stop: CancellationToken::new(),
             reason: Arc::new(Mutex::new(None)),
             running: false,
+            adoptable: false,
         };
         shared.lock_tasks().insert(key_of(&rec.assignment), handle);
         let shared = shared.clone();

@@ -108,6 +108,7 @@ async fn supervise(
             stop: stop.clone(),
             reason: reason.clone(),
             running: true,
+            adoptable: shared.adoptable(&a.kind),
         },
     );
     shared.bump();

@@ -80,6 +80,13 @@ fn a_task_unit_cannot_reach_the_token_the_spool_or_docker() -> Result<()> {
     c.run("systemctl daemon-reload && systemctl start fake-docker.socket && systemctl restart delegate")?;
     w.wait_connected()?;
     let agent_pid = c.unit_property("delegate", "MainPID")?;
+    // The operator is told what the group means, by `config check` and at start.
+    let check = c.sh("delegate config check")?;
+    assert!(
+        check.ok() && check.stderr.contains("user delegate is in the docker group: the Docker socket /var/run/docker.sock is root on this host"),
+        "{check:?}"
+    );
+    assert!(c.journal("delegate").contains("is in the docker group"));
 
     // Controls: each of these works for the agent's user (and root), so a refusal below
     // is the task unit's boundary, not a broken probe.
@@ -317,6 +324,82 @@ fn an_unknown_task_user_fails_the_task_with_a_clear_message() -> Result<()> {
     c.run("rm -r /etc/systemd/system/delegate-task@.service.d && systemctl daemon-reload")?;
     let next = w.submit("echo back")?;
     w.assert_succeeded(&next, "back")?;
+    assert_eq!(task_units(&w)?, "");
+    elapsed(test, start);
+    Ok(())
+}
+
+/// `upgrade_mode = "handover"`: with a 60 s task running, the upgrader asks the agent to
+/// hand over, swaps and restarts it within seconds; the new version adopts the task's unit
+/// and the task's result and log arrive intact, on its first attempt.
+#[test]
+fn a_handover_upgrade_during_a_60s_task_takes_seconds_and_the_task_arrives_intact() -> Result<()> {
+    let test = "a_handover_upgrade_during_a_60s_task_takes_seconds_and_the_task_arrives_intact";
+    if skip(test) {
+        return Ok(());
+    }
+    let start = Instant::now();
+    let v2 = delegate_tests::upgrade::agent_v2()?;
+    let w = installed("e2e-handover")?;
+    let c = &w.c;
+    let ch = super::Channel::new(w.tmp.path())?;
+    ch.publish(&v2)?;
+    c.copy_in(&ch.public, "/etc/delegate/keys.d/release.pub", 0o644)?;
+    c.write(
+        "/etc/delegate/upgrader.toml",
+        format!(
+            "channel_url = \"{}\"\nchannel = \"stable\"\nenabled = true\nupgrade_mode = \"handover\"\ndrain_timeout = \"2m\"\nhealth_timeout = \"60s\"\nversion_check_user = \"nobody\"\n",
+            ch.server.url
+        )
+        .as_bytes(),
+        0o644,
+    )?;
+    let id = w.submit("for i in $(seq 1 60); do echo tick $i; sleep 1; done; echo finished")?;
+    delegate_tests::wait_for(
+        Duration::from_secs(60),
+        "the task's first ticks at the manager",
+        || w.logs(&id).ok().filter(|l| l.contains("tick 2\n")),
+    )?;
+    let t0 = Instant::now();
+    let up = c.sh_limit(
+        "systemctl start delegate-upgrader.service",
+        Duration::from_secs(300),
+    )?;
+    let took = t0.elapsed();
+    let upgrader_log = c.journal("delegate-upgrader");
+    assert!(up.ok(), "{up:?}\n{upgrader_log}");
+    eprintln!(
+        "{test}: the handover upgrade took {:.2} s",
+        took.as_secs_f64()
+    );
+    assert!(upgrader_log.contains("agent handed over"), "{upgrader_log}");
+    assert_eq!(w.current()?, "versions/0.2.0");
+    assert!(c.run("delegate status")?.contains("version:     0.2.0"));
+    // The task was not waited for: it is still running, in its unit, under the new agent.
+    let mid = w.m.task(&id)?;
+    assert_eq!(mid.state, TaskState::Running, "{mid:?}");
+    assert!(
+        took < Duration::from_secs(5),
+        "the upgrade took {took:?}:\n{upgrader_log}"
+    );
+
+    let t = w.m.wait_done(&id, Duration::from_secs(120))?;
+    let log = w.logs(&id)?;
+    let mut expected: String = (1..=60).map(|i| format!("tick {i}\n")).collect();
+    expected.push_str("finished\n");
+    assert_eq!(log, expected, "the log is not every line once, in order");
+    assert_eq!(t.state, TaskState::Succeeded, "{t:?}");
+    assert_eq!(t.attempt, 1);
+    assert!(
+        c.journal("delegate").contains("re-attaching to the unit"),
+        "{}",
+        c.journal("delegate")
+    );
+    c.wait_until(
+        Duration::from_secs(10),
+        "no delegate-task@ unit left",
+        "[ -z \"$(systemctl list-units --all --plain --no-legend 'delegate-task@*')\" ]",
+    )?;
     assert_eq!(task_units(&w)?, "");
     elapsed(test, start);
     Ok(())
