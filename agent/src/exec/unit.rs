@@ -116,6 +116,8 @@ trait Service {
 /// The agent's handle on systemd for task units.
 pub struct TaskUnits {
     conn: zbus::Connection,
+    /// Built once, without a property cache (that would add match rules on every build).
+    manager: ManagerProxy<'static>,
 }
 
 impl std::fmt::Debug for TaskUnits {
@@ -142,17 +144,26 @@ impl TaskUnits {
             .await
             .map_err(|_| "the system bus did not answer in 5 s".to_string())?
             .map_err(|e| format!("no system bus: {e}"))?;
-        let m = ManagerProxy::new(&conn)
+        let manager = ManagerProxy::builder(&conn)
+            .cache_properties(CacheProperties::No)
+            .build()
             .await
             .map_err(|e| format!("cannot reach systemd: {e}"))?;
-        match m.get_unit_file_state(TEMPLATE).await {
-            Ok(_) => Ok(TaskUnits { conn }),
-            Err(e) => Err(format!("{TEMPLATE} is not installed ({e})")),
+        if let Err(e) = manager.get_unit_file_state(TEMPLATE).await {
+            return Err(format!("{TEMPLATE} is not installed ({e})"));
         }
+        // Job signals go only to subscribers.
+        match manager.subscribe().await {
+            Ok(()) => {}
+            Err(zbus::Error::MethodError(name, _, _))
+                if name.as_str() == "org.freedesktop.systemd1.AlreadySubscribed" => {}
+            Err(e) => return Err(format!("cannot subscribe to systemd's signals: {e}")),
+        }
+        Ok(TaskUnits { conn, manager })
     }
 
     async fn manager(&self) -> zbus::Result<ManagerProxy<'static>> {
-        ManagerProxy::new(&self.conn).await
+        Ok(self.manager.clone())
     }
 
     /// The unit's state, or `None` once systemd has unloaded it (stopped and collected).
@@ -191,12 +202,6 @@ impl TaskUnits {
     async fn start(&self, unit: &str) -> Result<(), String> {
         let bus = |e: zbus::Error| format!("cannot start {unit} through systemd: {e}");
         let m = self.manager().await.map_err(bus)?;
-        match m.subscribe().await {
-            Ok(()) => {}
-            Err(zbus::Error::MethodError(name, _, _))
-                if name.as_str() == "org.freedesktop.systemd1.AlreadySubscribed" => {}
-            Err(e) => return Err(bus(e)),
-        }
         let mut removed = m.receive_job_removed().await.map_err(bus)?;
         // A unit of the same name left failed by an earlier try would refuse nothing, but
         // its old status would be read as this run's.
@@ -457,5 +462,55 @@ fn copy_output(path: &PathBuf, copied: &mut u64, ctx: &mut ExecContext) {
                 *copied += n as u64;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(active: &str, sub: &str, code: i32, status: i32, result: &str) -> UnitState {
+        UnitState {
+            active: active.into(),
+            sub: sub.into(),
+            code,
+            status,
+            result: result.into(),
+        }
+    }
+
+    #[test]
+    fn systemd_status_becomes_the_tasks_outcome() {
+        let exited = state("failed", "failed", CLD_EXITED, 3, "exit-code");
+        assert!(exited.ended());
+        assert_eq!(exited.outcome(), ExecOutcome::Exited(3));
+        let ok = state("active", "exited", CLD_EXITED, 0, "success");
+        assert!(ok.ended());
+        assert_eq!(ok.outcome(), ExecOutcome::Exited(0));
+        assert!(!state("active", "running", 0, 0, "success").ended());
+        assert_eq!(
+            state("failed", "failed", CLD_KILLED, 9, "signal").outcome(),
+            ExecOutcome::Signaled(9)
+        );
+        assert_eq!(
+            state("failed", "failed", CLD_KILLED, 9, "oom-kill").outcome(),
+            ExecOutcome::OomKilled
+        );
+    }
+
+    #[test]
+    fn a_unit_that_could_not_start_says_why() {
+        let s = state("failed", "failed", CLD_EXITED, 217, "exit-code");
+        let why = s.start_failure();
+        assert!(why.contains("exit status 217"), "{why}");
+        assert!(why.contains("the task user does not exist"), "{why}");
+    }
+
+    #[test]
+    fn the_unit_is_named_after_the_spool_directory() {
+        assert_eq!(
+            unit_name(Path::new("/var/lib/delegate/tasks/t_ab-1.2")),
+            "delegate-task@t_ab-1.2.service"
+        );
     }
 }

@@ -404,3 +404,65 @@ fn a_handover_upgrade_during_a_60s_task_takes_seconds_and_the_task_arrives_intac
     elapsed(test, start);
     Ok(())
 }
+
+/// Pick-up latency and throughput of shell tasks run as units against the same agent
+/// running them as its children (started by hand in the same container, outside systemd,
+/// with its own state directory). Prints the numbers; asserts only that both modes ran
+/// every task. `cargo test -p delegate-tests --test systemd measure -- --nocapture`.
+#[test]
+fn measure_task_units_against_direct_spawn() -> Result<()> {
+    let test = "measure_task_units_against_direct_spawn";
+    if skip(test) {
+        return Ok(());
+    }
+    let w = installed("e2e-measure")?;
+    let c = &w.c;
+    c.run("echo 'concurrency = 32' >> /etc/delegate/delegate.toml && systemctl restart delegate")?;
+    w.wait_connected()?;
+    let units = measure(&w, "units")?;
+    // The same agent as a plain process: no INVOCATION_ID, so it spawns directly.
+    c.run("systemctl stop delegate")?;
+    c.run(
+        "install -d -o delegate -g delegate /var/lib/delegate-direct
+         sed 's|^state_dir.*||' /etc/delegate/delegate.toml > /var/lib/delegate-direct/delegate.toml
+         echo 'state_dir = \"/var/lib/delegate-direct\"' >> /var/lib/delegate-direct/delegate.toml
+         chown delegate /var/lib/delegate-direct/delegate.toml
+         cd / && setsid runuser -u delegate -- /var/lib/delegate-upgrader/current/delegate run --config /var/lib/delegate-direct/delegate.toml >/var/lib/delegate-direct/agent.log 2>&1 &",
+    )?;
+    c.wait_until(
+        Duration::from_secs(30),
+        "the direct agent to connect",
+        "grep -q 'connected to the manager' /var/lib/delegate-direct/agent.log",
+    )?;
+    let direct = measure(&w, "direct spawn")?;
+    eprintln!("{test}: units {units}\n{test}: direct {direct}");
+    Ok(())
+}
+
+/// Pick-up (submit → the script's first instruction) p50/p99 over 20 tasks one at a time,
+/// then the time 100 tasks submitted at once take to finish.
+fn measure(w: &World, label: &str) -> Result<String> {
+    let mut pick_up = Vec::new();
+    for _ in 0..20 {
+        let id = w.submit("date +%s%3N")?;
+        let t = w.m.wait_done(&id, Duration::from_secs(60))?;
+        let started: i64 = w.logs(&id)?.trim().parse()?;
+        pick_up.push(started - t.created_at);
+    }
+    pick_up.sort();
+    let t0 = Instant::now();
+    let ids: Vec<String> = (0..100).map(|_| w.submit("true")).collect::<Result<_>>()?;
+    for id in &ids {
+        let t = w.m.wait_done(id, Duration::from_secs(300))?;
+        if t.state != TaskState::Succeeded {
+            bail!("{label}: {t:?}");
+        }
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    Ok(format!(
+        "pick-up p50 {} ms, p99 {} ms (20 tasks); 100 tasks in {secs:.2} s = {:.0} tasks/s",
+        pick_up[pick_up.len() / 2],
+        pick_up[pick_up.len() * 99 / 100],
+        100.0 / secs
+    ))
+}
