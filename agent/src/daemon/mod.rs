@@ -482,6 +482,9 @@ async fn run_shared(
                 begin_drain(&shared, false).await;
             }
             Some(Control::Resume) => {
+                // An upgrade that stopped before its restart resumes the agent: a later
+                // stop drains again.
+                shared.handover.store(false, Ordering::Release);
                 let registered = shared.delegate_id.borrow().is_some();
                 shared.apply(Event::Resume { registered });
                 // The manager holds back tasks from a draining delegate until told.

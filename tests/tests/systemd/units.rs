@@ -151,10 +151,8 @@ echo done
         "systemd-run --no-ask-password --unit delegate-task@evil.1.service --property User=root /bin/true",
     )?;
     denied("systemd-run --no-ask-password /bin/true")?;
-    denied("systemctl --no-ask-password set-property delegate-task@x.1.service MemoryMax=1G")?;
-    denied("systemctl --no-ask-password kill delegate-task@x.1.service")?;
     // Its own template is allowed (this instance then fails for want of a spec: not a
-    // refusal).
+    // refusal), and stays loaded for the property and kill attempts.
     let own =
         c.sh("runuser -u delegate -- systemctl --no-ask-password start delegate-task@x.1.service")?;
     let said = format!("{}{}", own.stdout, own.stderr);
@@ -162,6 +160,12 @@ echo done
         !said.contains("Access denied") && !said.contains("authentication required"),
         "{own:?}"
     );
+    assert_eq!(
+        c.unit_property("delegate-task@x.1.service", "LoadState")?,
+        "loaded"
+    );
+    denied("systemctl --no-ask-password set-property delegate-task@x.1.service MemoryMax=1G")?;
+    denied("systemctl --no-ask-password kill delegate-task@x.1.service")?;
     c.run("systemctl reset-failed 'delegate-task@*' || true")?;
     assert_eq!(task_units(&w)?, "");
     elapsed(test, start);
@@ -187,7 +191,7 @@ fn an_agent_killed_mid_task_re_attaches_and_reports_exit_3_with_every_line_once(
         || w.logs(&id).ok().filter(|l| l.contains("line 3\n")),
     )?;
     let restarts = c.unit_property("delegate", "NRestarts")?;
-    c.run("systemctl kill --signal=KILL delegate")?;
+    c.run("kill -9 $(systemctl show -p MainPID --value delegate)")?;
     let unit = format!("delegate-task@{id}.1.service");
     // The task is not the agent's child any more: it runs on.
     let state = c.unit_property(&unit, "ActiveState")?;
@@ -262,7 +266,7 @@ fn memory_max_exceeded_is_reported_as_an_oom_kill() -> Result<()> {
     let id = w.m.submit(&json!({
         "kind": "shell",
         "spec": {
-            "script": "cat /sys/fs/cgroup/$(cut -d: -f3 /proc/self/cgroup)/memory.max; head -c 200000000 /dev/zero | tail > /dev/null; echo survived",
+            "script": "cat /sys/fs/cgroup$(sed -n 's/^0:://p' /proc/self/cgroup)/memory.max; head -c 200000000 /dev/zero | tail > /dev/null; echo survived",
             "memory_max": 33_554_432u64, "tasks_max": 64, "cpu_weight": 50,
         },
         "selectors": ["e2e"], "timeout_secs": 120, "retries": 0,
