@@ -203,9 +203,11 @@ impl TaskUnits {
         let bus = |e: zbus::Error| format!("cannot start {unit} through systemd: {e}");
         let m = self.manager().await.map_err(bus)?;
         let mut removed = m.receive_job_removed().await.map_err(bus)?;
-        // A unit of the same name left failed by an earlier try would refuse nothing, but
-        // its old status would be read as this run's.
-        let _ = m.reset_failed_unit(unit).await;
+        // A unit of the same name left failed by an earlier try would have its old status
+        // read as this run's. (Asked only when loaded: each call is a polkit check.)
+        if let Ok(Some(_)) = self.state(unit).await {
+            let _ = m.reset_failed_unit(unit).await;
+        }
         let job = m.start_unit(unit, "fail").await.map_err(|e| match &e {
             zbus::Error::MethodError(name, msg, _)
                 if name.as_str() == "org.freedesktop.DBus.Error.AccessDenied"
@@ -246,17 +248,27 @@ impl TaskUnits {
     /// Stop the unit (its whole cgroup) and forget its state; waits until systemd is done.
     async fn collect(&self, unit: &str) {
         let Ok(m) = self.manager().await else { return };
-        if let Err(e) = m.stop_unit(unit, "replace").await {
-            debug!("StopUnit({unit}): {e}");
-        }
+        // Each call is a polkit check, the dearest part of a task's overhead: a failed
+        // unit's cgroup is empty already and needs only its state reset; a unit that
+        // exited (RemainAfterExit) or still runs needs a stop, which kills leftovers.
+        let mut stopped = false;
         let deadline = tokio::time::Instant::now() + STOP_LIMIT;
         while tokio::time::Instant::now() < deadline {
             match self.state(unit).await {
                 Ok(None) => return,
-                Ok(Some(s)) if s.active == "failed" => {
-                    let _ = m.reset_failed_unit(unit).await;
-                }
                 Ok(Some(s)) if s.active == "inactive" => return,
+                Ok(Some(s)) if s.active == "failed" => {
+                    if let Err(e) = m.reset_failed_unit(unit).await {
+                        debug!("ResetFailedUnit({unit}): {e}");
+                    }
+                }
+                Ok(Some(s)) if !stopped && s.active != "deactivating" => {
+                    stopped = true;
+                    if let Err(e) = m.stop_unit(unit, "replace").await {
+                        debug!("StopUnit({unit}): {e}");
+                    }
+                    continue;
+                }
                 Ok(Some(_)) => {}
                 Err(e) => {
                     debug!("state of {unit}: {e}");
