@@ -167,6 +167,17 @@ echo done
     denied("systemctl --no-ask-password set-property delegate-task@x.1.service MemoryMax=1G")?;
     denied("systemctl --no-ask-password kill delegate-task@x.1.service")?;
     c.run("systemctl reset-failed 'delegate-task@*' || true")?;
+    // The template is valid, and its sandbox scores 2.5 or better.
+    c.run("systemd-analyze verify --man=no delegate-task@x.1.service")?;
+    let security = c.run("systemd-analyze security --no-pager delegate-task@x.1.service")?;
+    let exposure: f64 = security
+        .lines()
+        .find_map(|l| l.split("delegate-task@x.1.service: ").nth(1))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no exposure figure in:\n{security}"))?;
+    eprintln!("systemd-analyze security delegate-task@.service: {exposure}");
+    assert!(exposure <= 2.5, "{security}");
     assert_eq!(task_units(&w)?, "");
     elapsed(test, start);
     Ok(())
