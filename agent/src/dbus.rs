@@ -40,6 +40,13 @@ impl AgentObject {
         self.send(Control::Resume).await
     }
 
+    /// For an upgrade: stop acquiring and wait only for tasks a new agent cannot adopt.
+    /// `State` becomes `drained` with task units and containers still running; the next
+    /// SIGTERM exits without stopping them, and the new agent adopts them.
+    async fn handover(&self) -> fdo::Result<()> {
+        self.send(Control::Handover).await
+    }
+
     #[zbus(property)]
     fn state(&self) -> String {
         self.observer.state.borrow().to_string()

@@ -10,12 +10,14 @@ pub mod daemon;
 pub mod dbus;
 pub mod docs;
 pub mod exec;
+pub mod hostcheck;
 pub mod logging;
 pub mod metrics;
 pub mod notify;
 pub mod setup;
 pub mod spool;
 pub mod state;
+pub mod task_runner;
 
 /// The version this build reports. `DELEGATE_VERSION_OVERRIDE` at build time lets tests
 /// build the same source as two versions (for upgrade tests).

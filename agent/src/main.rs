@@ -43,6 +43,9 @@ enum Command {
     },
     /// Let a drained agent take tasks again.
     Resume,
+    /// Run one task inside its delegate-task@ unit (what the unit starts; not for people).
+    #[command(hide = true)]
+    TaskRun,
     /// Write the manager URL and token into the config (root:delegate 0640) and restart
     /// delegate.service: the one command to run after installing the package.
     Setup {
@@ -93,6 +96,9 @@ fn main() -> ExitCode {
                 for w in &c.warnings {
                     eprintln!("warning: {w}");
                 }
+                if let Some(w) = delegate::hostcheck::docker_group_warning(&c) {
+                    eprintln!("warning: {w}");
+                }
                 println!(
                     "{}: ok (manager {}, name {}, concurrency {}, state {})",
                     config.display(),
@@ -109,6 +115,7 @@ fn main() -> ExitCode {
             }
         },
         Command::Run { config } => run(config),
+        Command::TaskRun => delegate::task_runner::main(),
         Command::Status => operator(|p| async move {
             let s = dbus::status(&p).await?;
             println!("state:       {}", s.state);
@@ -228,6 +235,9 @@ fn run(path: PathBuf) -> ExitCode {
     };
     logging::init(&config.log_level);
     for w in &config.warnings {
+        tracing::warn!("{w}");
+    }
+    if let Some(w) = delegate::hostcheck::docker_group_warning(&config) {
         tracing::warn!("{w}");
     }
     // Two workers: the agent mostly waits on sockets and children; more threads would only

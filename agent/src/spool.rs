@@ -381,6 +381,17 @@ impl TaskDir {
         write_atomic(&self.path.join("container.json"), &json)
     }
 
+    pub fn record_unit(&self, u: &crate::exec::unit::UnitRecord) -> Result<(), SpoolError> {
+        let json = serde_json::to_vec(u).unwrap_or_default();
+        write_atomic(&self.path.join("unit.json"), &json)
+    }
+
+    /// The journalled task unit, if any.
+    pub fn unit(&self) -> Option<crate::exec::unit::UnitRecord> {
+        let b = fs::read(self.path.join("unit.json")).ok()?;
+        serde_json::from_slice(&b).ok()
+    }
+
     /// The journalled container, if any (an unreadable record counts as none: the
     /// container is then looked up by its labels).
     pub fn container(&self) -> Option<ContainerRecord> {

@@ -491,6 +491,7 @@ fn submission(args: &SubmitArgs) -> Result<SubmitTask, CliError> {
                 interpreter: args.interpreter.clone(),
                 env: pairs(&args.env, '=', "--env", "K=V")?,
                 working_dir: args.workdir.clone(),
+                ..Default::default()
             }),
             "http" => TaskSpec::Http(HttpSpec {
                 url: args

@@ -11,6 +11,9 @@ use crate::Env;
 /// Largest script a shell task may carry.
 pub const MAX_SCRIPT_BYTES: usize = 256 * 1024;
 
+/// Smallest `memory_max` a shell task may ask for: below it the interpreter cannot start.
+pub const MIN_MEMORY_MAX: u64 = 1024 * 1024;
+
 /// Largest request body an http task may carry.
 pub const MAX_HTTP_BODY_BYTES: usize = 256 * 1024;
 
@@ -37,6 +40,17 @@ pub struct ShellSpec {
     /// Absolute directory to run in; a fresh empty directory when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub working_dir: Option<String>,
+    /// Memory limit in bytes (cgroup `memory.max`, no swap); going over it gets the task
+    /// killed by the OOM killer and reported so. Applied when the delegate runs tasks in
+    /// systemd units; a delegate without them notes in the log that it cannot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_max: Option<u64>,
+    /// Relative CPU weight, 1–10000 (cgroup `cpu.weight`; 100 is the default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_weight: Option<u64>,
+    /// Most processes and threads the task may have at once (cgroup `pids.max`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tasks_max: Option<u64>,
 }
 
 /// An HTTP request made from the delegate's network (health checks, webhooks).
@@ -484,7 +498,34 @@ impl ShellSpec {
                 format!("{d:?} is not an absolute path"),
             ));
         }
+        if self.memory_max.is_some_and(|m| m < MIN_MEMORY_MAX) {
+            return Err(invalid(
+                "spec.memory_max",
+                format!(
+                    "is below {MIN_MEMORY_MAX} bytes (1 MiB); give the limit in bytes, e.g. 536870912 for 512 MiB"
+                ),
+            ));
+        }
+        if let Some(w) = self.cpu_weight
+            && !(1..=10_000).contains(&w)
+        {
+            return Err(invalid(
+                "spec.cpu_weight",
+                format!("is {w}; it must be 1–10000 (100 is the default share)"),
+            ));
+        }
+        if self.tasks_max == Some(0) {
+            return Err(invalid(
+                "spec.tasks_max",
+                "is 0; the script itself is a task, give at least 1",
+            ));
+        }
         check_env("spec.env", &self.env)
+    }
+
+    /// Does the spec ask for any resource limit?
+    pub fn has_limits(&self) -> bool {
+        self.memory_max.is_some() || self.cpu_weight.is_some() || self.tasks_max.is_some()
     }
 
     /// The interpreter split into program and arguments.
@@ -718,6 +759,28 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(s.interpreter_argv(), ["/bin/bash", "-eu"]);
+    }
+
+    #[test]
+    fn shell_limits_out_of_range_name_their_field() {
+        for (spec, field) in [
+            (
+                json!({"script": "x", "memory_max": 1000}),
+                "spec.memory_max",
+            ),
+            (json!({"script": "x", "cpu_weight": 0}), "spec.cpu_weight"),
+            (
+                json!({"script": "x", "cpu_weight": 10_001}),
+                "spec.cpu_weight",
+            ),
+            (json!({"script": "x", "tasks_max": 0}), "spec.tasks_max"),
+        ] {
+            let e = TaskSpec::from_wire("shell", &spec).expect_err("refused");
+            assert!(e.to_string().starts_with(field), "{spec}: {e}");
+        }
+        let ok =
+            json!({"script": "x", "memory_max": 67_108_864, "cpu_weight": 50, "tasks_max": 16});
+        assert!(TaskSpec::from_wire("shell", &ok).is_ok());
     }
 
     #[test]

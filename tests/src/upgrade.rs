@@ -414,11 +414,14 @@ impl World {
         Ok(w)
     }
 
+    /// The suite's agents run without systemd, so they have no task units to hand over;
+    /// it tests the `drain` mode by name (handover is tested on a booted systemd, in
+    /// `tests/tests/systemd/units.rs`).
     pub fn write_config(&mut self) -> Result<()> {
         fs::write(
             &self.config,
             format!(
-                "channel_url = {url:?}\nchannel = \"stable\"\ndrain_timeout = \"60s\"\nhealth_timeout = \"30s\"\nkeys_dir = {keys:?}\nroot = {root:?}\nsupervisor_state = {sup:?}\nmin_free_mb = 1\n{extra}\n",
+                "channel_url = {url:?}\nchannel = \"stable\"\nupgrade_mode = \"drain\"\ndrain_timeout = \"60s\"\nhealth_timeout = \"30s\"\nkeys_dir = {keys:?}\nroot = {root:?}\nsupervisor_state = {sup:?}\nmin_free_mb = 1\n{extra}\n",
                 url = self.server.url,
                 keys = self.keys.display().to_string(),
                 root = self.root.display().to_string(),

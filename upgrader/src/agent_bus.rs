@@ -9,6 +9,7 @@ use std::time::Duration;
 use delegate_host::agent1::{self, Agent1Proxy, BUS_NAME};
 use delegate_protocol::DelegateState;
 
+use crate::config::UpgradeMode;
 use crate::error::UpgradeError;
 
 fn bus(what: &str, e: impl Into<zbus::Error>) -> UpgradeError {
@@ -69,17 +70,42 @@ impl AgentBus {
         })
     }
 
-    /// `Drain()` and wait until `drained`. `Ok(false)`: the agent is not on the bus or did
-    /// not finish within `limit` (the caller decides; the restart's SIGTERM drains too).
-    pub async fn drain(&self, limit: Duration) -> Result<DrainResult, UpgradeError> {
+    /// `Drain()` (or, for [`UpgradeMode::Handover`], `Handover()`) and wait until
+    /// `drained`. An agent too old to know `Handover()` is drained instead.
+    /// `NotOnBus`/`TimedOut`: the caller decides (the restart's SIGTERM drains too).
+    pub async fn drain(
+        &self,
+        limit: Duration,
+        mode: UpgradeMode,
+    ) -> Result<DrainResult, UpgradeError> {
         let Some(p) = self.proxy().await? else {
             return Ok(DrainResult::NotOnBus);
         };
-        p.drain().await.map_err(|e| bus("Drain() failed", e))?;
+        let mut handed_over = false;
+        if mode == UpgradeMode::Handover {
+            match p.handover().await {
+                Ok(()) => handed_over = true,
+                Err(zbus::Error::MethodError(name, _, _))
+                    if name.as_str() == "org.freedesktop.DBus.Error.UnknownMethod" =>
+                {
+                    tracing::info!(
+                        "the running agent does not know Handover(); draining it instead"
+                    );
+                }
+                Err(e) => return Err(bus("Handover() failed", e)),
+            }
+        }
+        if !handed_over {
+            p.drain().await.map_err(|e| bus("Drain() failed", e))?;
+        }
         let deadline = tokio::time::Instant::now() + limit;
         loop {
             if let Ok(DelegateState::Drained) = agent1::state(&p).await {
-                return Ok(DrainResult::Drained);
+                return Ok(if handed_over {
+                    DrainResult::HandedOver
+                } else {
+                    DrainResult::Drained
+                });
             }
             if tokio::time::Instant::now() >= deadline {
                 let n = p.in_flight().await.unwrap_or(0);
@@ -102,6 +128,10 @@ impl AgentBus {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DrainResult {
     Drained,
+    /// Drained of what cannot be adopted; the rest runs on for the next agent.
+    HandedOver,
     NotOnBus,
-    TimedOut { in_flight: u32 },
+    TimedOut {
+        in_flight: u32,
+    },
 }

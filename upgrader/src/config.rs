@@ -50,6 +50,22 @@ pub struct Config {
     pub version_check_user: String,
     /// Space that must stay free on the versions file system after unpacking.
     pub min_free_bytes: u64,
+    /// How the running agent makes way for the new version.
+    pub upgrade_mode: UpgradeMode,
+}
+
+/// How the running agent makes way for the new version (`upgrade_mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum UpgradeMode {
+    /// `Handover()`: the agent stops taking tasks, waits only for work a new agent cannot
+    /// adopt (shell tasks it runs as its own children, http requests) and exits; shell
+    /// tasks in `delegate-task@` units, containers and Kubernetes actions keep running
+    /// and the new version adopts them. An upgrade takes seconds whatever runs. An agent
+    /// without `Handover()` is drained.
+    #[default]
+    Handover,
+    /// `Drain()`: wait (up to `drain_timeout`) until every running task has finished.
+    Drain,
 }
 
 #[derive(Deserialize)]
@@ -68,6 +84,7 @@ struct Raw {
     target: Option<String>,
     version_check_user: Option<String>,
     min_free_mb: Option<u64>,
+    upgrade_mode: Option<Spanned<String>>,
 }
 
 impl Config {
@@ -155,6 +172,19 @@ impl Config {
                     .map_err(|e| at(p.span(), e.to_string()))?,
             ),
         };
+        let upgrade_mode = match raw.upgrade_mode {
+            None => UpgradeMode::default(),
+            Some(m) => match m.get_ref().as_str() {
+                "handover" => UpgradeMode::Handover,
+                "drain" => UpgradeMode::Drain,
+                other => {
+                    return Err(at(
+                        m.span(),
+                        format!("upgrade_mode {other:?} is not \"handover\" or \"drain\""),
+                    ));
+                }
+            },
+        };
         let service = match raw.supervisor_state {
             Some(state_file) => ServiceKind::Supervisor { state_file },
             None => ServiceKind::Systemd {
@@ -175,6 +205,7 @@ impl Config {
             target: raw.target.unwrap_or_else(|| BUILD_TARGET.to_string()),
             version_check_user: raw.version_check_user.unwrap_or_else(|| "nobody".into()),
             min_free_bytes: raw.min_free_mb.unwrap_or(64).saturating_mul(1024 * 1024),
+            upgrade_mode,
         })
     }
 
@@ -221,6 +252,8 @@ mod tests {
                 .starts_with("/etc/delegate/upgrader.toml:2: channel_url"),
             "{e}"
         );
+        let e = parse("channel_url = \"http://x\"\n\nupgrade_mode = \"fast\"\n").expect_err("mode");
+        assert!(e.to_string().contains(":3: upgrade_mode \"fast\""), "{e}");
         let e = parse("channel_url = \"http://x\"\n\ndrain_timeout = \"soon\"\n").expect_err("dur");
         assert!(e.to_string().contains(":3: drain_timeout"), "{e}");
         let e = parse("channel_url = \"http://x\"\nchanel = \"beta\"\n").expect_err("unknown");

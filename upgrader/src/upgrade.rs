@@ -511,8 +511,14 @@ impl<S: ServiceManager> Upgrader<S> {
     /// Step 4: ask the agent to drain and wait (bounded) until it is drained.
     async fn step4_drain(&self, from: &Option<String>, to: &str) -> Result<(), UpgradeError> {
         let bus = AgentBus::connect().await?;
-        let msg = match bus.drain(self.cfg.drain_timeout).await? {
+        let msg = match bus
+            .drain(self.cfg.drain_timeout, self.cfg.upgrade_mode)
+            .await?
+        {
             DrainResult::Drained => "agent drained".to_string(),
+            DrainResult::HandedOver => {
+                "agent handed over (running tasks stay for the new version to adopt)".to_string()
+            }
             DrainResult::NotOnBus => {
                 "agent is not on the bus (not running?): nothing to drain".to_string()
             }

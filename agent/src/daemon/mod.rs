@@ -42,6 +42,11 @@ pub enum Control {
     Drain,
     /// Take tasks again (D-Bus `Resume()`).
     Resume,
+    /// D-Bus `Handover()`, for an upgrade: stop taking tasks and wait only for work a new
+    /// agent cannot adopt; `drained` then means the rest (task units, containers,
+    /// Kubernetes actions) is journalled and left running, and the next SIGTERM exits at
+    /// once without stopping it. The new agent adopts it from the spool.
+    Handover,
     /// SIGTERM: drain, then exit once in-flight work is done or the drain timeout passed.
     Shutdown,
     /// Second SIGTERM or SIGINT: cancel in-flight work now and exit.
@@ -108,6 +113,9 @@ struct TaskHandle {
     reason: Arc<Mutex<Option<StopReason>>>,
     /// Still executing (as opposed to delivering its result).
     running: bool,
+    /// Its work outlives the agent and a restarted agent re-attaches to it: a task unit,
+    /// a container, a Kubernetes action (run again, idempotent).
+    adoptable: bool,
 }
 
 impl TaskHandle {
@@ -161,6 +169,10 @@ struct Shared {
     token_rejected: CancellationToken,
     rejection: Mutex<Option<Rejection>>,
     metrics: crate::metrics::Metrics,
+    /// Set at start when shell tasks run as `delegate-task@` units.
+    units: std::sync::OnceLock<Arc<crate::exec::unit::TaskUnits>>,
+    /// `Handover()` was asked: adoptable tasks do not hold up `drained` or the exit.
+    handover: AtomicBool,
 }
 
 impl Shared {
@@ -219,6 +231,25 @@ impl Shared {
         self.lock_tasks().values().filter(|t| t.running).count()
     }
 
+    /// Running tasks a drain must wait for: all of them, or after `Handover()` those a
+    /// new agent cannot adopt.
+    fn blocking_count(&self) -> usize {
+        let handover = self.handover.load(Ordering::Acquire);
+        self.lock_tasks()
+            .values()
+            .filter(|t| t.running && !(handover && t.adoptable))
+            .count()
+    }
+
+    /// Would a restarted agent re-attach to a task of this kind?
+    fn adoptable(&self, kind: &str) -> bool {
+        match kind {
+            "docker" | "kubernetes" => true,
+            "shell" => self.units.get().is_some(),
+            _ => false,
+        }
+    }
+
     fn lock_tasks(&self) -> std::sync::MutexGuard<'_, HashMap<TaskAttempt, TaskHandle>> {
         // A panic while holding the lock would poison it; the map is still consistent
         // (every mutation is a single insert/remove), so keep going.
@@ -245,7 +276,7 @@ impl Shared {
         let held = u32::try_from(self.lock_tasks().len()).unwrap_or(u32::MAX);
         self.in_flight
             .send_if_modified(|n| std::mem::replace(n, held) != held);
-        if *self.state.borrow() == AgentState::Draining && self.running_count() == 0 {
+        if *self.state.borrow() == AgentState::Draining && self.blocking_count() == 0 {
             self.apply(Event::Idle);
         } else {
             self.update_status();
@@ -367,6 +398,8 @@ impl Daemon {
             token_rejected: CancellationToken::new(),
             rejection: Mutex::new(None),
             metrics: crate::metrics::Metrics::new(),
+            units: std::sync::OnceLock::new(),
+            handover: AtomicBool::new(false),
         });
         Ok(Daemon { shared })
     }
@@ -407,6 +440,9 @@ async fn run_shared(
     probe_docker(&shared, false).await;
     probe_clusters(&shared, true).await;
     tokio::spawn(watch_clusters(shared.clone()).in_current_span());
+    if shared.config.shell_enabled {
+        detect_task_units(&shared).await;
+    }
     recover_spool(&shared);
     notify::ready();
     shared.update_status();
@@ -438,7 +474,17 @@ async fn run_shared(
         };
         match c {
             Some(Control::Drain) => begin_drain(&shared, false).await,
+            Some(Control::Handover) => {
+                shared.handover.store(true, Ordering::Release);
+                info!(
+                    "handing over: taking no new tasks; task units, containers and Kubernetes actions are left running for the next agent"
+                );
+                begin_drain(&shared, false).await;
+            }
             Some(Control::Resume) => {
+                // An upgrade that stopped before its restart resumes the agent: a later
+                // stop drains again.
+                shared.handover.store(false, Ordering::Release);
                 let registered = shared.delegate_id.borrow().is_some();
                 shared.apply(Event::Resume { registered });
                 // The manager holds back tasks from a draining delegate until told.
@@ -457,6 +503,22 @@ async fn run_shared(
     begin_drain(&shared, true).await;
     if !aborted {
         aborted = wait_for_drain(&shared, &mut control).await;
+    }
+    if shared.handover.load(Ordering::Acquire) && !aborted {
+        // Everything still running is journalled and outlives this process; the next
+        // agent adopts it. Stopping it here would undo the handover.
+        let left = shared.running_count();
+        shared.apply(Event::Stop);
+        shared.stopped.cancel();
+        session.abort();
+        if let Some(w) = watchdog {
+            w.abort();
+        }
+        info!(
+            tasks = left,
+            "delegate stopped; its running tasks are handed over to the next start"
+        );
+        return Ok(());
     }
     let leftover = shared.running_count();
     if leftover > 0 {
@@ -499,6 +561,20 @@ async fn run_shared(
     }
     info!("delegate stopped");
     Ok(())
+}
+
+/// Run shell tasks as `delegate-task@` units when systemd and the template are there;
+/// otherwise say once what that means.
+async fn detect_task_units(shared: &Shared) {
+    match crate::exec::unit::TaskUnits::detect(&shared.config.state_dir).await {
+        Ok(u) => {
+            info!("shell tasks run as {} units", crate::exec::unit::TEMPLATE);
+            let _ = shared.units.set(Arc::new(u));
+        }
+        Err(why) => warn!(
+            "shell tasks run as children of the agent: they share its user and its access (config, token, spool, Docker socket) and do not survive an agent restart ({why})"
+        ),
+    }
 }
 
 /// Start the opt-in metrics listener; tasks running and spool bytes are read per scrape.
@@ -564,7 +640,7 @@ async fn stop_for_rejected_token(shared: &Arc<Shared>) -> Result<(), DaemonError
 /// new task is handed to this delegate. `for_exit`: the process will stop afterwards.
 async fn begin_drain(shared: &Arc<Shared>, for_exit: bool) {
     shared.apply(Event::Drain);
-    if shared.running_count() == 0 {
+    if shared.blocking_count() == 0 {
         shared.apply(Event::Idle);
     }
     shared.slot_freed.notify_one();
@@ -601,7 +677,7 @@ async fn wait_for_drain(shared: &Arc<Shared>, control: &mut mpsc::Receiver<Contr
     let deadline = tokio::time::Instant::now() + timeout;
     let mut changed = shared.tasks_changed.subscribe();
     loop {
-        if shared.running_count() == 0 {
+        if shared.blocking_count() == 0 {
             return false;
         }
         tokio::select! {
@@ -610,7 +686,7 @@ async fn wait_for_drain(shared: &Arc<Shared>, control: &mut mpsc::Receiver<Contr
             c = control.recv() => match c {
                 Some(Control::Abort) | Some(Control::Shutdown) => return true,
                 Some(Control::Resume) => info!("resume ignored: the agent is stopping"),
-                Some(Control::Drain) | None => {}
+                Some(Control::Drain) | Some(Control::Handover) | None => {}
             },
         }
     }

@@ -49,6 +49,16 @@ pub(super) fn recover_spool(shared: &Arc<Shared>) {
             spawn_adopted(shared.clone(), rec.assignment, rec.dir, permit);
             continue;
         }
+        if rec.result.is_none()
+            && rec.assignment.kind == "shell"
+            && shared.units.get().is_some()
+            && rec.dir.unit().is_some()
+        {
+            info!(task_id = %rec.assignment.task_id, attempt = rec.assignment.attempt, "re-attaching to the unit of a task that ran when the delegate stopped");
+            let permit = shared.slots.clone().try_acquire_owned().ok();
+            spawn_adopted(shared.clone(), rec.assignment, rec.dir, permit);
+            continue;
+        }
         if rec.result.is_none() && rec.assignment.kind == "docker" && shared.runs_kind("docker") {
             info!(task_id = %rec.assignment.task_id, attempt = rec.assignment.attempt, "re-attaching to the container of a task that ran when the delegate stopped");
             let permit = shared.slots.clone().try_acquire_owned().ok();
@@ -92,6 +102,7 @@ pub(super) fn recover_spool(shared: &Arc<Shared>) {
             stop: CancellationToken::new(),
             reason: Arc::new(Mutex::new(None)),
             running: false,
+            adoptable: false,
         };
         shared.lock_tasks().insert(key_of(&rec.assignment), handle);
         let shared = shared.clone();

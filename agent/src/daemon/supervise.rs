@@ -14,6 +14,7 @@ use super::delivery::{deliver, ship_live};
 use super::{Shared, StopReason, TaskHandle, key_of};
 use crate::backoff::Backoff;
 use crate::config::Config;
+use crate::exec::unit::UnitRecord;
 use crate::exec::{self, ContainerRecord, ExecContext, ExecOutcome, Journal, ProcessRecord};
 use crate::spool::TaskDir;
 
@@ -107,6 +108,7 @@ async fn supervise(
             stop: stop.clone(),
             reason: reason.clone(),
             running: true,
+            adoptable: shared.adoptable(&a.kind),
         },
     );
     shared.bump();
@@ -233,6 +235,7 @@ async fn execute(
         delegate_id: shared.delegate_id.borrow().clone(),
         docker: shared.docker.clone(),
         kubernetes: shared.kubernetes.clone(),
+        units: shared.units.get().cloned(),
     };
     let mut timeout = Duration::from_secs(a.timeout_secs.max(1));
     if adopt {
@@ -306,6 +309,17 @@ impl Journal for SpoolJournal {
     fn container(&self) -> Option<ContainerRecord> {
         self.0.container()
     }
+
+    fn record_unit(&self, u: &UnitRecord) {
+        if let Err(e) = self.0.record_unit(u) {
+            // A restarted agent then reports the task lost instead of re-attaching.
+            warn!("cannot journal the task's unit: {e}");
+        }
+    }
+
+    fn unit(&self) -> Option<UnitRecord> {
+        self.0.unit()
+    }
 }
 
 /// Outcome + why the supervisor stopped it → the result the manager gets.
@@ -318,6 +332,7 @@ fn to_result(
     let (exit_code, signal) = match &outcome {
         ExecOutcome::Exited(c) => (Some(*c), None),
         ExecOutcome::Signaled(s) => (None, Some(*s)),
+        ExecOutcome::OomKilled => (None, Some(9)),
         _ => (None, None),
     };
     let (outcome, message) = match (why, outcome) {
@@ -343,6 +358,10 @@ fn to_result(
         }
         (None, ExecOutcome::Exited(0)) => (Outcome::Succeeded, None),
         (None, ExecOutcome::Exited(c)) => (Outcome::Failed, Some(format!("exited with code {c}"))),
+        (None, ExecOutcome::OomKilled) => (
+            Outcome::Failed,
+            Some("killed by the out-of-memory killer: the task went over its memory_max (or the host ran out of memory)".into()),
+        ),
         (None, ExecOutcome::Signaled(s)) => (
             Outcome::Failed,
             Some(format!("killed by {}", signal_name(s))),

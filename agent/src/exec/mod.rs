@@ -12,6 +12,7 @@ pub mod kubernetes;
 pub mod kubernetes_job;
 pub mod kubernetes_rollout;
 pub mod shell;
+pub mod unit;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -84,6 +85,9 @@ pub trait Journal: Send + Sync {
     fn record_container(&self, c: &ContainerRecord);
     /// The container recorded by this or an earlier run of the agent.
     fn container(&self) -> Option<ContainerRecord>;
+    /// The systemd unit a shell task runs in (see [`unit`]).
+    fn record_unit(&self, u: &unit::UnitRecord);
+    fn unit(&self) -> Option<unit::UnitRecord>;
 }
 
 /// How an execution ended, before the supervisor adds why it was stopped.
@@ -91,6 +95,9 @@ pub trait Journal: Send + Sync {
 pub enum ExecOutcome {
     /// The process exited with this code.
     Exited(i32),
+    /// The kernel's OOM killer ended it: it went over its `memory_max` (or the host ran
+    /// out of memory).
+    OomKilled,
     /// The process was killed by this signal.
     Signaled(i32),
     /// A non-process task finished (http): success or not, with a reason.
@@ -124,6 +131,9 @@ pub struct ExecContext {
     pub docker: Arc<DockerConfig>,
     /// The `[[kubernetes]]` clusters of the config.
     pub kubernetes: Arc<Vec<KubeCluster>>,
+    /// Shell tasks run as `delegate-task@` units when set (under systemd with the
+    /// template installed); as the agent's children otherwise.
+    pub units: Option<Arc<unit::TaskUnits>>,
 }
 
 impl ExecContext {

@@ -37,6 +37,12 @@ const SCRUBBED_ENV: &[&str] = &[
 const OUTPUT_DRAIN_LIMIT: Duration = Duration::from_secs(2);
 
 pub async fn run(spec: &ShellSpec, mut ctx: ExecContext) -> ExecOutcome {
+    if let Some(units) = ctx.units.clone() {
+        return super::unit::run(spec, units, ctx).await;
+    }
+    if spec.has_limits() {
+        ctx.note("memory_max, cpu_weight and tasks_max are not applied: this delegate runs tasks as its own children (not as delegate-task@ systemd units)");
+    }
     let script = ctx.dir.join("script");
     if let Err(e) = std::fs::write(&script, &spec.script) {
         return ExecOutcome::CouldNotStart(format!(

@@ -20,6 +20,8 @@ use delegate_tests::nspawn::{
 use delegate_tests::upgrade::{StaticServer, agent_v2, fake_binary};
 use serde_json::json;
 
+mod units;
+
 /// The binary with the release tools (`keygen`, `publish`); hosts never get it.
 const RELEASE_TOOL: &str = "delegate-release";
 
@@ -223,8 +225,9 @@ fn deb_install_setup_status_drain_remove_purge() -> Result<()> {
             .trim(),
         "root:delegate 640"
     );
+    // Shell tasks run as their own unit's user, not as the agent's.
     let id = w.submit("echo hello from $(id -un)")?;
-    w.assert_succeeded(&id, "hello from delegate")?;
+    w.assert_succeeded(&id, "hello from delegate-task")?;
     let entries = c.journal_json("delegate")?;
     let tagged = entries.iter().find(|e| {
         e["TASK_ID"] == id.as_str() && e["DELEGATE_ID"].as_str().is_some_and(|d| !d.is_empty())

@@ -1,0 +1,528 @@
+//! The `shell` executor under systemd: each task runs as its own `delegate-task@` unit.
+//!
+//! A task that is the agent's child shares its user, its cgroup and its fate: it can read
+//! the agent's token (`/proc/$PPID/environ`, the config), rewrite other tasks' spool files,
+//! use the Docker socket of a `docker`-group agent, and dies with the agent. As an instance
+//! of the packaged template `delegate-task@.service` it runs as user `delegate-task` in its
+//! own cgroup, sandboxed, and keeps running when the agent restarts.
+//!
+//! The agent only names the instance (`<task>.<attempt>`, the spool directory's name); a
+//! polkit rule lets it start, stop and reset only such units, so it can never start a unit
+//! with properties it chose. The spec goes in as a credential (`LoadCredential=` of
+//! `spec.json` in the task's spool directory, which the task cannot read), output comes
+//! back in the file `output` beside it, which systemd opens for the task before switching
+//! users; the agent copies it into the task's log by byte offset. The exit status is the
+//! unit's `ExecMainStatus`, kept by systemd (`RemainAfterExit=yes`, or the failed state)
+//! until the agent collects it — also after an agent restart, which re-attaches to the unit
+//! and continues the copy from `log length - output_base`.
+
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use delegate_protocol::ShellSpec;
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+use tracing::{debug, warn};
+use zbus::proxy;
+use zbus::proxy::CacheProperties;
+
+use super::{ExecContext, ExecOutcome};
+
+/// The template unit the package installs.
+pub const TEMPLATE: &str = "delegate-task@.service";
+
+/// The state directory the template's `LoadCredential=` and `StandardOutput=` name.
+pub const PACKAGED_STATE_DIR: &str = "/var/lib/delegate";
+
+/// Name of the credential holding the [`RunnerSpec`].
+pub const SPEC_CREDENTIAL: &str = "spec";
+
+/// How often a running unit's output file and state are looked at.
+const POLL: Duration = Duration::from_millis(50);
+
+/// Longest wait for systemd to stop a unit (its `TimeoutStopSec` is 10 s).
+const STOP_LIMIT: Duration = Duration::from_secs(60);
+
+/// What `delegate task-run` reads from its credential.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunnerSpec {
+    pub task_id: String,
+    pub attempt: u32,
+    pub argv: Vec<String>,
+    pub script: String,
+    pub env: Vec<(String, String)>,
+    pub working_dir: Option<String>,
+    pub memory_max: Option<u64>,
+    pub cpu_weight: Option<u64>,
+    pub tasks_max: Option<u64>,
+}
+
+/// A task unit, as journalled in the spool, so a restarted agent re-attaches to it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnitRecord {
+    pub unit: String,
+    /// Log length when the unit's output began; output byte N is log byte base + N.
+    pub output_base: u64,
+}
+
+#[proxy(
+    interface = "org.freedesktop.systemd1.Manager",
+    default_service = "org.freedesktop.systemd1",
+    default_path = "/org/freedesktop/systemd1"
+)]
+trait Manager {
+    fn subscribe(&self) -> zbus::Result<()>;
+    fn start_unit(&self, name: &str, mode: &str) -> zbus::Result<zbus::OwnedObjectPath>;
+    fn stop_unit(&self, name: &str, mode: &str) -> zbus::Result<zbus::OwnedObjectPath>;
+    fn reset_failed_unit(&self, name: &str) -> zbus::Result<()>;
+    fn get_unit(&self, name: &str) -> zbus::Result<zbus::OwnedObjectPath>;
+    fn get_unit_file_state(&self, name: &str) -> zbus::Result<String>;
+    #[zbus(signal)]
+    fn job_removed(
+        &self,
+        id: u32,
+        job: zbus::ObjectPath<'_>,
+        unit: &str,
+        result: &str,
+    ) -> zbus::Result<()>;
+}
+
+#[proxy(
+    interface = "org.freedesktop.systemd1.Unit",
+    default_service = "org.freedesktop.systemd1"
+)]
+trait Unit {
+    #[zbus(property)]
+    fn active_state(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn sub_state(&self) -> zbus::Result<String>;
+}
+
+#[proxy(
+    interface = "org.freedesktop.systemd1.Service",
+    default_service = "org.freedesktop.systemd1"
+)]
+trait Service {
+    #[zbus(property, name = "ExecMainCode")]
+    fn exec_main_code(&self) -> zbus::Result<i32>;
+    #[zbus(property, name = "ExecMainStatus")]
+    fn exec_main_status(&self) -> zbus::Result<i32>;
+    #[zbus(property)]
+    fn result(&self) -> zbus::Result<String>;
+}
+
+/// The agent's handle on systemd for task units.
+pub struct TaskUnits {
+    conn: zbus::Connection,
+    /// Built once, without a property cache (that would add match rules on every build).
+    manager: ManagerProxy<'static>,
+}
+
+impl std::fmt::Debug for TaskUnits {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TaskUnits")
+    }
+}
+
+impl TaskUnits {
+    /// Task units when this agent runs under systemd with the template installed and the
+    /// packaged state directory; otherwise why not (for the one warning line at start).
+    pub async fn detect(state_dir: &Path) -> Result<TaskUnits, String> {
+        if std::env::var_os("INVOCATION_ID").is_none() || !Path::new("/run/systemd/system").is_dir()
+        {
+            return Err("not running as a systemd service".into());
+        }
+        if state_dir != Path::new(PACKAGED_STATE_DIR) {
+            return Err(format!(
+                "state_dir is {}, and {TEMPLATE} reads specs from {PACKAGED_STATE_DIR}",
+                state_dir.display()
+            ));
+        }
+        let conn = tokio::time::timeout(Duration::from_secs(5), zbus::Connection::system())
+            .await
+            .map_err(|_| "the system bus did not answer in 5 s".to_string())?
+            .map_err(|e| format!("no system bus: {e}"))?;
+        let manager = ManagerProxy::builder(&conn)
+            .cache_properties(CacheProperties::No)
+            .build()
+            .await
+            .map_err(|e| format!("cannot reach systemd: {e}"))?;
+        if let Err(e) = manager.get_unit_file_state(TEMPLATE).await {
+            return Err(format!("{TEMPLATE} is not installed ({e})"));
+        }
+        // Job signals go only to subscribers.
+        match manager.subscribe().await {
+            Ok(()) => {}
+            Err(zbus::Error::MethodError(name, _, _))
+                if name.as_str() == "org.freedesktop.systemd1.AlreadySubscribed" => {}
+            Err(e) => return Err(format!("cannot subscribe to systemd's signals: {e}")),
+        }
+        Ok(TaskUnits { conn, manager })
+    }
+
+    async fn manager(&self) -> zbus::Result<ManagerProxy<'static>> {
+        Ok(self.manager.clone())
+    }
+
+    /// The unit's state, or `None` once systemd has unloaded it (stopped and collected).
+    async fn state(&self, unit: &str) -> zbus::Result<Option<UnitState>> {
+        let m = self.manager().await?;
+        let path = match m.get_unit(unit).await {
+            Ok(p) => p,
+            Err(zbus::Error::MethodError(name, _, _))
+                if name.as_str() == "org.freedesktop.systemd1.NoSuchUnit" =>
+            {
+                return Ok(None);
+            }
+            Err(e) => return Err(e),
+        };
+        let u = UnitProxy::builder(&self.conn)
+            .path(path.clone())
+            .cache_properties(CacheProperties::No)
+            .build()
+            .await?;
+        let s = ServiceProxy::builder(&self.conn)
+            .path(path)
+            .cache_properties(CacheProperties::No)
+            .build()
+            .await?;
+        Ok(Some(UnitState {
+            active: u.active_state().await?,
+            sub: u.sub_state().await?,
+            code: s.exec_main_code().await?,
+            status: s.exec_main_status().await?,
+            result: s.result().await?,
+        }))
+    }
+
+    /// Start the unit and wait for its start job: `Err` with systemd's reason when the
+    /// unit could not get as far as exec'ing the runner.
+    async fn start(&self, unit: &str) -> Result<(), String> {
+        let bus = |e: zbus::Error| format!("cannot start {unit} through systemd: {e}");
+        let m = self.manager().await.map_err(bus)?;
+        let mut removed = m.receive_job_removed().await.map_err(bus)?;
+        // A unit of the same name left failed by an earlier try would have its old status
+        // read as this run's. (Asked only when loaded: each call is a polkit check.)
+        if let Ok(Some(_)) = self.state(unit).await {
+            let _ = m.reset_failed_unit(unit).await;
+        }
+        let job = m.start_unit(unit, "fail").await.map_err(|e| match &e {
+            zbus::Error::MethodError(name, msg, _)
+                if name.as_str() == "org.freedesktop.DBus.Error.AccessDenied"
+                    || name.as_str() == "org.freedesktop.DBus.Error.InteractiveAuthorizationRequired" =>
+            {
+                format!(
+                    "systemd refused to start {unit} for the agent ({}): is polkitd installed and /usr/share/polkit-1/rules.d/50-delegate-task.rules in place?",
+                    msg.as_deref().unwrap_or(name.as_str())
+                )
+            }
+            _ => bus(e),
+        })?;
+        let result = tokio::time::timeout(Duration::from_secs(120), async {
+            while let Some(sig) = removed.next().await {
+                if let Ok(args) = sig.args()
+                    && args.job().as_str() == job.as_str()
+                {
+                    return Some(args.result().to_string());
+                }
+            }
+            None
+        })
+        .await;
+        match result {
+            Ok(Some(r)) if r == "done" => Ok(()),
+            Ok(Some(r)) => {
+                let why = match self.state(unit).await {
+                    Ok(Some(s)) => s.start_failure(),
+                    _ => String::new(),
+                };
+                Err(format!("systemd could not start {unit} (job {r}){why}"))
+            }
+            Ok(None) => Err(format!("the system bus closed while starting {unit}")),
+            Err(_) => Err(format!("systemd did not start {unit} within 120 s")),
+        }
+    }
+
+    /// Stop the unit (its whole cgroup) and forget its state; waits until systemd is done.
+    async fn collect(&self, unit: &str) {
+        let Ok(m) = self.manager().await else { return };
+        // Each call is a polkit check, the dearest part of a task's overhead: a failed
+        // unit's cgroup is empty already and needs only its state reset; a unit that
+        // exited (RemainAfterExit) or still runs needs a stop, which kills leftovers.
+        let mut stopped = false;
+        let deadline = tokio::time::Instant::now() + STOP_LIMIT;
+        while tokio::time::Instant::now() < deadline {
+            match self.state(unit).await {
+                Ok(None) => return,
+                Ok(Some(s)) if s.active == "inactive" => return,
+                Ok(Some(s)) if s.active == "failed" => {
+                    if let Err(e) = m.reset_failed_unit(unit).await {
+                        debug!("ResetFailedUnit({unit}): {e}");
+                    }
+                }
+                Ok(Some(s)) if !stopped && s.active != "deactivating" => {
+                    stopped = true;
+                    if let Err(e) = m.stop_unit(unit, "replace").await {
+                        debug!("StopUnit({unit}): {e}");
+                    }
+                    continue;
+                }
+                Ok(Some(_)) => {}
+                Err(e) => {
+                    debug!("state of {unit}: {e}");
+                    return;
+                }
+            }
+            tokio::time::sleep(POLL).await;
+        }
+        warn!("{unit} did not stop within {} s", STOP_LIMIT.as_secs());
+    }
+
+    async fn stop(&self, unit: &str) {
+        match self.manager().await {
+            Ok(m) => {
+                if let Err(e) = m.stop_unit(unit, "replace").await {
+                    warn!("cannot stop {unit}: {e}");
+                }
+            }
+            Err(e) => warn!("cannot stop {unit}: {e}"),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct UnitState {
+    active: String,
+    sub: String,
+    code: i32,
+    status: i32,
+    result: String,
+}
+
+/// `si_code` values systemd reports in `ExecMainCode`.
+const CLD_EXITED: i32 = 1;
+const CLD_KILLED: i32 = 2;
+const CLD_DUMPED: i32 = 3;
+
+impl UnitState {
+    /// The script has ended (systemd keeps its status until the unit is collected).
+    fn ended(&self) -> bool {
+        self.active == "failed"
+            || self.active == "inactive"
+            || (self.active == "active" && self.sub == "exited")
+    }
+
+    fn outcome(&self) -> ExecOutcome {
+        if self.result == "oom-kill" {
+            return ExecOutcome::OomKilled;
+        }
+        match self.code {
+            CLD_EXITED => ExecOutcome::Exited(self.status),
+            CLD_KILLED | CLD_DUMPED => ExecOutcome::Signaled(self.status),
+            _ => ExecOutcome::Lost(format!(
+                "the task unit ended without an exit status (result {})",
+                self.result
+            )),
+        }
+    }
+
+    /// Why a start job failed, from the exit status systemd's own set-up left.
+    fn start_failure(&self) -> String {
+        let what = match self.status {
+            200 => "cannot change to the working directory",
+            203 => {
+                "cannot execute the runner (is /var/lib/delegate-upgrader/current/delegate there?)"
+            }
+            216 => {
+                "cannot set the unit's group (the Group= of delegate-task@.service does not exist?)"
+            }
+            217 => {
+                "the task user does not exist (User= of delegate-task@.service; the package creates delegate-task)"
+            }
+            209 => "cannot open the output file",
+            243 => "cannot load the spec credential",
+            _ => "",
+        };
+        format!(
+            ": result {}, exit status {}{}",
+            self.result,
+            self.status,
+            if what.is_empty() {
+                String::new()
+            } else {
+                format!(" — {what}")
+            }
+        )
+    }
+}
+
+/// The unit name of a task attempt: its spool directory's name.
+pub fn unit_name(dir: &Path) -> String {
+    let instance = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    format!("delegate-task@{instance}.service")
+}
+
+/// Run (or, when adopting, re-attach to) a shell task as a unit.
+pub async fn run(spec: &ShellSpec, units: Arc<TaskUnits>, mut ctx: ExecContext) -> ExecOutcome {
+    let unit = unit_name(&ctx.dir);
+    let output = ctx.dir.join("output");
+    let record = if ctx.adopt {
+        match ctx.journal.unit() {
+            Some(r) => r,
+            None => {
+                return ExecOutcome::Lost(
+                    "the delegate restarted before the task's unit was journalled".into(),
+                );
+            }
+        }
+    } else {
+        let runner = RunnerSpec {
+            task_id: ctx.task_id.clone(),
+            attempt: ctx.attempt,
+            argv: spec.interpreter_argv(),
+            script: spec.script.clone(),
+            env: spec
+                .env
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            working_dir: spec.working_dir.clone(),
+            memory_max: spec.memory_max,
+            cpu_weight: spec.cpu_weight,
+            tasks_max: spec.tasks_max,
+        };
+        let spec_path = ctx.dir.join("spec.json");
+        let json = serde_json::to_vec(&runner).unwrap_or_default();
+        if let Err(e) = crate::spool::write_atomic(&spec_path, &json) {
+            return ExecOutcome::CouldNotStart(format!("cannot write the task's spec: {e}"));
+        }
+        if let Err(e) = std::fs::write(&output, b"") {
+            return ExecOutcome::CouldNotStart(format!("cannot create {}: {e}", output.display()));
+        }
+        let record = UnitRecord {
+            unit: unit.clone(),
+            output_base: ctx.log.written(),
+        };
+        // Journalled before the start: a restart in between finds the unit or knows it
+        // never ran.
+        ctx.journal.record_unit(&record);
+        if let Err(why) = units.start(&unit).await {
+            units.collect(&unit).await;
+            let mut copied = 0;
+            copy_output(&output, &mut copied, &mut ctx);
+            return ExecOutcome::CouldNotStart(why);
+        }
+        record
+    };
+    let mut copied = ctx.log.written().saturating_sub(record.output_base);
+    let mut stopping = false;
+    let last = loop {
+        copy_output(&output, &mut copied, &mut ctx);
+        let state = match units.state(&unit).await {
+            Ok(s) => s,
+            Err(e) => {
+                warn!("cannot read the state of {unit}: {e}");
+                tokio::time::sleep(POLL).await;
+                continue;
+            }
+        };
+        match state {
+            None => break None,
+            Some(s) if s.ended() => break Some(s),
+            Some(_) => {}
+        }
+        tokio::select! {
+            _ = ctx.stop.cancelled(), if !stopping => {
+                stopping = true;
+                units.stop(&unit).await;
+            }
+            _ = tokio::time::sleep(POLL) => {}
+        }
+    };
+    // Whatever the script left behind goes with its unit; then the rest of its output.
+    units.collect(&unit).await;
+    copy_output(&output, &mut copied, &mut ctx);
+    let _ = std::fs::remove_file(ctx.dir.join("spec.json"));
+    match last {
+        Some(s) => s.outcome(),
+        None if stopping => ExecOutcome::Signaled(15),
+        None => ExecOutcome::Lost(format!(
+            "the task's unit {unit} is gone and systemd no longer knows how it ended"
+        )),
+    }
+}
+
+/// Append what the unit wrote since `copied` to the task's log.
+fn copy_output(path: &PathBuf, copied: &mut u64, ctx: &mut ExecContext) {
+    let Ok(mut f) = std::fs::File::open(path) else {
+        return;
+    };
+    if f.seek(SeekFrom::Start(*copied)).is_err() {
+        return;
+    }
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match f.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                ctx.log.append(&buf[..n]);
+                *copied += n as u64;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(active: &str, sub: &str, code: i32, status: i32, result: &str) -> UnitState {
+        UnitState {
+            active: active.into(),
+            sub: sub.into(),
+            code,
+            status,
+            result: result.into(),
+        }
+    }
+
+    #[test]
+    fn systemd_status_becomes_the_tasks_outcome() {
+        let exited = state("failed", "failed", CLD_EXITED, 3, "exit-code");
+        assert!(exited.ended());
+        assert_eq!(exited.outcome(), ExecOutcome::Exited(3));
+        let ok = state("active", "exited", CLD_EXITED, 0, "success");
+        assert!(ok.ended());
+        assert_eq!(ok.outcome(), ExecOutcome::Exited(0));
+        assert!(!state("active", "running", 0, 0, "success").ended());
+        assert_eq!(
+            state("failed", "failed", CLD_KILLED, 9, "signal").outcome(),
+            ExecOutcome::Signaled(9)
+        );
+        assert_eq!(
+            state("failed", "failed", CLD_KILLED, 9, "oom-kill").outcome(),
+            ExecOutcome::OomKilled
+        );
+    }
+
+    #[test]
+    fn a_unit_that_could_not_start_says_why() {
+        let s = state("failed", "failed", CLD_EXITED, 217, "exit-code");
+        let why = s.start_failure();
+        assert!(why.contains("exit status 217"), "{why}");
+        assert!(why.contains("the task user does not exist"), "{why}");
+    }
+
+    #[test]
+    fn the_unit_is_named_after_the_spool_directory() {
+        assert_eq!(
+            unit_name(Path::new("/var/lib/delegate/tasks/t_ab-1.2")),
+            "delegate-task@t_ab-1.2.service"
+        );
+    }
+}
