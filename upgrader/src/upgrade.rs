@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use delegate_protocol::DelegateState;
 use delegate_protocol::release::{
-    Decision, Local, MAX_MANIFEST_BYTES, Manifest, Version, decide_version,
+    Decision, Local, MAX_MANIFEST_BYTES, Manifest, ManifestError, Version, decide_version,
     parse_artifact_trusted_comment,
 };
 use sha2::{Digest, Sha256};
@@ -55,10 +55,26 @@ fn read_bounded(path: &Path, limit: u64) -> Result<Vec<u8>, UpgradeError> {
 pub enum Outcome {
     Disabled,
     UpToDate(String),
-    NotPinned { pinned: String, offered: String },
-    WouldInstall { from: Option<String>, to: String },
-    Installed { from: Option<String>, to: String },
-    RolledBack { from: String, to: String },
+    /// The channel offers only a version that failed its health gate here. Not an error:
+    /// the rollback already failed loudly once, and a timer unit failing every hour after
+    /// it would only train operators to ignore it.
+    Skipped(String),
+    NotPinned {
+        pinned: String,
+        offered: String,
+    },
+    WouldInstall {
+        from: Option<String>,
+        to: String,
+    },
+    Installed {
+        from: Option<String>,
+        to: String,
+    },
+    RolledBack {
+        from: String,
+        to: String,
+    },
 }
 
 impl Outcome {
@@ -66,6 +82,7 @@ impl Outcome {
         match self {
             Outcome::Disabled => "disabled",
             Outcome::UpToDate(_) => "up-to-date",
+            Outcome::Skipped(_) => "skipped",
             Outcome::NotPinned { .. } => "not-pinned",
             Outcome::WouldInstall { .. } => "would-install",
             Outcome::Installed { .. } => "installed",
@@ -80,6 +97,10 @@ impl std::fmt::Display for Outcome {
         match self {
             Outcome::Disabled => write!(f, "upgrades are disabled (enabled = false)"),
             Outcome::UpToDate(v) => write!(f, "up to date ({v})"),
+            Outcome::Skipped(v) => write!(
+                f,
+                "the channel offers {v}, which is on the local skip list (it failed its health gate): nothing to do until a newer release; `delegate-upgrader unskip {v}` allows it again"
+            ),
             Outcome::NotPinned { pinned, offered } => {
                 write!(
                     f,
@@ -401,7 +422,10 @@ impl<S: ServiceManager> Upgrader<S> {
             );
             state.write(&self.cfg.root)?;
         }
-        let decision = manifest.decide(&local).map_err(bad)?;
+        let decision = match manifest.decide(&local) {
+            Err(ManifestError::Skipped(v)) => return Ok(Err(Outcome::Skipped(v))),
+            d => d.map_err(bad)?,
+        };
         let to = manifest.version.clone();
         step(
             2,
@@ -714,7 +738,7 @@ impl<S: ServiceManager> Upgrader<S> {
             }
         })?;
         if target != self.cfg.target {
-            return Err(bad(delegate_protocol::release::ManifestError::NoArtifact {
+            return Err(bad(ManifestError::NoArtifact {
                 target: self.cfg.target.clone(),
                 available: target,
             }));
