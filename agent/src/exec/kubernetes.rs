@@ -7,7 +7,7 @@
 //! same manifest go first and are waited for until Established. Server-side apply is
 //! idempotent, so an apply interrupted by an agent restart is simply run again.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use delegate_protocol::{KubeAction, KubernetesSpec};
@@ -418,14 +418,22 @@ async fn apply(
     let mut resolver = Resolver::default();
     let (mut created, mut changed, mut unchanged) = (0, 0, 0);
     let mut crds_pending: Vec<String> = Vec::new();
+    // (group, kind) of the custom resources whose CRDs this manifest applies.
+    let mut defined_here: HashSet<(String, String)> = HashSet::new();
     for doc in &docs {
         if !doc.is_crd() && !crds_pending.is_empty() {
             for name in std::mem::take(&mut crds_pending) {
                 wait_established(client, ctx, &name, stop).await?;
             }
         }
-        let (ar, caps) = resolver.resolve(client, &doc.gvk).await.map_err(|e| {
-            if is_status(&e, 404) {
+        let fresh = defined_here.contains(&(doc.gvk.group.clone(), doc.gvk.kind.clone()));
+        let found = if fresh {
+            resolve_fresh_kind(&mut resolver, client, ctx, &doc.gvk, stop).await
+        } else {
+            resolver.resolve(client, &doc.gvk).await
+        };
+        let (ar, caps) = found.map_err(|e| {
+            if is_not_served(&e) {
                 format!(
                     "manifest document {} ({}): the cluster has no kind {} in {}; is its CRD installed?",
                     doc.index,
@@ -498,6 +506,12 @@ async fn apply(
         ctx.note(&format!("{}{where_} {verdict}", doc.label()));
         if doc.is_crd() {
             crds_pending.push(name);
+            let spec = &doc.obj.data["spec"];
+            if let (Some(group), Some(kind)) =
+                (spec["group"].as_str(), spec["names"]["kind"].as_str())
+            {
+                defined_here.insert((group.to_string(), kind.to_string()));
+            }
         }
     }
     for name in crds_pending {
@@ -514,6 +528,51 @@ fn types_of(gvk: &GroupVersionKind) -> String {
         gvk.version.clone()
     } else {
         format!("{}/{}", gvk.group, gvk.version)
+    }
+}
+
+/// The server does not (yet) serve this group/version, or serves it without this kind.
+fn is_not_served(e: &kube::Error) -> bool {
+    is_status(e, 404)
+        || matches!(
+            e,
+            kube::Error::Discovery(kube::error::DiscoveryError::MissingKind(_))
+        )
+}
+
+/// Discovery of a kind whose CRD this manifest has just applied. The API server adds a
+/// CRD to discovery a moment after it reports the CRD Established (seen on a loaded 1.20
+/// server, about one run in six), so "not served" is retried, bounded by
+/// [`ESTABLISHED_LIMIT`] and the task's stop, before it is reported as a missing CRD.
+async fn resolve_fresh_kind(
+    resolver: &mut Resolver,
+    client: &Client,
+    ctx: &mut ExecContext,
+    gvk: &GroupVersionKind,
+    stop: &CancellationToken,
+) -> Result<(ApiResource, ApiCapabilities), kube::Error> {
+    let deadline = tokio::time::Instant::now() + ESTABLISHED_LIMIT;
+    let mut delay = Duration::from_millis(50);
+    let mut said = false;
+    loop {
+        match resolver.resolve(client, gvk).await {
+            Err(e) if is_not_served(&e) && tokio::time::Instant::now() < deadline => {
+                if !said {
+                    ctx.note(&format!(
+                        "waiting for the API server to serve {} in {}",
+                        gvk.kind,
+                        types_of(gvk)
+                    ));
+                    said = true;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = stop.cancelled() => return Err(e),
+                }
+                delay = (delay * 2).min(Duration::from_secs(1));
+            }
+            found => return found,
+        }
     }
 }
 
