@@ -287,6 +287,15 @@ fn a_crd_and_its_custom_resource_apply_in_one_manifest() {
         .find("widget.example.delegate.dev/w1 in namespace crd created")
         .expect("CR line");
     assert!(crd_at < est_at && est_at < cr_at, "{log}");
+    if log.contains("waiting for the API server to serve Widget") {
+        // Not a failure: the server's discovery lagged Established and the agent waited.
+        // Written past libtest's capture so that runs show how often it happens.
+        use std::io::Write as _;
+        let _ = writeln!(
+            std::io::stderr(),
+            "note: a_crd_and_its_custom_resource_apply_in_one_manifest: discovery lagged Established; the agent waited"
+        );
+    }
     let size = kubectl(
         &w.admin(),
         &[
