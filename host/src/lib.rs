@@ -1,5 +1,6 @@
 //! What the agent and the upgrader share on a host: the `dev.delegate.Agent1` D-Bus proxy,
-//! the journald logging set-up, and how a config error finds its line.
+//! the systemd D-Bus proxies they call, the journald logging set-up, and how a config
+//! error finds its line.
 //!
 //! Both binaries run on every host and must agree on these contracts; declaring them once
 //! keeps the proxy from drifting from the interface the agent serves, and keeps the two
@@ -10,6 +11,7 @@
 
 pub mod agent1;
 pub mod logging;
+pub mod systemd1;
 
 /// 1-based line of a byte `offset` into a config file's text, for `file:line:` messages
 /// (toml reports spans as byte offsets; both programs' configs are edited by hand).

@@ -9,9 +9,9 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use delegate_host::systemd1::{ManagerProxy, ServiceProxy, subscribe};
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
-use zbus::proxy;
 
 use crate::error::UpgradeError;
 
@@ -34,37 +34,6 @@ pub trait ServiceManager {
 }
 
 // --- systemd ---------------------------------------------------------------------------
-
-#[proxy(
-    interface = "org.freedesktop.systemd1.Manager",
-    default_service = "org.freedesktop.systemd1",
-    default_path = "/org/freedesktop/systemd1"
-)]
-trait SystemdManager {
-    fn subscribe(&self) -> zbus::Result<()>;
-    fn restart_unit(&self, name: &str, mode: &str) -> zbus::Result<zbus::OwnedObjectPath>;
-    fn reset_failed_unit(&self, name: &str) -> zbus::Result<()>;
-    fn load_unit(&self, name: &str) -> zbus::Result<zbus::OwnedObjectPath>;
-    #[zbus(signal)]
-    fn job_removed(
-        &self,
-        id: u32,
-        job: zbus::ObjectPath<'_>,
-        unit: &str,
-        result: &str,
-    ) -> zbus::Result<()>;
-}
-
-#[proxy(
-    interface = "org.freedesktop.systemd1.Service",
-    default_service = "org.freedesktop.systemd1"
-)]
-trait SystemdService {
-    #[zbus(property, name = "NRestarts")]
-    fn n_restarts(&self) -> zbus::Result<u32>;
-    #[zbus(property, name = "MainPID")]
-    fn main_pid(&self) -> zbus::Result<u32>;
-}
 
 pub struct Systemd {
     conn: zbus::Connection,
@@ -98,15 +67,10 @@ impl ServiceManager for Systemd {
             reason,
             source,
         };
-        let m = SystemdManagerProxy::new(&self.conn).await.map_err(bus)?;
+        let m = ManagerProxy::new(&self.conn).await.map_err(bus)?;
         // Signals are only broadcast to subscribers; subscribe before starting the job. A
         // second restart on this connection (the rollback's) is subscribed already.
-        match m.subscribe().await {
-            Ok(()) => {}
-            Err(zbus::Error::MethodError(name, _, _))
-                if name.as_str() == "org.freedesktop.systemd1.AlreadySubscribed" => {}
-            Err(e) => return Err(bus(e)),
-        }
+        subscribe(&m).await.map_err(bus)?;
         let mut removed = m.receive_job_removed().await.map_err(bus)?;
         // Clear the unit's start rate limit first: a release that crash-loops plus the
         // upgrader's own restarts (the swap, then the rollback) can exceed the default
@@ -154,9 +118,9 @@ impl ServiceManager for Systemd {
     }
 
     async fn instance(&self) -> Result<Instance, UpgradeError> {
-        let m = SystemdManagerProxy::new(&self.conn).await.map_err(bus)?;
+        let m = ManagerProxy::new(&self.conn).await.map_err(bus)?;
         let path = m.load_unit(&self.unit).await.map_err(bus)?;
-        let s = SystemdServiceProxy::builder(&self.conn)
+        let s = ServiceProxy::builder(&self.conn)
             .path(path)
             .cache_properties(zbus::proxy::CacheProperties::No)
             .build()

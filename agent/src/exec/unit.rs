@@ -21,11 +21,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use delegate_host::systemd1::{ManagerProxy, ServiceProxy, UnitProxy, subscribe};
 use delegate_protocol::ShellSpec;
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use tracing::{debug, warn};
-use zbus::proxy;
 use zbus::proxy::CacheProperties;
 
 use super::{ExecContext, ExecOutcome};
@@ -65,52 +65,6 @@ pub struct UnitRecord {
     pub unit: String,
     /// Log length when the unit's output began; output byte N is log byte base + N.
     pub output_base: u64,
-}
-
-#[proxy(
-    interface = "org.freedesktop.systemd1.Manager",
-    default_service = "org.freedesktop.systemd1",
-    default_path = "/org/freedesktop/systemd1"
-)]
-trait Manager {
-    fn subscribe(&self) -> zbus::Result<()>;
-    fn start_unit(&self, name: &str, mode: &str) -> zbus::Result<zbus::OwnedObjectPath>;
-    fn stop_unit(&self, name: &str, mode: &str) -> zbus::Result<zbus::OwnedObjectPath>;
-    fn reset_failed_unit(&self, name: &str) -> zbus::Result<()>;
-    fn get_unit(&self, name: &str) -> zbus::Result<zbus::OwnedObjectPath>;
-    fn get_unit_file_state(&self, name: &str) -> zbus::Result<String>;
-    #[zbus(signal)]
-    fn job_removed(
-        &self,
-        id: u32,
-        job: zbus::ObjectPath<'_>,
-        unit: &str,
-        result: &str,
-    ) -> zbus::Result<()>;
-}
-
-#[proxy(
-    interface = "org.freedesktop.systemd1.Unit",
-    default_service = "org.freedesktop.systemd1"
-)]
-trait Unit {
-    #[zbus(property)]
-    fn active_state(&self) -> zbus::Result<String>;
-    #[zbus(property)]
-    fn sub_state(&self) -> zbus::Result<String>;
-}
-
-#[proxy(
-    interface = "org.freedesktop.systemd1.Service",
-    default_service = "org.freedesktop.systemd1"
-)]
-trait Service {
-    #[zbus(property, name = "ExecMainCode")]
-    fn exec_main_code(&self) -> zbus::Result<i32>;
-    #[zbus(property, name = "ExecMainStatus")]
-    fn exec_main_status(&self) -> zbus::Result<i32>;
-    #[zbus(property)]
-    fn result(&self) -> zbus::Result<String>;
 }
 
 /// The agent's handle on systemd for task units.
@@ -153,12 +107,9 @@ impl TaskUnits {
             return Err(format!("{TEMPLATE} is not installed ({e})"));
         }
         // Job signals go only to subscribers.
-        match manager.subscribe().await {
-            Ok(()) => {}
-            Err(zbus::Error::MethodError(name, _, _))
-                if name.as_str() == "org.freedesktop.systemd1.AlreadySubscribed" => {}
-            Err(e) => return Err(format!("cannot subscribe to systemd's signals: {e}")),
-        }
+        subscribe(&manager)
+            .await
+            .map_err(|e| format!("cannot subscribe to systemd's signals: {e}"))?;
         Ok(TaskUnits { conn, manager })
     }
 
