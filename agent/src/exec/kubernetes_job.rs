@@ -478,7 +478,30 @@ async fn follow_job(
                 let mut lines = stream.lines();
                 let mut seen_at_cursor = 0usize;
                 let start = cursor.clone();
-                while let Some(line) = lines.next().await {
+                // A follow stream may stay open after its container has ended (a kubelet
+                // or proxy that never closes it): look at the container now and then.
+                // Once it is over, take what the stream still brings, and after a quiet
+                // FOLLOW_CHECK leave the stream to the code below, which decides from the
+                // container (and reads any rest from the cursor).
+                let mut look = tokio::time::interval(FOLLOW_CHECK);
+                look.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                look.reset();
+                let mut over = false;
+                loop {
+                    let line = tokio::select! {
+                        line = lines.next() => line,
+                        _ = look.tick(), if !last_pass => {
+                            if over {
+                                break;
+                            }
+                            over = container_over(&pods, &pod_name).await;
+                            continue;
+                        }
+                    };
+                    if over {
+                        look.reset();
+                    }
+                    let Some(line) = line else { break };
                     let Ok(line) = line else { break };
                     let (ts, text) = match line.split_once(' ') {
                         Some((ts, text)) => match ts.parse::<jiff::Timestamp>() {
@@ -538,6 +561,26 @@ async fn follow_job(
                 tokio::time::sleep(POLL).await;
             }
         }
+    }
+}
+
+/// How often a follow stream's container is looked at while its lines come.
+const FOLLOW_CHECK: Duration = Duration::from_secs(2);
+
+/// Whether the pod's container has ended, or the pod is going or gone: a follow stream of
+/// it that is still open has nothing more to wait for. A failed read says no (the stream
+/// goes on; the read after it decides).
+async fn container_over(pods: &Api<Pod>, pod_name: &str) -> bool {
+    match pods.get_opt(pod_name).await {
+        Ok(Some(p)) => {
+            p.metadata.deletion_timestamp.is_some()
+                || matches!(
+                    pod_state(&p),
+                    PodState::Terminated { .. } | PodState::PodFailed(_)
+                )
+        }
+        Ok(None) => true,
+        Err(_) => false,
     }
 }
 

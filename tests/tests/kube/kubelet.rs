@@ -9,7 +9,9 @@
 //! `/containerLogs/{ns}/{pod}/{container}` with `follow`, `timestamps` and `sinceTime`,
 //! which the real API server proxies for `pods/log`. A container whose env has
 //! `STANDIN_CUT_FOLLOW_AFTER=N` has each follow stream ended after N lines, as a kubelet's
-//! log rotation or a proxy timeout does. A pod being deleted has its process sent SIGTERM
+//! log rotation or a proxy timeout does; with `STANDIN_HOLD_FOLLOW=1` follow streams
+//! stay open after the container has ended, as a stuck kubelet or proxy's do (the
+//! test counts them in `held`). A pod being deleted has its process sent SIGTERM
 //! (SIGKILL after 2 s), its container reported terminated with that exit code, as a
 //! kubelet does within the grace period, and then its deletion confirmed.
 //!
@@ -45,6 +47,8 @@ struct ContainerLog {
     /// End each follow stream of this container after this many lines (0: never), set by
     /// the container's env `STANDIN_CUT_FOLLOW_AFTER`.
     cut_follow_after: usize,
+    /// Keep follow streams open after the container ended (`STANDIN_HOLD_FOLLOW=1`).
+    hold_follow: bool,
 }
 
 impl ContainerLog {
@@ -75,6 +79,8 @@ struct Shared {
     logs: Mutex<HashMap<String, Arc<ContainerLog>>>,
     /// Follow streams ended early so far.
     cuts: AtomicUsize,
+    /// Follow streams kept open after their container ended (`STANDIN_HOLD_FOLLOW`).
+    held: AtomicUsize,
     /// Pods with a process (or an image pull) of ours going, by uid: told when the pod
     /// is being deleted; the pod's task confirms the deletion then.
     running: Mutex<HashMap<String, Arc<Notify>>>,
@@ -106,6 +112,7 @@ impl Kubelet {
             node: node.to_string(),
             logs: Mutex::new(HashMap::new()),
             cuts: AtomicUsize::new(0),
+            held: AtomicUsize::new(0),
             running: Mutex::new(HashMap::new()),
         });
         let (cert, key) = cp.pki.serving(&format!("kubelet-{node}")).expect("cert");
@@ -136,6 +143,11 @@ impl Kubelet {
     /// How many follow streams were ended early.
     pub fn cuts(&self) -> usize {
         self.shared.cuts.load(Ordering::SeqCst)
+    }
+
+    /// How many follow streams were held open after their container ended.
+    pub fn held(&self) -> usize {
+        self.shared.held.load(Ordering::SeqCst)
     }
 }
 
@@ -323,6 +335,7 @@ async fn run_container(s: &Shared, pod: &Value, stop: &Notify) -> bool {
     let simulate = env_var("STANDIN_SIMULATE").unwrap_or_default();
     let log = Arc::new(ContainerLog {
         cut_follow_after,
+        hold_follow: env_var("STANDIN_HOLD_FOLLOW").as_deref() == Some("1"),
         ..ContainerLog::default()
     });
     s.logs
@@ -506,6 +519,7 @@ async fn container_logs(
                 if ended {
                     return None;
                 }
+                let mut held = false;
                 loop {
                     let notified = log.changed.notified();
                     let next = {
@@ -531,8 +545,17 @@ async fn container_logs(
                             (i + 1, sent, end_now),
                         ));
                     }
-                    if !follow || log.done.load(Ordering::SeqCst) {
+                    if !follow {
                         return None;
+                    }
+                    if log.done.load(Ordering::SeqCst) {
+                        if !log.hold_follow {
+                            return None;
+                        }
+                        if !held {
+                            held = true;
+                            s.held.fetch_add(1, Ordering::SeqCst);
+                        }
                     }
                     let _ = tokio::time::timeout(Duration::from_millis(500), notified).await;
                 }

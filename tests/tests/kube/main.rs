@@ -475,6 +475,26 @@ fn a_follow_stream_cut_mid_job_is_resumed_without_gaps_or_repeats() {
     assert!(node().cuts() >= 3, "streams were cut: {}", node().cuts());
 }
 
+/// A follow stream that stays open after the container ended (a stuck kubelet or proxy)
+/// does not keep the task waiting: the end is decided from the container.
+#[test]
+fn a_follow_stream_left_open_after_the_container_ended_does_not_hang_the_task() {
+    let w = World::new("job-held", "");
+    let id = w.submit_job(
+        "for i in $(seq 1 20); do echo line $i; done; exit 4",
+        json!({"STANDIN_HOLD_FOLLOW": "1"}),
+    );
+    let (t, log) = w.finish(&id);
+    assert_eq!(t.state, TaskState::Failed, "{t:?}\n{log}");
+    assert_eq!(t.exit_code, Some(4), "{t:?}\n{log}");
+    assert_eq!(output_lines(&log), numbered(1, 20), "{log}");
+    assert!(
+        node().held() >= 1,
+        "a stream was held open: {}",
+        node().held()
+    );
+}
+
 #[test]
 fn a_deleted_pod_is_an_infrastructure_failure_not_an_exit_code() {
     let w = World::new("job-deleted", "");
