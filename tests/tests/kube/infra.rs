@@ -65,6 +65,33 @@ fn a_job_past_its_active_deadline_is_deadline_exceeded_not_the_kills_exit_code()
             "cluster": "test", "action": "job", "job": job,
         }, "timeout_secs": 120, "retries": 0}))
         .expect("submit");
+    // The 1.20 Job controller checks the deadline once, on a timer armed by the sync that
+    // set the Job's startTime; when that status write lost a race the timer fires early,
+    // finds the deadline not yet passed, and nothing checks again until the pod changes
+    // (seen: the Job still active after 90 s, 1 run in about 15; later controllers
+    // re-arm it). A kubelet's status updates would give it that change; the stand-in's
+    // pod has none, so once the deadline has passed the test makes one.
+    wait_for(LONG, "the job's first line", || {
+        let l = w.manager.logs(&id).ok()?;
+        String::from_utf8_lossy(&l)
+            .contains("started")
+            .then_some(())
+    })
+    .expect("started");
+    std::thread::sleep(std::time::Duration::from_secs(4));
+    let _ = kubectl(
+        &w.admin(),
+        &[
+            "-n",
+            "job-deadline",
+            "annotate",
+            "pods",
+            "-l",
+            &format!("delegate.dev/task-id={id}"),
+            "delegate.dev/test-poke=1",
+            "--overwrite",
+        ],
+    );
     let (t, log) = w.finish(&id);
     assert_infrastructure(&t, &log, &["DeadlineExceeded"]);
     // (sh may add "Terminated" for its killed sleep, as it would in a container.)
