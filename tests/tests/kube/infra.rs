@@ -65,12 +65,12 @@ fn a_job_past_its_active_deadline_is_deadline_exceeded_not_the_kills_exit_code()
             "cluster": "test", "action": "job", "job": job,
         }, "timeout_secs": 120, "retries": 0}))
         .expect("submit");
-    // The 1.20 Job controller checks the deadline once, on a timer armed by the sync that
-    // set the Job's startTime; when that status write lost a race the timer fires early,
-    // finds the deadline not yet passed, and nothing checks again until the pod changes
-    // (seen: the Job still active after 90 s, 1 run in about 15; later controllers
-    // re-arm it). A kubelet's status updates would give it that change; the stand-in's
-    // pod has none, so once the deadline has passed the test makes one.
+    // The 1.20 Job controller arms its deadline check once, on a timer set by the sync
+    // that sets the Job's startTime, and otherwise checks only when something makes the
+    // Job sync (later controllers re-arm it). Seen: the Job still active after 90 s with
+    // no DeadlineExceeded event, 1 run in about 15 (likely the timer fired before the
+    // stored startTime was 3 s old). A kubelet's status updates would make the Job sync;
+    // the stand-in's pod never changes, so once the deadline has passed the test does.
     wait_for(LONG, "the job's first line", || {
         let l = w.manager.logs(&id).ok()?;
         String::from_utf8_lossy(&l)
