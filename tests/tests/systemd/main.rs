@@ -98,10 +98,18 @@ impl World {
     /// `delegate setup` with a fresh token; waits until the agent runs and is connected.
     fn setup(&self, name: &str) -> Result<()> {
         let token = self.m.token(name)?;
-        self.c.run(&format!(
-            "delegate setup --manager {} --token {token} --name {name} --tags e2e,{name}",
-            self.m.url()
-        ))?;
+        // A failed start is diagnosed from the agent's journal: carry it in the error.
+        self.c
+            .run(&format!(
+                "delegate setup --manager {} --token {token} --name {name} --tags e2e,{name}",
+                self.m.url()
+            ))
+            .map_err(|e| {
+                e.context(format!(
+                    "journal of delegate:\n{}",
+                    self.c.journal("delegate")
+                ))
+            })?;
         self.wait_connected()
     }
 
