@@ -5,10 +5,9 @@
 
 use delegate_protocol::{TaskState, TaskView};
 use delegate_tests::kube::kubectl;
-use delegate_tests::wait_for;
 use serde_json::json;
 
-use crate::{LONG, World, node, output_lines};
+use crate::{World, node, output_lines};
 
 /// The task failed as infrastructure: no exit code, a message starting so and holding
 /// every one of `names`.
@@ -71,13 +70,7 @@ fn a_job_past_its_active_deadline_is_deadline_exceeded_not_the_kills_exit_code()
     // no DeadlineExceeded event, 1 run in about 15 (likely the timer fired before the
     // stored startTime was 3 s old). A kubelet's status updates would make the Job sync;
     // the stand-in's pod never changes, so once the deadline has passed the test does.
-    wait_for(LONG, "the job's first line", || {
-        let l = w.manager.logs(&id).ok()?;
-        String::from_utf8_lossy(&l)
-            .contains("started")
-            .then_some(())
-    })
-    .expect("started");
+    w.wait_logged(&id, "started");
     std::thread::sleep(std::time::Duration::from_secs(4));
     let _ = kubectl(
         &w.admin(),
@@ -120,13 +113,7 @@ fn a_job_past_its_active_deadline_is_deadline_exceeded_not_the_kills_exit_code()
 fn a_pod_deleted_mid_run_is_not_reported_as_the_kills_exit_code() {
     let w = World::new("job-killed", "");
     let id = w.submit_job("echo started; sleep 600", json!({}));
-    wait_for(LONG, "the job's first line", || {
-        let l = w.manager.logs(&id).ok()?;
-        String::from_utf8_lossy(&l)
-            .contains("started")
-            .then_some(())
-    })
-    .expect("started");
+    w.wait_logged(&id, "started");
     kubectl(
         &w.admin(),
         &[

@@ -125,6 +125,15 @@ impl World {
     }
 
     /// Wait for a task's end and its whole log.
+    /// Wait until the task's log on the manager holds `text`.
+    fn wait_logged(&self, id: &str, text: &str) {
+        wait_for(LONG, &format!("{text:?} in the task's log"), || {
+            let l = self.manager.logs(id).ok()?;
+            String::from_utf8_lossy(&l).contains(text).then_some(())
+        })
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", self.diagnostics()));
+    }
+
     fn finish(&self, id: &str) -> (TaskView, String) {
         let t = match self.manager.wait_done(id, LONG) {
             Ok(t) => t,
@@ -499,13 +508,7 @@ fn a_follow_stream_left_open_after_the_container_ended_does_not_hang_the_task() 
 fn a_deleted_pod_is_an_infrastructure_failure_not_an_exit_code() {
     let w = World::new("job-deleted", "");
     let id = w.submit_job("echo started; sleep 600", json!({}));
-    wait_for(LONG, "the job's first line", || {
-        let l = w.manager.logs(&id).ok()?;
-        String::from_utf8_lossy(&l)
-            .contains("started")
-            .then_some(())
-    })
-    .expect("started");
+    w.wait_logged(&id, "started");
     kubectl(
         &w.admin(),
         &[
