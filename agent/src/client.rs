@@ -2,7 +2,14 @@
 //!
 //! It knows nothing of executors: it moves protocol messages and turns every failure into
 //! a [`ClientError`] that tells the caller whether retrying can help.
+//!
+//! A manager may run as several nodes sharing one database; the agent then lists them all
+//! and stays with one node until it cannot be reached (or answers that it is unavailable),
+//! then moves on to the next. Any node can answer any request, and the caller's retry with
+//! backoff goes to the new node, so a node's death costs one failed call.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use delegate_protocol::{
@@ -72,11 +79,14 @@ impl ClientError {
     }
 }
 
-/// A manager base URL plus the delegate token.
+/// The manager's node URLs plus the delegate token. Clones share the node in use.
 #[derive(Clone)]
 pub struct ManagerClient {
     http: reqwest::Client,
-    base: String,
+    /// Each node's base URL, without the API prefix, in the configured order.
+    urls: Arc<[String]>,
+    /// Index into `urls` of the node in use.
+    current: Arc<AtomicUsize>,
     token: String,
 }
 
@@ -84,8 +94,21 @@ impl std::fmt::Debug for ManagerClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Never print the token.
         f.debug_struct("ManagerClient")
-            .field("base", &self.base)
+            .field("urls", &self.urls)
+            .field("current", &self.current.load(Ordering::Relaxed))
             .finish()
+    }
+}
+
+/// One request's node: where it went, so a failure moves on from that node only.
+struct Node<'a> {
+    index: usize,
+    url: &'a str,
+}
+
+impl Node<'_> {
+    fn api(&self, path: &str) -> String {
+        format!("{}{API_PREFIX}{path}", self.url)
     }
 }
 
@@ -160,17 +183,28 @@ async fn read_limited(
 }
 
 impl ManagerClient {
-    /// `ca_pem`: extra trusted root certificates (PEM), added to the system's.
+    /// `urls`: the base URL of each node of the manager (at least one). `ca_pem`: extra
+    /// trusted root certificates (PEM), added to the system's.
     pub fn new(
-        base_url: &str,
+        urls: &[String],
         token: &str,
         user_agent: &str,
         ca_pem: Option<&[u8]>,
     ) -> Result<ManagerClient, ClientError> {
+        let urls: Arc<[String]> = urls
+            .iter()
+            .map(|u| u.trim_end_matches('/').to_string())
+            .collect();
         let setup = |e: reqwest::Error| ClientError::Setup {
-            url: base_url.to_string(),
+            url: urls.join(", "),
             reason: causes(&e),
         };
+        if urls.is_empty() {
+            return Err(ClientError::Setup {
+                url: String::new(),
+                reason: "no manager URL is configured".into(),
+            });
+        }
         let mut builder = reqwest::Client::builder()
             .user_agent(user_agent)
             .connect_timeout(Duration::from_secs(10))
@@ -183,40 +217,78 @@ impl ManagerClient {
         let http = builder.build().map_err(setup)?;
         Ok(ManagerClient {
             http,
-            base: format!("{}{API_PREFIX}", base_url.trim_end_matches('/')),
+            urls,
+            current: Arc::new(AtomicUsize::new(0)),
             token: token.to_string(),
         })
     }
 
+    /// The URL of the node in use, for status lines and messages.
+    pub fn url(&self) -> &str {
+        self.node().url
+    }
+
+    fn node(&self) -> Node<'_> {
+        let index = self.current.load(Ordering::Relaxed) % self.urls.len();
+        Node {
+            index,
+            url: &self.urls[index],
+        }
+    }
+
+    /// `node` failed as a node (unreachable, or unavailable behind a proxy): later calls
+    /// go to the next one. Calls that failed on the same node at once move on only once.
+    fn fail_over(&self, node: &Node<'_>) {
+        if self.urls.len() < 2 {
+            return;
+        }
+        let next = (node.index + 1) % self.urls.len();
+        if self
+            .current
+            .compare_exchange(node.index, next, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+        {
+            tracing::warn!(
+                failed = %node.url,
+                next = %self.urls[next],
+                "the manager node cannot be used; trying the next one"
+            );
+        }
+    }
+
     /// A failed request, told apart: an untrusted certificate needs the operator.
-    fn transport(&self, e: &reqwest::Error) -> ClientError {
+    fn transport(&self, node: &Node<'_>, e: &reqwest::Error) -> ClientError {
         let reason = causes(e);
+        let url = format!("{}{API_PREFIX}", node.url);
         if reason.contains("invalid peer certificate") || reason.contains("UnknownIssuer") {
-            ClientError::Untrusted {
-                url: self.base.clone(),
-                reason,
-            }
+            ClientError::Untrusted { url, reason }
         } else {
-            ClientError::Transport {
-                url: self.base.clone(),
-                reason,
-            }
+            self.fail_over(node);
+            ClientError::Transport { url, reason }
         }
     }
 
     async fn send(
         &self,
         what: &'static str,
+        node: &Node<'_>,
         req: reqwest::RequestBuilder,
     ) -> Result<reqwest::Response, ClientError> {
         let resp = req
             .bearer_auth(&self.token)
             .send()
             .await
-            .map_err(|e| self.transport(&e))?;
+            .map_err(|e| self.transport(node, &e))?;
         let status = resp.status();
         if status.is_success() {
             return Ok(resp);
+        }
+        // What a load balancer or proxy says of a node that is down or restarting.
+        if matches!(
+            status,
+            StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE | StatusCode::GATEWAY_TIMEOUT
+        ) {
+            self.fail_over(node);
         }
         // An error body is only read for its message: a bounded prefix is enough.
         let body = read_limited(resp, MAX_ERROR_BODY)
@@ -233,7 +305,7 @@ impl ManagerClient {
         };
         if status == StatusCode::UNAUTHORIZED {
             return Err(ClientError::Unauthorized {
-                url: self.base.clone(),
+                url: format!("{}{API_PREFIX}", node.url),
                 message,
             });
         }
@@ -263,12 +335,13 @@ impl ManagerClient {
 
     pub async fn register(&self, req: &RegisterRequest) -> Result<RegisterResponse, ClientError> {
         let what = "register";
+        let node = self.node();
         let r = self
             .http
-            .post(format!("{}/delegates/register", self.base))
+            .post(node.api("/delegates/register"))
             .timeout(REQUEST_TIMEOUT)
             .json(req);
-        Self::json(what, self.send(what, r).await?, MAX_REPLY).await
+        Self::json(what, self.send(what, &node, r).await?, MAX_REPLY).await
     }
 
     pub async fn heartbeat(
@@ -277,12 +350,13 @@ impl ManagerClient {
         req: &HeartbeatRequest,
     ) -> Result<HeartbeatResponse, ClientError> {
         let what = "heartbeat";
+        let node = self.node();
         let r = self
             .http
-            .post(format!("{}/delegates/{delegate_id}/heartbeat", self.base))
+            .post(node.api(&format!("/delegates/{delegate_id}/heartbeat")))
             .timeout(REQUEST_TIMEOUT)
             .json(req);
-        Self::json(what, self.send(what, r).await?, MAX_REPLY).await
+        Self::json(what, self.send(what, &node, r).await?, MAX_REPLY).await
     }
 
     /// Long poll: `None` when nothing came within `wait`.
@@ -293,12 +367,13 @@ impl ManagerClient {
         max: u32,
     ) -> Result<Option<AcquireResponse>, ClientError> {
         let what = "acquire";
+        let node = self.node();
         let r = self
             .http
-            .post(format!("{}/delegates/{delegate_id}/acquire", self.base))
+            .post(node.api(&format!("/delegates/{delegate_id}/acquire")))
             .query(&[("wait", wait.as_secs()), ("max", u64::from(max))])
             .timeout(wait + REQUEST_TIMEOUT);
-        let resp = self.send(what, r).await?;
+        let resp = self.send(what, &node, r).await?;
         if resp.status() == StatusCode::NO_CONTENT {
             return Ok(None);
         }
@@ -306,12 +381,13 @@ impl ManagerClient {
     }
 
     pub async fn started(&self, task_id: &str, attempt: u32) -> Result<(), ClientError> {
+        let node = self.node();
         let r = self
             .http
-            .post(format!("{}/tasks/{task_id}/started", self.base))
+            .post(node.api(&format!("/tasks/{task_id}/started")))
             .query(&[("attempt", attempt)])
             .timeout(REQUEST_TIMEOUT);
-        self.send("started", r).await.map(drop)
+        self.send("started", &node, r).await.map(drop)
     }
 
     pub async fn logs(
@@ -322,14 +398,15 @@ impl ManagerClient {
         chunk: Vec<u8>,
     ) -> Result<LogAck, ClientError> {
         let what = "logs";
+        let node = self.node();
         let r = self
             .http
-            .post(format!("{}/tasks/{task_id}/logs", self.base))
+            .post(node.api(&format!("/tasks/{task_id}/logs")))
             .query(&[("attempt", u64::from(attempt)), ("offset", offset)])
             .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
             .timeout(REQUEST_TIMEOUT)
             .body(chunk);
-        Self::json(what, self.send(what, r).await?, MAX_REPLY).await
+        Self::json(what, self.send(what, &node, r).await?, MAX_REPLY).await
     }
 
     pub async fn result(
@@ -338,12 +415,13 @@ impl ManagerClient {
         attempt: u32,
         result: &TaskResult,
     ) -> Result<(), ClientError> {
+        let node = self.node();
         let r = self
             .http
-            .post(format!("{}/tasks/{task_id}/result", self.base))
+            .post(node.api(&format!("/tasks/{task_id}/result")))
             .query(&[("attempt", attempt)])
             .timeout(REQUEST_TIMEOUT)
             .json(result);
-        self.send("result", r).await.map(drop)
+        self.send("result", &node, r).await.map(drop)
     }
 }

@@ -23,8 +23,9 @@ pub const DEFAULT_STATE_DIR: &str = "/var/lib/delegate";
 /// The validated configuration the daemon runs with.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
-    /// Base URL of the manager, without the `/api/v1` suffix.
-    pub manager_url: String,
+    /// Base URLs of the manager's nodes, without the `/api/v1` suffix, in the order tried
+    /// (never empty). The agent stays with one until it cannot be reached.
+    pub manager_urls: Vec<String>,
     /// Extra trusted root(s) for the manager's TLS certificate (`ca_file`), added to the
     /// system's roots.
     pub ca: Option<CaBundle>,
@@ -224,7 +225,7 @@ impl<const N: usize> Env for [(&str, &str); N] {
 const KEYS: &[(&str, &str)] = &[
     (
         "manager_url",
-        "URL of the manager, e.g. \"https://manager.example:7700\"",
+        "URL of the manager, e.g. \"https://manager.example:7700\", or a list of its nodes' URLs",
     ),
     ("token", "delegate token (or use token_file)"),
     ("token_file", "path of a file holding the delegate token"),
@@ -639,7 +640,8 @@ impl Collector<'_> {
 /// Where a value came from, for messages: a line of the file or an environment variable.
 #[derive(Default)]
 struct Raw {
-    manager_url: Option<(String, Option<usize>)>,
+    /// The URLs and the line they are on (`None`: from the environment).
+    manager_url: Option<(Vec<String>, Option<usize>)>,
     /// The token and the line it is on (`None`: from the environment).
     token: Option<(String, Option<usize>)>,
     /// The token is written in the config file itself (not the environment).
@@ -748,7 +750,7 @@ fn parse_file(c: &mut Collector<'_>, raw: &mut Raw) -> bool {
         let key: &str = k.get_ref().as_ref();
         let line = Some(c.line_of(v.span().start));
         match key {
-            "manager_url" => raw.manager_url = c.string(key, v).map(|s| (s, line)),
+            "manager_url" => raw.manager_url = manager_urls(c, v).map(|u| (u, line)),
             "token" => {
                 raw.token = c.string(key, v).map(|t| (t, line));
                 raw.token_in_file = raw.token.is_some();
@@ -836,7 +838,9 @@ fn close(known: &str, typed: &str) -> bool {
 
 fn apply_env(c: &mut Collector<'_>, raw: &mut Raw, env: &dyn Env) {
     if let Some(v) = env.var("DELEGATE_MANAGER_URL") {
-        raw.manager_url = Some((v, None));
+        // Several nodes: comma-separated, as a URL of ours never holds a comma.
+        let urls = v.split(',').map(|u| u.trim().to_string()).collect();
+        raw.manager_url = Some((urls, None));
     }
     if let Some(v) = env.var("DELEGATE_TOKEN") {
         raw.token = Some((v, None));
@@ -913,7 +917,7 @@ fn finish(c: &mut Collector<'_>, raw: Raw, env: &dyn Env) -> Option<Config> {
              the agent's metrics (use 127.0.0.1:PORT unless a firewall guards it)"
         ));
     }
-    let manager_url = match raw.manager_url {
+    let manager_urls = match raw.manager_url {
         None => {
             c.at(
                 None,
@@ -921,27 +925,35 @@ fn finish(c: &mut Collector<'_>, raw: Raw, env: &dyn Env) -> Option<Config> {
             );
             None
         }
-        Some((url, line)) => match check_url(&url) {
-            Ok(u) => Some(u),
-            Err(why) => {
-                let where_ = if line.is_some() {
-                    ""
-                } else {
-                    " (from DELEGATE_MANAGER_URL)"
+        Some((urls, line)) => {
+            let where_ = if line.is_some() {
+                ""
+            } else {
+                " (from DELEGATE_MANAGER_URL)"
+            };
+            let mut checked: Vec<String> = Vec::new();
+            let mut bad = false;
+            for url in &urls {
+                let why = match check_url(url) {
+                    Ok(u) if checked.contains(&u) => "is listed twice".to_string(),
+                    Ok(u) => {
+                        checked.push(u);
+                        continue;
+                    }
+                    Err(why) => why,
                 };
+                bad = true;
                 c.problems.push(Problem {
                     path: c.path.to_path_buf(),
                     line,
                     message: format!("manager_url {url:?}{where_} {why}"),
                 });
-                None
             }
-        },
+            (!bad).then_some(checked)
+        }
     };
-    if let Some(url) = &manager_url
-        && let Some(w) = cleartext_warning(url)
-    {
-        warnings.push(w);
+    for url in manager_urls.iter().flatten() {
+        warnings.extend(cleartext_warning(url));
     }
     let ca = raw.ca_file.and_then(|(file, line)| {
         let from = if line.is_some() {
@@ -1060,7 +1072,7 @@ fn finish(c: &mut Collector<'_>, raw: Raw, env: &dyn Env) -> Option<Config> {
         );
     }
     Some(Config {
-        manager_url: manager_url?,
+        manager_urls: manager_urls?,
         ca,
         token: Secret::new(token?),
         name,
@@ -1085,6 +1097,30 @@ fn finish(c: &mut Collector<'_>, raw: Raw, env: &dyn Env) -> Option<Config> {
 
 /// Plain `http://` to anything but this host sends the token and the tasks' secrets in
 /// clear text over the network: allowed (a lab, a tunnel) but said at every start.
+/// `manager_url`: one URL, or a non-empty list of the nodes of one manager.
+fn manager_urls(c: &mut Collector<'_>, v: &Spanned<DeValue<'_>>) -> Option<Vec<String>> {
+    const HOW: &str = "manager_url must be a URL or a list of URLs, e.g. manager_url = \"https://manager.example:7700\" or [\"https://m1.example:7700\", \"https://m2.example:7700\"]";
+    if let Some(s) = v.get_ref().as_str() {
+        return Some(vec![s.to_string()]);
+    }
+    let Some(items) = v.get_ref().as_array() else {
+        c.at(Some(v.span().start), HOW);
+        return None;
+    };
+    let mut urls = Vec::new();
+    for item in items.iter() {
+        match item.get_ref().as_str() {
+            Some(s) => urls.push(s.to_string()),
+            None => c.at(Some(item.span().start), HOW),
+        }
+    }
+    if urls.is_empty() {
+        c.at(Some(v.span().start), format!("{HOW}; the list is empty"));
+        return None;
+    }
+    Some(urls)
+}
+
 fn cleartext_warning(manager_url: &str) -> Option<String> {
     let u = url::Url::parse(manager_url).ok()?;
     if u.scheme() != "http" {
@@ -1131,7 +1167,7 @@ pub(crate) mod tests_support {
     pub(crate) fn minimal() -> Config {
         Config {
             // Nothing listens on the discard port: calls to the manager fail quietly.
-            manager_url: "http://127.0.0.1:9".into(),
+            manager_urls: vec!["http://127.0.0.1:9".into()],
             ca: None,
             token: Secret::new("dlg_test"),
             name: "unit".into(),
@@ -1174,7 +1210,7 @@ mod tests {
         );
         let env: [(&str, &str); 0] = [];
         let c = Config::load(f.path(), &env).expect("valid config");
-        assert_eq!(c.manager_url, "http://127.0.0.1:7700");
+        assert_eq!(c.manager_urls, ["http://127.0.0.1:7700"]);
         assert_eq!(c.tags, ["a", "b"]);
         assert_eq!(c.concurrency, 8);
         assert_eq!(c.drain_timeout, Duration::from_secs(120));
@@ -1229,7 +1265,7 @@ mod tests {
             ("STATE_DIRECTORY", "/var/lib/delegate-x"),
         ];
         let c = Config::load(f.path(), &env).expect("valid");
-        assert_eq!(c.manager_url, "http://b:2");
+        assert_eq!(c.manager_urls, ["http://b:2"]);
         assert_eq!(c.token.expose(), "envtok");
         assert_eq!(c.tags, ["x", "y"]);
         assert_eq!(c.name, "n");
@@ -1405,6 +1441,45 @@ mod tests {
                 .contains("whitespace")
         );
         assert!(check_url("http://[::1").is_err());
+    }
+
+    #[test]
+    fn manager_url_takes_a_list_of_nodes_and_refuses_an_empty_a_repeated_or_a_bad_one() {
+        let env: [(&str, &str); 0] = [];
+        let f = write("manager_url = [\"https://m1:7700/\", \"https://m2:7700\"]\ntoken = \"t\"\n");
+        let c = Config::load(f.path(), &env).expect("valid");
+        assert_eq!(c.manager_urls, ["https://m1:7700", "https://m2:7700"]);
+
+        let env = [(
+            "DELEGATE_MANAGER_URL",
+            "http://127.0.0.1:1, http://127.0.0.1:2",
+        )];
+        let c = Config::load(f.path(), &env).expect("valid");
+        assert_eq!(c.manager_urls, ["http://127.0.0.1:1", "http://127.0.0.1:2"]);
+
+        let env: [(&str, &str); 0] = [];
+        for (value, says) in [
+            ("[]", "the list is empty"),
+            (
+                "[\"https://m1:7700\", \"https://m1:7700/\"]",
+                "is listed twice",
+            ),
+            (
+                "[\"https://m1:7700\", \"m2:7700\"]",
+                "\"m2:7700\" is not a valid URL",
+            ),
+            (
+                "[\"https://m1:7700\", 7]",
+                "must be a URL or a list of URLs",
+            ),
+            ("7", "must be a URL or a list of URLs"),
+        ] {
+            let f = write(&format!("token = \"t\"\nmanager_url = {value}\n"));
+            let e = Config::load(f.path(), &env).expect_err(value).to_string();
+            let p = f.path().display();
+            assert!(e.contains(&format!("{p}:2: ")), "{value}: {e}");
+            assert!(e.contains(says), "{value}: {e}");
+        }
     }
 
     #[test]

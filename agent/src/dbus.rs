@@ -79,7 +79,7 @@ impl AgentObject {
 
     #[zbus(property(emits_changed_signal = "const"))]
     fn manager_url(&self) -> String {
-        self.observer.manager_url.clone()
+        self.observer.manager_url()
     }
 }
 

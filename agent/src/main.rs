@@ -102,7 +102,7 @@ fn main() -> ExitCode {
                 println!(
                     "{}: ok (manager {}, name {}, concurrency {}, state {})",
                     config.display(),
-                    c.manager_url,
+                    c.manager_urls.join(", "),
                     c.name,
                     c.concurrency,
                     c.state_dir.display()

@@ -287,9 +287,9 @@ impl Shared {
         let state = *self.state.borrow();
         let running = self.running_count();
         let link = if *self.connected.borrow() {
-            format!("connected to {}", self.config.manager_url)
+            format!("connected to {}", self.client.url())
         } else {
-            format!("not connected to {}", self.config.manager_url)
+            format!("not connected to {}", self.client.url())
         };
         notify::status(&format!("{state}, {link}, {running} tasks running"));
     }
@@ -301,7 +301,7 @@ impl Shared {
         {
             self.metrics.set_connected(up);
             if up {
-                info!(manager = %self.config.manager_url, "connected to the manager");
+                info!(manager = %self.client.url(), "connected to the manager");
             }
             self.update_status();
         }
@@ -364,14 +364,21 @@ pub struct Observer {
     pub delegate_id: watch::Receiver<Option<String>>,
     /// Number of tasks the agent holds (running or delivering their result).
     pub in_flight: watch::Receiver<u32>,
-    pub manager_url: String,
+    client: ManagerClient,
+}
+
+impl Observer {
+    /// The manager node the agent uses now (it moves on when one cannot be reached).
+    pub fn manager_url(&self) -> String {
+        self.client.url().to_string()
+    }
 }
 
 impl Daemon {
     pub fn new(config: Config) -> Result<Daemon, DaemonError> {
         let spool = Spool::open(&config.state_dir)?.with_log_cap(config.max_log_bytes);
         let client = ManagerClient::new(
-            &config.manager_url,
+            &config.manager_urls,
             config.token.expose(),
             &format!("delegate/{}", crate::VERSION),
             config.ca.as_ref().map(|c| c.pem.as_slice()),
@@ -410,7 +417,7 @@ impl Daemon {
             connected: self.shared.connected.subscribe(),
             delegate_id: self.shared.delegate_id.subscribe(),
             in_flight: self.shared.in_flight.subscribe(),
-            manager_url: self.shared.config.manager_url.clone(),
+            client: self.shared.client.clone(),
         }
     }
 
@@ -448,7 +455,7 @@ async fn run_shared(
     shared.update_status();
     info!(
         version = crate::VERSION,
-        manager = %shared.config.manager_url,
+        manager = %shared.config.manager_urls.join(", "),
         name = %shared.config.name,
         state_dir = %shared.config.state_dir.display(),
         concurrency = shared.config.concurrency,
@@ -617,7 +624,7 @@ async fn stop_for_rejected_token(shared: &Arc<Shared>) -> Result<(), DaemonError
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .clone();
-    let manager_url = shared.config.manager_url.clone();
+    let manager_url = shared.client.url().to_string();
     Err(match rejection {
         Some(Rejection::Registration(message)) => DaemonError::RegistrationRefused {
             manager_url,

@@ -48,6 +48,58 @@ fn manager_killed_mid_task_and_back_20s_later_gets_every_log_byte_and_the_result
     assert_eq!(t.log_bytes, numbered(40).len() as u64);
 }
 
+/// A manager of several nodes (one database behind them): the agent lists every node and
+/// moves on when the one it uses dies. Here the nodes take turns on one SQLite database:
+/// the first listed is down at the start, the second dies mid-task, and the first then
+/// comes up; nothing of the task may be lost or repeated.
+#[test]
+fn an_agent_listing_two_manager_nodes_moves_to_the_live_one_and_loses_nothing() {
+    let mut w = World::new();
+    let up = w.manager.addr.clone();
+    let down = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+        l.local_addr().expect("its address").to_string()
+    };
+    let dir = w.tmp.path().join("agent-1");
+    std::fs::create_dir_all(&dir).expect("agent dir");
+    let config = dir.join("delegate.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "manager_url = [\"http://{down}\", \"http://{up}\"]\ntoken = {token:?}\nname = \"agent-1\"\nstate_dir = {state:?}\n",
+            token = w.token,
+            state = dir.join("state").display().to_string(),
+        ),
+    )
+    .expect("config");
+    let a = Agent::start_config(&dir, &config, "info,delegate=debug").expect("agent starts");
+    w.wait_connected(1);
+    let id = w
+        .manager
+        .submit_shell(
+            "for i in $(seq 1 40); do echo \"line $i\"; sleep 0.1; done; exit 3",
+            120,
+            0,
+        )
+        .expect("submit");
+    wait_for(LONG, "a log line to reach the manager", || {
+        let t = w.manager.task(&id).ok()?;
+        (t.log_bytes > 0).then_some(t)
+    })
+    .map(|t| assert_eq!(t.state, TaskState::Running, "{t:?}"))
+    .expect("log shipped");
+    w.manager.kill9();
+    w.manager = Manager::start_with(w.tmp.path(), &down, &[]).expect("the other node starts");
+    let t = w.manager.wait_done(&id, LONG).expect("finishes");
+    assert_eq!(t.state, TaskState::Failed, "{t:?}\n{}", a.log_text());
+    assert_eq!(t.exit_code, Some(3));
+    assert_eq!(t.attempt, 1);
+    let log = String::from_utf8(w.manager.logs(&id).expect("logs")).expect("utf8");
+    assert_eq!(log, numbered(40));
+    let moved = a.log_text().matches("trying the next one").count();
+    assert!(moved >= 2, "moved on {moved} times:\n{}", a.log_text());
+}
+
 #[test]
 fn agent_killed_mid_task_reports_it_within_seconds_of_restart_and_the_retry_runs() {
     let w = World::new();
