@@ -106,20 +106,23 @@ pub async fn serve(
             debug!("cannot set TCP_NODELAY: {e}");
         }
         let router = router.clone();
-        let tls = tls.clone();
         let stopping = stopping.clone();
+        // Each kind of connection gets a future of its own size: one spawned future for
+        // both would make every plain connection carry a TLS stream's worth of bytes, and
+        // a fleet parks two connections per delegate.
+        let conn: Pin<Box<dyn Future<Output = ()> + Send>> = match tls.clone() {
+            None => Box::pin(serve_http(tcp, router, limits, stopping)),
+            Some(acceptor) => Box::pin(async move {
+                match tokio::time::timeout(limits.header_timeout, acceptor.accept(tcp)).await {
+                    Ok(Ok(stream)) => serve_http(stream, router, limits, stopping).await,
+                    Ok(Err(e)) => debug!("TLS handshake with {peer} failed: {e}"),
+                    Err(_) => debug!("TLS handshake with {peer} timed out"),
+                }
+            }),
+        };
         tokio::spawn(async move {
             let _permit = permit;
-            match tls {
-                None => serve_http(tcp, router, limits, stopping).await,
-                Some(acceptor) => {
-                    match tokio::time::timeout(limits.header_timeout, acceptor.accept(tcp)).await {
-                        Ok(Ok(stream)) => serve_http(stream, router, limits, stopping).await,
-                        Ok(Err(e)) => debug!("TLS handshake with {peer} failed: {e}"),
-                        Err(_) => debug!("TLS handshake with {peer} timed out"),
-                    }
-                }
-            }
+            conn.await;
         });
     }
     drop(listener);
