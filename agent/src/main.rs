@@ -49,9 +49,15 @@ enum Command {
     /// Write the manager URL and token into the config (root:delegate 0640) and restart
     /// delegate.service: the one command to run after installing the package.
     Setup {
-        /// Base URL of the manager, e.g. https://manager.example:7700.
-        #[arg(long = "manager", value_name = "URL")]
-        manager_url: String,
+        /// Base URL of the manager, e.g. https://manager.example:7700; for a manager of
+        /// several nodes, each node's URL (comma separated, or --manager again).
+        #[arg(
+            long = "manager",
+            value_name = "URL",
+            value_delimiter = ',',
+            required = true
+        )]
+        manager_urls: Vec<String>,
         /// Delegate token from `delegate-manager token create --name NAME`.
         #[arg(long, value_name = "TOKEN")]
         token: String,
@@ -142,7 +148,7 @@ fn main() -> ExitCode {
             Ok(())
         }),
         Command::Setup {
-            manager_url,
+            manager_urls,
             token,
             name,
             tags,
@@ -150,7 +156,7 @@ fn main() -> ExitCode {
             no_restart,
         } => {
             let settings = setup::Settings {
-                manager_url,
+                manager_urls,
                 token,
                 name,
                 tags,

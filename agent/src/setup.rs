@@ -22,7 +22,8 @@ pub const UNIT: &str = "delegate.service";
 /// What the operator passed.
 #[derive(Debug, Clone, Default)]
 pub struct Settings {
-    pub manager_url: String,
+    /// One URL, or each node's of a several-node manager.
+    pub manager_urls: Vec<String>,
     pub token: String,
     pub name: Option<String>,
     pub tags: Vec<String>,
@@ -95,7 +96,11 @@ pub fn render(existing: Option<&str>, s: &Settings) -> Result<String, SetupError
     }
     let mut out =
         String::from("# Written by `delegate setup`; the keys below replace earlier values.\n");
-    out.push_str(&format!("manager_url = {}\n", toml_string(&s.manager_url)));
+    let urls: Vec<String> = s.manager_urls.iter().map(|u| toml_string(u)).collect();
+    match urls.as_slice() {
+        [one] => out.push_str(&format!("manager_url = {one}\n")),
+        many => out.push_str(&format!("manager_url = [{}]\n", many.join(", "))),
+    }
     out.push_str(&format!("token = {}\n", toml_string(&s.token)));
     if let Some(n) = &s.name {
         out.push_str(&format!("name = {}\n", toml_string(n)));
@@ -246,7 +251,7 @@ mod tests {
 
     fn settings() -> Settings {
         Settings {
-            manager_url: "https://m.example:7700".into(),
+            manager_urls: vec!["https://m.example:7700".into()],
             token: "dlg_abc".into(),
             name: Some("vm-1".into()),
             tags: vec!["a".into(), "b".into()],
@@ -269,6 +274,21 @@ mod tests {
     }
 
     #[test]
+    fn several_manager_urls_are_written_as_a_list() {
+        let mut s = settings();
+        s.manager_urls = vec!["https://m1:7700".into(), "https://m2:7700".into()];
+        let text = render(None, &s).expect("render");
+        let v: toml::Table = toml::from_str(&text).expect("valid toml");
+        let urls: Vec<&str> = v["manager_url"]
+            .as_array()
+            .expect("a list")
+            .iter()
+            .filter_map(|u| u.as_str())
+            .collect();
+        assert_eq!(urls, ["https://m1:7700", "https://m2:7700"]);
+    }
+
+    #[test]
     fn bad_token_and_tags_are_refused() {
         let mut s = settings();
         s.token = "dlg abc".into();
@@ -285,7 +305,7 @@ mod tests {
         let before = "manager_url = \"http://ok:1\"\ntoken = \"dlg_x\"\n";
         fs::write(&path, before).expect("write");
         let mut s = settings();
-        s.manager_url = "htp://typo".into();
+        s.manager_urls = vec!["htp://typo".into()];
         let err = write_config(&path, &s, None).expect_err("bad url refused");
         let text = err.to_string();
         assert!(matches!(err, SetupError::Invalid(_)), "{text}");
