@@ -15,37 +15,49 @@ fn numbered(n: u32) -> String {
     (1..=n).map(|i| format!("line {i}\n")).collect()
 }
 
-#[test]
-fn manager_killed_mid_task_and_back_20s_later_gets_every_log_byte_and_the_result_once() {
-    let mut w = World::new();
-    let a = w.named_agent("agent-1");
-    let id = w
-        .manager
+/// A task printing `line 1` … `line 40` a tenth of a second apart, then exiting 3; returns
+/// once some of its log reached the manager and it still runs. The premise of the tests
+/// that take the manager away mid-task: both the shipped part and the rest must come out
+/// right.
+fn submit_40_lines_and_wait_until_some_are_shipped(manager: &Manager) -> String {
+    let id = manager
         .submit_shell(
             "for i in $(seq 1 40); do echo \"line $i\"; sleep 0.1; done; exit 3",
             120,
             0,
         )
         .expect("submit");
-    // The premise: some of the log reached the manager and the task still runs when the
-    // manager dies, so both the shipped part and the rest must come out right.
     wait_for(LONG, "a log line to reach the manager", || {
-        let t = w.manager.task(&id).ok()?;
+        let t = manager.task(&id).ok()?;
         (t.log_bytes > 0).then_some(t)
     })
     .map(|t| assert_eq!(t.state, TaskState::Running, "{t:?}"))
     .expect("log shipped");
+    id
+}
+
+/// The task of [`submit_40_lines_and_wait_until_some_are_shipped`] ended once: failed with
+/// exit code 3 on attempt 1, every line once and in order.
+fn assert_40_lines_and_exit_3_once(manager: &Manager, id: &str, agent: &Agent) {
+    let t = manager.wait_done(id, LONG).expect("finishes");
+    assert_eq!(t.state, TaskState::Failed, "{t:?}\n{}", agent.log_text());
+    assert_eq!(t.exit_code, Some(3));
+    assert_eq!(t.attempt, 1);
+    let log = String::from_utf8(manager.logs(id).expect("logs")).expect("utf8");
+    assert_eq!(log, numbered(40));
+    assert_eq!(t.log_bytes, numbered(40).len() as u64);
+}
+
+#[test]
+fn manager_killed_mid_task_and_back_20s_later_gets_every_log_byte_and_the_result_once() {
+    let mut w = World::new();
+    let a = w.named_agent("agent-1");
+    let id = submit_40_lines_and_wait_until_some_are_shipped(&w.manager);
     let addr = w.manager.addr.clone();
     w.manager.kill9();
     std::thread::sleep(Duration::from_secs(20));
     w.manager = Manager::start_with(w.tmp.path(), &addr, &[]).expect("manager restarts");
-    let t = w.manager.wait_done(&id, LONG).expect("finishes");
-    assert_eq!(t.state, TaskState::Failed, "{t:?}\n{}", a.log_text());
-    assert_eq!(t.exit_code, Some(3));
-    assert_eq!(t.attempt, 1);
-    let log = String::from_utf8(w.manager.logs(&id).expect("logs")).expect("utf8");
-    assert_eq!(log, numbered(40));
-    assert_eq!(t.log_bytes, numbered(40).len() as u64);
+    assert_40_lines_and_exit_3_once(&w.manager, &id, &a);
 }
 
 /// A manager of several nodes (one database behind them): the agent lists every node and
@@ -74,28 +86,10 @@ fn an_agent_listing_two_manager_nodes_moves_to_the_live_one_and_loses_nothing() 
     .expect("config");
     let a = Agent::start_config(&dir, &config, "info,delegate=debug").expect("agent starts");
     w.wait_connected(1);
-    let id = w
-        .manager
-        .submit_shell(
-            "for i in $(seq 1 40); do echo \"line $i\"; sleep 0.1; done; exit 3",
-            120,
-            0,
-        )
-        .expect("submit");
-    wait_for(LONG, "a log line to reach the manager", || {
-        let t = w.manager.task(&id).ok()?;
-        (t.log_bytes > 0).then_some(t)
-    })
-    .map(|t| assert_eq!(t.state, TaskState::Running, "{t:?}"))
-    .expect("log shipped");
+    let id = submit_40_lines_and_wait_until_some_are_shipped(&w.manager);
     w.manager.kill9();
     w.manager = Manager::start_with(w.tmp.path(), &down, &[]).expect("the other node starts");
-    let t = w.manager.wait_done(&id, LONG).expect("finishes");
-    assert_eq!(t.state, TaskState::Failed, "{t:?}\n{}", a.log_text());
-    assert_eq!(t.exit_code, Some(3));
-    assert_eq!(t.attempt, 1);
-    let log = String::from_utf8(w.manager.logs(&id).expect("logs")).expect("utf8");
-    assert_eq!(log, numbered(40));
+    assert_40_lines_and_exit_3_once(&w.manager, &id, &a);
     let moved = a.log_text().matches("trying the next one").count();
     assert!(moved >= 2, "moved on {moved} times:\n{}", a.log_text());
 }
