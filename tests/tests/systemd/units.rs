@@ -344,6 +344,58 @@ fn an_unknown_task_user_fails_the_task_with_a_clear_message() -> Result<()> {
     Ok(())
 }
 
+/// Where polkit does not let the agent manage its task units (a polkitd too old for
+/// JavaScript rules, as on Debian 11 and Ubuntu 22.04, or the rule removed), the agent
+/// learns it at start, says so in one warning line that names the fix, and runs shell
+/// tasks by direct spawn; with the rule back, a restart uses units again.
+#[test]
+fn without_the_polkit_rule_the_agent_warns_once_and_spawns_tasks_itself() -> Result<()> {
+    let test = "without_the_polkit_rule_the_agent_warns_once_and_spawns_tasks_itself";
+    if skip(test) {
+        return Ok(());
+    }
+    let start = Instant::now();
+    let w = world()?;
+    let c = &w.c;
+    c.run(&format!("apt-get install -y -q {}", deb()?))?;
+    let rule = "/usr/share/polkit-1/rules.d/50-delegate-task.rules";
+    c.run(&format!(
+        "mv {rule} /root/rule.saved && systemctl restart polkit.service"
+    ))?;
+    w.setup("e2e-nopolkit")?;
+    let journal = c.journal("delegate");
+    let fallback = "shell tasks run as children of the agent";
+    assert_eq!(journal.matches(fallback).count(), 1, "{journal}");
+    let line = journal
+        .lines()
+        .find(|l| l.contains(fallback))
+        .unwrap_or_default();
+    assert!(
+        line.contains("refused") && line.contains("polkitd 121") && line.contains(rule),
+        "{line}"
+    );
+    assert!(!journal.contains("shell tasks run as delegate-task@.service units"));
+
+    let id = w.submit("echo user=$(id -un)")?;
+    w.assert_succeeded(&id, "user=delegate\n")?;
+    assert_eq!(task_units(&w)?, "");
+
+    c.run(&format!(
+        "mv /root/rule.saved {rule} && systemctl restart polkit.service && systemctl restart delegate.service"
+    ))?;
+    w.wait_connected()?;
+    let journal = c.journal("delegate");
+    assert!(
+        journal.contains("shell tasks run as delegate-task@.service units"),
+        "{journal}"
+    );
+    assert_eq!(journal.matches(fallback).count(), 1, "{journal}");
+    let id = w.submit("echo user=$(id -un)")?;
+    w.assert_succeeded(&id, "user=delegate-task\n")?;
+    elapsed(test, start);
+    Ok(())
+}
+
 /// `upgrade_mode = "handover"`: with a 60 s task running, the upgrader asks the agent to
 /// hand over, swaps and restarts it within seconds; the new version adopts the task's unit
 /// and the task's result and log arrive intact, on its first attempt.
