@@ -39,6 +39,11 @@ pub const PACKAGED_STATE_DIR: &str = "/var/lib/delegate";
 /// Name of the credential holding the [`RunnerSpec`].
 pub const SPEC_CREDENTIAL: &str = "spec";
 
+/// The instance [`TaskUnits::detect`] stops to learn whether polkit lets the agent manage
+/// its task units. Attempts count from 1, so no task ever has this name; it matches the
+/// rule's pattern like every task's unit.
+pub const PROBE_UNIT: &str = "delegate-task@permission-probe.0.service";
+
 /// How often a running unit's output file and state are looked at.
 const POLL: Duration = Duration::from_millis(50);
 
@@ -106,6 +111,7 @@ impl TaskUnits {
         if let Err(e) = manager.get_unit_file_state(TEMPLATE).await {
             return Err(format!("{TEMPLATE} is not installed ({e})"));
         }
+        probe_permission(&manager).await?;
         // Job signals go only to subscribers.
         subscribe(&manager)
             .await
@@ -309,6 +315,47 @@ impl UnitState {
     }
 }
 
+/// May this agent start and stop its task units? Only polkit knows, and it may say no: its
+/// rule needs a polkitd that reads JavaScript rules (≥ 121; Debian 11 and Ubuntu 22.04 ship
+/// policykit-1 0.105, which ignores them), and an operator may have removed the rule or
+/// polkitd. Stopping [`PROBE_UNIT`], which never runs, goes through the same check as a
+/// task's stop (action `manage-units`, the unit's name, verb `stop`) and changes nothing.
+/// Learning it here keeps the agent on direct spawn with one warning at start, instead of
+/// failing every shell task later.
+async fn probe_permission(manager: &ManagerProxy<'static>) -> Result<(), String> {
+    match manager.stop_unit(PROBE_UNIT, "replace").await {
+        Ok(_) => Ok(()),
+        Err(e) => Err(match refusal(&e) {
+            Some(why) => format!(
+                "systemd refused this user to manage {TEMPLATE} units ({why}): polkit must allow it, which needs polkitd 121 or later (JavaScript rules; Debian 11 and Ubuntu 22.04 have only policykit-1 0.105) and the packaged rule /usr/share/polkit-1/rules.d/50-delegate-task.rules; install them, then `systemctl restart delegate`"
+            ),
+            None => format!(
+                "cannot learn from systemd whether this user may manage {TEMPLATE} units: {e}"
+            ),
+        }),
+    }
+}
+
+/// systemd's message when polkit said no (or was not there to ask); zbus reports these
+/// standard errors as [`zbus::fdo::Error`].
+fn refusal(e: &zbus::Error) -> Option<String> {
+    match e {
+        zbus::Error::FDO(f) => match f.as_ref() {
+            zbus::fdo::Error::AccessDenied(m)
+            | zbus::fdo::Error::InteractiveAuthorizationRequired(m) => Some(m.clone()),
+            _ => None,
+        },
+        zbus::Error::MethodError(name, msg, _)
+            if name.as_str() == "org.freedesktop.DBus.Error.AccessDenied"
+                || name.as_str()
+                    == "org.freedesktop.DBus.Error.InteractiveAuthorizationRequired" =>
+        {
+            Some(msg.clone().unwrap_or_else(|| name.to_string()))
+        }
+        _ => None,
+    }
+}
+
 /// The unit name of a task attempt: its spool directory's name.
 pub fn unit_name(dir: &Path) -> String {
     let instance = dir
@@ -431,6 +478,17 @@ fn copy_output(path: &PathBuf, copied: &mut u64, ctx: &mut ExecContext) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn polkits_no_is_told_apart_from_other_bus_errors() {
+        let no = zbus::Error::FDO(Box::new(
+            zbus::fdo::Error::InteractiveAuthorizationRequired("auth needed".into()),
+        ));
+        assert_eq!(refusal(&no).as_deref(), Some("auth needed"));
+        let denied = zbus::Error::FDO(Box::new(zbus::fdo::Error::AccessDenied("no".into())));
+        assert_eq!(refusal(&denied).as_deref(), Some("no"));
+        assert_eq!(refusal(&zbus::Error::Failure("bus gone".into())), None);
+    }
 
     fn state(active: &str, sub: &str, code: i32, status: i32, result: &str) -> UnitState {
         UnitState {

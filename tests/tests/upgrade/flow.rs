@@ -35,6 +35,11 @@ fn v1_version() -> String {
 }
 
 fn host() -> Host {
+    host_with("")
+}
+
+/// [`host`] with `agent_extra` appended to the agent's delegate.toml.
+fn host_with(agent_extra: &str) -> Host {
     if let Err(e) = require_dbus() {
         panic!("{e:#}");
     }
@@ -49,6 +54,11 @@ fn host() -> Host {
     let cfg = w
         .agent_config(&manager.url(), &token)
         .expect("agent config");
+    if !agent_extra.is_empty() {
+        let mut text = std::fs::read_to_string(&cfg).expect("read agent config");
+        text.push_str(agent_extra);
+        std::fs::write(&cfg, text).expect("write agent config");
+    }
     let sup = w.start_supervisor(&cfg).expect("supervisor");
     w.wait_healthy(&v1, Duration::from_secs(60))
         .unwrap_or_else(|e| {
@@ -183,6 +193,96 @@ fn full_upgrade_drains_a_running_task_then_swaps_and_rolls_back_by_hand() {
         .expect("v1 healthy again");
     let state = h.w.state().expect("state");
     assert_eq!(state["skip"], serde_json::json!(["0.2.0"]), "{state}");
+}
+
+/// `upgrade_mode = "handover"` with a docker task running: the upgrade does not wait for
+/// the container (the task is still running when the upgrade has finished), the new agent
+/// re-attaches to it, and its log arrives once, in order, with the real exit code, on the
+/// first attempt.
+#[test]
+fn a_handover_upgrade_leaves_a_docker_task_running_and_the_new_agent_adopts_it() {
+    let socket = delegate_tests::docker::test_socket().unwrap_or_else(|e| panic!("{e}"));
+    let h = host_with(&delegate_tests::docker::agent_config(&socket));
+    h.publish_v2();
+    h.w.edit_config("upgrade_mode = \"drain\"", "upgrade_mode = \"handover\"")
+        .expect("handover mode");
+    let ticks = 30;
+    let task = h
+        .manager
+        .submit(&serde_json::json!({
+            "kind": "docker",
+            "spec": {
+                "image": delegate_tests::docker::TEST_IMAGE,
+                "pull": "never",
+                "network_mode": "none",
+                "command": ["sh", "-c", format!("i=1; while [ $i -le {ticks} ]; do echo tick $i; i=$((i+1)); sleep 1; done; exit 7")],
+            },
+            "timeout_secs": 300,
+            "retries": 0,
+        }))
+        .expect("submit");
+    delegate_tests::wait_for(
+        Duration::from_secs(60),
+        "the task's first ticks at the manager",
+        || {
+            let log = h.manager.logs(&task).ok()?;
+            String::from_utf8_lossy(&log)
+                .contains("tick 2\n")
+                .then_some(())
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", h.context()));
+
+    let start = Instant::now();
+    let r = h.w.upgrader(&["run"], None, RUN_LIMIT).expect("run");
+    let took = start.elapsed();
+    assert_eq!(r.code, Some(0), "{r:#?}\n{}", h.context());
+    assert!(r.stderr.contains("step 4: agent handed over"), "{r:#?}");
+    eprintln!("handover upgrade with a docker task in flight took {took:?}");
+    // Not waited for: the container still runs, now under 0.2.0.
+    let mid = h.manager.task(&task).expect("task");
+    assert_eq!(mid.state, TaskState::Running, "{mid:?}\n{}", h.context());
+    assert!(
+        !String::from_utf8_lossy(&h.manager.logs(&task).expect("logs"))
+            .contains(&format!("tick {ticks}\n")),
+        "the task ended before the upgrade did: it was waited for"
+    );
+    h.w.wait_healthy("0.2.0", Duration::from_secs(30))
+        .expect("0.2.0 healthy");
+
+    let t = h
+        .manager
+        .wait_done(&task, Duration::from_secs(120))
+        .expect("done");
+    let log = String::from_utf8_lossy(&h.manager.logs(&task).expect("logs")).into_owned();
+    let expected: String = (1..=ticks).map(|i| format!("tick {i}\n")).collect();
+    assert_eq!(
+        log,
+        expected,
+        "the log is not every line once, in order\n{}",
+        h.context()
+    );
+    assert_eq!(t.state, TaskState::Failed, "{t:?}");
+    assert_eq!(t.exit_code, Some(7), "{t:?}");
+    assert_eq!(t.attempt, 1, "the task was retried: {t:?}");
+    assert!(
+        h.sup
+            .log_text()
+            .contains("re-attaching to the container of a task"),
+        "{}",
+        h.context()
+    );
+    let left = delegate_tests::docker::task_containers(&socket, &task).expect("docker ps");
+    delegate_tests::wait_for(
+        Duration::from_secs(20),
+        "the container to be removed",
+        || {
+            delegate_tests::docker::task_containers(&socket, &task)
+                .ok()
+                .filter(|c| c.is_empty())
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e:#}: {left:?}"));
 }
 
 #[test]
