@@ -44,9 +44,10 @@ fn exposure(w: &World, unit: &str) -> Result<(f64, String)> {
     Ok((figure, security))
 }
 
-/// The most `delegate.service` may score in `systemd-analyze security` (measured: 1.2
-/// with MemoryDenyWriteExecute, ProcSubset=pid, UMask=0077 and ~@resources; 1.4 before).
-const AGENT_EXPOSURE: f64 = 1.2;
+/// The most `delegate.service` may score in `systemd-analyze security` (measured: 1.4; the
+/// directives that would make it 1.2 would also bind the shell tasks it spawns itself where
+/// polkit allows no task units, see docs/security.md).
+const AGENT_EXPOSURE: f64 = 1.4;
 
 /// Processes of user delegate-task still alive (minbase has no ps/pgrep).
 fn task_processes(w: &World) -> Result<String> {
@@ -190,7 +191,7 @@ echo done
     let (task_score, security) = exposure(&w, "delegate-task@x.1.service")?;
     eprintln!("systemd-analyze security delegate-task@.service: {task_score}");
     assert!(task_score <= 2.5, "{security}");
-    // The agent's own unit, tightened once tasks stopped being its children (it was 1.4).
+    // The agent's own unit keeps its sandbox (a drop-in that loosens it would show here).
     let (agent_score, security) = exposure(&w, "delegate.service")?;
     eprintln!("systemd-analyze security delegate.service: {agent_score}");
     assert!(agent_score <= AGENT_EXPOSURE, "{security}");
