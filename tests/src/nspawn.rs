@@ -9,6 +9,14 @@
 //! namespace, so a manager on the host's 127.0.0.1 is reachable from inside; the tests
 //! only ever use loopback.
 //!
+//! Each container gets a cgroup of its own in the host's cgroup2 hierarchy. nspawn, with no
+//! systemd on the host to ask (`--keep-unit`), moves itself to `supervisor` and the
+//! container to `payload` under the cgroup it was started in: containers started from the
+//! same cgroup would share one `payload`, where each one's systemd creates, kills and
+//! removes `system.slice/<unit>` of the others. That made a unit's restart fail now and then
+//! (`Failed to kill control group … Input/output error`, then 219/CGROUP) while another
+//! test's container ran the same unit.
+//!
 //! Commands run through `nsenter -t <container's PID 1> -a` with an empty environment.
 //! [`Container`] powers the container off when dropped, also when a test fails, and kills
 //! it by PID if it does not stop in time.
@@ -129,7 +137,62 @@ pub struct Container {
     pub name: String,
     /// nspawn's console output (the boot log), for failure messages.
     pub console: PathBuf,
+    /// Removed once the container is stopped (fields drop after `Drop::drop`).
+    _cgroup: OwnCgroup,
     _dir: tempfile::TempDir,
+}
+
+/// The cgroup2 directory one container runs under (see the module doc).
+struct OwnCgroup {
+    path: PathBuf,
+}
+
+impl OwnCgroup {
+    /// `<cgroup2 mount>/<this process's cgroup>/<name>`.
+    fn create(name: &str) -> Result<OwnCgroup> {
+        let mountinfo = fs::read_to_string("/proc/self/mountinfo")?;
+        // Fields: id parent major:minor root mount-point options... - fstype source opts
+        let mount = mountinfo
+            .lines()
+            .find_map(|l| {
+                let (left, right) = l.split_once(" - ")?;
+                (right.split_whitespace().next()? == "cgroup2")
+                    .then(|| left.split_whitespace().nth(4).map(PathBuf::from))?
+            })
+            .context("no cgroup2 hierarchy is mounted (see /proc/self/mountinfo)")?;
+        let own = fs::read_to_string("/proc/self/cgroup")?
+            .lines()
+            .find_map(|l| l.strip_prefix("0::").map(str::to_string))
+            .context("this process has no cgroup2 path in /proc/self/cgroup")?;
+        let path = mount.join(own.trim_start_matches('/')).join(name);
+        fs::create_dir(&path).with_context(|| format!("create cgroup {}", path.display()))?;
+        Ok(OwnCgroup { path })
+    }
+}
+
+impl Drop for OwnCgroup {
+    fn drop(&mut self) {
+        // Deepest first; a cgroup whose last process is still being reaped refuses for a
+        // moment.
+        let start = Instant::now();
+        while self.path.exists() && start.elapsed() < Duration::from_secs(5) {
+            remove_cgroup_tree(&self.path);
+            if self.path.exists() {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+}
+
+fn remove_cgroup_tree(dir: &Path) {
+    if let Ok(entries) = fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                remove_cgroup_tree(&e.path());
+            }
+        }
+    }
+    let _ = fs::remove_dir(dir);
 }
 
 impl Container {
@@ -148,7 +211,14 @@ impl Container {
                 .map(|n| n.to_string_lossy().replace("delegate-nspawn-", ""))
                 .unwrap_or_default()
         );
-        let mut cmd = Command::new("systemd-nspawn");
+        let cgroup = OwnCgroup::create(&name)?;
+        // A shell moves itself into the cgroup (`echo 0`: the writer), then becomes nspawn.
+        let mut cmd = Command::new("/bin/sh");
+        cmd.arg("-c")
+            .arg("echo 0 > \"$1\" && shift && exec \"$@\"")
+            .arg("sh")
+            .arg(cgroup.path.join("cgroup.procs"))
+            .arg("systemd-nspawn");
         cmd.arg("-D")
             .arg(&rootfs)
             .args([
@@ -169,13 +239,14 @@ impl Container {
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()
-            .context("spawn systemd-nspawn")?;
+            .context("spawn systemd-nspawn in its own cgroup")?;
         let nspawn_pid = child.id();
         let mut c = Container {
             nspawn: Some(child),
             leader: 0,
             name,
             console,
+            _cgroup: cgroup,
             _dir: dir,
         };
         c.leader = wait_for(Duration::from_secs(30), "the container's PID 1", || {
