@@ -19,6 +19,7 @@ pub mod error;
 pub mod hub;
 pub mod lifecycle;
 pub mod metrics;
+pub mod pg;
 pub mod queue;
 pub mod reaper;
 pub mod releases;

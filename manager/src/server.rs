@@ -22,8 +22,10 @@ use crate::auth;
 use crate::conn::{self, Limits};
 use crate::error::ServeError;
 use crate::hub::Hub;
+use crate::pg::Note;
+use crate::queue::{Fresh, selector_key};
 use crate::reaper::{Reaper, SystemClock};
-use crate::store::{Store, now_ms};
+use crate::store::{Database, Store, now_ms};
 
 /// Where the manager keeps its database and admin token unless told otherwise.
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/delegate-manager";
@@ -50,6 +52,8 @@ pub struct ServeConfig {
     pub max_log_bytes: u64,
     /// Finished tasks and their logs are deleted this long after they ended.
     pub retention: Option<Duration>,
+    /// The database; `None` is the SQLite file `DATA/manager.db`.
+    pub database: Option<Database>,
 }
 
 /// The PEM files of the manager's TLS identity.
@@ -74,6 +78,7 @@ impl ServeConfig {
             tls: None,
             max_log_bytes: crate::store::DEFAULT_MAX_LOG_BYTES,
             retention: None,
+            database: None,
         }
     }
 
@@ -147,12 +152,17 @@ pub async fn bind(cfg: &ServeConfig) -> Result<Server, ServeError> {
         .map_err(dir_err)?;
     // Also when it existed: the database holds task specs and their secrets.
     fs::set_permissions(&cfg.data_dir, fs::Permissions::from_mode(0o700)).map_err(dir_err)?;
-    let db = cfg.data_dir.join(DB_FILE);
-    private_file(&db).map_err(|source| ServeError::Database {
-        path: db.clone(),
-        source,
-    })?;
-    let store = Store::open(&db, cfg.lease_ttl)?.with_max_log_bytes(cfg.max_log_bytes);
+    let db = match &cfg.database {
+        Some(db) => db.clone(),
+        None => Database::Sqlite(cfg.data_dir.join(DB_FILE)),
+    };
+    if let Database::Sqlite(path) = &db {
+        private_file(path).map_err(|source| ServeError::Database {
+            path: path.clone(),
+            source,
+        })?;
+    }
+    let store = Store::open_database(&db, cfg.lease_ttl)?.with_max_log_bytes(cfg.max_log_bytes);
     let admin_hash = ensure_admin_token(&store, &cfg.data_dir)?;
     let extended = store.extend_leases(now_ms())?;
     if extended > 0 {
@@ -181,6 +191,13 @@ pub async fn bind(cfg: &ServeConfig) -> Result<Server, ServeError> {
         idle_timeout: cfg.limits.idle_timeout,
         retention: cfg.retention,
     });
+    if let Some(pg) = app.store.postgres() {
+        pg.listen(note_handler(&app))?;
+        info!(
+            "database {} (PostgreSQL): other manager nodes' tasks and cancels wake polls here",
+            pg.url()
+        );
+    }
     Ok(Server {
         listener,
         addr,
@@ -277,6 +294,30 @@ fn tls_acceptor(files: &TlsFiles) -> Result<TlsAcceptor, ServeError> {
         })?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+/// What a PostgreSQL [`Note`] from any node (this one included) does here: the hub wakes
+/// the polls it concerns, cached facts it makes stale are dropped. Holds the app weakly so
+/// that a stopped server (in tests) is not kept alive by its listener.
+fn note_handler(app: &App) -> impl Fn(&Note) + Send + 'static {
+    let app = app.downgrade();
+    move |note| {
+        let Some(app) = App::upgrade(&app) else {
+            return;
+        };
+        if let Some(pg) = app.store.postgres() {
+            pg.note_seen(note);
+        }
+        match note {
+            Note::Queued { task, selectors } => app.hub.task_queued(Fresh {
+                task: task.clone(),
+                selectors: selector_key(selectors),
+            }),
+            Note::Delegate { id } => app.hub.wake_delegate(id),
+            Note::Revoked => app.hub.wake_all(),
+            Note::Changed => app.hub.changed(),
+        }
+    }
 }
 
 /// The admin token's hash; on first start a new token is written to `DIR/admin.token`.

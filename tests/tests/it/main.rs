@@ -10,6 +10,7 @@ mod manager_metrics;
 mod metrics;
 mod resilience;
 mod shell;
+mod store_backends;
 mod tls_agent;
 mod trust_agent;
 mod trust_manager;
