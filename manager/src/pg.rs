@@ -421,14 +421,18 @@ impl Drop for Pool {
     }
 }
 
-/// The URL without its password, for messages and logs.
+/// The URL without its password, for messages and logs (also when it does not parse).
 fn redact(url: &str) -> String {
-    match url::Url::parse(url) {
-        Ok(mut u) if u.password().is_some() => {
-            let _ = u.set_password(Some("***"));
-            u.to_string()
-        }
-        _ => url.to_string(),
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let Some(at) = rest.rfind('@') else {
+        return url.to_string();
+    };
+    let (userinfo, host) = rest.split_at(at);
+    match userinfo.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:***{host}"),
+        None => url.to_string(),
     }
 }
 
@@ -1763,6 +1767,13 @@ mod tests {
         assert!(msg("postgres://u@h").contains("no database"));
         assert!(parse_config("postgres://u@127.0.0.1:5432/db").is_ok());
         assert!(parse_config("postgres://u@127.0.0.1:5432/db?sslmode=disable").is_ok());
+    }
+
+    #[test]
+    fn passwords_never_reach_messages() {
+        assert_eq!(redact("postgres://u:pw@h:5/db"), "postgres://u:***@h:5/db");
+        assert_eq!(redact("postgres://u:pw@h:x/db"), "postgres://u:***@h:x/db");
+        assert_eq!(redact("postgres://u@h/db"), "postgres://u@h/db");
     }
 
     #[test]

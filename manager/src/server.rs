@@ -141,36 +141,15 @@ pub struct Server {
 pub async fn bind(cfg: &ServeConfig) -> Result<Server, ServeError> {
     cfg.check()?;
     let tls = cfg.tls.as_ref().map(tls_acceptor).transpose()?;
-    let dir_err = |source| ServeError::DataDir {
-        path: cfg.data_dir.clone(),
-        source,
+    // Blocking work (files, the database's first connection and migrations) stays off
+    // the async workers.
+    let prepared = {
+        let cfg = cfg.clone();
+        tokio::task::spawn_blocking(move || prepare(&cfg))
+            .await
+            .map_err(|e| ServeError::Config(format!("preparing the store failed: {e}")))??
     };
-    DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(&cfg.data_dir)
-        .map_err(dir_err)?;
-    // Also when it existed: the database holds task specs and their secrets.
-    fs::set_permissions(&cfg.data_dir, fs::Permissions::from_mode(0o700)).map_err(dir_err)?;
-    let db = match &cfg.database {
-        Some(db) => db.clone(),
-        None => Database::Sqlite(cfg.data_dir.join(DB_FILE)),
-    };
-    if let Database::Sqlite(path) = &db {
-        private_file(path).map_err(|source| ServeError::Database {
-            path: path.clone(),
-            source,
-        })?;
-    }
-    let store = Store::open_database(&db, cfg.lease_ttl)?.with_max_log_bytes(cfg.max_log_bytes);
-    let admin_hash = ensure_admin_token(&store, &cfg.data_dir)?;
-    let extended = store.extend_leases(now_ms())?;
-    if extended > 0 {
-        info!(
-            "gave {extended} held task(s) a fresh lease: delegates could not heartbeat while \
-             the manager was down"
-        );
-    }
+    let (store, admin_hash) = prepared;
     let listener = TcpListener::bind(cfg.listen)
         .await
         .map_err(|source| ServeError::Bind {
@@ -192,7 +171,13 @@ pub async fn bind(cfg: &ServeConfig) -> Result<Server, ServeError> {
         retention: cfg.retention,
     });
     if let Some(pg) = app.store.postgres() {
-        pg.listen(note_handler(&app))?;
+        let (listening, handler) = (app.clone(), note_handler(&app));
+        tokio::task::spawn_blocking(move || match listening.store.postgres() {
+            Some(pg) => pg.listen(handler).map(drop),
+            None => Ok(()),
+        })
+        .await
+        .map_err(|e| ServeError::Config(format!("starting the LISTEN connection failed: {e}")))??;
         info!(
             "database {} (PostgreSQL): other manager nodes' tasks and cancels wake polls here",
             pg.url()
@@ -294,6 +279,55 @@ fn tls_acceptor(files: &TlsFiles) -> Result<TlsAcceptor, ServeError> {
         })?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+/// Steps 1-4 of a start, blocking: the database opened (and migrated), the data
+/// directory, the admin token, leases extended over the downtime. A PostgreSQL database is
+/// opened first, so a bad `--database` leaves nothing behind.
+fn prepare(cfg: &ServeConfig) -> Result<(Store, String), ServeError> {
+    let dir_err = |source| ServeError::DataDir {
+        path: cfg.data_dir.clone(),
+        source,
+    };
+    let make_dir = || -> Result<(), ServeError> {
+        DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&cfg.data_dir)
+            .map_err(dir_err)?;
+        // Also when it existed: it holds the admin token (and a SQLite database with task
+        // specs and their secrets).
+        fs::set_permissions(&cfg.data_dir, fs::Permissions::from_mode(0o700)).map_err(dir_err)
+    };
+    let store = match &cfg.database {
+        Some(Database::Postgres(url)) => {
+            let store = Store::open_postgres(url, cfg.lease_ttl)?;
+            make_dir()?;
+            store
+        }
+        other => {
+            make_dir()?;
+            let path = match other {
+                Some(Database::Sqlite(path)) => path.clone(),
+                _ => cfg.data_dir.join(DB_FILE),
+            };
+            private_file(&path).map_err(|source| ServeError::Database {
+                path: path.clone(),
+                source,
+            })?;
+            Store::open(&path, cfg.lease_ttl)?
+        }
+    }
+    .with_max_log_bytes(cfg.max_log_bytes);
+    let admin_hash = ensure_admin_token(&store, &cfg.data_dir)?;
+    let extended = store.extend_leases(now_ms())?;
+    if extended > 0 {
+        info!(
+            "gave {extended} held task(s) a fresh lease: delegates could not heartbeat while \
+             the manager was down"
+        );
+    }
+    Ok((store, admin_hash))
 }
 
 /// What a PostgreSQL [`Note`] from any node (this one included) does here: the hub wakes

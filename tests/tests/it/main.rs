@@ -7,6 +7,7 @@ mod fake_manager;
 mod load;
 mod manager_logs;
 mod manager_metrics;
+mod manager_pg;
 mod metrics;
 mod resilience;
 mod shell;
