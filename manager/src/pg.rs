@@ -246,11 +246,18 @@ pub struct Conn {
     prepared: HashMap<&'static str, Statement>,
 }
 
-/// A transaction on a pooled connection; statements are prepared once per connection
-/// (prepared statements outlive a rolled-back transaction in PostgreSQL).
+/// A transaction on a pooled connection, or (`Conn::auto`) statements that each commit
+/// on their own — for reads and single-statement changes, which saves the `BEGIN` and
+/// `COMMIT` round trips. Statements are prepared once per connection (prepared statements
+/// outlive a rolled-back transaction in PostgreSQL).
 struct Tx<'a> {
-    tx: postgres::Transaction<'a>,
+    tx: Session<'a>,
     prepared: &'a mut HashMap<&'static str, Statement>,
+}
+
+enum Session<'a> {
+    Tx(postgres::Transaction<'a>),
+    Auto(&'a mut Client),
 }
 
 type Params<'p> = &'p [&'p (dyn ToSql + Sync)];
@@ -259,7 +266,16 @@ impl Conn {
     fn tx(&mut self) -> Result<Tx<'_>, StoreError> {
         let Conn { client, prepared } = self;
         Ok(Tx {
-            tx: client.transaction()?,
+            tx: Session::Tx(client.transaction()?),
+            prepared,
+        })
+    }
+
+    /// Each statement its own transaction (see [`Tx`]).
+    fn auto(&mut self) -> Result<Tx<'_>, StoreError> {
+        let Conn { client, prepared } = self;
+        Ok(Tx {
+            tx: Session::Auto(client),
             prepared,
         })
     }
@@ -270,24 +286,36 @@ impl Tx<'_> {
         if let Some(s) = self.prepared.get(sql) {
             return Ok(s.clone());
         }
-        let s = self.tx.prepare(sql)?;
+        let s = match &mut self.tx {
+            Session::Tx(t) => t.prepare(sql)?,
+            Session::Auto(c) => c.prepare(sql)?,
+        };
         self.prepared.insert(sql, s.clone());
         Ok(s)
     }
 
     fn query(&mut self, sql: &'static str, p: Params<'_>) -> Result<Vec<Row>, StoreError> {
         let s = self.stmt(sql)?;
-        Ok(self.tx.query(&s, p)?)
+        Ok(match &mut self.tx {
+            Session::Tx(t) => t.query(&s, p)?,
+            Session::Auto(c) => c.query(&s, p)?,
+        })
     }
 
     fn opt(&mut self, sql: &'static str, p: Params<'_>) -> Result<Option<Row>, StoreError> {
         let s = self.stmt(sql)?;
-        Ok(self.tx.query_opt(&s, p)?)
+        Ok(match &mut self.tx {
+            Session::Tx(t) => t.query_opt(&s, p)?,
+            Session::Auto(c) => c.query_opt(&s, p)?,
+        })
     }
 
     fn exec(&mut self, sql: &'static str, p: Params<'_>) -> Result<u64, StoreError> {
         let s = self.stmt(sql)?;
-        Ok(self.tx.execute(&s, p)?)
+        Ok(match &mut self.tx {
+            Session::Tx(t) => t.execute(&s, p)?,
+            Session::Auto(c) => c.execute(&s, p)?,
+        })
     }
 
     /// Tell every node (sent at commit; dropped with a rollback).
@@ -298,7 +326,10 @@ impl Tx<'_> {
     }
 
     fn commit(self) -> Result<(), StoreError> {
-        Ok(self.tx.commit()?)
+        match self.tx {
+            Session::Tx(t) => Ok(t.commit()?),
+            Session::Auto(_) => Ok(()),
+        }
     }
 }
 
@@ -608,7 +639,7 @@ impl PgStore {
 
     pub fn snapshot(&self, now: UnixMillis) -> Result<Snapshot, StoreError> {
         let mut conn = self.pool.get()?;
-        let mut tx = conn.tx()?;
+        let mut tx = conn.auto()?;
         let mut snap = Snapshot::default();
         let cutoff = now - self.lease_ttl_ms;
         for r in tx.query(
@@ -655,7 +686,7 @@ impl PgStore {
             return Ok(Some(t.clone()));
         }
         let mut conn = self.pool.get()?;
-        let mut tx = conn.tx()?;
+        let mut tx = conn.auto()?;
         let tags: Option<Vec<String>> = tx
             .opt("SELECT tags FROM delegates WHERE id = $1", &[&id])?
             .map(|r| r.try_get(0))
@@ -674,7 +705,7 @@ impl PgStore {
 
     pub fn admin_hash(&self) -> Result<Option<String>, StoreError> {
         let mut conn = self.pool.get()?;
-        let mut tx = conn.tx()?;
+        let mut tx = conn.auto()?;
         let v = tx
             .opt("SELECT value FROM meta WHERE key = $1", &[&ADMIN_HASH_KEY])?
             .map(|r| r.try_get(0))
@@ -731,7 +762,7 @@ impl PgStore {
 
     pub fn list_tokens(&self) -> Result<Vec<TokenView>, StoreError> {
         let mut conn = self.pool.get()?;
-        let mut tx = conn.tx()?;
+        let mut tx = conn.auto()?;
         let rows = tx.query(
             "SELECT name, created_at, revoked_at IS NOT NULL, tags FROM tokens \
              ORDER BY created_at, name",
@@ -845,7 +876,7 @@ impl PgStore {
             return Ok(Some(name.clone()));
         }
         let mut conn = self.pool.get()?;
-        let mut tx = conn.tx()?;
+        let mut tx = conn.auto()?;
         let name: Option<String> = tx
             .opt(
                 "SELECT name FROM tokens WHERE hash = $1 AND revoked_at IS NULL",
@@ -943,6 +974,9 @@ impl PgStore {
         Ok(id)
     }
 
+    /// Record a heartbeat: renew the leases of the listed tasks this delegate holds, and
+    /// say which to cancel and which it no longer holds. One statement (its own
+    /// transaction): a heartbeat a second per delegate is the fleet's steady load.
     pub fn heartbeat(
         &self,
         token_name: &str,
@@ -950,66 +984,102 @@ impl PgStore {
         req: &HeartbeatRequest,
         now: UnixMillis,
     ) -> Result<HeartbeatResponse, StoreError> {
-        let mut conn = self.pool.get()?;
-        let mut tx = conn.tx()?;
-        let me = own_delegate(&mut tx, delegate_id, token_name)?;
+        const SQL: &str = "WITH prev AS ( \
+                SELECT d.state FROM delegates d JOIN tokens k ON k.name = d.token_name \
+                WHERE d.id = $1 AND d.token_name = $2 AND k.revoked_at IS NULL), \
+            me AS ( \
+                UPDATE delegates SET state = $3, last_seen = $4 \
+                WHERE id = $1 AND EXISTS (SELECT 1 FROM prev) RETURNING id), \
+            renewed AS ( \
+                UPDATE tasks t SET lease_expires = $5 \
+                FROM unnest($6::TEXT[], $7::BIGINT[]) AS h(id, attempt) \
+                WHERE EXISTS (SELECT 1 FROM me) AND t.id = h.id AND t.delegate_id = $1 \
+                AND (h.attempt < 0 OR t.attempt = h.attempt) \
+                AND t.state IN ('assigned', 'running') \
+                RETURNING t.id, t.cancel_requested) \
+            SELECT (SELECT state FROM prev), ARRAY(SELECT id FROM renewed), \
+                ARRAY(SELECT id FROM renewed WHERE cancel_requested)";
         let state = req.state.as_str();
-        tx.exec(
-            "UPDATE delegates SET state = $2, last_seen = $3 WHERE id = $1",
-            &[&delegate_id, &state, &now],
-        )?;
-        if is_draining(state) && !me.draining {
+        let lease = now + self.lease_ttl_ms;
+        // A newer agent names attempts: renew only the task's current attempt on this
+        // delegate and revoke exactly the others (-1: any attempt, for older agents).
+        let by_attempt = !req.in_flight_attempts.is_empty();
+        let (ids, attempts): (Vec<String>, Vec<i64>) = if by_attempt {
+            req.in_flight_attempts
+                .iter()
+                .map(|h| (h.id.clone(), i64::from(h.attempt)))
+                .unzip()
+        } else {
+            req.in_flight.iter().map(|id| (id.clone(), -1)).unzip()
+        };
+        let mut conn = self.pool.get()?;
+        let mut tx = conn.auto()?;
+        let row = tx
+            .opt(
+                SQL,
+                &[
+                    &delegate_id,
+                    &token_name,
+                    &state,
+                    &now,
+                    &lease,
+                    &ids,
+                    &attempts,
+                ],
+            )?
+            .ok_or_else(|| StoreError::Invalid("heartbeat: no answer row".into()))?;
+        let Some(before) = row.try_get::<_, Option<String>>(0)? else {
+            // Not ours or the token was revoked: the exact refusal.
+            own_delegate(&mut tx, delegate_id, token_name)?;
+            return Err(StoreError::DelegateNotFound(delegate_id.to_string()));
+        };
+        if is_draining(state) && !is_draining(&before) {
             // Its long poll may wait on another node: end it there too.
             tx.notify(&Note::Delegate {
                 id: delegate_id.to_string(),
             })?;
         }
+        let renewed: Vec<String> = row.try_get(1)?;
+        let cancel: Vec<String> = row.try_get(2)?;
         let mut resp = HeartbeatResponse::default();
-        let lease = now + self.lease_ttl_ms;
-        if !req.in_flight_attempts.is_empty() {
+        if by_attempt {
             for held in &req.in_flight_attempts {
-                let attempt = i64::from(held.attempt);
-                let row = tx.opt(
-                    "UPDATE tasks SET lease_expires = $3 WHERE id = $1 AND delegate_id = $2 \
-                     AND attempt = $4 AND state IN ('assigned', 'running') \
-                     RETURNING cancel_requested",
-                    &[&held.id, &delegate_id, &lease, &attempt],
-                )?;
-                match row {
-                    Some(r) => {
-                        let cancel: bool = r.try_get(0)?;
-                        if cancel && !resp.cancel.contains(&held.id) {
-                            resp.cancel.push(held.id.clone());
-                        }
+                // Renewed rows are the current attempt; another attempt of the same id is
+                // revoked.
+                let twice = req
+                    .in_flight_attempts
+                    .iter()
+                    .filter(|h| h.id == held.id)
+                    .count()
+                    > 1;
+                let current = renewed.contains(&held.id)
+                    && (!twice || current_attempt(&mut tx, &held.id)? == Some(held.attempt));
+                if current {
+                    if cancel.contains(&held.id) && !resp.cancel.contains(&held.id) {
+                        resp.cancel.push(held.id.clone());
                     }
-                    None => resp.revoked_attempts.push(held.clone()),
+                } else {
+                    resp.revoked_attempts.push(held.clone());
                 }
             }
-            tx.commit()?;
-            return Ok(resp);
-        }
-        for task in &req.in_flight {
-            let row = tx.opt(
-                "UPDATE tasks SET lease_expires = $3 WHERE id = $1 AND delegate_id = $2 \
-                 AND state IN ('assigned', 'running') RETURNING cancel_requested",
-                &[task, &delegate_id, &lease],
-            )?;
-            match row {
-                Some(r) => {
-                    if r.try_get::<_, bool>(0)? {
+        } else {
+            for task in &req.in_flight {
+                if renewed.contains(task) {
+                    if cancel.contains(task) {
                         resp.cancel.push(task.clone());
                     }
+                } else {
+                    resp.revoked.push(task.clone());
                 }
-                None => resp.revoked.push(task.clone()),
             }
         }
-        tx.commit()?;
         Ok(resp)
     }
 
     /// Lease up to `max` queued tasks this delegate's tags satisfy, oldest first (`prefer`
     /// first of all), skipping rows another node is leasing right now, and collect
-    /// cancellations not yet delivered.
+    /// cancellations not yet delivered. Three statements in one transaction: who asks
+    /// (token live, delegate its own, `last_seen`, cancellations), then the lease.
     pub fn acquire(
         &self,
         token_name: &str,
@@ -1018,57 +1088,65 @@ impl PgStore {
         now: UnixMillis,
         prefer: Option<&str>,
     ) -> Result<AcquireResponse, StoreError> {
+        const ME: &str = "WITH me AS ( \
+                UPDATE delegates d SET last_seen = $3 FROM tokens k \
+                WHERE d.id = $1 AND d.token_name = $2 AND k.name = $2 \
+                AND k.revoked_at IS NULL RETURNING d.tags, d.state), \
+            c AS ( \
+                UPDATE tasks SET cancel_delivered = true \
+                WHERE EXISTS (SELECT 1 FROM me) AND delegate_id = $1 \
+                AND state IN ('assigned', 'running') AND cancel_requested \
+                AND NOT cancel_delivered RETURNING id) \
+            SELECT me.tags, me.state, ARRAY(SELECT id FROM c) FROM me";
+        // The handed task first, then the oldest others; the second part locks only as
+        // many rows as are still wanted, so no row is held that will not be leased.
+        const LEASE: &str = "WITH p AS ( \
+                SELECT id, created_at, seq FROM tasks \
+                WHERE id = $3 AND state = 'queued' AND selectors <@ $2 \
+                FOR UPDATE SKIP LOCKED), \
+            o AS ( \
+                SELECT id, created_at, seq FROM tasks \
+                WHERE state = 'queued' AND selectors <@ $2 AND id <> $3 \
+                ORDER BY created_at, seq \
+                LIMIT GREATEST($4 - (SELECT COUNT(*) FROM p), 0) FOR UPDATE SKIP LOCKED) \
+            UPDATE tasks t SET state = 'assigned', delegate_id = $1, assigned_at = $5, \
+                lease_expires = $6, cancel_delivered = false \
+            FROM (SELECT id FROM p UNION ALL SELECT id FROM o) AS x WHERE t.id = x.id \
+            RETURNING t.id, t.kind, t.spec, t.attempt, t.timeout_secs, t.created_at, t.seq";
         let mut conn = self.pool.get()?;
         let mut tx = conn.tx()?;
-        let me = own_delegate(&mut tx, delegate_id, token_name)?;
-        tx.exec(
-            "UPDATE delegates SET last_seen = $2 WHERE id = $1",
-            &[&delegate_id, &now],
-        )?;
-        let max = if me.draining { 0 } else { i64::from(max) };
-        let mut resp = AcquireResponse::default();
-        for r in tx.query(
-            "UPDATE tasks SET cancel_delivered = true WHERE delegate_id = $1 \
-             AND state IN ('assigned', 'running') AND cancel_requested \
-             AND NOT cancel_delivered RETURNING id",
-            &[&delegate_id],
-        )? {
-            resp.cancel.push(r.try_get(0)?);
-        }
+        let Some(me) = tx.opt(ME, &[&delegate_id, &token_name, &now])? else {
+            own_delegate(&mut tx, delegate_id, token_name)?;
+            return Err(StoreError::DelegateNotFound(delegate_id.to_string()));
+        };
+        let tags: Vec<String> = me.try_get(0)?;
+        let draining = is_draining(me.try_get(1)?);
+        let mut resp = AcquireResponse {
+            cancel: me.try_get(2)?,
+            ..Default::default()
+        };
+        let max = if draining { 0 } else { i64::from(max) };
         if max > 0 {
             let lease = now + self.lease_ttl_ms;
-            let mut rows = Vec::new();
-            if let Some(p) = prefer {
-                rows.extend(tx.query(
-                    "SELECT id, kind, spec, attempt, timeout_secs, created_at FROM tasks \
-                     WHERE id = $1 AND state = 'queued' AND selectors <@ $2 \
-                     FOR UPDATE SKIP LOCKED",
-                    &[&p, &me.tags],
-                )?);
-            }
-            let more = max - rows.len() as i64;
-            if more > 0 {
-                let skip = prefer.unwrap_or("");
-                rows.extend(tx.query(
-                    "SELECT id, kind, spec, attempt, timeout_secs, created_at FROM tasks \
-                     WHERE state = 'queued' AND selectors <@ $1 AND id <> $2 \
-                     ORDER BY created_at, seq LIMIT $3 FOR UPDATE SKIP LOCKED",
-                    &[&me.tags, &skip, &more],
-                )?);
-            }
+            let prefer = prefer.unwrap_or("");
+            let mut rows = tx.query(LEASE, &[&delegate_id, &tags, &prefer, &max, &now, &lease])?;
+            // The handed task first, then oldest first (RETURNING keeps no order).
+            let key = |r: &Row| -> (bool, i64, i64) {
+                let id: &str = r.try_get(0).unwrap_or("");
+                (
+                    id != prefer,
+                    r.try_get(5).unwrap_or(i64::MAX),
+                    r.try_get(6).unwrap_or(i64::MAX),
+                )
+            };
+            rows.sort_by_key(key);
             for r in &rows {
-                let id: String = r.try_get(0)?;
-                tx.exec(
-                    "UPDATE tasks SET state = 'assigned', delegate_id = $2, assigned_at = $3, \
-                     lease_expires = $4, cancel_delivered = false WHERE id = $1",
-                    &[&id, &delegate_id, &now, &lease],
-                )?;
                 let created: i64 = r.try_get(5)?;
                 let kind: String = r.try_get(1)?;
                 self.metrics
                     .picked_up(&kind, (now - created).max(0) as f64 / 1000.0);
                 resp.tasks.push(Assignment {
-                    task_id: id,
+                    task_id: r.try_get(0)?,
                     kind,
                     spec: json_of("task spec", r.try_get(2)?)?,
                     attempt: u32_of(r.try_get(3)?),
@@ -1082,7 +1160,7 @@ impl PgStore {
 
     pub fn delegate_draining(&self, delegate_id: &str) -> Result<bool, StoreError> {
         let mut conn = self.pool.get()?;
-        let mut tx = conn.tx()?;
+        let mut tx = conn.auto()?;
         let state: Option<String> = tx
             .opt("SELECT state FROM delegates WHERE id = $1", &[&delegate_id])?
             .map(|r| r.try_get(0))
@@ -1093,7 +1171,7 @@ impl PgStore {
 
     pub fn list_delegates(&self, now: UnixMillis) -> Result<Vec<DelegateView>, StoreError> {
         let mut conn = self.pool.get()?;
-        let mut tx = conn.tx()?;
+        let mut tx = conn.auto()?;
         let rows = tx.query(
             "SELECT d.id, d.name, d.hostname, d.version, d.tags, d.targets, d.capacity, \
              d.state, d.last_seen, (SELECT COUNT(*) FROM tasks t WHERE t.delegate_id = d.id \
@@ -1131,14 +1209,24 @@ impl PgStore {
         timeout_secs: u64,
         now: UnixMillis,
     ) -> Result<(), StoreError> {
+        // One statement: the row and the note to every node commit together.
+        const SQL: &str = "WITH ins AS ( \
+                INSERT INTO tasks (id, kind, spec, selectors, state, attempt, retries, \
+                timeout_secs, created_at) VALUES ($1, $2, $3, $4, 'queued', 1, $5, $6, $7) \
+                RETURNING id) \
+            SELECT pg_notify('delegate_manager', $8) FROM ins";
         let spec = task.spec.spec_json().to_string();
         let retries = i64::from(task.retries);
         let timeout = timeout_secs as i64;
+        let note = Note::Queued {
+            task: id.to_string(),
+            selectors: task.selectors.clone(),
+        }
+        .payload();
         let mut conn = self.pool.get()?;
-        let mut tx = conn.tx()?;
-        tx.exec(
-            "INSERT INTO tasks (id, kind, spec, selectors, state, attempt, retries, \
-             timeout_secs, created_at) VALUES ($1, $2, $3, $4, 'queued', 1, $5, $6, $7)",
+        let mut tx = conn.auto()?;
+        tx.query(
+            SQL,
             &[
                 &id,
                 &task.spec.kind(),
@@ -1147,18 +1235,15 @@ impl PgStore {
                 &retries,
                 &timeout,
                 &now,
+                &note,
             ],
         )?;
-        tx.notify(&Note::Queued {
-            task: id.to_string(),
-            selectors: task.selectors.clone(),
-        })?;
-        tx.commit()
+        Ok(())
     }
 
     pub fn task(&self, id: &str) -> Result<TaskView, StoreError> {
         let mut conn = self.pool.get()?;
-        let mut tx = conn.tx()?;
+        let mut tx = conn.auto()?;
         let v = load_view(&mut tx, id)?;
         tx.commit()?;
         Ok(v)
@@ -1181,7 +1266,7 @@ impl PgStore {
              ORDER BY t.created_at DESC, t.seq DESC LIMIT $1";
         let limit = i64::from(limit);
         let mut conn = self.pool.get()?;
-        let mut tx = conn.tx()?;
+        let mut tx = conn.auto()?;
         let rows = match state {
             Some(st) => tx.query(BY_STATE, &[&st.as_str(), &limit])?,
             None => tx.query(ALL, &[&limit])?,
@@ -1305,7 +1390,7 @@ impl PgStore {
     /// that overlap the page are read, so memory stays one page whatever the log's size.
     pub fn read_log(&self, id: &str, offset: u64, max: usize) -> Result<LogSlice, StoreError> {
         let mut conn = self.pool.get()?;
-        let mut tx = conn.tx()?;
+        let mut tx = conn.auto()?;
         let row = tx
             .opt(
                 "SELECT state, attempt, log_bytes FROM tasks WHERE id = $1",
@@ -1522,25 +1607,24 @@ impl PgStore {
     }
 }
 
-/// What acquire needs to know about its delegate.
-struct OwnDelegate {
-    tags: Vec<String>,
-    draining: bool,
+/// Why a request of delegate `id` with `token_name` was refused (its token was revoked,
+/// or the delegate is not its own); called once the fast statement found nothing.
+fn own_delegate(tx: &mut Tx<'_>, id: &str, token_name: &str) -> Result<(), StoreError> {
+    live_token_tags(tx, token_name)?;
+    tx.opt(
+        "SELECT 1 FROM delegates WHERE id = $1 AND token_name = $2",
+        &[&id, &token_name],
+    )?
+    .ok_or_else(|| StoreError::DelegateNotFound(id.to_string()))?;
+    Ok(())
 }
 
-fn own_delegate(tx: &mut Tx<'_>, id: &str, token_name: &str) -> Result<OwnDelegate, StoreError> {
-    live_token_tags(tx, token_name)?;
-    let row = tx
-        .opt(
-            "SELECT tags, state FROM delegates WHERE id = $1 AND token_name = $2",
-            &[&id, &token_name],
-        )?
-        .ok_or_else(|| StoreError::DelegateNotFound(id.to_string()))?;
-    let state: &str = row.try_get(1)?;
-    Ok(OwnDelegate {
-        tags: row.try_get(0)?,
-        draining: is_draining(state),
-    })
+/// The attempt a task is on now (only asked when an agent names two attempts of it).
+fn current_attempt(tx: &mut Tx<'_>, id: &str) -> Result<Option<u32>, StoreError> {
+    Ok(tx
+        .opt("SELECT attempt FROM tasks WHERE id = $1", &[&id])?
+        .map(|r| r.try_get::<_, i64>(0).map(u32_of))
+        .transpose()?)
 }
 
 fn live_token_tags(tx: &mut Tx<'_>, name: &str) -> Result<Option<Vec<String>>, StoreError> {

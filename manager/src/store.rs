@@ -1898,6 +1898,32 @@ mod tests {
     }
 
     #[test]
+    fn database_urls_pick_the_backend_and_unknown_schemes_are_refused() {
+        assert_eq!(
+            Database::parse("postgres://u@h:5432/db"),
+            Ok(Database::Postgres("postgres://u@h:5432/db".into()))
+        );
+        assert!(matches!(
+            Database::parse("postgresql://u@h/db"),
+            Ok(Database::Postgres(_))
+        ));
+        assert_eq!(
+            Database::parse("sqlite:/var/lib/m.db"),
+            Ok(Database::Sqlite("/var/lib/m.db".into()))
+        );
+        assert_eq!(
+            Database::parse("./m.db"),
+            Ok(Database::Sqlite("./m.db".into()))
+        );
+        let e = Database::parse("mysql://u@h/db").expect_err("mysql");
+        assert!(
+            e.contains("not supported") && e.contains("postgres://"),
+            "{e}"
+        );
+        assert!(Database::parse(" ").is_err());
+    }
+
+    #[test]
     fn reopening_keeps_data_and_schema_version() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("m.db");

@@ -277,3 +277,42 @@ fn two_nodes_on_one_postgres_lease_each_task_once_and_reap_each_lease_once() {
         assert_eq!((v.state, v.attempt), (TaskState::Queued, 2), "{}", v.id);
     }
 }
+
+#[test]
+fn a_heartbeat_naming_two_attempts_renews_the_current_one_only_on_both_backends() {
+    use delegate_protocol::{DelegateState, TaskAttempt};
+    on_both(|s| {
+        let a = s.register("tok", &reg("a", &[]), 0).expect("reg");
+        s.submit("t_1", &shell(&[], 1), 60, 0).expect("submit");
+        assert_eq!(leased(s, &a, 1, 0), ["t_1"]);
+        assert_eq!(s.reap(31_000).expect("reap").requeued, 1);
+        let got = s.acquire("tok", &a, 1, 31_000, None).expect("attempt 2");
+        assert_eq!(got.tasks[0].attempt, 2);
+        let att = |attempt| TaskAttempt {
+            id: "t_1".into(),
+            attempt,
+        };
+        let hb = HeartbeatRequest {
+            state: DelegateState::Running,
+            in_flight: vec!["t_1".into()],
+            in_flight_attempts: vec![att(1), att(2)],
+        };
+        let resp = s.heartbeat("tok", &a, &hb, 40_000).expect("hb");
+        assert_eq!(resp.revoked_attempts, [att(1)], "only attempt 1 is stopped");
+        assert!(resp.revoked.is_empty(), "{resp:?}");
+        assert!(
+            !s.reap(65_000).expect("reap").any(),
+            "attempt 2 renewed at 40 s"
+        );
+        // A revoked token's delegate is refused as such.
+        s.revoke_token("tok", 66_000).expect("revoke");
+        assert!(matches!(
+            s.heartbeat("tok", &a, &hb, 67_000),
+            Err(StoreError::TokenRevoked(_))
+        ));
+        assert!(matches!(
+            s.acquire("tok", &a, 1, 67_000, None),
+            Err(StoreError::TokenRevoked(_))
+        ));
+    });
+}
