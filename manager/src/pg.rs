@@ -1282,7 +1282,24 @@ impl PgStore {
         attempt: u32,
         now: UnixMillis,
     ) -> Result<TaskView, StoreError> {
+        // The common case in one statement: the holder's token starts the current,
+        // assigned attempt (`lifecycle`: assigned + Start → running). Anything else takes
+        // the full path below, which reads the row under lock and answers exactly.
+        const FAST: &str = "UPDATE tasks t SET state = 'running', started_at = $4 \
+             FROM delegates d WHERE t.id = $1 AND t.attempt = $2 AND t.state = 'assigned' \
+             AND d.id = t.delegate_id AND d.token_name = $3 \
+             RETURNING t.id, t.kind, t.spec, t.selectors, t.state, t.attempt, \
+             t.retries, t.timeout_secs, t.cancel_requested, t.delegate_id, d.name, t.exit_code, \
+             t.signal, t.message, t.created_at, t.assigned_at, t.started_at, t.finished_at, \
+             t.log_bytes, t.log_truncated";
+        let attempt_i = i64::from(attempt);
         let mut conn = self.pool.get()?;
+        if let Some(r) = conn
+            .auto()?
+            .opt(FAST, &[&id, &attempt_i, &token_name, &now])?
+        {
+            return task_view(&r);
+        }
         let mut tx = conn.tx()?;
         let held = load_held(&mut tx, id)?;
         held.check(id, attempt, token_name)?;
@@ -1290,7 +1307,6 @@ impl PgStore {
             lifecycle::transition(held.task(), Event::Start).map_err(|e| stale(id, attempt, e))?;
         persist(&mut tx, id, change, None, None, now)?;
         let v = load_view(&mut tx, id)?;
-        tx.notify(&Note::Changed)?;
         tx.commit()?;
         Ok(v)
     }
@@ -1443,7 +1459,43 @@ impl PgStore {
         result: &TaskResult,
         now: UnixMillis,
     ) -> Result<(TaskView, Finish), StoreError> {
+        // The common case in one statement: the holder's token reports an outcome other
+        // than `lost` for the current, held attempt, which ends it (`lifecycle`: any such
+        // report of a held attempt is final). Anything else takes the full path.
+        const FAST: &str = "WITH u AS ( \
+             UPDATE tasks t SET state = $4, outcome = $4, exit_code = $5, signal = $6, \
+             message = $7, finished_at = $8, lease_expires = NULL FROM delegates d \
+             WHERE t.id = $1 AND t.attempt = $2 AND t.state IN ('assigned', 'running') \
+             AND d.id = t.delegate_id AND d.token_name = $3 \
+             RETURNING t.id, t.kind, t.spec, t.selectors, t.state, t.attempt, \
+             t.retries, t.timeout_secs, t.cancel_requested, t.delegate_id, d.name, t.exit_code, \
+             t.signal, t.message, t.created_at, t.assigned_at, t.started_at, t.finished_at, \
+             t.log_bytes, t.log_truncated) \
+             SELECT u.*, pg_notify('delegate_manager', $9) FROM u";
         let mut conn = self.pool.get()?;
+        if result.outcome != Outcome::Lost {
+            let attempt_i = i64::from(attempt);
+            let state = result.outcome.state().as_str();
+            let changed = Note::Changed.payload();
+            if let Some(r) = conn.auto()?.opt(
+                FAST,
+                &[
+                    &id,
+                    &attempt_i,
+                    &token_name,
+                    &state,
+                    &result.exit_code,
+                    &result.signal,
+                    &result.message,
+                    &now,
+                    &changed,
+                ],
+            )? {
+                let view = task_view(&r)?;
+                self.task_finished(&view);
+                return Ok((view, Finish::Done));
+            }
+        }
         let mut tx = conn.tx()?;
         let held = load_held(&mut tx, id)?;
         held.check(id, attempt, token_name)?;
@@ -1497,6 +1549,12 @@ impl PgStore {
         let view = load_view(&mut tx, id)?;
         tx.notify(&Note::Changed)?;
         tx.commit()?;
+        self.task_finished(&view);
+        Ok((view, effect))
+    }
+
+    /// Run time from `started` (from the lease when a delegate never said it started).
+    fn task_finished(&self, view: &TaskView) {
         if let (true, Some(started), Some(ended)) = (
             view.state.is_terminal(),
             view.started_at.or(view.assigned_at),
@@ -1505,7 +1563,6 @@ impl PgStore {
             self.metrics
                 .finished(&view.kind, (ended - started).max(0) as f64 / 1000.0);
         }
-        Ok((view, effect))
     }
 
     pub fn cancel(&self, id: &str, now: UnixMillis) -> Result<(TaskView, Cancel), StoreError> {
