@@ -134,7 +134,8 @@ pub struct ServeArgs {
     /// Where tasks, delegates, tokens and logs live: a SQLite file (default
     /// DATA/manager.db; one manager node), or postgres://USER[:PASSWORD]@HOST[:PORT]/DB,
     /// a PostgreSQL database (12 or newer) that several manager nodes share behind a load
-    /// balancer. Migrations are applied at start. Only sslmode=disable (or prefer) for now.
+    /// balancer. Migrations are applied at start. TLS: ?sslmode=verify-full (the server is
+    /// verified against &sslrootcert=CA.pem or the system's CAs); prefer talks plain.
     #[arg(
         long,
         env = "DELEGATE_MANAGER_DATABASE",

@@ -13,8 +13,10 @@
 //!
 //! The calls are synchronous (the `postgres` crate) because the API runs every store call
 //! on the blocking pool anyway; a small pool of connections ([`Pool`]) lets those threads
-//! work at once. No TLS to the database yet: `sslmode=disable` or `prefer` (which then
-//! talks plain) only; other modes are refused at start with a message saying so.
+//! work at once. TLS to the database (`sslmode=require`, `verify-ca`, `verify-full`)
+//! always verifies the server's certificate and name, against the URL's `sslrootcert` or
+//! the system's roots: stricter than libpq's `require`, because a shared database across a
+//! network holds every task's secrets. `prefer` (libpq's default) talks plain here.
 
 use std::collections::HashMap;
 use std::ops::{Deref, DerefMut};
@@ -29,6 +31,8 @@ use delegate_protocol::{
 use postgres::fallible_iterator::FallibleIterator;
 use postgres::types::ToSql;
 use postgres::{Client, NoTls, Row, Statement};
+use tokio_postgres_rustls::MakeRustlsConnect;
+use tokio_rustls::rustls;
 use tracing::{info, warn};
 
 use crate::error::StoreError;
@@ -337,6 +341,7 @@ impl Tx<'_> {
 /// after it (a broken one is dropped and a new one opened on the next call).
 struct Pool {
     config: postgres::Config,
+    tls: Tls,
     url: String,
     idle: Mutex<(Vec<Conn>, usize)>,
     freed: Condvar,
@@ -385,10 +390,8 @@ impl Pool {
     }
 
     fn connect(&self) -> Result<Conn, StoreError> {
-        let client = self
-            .config
-            .connect(NoTls)
-            .map_err(|source| StoreError::PostgresConnect {
+        let client =
+            connect(&self.config, &self.tls).map_err(|source| StoreError::PostgresConnect {
                 url: self.url.clone(),
                 source,
             })?;
@@ -467,13 +470,51 @@ fn redact(url: &str) -> String {
     }
 }
 
-/// Parse and check a `postgres://` URL: no TLS backend yet, so modes that need TLS are
-/// refused here rather than failing on first use.
-fn parse_config(url: &str) -> Result<postgres::Config, StoreError> {
+/// How connections to the database are made.
+#[derive(Clone)]
+enum Tls {
+    /// `sslmode=disable` or `prefer`.
+    Off,
+    /// `sslmode=require`, `verify-ca` or `verify-full`: the certificate and the host name
+    /// are verified.
+    On(MakeRustlsConnect),
+}
+
+fn connect(config: &postgres::Config, tls: &Tls) -> Result<Client, postgres::Error> {
+    match tls {
+        Tls::Off => config.connect(NoTls),
+        Tls::On(t) => config.connect(t.clone()),
+    }
+}
+
+/// Parse and check a `postgres://` URL. libpq's `sslrootcert` and the `verify-ca` /
+/// `verify-full` modes, which the client library does not know, are taken out first.
+fn parse_config(url: &str) -> Result<(postgres::Config, Tls), StoreError> {
     let shown = redact(url);
     let err = |why: String| StoreError::PostgresUrl {
         url: shown.clone(),
         why,
+    };
+    let (base, query) = url.split_once('?').unwrap_or((url, ""));
+    let mut root_cert: Option<String> = None;
+    let mut kept: Vec<(String, String)> = Vec::new();
+    for (k, v) in url::form_urlencoded::parse(query.as_bytes()) {
+        match (k.as_ref(), v.as_ref()) {
+            ("sslrootcert", path) => root_cert = Some(path.to_string()),
+            // Verified either way (see the module doc).
+            ("sslmode", "verify-ca" | "verify-full") => {
+                kept.push(("sslmode".into(), "require".into()));
+            }
+            _ => kept.push((k.into_owned(), v.into_owned())),
+        }
+    }
+    let rest = url::form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(&kept)
+        .finish();
+    let url = if rest.is_empty() {
+        base.to_string()
+    } else {
+        format!("{base}?{rest}")
     };
     let mut config: postgres::Config = url
         .parse()
@@ -487,19 +528,65 @@ fn parse_config(url: &str) -> Result<postgres::Config, StoreError> {
     if config.get_dbname().is_none() {
         return Err(err("it names no database".to_string()));
     }
-    match config.get_ssl_mode() {
-        postgres::config::SslMode::Disable | postgres::config::SslMode::Prefer => {}
-        other => {
-            return Err(err(format!(
-                "sslmode {other:?} needs TLS, which this delegate-manager does not speak to \
-                 PostgreSQL yet; use sslmode=disable on a trusted network or loopback (or a \
-                 local TLS tunnel to the server)"
-            )));
+    let tls = match config.get_ssl_mode() {
+        postgres::config::SslMode::Require => Tls::On(tls_connector(root_cert.as_deref(), &err)?),
+        mode => {
+            if let Some(path) = root_cert {
+                return Err(err(format!(
+                    "sslrootcert={path} is set, but sslmode={mode:?} talks plain here; use                      sslmode=verify-full to talk TLS and verify the server with it",
+                    mode = format!("{mode:?}").to_lowercase()
+                )));
+            }
+            Tls::Off
         }
-    }
+    };
     config.application_name("delegate-manager");
     config.connect_timeout(Duration::from_secs(10));
-    Ok(config)
+    Ok((config, tls))
+}
+
+/// rustls on aws-lc-rs, trusting `root_cert` (PEM) or else the system's roots.
+fn tls_connector(
+    root_cert: Option<&str>,
+    err: &dyn Fn(String) -> StoreError,
+) -> Result<MakeRustlsConnect, StoreError> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    match root_cert {
+        Some(path) => {
+            let certs = CertificateDer::pem_file_iter(path)
+                .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| {
+                    err(format!(
+                        "sslrootcert={path}: cannot read PEM certificates ({e})"
+                    ))
+                })?;
+            let (added, _) = roots.add_parsable_certificates(certs);
+            if added == 0 {
+                return Err(err(format!(
+                    "sslrootcert={path} holds no CA certificate; point it at the PEM file of                      the CA that signed the server's certificate"
+                )));
+            }
+        }
+        None => {
+            let found = rustls_native_certs::load_native_certs();
+            roots.add_parsable_certificates(found.certs);
+            if roots.is_empty() {
+                return Err(err(
+                    "sslmode asks for TLS, but the system has no CA certificates to verify the                      server with (install ca-certificates, or add sslrootcert=/path/to/ca.pem)"
+                        .to_string(),
+                ));
+            }
+        }
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| err(format!("cannot set up TLS ({e})")))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(MakeRustlsConnect::new(config))
 }
 
 // ---- the store -----------------------------------------------------------------------
@@ -524,9 +611,10 @@ impl PgStore {
     /// Connect to `url`, apply the migrations this node knows (once, under an advisory
     /// lock), and refuse a schema newer than it understands.
     pub fn open(url: &str, lease_ttl: Duration) -> Result<PgStore, StoreError> {
-        let config = parse_config(url)?;
+        let (config, tls) = parse_config(url)?;
         let pool = Pool {
             config,
+            tls,
             url: redact(url),
             idle: Mutex::new((Vec::new(), 0)),
             freed: Condvar::new(),
@@ -565,14 +653,13 @@ impl PgStore {
         on_note: impl Fn(&Note) + Send + 'static,
     ) -> Result<std::thread::JoinHandle<()>, StoreError> {
         let config = self.pool.config.clone();
+        let tls = self.pool.tls.clone();
         let url = self.pool.url.clone();
         let connect = move || -> Result<Client, StoreError> {
-            let mut c = config
-                .connect(NoTls)
-                .map_err(|source| StoreError::PostgresConnect {
-                    url: url.clone(),
-                    source,
-                })?;
+            let mut c = connect(&config, &tls).map_err(|source| StoreError::PostgresConnect {
+                url: url.clone(),
+                source,
+            })?;
             c.batch_execute(&format!("LISTEN {CHANNEL}"))?;
             Ok(c)
         };
@@ -1902,9 +1989,22 @@ mod tests {
             "{}",
             msg("postgres://")
         );
-        let m = msg("postgres://u:secret@h/db?sslmode=require");
-        assert!(m.contains("sslmode") && !m.contains("secret"), "{m}");
+        let m = msg("postgres://u:secret@h/db?sslmode=verify-full&sslrootcert=/nonexistent/ca.pem");
+        assert!(
+            m.contains("/nonexistent/ca.pem") && !m.contains("secret"),
+            "{m}"
+        );
         assert!(m.contains("postgres://USER"), "{m}");
+        let m = msg("postgres://u@h/db?sslrootcert=/etc/ca.pem");
+        assert!(m.contains("sslmode=verify-full"), "{m}");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let not_pem = dir.path().join("ca.pem");
+        std::fs::write(&not_pem, "not a certificate\n").expect("write");
+        let m = msg(&format!(
+            "postgres://u@h/db?sslmode=require&sslrootcert={}",
+            not_pem.display()
+        ));
+        assert!(m.contains("holds no CA certificate"), "{m}");
         assert!(msg("postgres://u@h").contains("no database"));
         assert!(parse_config("postgres://u@127.0.0.1:5432/db").is_ok());
         assert!(parse_config("postgres://u@127.0.0.1:5432/db?sslmode=disable").is_ok());

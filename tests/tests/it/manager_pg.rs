@@ -2,7 +2,8 @@
 //! poll waiting on another (`LISTEN/NOTIFY`), and killing a node mid-task loses nothing
 //! and runs nothing twice — the agent goes on with the other node through a small TCP
 //! relay that stands in for the load balancer in front of the nodes. A bad `--database`
-//! stops the start with a message that says what to fix.
+//! stops the start with a message that says what to fix. TLS to the database verifies the
+//! server against the URL's `sslrootcert`.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -266,8 +267,8 @@ fn a_database_that_is_malformed_or_unreachable_stops_the_start_and_says_what_to_
             "not a PostgreSQL connection URL",
         ),
         (
-            "postgres://delegate@127.0.0.1/delegate?sslmode=require".to_string(),
-            "sslmode",
+            "postgres://delegate@127.0.0.1/delegate?sslrootcert=/etc/ssl/ca.pem".to_string(),
+            "sslmode=verify-full",
         ),
         (
             "mysql://delegate@127.0.0.1/delegate".to_string(),
@@ -301,4 +302,77 @@ fn a_database_that_is_malformed_or_unreachable_stops_the_start_and_says_what_to_
             "{url}: an admin token was written for a manager that did not start"
         );
     }
+}
+
+/// `sslmode=verify-full` with the CA that signed the server's certificate: the node works
+/// and its connections are TLS ones (`pg_stat_ssl`); with another CA the start is refused
+/// naming the certificate; `sslmode=disable` still talks plain.
+#[test]
+fn tls_to_postgresql_verifies_the_server_with_sslrootcert_and_refuses_another_ca() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let pg = Postgres::start().expect("PostgreSQL starts");
+    let pki = delegate_tests::tls::make_pki(tmp.path(), "pg").expect("pki");
+    let stranger = delegate_tests::tls::make_pki(tmp.path(), "stranger").expect("pki");
+    pg.enable_tls(&pki).expect("TLS on");
+    let tls_url = |ca: &Path| {
+        format!(
+            "{}?sslmode=verify-full&sslrootcert={}",
+            pg.url(),
+            ca.display()
+        )
+    };
+
+    let url = tls_url(&pki.ca_cert);
+    std::fs::create_dir_all(tmp.path().join("node")).expect("root");
+    let node = Manager::start_with(
+        &tmp.path().join("node"),
+        "127.0.0.1:0",
+        &["--database", &url],
+    )
+    .expect("a node on TLS starts");
+    let token = node.token("tls").expect("a token is stored through TLS");
+    assert!(token.starts_with("dlg_"), "{token}");
+    let tls_connections = pg
+        .psql(
+            "delegate",
+            "SELECT count(*) FROM pg_stat_ssl JOIN pg_stat_activity USING (pid) \
+             WHERE application_name = 'delegate-manager' AND ssl",
+        )
+        .expect("pg_stat_ssl");
+    let plain_connections = pg
+        .psql(
+            "delegate",
+            "SELECT count(*) FROM pg_stat_ssl JOIN pg_stat_activity USING (pid) \
+             WHERE application_name = 'delegate-manager' AND NOT ssl",
+        )
+        .expect("pg_stat_ssl");
+    assert!(
+        tls_connections.parse::<u32>().expect("a count") >= 1,
+        "no TLS connection of the node: {tls_connections}"
+    );
+    assert_eq!(plain_connections, "0", "the node has plain connections too");
+    drop(node);
+
+    let data = tmp.path().join("refused");
+    let out = Command::new(bin("delegate-manager").expect("bin"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--database"])
+        .arg(tls_url(&stranger.ca_cert))
+        .arg("--data")
+        .arg(&data)
+        .output()
+        .expect("run");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "started with a CA that did not sign the server's certificate\n{err}"
+    );
+    assert!(
+        err.contains("cannot connect to the PostgreSQL database"),
+        "{err}"
+    );
+    assert!(
+        err.to_lowercase().contains("certificate"),
+        "the cause is not named: {err}"
+    );
+    assert!(!data.join("admin.token").exists(), "{err}");
 }
