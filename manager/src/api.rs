@@ -88,6 +88,15 @@ impl App {
             .map_err(|e| StoreError::Invalid(format!("a store call failed: {e}")))?
     }
 
+    /// A handle that does not keep the app alive (for threads that outlive a server).
+    pub fn downgrade(&self) -> std::sync::Weak<AppInner> {
+        Arc::downgrade(&self.0)
+    }
+
+    pub fn upgrade(weak: &std::sync::Weak<AppInner>) -> Option<App> {
+        weak.upgrade().map(App)
+    }
+
     /// Wake one waiting poll for each task queued since the last call (see `hub`).
     pub fn wake_for_queued(&self) {
         for task in self.store.take_fresh() {

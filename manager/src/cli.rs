@@ -131,6 +131,18 @@ pub struct ServeArgs {
     /// without it they are kept.
     #[arg(long, value_parser = humantime::parse_duration)]
     pub retention: Option<Duration>,
+    /// Where tasks, delegates, tokens and logs live: a SQLite file (default
+    /// DATA/manager.db; one manager node), or postgres://USER[:PASSWORD]@HOST[:PORT]/DB,
+    /// a PostgreSQL database (12 or newer) that several manager nodes share behind a load
+    /// balancer. Migrations are applied at start. TLS: ?sslmode=verify-full (the server is
+    /// verified against &sslrootcert=CA.pem or the system's CAs); prefer talks plain.
+    #[arg(
+        long,
+        env = "DELEGATE_MANAGER_DATABASE",
+        hide_env_values = true,
+        value_parser = crate::store::Database::parse
+    )]
+    pub database: Option<crate::store::Database>,
 }
 
 #[derive(Debug, Subcommand)]

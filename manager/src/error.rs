@@ -35,6 +35,31 @@ pub enum StoreError {
     },
     #[error("database error")]
     Sqlite(#[from] rusqlite::Error),
+    /// `--database postgres://…` that is not a usable PostgreSQL URL.
+    #[error(
+        "--database {url}: {why}; expected postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE \
+         (e.g. postgres://delegate@127.0.0.1:5432/delegate)"
+    )]
+    PostgresUrl { url: String, why: String },
+    /// The PostgreSQL server could not be reached or refused us.
+    #[error(
+        "cannot connect to the PostgreSQL database {url}; check that the server runs and \
+         listens there, that pg_hba.conf lets this host in, and the URL's user, password \
+         and database name"
+    )]
+    PostgresConnect {
+        /// The URL without its password.
+        url: String,
+        source: postgres::Error,
+    },
+    #[error(
+        "PostgreSQL database {url} has schema version {found}, newer than this \
+         delegate-manager understands ({known}); run the same or a newer delegate-manager on \
+         every node"
+    )]
+    PostgresSchemaTooNew { url: String, found: i64, known: i64 },
+    #[error("PostgreSQL error")]
+    Postgres(#[from] postgres::Error),
     #[error("task {0} not found; list tasks with `delegate-manager task list`")]
     TaskNotFound(String),
     #[error(
@@ -131,9 +156,13 @@ impl StoreError {
     /// The wire code this error travels under.
     pub fn code(&self) -> ErrorCode {
         match self {
-            StoreError::Open { .. } | StoreError::SchemaTooNew { .. } | StoreError::Sqlite(_) => {
-                ErrorCode::Internal
-            }
+            StoreError::Open { .. }
+            | StoreError::SchemaTooNew { .. }
+            | StoreError::Sqlite(_)
+            | StoreError::PostgresUrl { .. }
+            | StoreError::PostgresConnect { .. }
+            | StoreError::PostgresSchemaTooNew { .. }
+            | StoreError::Postgres(_) => ErrorCode::Internal,
             StoreError::TaskNotFound(_)
             | StoreError::DelegateNotFound(_)
             | StoreError::TokenNotFound(_)

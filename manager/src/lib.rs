@@ -1,7 +1,8 @@
 //! The reference control plane for delegate agents, as a library.
 //!
 //! `delegate-manager` hands tasks to delegates over HTTP long polls, keeps every task,
-//! lease and log line in SQLite, and gives operators a CLI. The binary is a thin shell
+//! lease and log line in SQLite (or in PostgreSQL, shared by several nodes: `pg`), and
+//! gives operators a CLI. The binary is a thin shell
 //! over these modules so that tests can start a real server in-process.
 //!
 //! Data flows one way: a user submits a task (`api`), the store queues it (`store`), the
@@ -19,6 +20,7 @@ pub mod error;
 pub mod hub;
 pub mod lifecycle;
 pub mod metrics;
+pub mod pg;
 pub mod queue;
 pub mod reaper;
 pub mod releases;

@@ -74,6 +74,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         },
         max_log_bytes: args.max_log_bytes,
         retention: args.retention,
+        database: args.database.clone(),
     };
     let stop = stop_signal();
     let server = server::bind(&cfg)

@@ -22,8 +22,10 @@ use crate::auth;
 use crate::conn::{self, Limits};
 use crate::error::ServeError;
 use crate::hub::Hub;
+use crate::pg::Note;
+use crate::queue::{Fresh, selector_key};
 use crate::reaper::{Reaper, SystemClock};
-use crate::store::{Store, now_ms};
+use crate::store::{Database, Store, now_ms};
 
 /// Where the manager keeps its database and admin token unless told otherwise.
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/delegate-manager";
@@ -50,6 +52,8 @@ pub struct ServeConfig {
     pub max_log_bytes: u64,
     /// Finished tasks and their logs are deleted this long after they ended.
     pub retention: Option<Duration>,
+    /// The database; `None` is the SQLite file `DATA/manager.db`.
+    pub database: Option<Database>,
 }
 
 /// The PEM files of the manager's TLS identity.
@@ -74,6 +78,7 @@ impl ServeConfig {
             tls: None,
             max_log_bytes: crate::store::DEFAULT_MAX_LOG_BYTES,
             retention: None,
+            database: None,
         }
     }
 
@@ -136,31 +141,15 @@ pub struct Server {
 pub async fn bind(cfg: &ServeConfig) -> Result<Server, ServeError> {
     cfg.check()?;
     let tls = cfg.tls.as_ref().map(tls_acceptor).transpose()?;
-    let dir_err = |source| ServeError::DataDir {
-        path: cfg.data_dir.clone(),
-        source,
+    // Blocking work (files, the database's first connection and migrations) stays off
+    // the async workers.
+    let prepared = {
+        let cfg = cfg.clone();
+        tokio::task::spawn_blocking(move || prepare(&cfg))
+            .await
+            .map_err(|e| ServeError::Config(format!("preparing the store failed: {e}")))??
     };
-    DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(&cfg.data_dir)
-        .map_err(dir_err)?;
-    // Also when it existed: the database holds task specs and their secrets.
-    fs::set_permissions(&cfg.data_dir, fs::Permissions::from_mode(0o700)).map_err(dir_err)?;
-    let db = cfg.data_dir.join(DB_FILE);
-    private_file(&db).map_err(|source| ServeError::Database {
-        path: db.clone(),
-        source,
-    })?;
-    let store = Store::open(&db, cfg.lease_ttl)?.with_max_log_bytes(cfg.max_log_bytes);
-    let admin_hash = ensure_admin_token(&store, &cfg.data_dir)?;
-    let extended = store.extend_leases(now_ms())?;
-    if extended > 0 {
-        info!(
-            "gave {extended} held task(s) a fresh lease: delegates could not heartbeat while \
-             the manager was down"
-        );
-    }
+    let (store, admin_hash) = prepared;
     let listener = TcpListener::bind(cfg.listen)
         .await
         .map_err(|source| ServeError::Bind {
@@ -181,6 +170,19 @@ pub async fn bind(cfg: &ServeConfig) -> Result<Server, ServeError> {
         idle_timeout: cfg.limits.idle_timeout,
         retention: cfg.retention,
     });
+    if let Some(pg) = app.store.postgres() {
+        let (listening, handler) = (app.clone(), note_handler(&app));
+        tokio::task::spawn_blocking(move || match listening.store.postgres() {
+            Some(pg) => pg.listen(handler).map(drop),
+            None => Ok(()),
+        })
+        .await
+        .map_err(|e| ServeError::Config(format!("starting the LISTEN connection failed: {e}")))??;
+        info!(
+            "database {} (PostgreSQL): other manager nodes' tasks and cancels wake polls here",
+            pg.url()
+        );
+    }
     Ok(Server {
         listener,
         addr,
@@ -277,6 +279,79 @@ fn tls_acceptor(files: &TlsFiles) -> Result<TlsAcceptor, ServeError> {
         })?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+/// Steps 1-4 of a start, blocking: the database opened (and migrated), the data
+/// directory, the admin token, leases extended over the downtime. A PostgreSQL database is
+/// opened first, so a bad `--database` leaves nothing behind.
+fn prepare(cfg: &ServeConfig) -> Result<(Store, String), ServeError> {
+    let dir_err = |source| ServeError::DataDir {
+        path: cfg.data_dir.clone(),
+        source,
+    };
+    let make_dir = || -> Result<(), ServeError> {
+        DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&cfg.data_dir)
+            .map_err(dir_err)?;
+        // Also when it existed: it holds the admin token (and a SQLite database with task
+        // specs and their secrets).
+        fs::set_permissions(&cfg.data_dir, fs::Permissions::from_mode(0o700)).map_err(dir_err)
+    };
+    let store = match &cfg.database {
+        Some(Database::Postgres(url)) => {
+            let store = Store::open_postgres(url, cfg.lease_ttl)?;
+            make_dir()?;
+            store
+        }
+        other => {
+            make_dir()?;
+            let path = match other {
+                Some(Database::Sqlite(path)) => path.clone(),
+                _ => cfg.data_dir.join(DB_FILE),
+            };
+            private_file(&path).map_err(|source| ServeError::Database {
+                path: path.clone(),
+                source,
+            })?;
+            Store::open(&path, cfg.lease_ttl)?
+        }
+    }
+    .with_max_log_bytes(cfg.max_log_bytes);
+    let admin_hash = ensure_admin_token(&store, &cfg.data_dir)?;
+    let extended = store.extend_leases(now_ms())?;
+    if extended > 0 {
+        info!(
+            "gave {extended} held task(s) a fresh lease: delegates could not heartbeat while \
+             the manager was down"
+        );
+    }
+    Ok((store, admin_hash))
+}
+
+/// What a PostgreSQL [`Note`] from any node (this one included) does here: the hub wakes
+/// the polls it concerns, cached facts it makes stale are dropped. Holds the app weakly so
+/// that a stopped server (in tests) is not kept alive by its listener.
+fn note_handler(app: &App) -> impl Fn(&Note) + Send + 'static {
+    let app = app.downgrade();
+    move |note| {
+        let Some(app) = App::upgrade(&app) else {
+            return;
+        };
+        if let Some(pg) = app.store.postgres() {
+            pg.note_seen(note);
+        }
+        match note {
+            Note::Queued { task, selectors } => app.hub.task_queued(Fresh {
+                task: task.clone(),
+                selectors: selector_key(selectors),
+            }),
+            Note::Delegate { id } => app.hub.wake_delegate(id),
+            Note::Revoked => app.hub.wake_all(),
+            Note::Changed => app.hub.changed(),
+        }
+    }
 }
 
 /// The admin token's hash; on first start a new token is written to `DIR/admin.token`.

@@ -176,23 +176,23 @@ pub struct LogSlice {
 }
 
 /// The facts about a task that decide whether a delegate's report is accepted.
-struct Held {
-    state: TaskState,
-    attempt: u32,
-    retries: u32,
-    cancel_requested: bool,
-    delegate_id: Option<String>,
-    delegate_name: Option<String>,
-    token_name: Option<String>,
-    log_bytes: u64,
-    log_truncated: bool,
-    outcome: Option<String>,
-    exit_code: Option<i32>,
-    signal: Option<i32>,
+pub(crate) struct Held {
+    pub(crate) state: TaskState,
+    pub(crate) attempt: u32,
+    pub(crate) retries: u32,
+    pub(crate) cancel_requested: bool,
+    pub(crate) delegate_id: Option<String>,
+    pub(crate) delegate_name: Option<String>,
+    pub(crate) token_name: Option<String>,
+    pub(crate) log_bytes: u64,
+    pub(crate) log_truncated: bool,
+    pub(crate) outcome: Option<String>,
+    pub(crate) exit_code: Option<i32>,
+    pub(crate) signal: Option<i32>,
 }
 
 impl Held {
-    fn task(&self) -> Task {
+    pub(crate) fn task(&self) -> Task {
         Task {
             state: self.state,
             attempt: self.attempt,
@@ -203,7 +203,12 @@ impl Held {
 
     /// Refuse a report unless it is about the current attempt and comes from a delegate of
     /// the token that holds (or last held) the task.
-    fn check(&self, task: &str, attempt: u32, token_name: &str) -> Result<(), StoreError> {
+    pub(crate) fn check(
+        &self,
+        task: &str,
+        attempt: u32,
+        token_name: &str,
+    ) -> Result<(), StoreError> {
         let why = if self.attempt != attempt {
             format!(
                 "the task is on attempt {} now, state {}",
@@ -228,7 +233,7 @@ impl Held {
 /// scan the queue, and two caches the hot paths read on every request — token hash →
 /// name and delegate id → tags — each kept in step by the calls that change them.
 /// Lock order: `conn`, then `queue`; the caches are taken alone.
-pub struct Store {
+pub struct SqliteStore {
     conn: Mutex<Connection>,
     queue: Mutex<Queue>,
     tokens: Mutex<HashMap<String, String>>,
@@ -524,7 +529,7 @@ fn persist(
 }
 
 /// A delegate's report the life cycle refuses (e.g. about a task nobody holds).
-fn stale(id: &str, attempt: u32, e: TransitionError) -> StoreError {
+pub(crate) fn stale(id: &str, attempt: u32, e: TransitionError) -> StoreError {
     StoreError::StaleAttempt {
         task: id.to_string(),
         attempt,
@@ -533,19 +538,19 @@ fn stale(id: &str, attempt: u32, e: TransitionError) -> StoreError {
 }
 
 /// The line that ends a log cut at the cap.
-fn truncation_marker(cap: u64) -> String {
+pub(crate) fn truncation_marker(cap: u64) -> String {
     format!(
         "\n[delegate-manager] log truncated: it reached the manager's cap of {cap} bytes per \
          task (--max-log-bytes); later output was dropped\n"
     )
 }
 
-fn to_json<T: serde::Serialize + ?Sized>(v: &T) -> String {
+pub(crate) fn to_json<T: serde::Serialize + ?Sized>(v: &T) -> String {
     // Serializing plain vectors and maps of strings cannot fail.
     serde_json::to_string(v).unwrap_or_else(|_| "null".to_string())
 }
 
-fn result_summary(outcome: &str, exit_code: Option<i32>, signal: Option<i32>) -> String {
+pub(crate) fn result_summary(outcome: &str, exit_code: Option<i32>, signal: Option<i32>) -> String {
     let mut s = outcome.to_string();
     if let Some(c) = exit_code {
         s.push_str(&format!(" exit {c}"));
@@ -556,9 +561,9 @@ fn result_summary(outcome: &str, exit_code: Option<i32>, signal: Option<i32>) ->
     s
 }
 
-impl Store {
+impl SqliteStore {
     /// Open (creating if needed) and migrate the database at `path`.
-    pub fn open(path: &Path, lease_ttl: Duration) -> Result<Store, StoreError> {
+    pub fn open(path: &Path, lease_ttl: Duration) -> Result<SqliteStore, StoreError> {
         let open_err = |source| StoreError::Open {
             path: path.to_path_buf(),
             source,
@@ -585,7 +590,7 @@ impl Store {
                 queue.add(&id, &selectors, r.get(2)?, r.get(3)?);
             }
         }
-        Ok(Store {
+        Ok(SqliteStore {
             conn: Mutex::new(conn),
             queue: Mutex::new(queue),
             tokens: Mutex::new(HashMap::new()),
@@ -627,7 +632,7 @@ impl Store {
     }
 
     /// Cap each attempt's stored log at `bytes` (default [`DEFAULT_MAX_LOG_BYTES`]).
-    pub fn with_max_log_bytes(mut self, bytes: u64) -> Store {
+    pub fn with_max_log_bytes(mut self, bytes: u64) -> SqliteStore {
         self.max_log_bytes = bytes;
         self
     }
@@ -1566,6 +1571,259 @@ impl Store {
     }
 }
 
+// ---- the store the API uses: SQLite on one node, PostgreSQL for several -----------------
+
+/// Where the manager keeps its data (`serve --database`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Database {
+    /// One SQLite file (the default, `DATA/manager.db`): one manager node.
+    Sqlite(PathBuf),
+    /// A PostgreSQL database several manager nodes share (`postgres://…`).
+    Postgres(String),
+}
+
+impl Database {
+    /// `postgres://…` or `postgresql://…` is PostgreSQL; `sqlite:PATH` or a plain path is
+    /// a SQLite file.
+    pub fn parse(s: &str) -> Result<Database, String> {
+        let s = s.trim();
+        if s.is_empty() {
+            return Err(
+                "the database is empty; give postgres://USER@HOST:PORT/DB or a \
+                        SQLite file path"
+                    .to_string(),
+            );
+        }
+        if s.starts_with("postgres://") || s.starts_with("postgresql://") {
+            return Ok(Database::Postgres(s.to_string()));
+        }
+        if let Some(path) = s
+            .strip_prefix("sqlite://")
+            .or_else(|| s.strip_prefix("sqlite:"))
+        {
+            return Ok(Database::Sqlite(PathBuf::from(path)));
+        }
+        if let Some((scheme, _)) = s.split_once("://") {
+            return Err(format!(
+                "{scheme}:// databases are not supported; give postgres://USER@HOST:PORT/DB \
+                 or a SQLite file path"
+            ));
+        }
+        Ok(Database::Sqlite(PathBuf::from(s)))
+    }
+}
+
+/// The manager's store on either backend; the API layer calls it the same way. SQLite
+/// keeps its one-node fast paths (the in-memory queue index and hand-offs); PostgreSQL
+/// leases with `FOR UPDATE SKIP LOCKED` and tells the other nodes through `NOTIFY`
+/// (see `pg`).
+pub struct Store(Backend);
+
+enum Backend {
+    Sqlite(SqliteStore),
+    Postgres(crate::pg::PgStore),
+}
+
+/// Call the same method on whichever backend this is.
+macro_rules! each {
+    ($self:ident, $s:ident => $e:expr) => {
+        match &$self.0 {
+            Backend::Sqlite($s) => $e,
+            Backend::Postgres($s) => $e,
+        }
+    };
+}
+
+impl Store {
+    /// Open (creating if needed) and migrate the SQLite database at `path`.
+    pub fn open(path: &Path, lease_ttl: Duration) -> Result<Store, StoreError> {
+        SqliteStore::open(path, lease_ttl).map(|s| Store(Backend::Sqlite(s)))
+    }
+
+    /// Connect to the PostgreSQL database at `url` and migrate it (safe when several
+    /// nodes start at once).
+    pub fn open_postgres(url: &str, lease_ttl: Duration) -> Result<Store, StoreError> {
+        crate::pg::PgStore::open(url, lease_ttl).map(|s| Store(Backend::Postgres(s)))
+    }
+
+    /// Open `db`.
+    pub fn open_database(db: &Database, lease_ttl: Duration) -> Result<Store, StoreError> {
+        match db {
+            Database::Sqlite(path) => Store::open(path, lease_ttl),
+            Database::Postgres(url) => Store::open_postgres(url, lease_ttl),
+        }
+    }
+
+    /// The PostgreSQL backend, when this is one (its cross-node wake-ups need starting).
+    pub fn postgres(&self) -> Option<&crate::pg::PgStore> {
+        match &self.0 {
+            Backend::Postgres(p) => Some(p),
+            Backend::Sqlite(_) => None,
+        }
+    }
+
+    /// Cap each attempt's stored log at `bytes` (default [`DEFAULT_MAX_LOG_BYTES`]).
+    pub fn with_max_log_bytes(self, bytes: u64) -> Store {
+        Store(match self.0 {
+            Backend::Sqlite(s) => Backend::Sqlite(s.with_max_log_bytes(bytes)),
+            Backend::Postgres(s) => Backend::Postgres(s.with_max_log_bytes(bytes)),
+        })
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        each!(self, s => s.metrics())
+    }
+    pub fn snapshot(&self, now: UnixMillis) -> Result<Snapshot, StoreError> {
+        each!(self, s => s.snapshot(now))
+    }
+    pub fn take_fresh(&self) -> Vec<Fresh> {
+        each!(self, s => s.take_fresh())
+    }
+    pub fn cached_delegate_tags(&self, id: &str) -> Option<Selectors> {
+        each!(self, s => s.cached_delegate_tags(id))
+    }
+    pub fn delegate_tags(&self, id: &str) -> Result<Option<Selectors>, StoreError> {
+        each!(self, s => s.delegate_tags(id))
+    }
+    pub fn lease_ttl_ms(&self) -> i64 {
+        each!(self, s => s.lease_ttl_ms())
+    }
+    pub fn admin_hash(&self) -> Result<Option<String>, StoreError> {
+        each!(self, s => s.admin_hash())
+    }
+    pub fn set_admin_hash(&self, hash: &str) -> Result<(), StoreError> {
+        each!(self, s => s.set_admin_hash(hash))
+    }
+    pub fn create_token(
+        &self,
+        name: &str,
+        hash: &str,
+        tags: Option<&[String]>,
+        now: UnixMillis,
+    ) -> Result<(), StoreError> {
+        each!(self, s => s.create_token(name, hash, tags, now))
+    }
+    pub fn list_tokens(&self) -> Result<Vec<TokenView>, StoreError> {
+        each!(self, s => s.list_tokens())
+    }
+    pub fn revoke_token(&self, name: &str, now: UnixMillis) -> Result<TokenView, StoreError> {
+        each!(self, s => s.revoke_token(name, now))
+    }
+    pub fn forget_delegate(
+        &self,
+        name: &str,
+        hostname: Option<&str>,
+        now: UnixMillis,
+    ) -> Result<ForgottenDelegate, StoreError> {
+        each!(self, s => s.forget_delegate(name, hostname, now))
+    }
+    pub fn token_name(&self, hash: &str) -> Result<Option<String>, StoreError> {
+        each!(self, s => s.token_name(hash))
+    }
+    pub fn cached_token_name(&self, hash: &str) -> Option<String> {
+        each!(self, s => s.cached_token_name(hash))
+    }
+    pub fn register(
+        &self,
+        token_name: &str,
+        req: &RegisterRequest,
+        now: UnixMillis,
+    ) -> Result<String, StoreError> {
+        each!(self, s => s.register(token_name, req, now))
+    }
+    pub fn heartbeat(
+        &self,
+        token_name: &str,
+        delegate_id: &str,
+        req: &HeartbeatRequest,
+        now: UnixMillis,
+    ) -> Result<HeartbeatResponse, StoreError> {
+        each!(self, s => s.heartbeat(token_name, delegate_id, req, now))
+    }
+    pub fn acquire(
+        &self,
+        token_name: &str,
+        delegate_id: &str,
+        max: u32,
+        now: UnixMillis,
+        prefer: Option<&str>,
+    ) -> Result<AcquireResponse, StoreError> {
+        each!(self, s => s.acquire(token_name, delegate_id, max, now, prefer))
+    }
+    pub fn delegate_draining(&self, delegate_id: &str) -> Result<bool, StoreError> {
+        each!(self, s => s.delegate_draining(delegate_id))
+    }
+    pub fn list_delegates(&self, now: UnixMillis) -> Result<Vec<DelegateView>, StoreError> {
+        each!(self, s => s.list_delegates(now))
+    }
+    pub fn submit(
+        &self,
+        id: &str,
+        task: &SubmitTask,
+        timeout_secs: u64,
+        now: UnixMillis,
+    ) -> Result<(), StoreError> {
+        each!(self, s => s.submit(id, task, timeout_secs, now))
+    }
+    pub fn task(&self, id: &str) -> Result<TaskView, StoreError> {
+        each!(self, s => s.task(id))
+    }
+    pub fn list_tasks(
+        &self,
+        state: Option<TaskState>,
+        limit: u32,
+    ) -> Result<Vec<TaskView>, StoreError> {
+        each!(self, s => s.list_tasks(state, limit))
+    }
+    pub fn started(
+        &self,
+        token_name: &str,
+        id: &str,
+        attempt: u32,
+        now: UnixMillis,
+    ) -> Result<TaskView, StoreError> {
+        each!(self, s => s.started(token_name, id, attempt, now))
+    }
+    pub fn append_log(
+        &self,
+        token_name: &str,
+        id: &str,
+        attempt: u32,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<u64, StoreError> {
+        each!(self, s => s.append_log(token_name, id, attempt, offset, data))
+    }
+    pub fn prune(&self, before: UnixMillis) -> Result<Pruned, StoreError> {
+        each!(self, s => s.prune(before))
+    }
+    pub fn read_log(&self, id: &str, offset: u64, max: usize) -> Result<LogSlice, StoreError> {
+        each!(self, s => s.read_log(id, offset, max))
+    }
+    pub fn finish(
+        &self,
+        token_name: &str,
+        id: &str,
+        attempt: u32,
+        result: &TaskResult,
+        now: UnixMillis,
+    ) -> Result<(TaskView, Finish), StoreError> {
+        each!(self, s => s.finish(token_name, id, attempt, result, now))
+    }
+    pub fn cancel(&self, id: &str, now: UnixMillis) -> Result<(TaskView, Cancel), StoreError> {
+        each!(self, s => s.cancel(id, now))
+    }
+    pub fn reap(&self, now: UnixMillis) -> Result<Reaped, StoreError> {
+        each!(self, s => s.reap(now))
+    }
+    pub fn shift_leases(&self, by_ms: i64, set_before: UnixMillis) -> Result<usize, StoreError> {
+        each!(self, s => s.shift_leases(by_ms, set_before))
+    }
+    pub fn extend_leases(&self, now: UnixMillis) -> Result<usize, StoreError> {
+        each!(self, s => s.extend_leases(now))
+    }
+}
+
 fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
     let found: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
     let known = MIGRATIONS.len() as i64;
@@ -1592,9 +1850,9 @@ mod tests {
 
     const TTL: Duration = Duration::from_secs(30);
 
-    fn store() -> (tempfile::TempDir, Store) {
+    fn store() -> (tempfile::TempDir, SqliteStore) {
         let dir = tempfile::tempdir().expect("tempdir");
-        let s = Store::open(&dir.path().join("m.db"), TTL).expect("open");
+        let s = SqliteStore::open(&dir.path().join("m.db"), TTL).expect("open");
         s.create_token("tok", &auth::hash_token("dlg_a"), None, 0)
             .expect("token");
         s.create_token("other", &auth::hash_token("dlg_b"), None, 0)
@@ -1625,7 +1883,7 @@ mod tests {
         }
     }
 
-    fn submit(s: &Store, id: &str, task: SubmitTask, now: UnixMillis) {
+    fn submit(s: &SqliteStore, id: &str, task: SubmitTask, now: UnixMillis) {
         s.submit(id, &task, 60, now).expect("submit");
     }
 
@@ -1640,21 +1898,47 @@ mod tests {
     }
 
     #[test]
+    fn database_urls_pick_the_backend_and_unknown_schemes_are_refused() {
+        assert_eq!(
+            Database::parse("postgres://u@h:5432/db"),
+            Ok(Database::Postgres("postgres://u@h:5432/db".into()))
+        );
+        assert!(matches!(
+            Database::parse("postgresql://u@h/db"),
+            Ok(Database::Postgres(_))
+        ));
+        assert_eq!(
+            Database::parse("sqlite:/var/lib/m.db"),
+            Ok(Database::Sqlite("/var/lib/m.db".into()))
+        );
+        assert_eq!(
+            Database::parse("./m.db"),
+            Ok(Database::Sqlite("./m.db".into()))
+        );
+        let e = Database::parse("mysql://u@h/db").expect_err("mysql");
+        assert!(
+            e.contains("not supported") && e.contains("postgres://"),
+            "{e}"
+        );
+        assert!(Database::parse(" ").is_err());
+    }
+
+    #[test]
     fn reopening_keeps_data_and_schema_version() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("m.db");
         {
-            let s = Store::open(&path, TTL).expect("open");
+            let s = SqliteStore::open(&path, TTL).expect("open");
             s.set_admin_hash("h").expect("set");
         }
-        let s = Store::open(&path, TTL).expect("reopen");
+        let s = SqliteStore::open(&path, TTL).expect("reopen");
         assert_eq!(s.admin_hash().expect("get").as_deref(), Some("h"));
         let conn = Connection::open(&path).expect("raw open");
         conn.pragma_update(None, "user_version", 99).expect("bump");
         drop(conn);
         drop(s);
         assert!(matches!(
-            Store::open(&path, TTL),
+            SqliteStore::open(&path, TTL),
             Err(StoreError::SchemaTooNew { found: 99, .. })
         ));
     }
@@ -2163,14 +2447,14 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("m.db");
         {
-            let s = Store::open(&path, TTL).expect("open");
+            let s = SqliteStore::open(&path, TTL).expect("open");
             s.create_token("tok", &auth::hash_token("dlg_a"), None, 0)
                 .expect("token");
             submit(&s, "t_old", shell(&[], 0), 1);
             submit(&s, "t_gpu", shell(&["gpu"], 0), 2);
             submit(&s, "t_new", shell(&[], 0), 3);
         }
-        let s = Store::open(&path, TTL).expect("reopen");
+        let s = SqliteStore::open(&path, TTL).expect("reopen");
         assert_eq!(s.queue_depth(), 3);
         let a = s.register("tok", &reg("a", &[]), 4).expect("reg");
         // Handed t_new by the hub: it goes first, then the oldest it may take.
@@ -2197,7 +2481,7 @@ mod tests {
     #[test]
     fn a_log_is_cut_at_the_cap_and_prune_deletes_old_finished_tasks() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let s = Store::open(&dir.path().join("m.db"), TTL)
+        let s = SqliteStore::open(&dir.path().join("m.db"), TTL)
             .expect("open")
             .with_max_log_bytes(10);
         s.create_token("tok", &auth::hash_token("dlg_a"), None, 0)

@@ -55,6 +55,9 @@ pub struct FleetOptions {
     pub log_bytes: u64,
     /// Upper bound on the whole run.
     pub limit: Duration,
+    /// Two manager nodes on one PostgreSQL (started for the run) instead of one on
+    /// SQLite: the delegates alternate between the nodes, tasks are submitted to the first.
+    pub postgres: bool,
 }
 
 /// What a simulated delegate tells the bench.
@@ -200,8 +203,30 @@ pub fn run(opts: &FleetOptions) -> Result<()> {
             (opts.log_bytes + (1 << 20)).to_string(),
         ]);
     }
+    // Dropped after the managers (declared first): the database outlives its clients.
+    let pg = if opts.postgres {
+        let pg = crate::postgres::Postgres::start()?;
+        args.extend(["--database".to_string(), pg.url()]);
+        println!("fleet: PostgreSQL at {} (two manager nodes)", pg.url());
+        Some(pg)
+    } else {
+        None
+    };
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let manager = Manager::start_with(tmp.path(), "127.0.0.1:0", &args)?;
+    std::fs::create_dir_all(tmp.path().join("a"))?;
+    let manager = Manager::start_with(&tmp.path().join("a"), "127.0.0.1:0", &args)?;
+    let second = if pg.is_some() {
+        let data = tmp.path().join("b").join("manager");
+        std::fs::create_dir_all(&data)?;
+        std::fs::copy(manager.data.join("admin.token"), data.join("admin.token"))?;
+        Some(Manager::start_with(
+            &tmp.path().join("b"),
+            "127.0.0.1:0",
+            &args,
+        )?)
+    } else {
+        None
+    };
     let pid = manager.pid().context("manager pid")?;
     let mut tokens = Vec::new();
     for i in 0..opts.delegates.div_ceil(DELEGATES_PER_TOKEN).max(1) {
@@ -215,14 +240,25 @@ pub fn run(opts: &FleetOptions) -> Result<()> {
         .enable_all()
         .build()
         .context("tokio runtime")?;
-    let result = rt.block_on(fleet(opts, &manager, pid, &tokens, started));
+    let result = rt.block_on(fleet(
+        opts,
+        &manager,
+        second.as_ref(),
+        pid,
+        &tokens,
+        started,
+    ));
     rt.shutdown_timeout(Duration::from_secs(2));
+    drop(second);
+    drop(manager);
+    drop(pg);
     result
 }
 
 async fn fleet(
     opts: &FleetOptions,
     manager: &Manager,
+    second: Option<&Manager>,
     pid: u32,
     tokens: &[String],
     t_start: Instant,
@@ -230,6 +266,8 @@ async fn fleet(
     let deadline = t_start + opts.limit;
     let tck = ticks_per_sec();
     let base = manager.url();
+    let base2 = second.map(Manager::url);
+    let pid2 = second.and_then(Manager::pid);
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(usize::MAX)
         .pool_idle_timeout(None)
@@ -262,7 +300,10 @@ async fn fleet(
             name: format!("fleet-{i:05}"),
             token: tokens[i / DELEGATES_PER_TOKEN % tokens.len()].clone(),
             tags: vec![],
-            base: base.clone(),
+            base: match &base2 {
+                Some(b) if i % 2 == 1 => b.clone(),
+                _ => base.clone(),
+            },
             http: http.clone(),
             counters: counters.clone(),
             events: events_tx.clone(),
@@ -296,6 +337,12 @@ async fn fleet(
         idle_cpu * 100.0 / opts.idle_secs.max(1) as f64,
         hb_summary(&hb)
     );
+    if let Some(pid2) = pid2 {
+        println!(
+            "second node (pid {pid2}): RSS {:.1} MiB with half the fleet",
+            proc_status_kib(pid2, "VmRSS:")? as f64 / 1024.0
+        );
+    }
 
     // 2. Pick-up latency: one task at a time, submit → a delegate holds it; the next task
     //    goes in once the last one's result is stored, so the fleet is idle each time.

@@ -125,6 +125,35 @@ impl Postgres {
         format!("postgres://{USER}@127.0.0.1:{}/{DATABASE}", self.port)
     }
 
+    /// Serve TLS too, with `pki`'s server certificate (for 127.0.0.1): the files are
+    /// copied into the data directory for the server's user, and the setting is reloaded.
+    pub fn enable_tls(&self, pki: &crate::tls::TestPki) -> Result<()> {
+        let data = self.data_dir();
+        for (from, to) in [
+            (&pki.server_cert, "server.crt"),
+            (&pki.server_key, "server.key"),
+        ] {
+            let dest = data.join(to);
+            std::fs::copy(from, &dest).with_context(|| format!("copy {}", from.display()))?;
+            std::fs::set_permissions(&dest, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+            if let Some(user) = &self.run_as {
+                let u = nix::unistd::User::from_name(user)?
+                    .ok_or_else(|| anyhow!("no user {user:?}"))?;
+                nix::unistd::chown(&dest, Some(u.uid), Some(u.gid))?;
+            }
+        }
+        // One statement per call: ALTER SYSTEM may not run in psql's implicit transaction.
+        for sql in [
+            "ALTER SYSTEM SET ssl_cert_file = 'server.crt'",
+            "ALTER SYSTEM SET ssl_key_file = 'server.key'",
+            "ALTER SYSTEM SET ssl = on",
+            "SELECT pg_reload_conf()",
+        ] {
+            self.psql("postgres", sql)?;
+        }
+        Ok(())
+    }
+
     /// The server's log so far (for failure messages).
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()

@@ -59,6 +59,10 @@ struct FleetArgs {
     /// Give up after this many seconds in all.
     #[arg(long, default_value_t = 900)]
     limit_secs: u64,
+    /// Two manager nodes sharing a PostgreSQL started for the run (Debian's postgresql
+    /// binaries) instead of one node on SQLite; delegates alternate between the nodes.
+    #[arg(long)]
+    postgres: bool,
 }
 
 fn main() -> Result<()> {
@@ -73,6 +77,7 @@ fn main() -> Result<()> {
             idle_secs: a.idle_secs,
             log_bytes: a.log_bytes,
             limit: Duration::from_secs(a.limit_secs),
+            postgres: a.postgres,
         });
     }
     let quick = std::env::args().any(|a| a == "--quick");

@@ -1,0 +1,2036 @@
+//! The store on PostgreSQL, so that several manager nodes serve one fleet.
+//!
+//! Same calls and the same rules as the SQLite store (`store`); what changes is who else
+//! may touch a row meanwhile. Every change of a task locks its row first (`FOR UPDATE`),
+//! a lease takes queued rows with `FOR UPDATE SKIP LOCKED` and matches selectors in SQL
+//! (`selectors <@ tags`), and the reaper skips rows another node is working on, so two
+//! nodes never lease one task twice nor re-queue one lapsed lease twice. Nothing about the
+//! queue lives in a node's memory: a node learns what the others did through `NOTIFY` on
+//! one channel (a queued task with its selectors, a delegate to wake, a revoke, a change
+//! for log followers), which one `LISTEN` connection per node feeds into its hub
+//! ([`PgStore::listen`]). Migrations are versioned in `schema_version` and applied under
+//! an advisory lock, so two nodes starting at once migrate once.
+//!
+//! The calls are synchronous (the `postgres` crate) because the API runs every store call
+//! on the blocking pool anyway; a small pool of connections ([`Pool`]) lets those threads
+//! work at once. TLS to the database (`sslmode=require`, `verify-ca`, `verify-full`)
+//! always verifies the server's certificate and name, against the URL's `sslrootcert` or
+//! the system's roots: stricter than libpq's `require`, because a shared database across a
+//! network holds every task's secrets. `prefer` (libpq's default) talks plain here.
+
+use std::collections::HashMap;
+use std::ops::{Deref, DerefMut};
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::Duration;
+
+use delegate_protocol::{
+    AcquireResponse, Assignment, DelegateState, DelegateView, ForgottenDelegate, HeartbeatRequest,
+    HeartbeatResponse, Outcome, RegisterRequest, SubmitTask, TaskResult, TaskState, TaskView,
+    TokenView, UnixMillis,
+};
+use postgres::fallible_iterator::FallibleIterator;
+use postgres::types::ToSql;
+use postgres::{Client, NoTls, Row, Statement};
+use tokio_postgres_rustls::MakeRustlsConnect;
+use tokio_rustls::rustls;
+use tracing::{info, warn};
+
+use crate::error::StoreError;
+use crate::lifecycle::{self, Change, Event, Task, TransitionError};
+use crate::metrics::{Metrics, Snapshot};
+use crate::queue::{Fresh, Selectors, selector_key};
+use crate::store::{
+    Cancel, DEFAULT_MAX_LOG_BYTES, Finish, Held, LogSlice, Pruned, Reaped, is_draining,
+    new_delegate_id, result_summary, stale, to_json, truncation_marker,
+};
+
+/// Schema migrations, applied in order; `schema_version` holds how many were applied.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE tokens (
+    name       TEXT PRIMARY KEY,
+    hash       TEXT NOT NULL UNIQUE,
+    created_at BIGINT NOT NULL,
+    revoked_at BIGINT,
+    tags       TEXT
+);
+CREATE TABLE delegates (
+    id            TEXT PRIMARY KEY,
+    name          TEXT NOT NULL,
+    hostname      TEXT NOT NULL,
+    token_name    TEXT NOT NULL,
+    version       TEXT NOT NULL,
+    tags          TEXT[] NOT NULL,
+    targets       TEXT NOT NULL,
+    capacity      BIGINT NOT NULL,
+    state         TEXT NOT NULL,
+    registered_at BIGINT NOT NULL,
+    last_seen     BIGINT NOT NULL,
+    UNIQUE (name, hostname)
+);
+CREATE TABLE tasks (
+    seq              BIGSERIAL PRIMARY KEY,
+    id               TEXT NOT NULL UNIQUE,
+    kind             TEXT NOT NULL,
+    spec             TEXT NOT NULL,
+    selectors        TEXT[] NOT NULL,
+    state            TEXT NOT NULL,
+    attempt          BIGINT NOT NULL,
+    retries          BIGINT NOT NULL,
+    timeout_secs     BIGINT NOT NULL,
+    cancel_requested BOOLEAN NOT NULL DEFAULT false,
+    cancel_delivered BOOLEAN NOT NULL DEFAULT false,
+    delegate_id      TEXT,
+    lease_expires    BIGINT,
+    outcome          TEXT,
+    exit_code        INTEGER,
+    signal           INTEGER,
+    message          TEXT,
+    log_bytes        BIGINT NOT NULL DEFAULT 0,
+    log_truncated    BOOLEAN NOT NULL DEFAULT false,
+    created_at       BIGINT NOT NULL,
+    assigned_at      BIGINT,
+    started_at       BIGINT,
+    finished_at      BIGINT
+);
+CREATE INDEX tasks_queued ON tasks (created_at, seq) WHERE state = 'queued';
+CREATE INDEX tasks_by_state ON tasks (state, kind);
+CREATE INDEX tasks_by_delegate ON tasks (delegate_id, state);
+CREATE INDEX tasks_by_lease ON tasks (lease_expires) WHERE state IN ('assigned', 'running');
+CREATE INDEX tasks_by_finished ON tasks (finished_at) WHERE finished_at IS NOT NULL;
+CREATE TABLE log_chunks (
+    task_id TEXT NOT NULL,
+    attempt BIGINT NOT NULL,
+    start   BIGINT NOT NULL,
+    data    BYTEA NOT NULL,
+    PRIMARY KEY (task_id, attempt, start)
+);
+"#];
+
+/// Key of the advisory lock that serialises migrations of nodes starting at once.
+const MIGRATION_LOCK: i64 = 0x64656c_6567617465; // "delegate"
+
+/// The one channel every node listens on.
+pub const CHANNEL: &str = "delegate_manager";
+
+/// Connections one node opens at most for store calls (the blocking pool runs 8 at once;
+/// the `LISTEN` connection is apart).
+const POOL_SIZE: usize = 10;
+
+/// How long a store call waits for a free connection before it fails.
+const POOL_WAIT: Duration = Duration::from_secs(30);
+
+/// Most finished tasks one retention pass deletes.
+const PRUNE_BATCH: i64 = 200;
+
+const ADMIN_HASH_KEY: &str = "admin_token_sha256";
+
+/// Columns of a [`TaskView`], in the order [`task_view`] reads them.
+const TASK_VIEW_SQL: &str = "SELECT t.id, t.kind, t.spec, t.selectors, t.state, t.attempt, \
+     t.retries, t.timeout_secs, t.cancel_requested, t.delegate_id, d.name, t.exit_code, \
+     t.signal, t.message, t.created_at, t.assigned_at, t.started_at, t.finished_at, \
+     t.log_bytes, t.log_truncated FROM tasks t LEFT JOIN delegates d ON d.id = t.delegate_id";
+
+/// What another node (or this one) told every node, as read from a `NOTIFY` payload.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "e", rename_all = "snake_case")]
+pub enum Note {
+    /// A task was queued (or re-queued): wake one poll that may take it.
+    Queued {
+        task: String,
+        selectors: Vec<String>,
+    },
+    /// Something about this delegate changed (a cancel for it, a drain, a re-register, a
+    /// forget): wake its polls and forget cached facts about it.
+    Delegate { id: String },
+    /// A token was revoked: forget cached token names and wake every poll.
+    Revoked,
+    /// A log or a task's state changed: wake log followers.
+    Changed,
+}
+
+impl Note {
+    fn payload(&self) -> String {
+        let s = to_json(self);
+        // NOTIFY payloads are limited to 8000 bytes; selectors that long are absurd but
+        // must not fail the submit: every poll looks instead.
+        if s.len() > 7000 {
+            return to_json(&Note::Revoked);
+        }
+        s
+    }
+}
+
+fn u32_of(v: i64) -> u32 {
+    u32::try_from(v).unwrap_or(u32::MAX)
+}
+
+fn u64_of(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{what} {value:?} in the database is not valid: {why}")]
+struct BadColumn {
+    what: &'static str,
+    value: String,
+    why: String,
+}
+
+fn bad(what: &'static str, value: &str, why: impl ToString) -> StoreError {
+    StoreError::Invalid(
+        BadColumn {
+            what,
+            value: value.chars().take(200).collect(),
+            why: why.to_string(),
+        }
+        .to_string(),
+    )
+}
+
+fn json_of<T: serde::de::DeserializeOwned>(what: &'static str, s: &str) -> Result<T, StoreError> {
+    serde_json::from_str(s).map_err(|e| bad(what, s, e))
+}
+
+fn state_of(s: &str) -> Result<TaskState, StoreError> {
+    TaskState::parse(s).ok_or_else(|| bad("task state", s, "unknown state"))
+}
+
+fn delegate_state_of(s: &str) -> Result<DelegateState, StoreError> {
+    serde_json::from_value(serde_json::Value::String(s.to_string()))
+        .map_err(|e| bad("delegate state", s, e))
+}
+
+fn task_view(r: &Row) -> Result<TaskView, StoreError> {
+    Ok(TaskView {
+        id: r.try_get(0)?,
+        kind: r.try_get(1)?,
+        spec: json_of("task spec", r.try_get(2)?)?,
+        selectors: r.try_get(3)?,
+        state: state_of(r.try_get(4)?)?,
+        attempt: u32_of(r.try_get(5)?),
+        retries: u32_of(r.try_get(6)?),
+        timeout_secs: u64_of(r.try_get(7)?),
+        cancel_requested: r.try_get(8)?,
+        delegate_id: r.try_get(9)?,
+        delegate_name: r.try_get(10)?,
+        exit_code: r.try_get(11)?,
+        signal: r.try_get(12)?,
+        message: r.try_get(13)?,
+        created_at: r.try_get(14)?,
+        assigned_at: r.try_get(15)?,
+        started_at: r.try_get(16)?,
+        finished_at: r.try_get(17)?,
+        log_bytes: u64_of(r.try_get(18)?),
+        log_truncated: r.try_get(19)?,
+    })
+}
+
+/// `(id, lifecycle task)` of a row `id, state, attempt, retries, cancel_requested`.
+fn held_task(r: &Row) -> Result<(String, Task), StoreError> {
+    Ok((
+        r.try_get(0)?,
+        Task {
+            state: state_of(r.try_get(1)?)?,
+            attempt: u32_of(r.try_get(2)?),
+            retries: u32_of(r.try_get(3)?),
+            cancel_requested: r.try_get(4)?,
+        },
+    ))
+}
+
+// ---- connections ---------------------------------------------------------------------
+
+/// One connection and the statements prepared on it.
+pub struct Conn {
+    client: Client,
+    prepared: HashMap<&'static str, Statement>,
+}
+
+/// A transaction on a pooled connection, or (`Conn::auto`) statements that each commit
+/// on their own — for reads and single-statement changes, which saves the `BEGIN` and
+/// `COMMIT` round trips. Statements are prepared once per connection (prepared statements
+/// outlive a rolled-back transaction in PostgreSQL).
+struct Tx<'a> {
+    tx: Session<'a>,
+    prepared: &'a mut HashMap<&'static str, Statement>,
+}
+
+enum Session<'a> {
+    Tx(postgres::Transaction<'a>),
+    Auto(&'a mut Client),
+}
+
+type Params<'p> = &'p [&'p (dyn ToSql + Sync)];
+
+impl Conn {
+    fn tx(&mut self) -> Result<Tx<'_>, StoreError> {
+        let Conn { client, prepared } = self;
+        Ok(Tx {
+            tx: Session::Tx(client.transaction()?),
+            prepared,
+        })
+    }
+
+    /// Each statement its own transaction (see [`Tx`]).
+    fn auto(&mut self) -> Result<Tx<'_>, StoreError> {
+        let Conn { client, prepared } = self;
+        Ok(Tx {
+            tx: Session::Auto(client),
+            prepared,
+        })
+    }
+}
+
+impl Tx<'_> {
+    fn stmt(&mut self, sql: &'static str) -> Result<Statement, StoreError> {
+        if let Some(s) = self.prepared.get(sql) {
+            return Ok(s.clone());
+        }
+        let s = match &mut self.tx {
+            Session::Tx(t) => t.prepare(sql)?,
+            Session::Auto(c) => c.prepare(sql)?,
+        };
+        self.prepared.insert(sql, s.clone());
+        Ok(s)
+    }
+
+    fn query(&mut self, sql: &'static str, p: Params<'_>) -> Result<Vec<Row>, StoreError> {
+        let s = self.stmt(sql)?;
+        Ok(match &mut self.tx {
+            Session::Tx(t) => t.query(&s, p)?,
+            Session::Auto(c) => c.query(&s, p)?,
+        })
+    }
+
+    fn opt(&mut self, sql: &'static str, p: Params<'_>) -> Result<Option<Row>, StoreError> {
+        let s = self.stmt(sql)?;
+        Ok(match &mut self.tx {
+            Session::Tx(t) => t.query_opt(&s, p)?,
+            Session::Auto(c) => c.query_opt(&s, p)?,
+        })
+    }
+
+    fn exec(&mut self, sql: &'static str, p: Params<'_>) -> Result<u64, StoreError> {
+        let s = self.stmt(sql)?;
+        Ok(match &mut self.tx {
+            Session::Tx(t) => t.execute(&s, p)?,
+            Session::Auto(c) => c.execute(&s, p)?,
+        })
+    }
+
+    /// Tell every node (sent at commit; dropped with a rollback).
+    fn notify(&mut self, note: &Note) -> Result<(), StoreError> {
+        let payload = note.payload();
+        self.exec("SELECT pg_notify('delegate_manager', $1)", &[&payload])?;
+        Ok(())
+    }
+
+    fn commit(self) -> Result<(), StoreError> {
+        match self.tx {
+            Session::Tx(t) => Ok(t.commit()?),
+            Session::Auto(_) => Ok(()),
+        }
+    }
+}
+
+/// A few connections shared by the blocking threads: taken for one call, given back
+/// after it (a broken one is dropped and a new one opened on the next call).
+struct Pool {
+    config: postgres::Config,
+    tls: Tls,
+    url: String,
+    idle: Mutex<(Vec<Conn>, usize)>,
+    freed: Condvar,
+}
+
+struct Pooled<'a> {
+    pool: &'a Pool,
+    conn: Option<Conn>,
+}
+
+impl Deref for Pooled<'_> {
+    type Target = Conn;
+    fn deref(&self) -> &Conn {
+        // Only `Drop` takes it out.
+        self.conn
+            .as_ref()
+            .expect("a pooled connection until dropped")
+    }
+}
+
+impl DerefMut for Pooled<'_> {
+    fn deref_mut(&mut self) -> &mut Conn {
+        self.conn
+            .as_mut()
+            .expect("a pooled connection until dropped")
+    }
+}
+
+impl Drop for Pooled<'_> {
+    fn drop(&mut self) {
+        let Some(conn) = self.conn.take() else { return };
+        let mut idle = self.pool.lock();
+        if conn.client.is_closed() {
+            idle.1 -= 1;
+        } else {
+            idle.0.push(conn);
+        }
+        drop(idle);
+        self.pool.freed.notify_one();
+    }
+}
+
+impl Pool {
+    fn lock(&self) -> MutexGuard<'_, (Vec<Conn>, usize)> {
+        self.idle.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn connect(&self) -> Result<Conn, StoreError> {
+        let client =
+            connect(&self.config, &self.tls).map_err(|source| StoreError::PostgresConnect {
+                url: self.url.clone(),
+                source,
+            })?;
+        Ok(Conn {
+            client,
+            prepared: HashMap::new(),
+        })
+    }
+
+    fn get(&self) -> Result<Pooled<'_>, StoreError> {
+        let deadline = std::time::Instant::now() + POOL_WAIT;
+        let mut idle = self.lock();
+        loop {
+            if let Some(conn) = idle.0.pop() {
+                return Ok(Pooled {
+                    pool: self,
+                    conn: Some(conn),
+                });
+            }
+            if idle.1 < POOL_SIZE {
+                idle.1 += 1;
+                drop(idle);
+                return match self.connect() {
+                    Ok(conn) => Ok(Pooled {
+                        pool: self,
+                        conn: Some(conn),
+                    }),
+                    Err(e) => {
+                        self.lock().1 -= 1;
+                        Err(e)
+                    }
+                };
+            }
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return Err(StoreError::Invalid(format!(
+                    "no free PostgreSQL connection to {} within {}s ({POOL_SIZE} in use)",
+                    self.url,
+                    POOL_WAIT.as_secs()
+                )));
+            }
+            idle = self
+                .freed
+                .wait_timeout(idle, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        // A sync client owns a small runtime, which must not be dropped on an async worker
+        // (the store may be dropped there): close them on a plain thread.
+        let conns = std::mem::take(&mut self.lock().0);
+        if !conns.is_empty() {
+            let _ = std::thread::Builder::new()
+                .name("pg-close".into())
+                .spawn(move || drop(conns));
+        }
+    }
+}
+
+/// The URL without its password, for messages and logs (also when it does not parse).
+fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let Some(at) = rest.rfind('@') else {
+        return url.to_string();
+    };
+    let (userinfo, host) = rest.split_at(at);
+    match userinfo.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:***{host}"),
+        None => url.to_string(),
+    }
+}
+
+/// How connections to the database are made.
+#[derive(Clone)]
+enum Tls {
+    /// `sslmode=disable` or `prefer`.
+    Off,
+    /// `sslmode=require`, `verify-ca` or `verify-full`: the certificate and the host name
+    /// are verified.
+    On(MakeRustlsConnect),
+}
+
+fn connect(config: &postgres::Config, tls: &Tls) -> Result<Client, postgres::Error> {
+    match tls {
+        Tls::Off => config.connect(NoTls),
+        Tls::On(t) => config.connect(t.clone()),
+    }
+}
+
+/// Parse and check a `postgres://` URL. libpq's `sslrootcert` and the `verify-ca` /
+/// `verify-full` modes, which the client library does not know, are taken out first.
+fn parse_config(url: &str) -> Result<(postgres::Config, Tls), StoreError> {
+    let shown = redact(url);
+    let err = |why: String| StoreError::PostgresUrl {
+        url: shown.clone(),
+        why,
+    };
+    let (base, query) = url.split_once('?').unwrap_or((url, ""));
+    let mut root_cert: Option<String> = None;
+    let mut kept: Vec<(String, String)> = Vec::new();
+    for (k, v) in url::form_urlencoded::parse(query.as_bytes()) {
+        match (k.as_ref(), v.as_ref()) {
+            ("sslrootcert", path) => root_cert = Some(path.to_string()),
+            // Verified either way (see the module doc).
+            ("sslmode", "verify-ca" | "verify-full") => {
+                kept.push(("sslmode".into(), "require".into()));
+            }
+            _ => kept.push((k.into_owned(), v.into_owned())),
+        }
+    }
+    let rest = url::form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(&kept)
+        .finish();
+    let url = if rest.is_empty() {
+        base.to_string()
+    } else {
+        format!("{base}?{rest}")
+    };
+    let mut config: postgres::Config = url
+        .parse()
+        .map_err(|e: postgres::Error| err(format!("not a PostgreSQL connection URL ({e})")))?;
+    if config.get_hosts().is_empty() {
+        return Err(err("it names no host".to_string()));
+    }
+    if config.get_user().is_none() {
+        return Err(err("it names no user".to_string()));
+    }
+    if config.get_dbname().is_none() {
+        return Err(err("it names no database".to_string()));
+    }
+    let tls = match config.get_ssl_mode() {
+        postgres::config::SslMode::Require => Tls::On(tls_connector(root_cert.as_deref(), &err)?),
+        mode => {
+            if let Some(path) = root_cert {
+                return Err(err(format!(
+                    "sslrootcert={path} is set, but sslmode={mode:?} talks plain here; use                      sslmode=verify-full to talk TLS and verify the server with it",
+                    mode = format!("{mode:?}").to_lowercase()
+                )));
+            }
+            Tls::Off
+        }
+    };
+    config.application_name("delegate-manager");
+    config.connect_timeout(Duration::from_secs(10));
+    Ok((config, tls))
+}
+
+/// rustls on aws-lc-rs, trusting `root_cert` (PEM) or else the system's roots.
+fn tls_connector(
+    root_cert: Option<&str>,
+    err: &dyn Fn(String) -> StoreError,
+) -> Result<MakeRustlsConnect, StoreError> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    match root_cert {
+        Some(path) => {
+            let certs = CertificateDer::pem_file_iter(path)
+                .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| {
+                    err(format!(
+                        "sslrootcert={path}: cannot read PEM certificates ({e})"
+                    ))
+                })?;
+            let (added, _) = roots.add_parsable_certificates(certs);
+            if added == 0 {
+                return Err(err(format!(
+                    "sslrootcert={path} holds no CA certificate; point it at the PEM file of                      the CA that signed the server's certificate"
+                )));
+            }
+        }
+        None => {
+            let found = rustls_native_certs::load_native_certs();
+            roots.add_parsable_certificates(found.certs);
+            if roots.is_empty() {
+                return Err(err(
+                    "sslmode asks for TLS, but the system has no CA certificates to verify the                      server with (install ca-certificates, or add sslrootcert=/path/to/ca.pem)"
+                        .to_string(),
+                ));
+            }
+        }
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| err(format!("cannot set up TLS ({e})")))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(MakeRustlsConnect::new(config))
+}
+
+// ---- the store -----------------------------------------------------------------------
+
+/// The store on a PostgreSQL database shared by several manager nodes.
+pub struct PgStore {
+    pool: Pool,
+    lease_ttl_ms: i64,
+    max_log_bytes: u64,
+    metrics: Metrics,
+    /// Token hash → name and delegate id → tags, as on SQLite; the other nodes' revokes
+    /// and re-registers reach these through [`Note`]s.
+    tokens: Mutex<HashMap<String, String>>,
+    tags: Mutex<HashMap<String, Selectors>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl PgStore {
+    /// Connect to `url`, apply the migrations this node knows (once, under an advisory
+    /// lock), and refuse a schema newer than it understands.
+    pub fn open(url: &str, lease_ttl: Duration) -> Result<PgStore, StoreError> {
+        let (config, tls) = parse_config(url)?;
+        let pool = Pool {
+            config,
+            tls,
+            url: redact(url),
+            idle: Mutex::new((Vec::new(), 0)),
+            freed: Condvar::new(),
+        };
+        {
+            let mut conn = pool.get()?;
+            migrate(&mut conn.client, &pool.url)?;
+        }
+        Ok(PgStore {
+            pool,
+            lease_ttl_ms: lease_ttl.as_millis() as i64,
+            max_log_bytes: DEFAULT_MAX_LOG_BYTES,
+            metrics: Metrics::new(),
+            tokens: Mutex::new(HashMap::new()),
+            tags: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn with_max_log_bytes(mut self, bytes: u64) -> PgStore {
+        self.max_log_bytes = bytes;
+        self
+    }
+
+    /// The database URL without its password.
+    pub fn url(&self) -> &str {
+        &self.pool.url
+    }
+
+    /// Listen for every node's [`Note`]s on a connection of its own, on a thread of its
+    /// own, and hand each to `on_note`; after a lost connection it reconnects (backing
+    /// off) and reports `Note::Revoked`, which makes every poll look again — a note sent
+    /// while it was away is not lost work, only a late wake-up. Returns once listening,
+    /// or the error of the first connection.
+    pub fn listen(
+        &self,
+        on_note: impl Fn(&Note) + Send + 'static,
+    ) -> Result<std::thread::JoinHandle<()>, StoreError> {
+        let config = self.pool.config.clone();
+        let tls = self.pool.tls.clone();
+        let url = self.pool.url.clone();
+        let connect = move || -> Result<Client, StoreError> {
+            let mut c = connect(&config, &tls).map_err(|source| StoreError::PostgresConnect {
+                url: url.clone(),
+                source,
+            })?;
+            c.batch_execute(&format!("LISTEN {CHANNEL}"))?;
+            Ok(c)
+        };
+        let first = connect()?;
+        let handle = std::thread::Builder::new()
+            .name("pg-listen".into())
+            .spawn(move || {
+                let mut client = Some(first);
+                let mut backoff = Duration::from_millis(100);
+                loop {
+                    let Some(c) = client.as_mut() else {
+                        std::thread::sleep(backoff);
+                        match connect() {
+                            Ok(c) => {
+                                info!("listening for other manager nodes again");
+                                client = Some(c);
+                                backoff = Duration::from_millis(100);
+                                on_note(&Note::Revoked);
+                            }
+                            Err(e) => {
+                                warn!("{}", crate::error::chain(&e));
+                                backoff = (backoff * 2).min(Duration::from_secs(5));
+                            }
+                        }
+                        continue;
+                    };
+                    let mut notes = c.notifications();
+                    let mut it = notes.blocking_iter();
+                    match it.next() {
+                        Ok(Some(n)) => match serde_json::from_str::<Note>(n.payload()) {
+                            Ok(note) => on_note(&note),
+                            Err(e) => warn!(payload = n.payload(), "unknown note ({e})"),
+                        },
+                        Ok(None) | Err(_) => {
+                            warn!(
+                                "lost the LISTEN connection to PostgreSQL; wake-ups from \
+                                 other nodes wait until it is back"
+                            );
+                            drop(it);
+                            drop(notes);
+                            client = None;
+                        }
+                    }
+                }
+            })
+            .map_err(|e| StoreError::Invalid(format!("cannot start the LISTEN thread: {e}")))?;
+        Ok(handle)
+    }
+
+    /// Forget what a [`Note`] says is stale.
+    pub fn note_seen(&self, note: &Note) {
+        match note {
+            Note::Delegate { id } => {
+                lock(&self.tags).remove(id);
+            }
+            Note::Revoked => lock(&self.tokens).clear(),
+            Note::Queued { .. } | Note::Changed => {}
+        }
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    pub fn snapshot(&self, now: UnixMillis) -> Result<Snapshot, StoreError> {
+        let mut conn = self.pool.get()?;
+        let mut tx = conn.auto()?;
+        let mut snap = Snapshot::default();
+        let cutoff = now - self.lease_ttl_ms;
+        for r in tx.query(
+            "SELECT CASE WHEN last_seen < $1 THEN 'disconnected' ELSE state END, version, \
+             COUNT(*) FROM delegates GROUP BY 1, 2",
+            &[&cutoff],
+        )? {
+            snap.delegates
+                .insert((r.try_get(0)?, r.try_get(1)?), r.try_get(2)?);
+        }
+        for r in tx.query(
+            "SELECT state, kind, COUNT(*) FROM tasks GROUP BY state, kind",
+            &[],
+        )? {
+            let (state, kind, n): (String, String, i64) =
+                (r.try_get(0)?, r.try_get(1)?, r.try_get(2)?);
+            if state == "queued" {
+                snap.queue_depth += n;
+            }
+            snap.tasks.insert((state, kind), n);
+        }
+        snap.log_bytes = tx
+            .query("SELECT COALESCE(SUM(log_bytes), 0)::BIGINT FROM tasks", &[])?
+            .first()
+            .map(|r| r.try_get(0))
+            .transpose()?
+            .unwrap_or(0);
+        tx.commit()?;
+        Ok(snap)
+    }
+
+    /// Nothing: on PostgreSQL every queued task reaches the hubs of all nodes (this one
+    /// included) as a [`Note::Queued`].
+    pub fn take_fresh(&self) -> Vec<Fresh> {
+        Vec::new()
+    }
+
+    pub fn cached_delegate_tags(&self, id: &str) -> Option<Selectors> {
+        lock(&self.tags).get(id).cloned()
+    }
+
+    pub fn delegate_tags(&self, id: &str) -> Result<Option<Selectors>, StoreError> {
+        if let Some(t) = lock(&self.tags).get(id) {
+            return Ok(Some(t.clone()));
+        }
+        let mut conn = self.pool.get()?;
+        let mut tx = conn.auto()?;
+        let tags: Option<Vec<String>> = tx
+            .opt("SELECT tags FROM delegates WHERE id = $1", &[&id])?
+            .map(|r| r.try_get(0))
+            .transpose()?;
+        tx.commit()?;
+        Ok(tags.map(|t| {
+            let key = selector_key(&t);
+            lock(&self.tags).insert(id.to_string(), key.clone());
+            key
+        }))
+    }
+
+    pub fn lease_ttl_ms(&self) -> i64 {
+        self.lease_ttl_ms
+    }
+
+    pub fn admin_hash(&self) -> Result<Option<String>, StoreError> {
+        let mut conn = self.pool.get()?;
+        let mut tx = conn.auto()?;
+        let v = tx
+            .opt("SELECT value FROM meta WHERE key = $1", &[&ADMIN_HASH_KEY])?
+            .map(|r| r.try_get(0))
+            .transpose()?;
+        tx.commit()?;
+        Ok(v)
+    }
+
+    pub fn set_admin_hash(&self, hash: &str) -> Result<(), StoreError> {
+        let mut conn = self.pool.get()?;
+        let mut tx = conn.tx()?;
+        tx.exec(
+            "INSERT INTO meta (key, value) VALUES ($1, $2) \
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            &[&ADMIN_HASH_KEY, &hash],
+        )?;
+        tx.commit()
+    }
+
+    pub fn create_token(
+        &self,
+        name: &str,
+        hash: &str,
+        tags: Option<&[String]>,
+        now: UnixMillis,
+    ) -> Result<(), StoreError> {
+        if name.trim().is_empty() {
+            return Err(StoreError::Invalid(
+                "token name is empty; give one, e.g. --name build-hosts".to_string(),
+            ));
+        }
+        if let Some(bad) = tags
+            .unwrap_or_default()
+            .iter()
+            .find(|t| t.is_empty() || t.contains(|c: char| c == ',' || c.is_whitespace()))
+        {
+            return Err(StoreError::Invalid(format!(
+                "token tags: {bad:?} is not a tag; give non-empty tags without spaces or commas"
+            )));
+        }
+        let tags = tags.map(to_json);
+        let mut conn = self.pool.get()?;
+        let mut tx = conn.tx()?;
+        let inserted = tx.exec(
+            "INSERT INTO tokens (name, hash, created_at, tags) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT DO NOTHING",
+            &[&name, &hash, &now, &tags],
+        )?;
+        if inserted == 0 {
+            return Err(StoreError::TokenExists(name.to_string()));
+        }
+        tx.commit()
+    }
+
+    pub fn list_tokens(&self) -> Result<Vec<TokenView>, StoreError> {
+        let mut conn = self.pool.get()?;
+        let mut tx = conn.auto()?;
+        let rows = tx.query(
+            "SELECT name, created_at, revoked_at IS NOT NULL, tags FROM tokens \
+             ORDER BY created_at, name",
+            &[],
+        )?;
+        tx.commit()?;
+        rows.iter()
+            .map(|r| {
+                let tags: Option<String> = r.try_get(3)?;
+                Ok(TokenView {
+                    name: r.try_get(0)?,
+                    created_at: r.try_get(1)?,
+                    revoked: r.try_get(2)?,
+                    tags: tags.map(|t| json_of("token tags", &t)).transpose()?,
+                })
+            })
+            .collect()
+    }
+
+    pub fn revoke_token(&self, name: &str, now: UnixMillis) -> Result<TokenView, StoreError> {
+        let mut conn = self.pool.get()?;
+        let mut tx = conn.tx()?;
+        let row = tx
+            .opt(
+                "UPDATE tokens SET revoked_at = COALESCE(revoked_at, $2) WHERE name = $1 \
+                 RETURNING name, created_at, tags",
+                &[&name, &now],
+            )?
+            .ok_or_else(|| StoreError::TokenNotFound(name.to_string()))?;
+        let tags: Option<String> = row.try_get(2)?;
+        let view = TokenView {
+            name: row.try_get(0)?,
+            created_at: row.try_get(1)?,
+            revoked: true,
+            tags: tags.map(|t| json_of("token tags", &t)).transpose()?,
+        };
+        let held: Vec<(String, String)> = tx
+            .query(
+                "SELECT id, name FROM delegates WHERE token_name = $1 ORDER BY id",
+                &[&name],
+            )?
+            .iter()
+            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+            .collect::<Result<_, StoreError>>()?;
+        for (id, dname) in &held {
+            forget(
+                &mut tx,
+                id,
+                &format!("its token {name:?} was revoked"),
+                dname,
+                now,
+            )?;
+        }
+        tx.notify(&Note::Revoked)?;
+        tx.commit()?;
+        lock(&self.tokens).retain(|_, n| n != name);
+        let mut tags = lock(&self.tags);
+        for (id, _) in &held {
+            tags.remove(id);
+        }
+        Ok(view)
+    }
+
+    pub fn forget_delegate(
+        &self,
+        name: &str,
+        hostname: Option<&str>,
+        now: UnixMillis,
+    ) -> Result<ForgottenDelegate, StoreError> {
+        let mut conn = self.pool.get()?;
+        let mut tx = conn.tx()?;
+        let found: Vec<(String, String, String)> = tx
+            .query(
+                "SELECT id, hostname, token_name FROM delegates WHERE name = $1 \
+                 AND ($2::TEXT IS NULL OR hostname = $2) ORDER BY hostname",
+                &[&name, &hostname],
+            )?
+            .iter()
+            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?)))
+            .collect::<Result<_, StoreError>>()?;
+        let (id, host, token_name) = match <[_; 1]>::try_from(found) {
+            Ok([one]) => one,
+            Err(found) if found.is_empty() => {
+                return Err(StoreError::NoSuchDelegate {
+                    name: name.to_string(),
+                    hostname: hostname.map(str::to_string),
+                });
+            }
+            Err(found) => {
+                return Err(StoreError::AmbiguousDelegate {
+                    name: name.to_string(),
+                    hosts: found.into_iter().map(|(_, h, _)| h).collect(),
+                });
+            }
+        };
+        let released = forget(&mut tx, &id, "an admin forgot it", name, now)?;
+        tx.notify(&Note::Delegate { id: id.clone() })?;
+        tx.commit()?;
+        lock(&self.tags).remove(&id);
+        Ok(ForgottenDelegate {
+            id,
+            name: name.to_string(),
+            hostname: host,
+            token_name,
+            released_tasks: released,
+        })
+    }
+
+    pub fn token_name(&self, hash: &str) -> Result<Option<String>, StoreError> {
+        if let Some(name) = lock(&self.tokens).get(hash) {
+            return Ok(Some(name.clone()));
+        }
+        let mut conn = self.pool.get()?;
+        let mut tx = conn.auto()?;
+        let name: Option<String> = tx
+            .opt(
+                "SELECT name FROM tokens WHERE hash = $1 AND revoked_at IS NULL",
+                &[&hash],
+            )?
+            .map(|r| r.try_get(0))
+            .transpose()?;
+        tx.commit()?;
+        if let Some(name) = &name {
+            lock(&self.tokens).insert(hash.to_string(), name.clone());
+        }
+        Ok(name)
+    }
+
+    pub fn cached_token_name(&self, hash: &str) -> Option<String> {
+        lock(&self.tokens).get(hash).cloned()
+    }
+
+    pub fn register(
+        &self,
+        token_name: &str,
+        req: &RegisterRequest,
+        now: UnixMillis,
+    ) -> Result<String, StoreError> {
+        if req.name.trim().is_empty() || req.hostname.trim().is_empty() {
+            return Err(StoreError::Invalid(
+                "register: name and hostname must not be empty".to_string(),
+            ));
+        }
+        let targets = to_json(&req.targets);
+        let capacity = i64::from(req.capacity);
+        let mut conn = self.pool.get()?;
+        let mut tx = conn.tx()?;
+        let allowed = live_token_tags(&mut tx, token_name)?;
+        if let Some(allowed) = allowed {
+            let refused: Vec<String> = req
+                .tags
+                .iter()
+                .filter(|t| !allowed.contains(t))
+                .cloned()
+                .collect();
+            if !refused.is_empty() {
+                return Err(StoreError::TagsNotAllowed {
+                    token: token_name.to_string(),
+                    refused,
+                    allowed,
+                });
+            }
+        }
+        // Two nodes registering the same name at once: the unique key serialises them,
+        // and the loser sees the winner's row.
+        let new_id = new_delegate_id();
+        tx.exec(
+            "INSERT INTO delegates (id, name, hostname, token_name, version, tags, targets, \
+             capacity, state, registered_at, last_seen) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'starting', $9, $9) \
+             ON CONFLICT (name, hostname) DO NOTHING",
+            &[
+                &new_id,
+                &req.name,
+                &req.hostname,
+                &token_name,
+                &req.version,
+                &req.tags,
+                &targets,
+                &capacity,
+                &now,
+            ],
+        )?;
+        let row = tx
+            .opt(
+                "SELECT id, token_name FROM delegates WHERE name = $1 AND hostname = $2 \
+                 FOR UPDATE",
+                &[&req.name, &req.hostname],
+            )?
+            .ok_or_else(|| StoreError::Invalid("register: the delegate row vanished".into()))?;
+        let (id, owner): (String, String) = (row.try_get(0)?, row.try_get(1)?);
+        if owner != token_name {
+            return Err(StoreError::NameTaken {
+                name: req.name.clone(),
+                hostname: req.hostname.clone(),
+                owner,
+            });
+        }
+        if id != new_id {
+            tx.exec(
+                "UPDATE delegates SET version = $2, tags = $3, targets = $4, capacity = $5, \
+                 state = 'starting', last_seen = $6 WHERE id = $1",
+                &[&id, &req.version, &req.tags, &targets, &capacity, &now],
+            )?;
+            tx.notify(&Note::Delegate { id: id.clone() })?;
+        }
+        tx.commit()?;
+        lock(&self.tags).insert(id.clone(), selector_key(&req.tags));
+        Ok(id)
+    }
+
+    /// Record a heartbeat: renew the leases of the listed tasks this delegate holds, and
+    /// say which to cancel and which it no longer holds. One statement (its own
+    /// transaction): a heartbeat a second per delegate is the fleet's steady load.
+    pub fn heartbeat(
+        &self,
+        token_name: &str,
+        delegate_id: &str,
+        req: &HeartbeatRequest,
+        now: UnixMillis,
+    ) -> Result<HeartbeatResponse, StoreError> {
+        const SQL: &str = "WITH prev AS ( \
+                SELECT d.state FROM delegates d JOIN tokens k ON k.name = d.token_name \
+                WHERE d.id = $1 AND d.token_name = $2 AND k.revoked_at IS NULL), \
+            me AS ( \
+                UPDATE delegates SET state = $3, last_seen = $4 \
+                WHERE id = $1 AND EXISTS (SELECT 1 FROM prev) RETURNING id), \
+            renewed AS ( \
+                UPDATE tasks t SET lease_expires = $5 \
+                FROM unnest($6::TEXT[], $7::BIGINT[]) AS h(id, attempt) \
+                WHERE EXISTS (SELECT 1 FROM me) AND t.id = h.id AND t.delegate_id = $1 \
+                AND (h.attempt < 0 OR t.attempt = h.attempt) \
+                AND t.state IN ('assigned', 'running') \
+                RETURNING t.id, t.cancel_requested) \
+            SELECT (SELECT state FROM prev), ARRAY(SELECT id FROM renewed), \
+                ARRAY(SELECT id FROM renewed WHERE cancel_requested)";
+        let state = req.state.as_str();
+        let lease = now + self.lease_ttl_ms;
+        // A newer agent names attempts: renew only the task's current attempt on this
+        // delegate and revoke exactly the others (-1: any attempt, for older agents).
+        let by_attempt = !req.in_flight_attempts.is_empty();
+        let (ids, attempts): (Vec<String>, Vec<i64>) = if by_attempt {
+            req.in_flight_attempts
+                .iter()
+                .map(|h| (h.id.clone(), i64::from(h.attempt)))
+                .unzip()
+        } else {
+            req.in_flight.iter().map(|id| (id.clone(), -1)).unzip()
+        };
+        let mut conn = self.pool.get()?;
+        let mut tx = conn.auto()?;
+        let row = tx
+            .opt(
+                SQL,
+                &[
+                    &delegate_id,
+                    &token_name,
+                    &state,
+                    &now,
+                    &lease,
+                    &ids,
+                    &attempts,
+                ],
+            )?
+            .ok_or_else(|| StoreError::Invalid("heartbeat: no answer row".into()))?;
+        let Some(before) = row.try_get::<_, Option<String>>(0)? else {
+            // Not ours or the token was revoked: the exact refusal.
+            own_delegate(&mut tx, delegate_id, token_name)?;
+            return Err(StoreError::DelegateNotFound(delegate_id.to_string()));
+        };
+        if is_draining(state) && !is_draining(&before) {
+            // Its long poll may wait on another node: end it there too.
+            tx.notify(&Note::Delegate {
+                id: delegate_id.to_string(),
+            })?;
+        }
+        let renewed: Vec<String> = row.try_get(1)?;
+        let cancel: Vec<String> = row.try_get(2)?;
+        let mut resp = HeartbeatResponse::default();
+        if by_attempt {
+            for held in &req.in_flight_attempts {
+                // Renewed rows are the current attempt; another attempt of the same id is
+                // revoked.
+                let twice = req
+                    .in_flight_attempts
+                    .iter()
+                    .filter(|h| h.id == held.id)
+                    .count()
+                    > 1;
+                let current = renewed.contains(&held.id)
+                    && (!twice || current_attempt(&mut tx, &held.id)? == Some(held.attempt));
+                if current {
+                    if cancel.contains(&held.id) && !resp.cancel.contains(&held.id) {
+                        resp.cancel.push(held.id.clone());
+                    }
+                } else {
+                    resp.revoked_attempts.push(held.clone());
+                }
+            }
+        } else {
+            for task in &req.in_flight {
+                if renewed.contains(task) {
+                    if cancel.contains(task) {
+                        resp.cancel.push(task.clone());
+                    }
+                } else {
+                    resp.revoked.push(task.clone());
+                }
+            }
+        }
+        Ok(resp)
+    }
+
+    /// Lease up to `max` queued tasks this delegate's tags satisfy, oldest first (`prefer`
+    /// first of all), skipping rows another node is leasing right now, and collect
+    /// cancellations not yet delivered. Three statements in one transaction: who asks
+    /// (token live, delegate its own, `last_seen`, cancellations), then the lease.
+    pub fn acquire(
+        &self,
+        token_name: &str,
+        delegate_id: &str,
+        max: u32,
+        now: UnixMillis,
+        prefer: Option<&str>,
+    ) -> Result<AcquireResponse, StoreError> {
+        const ME: &str = "WITH me AS ( \
+                UPDATE delegates d SET last_seen = $3 FROM tokens k \
+                WHERE d.id = $1 AND d.token_name = $2 AND k.name = $2 \
+                AND k.revoked_at IS NULL RETURNING d.tags, d.state), \
+            c AS ( \
+                UPDATE tasks SET cancel_delivered = true \
+                WHERE EXISTS (SELECT 1 FROM me) AND delegate_id = $1 \
+                AND state IN ('assigned', 'running') AND cancel_requested \
+                AND NOT cancel_delivered RETURNING id) \
+            SELECT me.tags, me.state, ARRAY(SELECT id FROM c) FROM me";
+        // The handed task first, then the oldest others; the second part locks only as
+        // many rows as are still wanted, so no row is held that will not be leased.
+        const LEASE: &str = "WITH p AS ( \
+                SELECT id, created_at, seq FROM tasks \
+                WHERE id = $3 AND state = 'queued' AND selectors <@ $2 \
+                FOR UPDATE SKIP LOCKED), \
+            o AS ( \
+                SELECT id, created_at, seq FROM tasks \
+                WHERE state = 'queued' AND selectors <@ $2 AND id <> $3 \
+                ORDER BY created_at, seq \
+                LIMIT GREATEST($4 - (SELECT COUNT(*) FROM p), 0) FOR UPDATE SKIP LOCKED) \
+            UPDATE tasks t SET state = 'assigned', delegate_id = $1, assigned_at = $5, \
+                lease_expires = $6, cancel_delivered = false \
+            FROM (SELECT id FROM p UNION ALL SELECT id FROM o) AS x WHERE t.id = x.id \
+            RETURNING t.id, t.kind, t.spec, t.attempt, t.timeout_secs, t.created_at, t.seq";
+        let mut conn = self.pool.get()?;
+        let mut tx = conn.tx()?;
+        let Some(me) = tx.opt(ME, &[&delegate_id, &token_name, &now])? else {
+            own_delegate(&mut tx, delegate_id, token_name)?;
+            return Err(StoreError::DelegateNotFound(delegate_id.to_string()));
+        };
+        let tags: Vec<String> = me.try_get(0)?;
+        let draining = is_draining(me.try_get(1)?);
+        let mut resp = AcquireResponse {
+            cancel: me.try_get(2)?,
+            ..Default::default()
+        };
+        let max = if draining { 0 } else { i64::from(max) };
+        if max > 0 {
+            let lease = now + self.lease_ttl_ms;
+            let prefer = prefer.unwrap_or("");
+            let mut rows = tx.query(LEASE, &[&delegate_id, &tags, &prefer, &max, &now, &lease])?;
+            // The handed task first, then oldest first (RETURNING keeps no order).
+            let key = |r: &Row| -> (bool, i64, i64) {
+                let id: &str = r.try_get(0).unwrap_or("");
+                (
+                    id != prefer,
+                    r.try_get(5).unwrap_or(i64::MAX),
+                    r.try_get(6).unwrap_or(i64::MAX),
+                )
+            };
+            rows.sort_by_key(key);
+            for r in &rows {
+                let created: i64 = r.try_get(5)?;
+                let kind: String = r.try_get(1)?;
+                self.metrics
+                    .picked_up(&kind, (now - created).max(0) as f64 / 1000.0);
+                resp.tasks.push(Assignment {
+                    task_id: r.try_get(0)?,
+                    kind,
+                    spec: json_of("task spec", r.try_get(2)?)?,
+                    attempt: u32_of(r.try_get(3)?),
+                    timeout_secs: u64_of(r.try_get(4)?),
+                });
+            }
+        }
+        tx.commit()?;
+        Ok(resp)
+    }
+
+    pub fn delegate_draining(&self, delegate_id: &str) -> Result<bool, StoreError> {
+        let mut conn = self.pool.get()?;
+        let mut tx = conn.auto()?;
+        let state: Option<String> = tx
+            .opt("SELECT state FROM delegates WHERE id = $1", &[&delegate_id])?
+            .map(|r| r.try_get(0))
+            .transpose()?;
+        tx.commit()?;
+        Ok(state.as_deref().is_some_and(is_draining))
+    }
+
+    pub fn list_delegates(&self, now: UnixMillis) -> Result<Vec<DelegateView>, StoreError> {
+        let mut conn = self.pool.get()?;
+        let mut tx = conn.auto()?;
+        let rows = tx.query(
+            "SELECT d.id, d.name, d.hostname, d.version, d.tags, d.targets, d.capacity, \
+             d.state, d.last_seen, (SELECT COUNT(*) FROM tasks t WHERE t.delegate_id = d.id \
+             AND t.state IN ('assigned', 'running')) \
+             FROM delegates d ORDER BY d.name, d.hostname",
+            &[],
+        )?;
+        tx.commit()?;
+        let ttl = self.lease_ttl_ms;
+        rows.iter()
+            .map(|r| {
+                let last: i64 = r.try_get(8)?;
+                let in_flight: i64 = r.try_get(9)?;
+                Ok(DelegateView {
+                    id: r.try_get(0)?,
+                    name: r.try_get(1)?,
+                    hostname: r.try_get(2)?,
+                    version: r.try_get(3)?,
+                    tags: r.try_get(4)?,
+                    targets: json_of("delegate targets", r.try_get(5)?)?,
+                    capacity: u32_of(r.try_get(6)?),
+                    state: delegate_state_of(r.try_get(7)?)?,
+                    connected: now - last <= ttl,
+                    last_heartbeat: Some(last),
+                    in_flight: u32_of(in_flight),
+                })
+            })
+            .collect()
+    }
+
+    pub fn submit(
+        &self,
+        id: &str,
+        task: &SubmitTask,
+        timeout_secs: u64,
+        now: UnixMillis,
+    ) -> Result<(), StoreError> {
+        // One statement: the row and the note to every node commit together.
+        const SQL: &str = "WITH ins AS ( \
+                INSERT INTO tasks (id, kind, spec, selectors, state, attempt, retries, \
+                timeout_secs, created_at) VALUES ($1, $2, $3, $4, 'queued', 1, $5, $6, $7) \
+                RETURNING id) \
+            SELECT pg_notify('delegate_manager', $8) FROM ins";
+        let spec = task.spec.spec_json().to_string();
+        let retries = i64::from(task.retries);
+        let timeout = timeout_secs as i64;
+        let note = Note::Queued {
+            task: id.to_string(),
+            selectors: task.selectors.clone(),
+        }
+        .payload();
+        let mut conn = self.pool.get()?;
+        let mut tx = conn.auto()?;
+        tx.query(
+            SQL,
+            &[
+                &id,
+                &task.spec.kind(),
+                &spec,
+                &task.selectors,
+                &retries,
+                &timeout,
+                &now,
+                &note,
+            ],
+        )?;
+        Ok(())
+    }
+
+    pub fn task(&self, id: &str) -> Result<TaskView, StoreError> {
+        let mut conn = self.pool.get()?;
+        let mut tx = conn.auto()?;
+        let v = load_view(&mut tx, id)?;
+        tx.commit()?;
+        Ok(v)
+    }
+
+    pub fn list_tasks(
+        &self,
+        state: Option<TaskState>,
+        limit: u32,
+    ) -> Result<Vec<TaskView>, StoreError> {
+        const BY_STATE: &str = "SELECT t.id, t.kind, t.spec, t.selectors, t.state, t.attempt, \
+             t.retries, t.timeout_secs, t.cancel_requested, t.delegate_id, d.name, t.exit_code, \
+             t.signal, t.message, t.created_at, t.assigned_at, t.started_at, t.finished_at, \
+             t.log_bytes, t.log_truncated FROM tasks t LEFT JOIN delegates d ON d.id = t.delegate_id \
+             WHERE t.state = $1 ORDER BY t.created_at DESC, t.seq DESC LIMIT $2";
+        const ALL: &str = "SELECT t.id, t.kind, t.spec, t.selectors, t.state, t.attempt, \
+             t.retries, t.timeout_secs, t.cancel_requested, t.delegate_id, d.name, t.exit_code, \
+             t.signal, t.message, t.created_at, t.assigned_at, t.started_at, t.finished_at, \
+             t.log_bytes, t.log_truncated FROM tasks t LEFT JOIN delegates d ON d.id = t.delegate_id \
+             ORDER BY t.created_at DESC, t.seq DESC LIMIT $1";
+        let limit = i64::from(limit);
+        let mut conn = self.pool.get()?;
+        let mut tx = conn.auto()?;
+        let rows = match state {
+            Some(st) => tx.query(BY_STATE, &[&st.as_str(), &limit])?,
+            None => tx.query(ALL, &[&limit])?,
+        };
+        tx.commit()?;
+        rows.iter().map(task_view).collect()
+    }
+
+    pub fn started(
+        &self,
+        token_name: &str,
+        id: &str,
+        attempt: u32,
+        now: UnixMillis,
+    ) -> Result<TaskView, StoreError> {
+        // The common case in one statement: the holder's token starts the current,
+        // assigned attempt (`lifecycle`: assigned + Start → running). Anything else takes
+        // the full path below, which reads the row under lock and answers exactly.
+        const FAST: &str = "UPDATE tasks t SET state = 'running', started_at = $4 \
+             FROM delegates d WHERE t.id = $1 AND t.attempt = $2 AND t.state = 'assigned' \
+             AND d.id = t.delegate_id AND d.token_name = $3 \
+             RETURNING t.id, t.kind, t.spec, t.selectors, t.state, t.attempt, \
+             t.retries, t.timeout_secs, t.cancel_requested, t.delegate_id, d.name, t.exit_code, \
+             t.signal, t.message, t.created_at, t.assigned_at, t.started_at, t.finished_at, \
+             t.log_bytes, t.log_truncated";
+        let attempt_i = i64::from(attempt);
+        let mut conn = self.pool.get()?;
+        if let Some(r) = conn
+            .auto()?
+            .opt(FAST, &[&id, &attempt_i, &token_name, &now])?
+        {
+            return task_view(&r);
+        }
+        let mut tx = conn.tx()?;
+        let held = load_held(&mut tx, id)?;
+        held.check(id, attempt, token_name)?;
+        let change =
+            lifecycle::transition(held.task(), Event::Start).map_err(|e| stale(id, attempt, e))?;
+        persist(&mut tx, id, change, None, None, now)?;
+        let v = load_view(&mut tx, id)?;
+        tx.commit()?;
+        Ok(v)
+    }
+
+    /// As on SQLite: bytes already stored are skipped (a resend after a node died stores
+    /// nothing twice), a chunk past the end is a gap, the cap cuts with a marker. The row
+    /// lock makes two nodes receiving the same resend at once store it once.
+    pub fn append_log(
+        &self,
+        token_name: &str,
+        id: &str,
+        attempt: u32,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<u64, StoreError> {
+        let mut conn = self.pool.get()?;
+        let mut tx = conn.tx()?;
+        let held = load_held(&mut tx, id)?;
+        held.check(id, attempt, token_name)?;
+        let end = offset + data.len() as u64;
+        if held.log_truncated {
+            return Ok(end);
+        }
+        let stored = held.log_bytes;
+        if offset > stored {
+            return Err(StoreError::LogGap {
+                task: id.to_string(),
+                attempt,
+                offset,
+                expected: stored,
+            });
+        }
+        if end <= stored {
+            return Ok(stored);
+        }
+        let fresh = &data[(stored - offset) as usize..];
+        let room = self.max_log_bytes.saturating_sub(stored);
+        let attempt_i = i64::from(attempt);
+        let insert = |tx: &mut Tx<'_>, start: u64, bytes: &[u8]| -> Result<(), StoreError> {
+            let start = start as i64;
+            tx.exec(
+                "INSERT INTO log_chunks (task_id, attempt, start, data) VALUES ($1, $2, $3, $4)",
+                &[&id, &attempt_i, &start, &bytes],
+            )?;
+            Ok(())
+        };
+        if (fresh.len() as u64) <= room {
+            insert(&mut tx, stored, fresh)?;
+            let end_i = end as i64;
+            tx.exec(
+                "UPDATE tasks SET log_bytes = $2 WHERE id = $1",
+                &[&id, &end_i],
+            )?;
+        } else {
+            let kept = &fresh[..room as usize];
+            if !kept.is_empty() {
+                insert(&mut tx, stored, kept)?;
+            }
+            let marker = truncation_marker(self.max_log_bytes);
+            let cut = stored + kept.len() as u64;
+            insert(&mut tx, cut, marker.as_bytes())?;
+            let total = (cut + marker.len() as u64) as i64;
+            tx.exec(
+                "UPDATE tasks SET log_bytes = $2, log_truncated = true WHERE id = $1",
+                &[&id, &total],
+            )?;
+        }
+        tx.notify(&Note::Changed)?;
+        tx.commit()?;
+        Ok(end)
+    }
+
+    pub fn prune(&self, before: UnixMillis) -> Result<Pruned, StoreError> {
+        let mut conn = self.pool.get()?;
+        let mut tx = conn.tx()?;
+        let old: Vec<(String, i64)> = tx
+            .query(
+                "SELECT id, log_bytes FROM tasks WHERE finished_at IS NOT NULL \
+                 AND finished_at < $1 ORDER BY finished_at LIMIT $2 FOR UPDATE SKIP LOCKED",
+                &[&before, &PRUNE_BATCH],
+            )?
+            .iter()
+            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+            .collect::<Result<_, StoreError>>()?;
+        let mut pruned = Pruned::default();
+        for (id, bytes) in &old {
+            tx.exec("DELETE FROM log_chunks WHERE task_id = $1", &[id])?;
+            tx.exec("DELETE FROM tasks WHERE id = $1", &[id])?;
+            pruned.tasks += 1;
+            pruned.log_bytes += u64_of(*bytes);
+        }
+        tx.commit()?;
+        Ok(pruned)
+    }
+
+    /// Up to `max` bytes of the current attempt's log from byte `offset`: only the chunks
+    /// that overlap the page are read, so memory stays one page whatever the log's size.
+    pub fn read_log(&self, id: &str, offset: u64, max: usize) -> Result<LogSlice, StoreError> {
+        let mut conn = self.pool.get()?;
+        let mut tx = conn.auto()?;
+        let row = tx
+            .opt(
+                "SELECT state, attempt, log_bytes FROM tasks WHERE id = $1",
+                &[&id],
+            )?
+            .ok_or_else(|| StoreError::TaskNotFound(id.to_string()))?;
+        let state = state_of(row.try_get(0)?)?;
+        let attempt_i: i64 = row.try_get(1)?;
+        let stored = u64_of(row.try_get(2)?);
+        let mut data = Vec::new();
+        if offset < stored {
+            let from = offset as i64;
+            let to = from.saturating_add(i64::try_from(max).unwrap_or(i64::MAX));
+            let rows = tx.query(
+                "SELECT start, data FROM log_chunks WHERE task_id = $1 AND attempt = $2 \
+                 AND start >= (SELECT COALESCE(MAX(start), 0) FROM log_chunks \
+                 WHERE task_id = $1 AND attempt = $2 AND start <= $3) AND start < $4 \
+                 ORDER BY start",
+                &[&id, &attempt_i, &from, &to],
+            )?;
+            for r in &rows {
+                let start = u64_of(r.try_get(0)?);
+                let chunk: &[u8] = r.try_get(1)?;
+                let skip = offset.saturating_sub(start) as usize;
+                if skip >= chunk.len() {
+                    continue;
+                }
+                let room = max - data.len();
+                let take = room.min(chunk.len() - skip);
+                data.extend_from_slice(&chunk[skip..skip + take]);
+                if data.len() >= max {
+                    break;
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(LogSlice {
+            data,
+            stored,
+            attempt: u32_of(attempt_i),
+            state,
+        })
+    }
+
+    pub fn finish(
+        &self,
+        token_name: &str,
+        id: &str,
+        attempt: u32,
+        result: &TaskResult,
+        now: UnixMillis,
+    ) -> Result<(TaskView, Finish), StoreError> {
+        // The common case in one statement: the holder's token reports an outcome other
+        // than `lost` for the current, held attempt, which ends it (`lifecycle`: any such
+        // report of a held attempt is final). Anything else takes the full path.
+        const FAST: &str = "WITH u AS ( \
+             UPDATE tasks t SET state = $4, outcome = $4, exit_code = $5, signal = $6, \
+             message = $7, finished_at = $8, lease_expires = NULL FROM delegates d \
+             WHERE t.id = $1 AND t.attempt = $2 AND t.state IN ('assigned', 'running') \
+             AND d.id = t.delegate_id AND d.token_name = $3 \
+             RETURNING t.id, t.kind, t.spec, t.selectors, t.state, t.attempt, \
+             t.retries, t.timeout_secs, t.cancel_requested, t.delegate_id, d.name, t.exit_code, \
+             t.signal, t.message, t.created_at, t.assigned_at, t.started_at, t.finished_at, \
+             t.log_bytes, t.log_truncated) \
+             SELECT u.*, pg_notify('delegate_manager', $9) FROM u";
+        let mut conn = self.pool.get()?;
+        if result.outcome != Outcome::Lost {
+            let attempt_i = i64::from(attempt);
+            let state = result.outcome.state().as_str();
+            let changed = Note::Changed.payload();
+            if let Some(r) = conn.auto()?.opt(
+                FAST,
+                &[
+                    &id,
+                    &attempt_i,
+                    &token_name,
+                    &state,
+                    &result.exit_code,
+                    &result.signal,
+                    &result.message,
+                    &now,
+                    &changed,
+                ],
+            )? {
+                let view = task_view(&r)?;
+                self.task_finished(&view);
+                return Ok((view, Finish::Done));
+            }
+        }
+        let mut tx = conn.tx()?;
+        let held = load_held(&mut tx, id)?;
+        held.check(id, attempt, token_name)?;
+        let outcome = result.outcome.state().as_str();
+        let change = match lifecycle::transition(held.task(), Event::Report(result.outcome)) {
+            Ok(change) => change,
+            Err(TransitionError::Finished(state)) => {
+                return match &held.outcome {
+                    Some(o)
+                        if o == outcome
+                            && held.exit_code == result.exit_code
+                            && held.signal == result.signal =>
+                    {
+                        Ok((load_view(&mut tx, id)?, Finish::Done))
+                    }
+                    Some(o) => Err(StoreError::ResultConflict {
+                        task: id.to_string(),
+                        attempt,
+                        existing: result_summary(o, held.exit_code, held.signal),
+                        new: result_summary(outcome, result.exit_code, result.signal),
+                    }),
+                    None => Err(StoreError::Finished {
+                        task: id.to_string(),
+                        state,
+                        detail: "the manager ended it (cancelled or lease lapsed); result dropped",
+                    }),
+                };
+            }
+            Err(e) => return Err(stale(id, attempt, e)),
+        };
+        let delegate = held.delegate_name.as_deref().unwrap_or("?");
+        let why = result.message.as_deref().unwrap_or("no reason given");
+        let (message, effect) = match change {
+            Change::Requeue { next } => (
+                Some(format!(
+                    "delegate {delegate} reported attempt {attempt} lost: {why}; \
+                     re-queued (attempt {next})"
+                )),
+                Finish::Requeued,
+            ),
+            Change::End(TaskState::Cancelled) if result.outcome == Outcome::Lost => (
+                Some(format!(
+                    "cancelled by user; delegate {delegate} reported the attempt lost: {why}"
+                )),
+                Finish::Done,
+            ),
+            _ => (result.message.clone(), Finish::Done),
+        };
+        let result = (effect == Finish::Done).then_some(result);
+        persist(&mut tx, id, change, message.as_deref(), result, now)?;
+        let view = load_view(&mut tx, id)?;
+        tx.notify(&Note::Changed)?;
+        tx.commit()?;
+        self.task_finished(&view);
+        Ok((view, effect))
+    }
+
+    /// Run time from `started` (from the lease when a delegate never said it started).
+    fn task_finished(&self, view: &TaskView) {
+        if let (true, Some(started), Some(ended)) = (
+            view.state.is_terminal(),
+            view.started_at.or(view.assigned_at),
+            view.finished_at,
+        ) {
+            self.metrics
+                .finished(&view.kind, (ended - started).max(0) as f64 / 1000.0);
+        }
+    }
+
+    pub fn cancel(&self, id: &str, now: UnixMillis) -> Result<(TaskView, Cancel), StoreError> {
+        let mut conn = self.pool.get()?;
+        let mut tx = conn.tx()?;
+        let held = load_held(&mut tx, id)?;
+        let change = lifecycle::transition(held.task(), Event::Cancel).map_err(|e| match e {
+            TransitionError::Finished(state) => StoreError::Finished {
+                task: id.to_string(),
+                state,
+                detail: "nothing to cancel",
+            },
+            other => StoreError::Invalid(format!("task {id}: {other}")),
+        })?;
+        let effect = match change {
+            Change::End(_) => Cancel::Cancelled,
+            _ => Cancel::Requested,
+        };
+        persist(
+            &mut tx,
+            id,
+            change,
+            Some("cancelled by user before a delegate took it"),
+            None,
+            now,
+        )?;
+        let view = load_view(&mut tx, id)?;
+        if let (Cancel::Requested, Some(holder)) = (effect, &view.delegate_id) {
+            // The holder's long poll may wait on another node.
+            tx.notify(&Note::Delegate { id: holder.clone() })?;
+        }
+        tx.notify(&Note::Changed)?;
+        tx.commit()?;
+        Ok((view, effect))
+    }
+
+    /// End or re-queue every held task whose lease expired before `now`. Rows another
+    /// node's reaper (or a late heartbeat) holds are skipped, and a row re-queued by
+    /// another node meanwhile no longer matches: one lapsed lease is handled once.
+    pub fn reap(&self, now: UnixMillis) -> Result<Reaped, StoreError> {
+        let mut conn = self.pool.get()?;
+        let mut tx = conn.tx()?;
+        let expired: Vec<(String, Task, Option<String>)> = tx
+            .query(
+                "SELECT t.id, t.state, t.attempt, t.retries, t.cancel_requested, d.name \
+                 FROM tasks t LEFT JOIN delegates d ON d.id = t.delegate_id \
+                 WHERE t.state IN ('assigned', 'running') AND t.lease_expires < $1 \
+                 FOR UPDATE OF t SKIP LOCKED",
+                &[&now],
+            )?
+            .iter()
+            .map(|r| {
+                let (id, task) = held_task(r)?;
+                Ok((id, task, r.try_get(5)?))
+            })
+            .collect::<Result<_, StoreError>>()?;
+        let mut reaped = Reaped::default();
+        for (id, task, name) in expired {
+            let name = name.unwrap_or_else(|| "?".to_string());
+            let cause = format!("lease lapsed on delegate {name}");
+            holder_gone(&mut tx, &id, task, &cause, now, &mut reaped)?;
+        }
+        if reaped.any() {
+            tx.notify(&Note::Changed)?;
+        }
+        tx.commit()?;
+        self.metrics
+            .leases_lapsed((reaped.requeued + reaped.lost + reaped.cancelled) as u64);
+        Ok(reaped)
+    }
+
+    pub fn shift_leases(&self, by_ms: i64, set_before: UnixMillis) -> Result<usize, StoreError> {
+        let mut conn = self.pool.get()?;
+        let mut tx = conn.tx()?;
+        let n = tx.exec(
+            "UPDATE tasks SET lease_expires = lease_expires + $1 \
+             WHERE state IN ('assigned', 'running') AND lease_expires <= $2",
+            &[&by_ms, &set_before],
+        )?;
+        tx.commit()?;
+        Ok(n as usize)
+    }
+
+    /// On SQLite a start gives every held task a fresh lease (nobody could heartbeat
+    /// while the one manager was down). With several nodes the others were up: only a
+    /// lease that already lapsed is extended, and only when no node has reaped it yet —
+    /// the same as a start after a whole-cluster outage.
+    pub fn extend_leases(&self, now: UnixMillis) -> Result<usize, StoreError> {
+        let mut conn = self.pool.get()?;
+        let mut tx = conn.tx()?;
+        let lease = now + self.lease_ttl_ms;
+        let n = tx.exec(
+            "UPDATE tasks SET lease_expires = $1 WHERE state IN ('assigned', 'running') \
+             AND lease_expires < $2",
+            &[&lease, &now],
+        )?;
+        tx.commit()?;
+        Ok(n as usize)
+    }
+}
+
+/// Why a request of delegate `id` with `token_name` was refused (its token was revoked,
+/// or the delegate is not its own); called once the fast statement found nothing.
+fn own_delegate(tx: &mut Tx<'_>, id: &str, token_name: &str) -> Result<(), StoreError> {
+    live_token_tags(tx, token_name)?;
+    tx.opt(
+        "SELECT 1 FROM delegates WHERE id = $1 AND token_name = $2",
+        &[&id, &token_name],
+    )?
+    .ok_or_else(|| StoreError::DelegateNotFound(id.to_string()))?;
+    Ok(())
+}
+
+/// The attempt a task is on now (only asked when an agent names two attempts of it).
+fn current_attempt(tx: &mut Tx<'_>, id: &str) -> Result<Option<u32>, StoreError> {
+    Ok(tx
+        .opt("SELECT attempt FROM tasks WHERE id = $1", &[&id])?
+        .map(|r| r.try_get::<_, i64>(0).map(u32_of))
+        .transpose()?)
+}
+
+fn live_token_tags(tx: &mut Tx<'_>, name: &str) -> Result<Option<Vec<String>>, StoreError> {
+    let row = tx
+        .opt(
+            "SELECT tags FROM tokens WHERE name = $1 AND revoked_at IS NULL",
+            &[&name],
+        )?
+        .ok_or_else(|| StoreError::TokenRevoked(name.to_string()))?;
+    let tags: Option<String> = row.try_get(0)?;
+    tags.map(|t| json_of("token tags", &t)).transpose()
+}
+
+fn load_view(tx: &mut Tx<'_>, id: &str) -> Result<TaskView, StoreError> {
+    const SQL: &str = "SELECT t.id, t.kind, t.spec, t.selectors, t.state, t.attempt, \
+     t.retries, t.timeout_secs, t.cancel_requested, t.delegate_id, d.name, t.exit_code, \
+     t.signal, t.message, t.created_at, t.assigned_at, t.started_at, t.finished_at, \
+     t.log_bytes, t.log_truncated FROM tasks t LEFT JOIN delegates d ON d.id = t.delegate_id \
+     WHERE t.id = $1";
+    debug_assert!(SQL.starts_with(TASK_VIEW_SQL));
+    let row = tx
+        .opt(SQL, &[&id])?
+        .ok_or_else(|| StoreError::TaskNotFound(id.to_string()))?;
+    task_view(&row)
+}
+
+/// The task's row, locked until the transaction ends: whatever this node decides about
+/// it, no other node changes it meanwhile.
+fn load_held(tx: &mut Tx<'_>, id: &str) -> Result<Held, StoreError> {
+    let r = tx
+        .opt(
+            "SELECT t.state, t.attempt, t.retries, t.cancel_requested, t.delegate_id, d.name, \
+             d.token_name, t.log_bytes, t.outcome, t.exit_code, t.signal, t.log_truncated \
+             FROM tasks t LEFT JOIN delegates d ON d.id = t.delegate_id WHERE t.id = $1 \
+             FOR UPDATE OF t",
+            &[&id],
+        )?
+        .ok_or_else(|| StoreError::TaskNotFound(id.to_string()))?;
+    Ok(Held {
+        state: state_of(r.try_get(0)?)?,
+        attempt: u32_of(r.try_get(1)?),
+        retries: u32_of(r.try_get(2)?),
+        cancel_requested: r.try_get(3)?,
+        delegate_id: r.try_get(4)?,
+        delegate_name: r.try_get(5)?,
+        token_name: r.try_get(6)?,
+        log_bytes: u64_of(r.try_get(7)?),
+        outcome: r.try_get(8)?,
+        exit_code: r.try_get(9)?,
+        signal: r.try_get(10)?,
+        log_truncated: r.try_get(11)?,
+    })
+}
+
+fn forget(
+    tx: &mut Tx<'_>,
+    id: &str,
+    why: &str,
+    name: &str,
+    now: UnixMillis,
+) -> Result<u32, StoreError> {
+    let held: Vec<(String, Task)> = tx
+        .query(
+            "SELECT id, state, attempt, retries, cancel_requested FROM tasks \
+             WHERE delegate_id = $1 AND state IN ('assigned', 'running') ORDER BY id FOR UPDATE",
+            &[&id],
+        )?
+        .iter()
+        .map(held_task)
+        .collect::<Result<_, _>>()?;
+    let mut reaped = Reaped::default();
+    let cause = format!("delegate {name} was forgotten ({why})");
+    for (task, t) in &held {
+        holder_gone(tx, task, *t, &cause, now, &mut reaped)?;
+    }
+    tx.exec("DELETE FROM delegates WHERE id = $1", &[&id])?;
+    Ok(held.len() as u32)
+}
+
+fn holder_gone(
+    tx: &mut Tx<'_>,
+    id: &str,
+    task: Task,
+    cause: &str,
+    now: UnixMillis,
+    reaped: &mut Reaped,
+) -> Result<(), StoreError> {
+    let change = lifecycle::transition(task, Event::HolderGone)
+        .map_err(|e| StoreError::Invalid(format!("task {id}: {e}")))?;
+    let message = match change {
+        Change::End(TaskState::Cancelled) => {
+            reaped.cancelled += 1;
+            format!("cancel requested and {cause}")
+        }
+        Change::Requeue { next } => {
+            reaped.requeued += 1;
+            format!("{cause}; re-queued (attempt {next})")
+        }
+        _ => {
+            reaped.lost += 1;
+            format!(
+                "{cause} on attempt {}; no retries left \
+                 (submit with more retries to survive lost delegates)",
+                task.attempt
+            )
+        }
+    };
+    persist(tx, id, change, Some(&message), None, now)
+}
+
+/// Write what [`lifecycle::transition`] decided (see the SQLite `persist`); a re-queue
+/// tells every node.
+fn persist(
+    tx: &mut Tx<'_>,
+    id: &str,
+    change: Change,
+    message: Option<&str>,
+    result: Option<&TaskResult>,
+    now: UnixMillis,
+) -> Result<(), StoreError> {
+    match change {
+        Change::Keep => {}
+        Change::Assign => {
+            return Err(StoreError::Invalid(format!(
+                "task {id}: a lease is written by acquire"
+            )));
+        }
+        Change::Run => {
+            tx.exec(
+                "UPDATE tasks SET state = 'running', started_at = $2 WHERE id = $1",
+                &[&id, &now],
+            )?;
+        }
+        Change::FlagCancel => {
+            tx.exec(
+                "UPDATE tasks SET cancel_requested = true WHERE id = $1",
+                &[&id],
+            )?;
+        }
+        Change::End(state) => {
+            let outcome = result.map(|r| r.outcome.state().as_str());
+            let exit_code = result.and_then(|r| r.exit_code);
+            let signal = result.and_then(|r| r.signal);
+            tx.exec(
+                "UPDATE tasks SET state = $2, outcome = $3, exit_code = $4, signal = $5, \
+                 message = $6, finished_at = $7, lease_expires = NULL WHERE id = $1",
+                &[
+                    &id,
+                    &state.as_str(),
+                    &outcome,
+                    &exit_code,
+                    &signal,
+                    &message,
+                    &now,
+                ],
+            )?;
+        }
+        Change::Requeue { next } => {
+            let next = i64::from(next);
+            let row = tx
+                .opt(
+                    "UPDATE tasks SET state = 'queued', attempt = $2, delegate_id = NULL, \
+                     lease_expires = NULL, assigned_at = NULL, started_at = NULL, \
+                     log_bytes = 0, log_truncated = false, cancel_delivered = false, \
+                     message = $3 WHERE id = $1 RETURNING selectors",
+                    &[&id, &next, &message],
+                )?
+                .ok_or_else(|| StoreError::TaskNotFound(id.to_string()))?;
+            tx.notify(&Note::Queued {
+                task: id.to_string(),
+                selectors: row.try_get(0)?,
+            })?;
+        }
+    }
+    Ok(())
+}
+
+/// Create `schema_version` if needed and apply the migrations not applied yet, all in one
+/// transaction under an advisory lock: a second node starting at the same moment waits,
+/// then finds the schema current.
+fn migrate(client: &mut Client, url: &str) -> Result<(), StoreError> {
+    let mut tx = client.transaction()?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])?;
+    tx.batch_execute("CREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL)")?;
+    let found: i64 = tx
+        .query_one("SELECT COALESCE(MAX(version), 0) FROM schema_version", &[])?
+        .try_get(0)?;
+    let known = MIGRATIONS.len() as i64;
+    if found > known {
+        return Err(StoreError::PostgresSchemaTooNew {
+            url: url.to_string(),
+            found,
+            known,
+        });
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(found as usize) {
+        tx.batch_execute(sql)?;
+        let v = i as i64 + 1;
+        tx.execute("INSERT INTO schema_version (version) VALUES ($1)", &[&v])?;
+        info!("applied PostgreSQL schema migration {v}");
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_that_cannot_work_are_refused_before_connecting() {
+        let msg = |u: &str| match parse_config(u) {
+            Err(e) => e.to_string(),
+            Ok(_) => panic!("{u} accepted"),
+        };
+        assert!(
+            msg("postgres://").contains("no host"),
+            "{}",
+            msg("postgres://")
+        );
+        let m = msg("postgres://u:secret@h/db?sslmode=verify-full&sslrootcert=/nonexistent/ca.pem");
+        assert!(
+            m.contains("/nonexistent/ca.pem") && !m.contains("secret"),
+            "{m}"
+        );
+        assert!(m.contains("postgres://USER"), "{m}");
+        let m = msg("postgres://u@h/db?sslrootcert=/etc/ca.pem");
+        assert!(m.contains("sslmode=verify-full"), "{m}");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let not_pem = dir.path().join("ca.pem");
+        std::fs::write(&not_pem, "not a certificate\n").expect("write");
+        let m = msg(&format!(
+            "postgres://u@h/db?sslmode=require&sslrootcert={}",
+            not_pem.display()
+        ));
+        assert!(m.contains("holds no CA certificate"), "{m}");
+        assert!(msg("postgres://u@h").contains("no database"));
+        assert!(parse_config("postgres://u@127.0.0.1:5432/db").is_ok());
+        assert!(parse_config("postgres://u@127.0.0.1:5432/db?sslmode=disable").is_ok());
+    }
+
+    #[test]
+    fn passwords_never_reach_messages() {
+        assert_eq!(redact("postgres://u:pw@h:5/db"), "postgres://u:***@h:5/db");
+        assert_eq!(redact("postgres://u:pw@h:x/db"), "postgres://u:***@h:x/db");
+        assert_eq!(redact("postgres://u@h/db"), "postgres://u@h/db");
+    }
+
+    #[test]
+    fn notes_round_trip_and_oversized_ones_wake_everyone() {
+        let q = Note::Queued {
+            task: "t_1".into(),
+            selectors: vec!["gpu".into()],
+        };
+        assert_eq!(serde_json::from_str::<Note>(&q.payload()).ok(), Some(q));
+        let big = Note::Queued {
+            task: "t_1".into(),
+            selectors: vec!["x".repeat(8000)],
+        };
+        assert_eq!(
+            serde_json::from_str::<Note>(&big.payload()).ok(),
+            Some(Note::Revoked)
+        );
+    }
+}
