@@ -1830,6 +1830,9 @@ fn forget(
     name: &str,
     now: UnixMillis,
 ) -> Result<u32, StoreError> {
+    // The delegate's row first, then its tasks': the order a heartbeat and a lease take
+    // them in, so a forget racing one waits instead of deadlocking.
+    tx.opt("SELECT id FROM delegates WHERE id = $1 FOR UPDATE", &[&id])?;
     let held: Vec<(String, Task)> = tx
         .query(
             "SELECT id, state, attempt, retries, cancel_requested FROM tasks \

@@ -316,3 +316,56 @@ fn a_heartbeat_naming_two_attempts_renews_the_current_one_only_on_both_backends(
         ));
     });
 }
+
+/// An admin forgetting a delegate while it heartbeats, many times over on PostgreSQL: the
+/// forget locks the delegate's row before its tasks', in the order a heartbeat takes them,
+/// so one waits for the other. Locking the tasks first made PostgreSQL abort one of the two
+/// as a deadlock now and then (a failed request).
+#[test]
+fn forgetting_a_delegate_while_it_heartbeats_never_deadlocks_on_postgres() {
+    use delegate_protocol::DelegateState;
+    let pg = Postgres::start().expect("PostgreSQL starts");
+    let s = Store::open_postgres(&pg.url(), TTL).expect("open postgres");
+    prepare(&s);
+    let mut refused = 0;
+    for round in 0..60 {
+        let name = format!("d{round}");
+        let id = s.register("tok", &reg(&name, &[]), 0).expect("reg");
+        let tasks: Vec<String> = (0..4).map(|i| format!("t{round}_{i}")).collect();
+        for t in &tasks {
+            s.submit(t, &shell(&[], 1), 60, 0).expect("submit");
+        }
+        assert_eq!(leased(&s, &id, 4, 0).len(), 4);
+        let hb = HeartbeatRequest {
+            state: DelegateState::Running,
+            in_flight: tasks.clone(),
+            in_flight_attempts: vec![],
+        };
+        let (beating, started) = std::sync::mpsc::channel();
+        let (store, id, hb) = (&s, &id, &hb);
+        std::thread::scope(|scope| {
+            let beats = scope.spawn(move || {
+                // Bounded: the forget below ends it within a few heartbeats.
+                for i in 0..2_000 {
+                    match store.heartbeat("tok", id, hb, 1_000) {
+                        Ok(_) if i == 0 => drop(beating.send(())),
+                        Ok(_) => {}
+                        Err(StoreError::DelegateNotFound(_)) => return 1,
+                        Err(e) => panic!("heartbeat in round {round}: {e:?}"),
+                    }
+                }
+                0
+            });
+            // Forget while heartbeats are under way, not before the first.
+            started.recv().expect("a first heartbeat");
+            s.forget_delegate(&name, None, 1_000)
+                .unwrap_or_else(|e| panic!("forget in round {round}: {e:?}"));
+            refused += beats.join().expect("heartbeat thread");
+        });
+        for t in &tasks {
+            assert_eq!(s.task(t).expect("view").state, TaskState::Queued, "{t}");
+        }
+    }
+    // The premise: heartbeats did run into the forget (not all before it).
+    assert!(refused > 0, "no heartbeat ever met a forgotten delegate");
+}
