@@ -40,8 +40,8 @@ use crate::lifecycle::{self, Change, Event, Task, TransitionError};
 use crate::metrics::{Metrics, Snapshot};
 use crate::queue::{Fresh, Selectors, selector_key};
 use crate::store::{
-    Cancel, DEFAULT_MAX_LOG_BYTES, Finish, Held, LogSlice, Pruned, Reaped, is_draining,
-    new_delegate_id, result_summary, stale, to_json, truncation_marker,
+    Cancel, DEFAULT_MAX_LOG_BYTES, Finish, Held, LogSlice, Pruned, Reaped, Report, decide_report,
+    is_draining, new_delegate_id, stale, to_json, truncation_marker,
 };
 
 /// Schema migrations, applied in order; `schema_version` holds how many were applied.
@@ -1586,50 +1586,13 @@ impl PgStore {
         let mut tx = conn.tx()?;
         let held = load_held(&mut tx, id)?;
         held.check(id, attempt, token_name)?;
-        let outcome = result.outcome.state().as_str();
-        let change = match lifecycle::transition(held.task(), Event::Report(result.outcome)) {
-            Ok(change) => change,
-            Err(TransitionError::Finished(state)) => {
-                return match &held.outcome {
-                    Some(o)
-                        if o == outcome
-                            && held.exit_code == result.exit_code
-                            && held.signal == result.signal =>
-                    {
-                        Ok((load_view(&mut tx, id)?, Finish::Done))
-                    }
-                    Some(o) => Err(StoreError::ResultConflict {
-                        task: id.to_string(),
-                        attempt,
-                        existing: result_summary(o, held.exit_code, held.signal),
-                        new: result_summary(outcome, result.exit_code, result.signal),
-                    }),
-                    None => Err(StoreError::Finished {
-                        task: id.to_string(),
-                        state,
-                        detail: "the manager ended it (cancelled or lease lapsed); result dropped",
-                    }),
-                };
-            }
-            Err(e) => return Err(stale(id, attempt, e)),
-        };
-        let delegate = held.delegate_name.as_deref().unwrap_or("?");
-        let why = result.message.as_deref().unwrap_or("no reason given");
-        let (message, effect) = match change {
-            Change::Requeue { next } => (
-                Some(format!(
-                    "delegate {delegate} reported attempt {attempt} lost: {why}; \
-                     re-queued (attempt {next})"
-                )),
-                Finish::Requeued,
-            ),
-            Change::End(TaskState::Cancelled) if result.outcome == Outcome::Lost => (
-                Some(format!(
-                    "cancelled by user; delegate {delegate} reported the attempt lost: {why}"
-                )),
-                Finish::Done,
-            ),
-            _ => (result.message.clone(), Finish::Done),
+        let (change, message, effect) = match decide_report(&held, id, attempt, result)? {
+            Report::Repeat => return Ok((load_view(&mut tx, id)?, Finish::Done)),
+            Report::Apply {
+                change,
+                message,
+                effect,
+            } => (change, message, effect),
         };
         let result = (effect == Finish::Done).then_some(result);
         persist(&mut tx, id, change, message.as_deref(), result, now)?;

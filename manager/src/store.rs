@@ -528,6 +528,79 @@ fn persist(
     Ok(())
 }
 
+/// What a delegate's result does to a task, decided from its locked row alone (the same
+/// rules on both backends).
+pub(crate) enum Report {
+    /// The task already ended with this very result (a resend): answer as before.
+    Repeat,
+    /// Apply `change`, with `message` as the task's message.
+    Apply {
+        change: Change,
+        message: Option<String>,
+        effect: Finish,
+    },
+}
+
+/// The lifecycle's answer to `result` for `held` (already checked to be this attempt's
+/// holder): an already ended task takes the same result again and refuses another one.
+pub(crate) fn decide_report(
+    held: &Held,
+    id: &str,
+    attempt: u32,
+    result: &TaskResult,
+) -> Result<Report, StoreError> {
+    let outcome = result.outcome.state().as_str();
+    let change = match lifecycle::transition(held.task(), Event::Report(result.outcome)) {
+        Ok(change) => change,
+        Err(TransitionError::Finished(state)) => {
+            return match &held.outcome {
+                Some(o)
+                    if o == outcome
+                        && held.exit_code == result.exit_code
+                        && held.signal == result.signal =>
+                {
+                    Ok(Report::Repeat)
+                }
+                Some(o) => Err(StoreError::ResultConflict {
+                    task: id.to_string(),
+                    attempt,
+                    existing: result_summary(o, held.exit_code, held.signal),
+                    new: result_summary(outcome, result.exit_code, result.signal),
+                }),
+                None => Err(StoreError::Finished {
+                    task: id.to_string(),
+                    state,
+                    detail: "the manager ended it (cancelled or lease lapsed); result dropped",
+                }),
+            };
+        }
+        Err(e) => return Err(stale(id, attempt, e)),
+    };
+    let delegate = held.delegate_name.as_deref().unwrap_or("?");
+    let why = result.message.as_deref().unwrap_or("no reason given");
+    let (message, effect) = match change {
+        Change::Requeue { next } => (
+            Some(format!(
+                "delegate {delegate} reported attempt {attempt} lost: {why}; \
+                 re-queued (attempt {next})"
+            )),
+            Finish::Requeued,
+        ),
+        Change::End(TaskState::Cancelled) if result.outcome == Outcome::Lost => (
+            Some(format!(
+                "cancelled by user; delegate {delegate} reported the attempt lost: {why}"
+            )),
+            Finish::Done,
+        ),
+        _ => (result.message.clone(), Finish::Done),
+    };
+    Ok(Report::Apply {
+        change,
+        message,
+        effect,
+    })
+}
+
 /// A delegate's report the life cycle refuses (e.g. about a task nobody holds).
 pub(crate) fn stale(id: &str, attempt: u32, e: TransitionError) -> StoreError {
     StoreError::StaleAttempt {
@@ -1418,51 +1491,13 @@ impl SqliteStore {
         let tx = conn.transaction()?;
         let held = load_held(&tx, id)?;
         held.check(id, attempt, token_name)?;
-        let outcome = result.outcome.state().as_str();
-        let change = match lifecycle::transition(held.task(), Event::Report(result.outcome)) {
-            Ok(change) => change,
-            // Already ended: the same result again is fine, another one is not.
-            Err(TransitionError::Finished(state)) => {
-                return match &held.outcome {
-                    Some(o)
-                        if o == outcome
-                            && held.exit_code == result.exit_code
-                            && held.signal == result.signal =>
-                    {
-                        Ok((load_view(&tx, id)?, Finish::Done))
-                    }
-                    Some(o) => Err(StoreError::ResultConflict {
-                        task: id.to_string(),
-                        attempt,
-                        existing: result_summary(o, held.exit_code, held.signal),
-                        new: result_summary(outcome, result.exit_code, result.signal),
-                    }),
-                    None => Err(StoreError::Finished {
-                        task: id.to_string(),
-                        state,
-                        detail: "the manager ended it (cancelled or lease lapsed); result dropped",
-                    }),
-                };
-            }
-            Err(e) => return Err(stale(id, attempt, e)),
-        };
-        let delegate = held.delegate_name.as_deref().unwrap_or("?");
-        let why = result.message.as_deref().unwrap_or("no reason given");
-        let (message, effect) = match change {
-            Change::Requeue { next } => (
-                Some(format!(
-                    "delegate {delegate} reported attempt {attempt} lost: {why}; \
-                     re-queued (attempt {next})"
-                )),
-                Finish::Requeued,
-            ),
-            Change::End(TaskState::Cancelled) if result.outcome == Outcome::Lost => (
-                Some(format!(
-                    "cancelled by user; delegate {delegate} reported the attempt lost: {why}"
-                )),
-                Finish::Done,
-            ),
-            _ => (result.message.clone(), Finish::Done),
+        let (change, message, effect) = match decide_report(&held, id, attempt, result)? {
+            Report::Repeat => return Ok((load_view(&tx, id)?, Finish::Done)),
+            Report::Apply {
+                change,
+                message,
+                effect,
+            } => (change, message, effect),
         };
         let result = (effect == Finish::Done).then_some(result);
         persist(
