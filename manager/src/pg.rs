@@ -41,7 +41,7 @@ use crate::metrics::{Metrics, Snapshot};
 use crate::queue::{Fresh, Selectors, selector_key};
 use crate::store::{
     Cancel, DEFAULT_MAX_LOG_BYTES, Finish, Held, LogSlice, Pruned, Reaped, Report, decide_report,
-    is_draining, new_delegate_id, stale, to_json, truncation_marker,
+    holder_gone_change, is_draining, new_delegate_id, stale, to_json, truncation_marker,
 };
 
 /// Schema migrations, applied in order; `schema_version` holds how many were applied.
@@ -1822,26 +1822,7 @@ fn holder_gone(
     now: UnixMillis,
     reaped: &mut Reaped,
 ) -> Result<(), StoreError> {
-    let change = lifecycle::transition(task, Event::HolderGone)
-        .map_err(|e| StoreError::Invalid(format!("task {id}: {e}")))?;
-    let message = match change {
-        Change::End(TaskState::Cancelled) => {
-            reaped.cancelled += 1;
-            format!("cancel requested and {cause}")
-        }
-        Change::Requeue { next } => {
-            reaped.requeued += 1;
-            format!("{cause}; re-queued (attempt {next})")
-        }
-        _ => {
-            reaped.lost += 1;
-            format!(
-                "{cause} on attempt {}; no retries left \
-                 (submit with more retries to survive lost delegates)",
-                task.attempt
-            )
-        }
-    };
+    let (change, message) = holder_gone_change(id, task, cause, reaped)?;
     persist(tx, id, change, Some(&message), None, now)
 }
 

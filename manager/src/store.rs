@@ -442,26 +442,7 @@ fn holder_gone(
     now: UnixMillis,
     reaped: &mut Reaped,
 ) -> Result<(), StoreError> {
-    let change = lifecycle::transition(task, Event::HolderGone)
-        .map_err(|e| StoreError::Invalid(format!("task {id}: {e}")))?;
-    let message = match change {
-        Change::End(TaskState::Cancelled) => {
-            reaped.cancelled += 1;
-            format!("cancel requested and {cause}")
-        }
-        Change::Requeue { next } => {
-            reaped.requeued += 1;
-            format!("{cause}; re-queued (attempt {next})")
-        }
-        _ => {
-            reaped.lost += 1;
-            format!(
-                "{cause} on attempt {}; no retries left \
-                 (submit with more retries to survive lost delegates)",
-                task.attempt
-            )
-        }
-    };
+    let (change, message) = holder_gone_change(id, task, cause, reaped)?;
     persist(conn, q, id, change, Some(&message), None, now)
 }
 
@@ -599,6 +580,37 @@ pub(crate) fn decide_report(
         message,
         effect,
     })
+}
+
+/// What losing its holder (lapsed lease, forgotten or revoked delegate) does to a task,
+/// with the message that says why, counted in `reaped` (the same rule on both backends).
+pub(crate) fn holder_gone_change(
+    id: &str,
+    task: Task,
+    cause: &str,
+    reaped: &mut Reaped,
+) -> Result<(Change, String), StoreError> {
+    let change = lifecycle::transition(task, Event::HolderGone)
+        .map_err(|e| StoreError::Invalid(format!("task {id}: {e}")))?;
+    let message = match change {
+        Change::End(TaskState::Cancelled) => {
+            reaped.cancelled += 1;
+            format!("cancel requested and {cause}")
+        }
+        Change::Requeue { next } => {
+            reaped.requeued += 1;
+            format!("{cause}; re-queued (attempt {next})")
+        }
+        _ => {
+            reaped.lost += 1;
+            format!(
+                "{cause} on attempt {}; no retries left \
+                 (submit with more retries to survive lost delegates)",
+                task.attempt
+            )
+        }
+    };
+    Ok((change, message))
 }
 
 /// A delegate's report the life cycle refuses (e.g. about a task nobody holds).
