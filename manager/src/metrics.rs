@@ -148,6 +148,18 @@ impl Metrics {
             .observe(secs);
     }
 
+    /// A task reached a terminal state: its run time from `started` (from the lease when
+    /// a delegate never said it started).
+    pub fn task_finished(&self, view: &delegate_protocol::TaskView) {
+        if let (true, Some(started), Some(ended)) = (
+            view.state.is_terminal(),
+            view.started_at.or(view.assigned_at),
+            view.finished_at,
+        ) {
+            self.finished(&view.kind, (ended - started).max(0) as f64 / 1000.0);
+        }
+    }
+
     /// An attempt of `kind` ended after running `secs`.
     pub fn finished(&self, kind: &str, secs: f64) {
         self.duration

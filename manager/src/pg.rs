@@ -36,12 +36,13 @@ use tokio_rustls::rustls;
 use tracing::{info, warn};
 
 use crate::error::StoreError;
-use crate::lifecycle::{self, Change, Event, Task, TransitionError};
+use crate::lifecycle::{self, Change, Event, Task};
 use crate::metrics::{Metrics, Snapshot};
 use crate::queue::{Fresh, Selectors, selector_key};
 use crate::store::{
-    Cancel, DEFAULT_MAX_LOG_BYTES, Finish, Held, LogSlice, Pruned, Reaped, Report, decide_report,
-    holder_gone_change, is_draining, new_delegate_id, stale, to_json, truncation_marker,
+    Cancel, DEFAULT_MAX_LOG_BYTES, Finish, Held, LogSlice, Pruned, Reaped, Report, cancel_change,
+    decide_report, holder_gone_change, is_draining, new_delegate_id, page_from_chunk, refuse_tags,
+    stale, the_one_delegate, to_json, truncation_marker,
 };
 
 /// Schema migrations, applied in order; `schema_version` holds how many were applied.
@@ -930,21 +931,7 @@ impl PgStore {
             .iter()
             .map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?)))
             .collect::<Result<_, StoreError>>()?;
-        let (id, host, token_name) = match <[_; 1]>::try_from(found) {
-            Ok([one]) => one,
-            Err(found) if found.is_empty() => {
-                return Err(StoreError::NoSuchDelegate {
-                    name: name.to_string(),
-                    hostname: hostname.map(str::to_string),
-                });
-            }
-            Err(found) => {
-                return Err(StoreError::AmbiguousDelegate {
-                    name: name.to_string(),
-                    hosts: found.into_iter().map(|(_, h, _)| h).collect(),
-                });
-            }
-        };
+        let (id, host, token_name) = the_one_delegate(name, hostname, found)?;
         let released = forget(&mut tx, &id, "an admin forgot it", name, now)?;
         tx.notify(&Note::Delegate { id: id.clone() })?;
         tx.commit()?;
@@ -997,22 +984,7 @@ impl PgStore {
         let capacity = i64::from(req.capacity);
         let mut conn = self.pool.get()?;
         let mut tx = conn.tx()?;
-        let allowed = live_token_tags(&mut tx, token_name)?;
-        if let Some(allowed) = allowed {
-            let refused: Vec<String> = req
-                .tags
-                .iter()
-                .filter(|t| !allowed.contains(t))
-                .cloned()
-                .collect();
-            if !refused.is_empty() {
-                return Err(StoreError::TagsNotAllowed {
-                    token: token_name.to_string(),
-                    refused,
-                    allowed,
-                });
-            }
-        }
+        refuse_tags(token_name, &req.tags, live_token_tags(&mut tx, token_name)?)?;
         // Two nodes registering the same name at once: the unique key serialises them,
         // and the loser sees the winner's row.
         let new_id = new_delegate_id();
@@ -1517,14 +1489,7 @@ impl PgStore {
             for r in &rows {
                 let start = u64_of(r.try_get(0)?);
                 let chunk: &[u8] = r.try_get(1)?;
-                let skip = offset.saturating_sub(start) as usize;
-                if skip >= chunk.len() {
-                    continue;
-                }
-                let room = max - data.len();
-                let take = room.min(chunk.len() - skip);
-                data.extend_from_slice(&chunk[skip..skip + take]);
-                if data.len() >= max {
+                if page_from_chunk(&mut data, offset, max, start, chunk) {
                     break;
                 }
             }
@@ -1579,7 +1544,7 @@ impl PgStore {
                 ],
             )? {
                 let view = task_view(&r)?;
-                self.task_finished(&view);
+                self.metrics.task_finished(&view);
                 return Ok((view, Finish::Done));
             }
         }
@@ -1599,38 +1564,15 @@ impl PgStore {
         let view = load_view(&mut tx, id)?;
         tx.notify(&Note::Changed)?;
         tx.commit()?;
-        self.task_finished(&view);
+        self.metrics.task_finished(&view);
         Ok((view, effect))
-    }
-
-    /// Run time from `started` (from the lease when a delegate never said it started).
-    fn task_finished(&self, view: &TaskView) {
-        if let (true, Some(started), Some(ended)) = (
-            view.state.is_terminal(),
-            view.started_at.or(view.assigned_at),
-            view.finished_at,
-        ) {
-            self.metrics
-                .finished(&view.kind, (ended - started).max(0) as f64 / 1000.0);
-        }
     }
 
     pub fn cancel(&self, id: &str, now: UnixMillis) -> Result<(TaskView, Cancel), StoreError> {
         let mut conn = self.pool.get()?;
         let mut tx = conn.tx()?;
         let held = load_held(&mut tx, id)?;
-        let change = lifecycle::transition(held.task(), Event::Cancel).map_err(|e| match e {
-            TransitionError::Finished(state) => StoreError::Finished {
-                task: id.to_string(),
-                state,
-                detail: "nothing to cancel",
-            },
-            other => StoreError::Invalid(format!("task {id}: {other}")),
-        })?;
-        let effect = match change {
-            Change::End(_) => Cancel::Cancelled,
-            _ => Cancel::Requested,
-        };
+        let (change, effect) = cancel_change(&held, id)?;
         persist(
             &mut tx,
             id,

@@ -613,6 +613,86 @@ pub(crate) fn holder_gone_change(
     Ok((change, message))
 }
 
+/// A registration may carry only the tags its token allows (`allowed`: `None` = any).
+pub(crate) fn refuse_tags(
+    token_name: &str,
+    tags: &[String],
+    allowed: Option<Vec<String>>,
+) -> Result<(), StoreError> {
+    let Some(allowed) = allowed else {
+        return Ok(());
+    };
+    let refused: Vec<String> = tags
+        .iter()
+        .filter(|t| !allowed.contains(t))
+        .cloned()
+        .collect();
+    if refused.is_empty() {
+        Ok(())
+    } else {
+        Err(StoreError::TagsNotAllowed {
+            token: token_name.to_string(),
+            refused,
+            allowed,
+        })
+    }
+}
+
+/// The one delegate `name` (on `hostname`) among `found` (id, hostname, token name):
+/// none, or several on different hosts without `hostname`, is an error that says so.
+pub(crate) fn the_one_delegate(
+    name: &str,
+    hostname: Option<&str>,
+    found: Vec<(String, String, String)>,
+) -> Result<(String, String, String), StoreError> {
+    match <[_; 1]>::try_from(found) {
+        Ok([one]) => Ok(one),
+        Err(found) if found.is_empty() => Err(StoreError::NoSuchDelegate {
+            name: name.to_string(),
+            hostname: hostname.map(str::to_string),
+        }),
+        Err(found) => Err(StoreError::AmbiguousDelegate {
+            name: name.to_string(),
+            hosts: found.into_iter().map(|(_, h, _)| h).collect(),
+        }),
+    }
+}
+
+/// What a user's cancel does to `held`: a queued task ends, a held one is flagged; a
+/// finished one has nothing to cancel.
+pub(crate) fn cancel_change(held: &Held, id: &str) -> Result<(Change, Cancel), StoreError> {
+    let change = lifecycle::transition(held.task(), Event::Cancel).map_err(|e| match e {
+        TransitionError::Finished(state) => StoreError::Finished {
+            task: id.to_string(),
+            state,
+            detail: "nothing to cancel",
+        },
+        other => StoreError::Invalid(format!("task {id}: {other}")),
+    })?;
+    let effect = match change {
+        Change::End(_) => Cancel::Cancelled,
+        _ => Cancel::Requested,
+    };
+    Ok((change, effect))
+}
+
+/// Append to a log page `data` (at most `max` bytes, from byte `offset`) what it needs of
+/// the stored chunk that begins at `start`; true once the page is full.
+pub(crate) fn page_from_chunk(
+    data: &mut Vec<u8>,
+    offset: u64,
+    max: usize,
+    start: u64,
+    chunk: &[u8],
+) -> bool {
+    let skip = offset.saturating_sub(start) as usize;
+    if skip < chunk.len() {
+        let take = (max - data.len()).min(chunk.len() - skip);
+        data.extend_from_slice(&chunk[skip..skip + take]);
+    }
+    data.len() >= max
+}
+
 /// A delegate's report the life cycle refuses (e.g. about a task nobody holds).
 pub(crate) fn stale(id: &str, attempt: u32, e: TransitionError) -> StoreError {
     StoreError::StaleAttempt {
@@ -911,21 +991,7 @@ impl SqliteStore {
                 Ok((r.get(0)?, r.get(1)?, r.get(2)?))
             })?
             .collect::<Result<_, _>>()?;
-        let (id, host, token_name) = match <[_; 1]>::try_from(found) {
-            Ok([one]) => one,
-            Err(found) if found.is_empty() => {
-                return Err(StoreError::NoSuchDelegate {
-                    name: name.to_string(),
-                    hostname: hostname.map(str::to_string),
-                });
-            }
-            Err(found) => {
-                return Err(StoreError::AmbiguousDelegate {
-                    name: name.to_string(),
-                    hosts: found.into_iter().map(|(_, h, _)| h).collect(),
-                });
-            }
-        };
+        let (id, host, token_name) = the_one_delegate(name, hostname, found)?;
         let released = forget(&tx, &mut self.queue(), &id, "an admin forgot it", name, now)?;
         tx.commit()?;
         self.uncache_delegates(std::slice::from_ref(&id));
@@ -981,22 +1047,7 @@ impl SqliteStore {
         let targets = to_json(&req.targets);
         let mut conn = self.conn();
         let tx = conn.transaction()?;
-        let allowed = live_token_tags(&tx, token_name)?;
-        if let Some(allowed) = allowed {
-            let refused: Vec<String> = req
-                .tags
-                .iter()
-                .filter(|t| !allowed.contains(t))
-                .cloned()
-                .collect();
-            if !refused.is_empty() {
-                return Err(StoreError::TagsNotAllowed {
-                    token: token_name.to_string(),
-                    refused,
-                    allowed,
-                });
-            }
-        }
+        refuse_tags(token_name, &req.tags, live_token_tags(&tx, token_name)?)?;
         let existing: Option<(String, String)> = tx
             .prepare_cached(
                 "SELECT id, token_name FROM delegates WHERE name = ?1 AND hostname = ?2",
@@ -1468,14 +1519,7 @@ impl SqliteStore {
             while let Some(r) = rows.next()? {
                 let start = u64_col(r, 0)?;
                 let chunk = r.get_ref(1)?.as_blob().map_err(rusqlite::Error::from)?;
-                let skip = offset.saturating_sub(start) as usize;
-                if skip >= chunk.len() {
-                    continue;
-                }
-                let room = max - data.len();
-                let take = room.min(chunk.len() - skip);
-                data.extend_from_slice(&chunk[skip..skip + take]);
-                if data.len() >= max {
+                if page_from_chunk(&mut data, offset, max, start, chunk) {
                     break;
                 }
             }
@@ -1523,15 +1567,7 @@ impl SqliteStore {
         )?;
         let view = load_view(&tx, id)?;
         tx.commit()?;
-        // Run time from `started` (from the lease when a delegate never said it started).
-        if let (true, Some(started), Some(ended)) = (
-            view.state.is_terminal(),
-            view.started_at.or(view.assigned_at),
-            view.finished_at,
-        ) {
-            self.metrics
-                .finished(&view.kind, (ended - started).max(0) as f64 / 1000.0);
-        }
+        self.metrics.task_finished(&view);
         Ok((view, effect))
     }
 
@@ -1541,18 +1577,7 @@ impl SqliteStore {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         let held = load_held(&tx, id)?;
-        let change = lifecycle::transition(held.task(), Event::Cancel).map_err(|e| match e {
-            TransitionError::Finished(state) => StoreError::Finished {
-                task: id.to_string(),
-                state,
-                detail: "nothing to cancel",
-            },
-            other => StoreError::Invalid(format!("task {id}: {other}")),
-        })?;
-        let effect = match change {
-            Change::End(_) => Cancel::Cancelled,
-            _ => Cancel::Requested,
-        };
+        let (change, effect) = cancel_change(&held, id)?;
         persist(
             &tx,
             &mut self.queue(),
