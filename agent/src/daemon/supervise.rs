@@ -135,16 +135,22 @@ async fn supervise(
     };
 
     // Journalled first, then reported: a crash after "running" still finds the entry.
-    if !adopt {
+    // Reported beside the run, not before it; but before the result, which the manager
+    // would otherwise take first for a task that ends at once, leaving it no start time.
+    let report_start = (!adopt).then(|| {
         let client = shared.client.clone();
         let (id, attempt) = (a.task_id.clone(), a.attempt);
         tokio::spawn(async move {
             if let Err(e) = client.started(&id, attempt).await {
                 debug!(task_id = %id, "could not report the start: {e}");
             }
-        });
-    }
+        })
+    });
     let result = execute(&shared, &a, &dir, adopt, stop.clone(), reason.clone()).await;
+    if let Some(reported) = report_start {
+        // Bounded by the request's own timeout; a failed report was logged above.
+        let _ = reported.await;
+    }
     if *reason.lock().unwrap_or_else(|p| p.into_inner()) == Some(StopReason::Revoked) {
         // Another delegate (or nobody) owns the task now; a report would be refused.
         if let Err(e) = dir.remove() {
