@@ -20,6 +20,23 @@ pub const DEFAULT_CONFIG_PATH: &str = "/etc/delegate/delegate.toml";
 /// Used when neither the config nor `$STATE_DIRECTORY` names a state directory.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/delegate";
 
+/// How shell tasks run. Running them as the agent's children gives them the agent's user
+/// and everything it can reach (its token, the spool, the Docker socket), so that is never
+/// a fallback: only an operator chooses it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ShellMode {
+    /// `units` when the agent runs as a systemd service, `children` otherwise (a terminal,
+    /// the quick start, a container).
+    #[default]
+    Auto,
+    /// Each task a `delegate-task@` unit. While units cannot be used (polkit refuses, the
+    /// bus is slow) the agent takes no shell tasks and keeps trying.
+    Units,
+    /// CAUTION: tasks are the agent's children and share its user, token and spool; for
+    /// hosts where units cannot work (polkit older than 121: Debian 11, Ubuntu 22.04).
+    Children,
+}
+
 /// The validated configuration the daemon runs with.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
@@ -45,6 +62,8 @@ pub struct Config {
     /// Log filter (`info`, `debug`, `delegate=debug,...`).
     pub log_level: String,
     pub shell_enabled: bool,
+    /// How shell tasks run (`[shell] mode`).
+    pub shell_mode: ShellMode,
     pub http_enabled: bool,
     pub docker: DockerConfig,
     /// Serve Prometheus metrics here (`metrics_listen`); off when `None`.
@@ -345,6 +364,45 @@ impl Collector<'_> {
     }
 
     /// `[shell]` / `[http]`: only `enabled` for now.
+    /// `[shell]`: `enabled` and `mode`.
+    fn shell_table(&mut self, v: &Spanned<DeValue<'_>>) -> (Option<bool>, Option<ShellMode>) {
+        let Some(table) = v.get_ref().as_table() else {
+            self.at(
+                Some(v.span().start),
+                "shell must be a table: [shell] with enabled = true|false, mode = \"auto\"|\"units\"|\"children\"",
+            );
+            return (None, None);
+        };
+        let (mut enabled, mut mode) = (None, None);
+        for (k, val) in table.iter() {
+            match k.get_ref().as_ref() {
+                "enabled" => enabled = self.boolean("shell.enabled", val),
+                "mode" => {
+                    mode = match self.string("shell.mode", val).as_deref() {
+                        None => None,
+                        Some("auto") => Some(ShellMode::Auto),
+                        Some("units") => Some(ShellMode::Units),
+                        Some("children") => Some(ShellMode::Children),
+                        Some(other) => {
+                            self.at(
+                                Some(val.span().start),
+                                format!(
+                                    "shell.mode {other:?} is not a mode: \"units\" (each task a delegate-task@ systemd unit), \"children\" (tasks share the agent's user and access) or \"auto\" (units under systemd, children elsewhere)"
+                                ),
+                            );
+                            None
+                        }
+                    }
+                }
+                other => self.at(
+                    Some(k.span().start),
+                    format!("unknown key shell.{other:?} (known: enabled, mode)"),
+                ),
+            }
+        }
+        (enabled, mode)
+    }
+
     fn target_table(&mut self, key: &str, v: &Spanned<DeValue<'_>>) -> Option<bool> {
         let Some(table) = v.get_ref().as_table() else {
             self.at(
@@ -657,6 +715,7 @@ struct Raw {
     acquire_wait: Option<Duration>,
     log_level: Option<String>,
     shell_enabled: Option<bool>,
+    shell_mode: Option<ShellMode>,
     http_enabled: Option<bool>,
     docker: Option<DockerConfig>,
     metrics_listen: Option<SocketAddr>,
@@ -764,7 +823,7 @@ fn parse_file(c: &mut Collector<'_>, raw: &mut Raw) -> bool {
             "kill_grace" => raw.kill_grace = c.duration(key, v),
             "acquire_wait" => raw.acquire_wait = c.duration(key, v),
             "metrics_listen" => raw.metrics_listen = c.socket_addr(key, v),
-            "shell" => raw.shell_enabled = c.target_table(key, v),
+            "shell" => (raw.shell_enabled, raw.shell_mode) = c.shell_table(v),
             "http" => raw.http_enabled = c.target_table(key, v),
             "docker" => raw.docker = c.docker_table(v),
             "kubernetes" => raw.kubernetes = c.kubernetes(v),
@@ -1084,6 +1143,7 @@ fn finish(c: &mut Collector<'_>, raw: Raw, env: &dyn Env) -> Option<Config> {
         acquire_wait: raw.acquire_wait.unwrap_or(Duration::from_secs(30)),
         log_level: raw.log_level.unwrap_or_else(|| "info".to_string()),
         shell_enabled: raw.shell_enabled.unwrap_or(true),
+        shell_mode: raw.shell_mode.unwrap_or_default(),
         http_enabled: raw.http_enabled.unwrap_or(true),
         docker: raw.docker.unwrap_or_default(),
         metrics_listen: raw.metrics_listen,
@@ -1179,6 +1239,7 @@ pub(crate) mod tests_support {
             acquire_wait: Duration::from_secs(1),
             log_level: "info".into(),
             shell_enabled: true,
+            shell_mode: ShellMode::Auto,
             http_enabled: false,
             docker: DockerConfig {
                 enabled: false,
@@ -1244,6 +1305,28 @@ mod tests {
             "{text}"
         );
         assert_eq!(e.problems.len(), 3, "{text}");
+    }
+
+    /// Running shell tasks as the agent's children is never a fallback: only the config
+    /// chooses it, and a mistyped mode is refused with its line rather than guessed.
+    #[test]
+    fn shell_mode_defaults_to_auto_and_children_is_an_explicit_choice() {
+        let env: [(&str, &str); 0] = [];
+        let base = "manager_url = \"http://x\"\ntoken = \"t\"\n";
+        let c = Config::load(write(base).path(), &env).expect("valid");
+        assert_eq!(c.shell_mode, ShellMode::Auto);
+        for (mode, want) in [
+            ("units", ShellMode::Units),
+            ("children", ShellMode::Children),
+            ("auto", ShellMode::Auto),
+        ] {
+            let f = write(&format!("{base}[shell]\nmode = \"{mode}\"\n"));
+            assert_eq!(Config::load(f.path(), &env).expect("valid").shell_mode, want);
+        }
+        let f = write(&format!("{base}[shell]\nmode = \"direct\"\n"));
+        let e = Config::load(f.path(), &env).expect_err("must be refused");
+        assert_eq!(e.problems[0].line, Some(4), "{e}");
+        assert!(e.to_string().contains("\"children\" (tasks share the agent's user"), "{e}");
     }
 
     #[test]

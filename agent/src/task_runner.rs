@@ -1,6 +1,8 @@
-//! `delegate task-run`: the first program of a `delegate-task@` unit. It reads the task's
-//! spec from the unit's credential, puts itself into a child cgroup with the spec's limits,
-//! writes the script to the unit's private /tmp and execs the interpreter on it.
+//! `delegate task-run`: the first program of a `delegate-task@` unit. It fetches the task's
+//! spec and output file from the agent over the hand-off socket (never through a path PID 1
+//! would open as root), puts itself into a child cgroup with the spec's limits, writes the
+//! script to the unit's private /tmp and execs the interpreter on it, its output going to
+//! the file the agent handed over.
 //!
 //! It runs as the task user, with nothing the task itself could not do: the limits it sets
 //! are the task author's own (systemd delegated the unit's cgroup subtree to that user),
@@ -10,9 +12,10 @@
 use std::io::Write;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::ExitCode;
+use std::process::{ExitCode, Stdio};
 
-use crate::exec::unit::{RunnerSpec, SPEC_CREDENTIAL};
+use crate::exec::handoff;
+use crate::exec::unit::{EXIT_NO_TASK, RunnerSpec};
 
 /// Exit status when the runner cannot start the script: EX_SOFTWARE, with the reason as
 /// the last line of the task's output.
@@ -22,20 +25,10 @@ const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunnerError {
-    #[error(
-        "CREDENTIALS_DIRECTORY is not set: `delegate task-run` runs only as delegate-task@.service"
-    )]
-    NoCredentials,
-    #[error("cannot read the task spec {path}: {cause}")]
-    Spec {
-        path: PathBuf,
-        cause: std::io::Error,
-    },
-    #[error("the task spec {path} does not parse: {cause}")]
-    SpecParse {
-        path: PathBuf,
-        cause: serde_json::Error,
-    },
+    #[error("the task spec from the agent does not parse: {0}")]
+    SpecParse(serde_json::Error),
+    #[error("cannot use the task's output file: {0}")]
+    Output(std::io::Error),
     #[error(
         "cannot apply {what}: {path}: {cause} (this host's cgroup v2 hierarchy must offer the memory, cpu and pids controllers to delegate-task@.service)"
     )]
@@ -58,25 +51,29 @@ pub enum RunnerError {
 
 /// Run the task: only returns when it could not be started.
 pub fn main() -> ExitCode {
-    let e = run();
-    // stdout is the task's log: the reason is the last thing in it.
-    let _ = writeln!(std::io::stdout(), "[delegate] {e}");
+    let (spec, output) = match handoff::fetch(Path::new(handoff::SOCKET)) {
+        Ok(t) => t,
+        Err(e) => {
+            // No output file yet: the unit's journal has it, and the agent points there.
+            eprintln!("[delegate] cannot fetch the task: {e}");
+            return ExitCode::from(EXIT_NO_TASK as u8);
+        }
+    };
+    let mut output = std::fs::File::from(output);
+    let e = run(&spec, &output);
+    // The output file is the task's log: the reason is the last thing in it.
+    let _ = writeln!(output, "[delegate] {e}");
     ExitCode::from(EXIT_RUNNER)
 }
 
-fn run() -> RunnerError {
-    let dir = match std::env::var_os("CREDENTIALS_DIRECTORY") {
-        Some(d) => PathBuf::from(d),
-        None => return RunnerError::NoCredentials,
-    };
-    let path = dir.join(SPEC_CREDENTIAL);
-    let bytes = match std::fs::read(&path) {
-        Ok(b) => b,
-        Err(cause) => return RunnerError::Spec { path, cause },
-    };
-    let spec: RunnerSpec = match serde_json::from_slice(&bytes) {
+fn run(bytes: &[u8], output: &std::fs::File) -> RunnerError {
+    let spec: RunnerSpec = match serde_json::from_slice(bytes) {
         Ok(s) => s,
-        Err(cause) => return RunnerError::SpecParse { path, cause },
+        Err(cause) => return RunnerError::SpecParse(cause),
+    };
+    let (stdout, stderr) = match (output.try_clone(), output.try_clone()) {
+        (Ok(a), Ok(b)) => (a, b),
+        (Err(e), _) | (_, Err(e)) => return RunnerError::Output(e),
     };
     if let Err(e) = apply_limits(&spec) {
         return e;
@@ -108,7 +105,9 @@ fn run() -> RunnerError {
     cmd.args(&spec.argv[1..])
         .arg(&script)
         .current_dir(&workdir)
-        .env_remove("CREDENTIALS_DIRECTORY")
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(stdout))
+        .stderr(Stdio::from(stderr))
         .env("DELEGATE_TASK_ID", &spec.task_id)
         .env("DELEGATE_TASK_ATTEMPT", spec.attempt.to_string())
         .envs(spec.env.iter().map(|(k, v)| (k, v)));

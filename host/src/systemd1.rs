@@ -18,6 +18,9 @@ pub trait Manager {
     fn get_unit(&self, name: &str) -> zbus::Result<zbus::OwnedObjectPath>;
     fn load_unit(&self, name: &str) -> zbus::Result<zbus::OwnedObjectPath>;
     fn get_unit_file_state(&self, name: &str) -> zbus::Result<String>;
+    /// The unit a process belongs to, as PID 1 sees its cgroup.
+    #[zbus(name = "GetUnitByPID")]
+    fn get_unit_by_pid(&self, pid: u32) -> zbus::Result<zbus::OwnedObjectPath>;
     #[zbus(signal)]
     fn job_removed(
         &self,

@@ -29,8 +29,8 @@ use recover::recover_spool;
 use session::session;
 
 use crate::client::{ClientError, ManagerClient};
-use crate::config::{Config, DockerConfig, KubeCluster};
-use crate::exec;
+use crate::config::{Config, DockerConfig, KubeCluster, ShellMode};
+use crate::exec::{self, ShellRunner};
 use crate::notify;
 use crate::spool::{Spool, SpoolError};
 use crate::state::{AgentState, Event, transition};
@@ -169,8 +169,9 @@ struct Shared {
     token_rejected: CancellationToken,
     rejection: Mutex<Option<Rejection>>,
     metrics: crate::metrics::Metrics,
-    /// Set at start when shell tasks run as `delegate-task@` units.
-    units: std::sync::OnceLock<Arc<crate::exec::unit::TaskUnits>>,
+    /// How shell tasks run now: units once they are usable, the agent's children only
+    /// where the config says so.
+    shell: watch::Sender<ShellRunner>,
     /// `Handover()` was asked: adoptable tasks do not hold up `drained` or the exit.
     handover: AtomicBool,
 }
@@ -245,7 +246,7 @@ impl Shared {
     fn adoptable(&self, kind: &str) -> bool {
         match kind {
             "docker" | "kubernetes" => true,
-            "shell" => self.units.get().is_some(),
+            "shell" => matches!(*self.shell.borrow(), ShellRunner::Units(_)),
             _ => false,
         }
     }
@@ -309,7 +310,7 @@ impl Shared {
 
     fn targets(&self) -> Vec<Target> {
         let mut t = Vec::new();
-        if self.config.shell_enabled {
+        if self.config.shell_enabled && !matches!(*self.shell.borrow(), ShellRunner::Waiting(_)) {
             t.push(Target {
                 kind: "shell".into(),
                 name: None,
@@ -405,7 +406,9 @@ impl Daemon {
             token_rejected: CancellationToken::new(),
             rejection: Mutex::new(None),
             metrics: crate::metrics::Metrics::new(),
-            units: std::sync::OnceLock::new(),
+            shell: watch::Sender::new(ShellRunner::Waiting(
+                "the agent is starting".into(),
+            )),
             handover: AtomicBool::new(false),
         });
         Ok(Daemon { shared })
@@ -448,7 +451,7 @@ async fn run_shared(
     probe_clusters(&shared, true).await;
     tokio::spawn(watch_clusters(shared.clone()).in_current_span());
     if shared.config.shell_enabled {
-        detect_task_units(&shared).await;
+        choose_shell_runner(&shared).await;
     }
     recover_spool(&shared);
     notify::ready();
@@ -570,17 +573,67 @@ async fn run_shared(
     Ok(())
 }
 
-/// Run shell tasks as `delegate-task@` units when systemd and the template are there;
-/// otherwise say once what that means.
-async fn detect_task_units(shared: &Shared) {
-    match crate::exec::unit::TaskUnits::detect(&shared.config.state_dir).await {
-        Ok(u) => {
-            info!("shell tasks run as {} units", crate::exec::unit::TEMPLATE);
-            let _ = shared.units.set(Arc::new(u));
-        }
-        Err(why) => warn!(
+/// How shell tasks run: as `delegate-task@` units under systemd, never falling back to
+/// the agent's own children on an error (tasks would then share its user, token and
+/// spool); until units can be used, shell tasks are not taken and detection is retried.
+/// Children only where the config says so, or with no systemd at all.
+async fn choose_shell_runner(shared: &Arc<Shared>) {
+    let under_systemd = std::env::var_os("INVOCATION_ID").is_some()
+        && std::path::Path::new("/run/systemd/system").is_dir();
+    let units = match shared.config.shell_mode {
+        ShellMode::Units => true,
+        ShellMode::Children => false,
+        ShellMode::Auto => under_systemd,
+    };
+    if !units {
+        let why = if shared.config.shell_mode == ShellMode::Children {
+            "[shell] mode = \"children\""
+        } else {
+            "not running as a systemd service"
+        };
+        warn!(
             "shell tasks run as children of the agent: they share its user and its access (config, token, spool, Docker socket) and do not survive an agent restart ({why})"
-        ),
+        );
+        shared.shell.send_replace(ShellRunner::Children);
+        return;
+    }
+    match crate::exec::unit::TaskUnits::detect().await {
+        Ok(u) => use_task_units(shared, u),
+        Err(why) => {
+            warn!(
+                "shell tasks wait: they run only as {} units, which cannot be used now: {why}; retrying every {} s (to run them as the agent's children instead, sharing its user, token and spool, set [shell] mode = \"children\")",
+                crate::exec::unit::TEMPLATE,
+                UNITS_RETRY.as_secs()
+            );
+            shared.shell.send_replace(ShellRunner::Waiting(why));
+            tokio::spawn(retry_task_units(shared.clone()).in_current_span());
+        }
+    }
+}
+
+/// How often a failed detection of task units is tried again.
+const UNITS_RETRY: Duration = Duration::from_secs(10);
+
+fn use_task_units(shared: &Shared, u: crate::exec::unit::TaskUnits) {
+    info!("shell tasks run as {} units", crate::exec::unit::TEMPLATE);
+    shared.shell.send_replace(ShellRunner::Units(Arc::new(u)));
+    // Registered again at the next heartbeat, now offering shell tasks.
+    shared.targets_changed.store(true, Ordering::Relaxed);
+}
+
+async fn retry_task_units(shared: Arc<Shared>) {
+    loop {
+        tokio::select! {
+            _ = shared.stopped.cancelled() => return,
+            _ = tokio::time::sleep(UNITS_RETRY) => {}
+        }
+        match crate::exec::unit::TaskUnits::detect().await {
+            Ok(u) => return use_task_units(&shared, u),
+            Err(why) => {
+                debug!("task units still cannot be used: {why}");
+                shared.shell.send_replace(ShellRunner::Waiting(why));
+            }
+        }
     }
 }
 

@@ -49,11 +49,9 @@ pub(super) fn recover_spool(shared: &Arc<Shared>) {
             spawn_adopted(shared.clone(), rec.assignment, rec.dir, permit);
             continue;
         }
-        if rec.result.is_none()
-            && rec.assignment.kind == "shell"
-            && shared.units.get().is_some()
-            && rec.dir.unit().is_some()
-        {
+        // A task unit outlives the agent: re-attach to it, also when units cannot be used
+        // right now (the executor waits for them), never report it lost while it may run.
+        if rec.result.is_none() && rec.assignment.kind == "shell" && rec.dir.unit().is_some() {
             info!(task_id = %rec.assignment.task_id, attempt = rec.assignment.attempt, "re-attaching to the unit of a task that ran when the delegate stopped");
             let permit = shared.slots.clone().try_acquire_owned().ok();
             spawn_adopted(shared.clone(), rec.assignment, rec.dir, permit);

@@ -241,7 +241,7 @@ async fn execute(
         delegate_id: shared.delegate_id.borrow().clone(),
         docker: shared.docker.clone(),
         kubernetes: shared.kubernetes.clone(),
-        units: shared.units.get().cloned(),
+        shell: shared.shell.subscribe(),
     };
     let mut timeout = Duration::from_secs(a.timeout_secs.max(1));
     if adopt {

@@ -7,6 +7,7 @@
 //! and turns the outcome into a protocol result.
 
 pub mod docker;
+pub mod handoff;
 pub mod http;
 pub mod kubernetes;
 pub mod kubernetes_job;
@@ -109,6 +110,17 @@ pub enum ExecOutcome {
     Lost(String),
 }
 
+/// How shell tasks run right now (from `[shell] mode` and what the host offers).
+#[derive(Debug, Clone)]
+pub enum ShellRunner {
+    /// Each task a `delegate-task@` unit.
+    Units(Arc<unit::TaskUnits>),
+    /// The agent's own children (the operator's choice, or no systemd).
+    Children,
+    /// Units are required and cannot be used yet: shell tasks are refused with this reason.
+    Waiting(String),
+}
+
 /// Everything an executor may use.
 pub struct ExecContext {
     pub task_id: String,
@@ -131,9 +143,8 @@ pub struct ExecContext {
     pub docker: Arc<DockerConfig>,
     /// The `[[kubernetes]]` clusters of the config.
     pub kubernetes: Arc<Vec<KubeCluster>>,
-    /// Shell tasks run as `delegate-task@` units when set (under systemd with the
-    /// template installed); as the agent's children otherwise.
-    pub units: Option<Arc<unit::TaskUnits>>,
+    /// How shell tasks run on this host; it changes when task units become usable.
+    pub shell: tokio::sync::watch::Receiver<ShellRunner>,
 }
 
 impl ExecContext {

@@ -15,8 +15,9 @@ use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use tokio::io::AsyncReadExt;
 use tokio::net::unix::pipe;
+use tracing::warn;
 
-use super::{ExecContext, ExecOutcome, ProcessRecord};
+use super::{ShellRunner, ExecContext, ExecOutcome, ProcessRecord};
 
 /// Variables of the agent that must not leak into tasks.
 const SCRUBBED_ENV: &[&str] = &[
@@ -37,8 +38,37 @@ const SCRUBBED_ENV: &[&str] = &[
 const OUTPUT_DRAIN_LIMIT: Duration = Duration::from_secs(2);
 
 pub async fn run(spec: &ShellSpec, mut ctx: ExecContext) -> ExecOutcome {
-    if let Some(units) = ctx.units.clone() {
-        return super::unit::run(spec, units, ctx).await;
+    let runner = ctx.shell.borrow().clone();
+    match runner {
+        ShellRunner::Units(units) => return super::unit::run(spec, units, ctx).await,
+        // A unit an earlier run started may still be running: never report it lost (the
+        // manager would run it again beside it); wait until units can be used again.
+        ShellRunner::Waiting(why) if ctx.adopt => {
+            warn!(
+                "the task's unit may still run; waiting until task units can be used again to re-attach to it ({why})"
+            );
+            let units = loop {
+                if ctx.shell.changed().await.is_err() {
+                    return ExecOutcome::Lost("the delegate stopped".into());
+                }
+                if let ShellRunner::Units(u) = ctx.shell.borrow().clone() {
+                    break u;
+                }
+            };
+            return super::unit::run(spec, units, ctx).await;
+        }
+        ShellRunner::Waiting(why) => {
+            return ExecOutcome::CouldNotStart(format!(
+                "shell tasks run as delegate-task@ units on this host, which cannot be used now: {why}"
+            ));
+        }
+        ShellRunner::Children if ctx.adopt => {
+            let unit = ctx.journal.unit().map(|u| u.unit).unwrap_or_default();
+            return ExecOutcome::CouldNotStart(format!(
+                "an earlier run of the delegate started this task as {unit}, which may still run, and this one runs shell tasks as its children ([shell] mode): not run again; see `systemctl status {unit}`"
+            ));
+        }
+        ShellRunner::Children => {}
     }
     if spec.has_limits() {
         ctx.note("memory_max, cpu_weight and tasks_max are not applied: this delegate runs tasks as its own children (not as delegate-task@ systemd units)");

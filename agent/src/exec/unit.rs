@@ -3,18 +3,20 @@
 //! A task that is the agent's child shares its user, its cgroup and its fate: it can read
 //! the agent's token (`/proc/$PPID/environ`, the config), rewrite other tasks' spool files,
 //! use the Docker socket of a `docker`-group agent, and dies with the agent. As an instance
-//! of the packaged template `delegate-task@.service` it runs as user `delegate-task` in its
-//! own cgroup, sandboxed, and keeps running when the agent restarts.
+//! of the packaged template `delegate-task@.service` it runs as a user of its own
+//! (`DynamicUser=yes`, named after the instance), in its own cgroup, sandboxed, and keeps
+//! running when the agent restarts.
 //!
-//! The agent only names the instance (`<task>.<attempt>`, the spool directory's name); a
-//! polkit rule lets it start, stop and reset only such units, so it can never start a unit
-//! with properties it chose. The spec goes in as a credential (`LoadCredential=` of
-//! `spec.json` in the task's spool directory, which the task cannot read), output comes
-//! back in the file `output` beside it, which systemd opens for the task before switching
-//! users; the agent copies it into the task's log by byte offset. The exit status is the
-//! unit's `ExecMainStatus`, kept by systemd (`RemainAfterExit=yes`, or the failed state)
-//! until the agent collects it — also after an agent restart, which re-attaches to the unit
-//! and continues the copy from `log length - output_base`.
+//! The agent only names the instance (`<task>-<attempt>`); a polkit rule lets it start,
+//! stop and reset only such units, so it can never start a unit with properties it chose.
+//! The template names no file of the agent's: PID 1 opens such paths as root before the
+//! sandbox applies, so any path user `delegate` can change would let it write or read as
+//! root. The unit's runner fetches the spec and the task's output file (opened by the
+//! agent) over the hand-off socket instead ([`super::handoff`]); the agent copies that file
+//! into the task's log by byte offset. The exit status is the unit's `ExecMainStatus`,
+//! kept by systemd (`RemainAfterExit=yes`, or the failed state) until the agent collects
+//! it — also after an agent restart, which re-attaches to the unit and continues the copy
+//! from `log length - output_base`.
 
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
@@ -29,21 +31,20 @@ use tracing::{debug, warn};
 use zbus::fdo::{PropertiesChangedStream, PropertiesProxy};
 use zbus::proxy::CacheProperties;
 
+use super::handoff::{self, Handoffs, UnitOfPid};
 use super::{ExecContext, ExecOutcome};
 
 /// The template unit the package installs.
 pub const TEMPLATE: &str = "delegate-task@.service";
 
-/// The state directory the template's `LoadCredential=` and `StandardOutput=` name.
-pub const PACKAGED_STATE_DIR: &str = "/var/lib/delegate";
-
-/// Name of the credential holding the [`RunnerSpec`].
-pub const SPEC_CREDENTIAL: &str = "spec";
-
 /// The instance [`TaskUnits::detect`] stops to learn whether polkit lets the agent manage
 /// its task units. Attempts count from 1, so no task ever has this name; it matches the
 /// rule's pattern like every task's unit.
-pub const PROBE_UNIT: &str = "delegate-task@permission-probe.0.service";
+pub const PROBE_UNIT: &str = "delegate-task@t_permission_probe-0.service";
+
+/// Exit status of a runner that could not fetch its task from the agent (EX_UNAVAILABLE);
+/// its reason is in the unit's journal, as it had no output file yet.
+pub const EXIT_NO_TASK: i32 = 69;
 
 /// How often a running unit's output file is copied into the task's log (a file read,
 /// no call to systemd).
@@ -86,6 +87,44 @@ pub struct TaskUnits {
     conn: zbus::Connection,
     /// Built once, without a property cache (that would add match rules on every build).
     manager: ManagerProxy<'static>,
+    /// Tasks waiting for their unit's runner.
+    handoffs: Handoffs,
+    /// Serves the hand-off socket while these units are in use.
+    serving: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for TaskUnits {
+    fn drop(&mut self) {
+        self.serving.abort();
+    }
+}
+
+/// Tells the hand-off socket which unit a connecting process is the main process of.
+struct Systemd {
+    conn: zbus::Connection,
+    manager: ManagerProxy<'static>,
+}
+
+impl UnitOfPid for Systemd {
+    async fn main_of(&self, pid: u32, candidates: Vec<String>) -> Option<String> {
+        // PID 1 maps the process to its unit by its cgroup (a task cannot leave its
+        // unit's subtree); the unit's main process must be this very pid, so a task's
+        // other processes never qualify, and each unit's runner takes only its own task.
+        let path = self.manager.get_unit_by_pid(pid).await.ok()?;
+        let unit = candidates
+            .into_iter()
+            .find(|u| unit_path(u) == path.as_str())?;
+        let main = ServiceProxy::builder(&self.conn)
+            .path(path)
+            .cache_properties(CacheProperties::No)
+            .build()
+            .await
+            .ok()?
+            .main_pid()
+            .await
+            .ok()?;
+        (main == pid).then_some(unit)
+    }
 }
 
 impl std::fmt::Debug for TaskUnits {
@@ -95,18 +134,12 @@ impl std::fmt::Debug for TaskUnits {
 }
 
 impl TaskUnits {
-    /// Task units when this agent runs under systemd with the template installed and the
-    /// packaged state directory; otherwise why not (for the one warning line at start).
-    pub async fn detect(state_dir: &Path) -> Result<TaskUnits, String> {
+    /// Task units, when systemd, the template, polkit's rule and the hand-off socket's
+    /// directory are all there; otherwise why not.
+    pub async fn detect() -> Result<TaskUnits, String> {
         if std::env::var_os("INVOCATION_ID").is_none() || !Path::new("/run/systemd/system").is_dir()
         {
             return Err("not running as a systemd service".into());
-        }
-        if state_dir != Path::new(PACKAGED_STATE_DIR) {
-            return Err(format!(
-                "state_dir is {}, and {TEMPLATE} reads specs from {PACKAGED_STATE_DIR}",
-                state_dir.display()
-            ));
         }
         let conn = tokio::time::timeout(Duration::from_secs(5), zbus::Connection::system())
             .await
@@ -125,7 +158,25 @@ impl TaskUnits {
         subscribe(&manager)
             .await
             .map_err(|e| format!("cannot subscribe to systemd's signals: {e}"))?;
-        Ok(TaskUnits { conn, manager })
+        let socket = Path::new(handoff::SOCKET);
+        if !socket.parent().is_some_and(Path::is_dir) {
+            return Err(format!(
+                "{} is missing: delegate.service must have RuntimeDirectory=delegate (the packaged unit does)",
+                socket.parent().unwrap_or(socket).display()
+            ));
+        }
+        let systemd = Arc::new(Systemd {
+            conn: conn.clone(),
+            manager: manager.clone(),
+        });
+        let (handoffs, serving) =
+            Handoffs::listen(socket, systemd).map_err(|e| e.to_string())?;
+        Ok(TaskUnits {
+            conn,
+            manager,
+            handoffs,
+            serving,
+        })
     }
 
     async fn manager(&self) -> zbus::Result<ManagerProxy<'static>> {
@@ -433,20 +484,53 @@ fn refusal(e: &zbus::Error) -> Option<String> {
     }
 }
 
-/// The unit name of a task attempt: its spool directory's name.
-pub fn unit_name(dir: &Path) -> String {
-    let instance = dir
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    format!("delegate-task@{instance}.service")
+/// The unit of a task attempt, `delegate-task@<task>-<attempt>.service`. Its instance is
+/// also the name of the user the task runs as (`DynamicUser=yes`, `User=%i`), so it must be
+/// a valid user name (at most 31 characters) and name no user that exists: systemd would
+/// run the task as that user. The `t_` prefix of the manager's task ids keeps it apart
+/// from system users; polkit's rule allows only this shape.
+pub fn unit_name(task_id: &str, attempt: u32) -> Result<String, String> {
+    let instance = format!("{task_id}-{attempt}");
+    let shaped = task_id
+        .strip_prefix("t_")
+        .is_some_and(|rest| {
+            (1..=24).contains(&rest.len())
+                && rest.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        })
+        && (1..=9999).contains(&attempt);
+    if !shaped {
+        return Err(format!(
+            "task id {task_id:?} (attempt {attempt}) cannot name a task unit: it must be t_ and 1 to 24 letters, digits or _ (as the manager makes them), the attempt 1 to 9999"
+        ));
+    }
+    if let Ok(Some(_)) = nix::unistd::User::from_name(&instance) {
+        return Err(format!(
+            "a user named {instance} exists on this host: the task's unit would run as it; refusing"
+        ));
+    }
+    Ok(format!("delegate-task@{instance}.service"))
+}
+
+/// The task's output file, created by the agent in its own directory, never through a
+/// symlink; its runner gets it as an open file.
+fn create_output(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    std::fs::OpenOptions::new()
+        .append(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
+        .open(path)
 }
 
 /// Run (or, when adopting, re-attach to) a shell task as a unit.
 pub async fn run(spec: &ShellSpec, units: Arc<TaskUnits>, mut ctx: ExecContext) -> ExecOutcome {
-    let unit = unit_name(&ctx.dir);
     let output = ctx.dir.join("output");
-    let mut watch = units.watch(&unit).await;
     let record = if ctx.adopt {
         match ctx.journal.unit() {
             Some(r) => r,
@@ -457,6 +541,10 @@ pub async fn run(spec: &ShellSpec, units: Arc<TaskUnits>, mut ctx: ExecContext) 
             }
         }
     } else {
+        let unit = match unit_name(&ctx.task_id, ctx.attempt) {
+            Ok(u) => u,
+            Err(why) => return ExecOutcome::CouldNotStart(why),
+        };
         let runner = RunnerSpec {
             task_id: ctx.task_id.clone(),
             attempt: ctx.attempt,
@@ -472,14 +560,19 @@ pub async fn run(spec: &ShellSpec, units: Arc<TaskUnits>, mut ctx: ExecContext) 
             cpu_weight: spec.cpu_weight,
             tasks_max: spec.tasks_max,
         };
-        let spec_path = ctx.dir.join("spec.json");
-        let json = serde_json::to_vec(&runner).unwrap_or_default();
-        if let Err(e) = crate::spool::write_atomic(&spec_path, &json) {
-            return ExecOutcome::CouldNotStart(format!("cannot write the task's spec: {e}"));
-        }
-        if let Err(e) = std::fs::write(&output, b"") {
-            return ExecOutcome::CouldNotStart(format!("cannot create {}: {e}", output.display()));
-        }
+        let json = match serde_json::to_vec(&runner) {
+            Ok(j) => j,
+            Err(e) => return ExecOutcome::CouldNotStart(format!("cannot encode the task: {e}")),
+        };
+        let file = match create_output(&output) {
+            Ok(f) => f,
+            Err(e) => {
+                return ExecOutcome::CouldNotStart(format!(
+                    "cannot create {}: {e}",
+                    output.display()
+                ));
+            }
+        };
         let record = UnitRecord {
             unit: unit.clone(),
             output_base: ctx.log.written(),
@@ -487,14 +580,20 @@ pub async fn run(spec: &ShellSpec, units: Arc<TaskUnits>, mut ctx: ExecContext) 
         // Journalled before the start: a restart in between finds the unit or knows it
         // never ran.
         ctx.journal.record_unit(&record);
-        if let Err(why) = units.start(&unit).await {
-            units.collect(&unit, &mut watch).await;
-            let mut copied = 0;
-            copy_output(&output, &mut copied, &mut ctx);
-            return ExecOutcome::CouldNotStart(why);
-        }
+        units.handoffs.offer(&unit, json, file);
         record
     };
+    let unit = record.unit.clone();
+    let mut watch = units.watch(&unit).await;
+    if !ctx.adopt
+        && let Err(why) = units.start(&unit).await
+    {
+        units.collect(&unit, &mut watch).await;
+        units.handoffs.withdraw(&unit);
+        let mut copied = 0;
+        copy_output(&output, &mut copied, &mut ctx);
+        return ExecOutcome::CouldNotStart(why);
+    }
     let mut copied = ctx.log.written().saturating_sub(record.output_base);
     let mut stopping = false;
     // The state is read at first, when systemd signals a change, and every RECHECK; the
@@ -527,8 +626,12 @@ pub async fn run(spec: &ShellSpec, units: Arc<TaskUnits>, mut ctx: ExecContext) 
     // Whatever the script left behind goes with its unit; then the rest of its output.
     units.collect(&unit, &mut watch).await;
     copy_output(&output, &mut copied, &mut ctx);
-    let _ = std::fs::remove_file(ctx.dir.join("spec.json"));
+    let never_fetched = units.handoffs.withdraw(&unit);
     match last {
+        Some(s) if never_fetched && !stopping => ExecOutcome::CouldNotStart(format!(
+            "the task's runner never fetched the task from the agent (exit status {}); `journalctl -u {unit}` says why",
+            s.status
+        )),
         Some(s) => s.outcome(),
         None if stopping => ExecOutcome::Signaled(15),
         None => ExecOutcome::Lost(format!(
@@ -619,10 +722,27 @@ mod tests {
     }
 
     #[test]
-    fn the_unit_is_named_after_the_spool_directory() {
+    fn a_units_instance_is_a_user_name_that_names_no_existing_user() {
         assert_eq!(
-            unit_name(Path::new("/var/lib/delegate/tasks/t_ab-1.2")),
-            "delegate-task@t_ab-1.2.service"
+            unit_name("t_0123456789abcdef0123", 2).as_deref(),
+            Ok("delegate-task@t_0123456789abcdef0123-2.service")
         );
+        // Longest allowed: 31 characters, what systemd takes as a user name.
+        let long = format!("t_{}", "a".repeat(24));
+        let unit = unit_name(&long, 9999).expect("fits");
+        assert_eq!(unit.len() - "delegate-task@.service".len(), 31);
+        for (id, attempt) in [
+            ("t_", 1),
+            ("x_ab", 1),
+            ("t_a.b", 1),
+            ("t_a-b", 1),
+            ("t_a/../b", 1),
+            (&format!("t_{}", "a".repeat(25)), 1),
+            ("t_ab", 0),
+            ("t_ab", 10_000),
+        ] {
+            let e = unit_name(id, attempt).expect_err(id);
+            assert!(e.contains("cannot name a task unit"), "{e}");
+        }
     }
 }
