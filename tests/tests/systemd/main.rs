@@ -234,8 +234,8 @@ fn deb_install_setup_status_drain_remove_purge() -> Result<()> {
         "root:delegate 640"
     );
     // Shell tasks run as their own unit's user, not as the agent's.
-    let id = w.submit("echo hello from $(id -un)")?;
-    w.assert_succeeded(&id, "hello from delegate-task")?;
+    let id = w.submit("echo hello from uid $(id -u)")?;
+    w.assert_succeeded(&id, "hello from uid 6")?;
     let entries = c.journal_json("delegate")?;
     let tagged = entries.iter().find(|e| {
         e["TASK_ID"] == id.as_str() && e["DELEGATE_ID"].as_str().is_some_and(|d| !d.is_empty())

@@ -49,10 +49,26 @@ fn exposure(w: &World, unit: &str) -> Result<(f64, String)> {
 /// polkit allows no task units, see docs/security.md).
 const AGENT_EXPOSURE: f64 = 1.4;
 
-/// Processes of user delegate-task still alive (minbase has no ps/pgrep).
+/// The uid a task printed as `user: UID`, checked to be one systemd made for its unit
+/// (`DynamicUser=`: 61184–65519), never `delegate-task` or the agent's.
+fn dynamic_uid(log: &str) -> Result<u32> {
+    let uid: u32 = log
+        .lines()
+        .find_map(|l| l.strip_prefix("user: "))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|u| u.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no `user: UID` line in the task's log:\n{log}"))?;
+    if !(61184..=65519).contains(&uid) {
+        bail!("the task ran as uid {uid}, not a dynamic user of its own:\n{log}");
+    }
+    Ok(uid)
+}
+
+/// Processes of task users still alive: systemd's dynamic uids, 61184–65519 (minbase has
+/// no ps/pgrep).
 fn task_processes(w: &World) -> Result<String> {
     Ok(w.c
-        .run("for p in /proc/[0-9]*; do [ \"$(stat -c %U $p 2>/dev/null)\" = delegate-task ] && cat $p/cmdline | tr '\\0' ' ' && echo; done; true")?
+        .run("for p in /proc/[0-9]*; do u=$(stat -c %u $p 2>/dev/null) || continue; [ \"$u\" -ge 61184 ] && [ \"$u\" -le 65519 ] && cat $p/cmdline | tr '\\0' ' ' && echo; done; true")?
         .trim()
         .to_string())
 }
@@ -120,7 +136,8 @@ fn a_task_unit_cannot_reach_the_token_the_spool_or_docker() -> Result<()> {
     c.run("runuser -u delegate -- ls /var/lib/delegate/tasks >/dev/null")?;
 
     let script = format!(
-        r#"echo "user: $(id -un) groups: $(id -Gn)"
+        r#"echo "user: $(id -u) groups: $(id -G)"
+perl -MIO::Socket::UNIX -e 'my $s = IO::Socket::UNIX->new(Peer => "/run/delegate/tasks.sock") or die; my $n = sysread($s, my $b, 64); print "handoff: ", ($n ? "GOT A TASK" : "nothing"), "\n"' 2>&1 || echo "handoff: refused"
 cat /etc/delegate/delegate.toml >/dev/null 2>&1 && echo "config: READ" || echo "config: refused"
 cat /proc/{agent_pid}/environ >/dev/null 2>&1 && echo "environ: READ" || echo "environ: refused"
 ls /var/lib/delegate/tasks >/dev/null 2>&1 && echo "spool list: READ" || echo "spool list: refused"
@@ -134,8 +151,14 @@ echo done
     let t = w.m.wait_done(&id, Duration::from_secs(60))?;
     let log = w.logs(&id)?;
     assert_eq!(t.state, TaskState::Succeeded, "{t:?}\n{log}");
+    // A user of its own (systemd's dynamic range), in no other group.
+    let uid = dynamic_uid(&log)?;
+    assert!(
+        log.contains(&format!("user: {uid} groups: {uid}\n")),
+        "{log}"
+    );
     for line in [
-        "user: delegate-task groups: delegate-task\n",
+        "handoff: nothing\n",
         "config: refused\n",
         "environ: refused\n",
         "spool list: refused\n",
@@ -167,28 +190,32 @@ echo done
     denied("systemctl --no-ask-password stop fake-docker.socket")?;
     denied("systemctl --no-ask-password start systemd-tmpfiles-clean.service")?;
     denied(
-        "systemd-run --no-ask-password --unit delegate-task@evil.1.service --property User=root /bin/true",
+        "systemd-run --no-ask-password --unit delegate-task@t_evil-1.service --property User=root /bin/true",
     )?;
     denied("systemd-run --no-ask-password /bin/true")?;
-    // Its own template is allowed (this instance then fails for want of a spec: not a
+    // Only instances shaped as <task>-<attempt> with the manager's t_ ids: the instance is
+    // the task's user name, which must never name a system user.
+    denied("systemctl --no-ask-password start delegate-task@root.service")?;
+    denied("systemctl --no-ask-password start delegate-task@daemon-1.service")?;
+    // Its own template is allowed (this instance then fails for want of a task: not a
     // refusal), and stays loaded for the property and kill attempts.
     let own =
-        c.sh("runuser -u delegate -- systemctl --no-ask-password start delegate-task@x.1.service")?;
+        c.sh("runuser -u delegate -- systemctl --no-ask-password start delegate-task@t_x-1.service")?;
     let said = format!("{}{}", own.stdout, own.stderr);
     assert!(
         !said.contains("Access denied") && !said.contains("authentication required"),
         "{own:?}"
     );
     assert_eq!(
-        c.unit_property("delegate-task@x.1.service", "LoadState")?,
+        c.unit_property("delegate-task@t_x-1.service", "LoadState")?,
         "loaded"
     );
-    denied("systemctl --no-ask-password set-property delegate-task@x.1.service MemoryMax=1G")?;
-    denied("systemctl --no-ask-password kill delegate-task@x.1.service")?;
+    denied("systemctl --no-ask-password set-property delegate-task@t_x-1.service MemoryMax=1G")?;
+    denied("systemctl --no-ask-password kill delegate-task@t_x-1.service")?;
     c.run("systemctl reset-failed 'delegate-task@*' || true")?;
     // The template is valid, and its sandbox scores 2.5 or better.
-    c.run("systemd-analyze verify --man=no delegate-task@x.1.service")?;
-    let (task_score, security) = exposure(&w, "delegate-task@x.1.service")?;
+    c.run("systemd-analyze verify --man=no delegate-task@t_x-1.service")?;
+    let (task_score, security) = exposure(&w, "delegate-task@t_x-1.service")?;
     eprintln!("systemd-analyze security delegate-task@.service: {task_score}");
     assert!(task_score <= 2.5, "{security}");
     // The agent's own unit keeps its sandbox (a drop-in that loosens it would show here).
@@ -220,7 +247,7 @@ fn an_agent_killed_mid_task_re_attaches_and_reports_exit_3_with_every_line_once(
     )?;
     let restarts = c.unit_property("delegate", "NRestarts")?;
     c.run("kill -9 $(systemctl show -p MainPID --value delegate)")?;
-    let unit = format!("delegate-task@{id}.1.service");
+    let unit = format!("delegate-task@{id}-1.service");
     // The task is not the agent's child any more: it runs on.
     let state = c.unit_property(&unit, "ActiveState")?;
     assert_eq!(state, "active", "{unit} after the agent's kill -9");
@@ -340,7 +367,7 @@ fn an_unknown_task_user_fails_the_task_with_a_clear_message() -> Result<()> {
     c.run("mkdir -p /etc/systemd/system/delegate-task@.service.d")?;
     c.write(
         "/etc/systemd/system/delegate-task@.service.d/user.conf",
-        b"[Service]\nUser=no-such-user\n",
+        b"[Service]\nDynamicUser=no\nUser=no-such-user\n",
         0o644,
     )?;
     c.run("systemctl daemon-reload")?;
@@ -361,13 +388,130 @@ fn an_unknown_task_user_fails_the_task_with_a_clear_message() -> Result<()> {
     Ok(())
 }
 
-/// Where polkit does not let the agent manage its task units (a polkitd too old for
-/// JavaScript rules, as on Debian 11 and Ubuntu 22.04, or the rule removed), the agent
-/// learns it at start, says so in one warning line that names the fix, and runs shell
-/// tasks by direct spawn; with the rule back, a restart uses units again.
+/// The high finding of the second review, reproduced: user `delegate` owns the spool, and
+/// the old template had PID 1 open `tasks/%i/output` (StandardOutput=append:) and
+/// `tasks/%i/spec.json` (LoadCredential=) there as root before the sandbox, following
+/// symlinks. `output -> /etc/cron.d/…` made root create a cron job; `spec.json ->
+/// /etc/shadow` loaded the shadow file into the task. Planted for both instance shapes
+/// (the old `<task>.<attempt>` and today's `<task>-<attempt>`), the unit now opens
+/// neither: its runner asks the agent, which hands this unit nothing.
 #[test]
-fn without_the_polkit_rule_the_agent_warns_once_and_spawns_tasks_itself() -> Result<()> {
-    let test = "without_the_polkit_rule_the_agent_warns_once_and_spawns_tasks_itself";
+fn the_agents_user_cannot_make_pid1_write_or_read_files_through_a_task_unit() -> Result<()> {
+    let test = "the_agents_user_cannot_make_pid1_write_or_read_files_through_a_task_unit";
+    if skip(test) {
+        return Ok(());
+    }
+    let start = Instant::now();
+    let w = installed("e2e-symlink")?;
+    let c = &w.c;
+    c.run(
+        "runuser -u delegate -- sh -c 'for d in t_evil.1 t_evil-1; do mkdir -p /var/lib/delegate/tasks/$d && ln -sfn /etc/cron.d/delegate-pwned /var/lib/delegate/tasks/$d/output && ln -sfn /etc/shadow /var/lib/delegate/tasks/$d/spec.json; done'",
+    )?;
+    for unit in ["delegate-task@t_evil.1.service", "delegate-task@t_evil-1.service"] {
+        // Refused or started: either way nothing may be written or read as root.
+        let r = c.sh(&format!(
+            "runuser -u delegate -- systemctl --no-ask-password start {unit}"
+        ))?;
+        eprintln!("start {unit} as delegate: {r:?}");
+    }
+    c.wait_until(
+        Duration::from_secs(30),
+        "the planted unit to end",
+        "! systemctl is-active --quiet delegate-task@t_evil-1.service",
+    )?;
+    let cron = c.sh("ls -l /etc/cron.d/delegate-pwned")?;
+    assert!(!cron.ok(), "root followed the symlink and wrote {cron:?}");
+    let said = c.run("journalctl --no-pager -o cat -u 'delegate-task@t_evil*'")?;
+    let shadow_root = c.run("grep -c '^root:' /etc/shadow")?;
+    assert_eq!(shadow_root.trim(), "1", "the control: /etc/shadow has root's line");
+    assert!(!said.contains("root:"), "the shadow file reached the unit:\n{said}");
+    assert!(
+        said.contains("cannot fetch the task") && said.contains("handed no task"),
+        "the runner should say the agent handed it nothing:\n{said}"
+    );
+    // The agent said it refused a process that is not a waiting unit's main process, or
+    // had no task waiting at all; either way it goes on running tasks.
+    let id = w.submit("echo still fine")?;
+    w.assert_succeeded(&id, "still fine\n")?;
+    elapsed(test, start);
+    Ok(())
+}
+
+/// Two tasks running at once are two users: one cannot read the other's environment
+/// (`/proc/PID/environ`), its private /tmp (through `/proc/PID/root`), its /dev/shm or its
+/// System V IPC, and cannot signal it — the second review reproduced each with the shared
+/// `delegate-task` user.
+#[test]
+fn two_running_tasks_cannot_read_signal_or_share_memory_with_each_other() -> Result<()> {
+    let test = "two_running_tasks_cannot_read_signal_or_share_memory_with_each_other";
+    if skip(test) {
+        return Ok(());
+    }
+    let start = Instant::now();
+    let w = installed("e2e-tasks")?;
+    let a = w.m.submit(&json!({
+        "kind": "shell",
+        "spec": {
+            "script": "echo \"user: $(id -u)\"; echo \"pid: $$\"; echo a-secret > /tmp/a-file; echo a-shm > /dev/shm/a-shm; ls /dev/shm; echo ready; sleep 60",
+            "env": { "A_SECRET": "s3cr3t-of-a" },
+        },
+        "selectors": ["e2e"],
+        "timeout_secs": 300,
+        "retries": 0,
+    }))?;
+    let log_a = delegate_tests::wait_for(Duration::from_secs(60), "task A ready", || {
+        w.logs(&a).ok().filter(|l| l.contains("ready\n"))
+    })?;
+    let uid_a = dynamic_uid(&log_a)?;
+    let pid_a: u32 = log_a
+        .lines()
+        .find_map(|l| l.strip_prefix("pid: "))
+        .and_then(|p| p.trim().parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no pid in A's log:\n{log_a}"))?;
+    let b = w.submit(&format!(
+        r#"echo "user: $(id -u)"
+tr '\0' '\n' < /proc/{pid_a}/environ 2>/dev/null | grep A_SECRET && echo "environ: READ" || echo "environ: refused"
+cat /proc/{pid_a}/root/tmp/a-file 2>/dev/null && echo "tmp: READ" || echo "tmp: refused"
+echo b-was-here > /proc/{pid_a}/root/tmp/a-file 2>/dev/null && echo "tmp write: WROTE" || echo "tmp write: refused"
+ls /dev/shm | grep -q a-shm && echo "shm: SHARED" || echo "shm: private"
+kill -0 {pid_a} 2>/dev/null && echo "signal: ALLOWED" || echo "signal: refused"
+echo done
+"#
+    ))?;
+    let t = w.m.wait_done(&b, Duration::from_secs(60))?;
+    let log_b = w.logs(&b)?;
+    assert_eq!(t.state, TaskState::Succeeded, "{t:?}\n{log_b}");
+    let uid_b = dynamic_uid(&log_b)?;
+    assert_ne!(uid_a, uid_b, "both tasks ran as one user");
+    for line in [
+        "environ: refused\n",
+        "tmp: refused\n",
+        "tmp write: refused\n",
+        "shm: private\n",
+        "signal: refused\n",
+        "done\n",
+    ] {
+        assert!(log_b.contains(line), "missing {line:?} in B's log:\n{log_b}");
+    }
+    assert!(!log_b.contains("s3cr3t-of-a"), "{log_b}");
+    // The control: A itself sees its file, and is still running, untouched.
+    assert!(log_a.contains("a-shm\n"), "{log_a}");
+    assert_eq!(w.m.task(&a)?.state, TaskState::Running);
+    w.m.cancel(&a)?;
+    w.m.wait_done(&a, Duration::from_secs(60))?;
+    elapsed(test, start);
+    Ok(())
+}
+
+/// Never a fallback to the agent's own children under systemd (the second review: an error
+/// at detection, such as polkitd briefly down, made the agent spawn tasks as itself while
+/// the rule was in effect). Without the rule the agent says why in one line, refuses shell
+/// tasks with that reason and keeps trying; with the rule back it runs them as units,
+/// without a restart. Only `[shell] mode = "children"` runs them as the agent's children.
+#[test]
+fn without_the_polkit_rule_shell_tasks_wait_for_units_and_run_as_the_agent_only_when_configured()
+-> Result<()> {
+    let test = "without_the_polkit_rule_shell_tasks_wait_for_units_and_run_as_the_agent_only_when_configured";
     if skip(test) {
         return Ok(());
     }
@@ -381,34 +525,105 @@ fn without_the_polkit_rule_the_agent_warns_once_and_spawns_tasks_itself() -> Res
     ))?;
     w.setup("e2e-nopolkit")?;
     let journal = c.journal("delegate");
-    let fallback = "shell tasks run as children of the agent";
-    assert_eq!(journal.matches(fallback).count(), 1, "{journal}");
+    let waiting = "shell tasks wait: they run only as delegate-task@.service units";
+    assert_eq!(journal.matches(waiting).count(), 1, "{journal}");
     let line = journal
         .lines()
-        .find(|l| l.contains(fallback))
+        .find(|l| l.contains(waiting))
         .unwrap_or_default();
     assert!(
-        line.contains("refused") && line.contains("polkitd 121") && line.contains(rule),
+        line.contains("refused") && line.contains("polkitd 121") && line.contains(rule)
+            && line.contains("mode = \"children\""),
         "{line}"
     );
-    assert!(!journal.contains("shell tasks run as delegate-task@.service units"));
+    assert!(!journal.contains("shell tasks run as children of the agent"), "{journal}");
 
+    // Refused with the reason while units cannot be used, never run as the agent.
+    let id = w.submit("echo \"user: $(id -u)\"")?;
+    let t = w.m.wait_done(&id, Duration::from_secs(60))?;
+    let message = t.message.clone().unwrap_or_default();
+    assert_eq!(t.state, TaskState::Failed, "{t:?}");
+    assert!(
+        message.contains("run as delegate-task@ units on this host, which cannot be used now")
+            && message.contains("refused"),
+        "{message}"
+    );
+    assert!(!w.logs(&id)?.contains("user: "));
+
+    // The rule back, polkit restarted, the agent not: it finds units on its next try.
+    c.run(&format!(
+        "mv /root/rule.saved {rule} && systemctl restart polkit.service"
+    ))?;
+    c.wait_until(
+        Duration::from_secs(60),
+        "the agent to find task units usable",
+        "journalctl -u delegate --no-pager -o cat | grep -q 'shell tasks run as delegate-task@.service units'",
+    )?;
+    let id = w.submit("echo \"user: $(id -u)\"")?;
+    let t = w.m.wait_done(&id, Duration::from_secs(60))?;
+    let log = w.logs(&id)?;
+    assert_eq!(t.state, TaskState::Succeeded, "{t:?}\n{log}");
+    dynamic_uid(&log)?;
+
+    // The operator's explicit choice: the agent's children, said once at start.
+    c.run("printf '\\n[shell]\\nmode = \"children\"\\n' >> /etc/delegate/delegate.toml && systemctl restart delegate.service")?;
+    w.wait_connected()?;
     let id = w.submit("echo user=$(id -un)")?;
     w.assert_succeeded(&id, "user=delegate\n")?;
-    assert_eq!(task_units(&w)?, "");
-
-    c.run(&format!(
-        "mv /root/rule.saved {rule} && systemctl restart polkit.service && systemctl restart delegate.service"
-    ))?;
-    w.wait_connected()?;
     let journal = c.journal("delegate");
-    assert!(
-        journal.contains("shell tasks run as delegate-task@.service units"),
-        "{journal}"
-    );
-    assert_eq!(journal.matches(fallback).count(), 1, "{journal}");
-    let id = w.submit("echo user=$(id -un)")?;
-    w.assert_succeeded(&id, "user=delegate-task\n")?;
+    let children = "shell tasks run as children of the agent";
+    assert_eq!(journal.matches(children).count(), 1, "{journal}");
+    assert!(journal.contains("[shell] mode = \"children\""), "{journal}");
+    assert_eq!(task_units(&w)?, "");
+    elapsed(test, start);
+    Ok(())
+}
+
+/// The second review: an agent restarted while units could not be used reported a running
+/// unit's task lost, and the manager ran it again beside the unit that still ran it (the
+/// side effect twice). Now the restarted agent holds the task (its lease kept by its
+/// heartbeats) until units can be used, then re-attaches: one run, the real exit code.
+#[test]
+fn a_unit_task_found_after_a_restart_while_units_cannot_be_used_runs_once() -> Result<()> {
+    let test = "a_unit_task_found_after_a_restart_while_units_cannot_be_used_runs_once";
+    if skip(test) {
+        return Ok(());
+    }
+    let start = Instant::now();
+    let w = installed("e2e-heldunit")?;
+    let c = &w.c;
+    c.run("mkdir -p /srv/runs && chmod 1777 /srv/runs && mkdir -p /etc/systemd/system/delegate-task@.service.d && printf '[Service]\\nReadWritePaths=/srv/runs\\n' > /etc/systemd/system/delegate-task@.service.d/runs.conf && systemctl daemon-reload")?;
+    let id = w.m.submit(&json!({
+        "kind": "shell",
+        "spec": { "script": "echo run >> /srv/runs/log; echo started; sleep 15; echo ended; exit 3" },
+        "selectors": ["e2e"],
+        "timeout_secs": 300,
+        "retries": 2,
+    }))?;
+    delegate_tests::wait_for(Duration::from_secs(60), "the task to start", || {
+        w.logs(&id).ok().filter(|l| l.contains("started\n"))
+    })?;
+    let rule = "/usr/share/polkit-1/rules.d/50-delegate-task.rules";
+    c.run(&format!(
+        "mv {rule} /root/rule.saved && systemctl restart polkit.service && kill -9 $(systemctl show -p MainPID --value delegate)"
+    ))?;
+    c.wait_until(
+        Duration::from_secs(60),
+        "the agent to restart and find units refused",
+        "journalctl -u delegate --no-pager -o cat | grep -q 'shell tasks wait'",
+    )?;
+    // Held, not lost: still running on attempt 1 while units cannot be used.
+    std::thread::sleep(Duration::from_secs(3));
+    let held = w.m.task(&id)?;
+    assert_eq!((held.state, held.attempt), (TaskState::Running, 1), "{held:?}");
+    c.run(&format!(
+        "mv /root/rule.saved {rule} && systemctl restart polkit.service"
+    ))?;
+    let t = w.m.wait_done(&id, Duration::from_secs(120))?;
+    assert_eq!(t.state, TaskState::Failed, "{t:?}");
+    assert_eq!((t.attempt, t.exit_code), (1, Some(3)), "{t:?}");
+    assert_eq!(w.logs(&id)?, "started\nended\n");
+    assert_eq!(c.run("cat /srv/runs/log")?, "run\n", "the task ran more than once");
     elapsed(test, start);
     Ok(())
 }
