@@ -65,6 +65,8 @@ pub struct AppInner {
     pub idle_timeout: Duration,
     /// Finished tasks and their logs are deleted this long after they ended.
     pub retention: Option<Duration>,
+    /// The database's counts for `/metrics`, shared by concurrent scrapes.
+    pub scrapes: crate::metrics::ScrapeCache,
 }
 
 #[derive(Clone)]
@@ -372,11 +374,12 @@ pub fn router(app: App) -> Router {
         .with_state(app)
 }
 
-/// Prometheus scrape: counts and versions only, no token needed (see `metrics`).
+/// Prometheus scrape: counts and versions only, no token needed (see `metrics`). The
+/// counts come from the shared cache, so scrapes cannot make the store scan its tables
+/// more than about once a second.
 async fn metrics(State(app): State<App>) -> ApiResult<Response> {
-    let text = app
-        .db(|s| Ok(s.metrics().render(&s.snapshot(now_ms())?)))
-        .await?;
+    let snap = app.scrapes.get(|| app.db(|s| s.snapshot(now_ms()))).await?;
+    let text = app.store.metrics().render(&snap);
     Ok((
         [
             (

@@ -726,6 +726,7 @@ impl PgStore {
     }
 
     pub fn snapshot(&self, now: UnixMillis) -> Result<Snapshot, StoreError> {
+        self.metrics.snapshot_computed();
         let mut conn = self.pool.get()?;
         let mut tx = conn.auto()?;
         let mut snap = Snapshot::default();

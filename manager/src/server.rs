@@ -169,6 +169,7 @@ pub async fn bind(cfg: &ServeConfig) -> Result<Server, ServeError> {
         releases: cfg.releases.clone(),
         idle_timeout: cfg.limits.idle_timeout,
         retention: cfg.retention,
+        scrapes: Default::default(),
     });
     if let Some(pg) = app.store.postgres() {
         let (listening, handler) = (app.clone(), note_handler(&app));
