@@ -466,6 +466,15 @@ async fn acquire(
     let deadline =
         tokio::time::Instant::now() + Duration::from_secs(q.wait.min(MAX_ACQUIRE_WAIT_SECS));
     let max = q.max.min(MAX_ACQUIRE_BATCH);
+    // A long poll holds a connection slot while it waits: one per delegate (this one ends
+    // an older one), a bounded number per token.
+    let ticket = match app.hub.open_poll(&auth.token_name, &id) {
+        Ok(t) => t,
+        Err(e) => {
+            warn!(delegate_id = %id, "{e}");
+            return Ok(too_many_polls(e));
+        }
+    };
     let mut shutdown = app.hub.subscribe_shutdown();
     let delegate = id.clone();
     let tags = match app.store.cached_delegate_tags(&id) {
@@ -513,8 +522,27 @@ async fn acquire(
             _ = hub::stopping(&mut shutdown) => {
                 return Ok(StatusCode::NO_CONTENT.into_response());
             }
+            _ = ticket.replaced() => {
+                // The delegate polls again elsewhere: this connection is one it left.
+                return Ok(StatusCode::NO_CONTENT.into_response());
+            }
         }
     }
+}
+
+/// 429 for a poll over its token's limit, closing the connection so that the refused
+/// client does not keep the slot either.
+fn too_many_polls(e: hub::TooManyPolls) -> Response {
+    let mut resp = ApiError::new(
+        StatusCode::TOO_MANY_REQUESTS,
+        ErrorCode::TooManyPolls,
+        e.to_string(),
+    )
+    .into_response();
+    let headers = resp.headers_mut();
+    headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+    headers.insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+    resp
 }
 
 async fn started(

@@ -59,7 +59,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the manager: HTTP API, store, lease reaper.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Create, list and revoke delegate tokens.
     #[command(subcommand)]
     Token(TokenCmd),
@@ -117,6 +117,11 @@ pub struct ServeArgs {
     /// open-file limit (`ulimit -n`, `LimitNOFILE=`). More wait until one closes.
     #[arg(long, default_value_t = 1000)]
     pub max_connections: usize,
+    /// Most long polls the delegates of one token may hold open at once (default: half of
+    /// --max-connections); more are answered 429. A delegate has one poll open at most (a
+    /// new one ends the old one).
+    #[arg(long)]
+    pub max_polls_per_token: Option<usize>,
     /// Serve HTTPS with this certificate chain (PEM, leaf first); needs --tls-key.
     #[arg(long, requires = "tls_key", env = "DELEGATE_MANAGER_TLS_CERT")]
     pub tls_cert: Option<PathBuf>,

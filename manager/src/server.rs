@@ -54,6 +54,9 @@ pub struct ServeConfig {
     pub retention: Option<Duration>,
     /// The database; `None` is the SQLite file `DATA/manager.db`.
     pub database: Option<Database>,
+    /// Most long polls the delegates of one token may hold open at once; `None` is half
+    /// of `limits.max_connections`, so one token never holds every connection slot.
+    pub max_polls_per_token: Option<usize>,
 }
 
 /// The PEM files of the manager's TLS identity.
@@ -79,6 +82,7 @@ impl ServeConfig {
             max_log_bytes: crate::store::DEFAULT_MAX_LOG_BYTES,
             retention: None,
             database: None,
+            max_polls_per_token: None,
         }
     }
 
@@ -86,6 +90,13 @@ impl ServeConfig {
     /// and 10 s, so a delegate gets about three tries before its leases lapse.
     pub fn default_heartbeat(lease_ttl: Duration) -> Duration {
         (lease_ttl / 3).clamp(Duration::from_secs(1), Duration::from_secs(10))
+    }
+
+    /// The long polls one token's delegates may hold (see `max_polls_per_token`).
+    pub fn polls_per_token(&self) -> usize {
+        self.max_polls_per_token
+            .unwrap_or(self.limits.max_connections / 2)
+            .max(1)
     }
 
     /// Leases shorter than a second, or heartbeats no more often than leases lapse, would
@@ -162,7 +173,7 @@ pub async fn bind(cfg: &ServeConfig) -> Result<Server, ServeError> {
     })?;
     let app = App::new(AppInner {
         store,
-        hub: Hub::default(),
+        hub: Hub::new(cfg.polls_per_token()),
         admin_hash,
         lease_ttl: cfg.lease_ttl,
         heartbeat_interval: cfg.heartbeat_interval,

@@ -440,3 +440,99 @@ fn sigterm_stops_the_manager_even_when_its_stderr_is_gone() {
     };
     assert!(status.success(), "{status}");
 }
+
+/// A long poll of delegate `id` with `token` on a connection of its own, in a thread:
+/// (status, how long it took).
+fn long_poll(
+    m: &Manager,
+    token: &str,
+    id: &str,
+    wait: u64,
+) -> std::thread::JoinHandle<(u16, Duration)> {
+    let url = format!("{}/api/v1/delegates/{id}/acquire?wait={wait}", m.url());
+    let token = token.to_string();
+    std::thread::spawn(move || {
+        let t0 = std::time::Instant::now();
+        let r = reqwest::blocking::Client::builder()
+            .timeout(Duration::from_secs(60))
+            .build()
+            .expect("client")
+            .post(url)
+            .bearer_auth(token)
+            .send()
+            .expect("long poll");
+        (r.status().as_u16(), t0.elapsed())
+    })
+}
+
+/// Issue 17 item 12, reproduced: the delegates of one token opened as many long polls as
+/// the manager has connection slots, and another token's delegate could not heartbeat
+/// (its connection waited in the backlog until the polls ran out). Now a token holds at
+/// most half the slots (more polls get 429 and their connection is closed), and a
+/// delegate holds one poll: a second one ends the first.
+#[test]
+fn one_tokens_long_polls_cannot_hold_every_connection_slot() {
+    const SLOTS: usize = 8;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let m = Manager::start_with(
+        tmp.path(),
+        "127.0.0.1:0",
+        &["--max-connections", &SLOTS.to_string()],
+    )
+    .expect("manager");
+    let greedy = m.token("greedy").expect("token");
+    let other = m.token("other").expect("token");
+    let g = Caller::new(&m, &greedy);
+    let ids: Vec<String> = (0..SLOTS)
+        .map(|i| {
+            let (status, reg) = g.register(&format!("g{i}"), "h", &[]);
+            assert_eq!(status, 200, "{reg}");
+            reg["delegate_id"].as_str().expect("id").to_string()
+        })
+        .collect();
+    let victim = Caller::new(&m, &other);
+    let (status, reg) = victim.register("victim", "h2", &[]);
+    assert_eq!(status, 200, "{reg}");
+    let victim_id = reg["delegate_id"].as_str().expect("id").to_string();
+    drop((g, victim));
+
+    let polls: Vec<_> = ids.iter().map(|id| long_poll(&m, &greedy, id, 8)).collect();
+    std::thread::sleep(Duration::from_secs(1));
+    let t0 = std::time::Instant::now();
+    let hb = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .expect("client")
+        .post(format!(
+            "{}/api/v1/delegates/{victim_id}/heartbeat",
+            m.url()
+        ))
+        .bearer_auth(&other)
+        .json(&json!({"state": "running", "in_flight": []}))
+        .send()
+        .expect("another token's heartbeat is answered while one token polls on every slot");
+    assert_eq!(hb.status().as_u16(), 200);
+    assert!(t0.elapsed() < Duration::from_secs(3), "{:?}", t0.elapsed());
+    let mut statuses: Vec<u16> = polls
+        .into_iter()
+        .map(|p| p.join().expect("poll thread").0)
+        .collect();
+    statuses.sort();
+    assert_eq!(
+        statuses,
+        [204, 204, 204, 204, 429, 429, 429, 429],
+        "half the slots for one token"
+    );
+
+    // One delegate, two polls: the second ends the first at once.
+    let first = long_poll(&m, &greedy, &ids[0], 30);
+    std::thread::sleep(Duration::from_millis(500));
+    let second = long_poll(&m, &greedy, &ids[0], 1);
+    let (status, took) = first.join().expect("first poll");
+    assert_eq!(status, 204);
+    assert!(
+        took < Duration::from_secs(10),
+        "the first poll ran {took:?}"
+    );
+    assert_eq!(second.join().expect("second poll").0, 204);
+}
