@@ -417,6 +417,9 @@ async fn register(
     body: Body,
 ) -> ApiResult<Json<RegisterResponse>> {
     let req: RegisterRequest = read_json(&app, body, SMALL_BODY_LIMIT, "register").await?;
+    // What it registers is shown in operators' tables: no escape sequences (issue 17).
+    crate::text::check_register(&req)
+        .map_err(|e| ApiError::bad_request(format!("register: {e}")))?;
     let token = auth.token_name.clone();
     let (id, req) = app
         .db(move |s| Ok((s.register(&token, &req, now_ms())?, req)))

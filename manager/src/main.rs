@@ -42,7 +42,9 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // An error may quote what a delegate or task chose (a name, a message).
+            let text = format!("{e:#}");
+            eprintln!("error: {}", delegate_manager::text::shown_lines(&text));
             ExitCode::FAILURE
         }
     }

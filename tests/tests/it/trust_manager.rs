@@ -536,3 +536,125 @@ fn one_tokens_long_polls_cannot_hold_every_connection_slot() {
     );
     assert_eq!(second.join().expect("second poll").0, 204);
 }
+
+/// Issue 17 item 11, reproduced: a delegate registered a name holding terminal escapes,
+/// and `delegate-manager delegates` wrote them raw to the admin's terminal (here an OSC
+/// title change and a screen clear). Registration now refuses such a name, hostname,
+/// version or tag with a 400 naming the field; what a delegate still controls (a task's
+/// result message, its log) reaches the terminal escaped: `task show` always, `task logs`
+/// on a terminal unless `--raw`.
+#[test]
+fn strings_a_delegate_chooses_cannot_drive_the_admins_terminal() {
+    const EVIL: &str = "x\u{1b}]0;pwned\u{7}\u{1b}[2J";
+    let w = World::new();
+    let m = &w.manager;
+    let d = Caller::new(m, &w.token);
+    for (field, body) in [
+        (
+            "name",
+            json!({"name": EVIL, "hostname": "h", "version": "1.0.0", "capacity": 1}),
+        ),
+        (
+            "hostname",
+            json!({"name": "n", "hostname": EVIL, "version": "1.0.0", "capacity": 1}),
+        ),
+        (
+            "version",
+            json!({"name": "n", "hostname": "h", "version": EVIL, "capacity": 1}),
+        ),
+        (
+            "tags[0]",
+            json!({"name": "n", "hostname": "h", "version": "1.0.0", "capacity": 1,
+                          "tags": [EVIL]}),
+        ),
+    ] {
+        let (status, got) = d.post("/delegates/register", &body);
+        assert_eq!(status, 400, "{field}: {got}");
+        let err = error_of(&got);
+        assert_eq!(err.error.code, ErrorCode::BadRequest);
+        assert!(
+            err.error
+                .message
+                .starts_with(&format!("register: {field}: ")),
+            "{}",
+            err.error.message
+        );
+        assert!(
+            !err.error.message.contains('\u{1b}'),
+            "{}",
+            err.error.message
+        );
+    }
+    let (st, out, _) = m.cli(&["delegates"]).expect("cli");
+    assert!(st.success());
+    assert!(
+        !out.contains("pwned"),
+        "a refused delegate is listed:\n{out}"
+    );
+
+    // A task's result message and log are the delegate's to choose.
+    let (status, reg) = d.register("honest", "h", &[]);
+    assert_eq!(status, 200, "{reg}");
+    let id = reg["delegate_id"].as_str().expect("id").to_string();
+    let task = m.submit_shell("true", 60, 0).expect("submit");
+    let (status, got) = d.post(&format!("/delegates/{id}/acquire?wait=0"), &json!({}));
+    assert_eq!(status, 200, "{got}");
+    let resp = reqwest::blocking::Client::new()
+        .post(format!(
+            "{}/api/v1/tasks/{task}/logs?attempt=1&offset=0",
+            m.url()
+        ))
+        .bearer_auth(&w.token)
+        .body(format!("line one\n{EVIL}\n"))
+        .send()
+        .expect("log");
+    assert_eq!(resp.status().as_u16(), 200);
+    let (status, got) = d.post(
+        &format!("/tasks/{task}/result?attempt=1"),
+        &json!({"outcome": "failed", "exit_code": 1, "message": EVIL}),
+    );
+    assert_eq!(status, 200, "{got}");
+    let (st, out, err) = m.cli(&["task", "show", &task]).expect("cli");
+    assert!(st.success(), "{err}");
+    assert!(
+        !out.contains('\u{1b}') && !out.contains('\u{7}'),
+        "raw escape in:\n{out:?}"
+    );
+    assert!(out.contains("x\\u{1b}]0;pwned\\u{7}\\u{1b}[2J"), "{out}");
+
+    // `task logs` into a pipe stays byte for byte; on a terminal (script(1) gives it one)
+    // it is escaped unless --raw.
+    let (st, out, _) = m.cli(&["task", "logs", &task]).expect("cli");
+    assert!(st.success());
+    assert_eq!(out, format!("line one\n{EVIL}\n"));
+    let on_tty = |extra: &str| -> String {
+        let cmd = format!(
+            "{} --server {} --admin-token {} task logs {task} {extra}",
+            delegate_tests::bin("delegate-manager")
+                .expect("bin")
+                .display(),
+            m.url(),
+            m.admin_token
+        );
+        let out = std::process::Command::new("script")
+            .args(["-qec", &cmd, "/dev/null"])
+            .output()
+            .expect("script(1) runs (util-linux)");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let escaped = on_tty("");
+    assert!(
+        !escaped.contains('\u{1b}'),
+        "raw escape on a terminal: {escaped:?}"
+    );
+    assert!(
+        escaped.contains("x\\u{1b}]0;pwned\\u{7}\\u{1b}[2J"),
+        "{escaped:?}"
+    );
+    assert!(on_tty("--raw").contains(EVIL));
+}
