@@ -55,7 +55,8 @@ const DRAIN_LIMIT: usize = 64 * 1024 * 1024;
 pub struct AppInner {
     pub store: Store,
     pub hub: Hub,
-    /// SHA-256 hex of the admin token.
+    /// SHA-256 hex of the admin token, as it was at start (SQLite; PostgreSQL reads it
+    /// at each request, see `AdminAuth`).
     pub admin_hash: String,
     pub lease_ttl: Duration,
     pub heartbeat_interval: Duration,
@@ -238,7 +239,16 @@ impl FromRequestParts<App> for AdminAuth {
                 "missing `Authorization: Bearer <admin token>` header; {ADMIN_TOKEN_HINT}"
             )));
         };
-        if auth::token_matches(token, &app.admin_hash) {
+        // Several nodes share one admin token, and any of them may rotate it: on
+        // PostgreSQL the hash is read from the database at each request (one indexed
+        // row), so a rotated token stops working on every node at once. One SQLite node
+        // is the only writer of its hash and keeps it.
+        let hash = if app.store.postgres().is_some() {
+            app.db(|s| s.admin_hash()).await?.unwrap_or_default()
+        } else {
+            app.admin_hash.clone()
+        };
+        if auth::token_matches(token, &hash) {
             return Ok(AdminAuth);
         }
         let what = if token.starts_with(auth::DELEGATE_PREFIX) {

@@ -146,9 +146,48 @@ pub struct ServeArgs {
         long,
         env = "DELEGATE_MANAGER_DATABASE",
         hide_env_values = true,
-        value_parser = crate::store::Database::parse
+        value_parser = DatabaseParser
     )]
     pub database: Option<crate::store::Database>,
+    /// A file holding the PostgreSQL password (one line), so that it is in neither the
+    /// URL, the environment nor `ps`; keep it readable by the manager's user only.
+    #[arg(
+        long,
+        env = "DELEGATE_MANAGER_DATABASE_PASSWORD_FILE",
+        requires = "database"
+    )]
+    pub database_password_file: Option<PathBuf>,
+}
+
+/// Parses `--database` like [`crate::store::Database::parse`], but a refusal shows the
+/// value with its passwords hidden: clap's own message would repeat the whole URL.
+#[derive(Debug, Clone, Copy)]
+pub struct DatabaseParser;
+
+impl clap::builder::TypedValueParser for DatabaseParser {
+    type Value = crate::store::Database;
+
+    fn parse_ref(
+        &self,
+        cmd: &clap::Command,
+        arg: Option<&clap::Arg>,
+        value: &std::ffi::OsStr,
+    ) -> Result<Self::Value, clap::Error> {
+        let text = value.to_string_lossy();
+        crate::store::Database::parse(&text).map_err(|why| {
+            let flag = arg
+                .map(|a| a.to_string())
+                .unwrap_or_else(|| "--database".into());
+            clap::Error::raw(
+                clap::error::ErrorKind::ValueValidation,
+                format!(
+                    "invalid value '{}' for '{flag}': {why}\n",
+                    crate::pg::redact(&text)
+                ),
+            )
+            .with_cmd(cmd)
+        })
+    }
 }
 
 #[derive(Debug, Subcommand)]

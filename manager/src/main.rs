@@ -77,6 +77,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         max_log_bytes: args.max_log_bytes,
         retention: args.retention,
         database: args.database.clone(),
+        database_password_file: args.database_password_file.clone(),
         max_polls_per_token: args.max_polls_per_token,
     };
     let stop = stop_signal();

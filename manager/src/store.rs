@@ -890,6 +890,19 @@ impl SqliteStore {
         Ok(())
     }
 
+    /// Store `hash` as the admin token's unless one is stored already; the hash stored
+    /// afterwards.
+    pub fn claim_admin_hash(&self, hash: &str) -> Result<String, StoreError> {
+        let conn = self.conn();
+        conn.execute(
+            "INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT (key) DO NOTHING",
+            [ADMIN_HASH_KEY, hash],
+        )?;
+        Ok(conn
+            .prepare_cached("SELECT value FROM meta WHERE key = ?1")?
+            .query_row([ADMIN_HASH_KEY], |r| r.get(0))?)
+    }
+
     // ---- delegate tokens --------------------------------------------------------------
 
     /// Create a delegate token. `tags` is the set its delegates may register with
@@ -1662,13 +1675,25 @@ impl SqliteStore {
 
 // ---- the store the API uses: SQLite on one node, PostgreSQL for several -----------------
 
-/// Where the manager keeps its data (`serve --database`).
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Where the manager keeps its data (`serve --database`). Its `Debug` hides passwords.
+#[derive(Clone, PartialEq, Eq)]
 pub enum Database {
     /// One SQLite file (the default, `DATA/manager.db`): one manager node.
     Sqlite(PathBuf),
     /// A PostgreSQL database several manager nodes share (`postgres://…`).
     Postgres(String),
+}
+
+impl std::fmt::Debug for Database {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Database::Sqlite(p) => f.debug_tuple("Sqlite").field(p).finish(),
+            Database::Postgres(url) => f
+                .debug_tuple("Postgres")
+                .field(&crate::pg::redact(url))
+                .finish(),
+        }
+    }
 }
 
 impl Database {
@@ -1735,6 +1760,15 @@ impl Store {
         crate::pg::PgStore::open(url, lease_ttl).map(|s| Store(Backend::Postgres(s)))
     }
 
+    /// [`Store::open_postgres`] with a password kept out of the URL, or another clock.
+    pub fn open_postgres_with(
+        url: &str,
+        lease_ttl: Duration,
+        options: crate::pg::PgOptions,
+    ) -> Result<Store, StoreError> {
+        crate::pg::PgStore::open_with(url, lease_ttl, options).map(|s| Store(Backend::Postgres(s)))
+    }
+
     /// Open `db`.
     pub fn open_database(db: &Database, lease_ttl: Duration) -> Result<Store, StoreError> {
         match db {
@@ -1782,6 +1816,10 @@ impl Store {
     }
     pub fn set_admin_hash(&self, hash: &str) -> Result<(), StoreError> {
         each!(self, s => s.set_admin_hash(hash))
+    }
+    /// Store `hash` as the admin token's unless one is; the hash stored afterwards.
+    pub fn claim_admin_hash(&self, hash: &str) -> Result<String, StoreError> {
+        each!(self, s => s.claim_admin_hash(hash))
     }
     pub fn create_token(
         &self,
