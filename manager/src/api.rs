@@ -55,7 +55,8 @@ const DRAIN_LIMIT: usize = 64 * 1024 * 1024;
 pub struct AppInner {
     pub store: Store,
     pub hub: Hub,
-    /// SHA-256 hex of the admin token.
+    /// SHA-256 hex of the admin token, as it was at start (SQLite; PostgreSQL reads it
+    /// at each request, see `AdminAuth`).
     pub admin_hash: String,
     pub lease_ttl: Duration,
     pub heartbeat_interval: Duration,
@@ -65,6 +66,8 @@ pub struct AppInner {
     pub idle_timeout: Duration,
     /// Finished tasks and their logs are deleted this long after they ended.
     pub retention: Option<Duration>,
+    /// The database's counts for `/metrics`, shared by concurrent scrapes.
+    pub scrapes: crate::metrics::ScrapeCache,
 }
 
 #[derive(Clone)]
@@ -236,7 +239,16 @@ impl FromRequestParts<App> for AdminAuth {
                 "missing `Authorization: Bearer <admin token>` header; {ADMIN_TOKEN_HINT}"
             )));
         };
-        if auth::token_matches(token, &app.admin_hash) {
+        // Several nodes share one admin token, and any of them may rotate it: on
+        // PostgreSQL the hash is read from the database at each request (one indexed
+        // row), so a rotated token stops working on every node at once. One SQLite node
+        // is the only writer of its hash and keeps it.
+        let hash = if app.store.postgres().is_some() {
+            app.db(|s| s.admin_hash()).await?.unwrap_or_default()
+        } else {
+            app.admin_hash.clone()
+        };
+        if auth::token_matches(token, &hash) {
             return Ok(AdminAuth);
         }
         let what = if token.starts_with(auth::DELEGATE_PREFIX) {
@@ -372,11 +384,12 @@ pub fn router(app: App) -> Router {
         .with_state(app)
 }
 
-/// Prometheus scrape: counts and versions only, no token needed (see `metrics`).
+/// Prometheus scrape: counts and versions only, no token needed (see `metrics`). The
+/// counts come from the shared cache, so scrapes cannot make the store scan its tables
+/// more than about once a second.
 async fn metrics(State(app): State<App>) -> ApiResult<Response> {
-    let text = app
-        .db(|s| Ok(s.metrics().render(&s.snapshot(now_ms())?)))
-        .await?;
+    let snap = app.scrapes.get(|| app.db(|s| s.snapshot(now_ms()))).await?;
+    let text = app.store.metrics().render(&snap);
     Ok((
         [
             (
@@ -414,6 +427,9 @@ async fn register(
     body: Body,
 ) -> ApiResult<Json<RegisterResponse>> {
     let req: RegisterRequest = read_json(&app, body, SMALL_BODY_LIMIT, "register").await?;
+    // What it registers is shown in operators' tables: no escape sequences (issue 17).
+    crate::text::check_register(&req)
+        .map_err(|e| ApiError::bad_request(format!("register: {e}")))?;
     let token = auth.token_name.clone();
     let (id, req) = app
         .db(move |s| Ok((s.register(&token, &req, now_ms())?, req)))
@@ -463,6 +479,15 @@ async fn acquire(
     let deadline =
         tokio::time::Instant::now() + Duration::from_secs(q.wait.min(MAX_ACQUIRE_WAIT_SECS));
     let max = q.max.min(MAX_ACQUIRE_BATCH);
+    // A long poll holds a connection slot while it waits: one per delegate (this one ends
+    // an older one), a bounded number per token.
+    let ticket = match app.hub.open_poll(&auth.token_name, &id) {
+        Ok(t) => t,
+        Err(e) => {
+            warn!(delegate_id = %id, "{e}");
+            return Ok(too_many_polls(e));
+        }
+    };
     let mut shutdown = app.hub.subscribe_shutdown();
     let delegate = id.clone();
     let tags = match app.store.cached_delegate_tags(&id) {
@@ -510,8 +535,27 @@ async fn acquire(
             _ = hub::stopping(&mut shutdown) => {
                 return Ok(StatusCode::NO_CONTENT.into_response());
             }
+            _ = ticket.replaced() => {
+                // The delegate polls again elsewhere: this connection is one it left.
+                return Ok(StatusCode::NO_CONTENT.into_response());
+            }
         }
     }
+}
+
+/// 429 for a poll over its token's limit, closing the connection so that the refused
+/// client does not keep the slot either.
+fn too_many_polls(e: hub::TooManyPolls) -> Response {
+    let mut resp = ApiError::new(
+        StatusCode::TOO_MANY_REQUESTS,
+        ErrorCode::TooManyPolls,
+        e.to_string(),
+    )
+    .into_response();
+    let headers = resp.headers_mut();
+    headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+    headers.insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+    resp
 }
 
 async fn started(

@@ -21,6 +21,7 @@ use delegate_protocol::{
 use crate::client::Client;
 use crate::error::CliError;
 use crate::server::{ADMIN_TOKEN_FILE, DEFAULT_DATA_DIR};
+use crate::text::shown;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -59,7 +60,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the manager: HTTP API, store, lease reaper.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Create, list and revoke delegate tokens.
     #[command(subcommand)]
     Token(TokenCmd),
@@ -117,6 +118,11 @@ pub struct ServeArgs {
     /// open-file limit (`ulimit -n`, `LimitNOFILE=`). More wait until one closes.
     #[arg(long, default_value_t = 1000)]
     pub max_connections: usize,
+    /// Most long polls the delegates of one token may hold open at once (default: half of
+    /// --max-connections); more are answered 429. A delegate has one poll open at most (a
+    /// new one ends the old one).
+    #[arg(long)]
+    pub max_polls_per_token: Option<usize>,
     /// Serve HTTPS with this certificate chain (PEM, leaf first); needs --tls-key.
     #[arg(long, requires = "tls_key", env = "DELEGATE_MANAGER_TLS_CERT")]
     pub tls_cert: Option<PathBuf>,
@@ -140,9 +146,48 @@ pub struct ServeArgs {
         long,
         env = "DELEGATE_MANAGER_DATABASE",
         hide_env_values = true,
-        value_parser = crate::store::Database::parse
+        value_parser = DatabaseParser
     )]
     pub database: Option<crate::store::Database>,
+    /// A file holding the PostgreSQL password (one line), so that it is in neither the
+    /// URL, the environment nor `ps`; keep it readable by the manager's user only.
+    #[arg(
+        long,
+        env = "DELEGATE_MANAGER_DATABASE_PASSWORD_FILE",
+        requires = "database"
+    )]
+    pub database_password_file: Option<PathBuf>,
+}
+
+/// Parses `--database` like [`crate::store::Database::parse`], but a refusal shows the
+/// value with its passwords hidden: clap's own message would repeat the whole URL.
+#[derive(Debug, Clone, Copy)]
+pub struct DatabaseParser;
+
+impl clap::builder::TypedValueParser for DatabaseParser {
+    type Value = crate::store::Database;
+
+    fn parse_ref(
+        &self,
+        cmd: &clap::Command,
+        arg: Option<&clap::Arg>,
+        value: &std::ffi::OsStr,
+    ) -> Result<Self::Value, clap::Error> {
+        let text = value.to_string_lossy();
+        crate::store::Database::parse(&text).map_err(|why| {
+            let flag = arg
+                .map(|a| a.to_string())
+                .unwrap_or_else(|| "--database".into());
+            clap::Error::raw(
+                clap::error::ErrorKind::ValueValidation,
+                format!(
+                    "invalid value '{}' for '{flag}': {why}\n",
+                    crate::pg::redact(&text)
+                ),
+            )
+            .with_cmd(cmd)
+        })
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -184,6 +229,10 @@ pub enum TaskCmd {
         /// Start at this byte of the log.
         #[arg(long, default_value_t = 0)]
         offset: u64,
+        /// Write the log's bytes as they are also to a terminal (by default control
+        /// characters, such as escape sequences, are shown escaped there).
+        #[arg(long)]
+        raw: bool,
     },
     /// Cancel a task.
     Cancel { id: String },
@@ -405,11 +454,13 @@ async fn task_cmd(client: &Client, cmd: TaskCmd) -> Result<ExitCode, CliError> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        TaskCmd::Logs { id, follow, offset } => {
-            {
-                let mut stdout = std::io::stdout().lock();
-                client.copy_log(&id, offset, follow, &mut stdout).await?;
-            }
+        TaskCmd::Logs {
+            id,
+            follow,
+            offset,
+            raw,
+        } => {
+            print_log(client, &id, offset, follow, raw).await?;
             if follow {
                 finished_task(client, &id).await?;
             }
@@ -425,7 +476,7 @@ async fn task_cmd(client: &Client, cmd: TaskCmd) -> Result<ExitCode, CliError> {
                 eprintln!(
                     "cancel requested for task {id} ({}); delegate {} will stop it",
                     t.state,
-                    t.delegate_name.as_deref().unwrap_or("?")
+                    shown(t.delegate_name.as_deref().unwrap_or("?"))
                 );
             }
             Ok(ExitCode::SUCCESS)
@@ -467,6 +518,28 @@ async fn task_cmd(client: &Client, cmd: TaskCmd) -> Result<ExitCode, CliError> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// Copy a task's log to stdout: as it is into a pipe or file, or with `raw`; escaped on
+/// a terminal, where the task's bytes must not drive the operator's terminal.
+async fn print_log(
+    client: &Client,
+    id: &str,
+    offset: u64,
+    follow: bool,
+    raw: bool,
+) -> Result<(), CliError> {
+    use std::io::IsTerminal;
+    let stdout = std::io::stdout();
+    if raw || !stdout.is_terminal() {
+        let mut stdout = stdout.lock();
+        client.copy_log(id, offset, follow, &mut stdout).await?;
+        return Ok(());
+    }
+    let mut out = crate::text::EscapeWriter::new(stdout.lock());
+    client.copy_log(id, offset, follow, &mut out).await?;
+    out.finish().map(drop).map_err(CliError::Stdout)?;
+    Ok(())
 }
 
 /// Build the submission from `--spec` or from the kind's flags.
@@ -696,11 +769,10 @@ async fn submit(client: &Client, args: SubmitArgs) -> Result<ExitCode, CliError>
         return Ok(ExitCode::SUCCESS);
     }
     {
-        let mut stdout = std::io::stdout().lock();
-        client.copy_log(&id, 0, true, &mut stdout).await?;
+        print_log(client, &id, 0, true, false).await?;
     }
     let t = finished_task(client, &id).await?;
-    eprintln!("{}", summary(&t));
+    eprintln!("{}", shown(&summary(&t)));
     Ok(task_exit_code(&t))
 }
 
@@ -821,7 +893,7 @@ fn show_text(t: &TaskView) -> String {
     ));
     lines
         .into_iter()
-        .map(|(k, v)| format!("{:<10} {v}", format!("{k}:")))
+        .map(|(k, v)| format!("{:<10} {}", format!("{k}:"), shown(&v)))
         .collect::<Vec<_>>()
         .join("\n")
 }
@@ -882,9 +954,12 @@ async fn forget(client: &Client, name: String, host: Option<String>) -> Result<E
     };
     let gone: ForgottenDelegate = client.post("/delegates/forget", Some(&req)).await?;
     eprintln!(
-        "delegate {} on {} ({}, token {}) forgotten; {} held task(s) released; any token may \
-         register the name now",
-        gone.name, gone.hostname, gone.id, gone.token_name, gone.released_tasks
+        "{}",
+        shown(&format!(
+            "delegate {} on {} ({}, token {}) forgotten; {} held task(s) released; any token \
+             may register the name now",
+            gone.name, gone.hostname, gone.id, gone.token_name, gone.released_tasks
+        ))
     );
     Ok(ExitCode::SUCCESS)
 }
@@ -909,8 +984,12 @@ fn span(from: UnixMillis, to: UnixMillis) -> String {
     humantime::format_duration(d).to_string()
 }
 
-/// Left-aligned columns, two spaces apart.
+/// Left-aligned columns, two spaces apart; what others chose is shown escaped.
 fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
+    let rows: Vec<Vec<String>> = rows
+        .into_iter()
+        .map(|r| r.iter().map(|c| shown(c).into_owned()).collect())
+        .collect();
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for r in &rows {
         for (w, c) in widths.iter_mut().zip(r) {

@@ -10,6 +10,13 @@
 //! a revoke wakes them all. Log followers sleep on a `watch` counter bumped by every
 //! log append and state change. The database stays the only truth: a wake-up only says
 //! "look again".
+//!
+//! A long poll holds one of the `--max-connections` slots for as long as it waits, so the
+//! hub also bounds who may hold them ([`Hub::open_poll`], issue 17 item 12): a delegate has
+//! one open poll (a new one ends the old one, which its agent has given up on anyway), and
+//! the delegates of one token hold at most `max_polls_per_token` at once (more are
+//! refused with 429), so one token cannot take every slot and time out the heartbeats of
+//! the rest of the fleet.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -22,6 +29,9 @@ use crate::queue::{Fresh, Selectors, selector_key};
 
 pub struct Hub {
     waiters: Mutex<Waiters>,
+    polls: Mutex<Polls>,
+    /// Most long polls the delegates of one token may have open at once.
+    max_polls_per_token: usize,
     /// Acquires waiting for a wake-up right now (tests check that a poll is waiting
     /// before they wake it).
     waiting: AtomicUsize,
@@ -71,6 +81,46 @@ impl Waiters {
     }
 }
 
+/// The open long polls: one per delegate, counted per token.
+#[derive(Default)]
+struct Polls {
+    next: u64,
+    by_delegate: HashMap<String, OpenPoll>,
+    per_token: HashMap<String, usize>,
+}
+
+struct OpenPoll {
+    id: u64,
+    token: String,
+    /// Told when a newer poll of the same delegate replaces this one.
+    replaced: Arc<Notify>,
+}
+
+impl Polls {
+    fn count(&mut self, token: &str, up: bool) {
+        let n = self.per_token.entry(token.to_string()).or_default();
+        if up {
+            *n += 1;
+        } else {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.per_token.remove(token);
+            }
+        }
+    }
+}
+
+/// A long poll refused because its token holds the most allowed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "token {token:?} has {max} long polls open, the most allowed per token \
+     (--max-polls-per-token); give each host its own token, or raise the limit"
+)]
+pub struct TooManyPolls {
+    pub token: String,
+    pub max: usize,
+}
+
 struct Slot {
     delegate: Arc<str>,
     tags: Selectors,
@@ -84,9 +134,21 @@ impl Slot {
     }
 }
 
+/// Polls a token may hold when the hub is made without a limit (tests, `Hub::default`).
+const DEFAULT_MAX_POLLS_PER_TOKEN: usize = 500;
+
 impl Default for Hub {
     fn default() -> Self {
+        Hub::new(DEFAULT_MAX_POLLS_PER_TOKEN)
+    }
+}
+
+impl Hub {
+    /// A hub that lets the delegates of one token hold `max_polls_per_token` open polls.
+    pub fn new(max_polls_per_token: usize) -> Hub {
         Hub {
+            polls: Mutex::new(Polls::default()),
+            max_polls_per_token: max_polls_per_token.max(1),
             waiters: Mutex::new(Waiters::default()),
             waiting: AtomicUsize::new(0),
             looks: AtomicU64::new(0),
@@ -97,6 +159,54 @@ impl Default for Hub {
 }
 
 impl Hub {
+    /// Admit a long poll of `delegate` (with token `token`) for as long as the returned
+    /// ticket lives. An open poll of the same delegate is told to end (it answers 204);
+    /// a token whose delegates hold `max_polls_per_token` polls is refused.
+    pub fn open_poll(&self, token: &str, delegate: &str) -> Result<PollTicket<'_>, TooManyPolls> {
+        let mut p = self.polls.lock().unwrap_or_else(|e| e.into_inner());
+        let replaces = p.by_delegate.get(delegate).map(|o| o.token.clone());
+        let held = p.per_token.get(token).copied().unwrap_or(0);
+        if replaces.as_deref() != Some(token) && held >= self.max_polls_per_token {
+            return Err(TooManyPolls {
+                token: token.to_string(),
+                max: self.max_polls_per_token,
+            });
+        }
+        let id = p.next;
+        p.next += 1;
+        let replaced = Arc::new(Notify::new());
+        let old = p.by_delegate.insert(
+            delegate.to_string(),
+            OpenPoll {
+                id,
+                token: token.to_string(),
+                replaced: replaced.clone(),
+            },
+        );
+        match old {
+            Some(old) => {
+                if old.token != token {
+                    p.count(&old.token, false);
+                    p.count(token, true);
+                }
+                old.replaced.notify_one();
+            }
+            None => p.count(token, true),
+        }
+        Ok(PollTicket {
+            hub: self,
+            id,
+            delegate: delegate.to_string(),
+            replaced,
+        })
+    }
+
+    /// How many long polls the delegates of `token` hold open now.
+    pub fn open_polls(&self, token: &str) -> usize {
+        let p = self.polls.lock().unwrap_or_else(|e| e.into_inner());
+        p.per_token.get(token).copied().unwrap_or(0)
+    }
+
     fn waiters(&self) -> MutexGuard<'_, Waiters> {
         // Every change under this lock is a few map operations that cannot panic halfway
         // in a way that matters: a poisoned lock is still consistent enough to go on.
@@ -235,6 +345,33 @@ impl Drop for Waiter<'_> {
     }
 }
 
+/// An admitted long poll (see [`Hub::open_poll`]); dropping it frees its place.
+pub struct PollTicket<'a> {
+    hub: &'a Hub,
+    id: u64,
+    delegate: String,
+    replaced: Arc<Notify>,
+}
+
+impl PollTicket<'_> {
+    /// Until a newer poll of the same delegate replaced this one (at once if it did).
+    pub async fn replaced(&self) {
+        self.replaced.notified().await
+    }
+}
+
+impl Drop for PollTicket<'_> {
+    fn drop(&mut self) {
+        let mut p = self.hub.polls.lock().unwrap_or_else(|e| e.into_inner());
+        // A replaced ticket's place went to its successor.
+        if p.by_delegate.get(&self.delegate).map(|o| o.id) == Some(self.id)
+            && let Some(mine) = p.by_delegate.remove(&self.delegate)
+        {
+            p.count(&mine.token, false);
+        }
+    }
+}
+
 /// A long poll counted in [`Hub::waiting_polls`].
 pub struct Waiting<'a>(&'a AtomicUsize);
 
@@ -325,6 +462,36 @@ mod tests {
         // It still hears about its own cancellations.
         hub.wake_delegate("full");
         assert!(is_woken(&full).await);
+    }
+
+    /// Issue 17 item 12: one token's polls could hold every connection slot.
+    #[tokio::test]
+    async fn a_delegate_has_one_open_poll_and_a_token_a_bounded_number() {
+        let hub = Hub::new(2);
+        let a1 = hub.open_poll("t", "a").expect("first poll of a");
+        let a2 = hub.open_poll("t", "a").expect("a replaces its poll");
+        tokio::time::timeout(Duration::from_millis(100), a1.replaced())
+            .await
+            .expect("the replaced poll is told to end");
+        assert_eq!(hub.open_polls("t"), 1);
+        drop(a1);
+        assert_eq!(
+            hub.open_polls("t"),
+            1,
+            "the replaced poll freed its successor's place"
+        );
+        let b = hub.open_poll("t", "b").expect("second delegate");
+        let refused = hub.open_poll("t", "c").err().expect("a third is refused");
+        assert_eq!(refused.max, 2);
+        // Another token is not affected, and a delegate may still replace its own poll.
+        let _other = hub.open_poll("u", "x").expect("other token");
+        let _b2 = hub
+            .open_poll("t", "b")
+            .expect("b replaces its poll at the cap");
+        drop(b);
+        drop(a2);
+        assert_eq!(hub.open_polls("t"), 1);
+        let _c = hub.open_poll("t", "c").expect("room again");
     }
 
     #[tokio::test]

@@ -26,3 +26,4 @@ pub mod reaper;
 pub mod releases;
 pub mod server;
 pub mod store;
+pub mod text;

@@ -42,7 +42,9 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // An error may quote what a delegate or task chose (a name, a message).
+            let text = format!("{e:#}");
+            eprintln!("error: {}", delegate_manager::text::shown_lines(&text));
             ExitCode::FAILURE
         }
     }
@@ -75,6 +77,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         max_log_bytes: args.max_log_bytes,
         retention: args.retention,
         database: args.database.clone(),
+        database_password_file: args.database_password_file.clone(),
+        max_polls_per_token: args.max_polls_per_token,
     };
     let stop = stop_signal();
     let server = server::bind(&cfg)

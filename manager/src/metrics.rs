@@ -1,13 +1,20 @@
 //! The manager's figures in the Prometheus text format (OpenMetrics), served at `/metrics`.
 //!
 //! Counts that the database already holds — delegates by state and version, tasks by
-//! state and kind, log bytes stored — are read at each scrape with a few grouped queries,
-//! so no code path can forget to update them. What only the moment knows — how long a task
-//! waited in the queue before a delegate held it, how long it ran, how many leases lapsed
-//! — is recorded where it happens, in the store. The page holds counts and versions only
-//! (no names, ids or secrets), like `/healthz` it needs no token.
+//! state and kind, log bytes stored — are read with a few grouped queries, so no code path
+//! can forget to update them. Those queries scan whole tables, and `/metrics` needs no
+//! token, so a scrape never runs them itself: it takes the [`ScrapeCache`]'s snapshot,
+//! computed at most once a second and once at a time however many clients scrape (issue
+//! 17 item 4: eight clients scraping a million tasks held a heartbeat up for 36 s). What
+//! only the moment knows — how long a task waited in the queue before a delegate held it,
+//! how long it ran, how many leases lapsed — is recorded where it happens, in the store.
+//! The page holds counts and versions only (no names, ids or secrets), like `/healthz` it
+//! needs no token.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::encoding::text::encode;
@@ -51,7 +58,7 @@ fn duration_histogram() -> Histogram {
 }
 
 /// What a scrape reads from the database.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct Snapshot {
     /// (state, version) → delegates; a delegate not heard from within the lease TTL is
     /// counted as `disconnected`.
@@ -71,6 +78,10 @@ pub struct Metrics {
     lease_expiries: Counter,
     pickup: HistogramFamily,
     duration: HistogramFamily,
+    /// Snapshots the store computed (full-table aggregates run) since start.
+    snapshots: AtomicU64,
+    /// `render` sets the gauges, then encodes them: two scrapes at once take turns.
+    rendering: std::sync::Mutex<()>,
 }
 
 impl Default for Metrics {
@@ -138,7 +149,19 @@ impl Metrics {
             lease_expiries,
             pickup,
             duration,
+            snapshots: AtomicU64::new(0),
+            rendering: std::sync::Mutex::new(()),
         }
+    }
+
+    /// The store ran the aggregates of a [`Snapshot`] (called by the store).
+    pub fn snapshot_computed(&self) {
+        self.snapshots.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// How many snapshots the store computed since start: what scrapes cost the database.
+    pub fn snapshots_computed(&self) -> u64 {
+        self.snapshots.load(Ordering::Relaxed)
     }
 
     /// A delegate leased a task of `kind` that was queued `secs` ago.
@@ -173,6 +196,7 @@ impl Metrics {
 
     /// The exposition, with the database's counts as of `snap`.
     pub fn render(&self, snap: &Snapshot) -> String {
+        let _turn = self.rendering.lock().unwrap_or_else(|e| e.into_inner());
         self.delegates.clear();
         for ((state, version), n) in &snap.delegates {
             self.delegates
@@ -198,6 +222,63 @@ impl Metrics {
             tracing::warn!("cannot encode metrics: {e}");
         }
         out
+    }
+}
+
+/// How old a snapshot may be and still answer a scrape: Prometheus scrapes every 15 s or
+/// more, so a second of staleness costs nothing, and it caps the aggregates any number of
+/// clients can cause at one a second.
+pub const SNAPSHOT_MAX_AGE: Duration = Duration::from_secs(1);
+
+/// The last snapshot and when its computation started; scrapes share it.
+///
+/// A scrape takes the cached snapshot when it is younger than [`SNAPSHOT_MAX_AGE`], or
+/// when its computation started after the scrape arrived (it then shows everything the
+/// scrape could expect; see `Cached::serves` for a slow database). Otherwise the scrape computes a new one while holding the cache's
+/// lock, so at most one computation runs at a time and scrapes that arrive meanwhile wait
+/// for it and share it instead of starting their own.
+#[derive(Default)]
+pub struct ScrapeCache {
+    last: tokio::sync::Mutex<Option<Cached>>,
+}
+
+struct Cached {
+    started: tokio::time::Instant,
+    took: Duration,
+    snap: Arc<Snapshot>,
+}
+
+impl Cached {
+    /// Usable for a scrape that arrived at `arrived`: computed since, or young enough. On
+    /// a database so big that a snapshot takes long, it stays usable for four times what
+    /// it took, so scrapes keep the aggregates' share of one thread under a fifth.
+    fn serves(&self, arrived: tokio::time::Instant) -> bool {
+        self.started >= arrived
+            || (self.started + self.took).elapsed() < SNAPSHOT_MAX_AGE.max(self.took * 4)
+    }
+}
+
+impl ScrapeCache {
+    /// The snapshot for a scrape that arrived now; `compute` runs only when no usable one
+    /// is cached (see the type's doc).
+    pub async fn get<E, F, Fut>(&self, compute: F) -> Result<Arc<Snapshot>, E>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<Snapshot, E>>,
+    {
+        let arrived = tokio::time::Instant::now();
+        let mut last = self.last.lock().await;
+        if let Some(c) = last.as_ref().filter(|c| c.serves(arrived)) {
+            return Ok(c.snap.clone());
+        }
+        let started = tokio::time::Instant::now();
+        let snap = Arc::new(compute().await?);
+        *last = Some(Cached {
+            started,
+            took: started.elapsed(),
+            snap: snap.clone(),
+        });
+        Ok(snap)
     }
 }
 

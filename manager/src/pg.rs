@@ -456,19 +456,86 @@ impl Drop for Pool {
     }
 }
 
-/// The URL without its password, for messages and logs (also when it does not parse).
-fn redact(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_string();
+/// The URL without its passwords, for messages and logs (also when it does not parse):
+/// the user-info's password and a `password=` query parameter (any case) become `***`.
+pub fn redact(url: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (url, None),
     };
-    let Some(at) = rest.rfind('@') else {
-        return url.to_string();
+    let mut out = match base.split_once("://") {
+        Some((scheme, rest)) => {
+            // The user-info ends at the last '@' before the path.
+            let authority_end = rest.find('/').unwrap_or(rest.len());
+            let (authority, path) = rest.split_at(authority_end);
+            match authority.rfind('@') {
+                Some(at) => {
+                    let (userinfo, host) = authority.split_at(at);
+                    match userinfo.split_once(':') {
+                        Some((user, _)) => format!("{scheme}://{user}:***{host}{path}"),
+                        None => base.to_string(),
+                    }
+                }
+                None => base.to_string(),
+            }
+        }
+        None => base.to_string(),
     };
-    let (userinfo, host) = rest.split_at(at);
-    match userinfo.split_once(':') {
-        Some((user, _)) => format!("{scheme}://{user}:***{host}"),
-        None => url.to_string(),
+    if let Some(q) = query {
+        let pairs: Vec<String> = q
+            .split('&')
+            .map(|pair| match pair.split_once('=') {
+                Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+                _ => pair.to_string(),
+            })
+            .collect();
+        out.push('?');
+        out.push_str(&pairs.join("&"));
     }
+    out
+}
+
+/// Hosts of `config` that a plain-text connection would reach over a network: anything
+/// but loopback addresses, `localhost` and Unix sockets.
+fn remote_hosts(config: &postgres::Config) -> Vec<String> {
+    use postgres::config::Host;
+    config
+        .get_hosts()
+        .iter()
+        .filter_map(|h| match h {
+            Host::Tcp(name) => {
+                let bare = name.trim_start_matches('[').trim_end_matches(']');
+                let local = bare.eq_ignore_ascii_case("localhost")
+                    || bare
+                        .parse::<std::net::IpAddr>()
+                        .is_ok_and(|ip| ip.is_loopback());
+                (!local).then(|| name.clone())
+            }
+            Host::Unix(_) => None,
+        })
+        .collect()
+}
+
+/// The warning for a plain-text connection to a host off this machine: the password
+/// and every task's secrets would cross the network readable (issue 17 item 8).
+fn plain_text_warning(config: &postgres::Config, tls: &Tls) -> Option<String> {
+    if matches!(tls, Tls::On(_)) {
+        return None;
+    }
+    let remote = remote_hosts(config);
+    if remote.is_empty() {
+        return None;
+    }
+    let mode = match config.get_ssl_mode() {
+        postgres::config::SslMode::Disable => "sslmode=disable",
+        _ => "no sslmode or sslmode=prefer (which does not try TLS here)",
+    };
+    Some(format!(
+        "the database connection to {} is plain text ({mode}): its password and every \
+         task's spec and secrets cross the network readable; add \
+         ?sslmode=verify-full&sslrootcert=/path/to/ca.pem to the URL",
+        remote.join(", ")
+    ))
 }
 
 /// How connections to the database are made.
@@ -592,6 +659,73 @@ fn tls_connector(
 
 // ---- the store -----------------------------------------------------------------------
 
+/// Whose clock the store's times come from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum PgClock {
+    /// The database's (`clock_timestamp()`): every node stamps leases, heartbeats and
+    /// reaps with one clock, so a node whose clock runs ahead cannot reap the others'
+    /// leases, nor one that runs behind grant leases that have lapsed already.
+    #[default]
+    Database,
+    /// CAUTION: the time each call is given, as the SQLite store does. For tests that move
+    /// time by hand; nodes whose clocks differ then disagree about which leases lapsed.
+    Caller,
+}
+
+/// How [`PgStore::open_with`] connects, beyond the URL.
+#[derive(Clone, Default)]
+pub struct PgOptions {
+    /// The password, when it is kept out of the URL (`--database-password-file`).
+    pub password: Option<String>,
+    pub clock: PgClock,
+}
+
+impl std::fmt::Debug for PgOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgOptions")
+            .field("password", &self.password.as_ref().map(|_| "***"))
+            .field("clock", &self.clock)
+            .finish()
+    }
+}
+
+/// How long the database's time is reckoned from one reading plus this process's
+/// monotonic clock before it is read again: drift between the two clocks stays in the
+/// milliseconds, and no store call pays a round trip for the time.
+const CLOCK_READING_MAX_AGE: Duration = Duration::from_secs(30);
+
+/// The database's clock, as read last: (monotonic instant of the reading, database ms).
+#[derive(Default)]
+struct DbClock {
+    reading: Mutex<Option<(std::time::Instant, i64)>>,
+}
+
+impl DbClock {
+    /// The database's time now, read again over `conn` when the last reading is old.
+    fn now(&self, conn: &mut Conn) -> Result<i64, StoreError> {
+        if let Some((at, ms)) = *lock(&self.reading)
+            && at.elapsed() < CLOCK_READING_MAX_AGE
+        {
+            return Ok(ms + at.elapsed().as_millis() as i64);
+        }
+        let sent = std::time::Instant::now();
+        let ms: i64 = conn
+            .auto()?
+            .query(
+                "SELECT (extract(epoch FROM clock_timestamp()) * 1000)::BIGINT",
+                &[],
+            )?
+            .first()
+            .map(|r| r.try_get(0))
+            .transpose()?
+            .ok_or_else(|| StoreError::Invalid("the database did not tell its time".into()))?;
+        // The reading was taken about halfway through the round trip.
+        let at = sent + sent.elapsed() / 2;
+        *lock(&self.reading) = Some((at, ms));
+        Ok(ms + at.elapsed().as_millis() as i64)
+    }
+}
+
 /// The store on a PostgreSQL database shared by several manager nodes.
 pub struct PgStore {
     pool: Pool,
@@ -602,6 +736,8 @@ pub struct PgStore {
     /// and re-registers reach these through [`Note`]s.
     tokens: Mutex<HashMap<String, String>>,
     tags: Mutex<HashMap<String, Selectors>>,
+    clock: PgClock,
+    db_clock: DbClock,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -612,7 +748,30 @@ impl PgStore {
     /// Connect to `url`, apply the migrations this node knows (once, under an advisory
     /// lock), and refuse a schema newer than it understands.
     pub fn open(url: &str, lease_ttl: Duration) -> Result<PgStore, StoreError> {
-        let (config, tls) = parse_config(url)?;
+        PgStore::open_with(url, lease_ttl, PgOptions::default())
+    }
+
+    /// [`PgStore::open`] with a password kept out of the URL, or another clock.
+    pub fn open_with(
+        url: &str,
+        lease_ttl: Duration,
+        options: PgOptions,
+    ) -> Result<PgStore, StoreError> {
+        let (mut config, tls) = parse_config(url)?;
+        if let Some(password) = &options.password {
+            if config.get_password().is_some() {
+                return Err(StoreError::PostgresUrl {
+                    url: redact(url),
+                    why: "it holds a password and a password file is given too; keep it \
+                          in one place (the file)"
+                        .to_string(),
+                });
+            }
+            config.password(password.as_bytes());
+        }
+        if let Some(w) = plain_text_warning(&config, &tls) {
+            warn!("{w}");
+        }
         let pool = Pool {
             config,
             tls,
@@ -631,7 +790,17 @@ impl PgStore {
             metrics: Metrics::new(),
             tokens: Mutex::new(HashMap::new()),
             tags: Mutex::new(HashMap::new()),
+            clock: options.clock,
+            db_clock: DbClock::default(),
         })
+    }
+
+    /// The time a call stamps and compares with: the database's (see [`PgClock`]).
+    fn now(&self, conn: &mut Conn, given: UnixMillis) -> Result<UnixMillis, StoreError> {
+        match self.clock {
+            PgClock::Database => self.db_clock.now(conn),
+            PgClock::Caller => Ok(given),
+        }
     }
 
     pub fn with_max_log_bytes(mut self, bytes: u64) -> PgStore {
@@ -726,7 +895,9 @@ impl PgStore {
     }
 
     pub fn snapshot(&self, now: UnixMillis) -> Result<Snapshot, StoreError> {
+        self.metrics.snapshot_computed();
         let mut conn = self.pool.get()?;
+        let now = self.now(&mut conn, now)?;
         let mut tx = conn.auto()?;
         let mut snap = Snapshot::default();
         let cutoff = now - self.lease_ttl_ms;
@@ -813,6 +984,24 @@ impl PgStore {
         tx.commit()
     }
 
+    /// Store `hash` as the admin token's unless one is stored already; the hash stored
+    /// afterwards. Two nodes starting at once both try, and both learn the one winner.
+    pub fn claim_admin_hash(&self, hash: &str) -> Result<String, StoreError> {
+        let mut conn = self.pool.get()?;
+        let mut tx = conn.tx()?;
+        tx.exec(
+            "INSERT INTO meta (key, value) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING",
+            &[&ADMIN_HASH_KEY, &hash],
+        )?;
+        let v: String = tx
+            .opt("SELECT value FROM meta WHERE key = $1", &[&ADMIN_HASH_KEY])?
+            .map(|r| r.try_get(0))
+            .transpose()?
+            .ok_or_else(|| StoreError::Invalid("the admin token's hash vanished".into()))?;
+        tx.commit()?;
+        Ok(v)
+    }
+
     pub fn create_token(
         &self,
         name: &str,
@@ -836,6 +1025,7 @@ impl PgStore {
         }
         let tags = tags.map(to_json);
         let mut conn = self.pool.get()?;
+        let now = self.now(&mut conn, now)?;
         let mut tx = conn.tx()?;
         let inserted = tx.exec(
             "INSERT INTO tokens (name, hash, created_at, tags) VALUES ($1, $2, $3, $4) \
@@ -872,6 +1062,7 @@ impl PgStore {
 
     pub fn revoke_token(&self, name: &str, now: UnixMillis) -> Result<TokenView, StoreError> {
         let mut conn = self.pool.get()?;
+        let now = self.now(&mut conn, now)?;
         let mut tx = conn.tx()?;
         let row = tx
             .opt(
@@ -921,6 +1112,7 @@ impl PgStore {
         now: UnixMillis,
     ) -> Result<ForgottenDelegate, StoreError> {
         let mut conn = self.pool.get()?;
+        let now = self.now(&mut conn, now)?;
         let mut tx = conn.tx()?;
         let found: Vec<(String, String, String)> = tx
             .query(
@@ -983,6 +1175,7 @@ impl PgStore {
         let targets = to_json(&req.targets);
         let capacity = i64::from(req.capacity);
         let mut conn = self.pool.get()?;
+        let now = self.now(&mut conn, now)?;
         let mut tx = conn.tx()?;
         refuse_tags(token_name, &req.tags, live_token_tags(&mut tx, token_name)?)?;
         // Two nodes registering the same name at once: the unique key serialises them,
@@ -1059,7 +1252,6 @@ impl PgStore {
             SELECT (SELECT state FROM prev), ARRAY(SELECT id FROM renewed), \
                 ARRAY(SELECT id FROM renewed WHERE cancel_requested)";
         let state = req.state.as_str();
-        let lease = now + self.lease_ttl_ms;
         // A newer agent names attempts: renew only the task's current attempt on this
         // delegate and revoke exactly the others (-1: any attempt, for older agents).
         let by_attempt = !req.in_flight_attempts.is_empty();
@@ -1072,6 +1264,8 @@ impl PgStore {
             req.in_flight.iter().map(|id| (id.clone(), -1)).unzip()
         };
         let mut conn = self.pool.get()?;
+        let now = self.now(&mut conn, now)?;
+        let lease = now + self.lease_ttl_ms;
         let mut tx = conn.auto()?;
         let row = tx
             .opt(
@@ -1173,6 +1367,7 @@ impl PgStore {
             FROM (SELECT id FROM p UNION ALL SELECT id FROM o) AS x WHERE t.id = x.id \
             RETURNING t.id, t.kind, t.spec, t.attempt, t.timeout_secs, t.created_at, t.seq";
         let mut conn = self.pool.get()?;
+        let now = self.now(&mut conn, now)?;
         let mut tx = conn.tx()?;
         let Some(me) = tx.opt(ME, &[&delegate_id, &token_name, &now])? else {
             own_delegate(&mut tx, delegate_id, token_name)?;
@@ -1230,6 +1425,7 @@ impl PgStore {
 
     pub fn list_delegates(&self, now: UnixMillis) -> Result<Vec<DelegateView>, StoreError> {
         let mut conn = self.pool.get()?;
+        let now = self.now(&mut conn, now)?;
         let mut tx = conn.auto()?;
         let rows = tx.query(
             "SELECT d.id, d.name, d.hostname, d.version, d.tags, d.targets, d.capacity, \
@@ -1283,6 +1479,7 @@ impl PgStore {
         }
         .payload();
         let mut conn = self.pool.get()?;
+        let now = self.now(&mut conn, now)?;
         let mut tx = conn.auto()?;
         tx.query(
             SQL,
@@ -1353,6 +1550,7 @@ impl PgStore {
              t.log_bytes, t.log_truncated";
         let attempt_i = i64::from(attempt);
         let mut conn = self.pool.get()?;
+        let now = self.now(&mut conn, now)?;
         if let Some(r) = conn
             .auto()?
             .opt(FAST, &[&id, &attempt_i, &token_name, &now])?
@@ -1525,6 +1723,7 @@ impl PgStore {
              t.log_bytes, t.log_truncated) \
              SELECT u.*, pg_notify('delegate_manager', $9) FROM u";
         let mut conn = self.pool.get()?;
+        let now = self.now(&mut conn, now)?;
         if result.outcome != Outcome::Lost {
             let attempt_i = i64::from(attempt);
             let state = result.outcome.state().as_str();
@@ -1570,6 +1769,7 @@ impl PgStore {
 
     pub fn cancel(&self, id: &str, now: UnixMillis) -> Result<(TaskView, Cancel), StoreError> {
         let mut conn = self.pool.get()?;
+        let now = self.now(&mut conn, now)?;
         let mut tx = conn.tx()?;
         let held = load_held(&mut tx, id)?;
         let (change, effect) = cancel_change(&held, id)?;
@@ -1596,6 +1796,7 @@ impl PgStore {
     /// another node meanwhile no longer matches: one lapsed lease is handled once.
     pub fn reap(&self, now: UnixMillis) -> Result<Reaped, StoreError> {
         let mut conn = self.pool.get()?;
+        let now = self.now(&mut conn, now)?;
         let mut tx = conn.tx()?;
         let expired: Vec<(String, Task, Option<String>)> = tx
             .query(
@@ -1626,7 +1827,12 @@ impl PgStore {
         Ok(reaped)
     }
 
+    /// A step of this node's wall clock moves nothing when leases run on the database's
+    /// clock, which did not step (and the leases are every node's, not this one's).
     pub fn shift_leases(&self, by_ms: i64, set_before: UnixMillis) -> Result<usize, StoreError> {
+        if self.clock == PgClock::Database {
+            return Ok(0);
+        }
         let mut conn = self.pool.get()?;
         let mut tx = conn.tx()?;
         let n = tx.exec(
@@ -1644,6 +1850,7 @@ impl PgStore {
     /// the same as a start after a whole-cluster outage.
     pub fn extend_leases(&self, now: UnixMillis) -> Result<usize, StoreError> {
         let mut conn = self.pool.get()?;
+        let now = self.now(&mut conn, now)?;
         let mut tx = conn.tx()?;
         let lease = now + self.lease_ttl_ms;
         let n = tx.exec(
@@ -1866,6 +2073,54 @@ fn migrate(client: &mut Client, url: &str) -> Result<(), StoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Issue 17 item 8: `?password=` was shown in full wherever the URL was.
+    #[test]
+    fn redact_hides_every_password_in_a_url() {
+        for (url, shown) in [
+            (
+                "postgres://u:pw@db:5432/x?password=pw2&sslmode=disable",
+                "postgres://u:***@db:5432/x?password=***&sslmode=disable",
+            ),
+            (
+                "postgres://u@db/x?PASSWORD=pw",
+                "postgres://u@db/x?PASSWORD=***",
+            ),
+            ("postgres://u:p@ss@db/x", "postgres://u:***@db/x"),
+            ("postgres://u@db/x", "postgres://u@db/x"),
+            ("not a url?password=pw", "not a url?password=***"),
+        ] {
+            assert_eq!(redact(url), shown, "{url}");
+        }
+    }
+
+    /// Issue 17 item 8: plain text to another host was silent.
+    #[test]
+    fn plain_text_to_another_host_is_warned_about_and_loopback_is_not() {
+        let warning = |u: &str| {
+            let (config, tls) = parse_config(u).expect("parses");
+            plain_text_warning(&config, &tls)
+        };
+        for remote in [
+            "postgres://u@db.internal/x",
+            "postgres://u@10.0.0.5/x?sslmode=prefer",
+            "postgres://u@db.internal/x?sslmode=disable",
+        ] {
+            let w = warning(remote).unwrap_or_else(|| panic!("no warning for {remote}"));
+            assert!(
+                w.contains("plain text") && w.contains("sslmode=verify-full"),
+                "{w}"
+            );
+        }
+        for local in [
+            "postgres://u@127.0.0.1/x",
+            "postgres://u@localhost/x?sslmode=disable",
+            "postgres://u@[::1]:5432/x",
+            "postgres://u@%2Fvar%2Frun%2Fpostgresql/x",
+        ] {
+            assert_eq!(warning(local), None, "{local}");
+        }
+    }
 
     #[test]
     fn urls_that_cannot_work_are_refused_before_connecting() {

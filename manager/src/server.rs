@@ -54,6 +54,11 @@ pub struct ServeConfig {
     pub retention: Option<Duration>,
     /// The database; `None` is the SQLite file `DATA/manager.db`.
     pub database: Option<Database>,
+    /// A file holding the PostgreSQL password, kept out of the URL.
+    pub database_password_file: Option<PathBuf>,
+    /// Most long polls the delegates of one token may hold open at once; `None` is half
+    /// of `limits.max_connections`, so one token never holds every connection slot.
+    pub max_polls_per_token: Option<usize>,
 }
 
 /// The PEM files of the manager's TLS identity.
@@ -79,6 +84,8 @@ impl ServeConfig {
             max_log_bytes: crate::store::DEFAULT_MAX_LOG_BYTES,
             retention: None,
             database: None,
+            database_password_file: None,
+            max_polls_per_token: None,
         }
     }
 
@@ -86,6 +93,13 @@ impl ServeConfig {
     /// and 10 s, so a delegate gets about three tries before its leases lapse.
     pub fn default_heartbeat(lease_ttl: Duration) -> Duration {
         (lease_ttl / 3).clamp(Duration::from_secs(1), Duration::from_secs(10))
+    }
+
+    /// The long polls one token's delegates may hold (see `max_polls_per_token`).
+    pub fn polls_per_token(&self) -> usize {
+        self.max_polls_per_token
+            .unwrap_or(self.limits.max_connections / 2)
+            .max(1)
     }
 
     /// Leases shorter than a second, or heartbeats no more often than leases lapse, would
@@ -162,13 +176,14 @@ pub async fn bind(cfg: &ServeConfig) -> Result<Server, ServeError> {
     })?;
     let app = App::new(AppInner {
         store,
-        hub: Hub::default(),
+        hub: Hub::new(cfg.polls_per_token()),
         admin_hash,
         lease_ttl: cfg.lease_ttl,
         heartbeat_interval: cfg.heartbeat_interval,
         releases: cfg.releases.clone(),
         idle_timeout: cfg.limits.idle_timeout,
         retention: cfg.retention,
+        scrapes: Default::default(),
     });
     if let Some(pg) = app.store.postgres() {
         let (listening, handler) = (app.clone(), note_handler(&app));
@@ -301,7 +316,15 @@ fn prepare(cfg: &ServeConfig) -> Result<(Store, String), ServeError> {
     };
     let store = match &cfg.database {
         Some(Database::Postgres(url)) => {
-            let store = Store::open_postgres(url, cfg.lease_ttl)?;
+            let options = crate::pg::PgOptions {
+                password: cfg
+                    .database_password_file
+                    .as_deref()
+                    .map(read_password_file)
+                    .transpose()?,
+                ..Default::default()
+            };
+            let store = Store::open_postgres_with(url, cfg.lease_ttl, options)?;
             make_dir()?;
             store
         }
@@ -330,6 +353,33 @@ fn prepare(cfg: &ServeConfig) -> Result<(Store, String), ServeError> {
     Ok((store, admin_hash))
 }
 
+/// The password in `path`: its first line, without the line end. A file others may read
+/// is used with a warning (it should be 0600 or 0640, or a systemd credential).
+fn read_password_file(path: &Path) -> Result<String, ServeError> {
+    let bad = |why: String| {
+        ServeError::Config(format!(
+            "--database-password-file {}: {why}",
+            path.display()
+        ))
+    };
+    let text = fs::read_to_string(path).map_err(|e| bad(format!("cannot read it ({e})")))?;
+    let password = text.lines().next().unwrap_or_default().to_string();
+    if password.is_empty() {
+        return Err(bad(
+            "its first line is empty; write the password there".into()
+        ));
+    }
+    if let Ok(meta) = fs::metadata(path)
+        && meta.permissions().mode() & 0o004 != 0
+    {
+        warn!(
+            "--database-password-file {} is readable by every user; chmod 600 it",
+            path.display()
+        );
+    }
+    Ok(password)
+}
+
 /// What a PostgreSQL [`Note`] from any node (this one included) does here: the hub wakes
 /// the polls it concerns, cached facts it makes stale are dropped. Holds the app weakly so
 /// that a stopped server (in tests) is not kept alive by its listener.
@@ -355,32 +405,55 @@ fn note_handler(app: &App) -> impl Fn(&Note) + Send + 'static {
 }
 
 /// The admin token's hash; on first start a new token is written to `DIR/admin.token`.
+/// The hash is claimed in the database only if none is there (two nodes starting at once
+/// on one PostgreSQL both try; one wins), and the token file is put in place only by the
+/// winner, so a token file always holds a token that works.
 fn ensure_admin_token(store: &Store, dir: &Path) -> Result<String, ServeError> {
     let path = dir.join(ADMIN_TOKEN_FILE);
     if let Some(hash) = store.admin_hash()? {
         if !path.exists() {
             warn!(
-                "{} is missing; the admin token it held still works. To get a new one, stop \
-                 the manager and delete the admin_token_sha256 row of the meta table",
+                "{} is missing; the admin token it held still works. Copy it from the node \
+                 that created it or, for a new one, stop the manager (with PostgreSQL: any \
+                 one node) and delete the admin_token_sha256 row of the meta table; the \
+                 next start writes a new token and every node refuses the old one",
                 path.display()
             );
         }
         return Ok(hash);
     }
     let token = auth::new_admin_token();
-    write_secret(&path, &token).map_err(|source| ServeError::AdminToken {
+    let token_err = |source| ServeError::AdminToken {
         path: path.clone(),
         source,
-    })?;
+    };
+    let staged = stage_secret(&path, &token).map_err(token_err)?;
     let hash = auth::hash_token(&token);
-    store.set_admin_hash(&hash)?;
+    let stored = match store.claim_admin_hash(&hash) {
+        Ok(stored) => stored,
+        Err(e) => {
+            let _ = fs::remove_file(&staged);
+            return Err(e.into());
+        }
+    };
+    if stored != hash {
+        let _ = fs::remove_file(&staged);
+        warn!(
+            "another manager node created the admin token as this one started; copy its \
+             DATA/{ADMIN_TOKEN_FILE} to {}",
+            path.display()
+        );
+        return Ok(stored);
+    }
+    commit_secret(&staged, &path).map_err(token_err)?;
     info!("wrote a new admin token to {}", path.display());
     Ok(hash)
 }
 
-/// Write a secret so that it is never readable by others, not even for a moment: a fresh
-/// file created with mode 0600, synced, then renamed over the target.
-fn write_secret(path: &Path, secret: &str) -> std::io::Result<()> {
+/// Write a secret beside `path` so that it is never readable by others, not even for a
+/// moment: a fresh file created with mode 0600 and synced; [`commit_secret`] renames it
+/// over `path`.
+fn stage_secret(path: &Path, secret: &str) -> std::io::Result<PathBuf> {
     let tmp = path.with_extension("token.tmp");
     match fs::remove_file(&tmp) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
@@ -393,7 +466,11 @@ fn write_secret(path: &Path, secret: &str) -> std::io::Result<()> {
         .open(&tmp)?;
     f.write_all(format!("{secret}\n").as_bytes())?;
     f.sync_all()?;
-    fs::rename(&tmp, path)?;
+    Ok(tmp)
+}
+
+fn commit_secret(staged: &Path, path: &Path) -> std::io::Result<()> {
+    fs::rename(staged, path)?;
     if let Some(parent) = path.parent() {
         fs::File::open(parent)?.sync_all()?;
     }

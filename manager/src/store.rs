@@ -232,9 +232,13 @@ impl Held {
 /// Beside it, in memory: the queued tasks by selector set (`queue`), so a lease does not
 /// scan the queue, and two caches the hot paths read on every request — token hash →
 /// name and delegate id → tags — each kept in step by the calls that change them.
-/// Lock order: `conn`, then `queue`; the caches are taken alone.
+/// Lock order: `conn`, then `queue`; the caches are taken alone. `/metrics`' full-table
+/// counts read through a connection of their own (`reader`): in WAL mode a reader sees a
+/// consistent snapshot without blocking the writer, so a scan of a million tasks never
+/// holds `conn`, and a heartbeat never waits for one.
 pub struct SqliteStore {
     conn: Mutex<Connection>,
+    reader: Mutex<Connection>,
     queue: Mutex<Queue>,
     tokens: Mutex<HashMap<String, String>>,
     tags: Mutex<HashMap<String, Selectors>>,
@@ -743,6 +747,14 @@ impl SqliteStore {
             .map_err(open_err)?;
         conn.set_prepared_statement_cache_capacity(64);
         migrate(&mut conn, path)?;
+        // Opened after the migrations, so it sees the schema; it only ever reads.
+        let reader = Connection::open(path).map_err(open_err)?;
+        reader
+            .busy_timeout(Duration::from_secs(5))
+            .map_err(open_err)?;
+        reader
+            .pragma_update(None, "query_only", true)
+            .map_err(open_err)?;
         let mut queue = Queue::default();
         {
             let mut stmt = conn.prepare(
@@ -757,6 +769,7 @@ impl SqliteStore {
         }
         Ok(SqliteStore {
             conn: Mutex::new(conn),
+            reader: Mutex::new(reader),
             queue: Mutex::new(queue),
             tokens: Mutex::new(HashMap::new()),
             tags: Mutex::new(HashMap::new()),
@@ -771,9 +784,13 @@ impl SqliteStore {
         &self.metrics
     }
 
-    /// The counts `/metrics` reads from the database at a scrape.
+    /// The counts `/metrics` reads from the database (through `ScrapeCache`), on the
+    /// reader connection: the store's lock is not taken.
     pub fn snapshot(&self, now: UnixMillis) -> Result<Snapshot, StoreError> {
-        let conn = self.conn();
+        self.metrics.snapshot_computed();
+        let mut conn = lock(&self.reader);
+        // One read transaction: the three counts agree with each other.
+        let conn = conn.transaction()?;
         let mut snap = Snapshot::default();
         let mut stmt = conn.prepare_cached(
             "SELECT CASE WHEN last_seen < ?1 THEN 'disconnected' ELSE state END, version, \
@@ -871,6 +888,19 @@ impl SqliteStore {
             [ADMIN_HASH_KEY, hash],
         )?;
         Ok(())
+    }
+
+    /// Store `hash` as the admin token's unless one is stored already; the hash stored
+    /// afterwards.
+    pub fn claim_admin_hash(&self, hash: &str) -> Result<String, StoreError> {
+        let conn = self.conn();
+        conn.execute(
+            "INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT (key) DO NOTHING",
+            [ADMIN_HASH_KEY, hash],
+        )?;
+        Ok(conn
+            .prepare_cached("SELECT value FROM meta WHERE key = ?1")?
+            .query_row([ADMIN_HASH_KEY], |r| r.get(0))?)
     }
 
     // ---- delegate tokens --------------------------------------------------------------
@@ -1645,13 +1675,25 @@ impl SqliteStore {
 
 // ---- the store the API uses: SQLite on one node, PostgreSQL for several -----------------
 
-/// Where the manager keeps its data (`serve --database`).
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Where the manager keeps its data (`serve --database`). Its `Debug` hides passwords.
+#[derive(Clone, PartialEq, Eq)]
 pub enum Database {
     /// One SQLite file (the default, `DATA/manager.db`): one manager node.
     Sqlite(PathBuf),
     /// A PostgreSQL database several manager nodes share (`postgres://…`).
     Postgres(String),
+}
+
+impl std::fmt::Debug for Database {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Database::Sqlite(p) => f.debug_tuple("Sqlite").field(p).finish(),
+            Database::Postgres(url) => f
+                .debug_tuple("Postgres")
+                .field(&crate::pg::redact(url))
+                .finish(),
+        }
+    }
 }
 
 impl Database {
@@ -1718,6 +1760,15 @@ impl Store {
         crate::pg::PgStore::open(url, lease_ttl).map(|s| Store(Backend::Postgres(s)))
     }
 
+    /// [`Store::open_postgres`] with a password kept out of the URL, or another clock.
+    pub fn open_postgres_with(
+        url: &str,
+        lease_ttl: Duration,
+        options: crate::pg::PgOptions,
+    ) -> Result<Store, StoreError> {
+        crate::pg::PgStore::open_with(url, lease_ttl, options).map(|s| Store(Backend::Postgres(s)))
+    }
+
     /// Open `db`.
     pub fn open_database(db: &Database, lease_ttl: Duration) -> Result<Store, StoreError> {
         match db {
@@ -1765,6 +1816,10 @@ impl Store {
     }
     pub fn set_admin_hash(&self, hash: &str) -> Result<(), StoreError> {
         each!(self, s => s.set_admin_hash(hash))
+    }
+    /// Store `hash` as the admin token's unless one is; the hash stored afterwards.
+    pub fn claim_admin_hash(&self, hash: &str) -> Result<String, StoreError> {
+        each!(self, s => s.claim_admin_hash(hash))
     }
     pub fn create_token(
         &self,
@@ -1967,6 +2022,37 @@ mod tests {
             message: None,
             log_bytes: 0,
         }
+    }
+
+    /// Issue 17 item 4: `/metrics`' full-table counts ran under the store's lock, so every
+    /// heartbeat, lease and report waited for each scrape's scan. The counts now read
+    /// through their own connection: with the store's lock held by someone else (here the
+    /// test, standing in for a heartbeat), a snapshot still completes, and it counts.
+    #[test]
+    fn a_metrics_snapshot_never_waits_for_the_store_lock() {
+        let (_dir, s) = store();
+        let d = s.register("tok", &reg("a", &[]), 0).expect("reg");
+        submit(&s, "t_1", shell(&[], 0), 1);
+        submit(&s, "t_2", shell(&[], 0), 2);
+        s.acquire("tok", &d, 1, 3, None).expect("lease");
+        let s = std::sync::Arc::new(s);
+        let held = s.conn();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let scraper = {
+            let s = s.clone();
+            std::thread::spawn(move || {
+                let _ = tx.send(s.snapshot(10).map(|snap| snap.tasks));
+            })
+        };
+        let got = rx.recv_timeout(Duration::from_secs(10));
+        drop(held);
+        scraper.join().expect("scraper");
+        let tasks = got
+            .expect("the snapshot waited for the store's lock")
+            .expect("snapshot");
+        assert_eq!(tasks.get(&("queued".into(), "shell".into())), Some(&1));
+        assert_eq!(tasks.get(&("assigned".into(), "shell".into())), Some(&1));
+        assert_eq!(s.metrics().snapshots_computed(), 1);
     }
 
     #[test]

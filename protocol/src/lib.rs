@@ -465,6 +465,9 @@ pub enum ErrorCode {
     NameTaken,
     /// `register`: a tag outside the token's allowed tag set.
     TagsNotAllowed,
+    /// `acquire`: the token's delegates hold the most long polls the manager allows at
+    /// once (HTTP 429); poll again later.
+    TooManyPolls,
     Internal,
     /// A code from a newer manager.
     #[serde(other)]

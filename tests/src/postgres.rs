@@ -154,6 +154,28 @@ impl Postgres {
         Ok(())
     }
 
+    /// A role that must log in with `password` over TCP (`scram-sha-256`; every other
+    /// role stays `trust`), owning a database of its own name: for tests of how the
+    /// manager gets its password.
+    pub fn add_password_user(&self, user: &str, password: &str) -> Result<()> {
+        self.psql(
+            "postgres",
+            &format!("CREATE ROLE {user} LOGIN PASSWORD '{password}'"),
+        )?;
+        self.psql("postgres", &format!("CREATE DATABASE {user} OWNER {user}"))?;
+        // Rewritten in place, so it keeps its owner and mode; the first matching line wins.
+        let hba = self.data_dir().join("pg_hba.conf");
+        let old =
+            std::fs::read_to_string(&hba).with_context(|| format!("read {}", hba.display()))?;
+        std::fs::write(
+            &hba,
+            format!("host all {user} 127.0.0.1/32 scram-sha-256\n{old}"),
+        )
+        .with_context(|| format!("write {}", hba.display()))?;
+        self.psql("postgres", "SELECT pg_reload_conf()")?;
+        Ok(())
+    }
+
     /// The server's log so far (for failure messages).
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()

@@ -99,3 +99,60 @@ fn manager_metrics_count_delegates_tasks_leases_and_logs_and_parse_as_openmetric
         1.0
     );
 }
+
+/// Issue 17 item 4, reproduced in count: every scrape of the unauthenticated `/metrics`
+/// ran the full-table aggregates itself (eight clients scraping a million tasks held a
+/// heartbeat up for 36 s). Now concurrent scrapes share one computation, a burst within
+/// a second computes nothing new, and a scrape after that sees fresh counts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_scrapes_share_one_store_aggregate_instead_of_one_each() {
+    use delegate_manager::server::{self, ServeConfig};
+    let tmp = tempfile::tempdir().expect("tmp");
+    let server = server::bind(&ServeConfig::new(
+        "127.0.0.1:0".parse().expect("addr"),
+        tmp.path().join("data"),
+    ))
+    .await
+    .expect("bind");
+    let (addr, app) = (server.local_addr(), server.app());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let serving = tokio::spawn(server.run(async {
+        let _ = stopped.await;
+    }));
+    let http = reqwest::Client::new();
+    let scrape_burst = |n: usize| {
+        let mut set = tokio::task::JoinSet::new();
+        for _ in 0..n {
+            let req = http.get(format!("http://{addr}/metrics")).send();
+            set.spawn(async move {
+                let r = req.await.expect("scrape");
+                assert_eq!(r.status().as_u16(), 200);
+                r.text().await.expect("body")
+            });
+        }
+        set.join_all()
+    };
+    const SCRAPERS: usize = 8;
+    let before = app.store.metrics().snapshots_computed();
+    let pages = scrape_burst(SCRAPERS).await;
+    assert_eq!(pages.len(), SCRAPERS);
+    assert!(
+        pages
+            .iter()
+            .all(|p| p.contains("delegate_manager_queue_depth"))
+    );
+    assert_eq!(
+        app.store.metrics().snapshots_computed() - before,
+        1,
+        "{SCRAPERS} concurrent scrapes ran the store's aggregates more than once"
+    );
+    // Within the second, more scrapes reuse it too.
+    scrape_burst(SCRAPERS).await;
+    assert_eq!(app.store.metrics().snapshots_computed() - before, 1);
+    // Later, a scrape counts afresh.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    scrape_burst(SCRAPERS).await;
+    assert_eq!(app.store.metrics().snapshots_computed() - before, 2);
+    let _ = stop.send(());
+    serving.await.expect("join").expect("stop");
+}

@@ -376,3 +376,258 @@ fn tls_to_postgresql_verifies_the_server_with_sslrootcert_and_refuses_another_ca
     );
     assert!(!data.join("admin.token").exists(), "{err}");
 }
+
+/// Issue 17 item 8, reproduced: a `?password=` in the URL was logged at INFO at every
+/// start, and a mistyped URL was echoed whole by the argument parser. Both now show
+/// `***`. The password can live in a file instead (`--database-password-file`), here
+/// against a role that must log in with it.
+#[test]
+fn postgres_passwords_stay_out_of_logs_and_errors_and_a_password_file_works() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let pg = Postgres::start().expect("PostgreSQL starts");
+    // Trust on loopback for this role: any password gets in, so the start succeeds.
+    let url = format!(
+        "postgres://delegate:hunter2@127.0.0.1:{}/delegate?application_name=x&password=hunter3",
+        pg.port()
+    );
+    std::fs::create_dir_all(tmp.path().join("a")).expect("dir");
+    let m = Manager::start_with(&tmp.path().join("a"), "127.0.0.1:0", &["--database", &url])
+        .expect("node starts");
+    let log = m.log_text();
+    assert!(log.contains("(PostgreSQL)"), "{log}");
+    assert!(
+        !log.contains("hunter2") && !log.contains("hunter3"),
+        "a password is in the log:\n{log}"
+    );
+    assert!(
+        !log.contains("plain text"),
+        "a loopback connection is not worth a warning:\n{log}"
+    );
+    drop(m);
+
+    // A mistyped scheme, and a URL the client library cannot parse.
+    for url in [
+        "postgress://delegate:hunter2@127.0.0.1/delegate?password=hunter3".to_string(),
+        format!(
+            "postgres://delegate:hunter2@127.0.0.1:{}/delegate?password=hunter3&sslmode=bogus",
+            pg.port()
+        ),
+    ] {
+        let out = Command::new(bin("delegate-manager").expect("bin"))
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--database",
+                &url,
+                "--data",
+            ])
+            .arg(tmp.path().join("bad"))
+            .output()
+            .expect("run");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{url}: started");
+        assert!(
+            !err.contains("hunter2") && !err.contains("hunter3"),
+            "the password is shown: {err}"
+        );
+        assert!(err.contains("***"), "{err}");
+    }
+
+    // A role that needs its password: from the file it starts, without it it does not.
+    pg.add_password_user("pwuser", "s3cret-pw")
+        .expect("password role");
+    let url = format!("postgres://pwuser@127.0.0.1:{}/pwuser", pg.port());
+    let file = tmp.path().join("pg-password");
+    std::fs::write(&file, "s3cret-pw\n").expect("write");
+    std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .expect("chmod");
+    std::fs::create_dir_all(tmp.path().join("b")).expect("dir");
+    let file_arg = file.to_str().expect("utf-8 path");
+    let m = Manager::start_with(
+        &tmp.path().join("b"),
+        "127.0.0.1:0",
+        &["--database", &url, "--database-password-file", file_arg],
+    )
+    .expect("starts with the password from the file");
+    assert!(!m.log_text().contains("s3cret-pw"));
+    drop(m);
+    let out = Command::new(bin("delegate-manager").expect("bin"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--database",
+            &url,
+            "--data",
+        ])
+        .arg(tmp.path().join("c"))
+        .output()
+        .expect("run");
+    assert!(!out.status.success(), "started without the password");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot connect"), "{err}");
+    // The file and a password in the URL: one place only.
+    let both = format!("postgres://pwuser:other@127.0.0.1:{}/pwuser", pg.port());
+    let out = Command::new(bin("delegate-manager").expect("bin"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--database", &both])
+        .args(["--database-password-file", file_arg, "--data"])
+        .arg(tmp.path().join("d"))
+        .output()
+        .expect("run");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("one place"), "{err}");
+    assert!(!err.contains("other@"), "{err}");
+}
+
+/// GET /api/v1/tasks on `m` with `token`: the status.
+fn admin_status(m: &Manager, token: &str) -> u16 {
+    reqwest::blocking::Client::new()
+        .get(format!("{}/api/v1/tasks", m.url()))
+        .bearer_auth(token)
+        .send()
+        .expect("request")
+        .status()
+        .as_u16()
+}
+
+/// Issue 17 item 9, reproduced: each node kept the admin token's hash from its start, so
+/// after a rotation (one node restarted with the hash deleted, writing a new token) the
+/// old token kept working on the other nodes, and the new one did not.
+#[test]
+fn a_rotated_admin_token_stops_working_on_every_node_at_once() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let pg = Postgres::start().expect("PostgreSQL starts");
+    let (a, b) = two_nodes(tmp.path(), &pg, &[]);
+    let old = a.admin_token.clone();
+    assert_eq!(admin_status(&b, &old), 200);
+    drop(a);
+    pg.psql(
+        postgres_db(),
+        "DELETE FROM meta WHERE key = 'admin_token_sha256'",
+    )
+    .expect("delete the hash");
+    let a = Manager::start_with(
+        &tmp.path().join("a"),
+        "127.0.0.1:0",
+        &["--database", &pg.url()],
+    )
+    .expect("node A starts again");
+    let new = a.admin_token.clone();
+    assert_ne!(new, old, "no new token was written");
+    assert_eq!(
+        admin_status(&b, &old),
+        401,
+        "the old token still works on node B"
+    );
+    assert_eq!(
+        admin_status(&b, &new),
+        200,
+        "the new token does not work on node B"
+    );
+    assert_eq!(admin_status(&a, &new), 200);
+}
+
+fn postgres_db() -> &'static str {
+    delegate_tests::postgres::DATABASE
+}
+
+/// A `delegate-manager serve` started without waiting for it, killed on drop.
+struct Starting {
+    child: std::process::Child,
+    data: std::path::PathBuf,
+    log: std::path::PathBuf,
+}
+
+impl Starting {
+    fn spawn(root: &Path, name: &str, url: &str) -> Starting {
+        let data = root.join(name);
+        let log = root.join(format!("{name}.log"));
+        let child = Command::new(bin("delegate-manager").expect("bin"))
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--database",
+                url,
+                "--data",
+            ])
+            .arg(&data)
+            .env("RUST_LOG", "info")
+            .stderr(std::fs::File::create(&log).expect("log"))
+            .spawn()
+            .expect("spawn");
+        Starting { child, data, log }
+    }
+
+    fn url(&self) -> String {
+        let addr = wait_for(Duration::from_secs(20), "the node to listen", || {
+            let text = std::fs::read_to_string(&self.log).ok()?;
+            let line = text.lines().find(|l| l.contains("listening on "))?;
+            Some(
+                line.split("listening on ")
+                    .nth(1)?
+                    .split_whitespace()
+                    .next()?
+                    .to_string(),
+            )
+        })
+        .expect("listening");
+        format!("http://{addr}")
+    }
+}
+
+impl Drop for Starting {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Issue 17 item 9, reproduced: two nodes started at once on a new database each wrote
+/// an admin token, and the database kept the last one: the other node's token file held
+/// a token that worked nowhere. Now the first claim wins, and only the winner writes a
+/// token file. Several rounds, each on a fresh database, because the race is one of
+/// timing.
+#[test]
+fn nodes_starting_together_on_a_new_database_agree_on_one_admin_token() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let pg = Postgres::start().expect("PostgreSQL starts");
+    for round in 0..6 {
+        let db = format!("round{round}");
+        pg.psql("postgres", &format!("CREATE DATABASE {db}"))
+            .expect("create database");
+        let url = format!("postgres://delegate@127.0.0.1:{}/{db}", pg.port());
+        let root = tmp.path().join(&db);
+        std::fs::create_dir_all(&root).expect("dir");
+        let nodes = [
+            Starting::spawn(&root, "a", &url),
+            Starting::spawn(&root, "b", &url),
+        ];
+        let urls: Vec<String> = nodes.iter().map(Starting::url).collect();
+        let tokens: Vec<String> = nodes
+            .iter()
+            .filter_map(|n| std::fs::read_to_string(n.data.join("admin.token")).ok())
+            .map(|t| t.trim().to_string())
+            .collect();
+        assert!(
+            !tokens.is_empty(),
+            "round {round}: no node wrote an admin token"
+        );
+        for token in &tokens {
+            for url in &urls {
+                let status = reqwest::blocking::Client::new()
+                    .get(format!("{url}/api/v1/tasks"))
+                    .bearer_auth(token)
+                    .send()
+                    .expect("request")
+                    .status()
+                    .as_u16();
+                assert_eq!(
+                    status, 200,
+                    "round {round}: an admin.token a node wrote does not work on {url}"
+                );
+            }
+        }
+    }
+}

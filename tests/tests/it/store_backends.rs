@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use delegate_manager::auth;
 use delegate_manager::error::StoreError;
-use delegate_manager::store::{Cancel, Finish, Store};
+use delegate_manager::pg::{PgClock, PgOptions};
+use delegate_manager::store::{Cancel, Finish, Store, now_ms};
 use delegate_protocol::{
     HeartbeatRequest, Outcome, RegisterRequest, ShellSpec, SubmitTask, TaskResult, TaskSpec,
     TaskState,
@@ -24,9 +25,24 @@ fn on_both(scenario: impl Fn(&Store)) {
     prepare(&sqlite);
     scenario(&sqlite);
     let pg = Postgres::start().expect("PostgreSQL starts");
-    let store = Store::open_postgres(&pg.url(), TTL).expect("open postgres");
+    let store = open_pg(&pg);
     prepare(&store);
     scenario(&store);
+}
+
+/// A PostgreSQL store that takes the time each call is given, as SQLite does: the rules'
+/// tests move time by hand. (Served stores keep the database's clock; see
+/// `nodes_with_skewed_clocks_agree_on_leases_because_the_database_keeps_the_time`.)
+fn open_pg(pg: &Postgres) -> Store {
+    Store::open_postgres_with(
+        &pg.url(),
+        TTL,
+        PgOptions {
+            clock: PgClock::Caller,
+            ..Default::default()
+        },
+    )
+    .expect("open postgres")
 }
 
 fn prepare(s: &Store) {
@@ -221,8 +237,8 @@ fn retention_prunes_only_old_finished_tasks_on_both_backends() {
 #[test]
 fn two_nodes_on_one_postgres_lease_each_task_once_and_reap_each_lease_once() {
     let pg = Postgres::start().expect("PostgreSQL starts");
-    let n1 = Store::open_postgres(&pg.url(), TTL).expect("node 1");
-    let n2 = Store::open_postgres(&pg.url(), TTL).expect("node 2 (migrations already applied)");
+    let n1 = open_pg(&pg);
+    let n2 = open_pg(&pg); // the migrations are applied already
     prepare(&n1);
     const TASKS: usize = 60;
     for i in 0..TASKS {
@@ -325,7 +341,7 @@ fn a_heartbeat_naming_two_attempts_renews_the_current_one_only_on_both_backends(
 fn forgetting_a_delegate_while_it_heartbeats_never_deadlocks_on_postgres() {
     use delegate_protocol::DelegateState;
     let pg = Postgres::start().expect("PostgreSQL starts");
-    let s = Store::open_postgres(&pg.url(), TTL).expect("open postgres");
+    let s = open_pg(&pg);
     prepare(&s);
     let mut refused = 0;
     for round in 0..60 {
@@ -368,4 +384,50 @@ fn forgetting_a_delegate_while_it_heartbeats_never_deadlocks_on_postgres() {
     }
     // The premise: heartbeats did run into the forget (not all before it).
     assert!(refused > 0, "no heartbeat ever met a forgotten delegate");
+}
+
+/// Issue 17 item 9: every node stamped leases and reaped them with its own wall clock. A
+/// node whose clock ran an hour behind granted leases that had lapsed already, and a
+/// node an hour ahead reaped a lease another node had granted a moment before (the task
+/// ran twice). Both now take the time from PostgreSQL, whatever their own clocks say.
+#[test]
+fn nodes_with_skewed_clocks_agree_on_leases_because_the_database_keeps_the_time() {
+    use delegate_protocol::DelegateState;
+    const HOUR: i64 = 3_600_000;
+    let pg = Postgres::start().expect("PostgreSQL starts");
+    let behind = Store::open_postgres(&pg.url(), TTL).expect("node behind");
+    let ahead = Store::open_postgres(&pg.url(), TTL).expect("node ahead");
+    prepare(&behind);
+    let now = now_ms();
+    let d = behind
+        .register("tok", &reg("a", &[]), now - HOUR)
+        .expect("reg");
+    behind
+        .submit("t_1", &shell(&[], 1), 60, now - HOUR)
+        .expect("submit");
+    assert_eq!(leased(&behind, &d, 1, now - HOUR), ["t_1"]);
+    let r = ahead.reap(now + HOUR).expect("reap");
+    assert!(
+        !r.any(),
+        "the node whose clock runs ahead reaped a lease granted a moment ago: {r:?}"
+    );
+    let hb = HeartbeatRequest {
+        state: DelegateState::Running,
+        in_flight: vec!["t_1".into()],
+        in_flight_attempts: vec![],
+    };
+    let resp = behind
+        .heartbeat("tok", &d, &hb, now - HOUR)
+        .expect("heartbeat");
+    assert!(resp.revoked.is_empty(), "{resp:?}");
+    assert!(!ahead.reap(now + HOUR).expect("reap").any());
+    assert_eq!(ahead.task("t_1").expect("view").state, TaskState::Assigned);
+    let listed = ahead.list_delegates(now + HOUR).expect("list");
+    assert!(
+        listed.iter().all(|v| v.connected),
+        "a delegate that just heartbeat shows disconnected: {listed:?}"
+    );
+    // The database's clock moves leases, not a node's: a step of this node's clock
+    // shifts nothing.
+    assert_eq!(ahead.shift_leases(HOUR, now + 2 * HOUR).expect("shift"), 0);
 }

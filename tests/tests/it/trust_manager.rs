@@ -440,3 +440,221 @@ fn sigterm_stops_the_manager_even_when_its_stderr_is_gone() {
     };
     assert!(status.success(), "{status}");
 }
+
+/// A long poll of delegate `id` with `token` on a connection of its own, in a thread:
+/// (status, how long it took).
+fn long_poll(
+    m: &Manager,
+    token: &str,
+    id: &str,
+    wait: u64,
+) -> std::thread::JoinHandle<(u16, Duration)> {
+    let url = format!("{}/api/v1/delegates/{id}/acquire?wait={wait}", m.url());
+    let token = token.to_string();
+    std::thread::spawn(move || {
+        let t0 = std::time::Instant::now();
+        let r = reqwest::blocking::Client::builder()
+            .timeout(Duration::from_secs(60))
+            .build()
+            .expect("client")
+            .post(url)
+            .bearer_auth(token)
+            .send()
+            .expect("long poll");
+        (r.status().as_u16(), t0.elapsed())
+    })
+}
+
+/// Issue 17 item 12, reproduced: the delegates of one token opened as many long polls as
+/// the manager has connection slots, and another token's delegate could not heartbeat
+/// (its connection waited in the backlog until the polls ran out). Now a token holds at
+/// most half the slots (more polls get 429 and their connection is closed), and a
+/// delegate holds one poll: a second one ends the first.
+#[test]
+fn one_tokens_long_polls_cannot_hold_every_connection_slot() {
+    const SLOTS: usize = 8;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let m = Manager::start_with(
+        tmp.path(),
+        "127.0.0.1:0",
+        &["--max-connections", &SLOTS.to_string()],
+    )
+    .expect("manager");
+    let greedy = m.token("greedy").expect("token");
+    let other = m.token("other").expect("token");
+    let g = Caller::new(&m, &greedy);
+    let ids: Vec<String> = (0..SLOTS)
+        .map(|i| {
+            let (status, reg) = g.register(&format!("g{i}"), "h", &[]);
+            assert_eq!(status, 200, "{reg}");
+            reg["delegate_id"].as_str().expect("id").to_string()
+        })
+        .collect();
+    let victim = Caller::new(&m, &other);
+    let (status, reg) = victim.register("victim", "h2", &[]);
+    assert_eq!(status, 200, "{reg}");
+    let victim_id = reg["delegate_id"].as_str().expect("id").to_string();
+    drop((g, victim));
+
+    let polls: Vec<_> = ids.iter().map(|id| long_poll(&m, &greedy, id, 8)).collect();
+    std::thread::sleep(Duration::from_secs(1));
+    let t0 = std::time::Instant::now();
+    let hb = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .expect("client")
+        .post(format!(
+            "{}/api/v1/delegates/{victim_id}/heartbeat",
+            m.url()
+        ))
+        .bearer_auth(&other)
+        .json(&json!({"state": "running", "in_flight": []}))
+        .send()
+        .expect("another token's heartbeat is answered while one token polls on every slot");
+    assert_eq!(hb.status().as_u16(), 200);
+    assert!(t0.elapsed() < Duration::from_secs(3), "{:?}", t0.elapsed());
+    let mut statuses: Vec<u16> = polls
+        .into_iter()
+        .map(|p| p.join().expect("poll thread").0)
+        .collect();
+    statuses.sort();
+    assert_eq!(
+        statuses,
+        [204, 204, 204, 204, 429, 429, 429, 429],
+        "half the slots for one token"
+    );
+
+    // One delegate, two polls: the second ends the first at once.
+    let first = long_poll(&m, &greedy, &ids[0], 30);
+    std::thread::sleep(Duration::from_millis(500));
+    let second = long_poll(&m, &greedy, &ids[0], 1);
+    let (status, took) = first.join().expect("first poll");
+    assert_eq!(status, 204);
+    assert!(
+        took < Duration::from_secs(10),
+        "the first poll ran {took:?}"
+    );
+    assert_eq!(second.join().expect("second poll").0, 204);
+}
+
+/// Issue 17 item 11, reproduced: a delegate registered a name holding terminal escapes,
+/// and `delegate-manager delegates` wrote them raw to the admin's terminal (here an OSC
+/// title change and a screen clear). Registration now refuses such a name, hostname,
+/// version or tag with a 400 naming the field; what a delegate still controls (a task's
+/// result message, its log) reaches the terminal escaped: `task show` always, `task logs`
+/// on a terminal unless `--raw`.
+#[test]
+fn strings_a_delegate_chooses_cannot_drive_the_admins_terminal() {
+    const EVIL: &str = "x\u{1b}]0;pwned\u{7}\u{1b}[2J";
+    let w = World::new();
+    let m = &w.manager;
+    let d = Caller::new(m, &w.token);
+    for (field, body) in [
+        (
+            "name",
+            json!({"name": EVIL, "hostname": "h", "version": "1.0.0", "capacity": 1}),
+        ),
+        (
+            "hostname",
+            json!({"name": "n", "hostname": EVIL, "version": "1.0.0", "capacity": 1}),
+        ),
+        (
+            "version",
+            json!({"name": "n", "hostname": "h", "version": EVIL, "capacity": 1}),
+        ),
+        (
+            "tags[0]",
+            json!({"name": "n", "hostname": "h", "version": "1.0.0", "capacity": 1,
+                          "tags": [EVIL]}),
+        ),
+    ] {
+        let (status, got) = d.post("/delegates/register", &body);
+        assert_eq!(status, 400, "{field}: {got}");
+        let err = error_of(&got);
+        assert_eq!(err.error.code, ErrorCode::BadRequest);
+        assert!(
+            err.error
+                .message
+                .starts_with(&format!("register: {field}: ")),
+            "{}",
+            err.error.message
+        );
+        assert!(
+            !err.error.message.contains('\u{1b}'),
+            "{}",
+            err.error.message
+        );
+    }
+    let (st, out, _) = m.cli(&["delegates"]).expect("cli");
+    assert!(st.success());
+    assert!(
+        !out.contains("pwned"),
+        "a refused delegate is listed:\n{out}"
+    );
+
+    // A task's result message and log are the delegate's to choose.
+    let (status, reg) = d.register("honest", "h", &[]);
+    assert_eq!(status, 200, "{reg}");
+    let id = reg["delegate_id"].as_str().expect("id").to_string();
+    let task = m.submit_shell("true", 60, 0).expect("submit");
+    let (status, got) = d.post(&format!("/delegates/{id}/acquire?wait=0"), &json!({}));
+    assert_eq!(status, 200, "{got}");
+    let resp = reqwest::blocking::Client::new()
+        .post(format!(
+            "{}/api/v1/tasks/{task}/logs?attempt=1&offset=0",
+            m.url()
+        ))
+        .bearer_auth(&w.token)
+        .body(format!("line one\n{EVIL}\n"))
+        .send()
+        .expect("log");
+    assert_eq!(resp.status().as_u16(), 200);
+    let (status, got) = d.post(
+        &format!("/tasks/{task}/result?attempt=1"),
+        &json!({"outcome": "failed", "exit_code": 1, "message": EVIL}),
+    );
+    assert_eq!(status, 200, "{got}");
+    let (st, out, err) = m.cli(&["task", "show", &task]).expect("cli");
+    assert!(st.success(), "{err}");
+    assert!(
+        !out.contains('\u{1b}') && !out.contains('\u{7}'),
+        "raw escape in:\n{out:?}"
+    );
+    assert!(out.contains("x\\u{1b}]0;pwned\\u{7}\\u{1b}[2J"), "{out}");
+
+    // `task logs` into a pipe stays byte for byte; on a terminal (script(1) gives it one)
+    // it is escaped unless --raw.
+    let (st, out, _) = m.cli(&["task", "logs", &task]).expect("cli");
+    assert!(st.success());
+    assert_eq!(out, format!("line one\n{EVIL}\n"));
+    let on_tty = |extra: &str| -> String {
+        let cmd = format!(
+            "{} --server {} --admin-token {} task logs {task} {extra}",
+            delegate_tests::bin("delegate-manager")
+                .expect("bin")
+                .display(),
+            m.url(),
+            m.admin_token
+        );
+        let out = std::process::Command::new("script")
+            .args(["-qec", &cmd, "/dev/null"])
+            .output()
+            .expect("script(1) runs (util-linux)");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let escaped = on_tty("");
+    assert!(
+        !escaped.contains('\u{1b}'),
+        "raw escape on a terminal: {escaped:?}"
+    );
+    assert!(
+        escaped.contains("x\\u{1b}]0;pwned\\u{7}\\u{1b}[2J"),
+        "{escaped:?}"
+    );
+    assert!(on_tty("--raw").contains(EVIL));
+}
