@@ -16,8 +16,7 @@
 //! until the agent collects it — also after an agent restart, which re-attaches to the unit
 //! and continues the copy from `log length - output_base`.
 
-use std::io::{Read, Seek, SeekFrom};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -490,7 +489,7 @@ pub async fn run(spec: &ShellSpec, units: Arc<TaskUnits>, mut ctx: ExecContext) 
         if let Err(why) = units.start(&unit).await {
             units.collect(&unit, &mut watch).await;
             let mut copied = 0;
-            copy_output(&output, &mut copied, &mut ctx);
+            copy_output(&output, &mut copied, &mut ctx, true).await;
             return ExecOutcome::CouldNotStart(why);
         }
         record
@@ -502,7 +501,7 @@ pub async fn run(spec: &ShellSpec, units: Arc<TaskUnits>, mut ctx: ExecContext) 
     let mut look = true;
     let mut looked = tokio::time::Instant::now();
     let last = loop {
-        copy_output(&output, &mut copied, &mut ctx);
+        copy_output(&output, &mut copied, &mut ctx, false).await;
         if look || looked.elapsed() >= RECHECK {
             look = false;
             looked = tokio::time::Instant::now();
@@ -526,7 +525,7 @@ pub async fn run(spec: &ShellSpec, units: Arc<TaskUnits>, mut ctx: ExecContext) 
     };
     // Whatever the script left behind goes with its unit; then the rest of its output.
     units.collect(&unit, &mut watch).await;
-    copy_output(&output, &mut copied, &mut ctx);
+    copy_output(&output, &mut copied, &mut ctx, true).await;
     let _ = std::fs::remove_file(ctx.dir.join("spec.json"));
     match last {
         Some(s) => s.outcome(),
@@ -537,23 +536,13 @@ pub async fn run(spec: &ShellSpec, units: Arc<TaskUnits>, mut ctx: ExecContext) 
     }
 }
 
-/// Append what the unit wrote since `copied` to the task's log.
-fn copy_output(path: &PathBuf, copied: &mut u64, ctx: &mut ExecContext) {
-    let Ok(mut f) = std::fs::File::open(path) else {
-        return;
-    };
-    if f.seek(SeekFrom::Start(*copied)).is_err() {
-        return;
-    }
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        match f.read(&mut buf) {
-            Ok(0) | Err(_) => return,
-            Ok(n) => {
-                ctx.log.append(&buf[..n]);
-                *copied += n as u64;
-            }
-        }
+/// Append what the unit wrote since `copied` to the task's log: a bounded amount per
+/// call, read off the async workers ([`super::output`]); `rest` once the unit has ended.
+async fn copy_output(path: &Path, copied: &mut u64, ctx: &mut ExecContext, rest: bool) {
+    if rest {
+        super::output::copy_rest(path, copied, ctx.log.as_mut()).await;
+    } else {
+        super::output::copy_new(path, copied, ctx.log.as_mut()).await;
     }
 }
 

@@ -12,6 +12,7 @@ mod metrics;
 mod resilience;
 mod shell;
 mod store_backends;
+mod task_output;
 mod tls_agent;
 mod trust_agent;
 mod trust_manager;
