@@ -10,6 +10,7 @@ mod manager_metrics;
 mod manager_pg;
 mod metrics;
 mod resilience;
+mod setup;
 mod shell;
 mod store_backends;
 mod task_output;
