@@ -17,7 +17,8 @@
 //! - the file itself stays small on disk: what has been copied is punched out
 //!   (`FALLOC_FL_PUNCH_HOLE`: the blocks are freed, the length and so every offset stay),
 //!   and once the log is full the file is cut to nothing, since all the task writes from
-//!   then on would be dropped anyway. Stopping the task at some size instead was
+//!   then on would be dropped anyway (a file the agent may only read is copied the same
+//!   way, and left to its owner to bound). Stopping the task at some size instead was
 //!   rejected: a build that logs more than `max_log_bytes` is legitimate, and the cap
 //!   already says what happens to its output; only the disk needed bounding.
 
@@ -116,13 +117,22 @@ async fn one_pass(path: &Path, copied: &mut u64, log: &mut dyn TaskLog) -> bool 
 
 /// Read at most `room` bytes of `path` from `from` (blocking), then free what was copied.
 fn read_pass(path: &Path, from: u64, room: u64) -> io::Result<Pass> {
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        // Whatever the task may have done to the spool, never follow a link or wait on a
-        // FIFO put in the file's place.
-        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
-        .open(path)?;
+    let open = |write: bool| {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(write)
+            // Whatever the task may have done to the spool, never follow a link or wait
+            // on a FIFO put in the file's place.
+            .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
+            .open(path)
+    };
+    // Writable to free what was copied; a file the agent may only read (owned by root)
+    // is still copied, and its size is then bounded by whoever owns it.
+    let (file, writable) = match open(true) {
+        Ok(f) => (f, true),
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => (open(false)?, false),
+        Err(e) => return Err(e),
+    };
     let meta = file.metadata()?;
     if !meta.is_file() {
         return Err(io::Error::other("not a regular file"));
@@ -133,8 +143,11 @@ fn read_pass(path: &Path, from: u64, room: u64) -> io::Result<Pass> {
     if room == 0 {
         // The log is full: nothing more of the file will be kept, so nothing is read and
         // the file is emptied (the task's O_APPEND writes go on from offset 0).
-        file.set_len(0)?;
+        if writable {
+            file.set_len(0)?;
+        }
         return Ok(Pass {
+            copied: if writable { 0 } else { len },
             skipped: len - from,
             ..Pass::default()
         });
@@ -152,7 +165,9 @@ fn read_pass(path: &Path, from: u64, room: u64) -> io::Result<Pass> {
     }
     data.truncate(got);
     let copied = from + got as u64;
-    punch(&file, copied);
+    if writable {
+        punch(&file, copied);
+    }
     Ok(Pass {
         data,
         copied,
