@@ -183,8 +183,8 @@ async fn read_limited(
 }
 
 impl ManagerClient {
-    /// `urls`: the base URL of each node of the manager (at least one). `ca_pem`: extra
-    /// trusted root certificates (PEM), added to the system's.
+    /// `urls`: the base URL of each node of the manager (at least one). `ca_pem`: the only
+    /// trusted root certificates (PEM) when set; the system's roots otherwise.
     pub fn new(
         urls: &[String],
         token: &str,
@@ -210,9 +210,12 @@ impl ManagerClient {
             .connect_timeout(Duration::from_secs(10))
             .pool_idle_timeout(Duration::from_secs(90))
             .tcp_nodelay(true);
+        // `ca_file` pins: the manager's certificate must chain to a CA in that file and to
+        // no other, as an operator who names a CA expects (issue 17, item 13). Merging it
+        // into the system's roots let any public CA vouch for the manager's name too.
         if let Some(pem) = ca_pem {
             builder =
-                builder.tls_certs_merge(reqwest::Certificate::from_pem_bundle(pem).map_err(setup)?);
+                builder.tls_certs_only(reqwest::Certificate::from_pem_bundle(pem).map_err(setup)?);
         }
         let http = builder.build().map_err(setup)?;
         Ok(ManagerClient {

@@ -43,8 +43,8 @@ pub struct Config {
     /// Base URLs of the manager's nodes, without the `/api/v1` suffix, in the order tried
     /// (never empty). The agent stays with one until it cannot be reached.
     pub manager_urls: Vec<String>,
-    /// Extra trusted root(s) for the manager's TLS certificate (`ca_file`), added to the
-    /// system's roots.
+    /// The only trusted root(s) for the manager's TLS certificate (`ca_file`): with it, the
+    /// system's roots are not used.
     pub ca: Option<CaBundle>,
     /// The delegate token (read from `token_file` when that is set); `Debug` hides it.
     pub token: Secret,

@@ -58,9 +58,17 @@ enum Command {
             required = true
         )]
         manager_urls: Vec<String>,
-        /// Delegate token from `delegate-manager token create --name NAME`.
-        #[arg(long, value_name = "TOKEN")]
-        token: String,
+        /// Delegate token from `delegate-manager token create --name NAME`. `-` reads it
+        /// from standard input (`sudo delegate setup --token - ...`, then paste it, or pipe
+        /// it in). A token written here is visible to every local user in `ps` while setup
+        /// runs (minutes, while the restart drains the agent): prefer `-`, --token-file or
+        /// DELEGATE_TOKEN in the environment. Without --token and --token-file,
+        /// DELEGATE_TOKEN is used.
+        #[arg(long, value_name = "TOKEN|-", conflicts_with = "token_file")]
+        token: Option<String>,
+        /// File whose first line is the delegate token (instead of --token).
+        #[arg(long, value_name = "PATH")]
+        token_file: Option<PathBuf>,
         /// Name shown by the manager (default: the host name).
         #[arg(long)]
         name: Option<String>,
@@ -150,11 +158,23 @@ fn main() -> ExitCode {
         Command::Setup {
             manager_urls,
             token,
+            token_file,
             name,
             tags,
             config,
             no_restart,
         } => {
+            let source = setup::TokenSource::from_flags(token, token_file);
+            if matches!(source, setup::TokenSource::Argument(_)) {
+                eprintln!("{}", setup::ARGV_TOKEN_WARNING);
+            }
+            let token = match source.read(&ProcessEnv, &mut std::io::stdin().lock()) {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!("delegate setup: {e}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
             let settings = setup::Settings {
                 manager_urls,
                 token,
@@ -233,7 +253,7 @@ fn run(path: PathBuf) -> ExitCode {
         Err(e) => {
             eprintln!("{e}");
             eprintln!(
-                "delegate: configuration is invalid; not starting (exit 78). Fix {} (`delegate config check` lists every problem), or run `delegate setup --manager URL --token TOKEN`",
+                "delegate: configuration is invalid; not starting (exit 78). Fix {} (`delegate config check` lists every problem), or run `delegate setup --manager URL --token -` (the token on standard input)",
                 path.display()
             );
             return ExitCode::from(EXIT_CONFIG);

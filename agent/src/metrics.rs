@@ -5,8 +5,9 @@
 //! are bumped where things happen (a task finished, the manager came back); gauges that
 //! are cheap to read (tasks running, spool bytes) are read at each scrape instead, so no
 //! hook can forget to update them. The HTTP side is a tiny `GET /metrics` responder on
-//! tokio: one request per connection, bounded in size and time, no dependency on a server
-//! framework the agent does not otherwise need.
+//! tokio: one request per connection, bounded in size and time, at most [`MAX_SCRAPES`]
+//! connections at once, no dependency on a server framework the agent does not otherwise
+//! need.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -24,12 +25,20 @@ use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
 use tracing::{debug, warn};
 
 /// Longest request head a scraper may send.
 const MAX_REQUEST: usize = 8 * 1024;
 /// A scraper gets this long to send its request.
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// A whole exchange (request and answer) ends within this, however slowly the peer reads.
+const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most scrapes answered at once; a connection beyond them is closed on accept. Every
+/// connection is a file descriptor of the agent, which tasks need too: a local user or
+/// task holding 1,100 idle connections took all 1,024 and a task then failed to journal
+/// (issue 17, item 6). A Prometheus or two need a handful.
+pub const MAX_SCRAPES: usize = 16;
 
 #[derive(Debug, thiserror::Error)]
 #[error(
@@ -205,6 +214,8 @@ impl Drop for Server {
 }
 
 async fn serve(listener: TcpListener, render: Arc<dyn Fn() -> String + Send + Sync>) {
+    let slots = Arc::new(Semaphore::new(MAX_SCRAPES));
+    let mut refused: u64 = 0;
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(c) => c,
@@ -215,10 +226,25 @@ async fn serve(listener: TcpListener, render: Arc<dyn Fn() -> String + Send + Sy
                 continue;
             }
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            // Closed at once: its descriptor is back before the next accept.
+            drop(stream);
+            refused += 1;
+            if refused.is_power_of_two() {
+                warn!(
+                    %peer,
+                    "metrics listener: {MAX_SCRAPES} scrapes are open already; closed {refused} connection(s) so far"
+                );
+            }
+            continue;
+        };
         let render = render.clone();
         tokio::spawn(async move {
-            if let Err(e) = answer(stream, &*render).await {
-                debug!(%peer, "metrics request: {e}");
+            let _slot = slot;
+            match tokio::time::timeout(EXCHANGE_TIMEOUT, answer(stream, &*render)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => debug!(%peer, "metrics request: {e}"),
+                Err(_) => debug!(%peer, "metrics request: not done in time; closed"),
             }
         });
     }
@@ -276,6 +302,58 @@ async fn answer(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Issue 17, item 6: a connection beyond [`MAX_SCRAPES`] open ones is closed at once
+    /// (the old listener kept every one for its 5 s header timeout, so 1,100 of them took
+    /// all the agent's descriptors); once they are gone, scrapes are answered again.
+    #[tokio::test]
+    async fn connections_beyond_the_scrape_limit_are_closed_at_once() {
+        let listener = bind("127.0.0.1:0".parse().expect("addr"))
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let _server = Server::spawn(listener, Arc::new(|| "up 1\n".to_string()));
+        let mut idle = Vec::new();
+        for _ in 0..MAX_SCRAPES {
+            idle.push(TcpStream::connect(addr).await.expect("connect"));
+        }
+        // Accepted after the ones before it (the backlog is a queue): no slot is left.
+        let mut extra = TcpStream::connect(addr).await.expect("connect");
+        let mut buf = [0u8; 16];
+        let closed = tokio::time::timeout(Duration::from_secs(2), extra.read(&mut buf)).await;
+        assert!(
+            matches!(closed, Ok(Ok(0) | Err(_))),
+            "the connection beyond the limit stayed open: {closed:?}"
+        );
+        // The held ones still count: they are open, waiting for their request.
+        let mut first = idle.remove(0);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(200), first.read(&mut buf))
+                .await
+                .is_err(),
+            "a connection within the limit was closed early"
+        );
+        drop(first);
+        drop(idle);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let mut s = TcpStream::connect(addr).await.expect("connect");
+            s.write_all(b"GET /metrics HTTP/1.1\r\n\r\n")
+                .await
+                .expect("send");
+            let mut reply = Vec::new();
+            let _ = s.read_to_end(&mut reply).await;
+            if reply.starts_with(b"HTTP/1.1 200") {
+                assert!(reply.ends_with(b"up 1\n"));
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "scrapes were not answered again after the connections closed"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
 
     #[test]
     fn exposition_names_every_figure_and_counts_outcomes_and_reconnects() {

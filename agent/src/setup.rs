@@ -7,7 +7,7 @@
 //! bad arguments leave any existing config untouched.
 
 use std::fs;
-use std::io::Write;
+use std::io::{BufRead, Read, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -64,6 +64,94 @@ pub enum SetupError {
         "the configuration is written, but `systemctl restart {UNIT}` failed ({0}); see `journalctl -u delegate`"
     )]
     Restart(String),
+    #[error(
+        "no token given: pass --token - (and the token on standard input), --token-file PATH, or set DELEGATE_TOKEN"
+    )]
+    NoToken,
+    #[error("{0} holds no token: its first line must be the delegate token")]
+    EmptyToken(String),
+    #[error("cannot read the token from {from}")]
+    ReadToken {
+        from: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Where `delegate setup` takes the token from. Only [`TokenSource::Argument`] puts it in
+/// the process's command line, which every local user reads (`ps`, `/proc/PID/cmdline`)
+/// for as long as setup runs: minutes, while the restart drains the agent (issue 17,
+/// item 7). The other three never show it to anyone but root.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenSource {
+    /// `--token TOKEN`: still accepted, so existing provisioning scripts keep working,
+    /// with [`ARGV_TOKEN_WARNING`] on standard error.
+    Argument(String),
+    /// `--token -`: the first line of standard input.
+    Stdin,
+    /// `--token-file PATH`: the first line of the file.
+    File(PathBuf),
+    /// `DELEGATE_TOKEN` in the environment (neither flag given).
+    Env,
+}
+
+/// Said on standard error when the token came as an argument.
+pub const ARGV_TOKEN_WARNING: &str = "warning: a token given as --token TOKEN is visible to every local user (ps, /proc/PID/cmdline) while setup runs, and in the shell's history; pass --token - and the token on standard input, --token-file PATH, or DELEGATE_TOKEN instead";
+
+impl TokenSource {
+    /// From the flags: `--token` (where `-` means standard input) or `--token-file`; the
+    /// environment when neither is given.
+    pub fn from_flags(token: Option<String>, token_file: Option<PathBuf>) -> TokenSource {
+        match (token, token_file) {
+            (Some(t), _) if t == "-" => TokenSource::Stdin,
+            (Some(t), _) => TokenSource::Argument(t),
+            (None, Some(p)) => TokenSource::File(p),
+            (None, None) => TokenSource::Env,
+        }
+    }
+
+    /// The token, trimmed of the line break around it. `render` checks it further.
+    pub fn read(&self, env: &dyn Env, stdin: &mut dyn BufRead) -> Result<String, SetupError> {
+        let first_line = |r: &mut dyn BufRead, from: String| {
+            let mut line = String::new();
+            // A token is one short line; reading more is not needed (and bounded).
+            r.take(4096)
+                .read_line(&mut line)
+                .map_err(|source| SetupError::ReadToken { from, source })?;
+            Ok::<_, SetupError>(line.trim().to_string())
+        };
+        let token = match self {
+            TokenSource::Argument(t) => t.clone(),
+            TokenSource::Stdin => first_line(stdin, self.origin())?,
+            TokenSource::File(p) => {
+                let f = fs::File::open(p).map_err(|source| SetupError::ReadToken {
+                    from: self.origin(),
+                    source,
+                })?;
+                first_line(&mut std::io::BufReader::new(f), self.origin())?
+            }
+            TokenSource::Env => env.var("DELEGATE_TOKEN").ok_or(SetupError::NoToken)?,
+        };
+        match self {
+            TokenSource::Stdin | TokenSource::File(_) if token.is_empty() => {
+                Err(SetupError::EmptyToken(self.origin()))
+            }
+            _ if token.is_empty() || token.chars().any(char::is_whitespace) => {
+                Err(SetupError::BadToken)
+            }
+            _ => Ok(token),
+        }
+    }
+
+    /// Where the token came from, for messages.
+    fn origin(&self) -> String {
+        match self {
+            TokenSource::Argument(_) => "--token".into(),
+            TokenSource::Stdin => "standard input".into(),
+            TokenSource::File(p) => p.display().to_string(),
+            TokenSource::Env => "DELEGATE_TOKEN".into(),
+        }
+    }
 }
 
 /// No environment: the written file alone must be a complete config.
@@ -256,6 +344,52 @@ mod tests {
             name: Some("vm-1".into()),
             tags: vec!["a".into(), "b".into()],
         }
+    }
+
+    /// Issue 17, item 7: the token can come from standard input, a file or the
+    /// environment, none of which shows it in `ps`; `--token TOKEN` still works.
+    #[test]
+    fn the_token_comes_from_stdin_a_file_or_the_environment_not_only_the_command_line() {
+        let no_env: [(&str, &str); 0] = [];
+        let mut no_stdin = std::io::empty();
+        let stdin = TokenSource::from_flags(Some("-".into()), None);
+        assert_eq!(stdin, TokenSource::Stdin);
+        let mut piped: &[u8] = b"dlg_from_stdin\nignored\n";
+        assert_eq!(
+            stdin.read(&no_env, &mut piped).expect("stdin"),
+            "dlg_from_stdin"
+        );
+        let empty = stdin.read(&no_env, &mut no_stdin).expect_err("empty stdin");
+        assert!(matches!(empty, SetupError::EmptyToken(_)), "{empty}");
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("token");
+        fs::write(&path, "dlg_from_file\n").expect("write");
+        let file = TokenSource::from_flags(None, Some(path.clone()));
+        assert_eq!(
+            file.read(&no_env, &mut no_stdin).expect("file"),
+            "dlg_from_file"
+        );
+        let missing = TokenSource::File(dir.path().join("nope"))
+            .read(&no_env, &mut no_stdin)
+            .expect_err("missing file");
+        assert!(missing.to_string().contains("nope"), "{missing}");
+
+        let env = TokenSource::from_flags(None, None);
+        assert_eq!(env, TokenSource::Env);
+        assert_eq!(
+            env.read(&[("DELEGATE_TOKEN", "dlg_from_env")], &mut no_stdin)
+                .expect("env"),
+            "dlg_from_env"
+        );
+        assert!(matches!(
+            env.read(&no_env, &mut no_stdin),
+            Err(SetupError::NoToken)
+        ));
+
+        let arg = TokenSource::from_flags(Some("dlg_arg".into()), None);
+        assert_eq!(arg, TokenSource::Argument("dlg_arg".into()));
+        assert_eq!(arg.read(&no_env, &mut no_stdin).expect("arg"), "dlg_arg");
     }
 
     #[test]

@@ -462,6 +462,17 @@ impl TaskLog for LogWriter {
     fn written(&self) -> u64 {
         self.len.load(Ordering::Acquire)
     }
+
+    fn cap(&self) -> u64 {
+        self.cap
+    }
+
+    fn skipped(&mut self, bytes: u64) {
+        let cap = self.cap;
+        self.drop_output(bytes, || {
+            format!("the log reached its cap of {cap} bytes (max_log_bytes)")
+        });
+    }
 }
 
 impl LogWriter {

@@ -12,6 +12,7 @@ pub mod http;
 pub mod kubernetes;
 pub mod kubernetes_job;
 pub mod kubernetes_rollout;
+pub mod output;
 pub mod shell;
 pub mod unit;
 
@@ -76,6 +77,14 @@ pub trait TaskLog: Send + Sync {
     fn append(&mut self, data: &[u8]);
     /// Bytes of output held so far.
     fn written(&self) -> u64;
+    /// Most bytes of output the log keeps (`max_log_bytes`): past it output is dropped, so
+    /// a copier need not read it at all (see [`output`]).
+    fn cap(&self) -> u64 {
+        u64::MAX
+    }
+    /// A copier skipped this much output unread because the log is full: counted as
+    /// dropped, as if appended.
+    fn skipped(&mut self, _bytes: u64) {}
 }
 
 /// What an executor records about its running work for a restarted agent. Recording is

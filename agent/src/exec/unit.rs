@@ -18,8 +18,7 @@
 //! it — also after an agent restart, which re-attaches to the unit and continues the copy
 //! from `log length - output_base`.
 
-use std::io::{Read, Seek, SeekFrom};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -591,7 +590,7 @@ pub async fn run(spec: &ShellSpec, units: Arc<TaskUnits>, mut ctx: ExecContext) 
         units.collect(&unit, &mut watch).await;
         units.handoffs.withdraw(&unit);
         let mut copied = 0;
-        copy_output(&output, &mut copied, &mut ctx);
+        copy_output(&output, &mut copied, &mut ctx, true).await;
         return ExecOutcome::CouldNotStart(why);
     }
     let mut copied = ctx.log.written().saturating_sub(record.output_base);
@@ -601,7 +600,7 @@ pub async fn run(spec: &ShellSpec, units: Arc<TaskUnits>, mut ctx: ExecContext) 
     let mut look = true;
     let mut looked = tokio::time::Instant::now();
     let last = loop {
-        copy_output(&output, &mut copied, &mut ctx);
+        copy_output(&output, &mut copied, &mut ctx, false).await;
         if look || looked.elapsed() >= RECHECK {
             look = false;
             looked = tokio::time::Instant::now();
@@ -625,7 +624,7 @@ pub async fn run(spec: &ShellSpec, units: Arc<TaskUnits>, mut ctx: ExecContext) 
     };
     // Whatever the script left behind goes with its unit; then the rest of its output.
     units.collect(&unit, &mut watch).await;
-    copy_output(&output, &mut copied, &mut ctx);
+    copy_output(&output, &mut copied, &mut ctx, true).await;
     let never_fetched = units.handoffs.withdraw(&unit);
     match last {
         Some(s) if never_fetched && !stopping => ExecOutcome::CouldNotStart(format!(
@@ -640,23 +639,13 @@ pub async fn run(spec: &ShellSpec, units: Arc<TaskUnits>, mut ctx: ExecContext) 
     }
 }
 
-/// Append what the unit wrote since `copied` to the task's log.
-fn copy_output(path: &PathBuf, copied: &mut u64, ctx: &mut ExecContext) {
-    let Ok(mut f) = std::fs::File::open(path) else {
-        return;
-    };
-    if f.seek(SeekFrom::Start(*copied)).is_err() {
-        return;
-    }
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        match f.read(&mut buf) {
-            Ok(0) | Err(_) => return,
-            Ok(n) => {
-                ctx.log.append(&buf[..n]);
-                *copied += n as u64;
-            }
-        }
+/// Append what the unit wrote since `copied` to the task's log: a bounded amount per
+/// call, read off the async workers ([`super::output`]); `rest` once the unit has ended.
+async fn copy_output(path: &Path, copied: &mut u64, ctx: &mut ExecContext, rest: bool) {
+    if rest {
+        super::output::copy_rest(path, copied, ctx.log.as_mut()).await;
+    } else {
+        super::output::copy_new(path, copied, ctx.log.as_mut()).await;
     }
 }
 

@@ -147,3 +147,59 @@ fn agent_metrics_count_tasks_and_reconnects_and_parse_as_openmetrics() {
     );
     assert_eq!(m["delegate_tasks_running{}"], 0.0);
 }
+
+/// Descriptors the process `pid` has open.
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+/// Issue 17, item 6: a local user holding idle connections to `metrics_listen` took all
+/// of the agent's 1,024 descriptors (a task then failed to journal). Now at most 16 are
+/// kept and the rest closed at once: 300 held connections cost the agent no more than
+/// that, and tasks still run. (The old listener kept each for its 5 s header timeout.)
+#[test]
+fn idle_metrics_connections_do_not_take_the_agents_file_descriptors() {
+    let w = World::new();
+    let agent = w.agent(AgentOptions {
+        extra: "metrics_listen = \"127.0.0.1:0\"".into(),
+        ..AgentOptions::default()
+    });
+    let addr = metrics_addr(&agent);
+    w.wait_connected(1);
+    let pid = agent.pid().expect("pid");
+    let before = open_fds(pid);
+    let held: Vec<TcpStream> = (0..300)
+        .map(|_| TcpStream::connect(&addr).expect("connect"))
+        .collect();
+    // Give the agent time to accept them all (well within the old 5 s timeout).
+    std::thread::sleep(Duration::from_millis(1500));
+    let during = open_fds(pid);
+    assert!(
+        during <= before + 16 + 8,
+        "{held} held connections took {} descriptors of the agent ({before} before)",
+        during - before.min(during),
+        held = held.len()
+    );
+    let id = w
+        .manager
+        .submit_shell("echo still-journalled", 60, 0)
+        .expect("submit");
+    let t = w.manager.wait_done(&id, LONG).expect("finishes");
+    assert_eq!(t.state, TaskState::Succeeded, "{t:?}");
+    drop(held);
+    wait_for(
+        Duration::from_secs(10),
+        "a scrape to be answered again",
+        || {
+            let mut s = TcpStream::connect(&addr).ok()?;
+            s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+            write!(s, "GET /metrics HTTP/1.1\r\nhost: {addr}\r\n\r\n").ok()?;
+            let mut reply = String::new();
+            s.read_to_string(&mut reply).ok()?;
+            reply.starts_with("HTTP/1.1 200").then_some(())
+        },
+    )
+    .expect("scrapes answered");
+}

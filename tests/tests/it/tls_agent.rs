@@ -83,3 +83,102 @@ fn a_task_runs_end_to_end_against_the_real_manager_over_tls() {
     assert_eq!(t.exit_code, Some(0));
     assert_eq!(m.logs(&id).expect("logs"), b"over-tls\n");
 }
+
+/// `delegate run` whose system roots are `system_roots` only: `SSL_CERT_FILE`, which the
+/// TLS stack's platform verifier reads on Linux, stands for a public CA the host trusts.
+struct AgentWithRoots {
+    child: std::process::Child,
+    log: std::path::PathBuf,
+}
+
+impl AgentWithRoots {
+    fn start(url: &str, dir: &Path, system_roots: &Path, ca_file: Option<&Path>) -> Self {
+        std::fs::create_dir_all(dir).expect("dir");
+        let ca = ca_file
+            .map(|c| format!("ca_file = {:?}\n", c.display().to_string()))
+            .unwrap_or_default();
+        let config = dir.join("delegate.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "manager_url = {url:?}\ntoken = \"dlg_fake\"\nname = \"pinned\"\nstate_dir = {:?}\n{ca}",
+                dir.join("state").display().to_string()
+            ),
+        )
+        .expect("config");
+        let empty = dir.join("no-cert-dir");
+        std::fs::create_dir_all(&empty).expect("dir");
+        let log = dir.join("agent.log");
+        let child = std::process::Command::new(delegate_tests::bin("delegate").expect("binary"))
+            .args(["run", "--config"])
+            .arg(&config)
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("DELEGATE_TOKEN")
+            .env_remove("DELEGATE_MANAGER_URL")
+            .env_remove("DELEGATE_CA_FILE")
+            .env("SSL_CERT_FILE", system_roots)
+            .env("SSL_CERT_DIR", &empty)
+            .env("RUST_LOG", "info,delegate=debug")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log"))
+            .spawn()
+            .expect("spawn delegate");
+        AgentWithRoots { child, log }
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for AgentWithRoots {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Issue 17, item 13: with `ca_file`, only that CA is trusted. The manager's certificate
+/// here is from a CA the system trusts (`SSL_CERT_FILE`) but not from `ca_file`'s: the old
+/// agent merged `ca_file` into the system's roots and registered; now it refuses. Without
+/// `ca_file` the same system roots are trusted, which shows the stand-in works.
+#[test]
+fn with_ca_file_a_manager_certificate_from_a_system_trusted_ca_is_refused() {
+    let (fake, tmp, public, private) = tls_manager();
+    let pinned = AgentWithRoots::start(
+        &fake.url,
+        &tmp.path().join("pinned"),
+        &public.ca_cert,
+        Some(&private.ca_cert),
+    );
+    // Whichever comes first: the refusal, or (the old agent) a registration.
+    wait_for(LONG, "the agent to refuse the certificate", || {
+        (fake.seen.registers.load(Ordering::SeqCst) > 0
+            || pinned
+                .log_text()
+                .contains("presented a TLS certificate this agent does not trust"))
+        .then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}:\n{}", pinned.log_text()));
+    assert_eq!(
+        fake.seen.registers.load(Ordering::SeqCst),
+        0,
+        "{}",
+        pinned.log_text()
+    );
+    drop(pinned);
+
+    let unpinned = AgentWithRoots::start(
+        &fake.url,
+        &tmp.path().join("unpinned"),
+        &public.ca_cert,
+        None,
+    );
+    wait_for(
+        LONG,
+        "the agent to register through the system roots",
+        || (fake.seen.registers.load(Ordering::SeqCst) > 0).then_some(()),
+    )
+    .unwrap_or_else(|e| panic!("{e}:\n{}", unpinned.log_text()));
+}
