@@ -280,3 +280,35 @@ fn manager_cli_submits_shows_and_prints_logs() {
     assert!(st.success());
     assert!(out.contains("agent-1"), "{out}");
 }
+
+/// `[shell] mode = "units"` where task units cannot be used (here: no systemd at all) is
+/// never quietly turned into running tasks as the agent's children (the second review:
+/// detection errors fell back to direct spawn): the task is refused with the reason, its
+/// script never runs, and the agent says once how to choose children instead.
+#[test]
+fn shell_tasks_required_as_units_are_refused_with_the_reason_never_run_as_the_agent() {
+    let w = World::new();
+    let a = w.agent(AgentOptions {
+        extra: "[shell]\nmode = \"units\"\n".into(),
+        ..AgentOptions::default()
+    });
+    let marker = w.tmp.path().join("ran");
+    let id = w
+        .manager
+        .submit_shell(&format!("touch {}; echo ran", marker.display()), 60, 0)
+        .expect("submit");
+    let t = w.manager.wait_done(&id, LONG).expect("finishes");
+    let message = t.message.clone().unwrap_or_default();
+    assert_eq!(t.state, TaskState::Failed, "{t:?}");
+    assert!(
+        message.contains("run as delegate-task@ units on this host, which cannot be used now")
+            && message.contains("not running as a systemd service"),
+        "{message}"
+    );
+    assert!(!marker.exists(), "the script ran as the agent's child");
+    assert!(w.manager.logs(&id).expect("logs").is_empty());
+    let log = a.log_text();
+    assert_eq!(log.matches("shell tasks wait").count(), 1, "{log}");
+    assert!(log.contains("set [shell] mode = \"children\""), "{log}");
+    assert!(!log.contains("shell tasks run as children of the agent"), "{log}");
+}
