@@ -11,6 +11,11 @@
 //! that ends early (kubelet log rotation, a proxy timeout) is resumed the same way; the end
 //! of the task is decided from the container's state, never from the end of a stream.
 //!
+//! Nothing a pod prints grows the agent without bound: its log is read as bytes, each line
+//! capped ([`log_lines`]) and decoded lossily; the cursor gets entries only for lines the
+//! log keeps (none past `max_log_bytes`); and a stream that brings nothing new is asked
+//! for again after a wait that doubles up to 5 s.
+//!
 //! Script failures (a non-zero exit code) and infrastructure failures (OOMKilled, Evicted,
 //! DeadlineExceeded, image pull errors, the pod or Job deleted) are told apart: the first
 //! is the task's exit code, the second a message starting "infrastructure failure". A
@@ -23,7 +28,6 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use delegate_protocol::Env;
-use futures_util::{AsyncBufReadExt, StreamExt};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Pod;
 use kube::Client;
@@ -34,6 +38,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::kubernetes::{Failure, api_message, is_status};
 use super::{ExecContext, ExecOutcome};
+
+mod log_lines;
 
 /// Labels every Job of ours carries.
 pub const LABEL_TASK: &str = "delegate.dev/task-id";
@@ -461,6 +467,8 @@ async fn follow_job(
             ))
         })?;
     let mut ended: Option<(i32, String)> = None;
+    let mut keeping = true;
+    let mut retry = RETRY_FIRST;
     loop {
         let last_pass = ended.is_some();
         let mut lp = LogParams {
@@ -473,9 +481,10 @@ async fn follow_job(
             // the lines of that second already held are skipped below.
             lp.since_time = jiff::Timestamp::from_second(ts.as_second()).ok();
         }
+        let mut progress = false;
         match pods.log_stream(&pod_name, &lp).await {
             Ok(stream) => {
-                let mut lines = stream.lines();
+                let mut lines = log_lines::CappedLines::new(stream);
                 let mut seen_at_cursor = 0usize;
                 let start = cursor.clone();
                 // A follow stream may stay open after its container has ended (a kubelet
@@ -489,7 +498,7 @@ async fn follow_job(
                 let mut over = false;
                 loop {
                     let line = tokio::select! {
-                        line = lines.next() => line,
+                        line = lines.next_line() => line,
                         _ = look.tick(), if !last_pass => {
                             if over {
                                 break;
@@ -503,24 +512,46 @@ async fn follow_job(
                     }
                     let Some(line) = line else { break };
                     let Ok(line) = line else { break };
-                    let (ts, text) = match line.split_once(' ') {
-                        Some((ts, text)) => match ts.parse::<jiff::Timestamp>() {
-                            Ok(t) => (Some(t), text),
-                            Err(_) => (None, line.as_str()),
-                        },
-                        None => (None, line.as_str()),
-                    };
-                    if let Some(t) = ts {
-                        if start.already_held(t, &mut seen_at_cursor) {
-                            continue;
-                        }
-                        let end = ctx.log.written() + text.len() as u64 + 1;
+                    let (ts, text) = split_timestamp(&line.bytes);
+                    if let Some(t) = ts
+                        && start.already_held(t, &mut seen_at_cursor)
+                    {
+                        continue;
+                    }
+                    progress = true;
+                    // Lossy: a pod's log is text, and one bad byte (or a line cut inside
+                    // a character) must cost that character, not the lines after it.
+                    let mut kept = String::from_utf8_lossy(text).into_owned();
+                    kept.push('\n');
+                    if line.cut {
+                        kept.push_str(&format!(
+                            "[delegate] the line above was longer than {} KiB; the rest of it was dropped\n",
+                            log_lines::LINE_CAP / 1024
+                        ));
+                    }
+                    let before = ctx.log.written();
+                    let end = before + kept.len() as u64;
+                    match ts {
                         // Intent first: a line whose entry is beyond the log's length
                         // after a crash was not kept.
-                        let _ = writeln!(cursor_file, "{t} {end}");
+                        Some(t) if keeping => {
+                            let _ = writeln!(cursor_file, "{t} {end}");
+                        }
+                        _ => {}
+                    }
+                    ctx.log.append(kept.as_bytes());
+                    // A log at its cap (max_log_bytes) keeps no more lines: no entry
+                    // for them, so the cursor is bounded by the log, not by the pod.
+                    // Should the log keep lines again (a disk that was full), the first
+                    // such line gets its entry now that it is known to be kept.
+                    let was_keeping = keeping;
+                    keeping = ctx.log.written() >= end;
+                    if let Some(t) = ts {
+                        if keeping && !was_keeping {
+                            let _ = writeln!(cursor_file, "{t} {end}");
+                        }
                         cursor.advance(t);
                     }
-                    ctx.log.append(format!("{text}\n").as_bytes());
                 }
             }
             Err(e) if is_status(&e, 404) => {
@@ -537,6 +568,11 @@ async fn follow_job(
             let code = *code;
             return Ok(outcome(code, reason));
         }
+        // A stream that brought nothing new is asked for again later and later, so a
+        // stream that keeps failing or ending at once costs little.
+        if progress {
+            retry = RETRY_FIRST;
+        }
         // The stream ended: decide from the container, not from the end of the stream.
         match pods.get_opt(&pod_name).await {
             // Being deleted: whatever its container reports now (143, 137) is the
@@ -549,7 +585,10 @@ async fn follow_job(
             Ok(Some(p)) => match pod_state(&p) {
                 PodState::Terminated { code, reason } => ended = Some((code, reason)),
                 PodState::PodFailed(why) => return infra(why),
-                _ => tokio::time::sleep(Duration::from_millis(100)).await,
+                _ => {
+                    tokio::time::sleep(retry).await;
+                    retry = (retry * 2).min(RETRY_MAX);
+                }
             },
             Ok(None) => {
                 let why = why_the_pod_went(&jobs, rec, &pod_name).await;
@@ -558,9 +597,29 @@ async fn follow_job(
             }
             Err(e) => {
                 tracing::debug!("cannot read the pod: {}; retrying", api_message(&e));
-                tokio::time::sleep(POLL).await;
+                tokio::time::sleep(retry.max(POLL)).await;
+                retry = (retry * 2).min(RETRY_MAX);
             }
         }
+    }
+}
+
+/// The first wait before a pod's log is asked for again after a stream that brought
+/// nothing new; it doubles up to [`RETRY_MAX`] while streams keep bringing nothing.
+const RETRY_FIRST: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_secs(5);
+
+/// A log line's kubelet timestamp (RFC 3339, before the first space) and its text.
+fn split_timestamp(line: &[u8]) -> (Option<jiff::Timestamp>, &[u8]) {
+    let Some(at) = line.iter().position(|&b| b == b' ') else {
+        return (None, line);
+    };
+    match std::str::from_utf8(&line[..at])
+        .ok()
+        .and_then(|ts| ts.parse::<jiff::Timestamp>().ok())
+    {
+        Some(t) => (Some(t), &line[at + 1..]),
+        None => (None, line),
     }
 }
 
