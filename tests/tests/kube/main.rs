@@ -22,6 +22,7 @@ mod infra;
 mod kubelet;
 mod late;
 mod logs;
+mod policy;
 mod workloads;
 
 const LONG: Duration = Duration::from_secs(90);
