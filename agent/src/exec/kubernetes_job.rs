@@ -202,18 +202,17 @@ fn is_ours(job: &Job, rec: &KubeJobRecord) -> bool {
     uid_ok && nonce_ok && !(rec.uid.is_empty() && rec.nonce.is_empty())
 }
 
-/// The Job to create: the user's full Job or the shorthand, with our name, labels and
-/// the settings that make it safe to supervise.
-fn build_job(
-    ctx: &ExecContext,
-    nonce: &str,
-    name: &str,
-    ns: &str,
-    full: Option<&str>,
-    image: Option<&str>,
-    command: &[String],
-    env: &Env,
-) -> Result<Job, Failure> {
+/// The Job to create for `rec`: the user's full Job or the shorthand, with our name,
+/// labels and the settings that make it safe to supervise.
+fn build_job(ctx: &ExecContext, rec: &KubeJobRecord, req: &JobRequest<'_>) -> Result<Job, Failure> {
+    let JobRequest {
+        full,
+        image,
+        command,
+        env,
+        ..
+    } = *req;
+    let (name, ns, nonce) = (&rec.name, &rec.namespace, &rec.nonce);
     let mut job: Job = match full {
         Some(text) => serde_saphyr::from_str_with_options(text, super::kubernetes::yaml_options())
             .map_err(|e| Failure(format!("spec.job is not a batch/v1 Job: {e}")))?,
@@ -361,16 +360,7 @@ async fn create_job(
     dir: &Path,
 ) -> Result<KubeJobRecord, Failure> {
     let (ns, name) = (rec.namespace.clone(), rec.name.clone());
-    let job = build_job(
-        ctx,
-        &rec.nonce,
-        &name,
-        &ns,
-        req.full,
-        req.image,
-        req.command,
-        req.env,
-    )?;
+    let job = build_job(ctx, &rec, req)?;
     let jobs: Api<Job> = Api::namespaced(client.clone(), &ns);
     let created = match jobs.create(&PostParams::default(), &job).await {
         Ok(j) => {
