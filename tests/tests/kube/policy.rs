@@ -165,7 +165,7 @@ fn a_job_made_first_under_a_tasks_job_name_is_not_adopted() {
         .manager
         .submit(&json!({ "kind": "kubernetes", "spec": {
             "cluster": "test", "action": "job", "image": "stand-in/sh",
-            "command": ["sh", "-c", "echo the task's own output"],
+            "command": ["sh", "-c", "echo the tasks own output"],
         }, "timeout_secs": 120, "retries": 0 }))
         .expect("submit");
     let squat = predictable_job_name(&id, 1);
@@ -182,7 +182,7 @@ fn a_job_made_first_under_a_tasks_job_name_is_not_adopted() {
     w.agent.restart().expect("agent starts");
     let (t, log) = w.finish(&id);
     assert_eq!(t.state, TaskState::Succeeded, "{t:?}\n{log}");
-    assert_eq!(output_lines(&log), ["the task's own output"], "{log}");
+    assert_eq!(output_lines(&log), ["the tasks own output"], "{log}");
     assert!(!log.contains(&format!("Job job-squat/{squat} ")), "{log}");
     assert_eq!(
         uid_of(&admin, "job-squat", &squat),
@@ -289,6 +289,10 @@ fn the_example_namespaces_are_restricted_and_its_rbac_grants_no_secrets() {
                 })
         })
         .collect();
+    for ns in ["apps", "delegate"] {
+        // Made first (as the other example test does) so a Role applies either way.
+        let _ = kubectl(&admin, &["create", "namespace", ns]);
+    }
     let dir = tempfile::tempdir().expect("tmp");
     let f = dir.path().join("rbac.yaml");
     std::fs::write(&f, kept.join("\n---\n")).expect("write");
@@ -303,20 +307,6 @@ fn the_example_namespaces_are_restricted_and_its_rbac_grants_no_secrets() {
         ],
     )
     .expect("applies");
-    for ns in ["apps", "delegate"] {
-        let enforce = kubectl(
-            &admin,
-            &[
-                "get",
-                "namespace",
-                ns,
-                "-o",
-                "jsonpath={.metadata.labels.pod-security\\.kubernetes\\.io/enforce}",
-            ],
-        )
-        .expect("labels");
-        assert_eq!(enforce, "restricted", "namespace {ns}");
-    }
     let can = |verb: &str, what: &str| {
         let (resource, sub) = what.split_once('/').unwrap_or((what, ""));
         let mut cmd = std::process::Command::new("kubectl");
@@ -354,5 +344,19 @@ fn the_example_namespaces_are_restricted_and_its_rbac_grants_no_secrets() {
         ("list", "events"),
     ] {
         assert!(can(verb, what), "the agent needs {verb} {what}");
+    }
+    for ns in ["apps", "delegate"] {
+        let enforce = kubectl(
+            &admin,
+            &[
+                "get",
+                "namespace",
+                ns,
+                "-o",
+                "jsonpath={.metadata.labels.pod-security\\.kubernetes\\.io/enforce}",
+            ],
+        )
+        .expect("labels");
+        assert_eq!(enforce, "restricted", "namespace {ns}");
     }
 }
