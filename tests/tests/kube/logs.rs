@@ -62,6 +62,7 @@ fn a_long_line_without_a_newline_is_cut_and_grows_no_agent_even_after_a_restart(
     let pid = w.agent.pid().expect("agent pid");
     let (t, log) = w.finish(&id);
     let peak = peak_kib(pid);
+    println!("MEASURE long line: restarted agent's peak {peak} KiB (limit {limit} KiB)");
     assert!(
         peak <= limit,
         "the restarted agent grew to {peak} KiB (limit {limit} KiB)"
@@ -94,6 +95,7 @@ fn a_byte_that_is_not_utf8_hides_no_later_line_and_loops_no_requests() {
         "{log}"
     );
     let (follow, plain) = node().log_requests("log-bad-byte");
+    println!("MEASURE bad byte: {follow} follow and {plain} plain log requests");
     assert!(
         follow + plain <= 6,
         "the log was asked for {follow} times following, {plain} times not"
@@ -142,6 +144,7 @@ fn the_log_cursor_stops_growing_once_the_log_is_at_its_cap() {
     .expect("settles");
     let bytes = size();
     w.agent.kill9();
+    println!("MEASURE cursor: {bytes} bytes after {lines} lines, max_log_bytes 2048");
     assert!(
         bytes <= 16 * 1024,
         "kube-log.cursor holds {bytes} bytes for a log capped at 2048 bytes"
@@ -164,6 +167,7 @@ fn a_log_stream_that_keeps_failing_is_asked_for_again_with_back_off() {
     // The plain read after the container ended brings the whole log.
     assert_eq!(output_lines(&log), ["one", "two"], "{log}");
     let (follow, _) = node().log_requests("log-backoff");
+    println!("MEASURE back-off: {follow} follow requests while the container ran 6 s");
     // Every 100 ms for 6 s would be ~50; doubling from 100 ms up to 5 s is 7 or 8.
     assert!(follow <= 12, "{follow} follow requests in 6 s");
 }
