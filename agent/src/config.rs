@@ -99,6 +99,28 @@ pub struct KubeCluster {
     pub source: KubeSource,
     /// Namespace for namespaced objects that name none (default `default`).
     pub namespace: Option<String>,
+    /// What tasks may touch beyond what the credential's RBAC allows.
+    pub policy: KubePolicy,
+}
+
+/// The agent's own bound on a cluster's tasks (`allowed_namespaces`, `allowed_kinds` in
+/// `[[kubernetes]]`), checked before anything is sent to the API server. Off when neither
+/// is set (the credential's RBAC is then the only bound). When either is set, a
+/// cluster-scoped kind (Namespace, ClusterRoleBinding, CRD...) is refused unless
+/// `allowed_kinds` names it: it reaches past every namespace.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct KubePolicy {
+    /// Namespaces tasks may touch; `None`: any.
+    pub allowed_namespaces: Option<Vec<String>>,
+    /// Kinds tasks may touch, as `Deployment` (any API group) or `Deployment.apps` (that
+    /// group; `ConfigMap.core` for the core group); `None`: any namespaced kind.
+    pub allowed_kinds: Option<Vec<String>>,
+}
+
+impl KubePolicy {
+    pub fn is_set(&self) -> bool {
+        self.allowed_namespaces.is_some() || self.allowed_kinds.is_some()
+    }
 }
 
 /// Where a cluster's address and credentials come from. Never `$HOME/.kube/config`: a
@@ -276,7 +298,7 @@ const KEYS: &[(&str, &str)] = &[
     ),
     (
         "kubernetes",
-        "tables [[kubernetes]] with name and kubeconfig (context, namespace) or in_cluster = true",
+        "tables [[kubernetes]] with name and kubeconfig (context, namespace) or in_cluster = true (allowed_namespaces, allowed_kinds)",
     ),
 ];
 
@@ -522,6 +544,30 @@ impl Collector<'_> {
         Some(d)
     }
 
+    /// `allowed_namespaces` / `allowed_kinds` of `[[kubernetes]]`: names without spaces.
+    fn kube_names(&mut self, key: &str, v: &Spanned<DeValue<'_>>) -> Option<Vec<String>> {
+        let Some(items) = v.get_ref().as_array() else {
+            self.at(
+                Some(v.span().start),
+                format!("{key} must be a list, e.g. [\"apps\"]"),
+            );
+            return None;
+        };
+        let mut out = Vec::new();
+        for item in items.iter() {
+            match item.get_ref().as_str() {
+                Some(n) if !n.is_empty() && !n.contains(char::is_whitespace) => {
+                    out.push(n.to_string())
+                }
+                _ => self.at(
+                    Some(item.span().start),
+                    format!("{key} entries must be names without spaces"),
+                ),
+            }
+        }
+        Some(out)
+    }
+
     /// `[[kubernetes]]` tables, each one cluster.
     fn kubernetes(&mut self, v: &Spanned<DeValue<'_>>) -> Vec<KubeCluster> {
         const HOW: &str = "kubernetes must be tables: [[kubernetes]] with name = \"prod\" and kubeconfig = \"/etc/delegate/kube/prod.yaml\" or in_cluster = true";
@@ -537,6 +583,7 @@ impl Collector<'_> {
             };
             let (mut name, mut kubeconfig, mut context, mut namespace, mut in_cluster) =
                 (None, None, None, None, false);
+            let mut policy = KubePolicy::default();
             // A bad or misspelt key was reported already; "needs kubeconfig" would repeat it.
             let reported = self.problems.len();
             for (k, val) in t.iter() {
@@ -561,10 +608,17 @@ impl Collector<'_> {
                             .boolean("kubernetes.in_cluster", val)
                             .unwrap_or(false)
                     }
+                    "allowed_namespaces" => {
+                        policy.allowed_namespaces =
+                            self.kube_names("kubernetes.allowed_namespaces", val)
+                    }
+                    "allowed_kinds" => {
+                        policy.allowed_kinds = self.kube_names("kubernetes.allowed_kinds", val)
+                    }
                     other => self.at(
                         Some(k.span().start),
                         format!(
-                            "unknown key kubernetes.{other:?} (known: name, kubeconfig, context, namespace, in_cluster)"
+                            "unknown key kubernetes.{other:?} (known: name, kubeconfig, context, namespace, in_cluster, allowed_namespaces, allowed_kinds)"
                         ),
                     ),
                 }
@@ -615,6 +669,7 @@ impl Collector<'_> {
                 name,
                 source,
                 namespace,
+                policy,
             });
         }
         out
@@ -1638,6 +1693,39 @@ mod tests {
         // The registry's problem points at its table header.
         assert_eq!(lines, [Some(4), Some(5), Some(6)], "{e}");
         assert!(e.to_string().contains("needs username and password"), "{e}");
+    }
+
+    #[test]
+    fn a_kubernetes_policy_loads_and_is_off_unless_set() {
+        const NO_ENV: [(&str, &str); 0] = [];
+        let f = write(
+            "manager_url = \"http://x\"\ntoken = \"t\"\n[[kubernetes]]\nname = \"a\"\nin_cluster = true\nallowed_namespaces = [\"apps\"]\nallowed_kinds = [\"Deployment.apps\", \"ConfigMap\"]\n[[kubernetes]]\nname = \"b\"\nin_cluster = true\n",
+        );
+        let c = Config::load(f.path(), &NO_ENV).expect("loads");
+        let p = &c.kubernetes[0].policy;
+        assert!(p.is_set());
+        assert_eq!(
+            p.allowed_namespaces.as_deref(),
+            Some(&["apps".to_string()][..])
+        );
+        assert_eq!(
+            p.allowed_kinds.as_deref(),
+            Some(&["Deployment.apps".to_string(), "ConfigMap".to_string()][..])
+        );
+        assert!(!c.kubernetes[1].policy.is_set());
+        let f = write(
+            "manager_url = \"http://x\"\ntoken = \"t\"\n[[kubernetes]]\nname = \"a\"\nin_cluster = true\nallowed_namespaces = \"apps\"\nallowed_kinds = [\"a b\"]\n",
+        );
+        let e = Config::load(f.path(), &NO_ENV).expect_err("refused");
+        let text = e.to_string();
+        assert!(
+            text.contains(":6: kubernetes.allowed_namespaces must be a list"),
+            "{text}"
+        );
+        assert!(
+            text.contains(":7: kubernetes.allowed_kinds entries must be names"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -5,7 +5,9 @@
 //! apply with field manager `delegate`, every kind resolved through API discovery of its
 //! group/version (so custom resources work, and no list of kinds goes stale); CRDs of the
 //! same manifest go first and are waited for until Established. Server-side apply is
-//! idempotent, so an apply interrupted by an agent restart is simply run again.
+//! idempotent, so an apply interrupted by an agent restart is simply run again. The
+//! cluster's optional policy ([`policy`]) is checked for every object before anything
+//! changes.
 
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
@@ -20,6 +22,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::{ExecContext, ExecOutcome, kubernetes_job, kubernetes_rollout};
 use crate::config::{KubeCluster, KubeSource};
+
+pub(super) mod policy;
 
 /// The field manager of every server-side apply by the agent.
 pub const FIELD_MANAGER: &str = "delegate";
@@ -181,7 +185,7 @@ pub async fn run(spec: &KubernetesSpec, mut ctx: ExecContext) -> ExecOutcome {
         } => {
             let ns = default_ns(namespace);
             tokio::select! {
-                r = apply(&client, &mut ctx, manifest, &ns, *force, &stop) => r.map(|message| ExecOutcome::Done { success: true, message }),
+                r = apply(&client, &cluster, &mut ctx, manifest, &ns, *force, &stop) => r.map(|message| ExecOutcome::Done { success: true, message }),
                 _ = stop.cancelled() => Err(Failure("stopped before the action finished".into())),
             }
         }
@@ -193,6 +197,18 @@ pub async fn run(spec: &KubernetesSpec, mut ctx: ExecContext) -> ExecOutcome {
             namespace,
         } => {
             let ns = default_ns(namespace);
+            let job_target = policy::Target {
+                group: "batch",
+                kind: "Job",
+                scope: Scope::Namespaced,
+                namespace: &ns,
+                name: "",
+            };
+            if let Some(why) = policy::refusal(&cluster.policy, &cluster.name, &job_target) {
+                return ExecOutcome::CouldNotStart(format!(
+                    "refused by the delegate's policy: {why}"
+                ));
+            }
             let req = kubernetes_job::JobRequest {
                 full: job.as_deref(),
                 image: image.as_deref(),
@@ -209,6 +225,18 @@ pub async fn run(spec: &KubernetesSpec, mut ctx: ExecContext) -> ExecOutcome {
         } => {
             let ns = default_ns(namespace);
             let kind = delegate_protocol::rollout_kind(object_kind).unwrap_or("Deployment");
+            let target = policy::Target {
+                group: "apps",
+                kind,
+                scope: Scope::Namespaced,
+                namespace: &ns,
+                name,
+            };
+            if let Some(why) = policy::refusal(&cluster.policy, &cluster.name, &target) {
+                return ExecOutcome::CouldNotStart(format!(
+                    "refused by the delegate's policy: {why}"
+                ));
+            }
             kubernetes_rollout::rollout(&client, &mut ctx, kind, name, &ns, &stop)
                 .await
                 .map(|message| ExecOutcome::Done {
@@ -225,7 +253,7 @@ pub async fn run(spec: &KubernetesSpec, mut ctx: ExecContext) -> ExecOutcome {
         } => {
             let ns = default_ns(namespace);
             tokio::select! {
-                r = kubernetes_rollout::delete(&client, &mut ctx, manifest.as_deref(), object_kind.as_deref(), name.as_deref(), &ns, propagation.as_deref()) => r.map(|message| ExecOutcome::Done { success: true, message }),
+                r = kubernetes_rollout::delete(&client, &cluster, &mut ctx, manifest.as_deref(), object_kind.as_deref(), name.as_deref(), &ns, propagation.as_deref()) => r.map(|message| ExecOutcome::Done { success: true, message }),
                 _ = stop.cancelled() => Err(Failure("stopped before the action finished".into())),
             }
         }
@@ -392,6 +420,7 @@ pub(super) fn is_status(e: &kube::Error, code: u16) -> bool {
 
 async fn apply(
     client: &Client,
+    cluster: &KubeCluster,
     ctx: &mut ExecContext,
     manifest: &str,
     default_ns: &str,
@@ -416,6 +445,7 @@ async fn apply(
         params = params.force();
     }
     let mut resolver = Resolver::default();
+    check_manifest(client, cluster, &mut resolver, &docs, default_ns).await?;
     let (mut created, mut changed, mut unchanged) = (0, 0, 0);
     let mut crds_pending: Vec<String> = Vec::new();
     // (group, kind) of the custom resources whose CRDs this manifest applies.
@@ -451,6 +481,15 @@ async fn apply(
             }
         })?;
         let name = doc.obj.metadata.name.clone().unwrap_or_default();
+        // Checked before anything was applied; again here for a kind whose discovery
+        // failed then.
+        if let Some(why) = refused(cluster, doc, caps.scope.clone(), default_ns) {
+            return Err(Failure(format!(
+                "manifest document {} ({}): refused by the delegate's policy: {why}",
+                doc.index,
+                doc.label()
+            )));
+        }
         let (api, where_): (Api<DynamicObject>, String) = match caps.scope {
             Scope::Namespaced => {
                 let ns = doc
@@ -521,6 +560,66 @@ async fn apply(
         "applied {} objects: {created} created, {changed} changed, {unchanged} unchanged",
         docs.len()
     ))
+}
+
+/// Refuse the whole manifest, before anything is applied, when the cluster's policy
+/// refuses one of its objects. Kinds whose CRD is in the manifest take the CRD's scope; a
+/// kind discovery does not know is left to the apply, which fails on it (and checks it
+/// again should it be known by then).
+async fn check_manifest(
+    client: &Client,
+    cluster: &KubeCluster,
+    resolver: &mut Resolver,
+    docs: &[Doc],
+    default_ns: &str,
+) -> Result<(), Failure> {
+    if !cluster.policy.is_set() {
+        return Ok(());
+    }
+    let mut here: HashMap<(String, String), Scope> = HashMap::new();
+    for d in docs.iter().filter(|d| d.is_crd()) {
+        let spec = &d.obj.data["spec"];
+        if let (Some(group), Some(kind)) = (spec["group"].as_str(), spec["names"]["kind"].as_str())
+        {
+            let scope = if spec["scope"].as_str() == Some("Cluster") {
+                Scope::Cluster
+            } else {
+                Scope::Namespaced
+            };
+            here.insert((group.to_string(), kind.to_string()), scope);
+        }
+    }
+    for doc in docs {
+        let key = (doc.gvk.group.clone(), doc.gvk.kind.clone());
+        let scope = match here.get(&key) {
+            Some(s) => s.clone(),
+            None => match resolver.resolve(client, &doc.gvk).await {
+                Ok((_, caps)) => caps.scope,
+                Err(_) => continue,
+            },
+        };
+        if let Some(why) = refused(cluster, doc, scope, default_ns) {
+            return Err(Failure(format!(
+                "manifest document {} ({}): refused by the delegate's policy, nothing was applied: {why}",
+                doc.index,
+                doc.label()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Why the cluster's policy refuses one document of a manifest, if it does.
+fn refused(cluster: &KubeCluster, doc: &Doc, scope: Scope, default_ns: &str) -> Option<String> {
+    let namespace = doc.obj.metadata.namespace.as_deref().unwrap_or(default_ns);
+    let target = policy::Target {
+        group: &doc.gvk.group,
+        kind: &doc.gvk.kind,
+        scope,
+        namespace,
+        name: doc.obj.metadata.name.as_deref().unwrap_or(""),
+    };
+    policy::refusal(&cluster.policy, &cluster.name, &target)
 }
 
 fn types_of(gvk: &GroupVersionKind) -> String {

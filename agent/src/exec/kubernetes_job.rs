@@ -2,14 +2,24 @@
 //! whose container's exit code is the result.
 //!
 //! The Job outlives the agent, like a docker task's container, so nothing is lost to a
-//! restart: the Job's namespace, name and uid are journalled in the task's directory
-//! before its pod can print anything, and every log line the agent keeps is recorded with
-//! its kubelet timestamp and the log length after it ("log cursor"). A restarted agent
-//! finds the Job again, works out from the log length which lines it already holds, and
-//! resumes the pod's log from there: kubelet timestamps plus a count of lines at the same
-//! timestamp skip exactly what is held, so no line is lost or repeated. A follow stream
-//! that ends early (kubelet log rotation, a proxy timeout) is resumed the same way; the end
-//! of the task is decided from the container's state, never from the end of a stream.
+//! restart: the Job's namespace and name, with a random nonce of the attempt that is part
+//! of the name and a label, are journalled in the task's directory before the Job is
+//! created, and its uid as soon as the server has answered. A restarted agent takes up
+//! only that Job (its uid, or before the uid was journalled its nonce), never one someone
+//! else made under the name, and deletes only with the uid as a precondition.
+//!
+//! Every log line the agent keeps is recorded with its kubelet timestamp and the log
+//! length after it ("log cursor"). A restarted agent finds the Job again, works out from
+//! the log length which lines it already holds, and resumes the pod's log from there:
+//! kubelet timestamps plus a count of lines at the same timestamp skip exactly what is
+//! held, so no line is lost or repeated. A follow stream that ends early (kubelet log
+//! rotation, a proxy timeout) is resumed the same way; the end of the task is decided from
+//! the container's state, never from the end of a stream.
+//!
+//! Nothing a pod prints grows the agent without bound: its log is read as bytes, each line
+//! capped ([`log_lines`]) and decoded lossily; the cursor gets entries only for lines the
+//! log keeps (none past `max_log_bytes`); and a stream that brings nothing new is asked
+//! for again after a wait that doubles up to 5 s.
 //!
 //! Script failures (a non-zero exit code) and infrastructure failures (OOMKilled, Evicted,
 //! DeadlineExceeded, image pull errors, the pod or Job deleted) are told apart: the first
@@ -23,11 +33,12 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use delegate_protocol::Env;
-use futures_util::{AsyncBufReadExt, StreamExt};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Pod;
 use kube::Client;
-use kube::api::{Api, DeleteParams, ListParams, LogParams, PostParams, PropagationPolicy};
+use kube::api::{
+    Api, DeleteParams, ListParams, LogParams, PostParams, Preconditions, PropagationPolicy,
+};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
@@ -35,21 +46,31 @@ use tokio_util::sync::CancellationToken;
 use super::kubernetes::{Failure, api_message, is_status};
 use super::{ExecContext, ExecOutcome};
 
+mod log_lines;
+
 /// Labels every Job of ours carries.
 pub const LABEL_TASK: &str = "delegate.dev/task-id";
 pub const LABEL_ATTEMPT: &str = "delegate.dev/attempt";
+/// The attempt's nonce: random, journalled before the Job is created, part of its name.
+pub const LABEL_NONCE: &str = "delegate.dev/nonce";
 /// Finished Jobs stay this long (for a restarted agent and for post-mortems): longer than
 /// an agent outage. Servers without the TTL controller keep them until deleted.
 const TTL_AFTER_FINISHED_SECS: i32 = 86_400;
 /// Between looks at a pod that is not running yet.
 const POLL: Duration = Duration::from_millis(300);
 
-/// What a restarted agent needs to find the Job again.
+/// What a restarted agent needs to find the Job again. Written twice: with the nonce
+/// and no uid before the Job is created (so a Job made just before a crash is known by its
+/// nonce), then with the uid the server gave it (which binds the task to that very Job).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KubeJobRecord {
     pub namespace: String,
     pub name: String,
+    /// Empty until the create has answered.
     pub uid: String,
+    /// Empty in records of agents before the nonce.
+    #[serde(default)]
+    pub nonce: String,
 }
 
 /// Where the pod's log stands: the timestamp of the last line kept and how many lines
@@ -135,9 +156,11 @@ fn load_cursor(dir: &Path, log_len: u64) -> Cursor {
     c
 }
 
-/// A Job name from the task id and attempt: deterministic (a restarted agent and a
-/// retried create land on the same Job), DNS-1123, at most 63 characters.
-pub fn job_name(task_id: &str, attempt: u32) -> String {
+/// A Job name from the task id, attempt and the attempt's nonce: deterministic given
+/// the journalled nonce (a restarted agent and a retried create land on the same Job),
+/// unpredictable without it (nobody can create a Job under the name first), DNS-1123, at
+/// most 63 characters.
+pub fn job_name(task_id: &str, attempt: u32, nonce: &str) -> String {
     let mut id: String = task_id
         .chars()
         .map(|c| {
@@ -148,23 +171,48 @@ pub fn job_name(task_id: &str, attempt: u32) -> String {
             }
         })
         .collect();
-    let suffix = format!("-{attempt}");
+    let suffix = format!("-{attempt}-{nonce}");
     id.truncate(63 - "delegate-".len() - suffix.len());
     let name = format!("delegate-{}{suffix}", id.trim_matches('-'));
     name.replace("--", "-")
 }
 
-/// The Job to create: the user's full Job or the shorthand, with our name, labels and
-/// the settings that make it safe to supervise.
-fn build_job(
-    ctx: &ExecContext,
-    name: &str,
-    ns: &str,
-    full: Option<&str>,
-    image: Option<&str>,
-    command: &[String],
-    env: &Env,
-) -> Result<Job, Failure> {
+/// A fresh nonce for one attempt's Job: 8 characters of `[a-z0-9]` (41 bits).
+fn new_nonce() -> String {
+    use rand::Rng;
+    const CHARS: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    let mut rng = rand::rng();
+    (0..8)
+        .map(|_| char::from(CHARS[rng.random_range(0..CHARS.len())]))
+        .collect()
+}
+
+/// Whether `job` is the one this attempt created: the server's uid when the journal has
+/// it, else the attempt's nonce label.
+fn is_ours(job: &Job, rec: &KubeJobRecord) -> bool {
+    let uid_ok = rec.uid.is_empty() || job.metadata.uid.as_deref() == Some(rec.uid.as_str());
+    let nonce_ok = rec.nonce.is_empty()
+        || job
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(LABEL_NONCE))
+            .is_some_and(|n| *n == rec.nonce);
+    // An old record (no nonce) is bound by its uid alone; a new one by both.
+    uid_ok && nonce_ok && !(rec.uid.is_empty() && rec.nonce.is_empty())
+}
+
+/// The Job to create for `rec`: the user's full Job or the shorthand, with our name,
+/// labels and the settings that make it safe to supervise.
+fn build_job(ctx: &ExecContext, rec: &KubeJobRecord, req: &JobRequest<'_>) -> Result<Job, Failure> {
+    let JobRequest {
+        full,
+        image,
+        command,
+        env,
+        ..
+    } = *req;
+    let (name, ns, nonce) = (&rec.name, &rec.namespace, &rec.nonce);
     let mut job: Job = match full {
         Some(text) => serde_saphyr::from_str_with_options(text, super::kubernetes::yaml_options())
             .map_err(|e| Failure(format!("spec.job is not a batch/v1 Job: {e}")))?,
@@ -192,6 +240,7 @@ fn build_job(
     let labels = job.metadata.labels.get_or_insert_with(Default::default);
     labels.insert(LABEL_TASK.into(), label_value(&ctx.task_id));
     labels.insert(LABEL_ATTEMPT.into(), ctx.attempt.to_string());
+    labels.insert(LABEL_NONCE.into(), nonce.to_string());
     let spec = job.spec.get_or_insert_with(Default::default);
     // One pod, never restarted: its exit code is the task's.
     spec.backoff_limit = Some(0);
@@ -243,13 +292,18 @@ pub(super) async fn run(
     stop: &CancellationToken,
 ) -> Result<ExecOutcome, Failure> {
     let dir = ctx.dir.clone();
-    let (rec, cursor) = match read_record(&dir) {
-        Some(rec) => {
-            // Lines held are decided before the agent writes anything more to the log.
-            let cursor = load_cursor(&dir, ctx.log.written());
+    let journalled = read_record(&dir);
+    // Lines held are decided before the agent writes anything more to the log.
+    let cursor = match &journalled {
+        Some(_) => load_cursor(&dir, ctx.log.written()),
+        None => Cursor::default(),
+    };
+    let rec = match journalled {
+        // Journalled with its uid: that very Job, or none at all.
+        Some(rec) if !rec.uid.is_empty() => {
             let jobs: Api<Job> = Api::namespaced(client.clone(), &rec.namespace);
             match jobs.get_opt(&rec.name).await {
-                Ok(Some(j)) if j.metadata.uid.as_deref() == Some(rec.uid.as_str()) => {}
+                Ok(Some(j)) if is_ours(&j, &rec) => {}
                 Ok(_) => {
                     return Ok(ExecOutcome::Lost(format!(
                         "infrastructure failure: Job {}/{} was deleted while the delegate was down",
@@ -262,50 +316,24 @@ pub(super) async fn run(
                 "re-attached to Job {}/{} after a delegate restart",
                 rec.namespace, rec.name
             ));
-            (rec, cursor)
+            rec
         }
+        // The nonce was journalled and the create's answer was not: the create is sent
+        // (again); a Job of that name with this nonce is the one made before the crash.
+        Some(rec) => create_job(client, ctx, &req, rec, &dir).await?,
         None => {
-            let name = job_name(&ctx.task_id, ctx.attempt);
-            let ns = req.namespace.to_string();
-            let job = build_job(ctx, &name, &ns, req.full, req.image, req.command, req.env)?;
-            let jobs: Api<Job> = Api::namespaced(client.clone(), &ns);
-            let created = match jobs.create(&PostParams::default(), &job).await {
-                Ok(j) => j,
-                // Created by this task before a crash that came before the journal.
-                Err(e) if is_status(&e, 409) => {
-                    let j = jobs.get(&name).await.map_err(|e| {
-                        Failure(format!("cannot read Job {ns}/{name}: {}", api_message(&e)))
-                    })?;
-                    let ours = j
-                        .metadata
-                        .labels
-                        .as_ref()
-                        .and_then(|l| l.get(LABEL_TASK))
-                        .is_some_and(|t| *t == label_value(&ctx.task_id));
-                    if !ours {
-                        return Err(Failure(format!(
-                            "a Job {ns}/{name} exists that is not this task's; delete it or pick another namespace"
-                        )));
-                    }
-                    j
-                }
-                Err(e) => {
-                    return Err(Failure(format!(
-                        "cannot create Job {ns}/{name}: {}",
-                        api_message(&e)
-                    )));
-                }
-            };
+            let nonce = new_nonce();
             let rec = KubeJobRecord {
-                namespace: ns.clone(),
-                name: name.clone(),
-                uid: created.metadata.uid.clone().unwrap_or_default(),
+                namespace: req.namespace.to_string(),
+                name: job_name(&ctx.task_id, ctx.attempt, &nonce),
+                uid: String::new(),
+                nonce,
             };
-            if let Err(e) = write_record(&dir, &rec) {
-                tracing::warn!("cannot journal the Job: {e}");
-            }
-            ctx.note(&format!("created Job {ns}/{name}"));
-            (rec, Cursor::default())
+            // Without this journal a restart would make a second Job: nothing is created.
+            write_record(&dir, &rec).map_err(|e| {
+                Failure(format!("cannot journal the Job in {}: {e}", dir.display()))
+            })?;
+            create_job(client, ctx, &req, rec, &dir).await?
         }
     };
     let follow = follow_job(client, ctx, &rec, cursor, &dir);
@@ -314,14 +342,64 @@ pub(super) async fn run(
         _ = stop.cancelled() => {
             // Stopped (timeout, cancel, drain limit): the Job and its pod go too.
             let jobs: Api<Job> = Api::namespaced(client.clone(), &rec.namespace);
-            let dp = DeleteParams { propagation_policy: Some(PropagationPolicy::Background), ..DeleteParams::default() };
-            match jobs.delete(&rec.name, &dp).await {
+            match jobs.delete(&rec.name, &delete_params(&rec)).await {
                 Ok(_) => ctx.note(&format!("deleted Job {}/{} and its pod", rec.namespace, rec.name)),
                 Err(e) => ctx.note(&format!("could not delete Job {}/{}: {}", rec.namespace, rec.name, api_message(&e))),
             }
             Err(Failure("stopped".into()))
         }
     }
+}
+
+/// Create the Job of the journalled `rec` (whose nonce is on disk) and journal its uid.
+async fn create_job(
+    client: &Client,
+    ctx: &mut ExecContext,
+    req: &JobRequest<'_>,
+    mut rec: KubeJobRecord,
+    dir: &Path,
+) -> Result<KubeJobRecord, Failure> {
+    let (ns, name) = (rec.namespace.clone(), rec.name.clone());
+    let job = build_job(ctx, &rec, req)?;
+    let jobs: Api<Job> = Api::namespaced(client.clone(), &ns);
+    let created = match jobs.create(&PostParams::default(), &job).await {
+        Ok(j) => {
+            ctx.note(&format!("created Job {ns}/{name}"));
+            j
+        }
+        // Created by this attempt before a crash that came before its uid was journalled.
+        Err(e) if is_status(&e, 409) => {
+            let j = jobs.get(&name).await.map_err(|e| {
+                Failure(format!("cannot read Job {ns}/{name}: {}", api_message(&e)))
+            })?;
+            if !is_ours(&j, &rec) {
+                return Err(Failure(format!(
+                    "a Job {ns}/{name} exists that this attempt did not create (its {LABEL_NONCE} label is not this attempt's); it is left alone"
+                )));
+            }
+            ctx.note(&format!(
+                "re-attached to Job {ns}/{name} after a delegate restart"
+            ));
+            j
+        }
+        Err(e) => {
+            return Err(Failure(format!(
+                "cannot create Job {ns}/{name}: {}",
+                api_message(&e)
+            )));
+        }
+    };
+    rec.uid = created.metadata.uid.clone().unwrap_or_default();
+    if rec.uid.is_empty() {
+        return Err(Failure(format!(
+            "the API server gave Job {ns}/{name} no uid"
+        )));
+    }
+    if let Err(e) = write_record(dir, &rec) {
+        // A restart then finds the Job by its nonce.
+        tracing::warn!("cannot journal the Job's uid: {e}");
+    }
+    Ok(rec)
 }
 
 /// How the pod's one container stands.
@@ -417,8 +495,8 @@ async fn follow_job(
     let mut said_waiting = false;
     let pod_name = loop {
         let job = match jobs.get_opt(&rec.name).await {
-            Ok(Some(j)) => j,
-            Ok(None) => return infra(format!("Job {}/{} was deleted", rec.namespace, rec.name)),
+            Ok(Some(j)) if is_ours(&j, rec) => j,
+            Ok(_) => return infra(format!("Job {}/{} was deleted", rec.namespace, rec.name)),
             Err(e) => return Err(cannot_read(rec, &e)),
         };
         let lp = ListParams::default().labels(&format!("controller-uid={}", rec.uid));
@@ -432,7 +510,7 @@ async fn follow_job(
             .max_by_key(|p| p.metadata.creation_timestamp.clone().map(|t| t.0));
         match pod.as_ref().map(pod_state) {
             Some(PodState::Waiting(Some(problem))) => {
-                delete_job(&jobs, &rec.name).await;
+                delete_job(&jobs, rec).await;
                 return infra(format!("the pod cannot start: {problem}"));
             }
             Some(PodState::Waiting(None)) | None => {
@@ -461,6 +539,8 @@ async fn follow_job(
             ))
         })?;
     let mut ended: Option<(i32, String)> = None;
+    let mut keeping = true;
+    let mut retry = RETRY_FIRST;
     loop {
         let last_pass = ended.is_some();
         let mut lp = LogParams {
@@ -473,9 +553,10 @@ async fn follow_job(
             // the lines of that second already held are skipped below.
             lp.since_time = jiff::Timestamp::from_second(ts.as_second()).ok();
         }
+        let mut progress = false;
         match pods.log_stream(&pod_name, &lp).await {
             Ok(stream) => {
-                let mut lines = stream.lines();
+                let mut lines = log_lines::CappedLines::new(stream);
                 let mut seen_at_cursor = 0usize;
                 let start = cursor.clone();
                 // A follow stream may stay open after its container has ended (a kubelet
@@ -489,7 +570,7 @@ async fn follow_job(
                 let mut over = false;
                 loop {
                     let line = tokio::select! {
-                        line = lines.next() => line,
+                        line = lines.next_line() => line,
                         _ = look.tick(), if !last_pass => {
                             if over {
                                 break;
@@ -503,30 +584,52 @@ async fn follow_job(
                     }
                     let Some(line) = line else { break };
                     let Ok(line) = line else { break };
-                    let (ts, text) = match line.split_once(' ') {
-                        Some((ts, text)) => match ts.parse::<jiff::Timestamp>() {
-                            Ok(t) => (Some(t), text),
-                            Err(_) => (None, line.as_str()),
-                        },
-                        None => (None, line.as_str()),
-                    };
-                    if let Some(t) = ts {
-                        if start.already_held(t, &mut seen_at_cursor) {
-                            continue;
-                        }
-                        let end = ctx.log.written() + text.len() as u64 + 1;
+                    let (ts, text) = split_timestamp(&line.bytes);
+                    if let Some(t) = ts
+                        && start.already_held(t, &mut seen_at_cursor)
+                    {
+                        continue;
+                    }
+                    progress = true;
+                    // Lossy: a pod's log is text, and one bad byte (or a line cut inside
+                    // a character) must cost that character, not the lines after it.
+                    let mut kept = String::from_utf8_lossy(text).into_owned();
+                    kept.push('\n');
+                    if line.cut {
+                        kept.push_str(&format!(
+                            "[delegate] the line above was longer than {} KiB; the rest of it was dropped\n",
+                            log_lines::LINE_CAP / 1024
+                        ));
+                    }
+                    let before = ctx.log.written();
+                    let end = before + kept.len() as u64;
+                    match ts {
                         // Intent first: a line whose entry is beyond the log's length
                         // after a crash was not kept.
-                        let _ = writeln!(cursor_file, "{t} {end}");
+                        Some(t) if keeping => {
+                            let _ = writeln!(cursor_file, "{t} {end}");
+                        }
+                        _ => {}
+                    }
+                    ctx.log.append(kept.as_bytes());
+                    // A log at its cap (max_log_bytes) keeps no more lines: no entry
+                    // for them, so the cursor is bounded by the log, not by the pod.
+                    // Should the log keep lines again (a disk that was full), the first
+                    // such line gets its entry now that it is known to be kept.
+                    let was_keeping = keeping;
+                    keeping = ctx.log.written() >= end;
+                    if let Some(t) = ts {
+                        if keeping && !was_keeping {
+                            let _ = writeln!(cursor_file, "{t} {end}");
+                        }
                         cursor.advance(t);
                     }
-                    ctx.log.append(format!("{text}\n").as_bytes());
                 }
             }
             Err(e) if is_status(&e, 404) => {
                 let why = why_the_pod_went(&jobs, rec, &pod_name).await;
                 // The Job controller would start a new pod: this attempt is over.
-                delete_job(&jobs, &rec.name).await;
+                delete_job(&jobs, rec).await;
                 return infra(why);
             }
             Err(e) => {
@@ -537,30 +640,58 @@ async fn follow_job(
             let code = *code;
             return Ok(outcome(code, reason));
         }
+        // A stream that brought nothing new is asked for again later and later, so a
+        // stream that keeps failing or ending at once costs little.
+        if progress {
+            retry = RETRY_FIRST;
+        }
         // The stream ended: decide from the container, not from the end of the stream.
         match pods.get_opt(&pod_name).await {
             // Being deleted: whatever its container reports now (143, 137) is the
             // kill's exit code, not the script's.
             Ok(Some(p)) if p.metadata.deletion_timestamp.is_some() => {
                 let why = why_the_pod_went(&jobs, rec, &pod_name).await;
-                delete_job(&jobs, &rec.name).await;
+                delete_job(&jobs, rec).await;
                 return infra(why);
             }
             Ok(Some(p)) => match pod_state(&p) {
                 PodState::Terminated { code, reason } => ended = Some((code, reason)),
                 PodState::PodFailed(why) => return infra(why),
-                _ => tokio::time::sleep(Duration::from_millis(100)).await,
+                _ => {
+                    tokio::time::sleep(retry).await;
+                    retry = (retry * 2).min(RETRY_MAX);
+                }
             },
             Ok(None) => {
                 let why = why_the_pod_went(&jobs, rec, &pod_name).await;
-                delete_job(&jobs, &rec.name).await;
+                delete_job(&jobs, rec).await;
                 return infra(why);
             }
             Err(e) => {
                 tracing::debug!("cannot read the pod: {}; retrying", api_message(&e));
-                tokio::time::sleep(POLL).await;
+                tokio::time::sleep(retry.max(POLL)).await;
+                retry = (retry * 2).min(RETRY_MAX);
             }
         }
+    }
+}
+
+/// The first wait before a pod's log is asked for again after a stream that brought
+/// nothing new; it doubles up to [`RETRY_MAX`] while streams keep bringing nothing.
+const RETRY_FIRST: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_secs(5);
+
+/// A log line's kubelet timestamp (RFC 3339, before the first space) and its text.
+fn split_timestamp(line: &[u8]) -> (Option<jiff::Timestamp>, &[u8]) {
+    let Some(at) = line.iter().position(|&b| b == b' ') else {
+        return (None, line);
+    };
+    match std::str::from_utf8(&line[..at])
+        .ok()
+        .and_then(|ts| ts.parse::<jiff::Timestamp>().ok())
+    {
+        Some(t) => (Some(t), &line[at + 1..]),
+        None => (None, line),
     }
 }
 
@@ -595,8 +726,8 @@ async fn why_the_pod_went(jobs: &Api<Job>, rec: &KubeJobRecord, pod_name: &str) 
     let give_up = tokio::time::Instant::now() + VERDICT_LIMIT;
     loop {
         let job = match jobs.get_opt(&rec.name).await {
-            Ok(Some(j)) => j,
-            Ok(None) => return format!("{deleted} with its Job"),
+            Ok(Some(j)) if is_ours(&j, rec) => j,
+            Ok(_) => return format!("{deleted} with its Job"),
             Err(_) => return deleted,
         };
         // Only the deadline deletes pods; a BackoffLimitExceeded written now was caused
@@ -643,12 +774,31 @@ fn outcome(code: i32, reason: &str) -> ExecOutcome {
     }
 }
 
-async fn delete_job(jobs: &Api<Job>, name: &str) {
-    let dp = DeleteParams {
+/// Delete the Job (and, in the background, its pod) only if it is still the very Job
+/// this attempt created: a Job someone made under the same name since has another uid,
+/// and the server refuses the delete (409).
+fn delete_params(rec: &KubeJobRecord) -> DeleteParams {
+    DeleteParams {
         propagation_policy: Some(PropagationPolicy::Background),
+        preconditions: Some(Preconditions {
+            uid: Some(rec.uid.clone()),
+            resource_version: None,
+        }),
         ..DeleteParams::default()
-    };
-    let _ = jobs.delete(name, &dp).await;
+    }
+}
+
+async fn delete_job(jobs: &Api<Job>, rec: &KubeJobRecord) {
+    if let Err(e) = jobs.delete(&rec.name, &delete_params(rec)).await
+        && !is_status(&e, 404)
+    {
+        tracing::info!(
+            "Job {}/{} not deleted: {}",
+            rec.namespace,
+            rec.name,
+            api_message(&e)
+        );
+    }
 }
 
 #[cfg(test)]
@@ -657,10 +807,48 @@ mod tests {
 
     #[test]
     fn job_names_are_deterministic_dns_labels() {
-        let n = job_name("t_01JABCDEF", 2);
-        assert_eq!(n, "delegate-t-01jabcdef-2");
-        let long = job_name(&"x".repeat(100), 1);
+        let n = job_name("t_01JABCDEF", 2, "k3x9a0qz");
+        assert_eq!(n, "delegate-t-01jabcdef-2-k3x9a0qz");
+        assert_eq!(job_name("t_01JABCDEF", 2, "k3x9a0qz"), n);
+        let long = job_name(&"x".repeat(100), 1, &new_nonce());
         assert!(long.len() <= 63, "{long}");
+        assert_ne!(new_nonce(), new_nonce(), "a fresh nonce per attempt");
+    }
+
+    #[test]
+    fn only_the_job_of_this_attempt_is_ours() {
+        let rec = KubeJobRecord {
+            namespace: "ns".into(),
+            name: "delegate-t-1-abc".into(),
+            uid: String::new(),
+            nonce: "abc".into(),
+        };
+        let job = |uid: &str, nonce: Option<&str>| {
+            let mut j = Job::default();
+            j.metadata.uid = Some(uid.into());
+            if let Some(n) = nonce {
+                j.metadata.labels = Some([(LABEL_NONCE.to_string(), n.to_string())].into());
+            }
+            j
+        };
+        // Before the uid is journalled, the nonce decides.
+        assert!(is_ours(&job("u1", Some("abc")), &rec));
+        assert!(!is_ours(&job("u1", Some("xyz")), &rec));
+        assert!(!is_ours(&job("u1", None), &rec));
+        // After, the uid too: a Job made again under the name, nonce copied, is not ours.
+        let rec = KubeJobRecord {
+            uid: "u1".into(),
+            ..rec
+        };
+        assert!(is_ours(&job("u1", Some("abc")), &rec));
+        assert!(!is_ours(&job("u2", Some("abc")), &rec));
+        // A record of an agent before the nonce: the uid alone.
+        let old = KubeJobRecord {
+            nonce: String::new(),
+            ..rec
+        };
+        assert!(is_ours(&job("u1", None), &old));
+        assert!(!is_ours(&job("u2", None), &old));
     }
 
     #[test]

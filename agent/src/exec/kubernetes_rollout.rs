@@ -19,7 +19,8 @@ use kube::discovery::Scope;
 use tokio_util::sync::CancellationToken;
 
 use super::ExecContext;
-use super::kubernetes::{Failure, Resolver, api_message, is_status, parse_manifest};
+use super::kubernetes::{Failure, Resolver, api_message, is_status, parse_manifest, policy};
+use crate::config::KubeCluster;
 
 /// Between looks at the object.
 const POLL: Duration = Duration::from_millis(500);
@@ -324,6 +325,7 @@ fn kubectl_kind(k: &str) -> &str {
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn delete(
     client: &Client,
+    cluster: &KubeCluster,
     ctx: &mut ExecContext,
     manifest: Option<&str>,
     kind: Option<&str>,
@@ -353,7 +355,9 @@ pub(super) async fn delete(
         ..DeleteParams::default()
     };
     let mut resolver = Resolver::default();
-    let (mut deleted, mut absent) = (0, 0);
+    // Every target resolved and checked against the cluster's policy before the first
+    // delete, so a refused manifest deletes nothing.
+    let mut resolved = Vec::with_capacity(targets.len());
     for (gvk, name, ns) in &targets {
         let (ar, caps) = resolver.resolve(client, gvk).await.map_err(|e| {
             Failure(format!(
@@ -362,6 +366,23 @@ pub(super) async fn delete(
                 api_message(&e)
             ))
         })?;
+        let target = policy::Target {
+            group: &gvk.group,
+            kind: &gvk.kind,
+            scope: caps.scope.clone(),
+            namespace: ns.as_deref().unwrap_or(default_ns),
+            name,
+        };
+        if let Some(why) = policy::refusal(&cluster.policy, &cluster.name, &target) {
+            return Err(Failure(format!(
+                "{} {name}: refused by the delegate's policy, nothing was deleted: {why}",
+                gvk.kind
+            )));
+        }
+        resolved.push((ar, caps, name, ns));
+    }
+    let (mut deleted, mut absent) = (0, 0);
+    for (ar, caps, name, ns) in resolved {
         let (api, label): (Api<DynamicObject>, String) = match caps.scope {
             Scope::Namespaced => {
                 let ns = ns.clone().unwrap_or_else(|| default_ns.to_string());

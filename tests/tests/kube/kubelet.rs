@@ -11,7 +11,12 @@
 //! `STANDIN_CUT_FOLLOW_AFTER=N` has each follow stream ended after N lines, as a kubelet's
 //! log rotation or a proxy timeout does; with `STANDIN_HOLD_FOLLOW=1` follow streams
 //! stay open after the container has ended, as a stuck kubelet or proxy's do (the
-//! test counts them in `held`). A pod being deleted has its process sent SIGTERM
+//! test counts them in `held`). With `STANDIN_FAIL_FOLLOW=1` every follow request is
+//! answered 500 (a kubelet that cannot stream), while a plain read works. Output is kept as
+//! bytes as the process writes them, partial lines too (a runtime's log keeps a long line
+//! in pieces, and the kubelet serves it as one line with one timestamp), and bytes that are
+//! not UTF-8 are served as they are. Log requests and the entries served are counted per
+//! namespace (`log_requests`, `served`). A pod being deleted has its process sent SIGTERM
 //! (SIGKILL after 2 s), its container reported terminated with that exit code, as a
 //! kubelet does within the grace period, and then its deletion confirmed.
 //!
@@ -34,14 +39,15 @@ use axum::routing::get;
 use delegate_tests::kube::{ADMIN_TOKEN, ControlPlane};
 use delegate_tests::tls::{TlsListener, acceptor};
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::io::AsyncReadExt;
 use tokio::sync::Notify;
 
 /// Output of one container so far.
 #[derive(Default)]
 struct ContainerLog {
-    /// (unix nanos, line without newline)
-    lines: Mutex<Vec<(i128, String)>>,
+    /// (unix nanos, bytes without newline, whether a newline ended them): a piece of a
+    /// line without its newline is an entry too, as a runtime's partial log line is.
+    lines: Mutex<Vec<(i128, Vec<u8>, bool)>>,
     done: std::sync::atomic::AtomicBool,
     changed: Notify,
     /// End each follow stream of this container after this many lines (0: never), set by
@@ -49,19 +55,21 @@ struct ContainerLog {
     cut_follow_after: usize,
     /// Keep follow streams open after the container ended (`STANDIN_HOLD_FOLLOW=1`).
     hold_follow: bool,
+    /// Answer follow requests with 500 (`STANDIN_FAIL_FOLLOW=1`).
+    fail_follow: bool,
 }
 
 impl ContainerLog {
-    fn push(&self, line: String) {
+    fn push(&self, bytes: Vec<u8>, full: bool) {
         let mut l = self.lines.lock().unwrap_or_else(|p| p.into_inner());
         // Strictly increasing timestamps, as a runtime's log file has in practice.
         let mut now = now_nanos();
-        if let Some((last, _)) = l.last()
+        if let Some((last, _, _)) = l.last()
             && now <= *last
         {
             now = *last + 1;
         }
-        l.push((now, line));
+        l.push((now, bytes, full));
         drop(l);
         self.changed.notify_waiters();
     }
@@ -81,6 +89,10 @@ struct Shared {
     cuts: AtomicUsize,
     /// Follow streams kept open after their container ended (`STANDIN_HOLD_FOLLOW`).
     held: AtomicUsize,
+    /// Per namespace: (follow requests, other log requests).
+    requests: Mutex<HashMap<String, (usize, usize)>>,
+    /// Per namespace: log entries served.
+    served: Mutex<HashMap<String, usize>>,
     /// Pods with a process (or an image pull) of ours going, by uid: told when the pod
     /// is being deleted; the pod's task confirms the deletion then.
     running: Mutex<HashMap<String, Arc<Notify>>>,
@@ -113,6 +125,8 @@ impl Kubelet {
             logs: Mutex::new(HashMap::new()),
             cuts: AtomicUsize::new(0),
             held: AtomicUsize::new(0),
+            requests: Mutex::new(HashMap::new()),
+            served: Mutex::new(HashMap::new()),
             running: Mutex::new(HashMap::new()),
         });
         let (cert, key) = cp.pki.serving(&format!("kubelet-{node}")).expect("cert");
@@ -148,6 +162,28 @@ impl Kubelet {
     /// How many follow streams were held open after their container ended.
     pub fn held(&self) -> usize {
         self.shared.held.load(Ordering::SeqCst)
+    }
+
+    /// Log requests for pods of namespace `ns` so far: (follow, not follow).
+    pub fn log_requests(&self, ns: &str) -> (usize, usize) {
+        self.shared
+            .requests
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(ns)
+            .copied()
+            .unwrap_or_default()
+    }
+
+    /// Log entries (lines or pieces of lines) served for pods of namespace `ns` so far.
+    pub fn served(&self, ns: &str) -> usize {
+        self.shared
+            .served
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(ns)
+            .copied()
+            .unwrap_or_default()
     }
 }
 
@@ -336,6 +372,7 @@ async fn run_container(s: &Shared, pod: &Value, stop: &Notify) -> bool {
     let log = Arc::new(ContainerLog {
         cut_follow_after,
         hold_follow: env_var("STANDIN_HOLD_FOLLOW").as_deref() == Some("1"),
+        fail_follow: env_var("STANDIN_FAIL_FOLLOW").as_deref() == Some("1"),
         ..ContainerLog::default()
     });
     s.logs
@@ -415,10 +452,22 @@ async fn run_container(s: &Shared, pod: &Value, stop: &Notify) -> bool {
     .await;
     let out = child.stdout.take().expect("stdout");
     let err = child.stderr.take().expect("stderr");
-    let pump = |r: Box<dyn tokio::io::AsyncRead + Unpin + Send>, log: Arc<ContainerLog>| async move {
-        let mut lines = BufReader::new(r).lines();
-        while let Ok(Some(l)) = lines.next_line().await {
-            log.push(l);
+    // Bytes as they come, split at newlines; what a read brings after the last newline
+    // is a partial entry at once (a runtime's pieces of a long line).
+    let pump = |mut r: Box<dyn tokio::io::AsyncRead + Unpin + Send>, log: Arc<ContainerLog>| async move {
+        let mut buf = vec![0u8; 16 * 1024];
+        while let Ok(n) = r.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+            let mut rest = &buf[..n];
+            while let Some(at) = rest.iter().position(|&b| b == b'\n') {
+                log.push(rest[..at].to_vec(), true);
+                rest = &rest[at + 1..];
+            }
+            if !rest.is_empty() {
+                log.push(rest.to_vec(), false);
+            }
         }
     };
     let a = tokio::spawn(pump(Box::new(out), log.clone()));
@@ -505,16 +554,34 @@ async fn container_logs(
     };
     let follow = truthy(&q, "follow");
     let stamps = truthy(&q, "timestamps");
+    {
+        let mut r = s.requests.lock().unwrap_or_else(|p| p.into_inner());
+        let e = r.entry(ns.clone()).or_default();
+        if follow {
+            e.0 += 1;
+        } else {
+            e.1 += 1;
+        }
+    }
+    if follow && log.fail_follow {
+        return (
+            axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+            "the kubelet stand-in cannot stream (STANDIN_FAIL_FOLLOW)",
+        )
+            .into_response();
+    }
     let since = q
         .get("sinceTime")
         .and_then(|t| parse_rfc3339(t))
         .unwrap_or(i128::MIN);
     let cut = if follow { log.cut_follow_after } else { 0 };
-    // (next index, lines sent)
-    let stream =
-        futures_util::stream::unfold((0usize, 0usize, false), move |(mut i, sent, ended)| {
+    // (next index, lines sent, ended, whether the entry sent last ended its line)
+    let stream = futures_util::stream::unfold(
+        (0usize, 0usize, false, true),
+        move |(mut i, sent, ended, at_line_start)| {
             let log = log.clone();
             let s = s.clone();
+            let ns = ns.clone();
             async move {
                 if ended {
                     return None;
@@ -529,20 +596,29 @@ async fn container_logs(
                         }
                         l.get(i).cloned()
                     };
-                    if let Some((ts, line)) = next {
-                        let text = if stamps {
-                            format!("{} {line}\n", rfc3339_nanos(ts))
-                        } else {
-                            format!("{line}\n")
-                        };
-                        let sent = sent + 1;
-                        let end_now = cut > 0 && sent >= cut;
+                    if let Some((ts, bytes, full)) = next {
+                        // A kubelet stamps a line once, at its first piece.
+                        let mut text = Vec::with_capacity(bytes.len() + 32);
+                        if stamps && at_line_start {
+                            text.extend_from_slice(format!("{} ", rfc3339_nanos(ts)).as_bytes());
+                        }
+                        text.extend_from_slice(&bytes);
+                        if full {
+                            text.push(b'\n');
+                        }
+                        let sent = sent + usize::from(full);
+                        let end_now = full && cut > 0 && sent >= cut;
                         if end_now {
                             s.cuts.fetch_add(1, Ordering::SeqCst);
                         }
+                        *s.served
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .entry(ns.clone())
+                            .or_default() += 1;
                         return Some((
                             Ok::<_, std::io::Error>(Bytes::from(text)),
-                            (i + 1, sent, end_now),
+                            (i + 1, sent, end_now, full),
                         ));
                     }
                     if !follow {
@@ -560,7 +636,8 @@ async fn container_logs(
                     let _ = tokio::time::timeout(Duration::from_millis(500), notified).await;
                 }
             }
-        });
+        },
+    );
     Response::builder()
         .header("content-type", "text/plain")
         .body(Body::from_stream(stream))

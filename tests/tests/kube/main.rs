@@ -21,6 +21,8 @@ mod incluster;
 mod infra;
 mod kubelet;
 mod late;
+mod logs;
+mod policy;
 mod workloads;
 
 const LONG: Duration = Duration::from_secs(90);
@@ -58,6 +60,12 @@ impl World {
 
     /// The same on the cluster of `admin` (cluster `test` of the agent uses it too).
     fn on(admin: &Path, ns: &str, extra: &str) -> World {
+        World::with_top(admin, ns, "", extra)
+    }
+
+    /// The same with `top` config lines before the agent's tables (top-level keys such as
+    /// `max_log_bytes`).
+    fn with_top(admin: &Path, ns: &str, top: &str, extra: &str) -> World {
         let tmp = tempfile::Builder::new()
             .prefix("delegate-kube-it-")
             .tempdir()
@@ -79,7 +87,7 @@ impl World {
             &AgentOptions {
                 name: format!("kube-{ns}"),
                 extra: format!(
-                    "[docker]\nenabled = false\n[[kubernetes]]\nname = \"test\"\nkubeconfig = {:?}\nnamespace = {ns:?}\n{extra}",
+                    "{top}[docker]\nenabled = false\n[[kubernetes]]\nname = \"test\"\nkubeconfig = {:?}\nnamespace = {ns:?}\n{extra}",
                     admin.display().to_string()
                 ),
                 ..AgentOptions::default()
@@ -418,7 +426,7 @@ fn an_unreachable_cluster_fails_the_task_naming_the_cluster_and_server() {
 }
 
 /// The output lines of a job log (the agent's own `[delegate]` lines left out).
-fn output_lines(log: &str) -> Vec<&str> {
+pub(crate) fn output_lines(log: &str) -> Vec<&str> {
     log.lines()
         .filter(|l| !l.starts_with("[delegate]"))
         .collect()
