@@ -1376,12 +1376,19 @@ mod tests {
             ("auto", ShellMode::Auto),
         ] {
             let f = write(&format!("{base}[shell]\nmode = \"{mode}\"\n"));
-            assert_eq!(Config::load(f.path(), &env).expect("valid").shell_mode, want);
+            assert_eq!(
+                Config::load(f.path(), &env).expect("valid").shell_mode,
+                want
+            );
         }
         let f = write(&format!("{base}[shell]\nmode = \"direct\"\n"));
         let e = Config::load(f.path(), &env).expect_err("must be refused");
         assert_eq!(e.problems[0].line, Some(4), "{e}");
-        assert!(e.to_string().contains("\"children\" (tasks share the agent's user"), "{e}");
+        assert!(
+            e.to_string()
+                .contains("\"children\" (tasks share the agent's user"),
+            "{e}"
+        );
     }
 
     #[test]

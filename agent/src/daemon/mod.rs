@@ -406,9 +406,7 @@ impl Daemon {
             token_rejected: CancellationToken::new(),
             rejection: Mutex::new(None),
             metrics: crate::metrics::Metrics::new(),
-            shell: watch::Sender::new(ShellRunner::Waiting(
-                "the agent is starting".into(),
-            )),
+            shell: watch::Sender::new(ShellRunner::Waiting("the agent is starting".into())),
             handover: AtomicBool::new(false),
         });
         Ok(Daemon { shared })

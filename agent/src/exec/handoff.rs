@@ -62,7 +62,11 @@ pub enum HandoffError {
     #[error(
         "{path} is served by uid {peer}, not by the agent's user (uid {owner}, the owner of its directory): refusing its task"
     )]
-    NotTheAgent { path: PathBuf, peer: u32, owner: u32 },
+    NotTheAgent {
+        path: PathBuf,
+        peer: u32,
+        owner: u32,
+    },
     #[error("the agent's answer was cut short: {0}")]
     Io(#[from] std::io::Error),
     #[error(
@@ -145,7 +149,8 @@ impl Handoffs {
 
     /// Hold `spec` and `output` for `unit`'s runner (before the unit is started).
     pub fn offer(&self, unit: &str, spec: Vec<u8>, output: std::fs::File) {
-        self.lock().insert(unit.to_string(), Pending { spec, output });
+        self.lock()
+            .insert(unit.to_string(), Pending { spec, output });
     }
 
     /// Forget what `unit`'s runner did not take; `true` when it was still there (the
@@ -212,7 +217,12 @@ fn send(stream: StdUnixStream, p: &Pending) -> std::io::Result<()> {
         return Err(std::io::Error::other("no room for the output file"));
     }
     // The file rides on the first byte(s); a stream socket may take fewer than four.
-    let sent = rustix::net::sendmsg(&stream, &[IoSlice::new(&len)], &mut control, SendFlags::empty())?;
+    let sent = rustix::net::sendmsg(
+        &stream,
+        &[IoSlice::new(&len)],
+        &mut control,
+        SendFlags::empty(),
+    )?;
     if sent == 0 {
         return Err(std::io::ErrorKind::WriteZero.into());
     }
@@ -318,7 +328,8 @@ mod tests {
             .expect("fetch");
         assert_eq!(got, spec);
         let mut f = std::fs::File::from(fd);
-        f.write_all(b"hello\n").expect("write through the handed fd");
+        f.write_all(b"hello\n")
+            .expect("write through the handed fd");
         assert_eq!(std::fs::read(&out_path).expect("read"), b"hello\n");
         // Handed out once: a second connection gets nothing.
         assert!(!h.withdraw("delegate-task@t_a-1.service"));

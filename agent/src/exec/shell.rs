@@ -17,7 +17,7 @@ use tokio::io::AsyncReadExt;
 use tokio::net::unix::pipe;
 use tracing::warn;
 
-use super::{ShellRunner, ExecContext, ExecOutcome, ProcessRecord};
+use super::{ExecContext, ExecOutcome, ProcessRecord, ShellRunner};
 
 /// Variables of the agent that must not leak into tasks.
 const SCRUBBED_ENV: &[&str] = &[

@@ -168,8 +168,7 @@ impl TaskUnits {
             conn: conn.clone(),
             manager: manager.clone(),
         });
-        let (handoffs, serving) =
-            Handoffs::listen(socket, systemd).map_err(|e| e.to_string())?;
+        let (handoffs, serving) = Handoffs::listen(socket, systemd).map_err(|e| e.to_string())?;
         Ok(TaskUnits {
             conn,
             manager,
@@ -490,13 +489,10 @@ fn refusal(e: &zbus::Error) -> Option<String> {
 /// from system users; polkit's rule allows only this shape.
 pub fn unit_name(task_id: &str, attempt: u32) -> Result<String, String> {
     let instance = format!("{task_id}-{attempt}");
-    let shaped = task_id
-        .strip_prefix("t_")
-        .is_some_and(|rest| {
-            (1..=24).contains(&rest.len())
-                && rest.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
-        })
-        && (1..=9999).contains(&attempt);
+    let shaped = task_id.strip_prefix("t_").is_some_and(|rest| {
+        (1..=24).contains(&rest.len())
+            && rest.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+    }) && (1..=9999).contains(&attempt);
     if !shaped {
         return Err(format!(
             "task id {task_id:?} (attempt {attempt}) cannot name a task unit: it must be t_ and 1 to 24 letters, digits or _ (as the manager makes them), the attempt 1 to 9999"

@@ -310,5 +310,8 @@ fn shell_tasks_required_as_units_are_refused_with_the_reason_never_run_as_the_ag
     let log = a.log_text();
     assert_eq!(log.matches("shell tasks wait").count(), 1, "{log}");
     assert!(log.contains("set [shell] mode = \"children\""), "{log}");
-    assert!(!log.contains("shell tasks run as children of the agent"), "{log}");
+    assert!(
+        !log.contains("shell tasks run as children of the agent"),
+        "{log}"
+    );
 }

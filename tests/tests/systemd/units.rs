@@ -199,8 +199,9 @@ echo done
     denied("systemctl --no-ask-password start delegate-task@daemon-1.service")?;
     // Its own template is allowed (this instance then fails for want of a task: not a
     // refusal), and stays loaded for the property and kill attempts.
-    let own =
-        c.sh("runuser -u delegate -- systemctl --no-ask-password start delegate-task@t_x-1.service")?;
+    let own = c.sh(
+        "runuser -u delegate -- systemctl --no-ask-password start delegate-task@t_x-1.service",
+    )?;
     let said = format!("{}{}", own.stdout, own.stderr);
     assert!(
         !said.contains("Access denied") && !said.contains("authentication required"),
@@ -407,7 +408,10 @@ fn the_agents_user_cannot_make_pid1_write_or_read_files_through_a_task_unit() ->
     c.run(
         "runuser -u delegate -- sh -c 'for d in t_evil.1 t_evil-1; do mkdir -p /var/lib/delegate/tasks/$d && ln -sfn /etc/cron.d/delegate-pwned /var/lib/delegate/tasks/$d/output && ln -sfn /etc/shadow /var/lib/delegate/tasks/$d/spec.json; done'",
     )?;
-    for unit in ["delegate-task@t_evil.1.service", "delegate-task@t_evil-1.service"] {
+    for unit in [
+        "delegate-task@t_evil.1.service",
+        "delegate-task@t_evil-1.service",
+    ] {
         // Refused or started: either way nothing may be written or read as root.
         let r = c.sh(&format!(
             "runuser -u delegate -- systemctl --no-ask-password start {unit}"
@@ -423,8 +427,15 @@ fn the_agents_user_cannot_make_pid1_write_or_read_files_through_a_task_unit() ->
     assert!(!cron.ok(), "root followed the symlink and wrote {cron:?}");
     let said = c.run("journalctl --no-pager -o cat -u 'delegate-task@t_evil*'")?;
     let shadow_root = c.run("grep -c '^root:' /etc/shadow")?;
-    assert_eq!(shadow_root.trim(), "1", "the control: /etc/shadow has root's line");
-    assert!(!said.contains("root:"), "the shadow file reached the unit:\n{said}");
+    assert_eq!(
+        shadow_root.trim(),
+        "1",
+        "the control: /etc/shadow has root's line"
+    );
+    assert!(
+        !said.contains("root:"),
+        "the shadow file reached the unit:\n{said}"
+    );
     assert!(
         said.contains("cannot fetch the task") && said.contains("handed no task"),
         "the runner should say the agent handed it nothing:\n{said}"
@@ -491,7 +502,10 @@ echo done
         "signal: refused\n",
         "done\n",
     ] {
-        assert!(log_b.contains(line), "missing {line:?} in B's log:\n{log_b}");
+        assert!(
+            log_b.contains(line),
+            "missing {line:?} in B's log:\n{log_b}"
+        );
     }
     assert!(!log_b.contains("s3cr3t-of-a"), "{log_b}");
     // The control: A itself sees its file, and is still running, untouched.
@@ -532,11 +546,16 @@ fn without_the_polkit_rule_shell_tasks_wait_for_units_and_run_as_the_agent_only_
         .find(|l| l.contains(waiting))
         .unwrap_or_default();
     assert!(
-        line.contains("refused") && line.contains("polkitd 121") && line.contains(rule)
+        line.contains("refused")
+            && line.contains("polkitd 121")
+            && line.contains(rule)
             && line.contains("mode = \"children\""),
         "{line}"
     );
-    assert!(!journal.contains("shell tasks run as children of the agent"), "{journal}");
+    assert!(
+        !journal.contains("shell tasks run as children of the agent"),
+        "{journal}"
+    );
 
     // Refused with the reason while units cannot be used, never run as the agent.
     let id = w.submit("echo \"user: $(id -u)\"")?;
@@ -615,7 +634,11 @@ fn a_unit_task_found_after_a_restart_while_units_cannot_be_used_runs_once() -> R
     // Held, not lost: still running on attempt 1 while units cannot be used.
     std::thread::sleep(Duration::from_secs(3));
     let held = w.m.task(&id)?;
-    assert_eq!((held.state, held.attempt), (TaskState::Running, 1), "{held:?}");
+    assert_eq!(
+        (held.state, held.attempt),
+        (TaskState::Running, 1),
+        "{held:?}"
+    );
     c.run(&format!(
         "mv /root/rule.saved {rule} && systemctl restart polkit.service"
     ))?;
@@ -623,7 +646,11 @@ fn a_unit_task_found_after_a_restart_while_units_cannot_be_used_runs_once() -> R
     assert_eq!(t.state, TaskState::Failed, "{t:?}");
     assert_eq!((t.attempt, t.exit_code), (1, Some(3)), "{t:?}");
     assert_eq!(w.logs(&id)?, "started\nended\n");
-    assert_eq!(c.run("cat /srv/runs/log")?, "run\n", "the task ran more than once");
+    assert_eq!(
+        c.run("cat /srv/runs/log")?,
+        "run\n",
+        "the task ran more than once"
+    );
     elapsed(test, start);
     Ok(())
 }
