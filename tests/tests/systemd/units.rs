@@ -655,6 +655,53 @@ fn a_unit_task_found_after_a_restart_while_units_cannot_be_used_runs_once() -> R
     Ok(())
 }
 
+/// The second review: a unit task cut its `O_APPEND` output file to 1 PiB (sparse), and
+/// the agent read zeros forever on one of its async workers: no heartbeats, the task's
+/// timeout and a cancel ignored, `delegate status` hung. Now the file is copied off the
+/// async workers, a bounded amount a pass and never past `max_log_bytes`: the task times
+/// out on time, the agent answers and stays connected, the log stays at its cap.
+#[test]
+fn a_unit_task_that_cuts_its_output_to_a_petabyte_times_out_and_wedges_nothing() -> Result<()> {
+    let test = "a_unit_task_that_cuts_its_output_to_a_petabyte_times_out_and_wedges_nothing";
+    if skip(test) {
+        return Ok(());
+    }
+    let start = Instant::now();
+    let w = installed("e2e-sparse")?;
+    let c = &w.c;
+    c.run("sed -i '1i max_log_bytes = 1048576' /etc/delegate/delegate.toml && systemctl restart delegate")?;
+    w.wait_connected()?;
+    let id = w.m.submit(&json!({
+        "kind": "shell",
+        "spec": { "script": "echo before; perl -e 'truncate(STDOUT, 2**50) or truncate(STDOUT, 2**43) or die \"truncate: $!\\n\"'; sleep 600" },
+        "selectors": ["e2e"],
+        "timeout_secs": 10,
+        "retries": 0,
+    }))?;
+    let t = w.m.wait_done(&id, Duration::from_secs(90))?;
+    assert_eq!(t.state, TaskState::TimedOut, "{t:?}");
+    let log = w.m.logs(&id)?;
+    assert!(
+        log.starts_with(b"before\n"),
+        "{:?}",
+        &log[..log.len().min(64)]
+    );
+    // The cap, and the one marker line that says the rest was dropped.
+    assert!(
+        log.len() < 1_048_576 + 512,
+        "the log passed its cap: {} bytes",
+        log.len()
+    );
+    let tail = String::from_utf8_lossy(&log[log.len().saturating_sub(512)..]);
+    assert!(tail.contains("[delegate] log truncated"), "{tail}");
+    // The agent answers at once and still takes tasks.
+    c.run("timeout 5 delegate status | grep -q 'connected:   true'")?;
+    let next = w.submit("echo after")?;
+    w.assert_succeeded(&next, "after\n")?;
+    elapsed(test, start);
+    Ok(())
+}
+
 /// `upgrade_mode = "handover"`: with a 60 s task running, the upgrader asks the agent to
 /// hand over, swaps and restarts it within seconds; the new version adopts the task's unit
 /// and the task's result and log arrive intact, on its first attempt.
