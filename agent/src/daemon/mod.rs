@@ -377,6 +377,12 @@ impl Observer {
 
 impl Daemon {
     pub fn new(config: Config) -> Result<Daemon, DaemonError> {
+        // Units are detected when the daemon runs; until then shell tasks wait for them.
+        let shell_at_start = if uses_units(config.shell_mode) {
+            ShellRunner::Waiting("task units are not detected yet".into())
+        } else {
+            ShellRunner::Children
+        };
         let spool = Spool::open(&config.state_dir)?.with_log_cap(config.max_log_bytes);
         let client = ManagerClient::new(
             &config.manager_urls,
@@ -406,7 +412,7 @@ impl Daemon {
             token_rejected: CancellationToken::new(),
             rejection: Mutex::new(None),
             metrics: crate::metrics::Metrics::new(),
-            shell: watch::Sender::new(ShellRunner::Waiting("the agent is starting".into())),
+            shell: watch::Sender::new(shell_at_start),
             handover: AtomicBool::new(false),
         });
         Ok(Daemon { shared })
@@ -576,14 +582,7 @@ async fn run_shared(
 /// spool); until units can be used, shell tasks are not taken and detection is retried.
 /// Children only where the config says so, or with no systemd at all.
 async fn choose_shell_runner(shared: &Arc<Shared>) {
-    let under_systemd = std::env::var_os("INVOCATION_ID").is_some()
-        && std::path::Path::new("/run/systemd/system").is_dir();
-    let units = match shared.config.shell_mode {
-        ShellMode::Units => true,
-        ShellMode::Children => false,
-        ShellMode::Auto => under_systemd,
-    };
-    if !units {
+    if !uses_units(shared.config.shell_mode) {
         let why = if shared.config.shell_mode == ShellMode::Children {
             "[shell] mode = \"children\""
         } else {
@@ -605,6 +604,18 @@ async fn choose_shell_runner(shared: &Arc<Shared>) {
             );
             shared.shell.send_replace(ShellRunner::Waiting(why));
             tokio::spawn(retry_task_units(shared.clone()).in_current_span());
+        }
+    }
+}
+
+/// Does `mode` run shell tasks as units here (`auto`: when this agent is a systemd service)?
+fn uses_units(mode: ShellMode) -> bool {
+    match mode {
+        ShellMode::Units => true,
+        ShellMode::Children => false,
+        ShellMode::Auto => {
+            std::env::var_os("INVOCATION_ID").is_some()
+                && std::path::Path::new("/run/systemd/system").is_dir()
         }
     }
 }

@@ -299,12 +299,17 @@ mod tests {
         .await
         .expect("the rest is skipped at once");
         assert_eq!(log.written(), 4 * PASS_BYTES + 7);
-        assert!(started.elapsed() < Duration::from_secs(10));
+        let took = started.elapsed();
+        assert!(took < Duration::from_secs(10));
         ticker.abort();
-        assert!(
-            ticks.load(std::sync::atomic::Ordering::Relaxed) > 0,
-            "the runtime kept running other tasks"
-        );
+        // Only a copy that took a while can show the runtime ran other tasks meanwhile (a
+        // fast one may finish before the first 5 ms tick: that flaked one run in five).
+        if took >= Duration::from_millis(50) {
+            assert!(
+                ticks.load(std::sync::atomic::Ordering::Relaxed) > 0,
+                "the runtime ran nothing else for {took:?}"
+            );
+        }
     }
 
     /// One call reads at most PASSES × PASS_BYTES, however much is there.
