@@ -49,7 +49,9 @@ pub async fn run(spec: &ShellSpec, mut ctx: ExecContext) -> ExecOutcome {
             );
             let units = loop {
                 if ctx.shell.changed().await.is_err() {
-                    return ExecOutcome::Lost("the delegate stopped".into());
+                    // The agent is going away: report nothing (a "lost" would have the
+                    // manager run it again); the spool keeps the unit for the next start.
+                    std::future::pending::<()>().await;
                 }
                 if let ShellRunner::Units(u) = ctx.shell.borrow().clone() {
                     break u;

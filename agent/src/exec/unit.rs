@@ -31,6 +31,7 @@ use zbus::fdo::{PropertiesChangedStream, PropertiesProxy};
 use zbus::proxy::CacheProperties;
 
 use super::handoff::{self, Handoffs, UnitOfPid};
+use super::output;
 use super::{ExecContext, ExecOutcome};
 
 /// The template unit the package installs.
@@ -586,7 +587,7 @@ pub async fn run(spec: &ShellSpec, units: Arc<TaskUnits>, mut ctx: ExecContext) 
         units.collect(&unit, &mut watch).await;
         units.handoffs.withdraw(&unit);
         let mut copied = 0;
-        copy_output(&output, &mut copied, &mut ctx, true).await;
+        output::copy_rest(&output, &mut copied, ctx.log.as_mut()).await;
         return ExecOutcome::CouldNotStart(why);
     }
     let mut copied = ctx.log.written().saturating_sub(record.output_base);
@@ -596,7 +597,7 @@ pub async fn run(spec: &ShellSpec, units: Arc<TaskUnits>, mut ctx: ExecContext) 
     let mut look = true;
     let mut looked = tokio::time::Instant::now();
     let last = loop {
-        copy_output(&output, &mut copied, &mut ctx, false).await;
+        output::copy_new(&output, &mut copied, ctx.log.as_mut()).await;
         if look || looked.elapsed() >= RECHECK {
             look = false;
             looked = tokio::time::Instant::now();
@@ -620,7 +621,7 @@ pub async fn run(spec: &ShellSpec, units: Arc<TaskUnits>, mut ctx: ExecContext) 
     };
     // Whatever the script left behind goes with its unit; then the rest of its output.
     units.collect(&unit, &mut watch).await;
-    copy_output(&output, &mut copied, &mut ctx, true).await;
+    output::copy_rest(&output, &mut copied, ctx.log.as_mut()).await;
     let never_fetched = units.handoffs.withdraw(&unit);
     match last {
         Some(s) if never_fetched && !stopping => ExecOutcome::CouldNotStart(format!(
@@ -632,16 +633,6 @@ pub async fn run(spec: &ShellSpec, units: Arc<TaskUnits>, mut ctx: ExecContext) 
         None => ExecOutcome::Lost(format!(
             "the task's unit {unit} is gone and systemd no longer knows how it ended"
         )),
-    }
-}
-
-/// Append what the unit wrote since `copied` to the task's log: a bounded amount per
-/// call, read off the async workers ([`super::output`]); `rest` once the unit has ended.
-async fn copy_output(path: &Path, copied: &mut u64, ctx: &mut ExecContext, rest: bool) {
-    if rest {
-        super::output::copy_rest(path, copied, ctx.log.as_mut()).await;
-    } else {
-        super::output::copy_new(path, copied, ctx.log.as_mut()).await;
     }
 }
 
