@@ -291,8 +291,8 @@ pub fn chain(e: &(dyn Error + 'static)) -> String {
 mod tests {
     use super::*;
 
-    /// Issue 8 item 7: "cannot use the state directory: create directory X: Permission
-    /// denied: create directory X: Permission denied" — each cause once.
+    /// A chain once read "cannot use the state directory: create directory X: Permission
+    /// denied: create directory X: Permission denied", the cause twice; each is said once.
     #[test]
     fn every_cause_is_said_once() {
         let io = || std::io::Error::new(std::io::ErrorKind::PermissionDenied, "Permission denied");

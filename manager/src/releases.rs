@@ -17,7 +17,7 @@ use delegate_protocol::ErrorCode;
 use tokio::io::AsyncReadExt;
 use tracing::warn;
 
-use crate::api::ApiError;
+use crate::api::error::ApiError;
 
 /// Bytes read from disk per body chunk.
 const CHUNK: usize = 64 * 1024;

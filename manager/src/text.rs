@@ -3,7 +3,7 @@
 //!
 //! A delegate names itself, its host, its version, tags and targets; a task's output and
 //! result message come from whatever it ran. Printed raw, an escape sequence in any of
-//! them rewrites the admin's terminal (issue 17 item 11: a registered name did). So
+//! them rewrites the admin's terminal (a registered name once did). So
 //! registration refuses control and invisible formatting characters in what it stores,
 //! with a message naming the field ([`check_register`]); and the CLI escapes them in
 //! everything it prints for people ([`shown`]), also what was stored before this check
@@ -116,8 +116,8 @@ fn ascii_word(field: &str, value: &str, max: usize, extra: &str) -> Result<(), B
 /// Most tags (and targets) a delegate may register.
 const MAX_LIST: usize = 64;
 
-/// What a delegate may register as (issue 17 item 11): names, hostnames, versions, tags
-/// and targets that a table can show as they are.
+/// What a delegate may register as: names, hostnames, versions, tags and targets that a
+/// table can show as they are, so no registration can drive an operator's terminal.
 pub fn check_register(req: &RegisterRequest) -> Result<(), BadField> {
     printable("name", &req.name, 128)?;
     ascii_word("hostname", &req.hostname, 253, "-._")?;
