@@ -2,8 +2,8 @@
 //!
 //! Each variant carries what an operator or a delegate needs to act on it — the task id,
 //! the attempt, the path, the URL — and says how to fix it. The HTTP layer maps store
-//! errors to `protocol::ErrorBody` codes (see `api::ApiError`); the binary wraps the rest
-//! with `anyhow` context at its edge.
+//! errors to `protocol::ErrorBody` codes (see `api::error::ApiError`); the binary wraps
+//! the rest with `anyhow` context at its edge.
 //!
 //! A message says its cause once: a variant that exposes a source does not repeat it in
 //! its text; whoever prints the error prints the chain ([`chain`], or `{:#}` of anyhow).

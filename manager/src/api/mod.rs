@@ -352,14 +352,13 @@ async fn wrong_method(method: Method, uri: Uri) -> ApiError {
 
 #[cfg(test)]
 mod tests {
-    use crate::api::testkit::{TestServer, start};
-    use crate::server::{self, ADMIN_TOKEN_FILE, ServeConfig};
+    use crate::api::testkit::{TestServer, admin_token_file, bind_again, start};
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn admin_token_file_is_private_and_kept_across_restarts() {
         use std::os::unix::fs::PermissionsExt;
         let s = start().await;
-        let path = s.data.join(ADMIN_TOKEN_FILE);
+        let path = admin_token_file(&s.data);
         let mode = std::fs::metadata(&path).expect("stat").permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
         assert!(s.admin.starts_with("adm_") && s.admin.len() == 68);
@@ -372,12 +371,7 @@ mod tests {
         }
         handle.await.expect("join").expect("stop");
         // A restart on the same directory keeps the token.
-        server::bind(&ServeConfig::new(
-            "127.0.0.1:0".parse().expect("addr"),
-            data.clone(),
-        ))
-        .await
-        .expect("restart");
+        bind_again(&data).await;
         let again = std::fs::read_to_string(&path).expect("read");
         assert_eq!(again.trim(), admin);
     }

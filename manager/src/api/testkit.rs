@@ -1,7 +1,9 @@
 //! The unit tests' harness: a real manager on a free port over a temporary data
 //! directory (with a release directory), and helpers that speak API v1 to it, shared by
-//! the endpoint tests in `delegate`, `admin` and the router's own.
+//! the endpoint tests in `delegate`, `admin` and the router's own (which need nothing of
+//! `server` but this file).
 
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use delegate_protocol::{API_PREFIX, CreatedToken, ErrorBody, RegisterResponse};
@@ -18,7 +20,7 @@ pub(super) struct TestServer {
     pub(super) http: reqwest::Client,
     pub(super) stop: Option<oneshot::Sender<()>>,
     pub(super) handle: tokio::task::JoinHandle<Result<(), ServeError>>,
-    pub(super) data: std::path::PathBuf,
+    pub(super) data: PathBuf,
     pub(super) app: App,
     pub(super) _dir: tempfile::TempDir,
 }
@@ -127,6 +129,21 @@ impl TestServer {
             .expect("join");
         res.expect("clean stop");
     }
+}
+
+/// The admin token's file in a manager's data directory.
+pub(super) fn admin_token_file(data: &Path) -> PathBuf {
+    data.join(ADMIN_TOKEN_FILE)
+}
+
+/// Bind a manager on `data` again (and drop it), as a restart does.
+pub(super) async fn bind_again(data: &Path) {
+    server::bind(&ServeConfig::new(
+        "127.0.0.1:0".parse().expect("addr"),
+        data.to_path_buf(),
+    ))
+    .await
+    .expect("restart");
 }
 
 pub(super) async fn error_of(resp: reqwest::Response) -> (u16, ErrorBody) {
