@@ -66,7 +66,7 @@ fn on_both_with(setup: impl Fn(Store) -> Store, scenario: impl Fn(&Store)) {
     prepare(&sqlite);
     scenario(&sqlite);
     let pg = shared_postgres();
-    let store = setup(open_pg_url(&fresh_database(&pg)));
+    let store = setup(open_pg(&fresh_database(&pg)));
     prepare(&store);
     scenario(&store);
 }
@@ -74,11 +74,7 @@ fn on_both_with(setup: impl Fn(Store) -> Store, scenario: impl Fn(&Store)) {
 /// A PostgreSQL store that takes the time each call is given, as SQLite does: the rules'
 /// tests move time by hand. (Served stores keep the database's clock; see
 /// `nodes_with_skewed_clocks_agree_on_leases_because_the_database_keeps_the_time`.)
-fn open_pg(pg: &Postgres) -> Store {
-    open_pg_url(&pg.url())
-}
-
-fn open_pg_url(url: &str) -> Store {
+fn open_pg(url: &str) -> Store {
     Store::open_postgres_with(
         url,
         TTL,
@@ -285,9 +281,10 @@ fn retention_prunes_only_old_finished_tasks_on_both_backends() {
 /// two reapers at once re-queue a lapsed lease once.
 #[test]
 fn two_nodes_on_one_postgres_lease_each_task_once_and_reap_each_lease_once() {
-    let pg = Postgres::start().expect("PostgreSQL starts");
-    let n1 = open_pg(&pg);
-    let n2 = open_pg(&pg); // the migrations are applied already
+    let pg = shared_postgres();
+    let url = fresh_database(&pg);
+    let n1 = open_pg(&url);
+    let n2 = open_pg(&url); // the migrations are applied already
     prepare(&n1);
     const TASKS: usize = 60;
     for i in 0..TASKS {
@@ -388,8 +385,8 @@ fn a_heartbeat_naming_two_attempts_renews_the_current_one_only_on_both_backends(
 /// as a deadlock now and then (a failed request).
 #[test]
 fn forgetting_a_delegate_while_it_heartbeats_never_deadlocks_on_postgres() {
-    let pg = Postgres::start().expect("PostgreSQL starts");
-    let s = open_pg(&pg);
+    let pg = shared_postgres();
+    let s = open_pg(&fresh_database(&pg));
     prepare(&s);
     let mut refused = 0;
     for round in 0..60 {
@@ -441,9 +438,10 @@ fn forgetting_a_delegate_while_it_heartbeats_never_deadlocks_on_postgres() {
 #[test]
 fn nodes_with_skewed_clocks_agree_on_leases_because_the_database_keeps_the_time() {
     const HOUR: i64 = 3_600_000;
-    let pg = Postgres::start().expect("PostgreSQL starts");
-    let behind = Store::open_postgres(&pg.url(), TTL).expect("node behind");
-    let ahead = Store::open_postgres(&pg.url(), TTL).expect("node ahead");
+    let pg = shared_postgres();
+    let url = fresh_database(&pg);
+    let behind = Store::open_postgres(&url, TTL).expect("node behind");
+    let ahead = Store::open_postgres(&url, TTL).expect("node ahead");
     prepare(&behind);
     let now = now_ms();
     let d = behind
