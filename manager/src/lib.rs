@@ -1,7 +1,7 @@
 //! The reference control plane for delegate agents, as a library.
 //!
 //! `delegate-manager` hands tasks to delegates over HTTP long polls, keeps every task,
-//! lease and log line in SQLite (or in PostgreSQL, shared by several nodes: `pg`), and
+//! lease and log line in SQLite (or in PostgreSQL, shared by several nodes: `store::postgres`), and
 //! gives operators a CLI. The binary is a thin shell
 //! over these modules so that tests can start a real server in-process.
 //!
@@ -20,10 +20,12 @@ pub mod error;
 pub mod hub;
 pub mod lifecycle;
 pub mod metrics;
-pub mod pg;
 pub mod queue;
 pub mod reaper;
 pub mod releases;
 pub mod server;
 pub mod store;
 pub mod text;
+
+/// The PostgreSQL store under its older path (`crate::pg::Note`, `pg::PgOptions`, …).
+pub use store::postgres as pg;

@@ -1,8 +1,9 @@
 //! A task's life cycle as one pure transition function: `(task, event) → change`.
 //!
-//! Every state change of a task is decided here and nowhere else; the store reads the
-//! task, asks [`transition`], and persists the [`Change`] it gets (or turns the
-//! [`TransitionError`] into an answer). That keeps the rules — above all what happens to
+//! Every state change of a task is decided here and nowhere else, a lease included; the
+//! store reads the task, asks [`transition`] (through `store::rules`, the same on both
+//! backends), and persists the [`Change`] it gets (or turns the [`TransitionError`] into
+//! an answer). That keeps the rules — above all what happens to
 //! a held task whose attempt is lost, which a delegate's `lost` result and a lapsed lease
 //! share — in one table that the tests walk exhaustively.
 //!

@@ -1,4 +1,4 @@
-//! Several manager nodes on one PostgreSQL (issue 12): a submit on one node wakes a long
+//! Several manager nodes on one PostgreSQL: a submit on one node wakes a long
 //! poll waiting on another (`LISTEN/NOTIFY`), and killing a node mid-task loses nothing
 //! and runs nothing twice — the agent goes on with the other node through a small TCP
 //! relay that stands in for the load balancer in front of the nodes. A bad `--database`
@@ -377,9 +377,8 @@ fn tls_to_postgresql_verifies_the_server_with_sslrootcert_and_refuses_another_ca
     assert!(!data.join("admin.token").exists(), "{err}");
 }
 
-/// Issue 17 item 8, reproduced: a `?password=` in the URL was logged at INFO at every
-/// start, and a mistyped URL was echoed whole by the argument parser. Both now show
-/// `***`. The password can live in a file instead (`--database-password-file`), here
+/// A `?password=` in the URL must not be logged at INFO at every start, nor a mistyped
+/// URL echoed whole by the argument parser: both show `***`. The password can live in a file instead (`--database-password-file`), here
 /// against a role that must log in with it.
 #[test]
 fn postgres_passwords_stay_out_of_logs_and_errors_and_a_password_file_works() {
@@ -491,9 +490,9 @@ fn admin_status(m: &Manager, token: &str) -> u16 {
         .as_u16()
 }
 
-/// Issue 17 item 9, reproduced: each node kept the admin token's hash from its start, so
-/// after a rotation (one node restarted with the hash deleted, writing a new token) the
-/// old token kept working on the other nodes, and the new one did not.
+/// Every node reads the admin token's hash from the database, not from its start: after
+/// a rotation (one node restarted with the hash deleted, writing a new token) the old
+/// token must stop working on the other nodes too, and the new one work there.
 #[test]
 fn a_rotated_admin_token_stops_working_on_every_node_at_once() {
     let tmp = tempfile::tempdir().expect("tmp");
@@ -584,9 +583,9 @@ impl Drop for Starting {
     }
 }
 
-/// Issue 17 item 9, reproduced: two nodes started at once on a new database each wrote
-/// an admin token, and the database kept the last one: the other node's token file held
-/// a token that worked nowhere. Now the first claim wins, and only the winner writes a
+/// Two nodes started at once on a new database must not each write an admin token (the
+/// database kept the last one, and the other node's token file held a token that worked
+/// nowhere): the first claim wins, and only the winner writes a
 /// token file. Several rounds, each on a fresh database, because the race is one of
 /// timing.
 #[test]

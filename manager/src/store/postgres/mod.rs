@@ -1,26 +1,26 @@
 //! The store on PostgreSQL, so that several manager nodes serve one fleet.
 //!
-//! Same calls and the same rules as the SQLite store (`store`); what changes is who else
-//! may touch a row meanwhile. Every change of a task locks its row first (`FOR UPDATE`),
-//! a lease takes queued rows with `FOR UPDATE SKIP LOCKED` and matches selectors in SQL
-//! (`selectors <@ tags`), and the reaper skips rows another node is working on, so two
-//! nodes never lease one task twice nor re-queue one lapsed lease twice. Nothing about the
-//! queue lives in a node's memory: a node learns what the others did through `NOTIFY` on
-//! one channel (a queued task with its selectors, a delegate to wake, a revoke, a change
-//! for log followers), which one `LISTEN` connection per node feeds into its hub
-//! ([`PgStore::listen`]). Migrations are versioned in `schema_version` and applied under
-//! an advisory lock, so two nodes starting at once migrate once.
+//! Same calls and the same rules (`store::rules`) as the SQLite store; what changes is who
+//! else may touch a row meanwhile. Every change of a task locks its row first
+//! (`FOR UPDATE`), a lease takes queued rows with `FOR UPDATE SKIP LOCKED` and matches
+//! selectors in SQL (`selectors <@ tags`) before the rules assign them, and the reaper
+//! skips rows another node is working on, so two nodes never lease one task twice nor
+//! re-queue one lapsed lease twice. Nothing about the queue lives in a node's memory: a
+//! node learns what the others did through `NOTIFY` on one channel ([`notify`]), which
+//! one `LISTEN` connection per node feeds into its hub ([`PgStore::listen`]). Migrations
+//! are versioned in `schema_version` and applied under an advisory lock, so two nodes
+//! starting at once migrate once.
 //!
 //! The calls are synchronous (the `postgres` crate) because the API runs every store call
-//! on the blocking pool anyway; a small pool of connections ([`Pool`]) lets those threads
-//! work at once. TLS to the database (`sslmode=require`, `verify-ca`, `verify-full`)
-//! always verifies the server's certificate and name, against the URL's `sslrootcert` or
-//! the system's roots: stricter than libpq's `require`, because a shared database across a
-//! network holds every task's secrets. `prefer` (libpq's default) talks plain here.
+//! on the blocking pool anyway; a small pool of connections ([`pool`]) lets those threads
+//! work at once. TLS and URL parsing are in [`tls`].
+
+mod notify;
+mod pool;
+mod tls;
 
 use std::collections::HashMap;
-use std::ops::{Deref, DerefMut};
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use delegate_protocol::{
@@ -28,22 +28,25 @@ use delegate_protocol::{
     HeartbeatResponse, Outcome, RegisterRequest, SubmitTask, TaskResult, TaskState, TaskView,
     TokenView, UnixMillis,
 };
-use postgres::fallible_iterator::FallibleIterator;
-use postgres::types::ToSql;
-use postgres::{Client, NoTls, Row, Statement};
-use tokio_postgres_rustls::MakeRustlsConnect;
-use tokio_rustls::rustls;
+use postgres::{Client, Row};
 use tracing::{info, warn};
 
+pub use notify::{CHANNEL, Note};
+use pool::{Conn, Pool, Tx};
+pub use tls::redact;
+use tls::{parse_config, plain_text_warning};
+
+use super::rules::{
+    self, Held, Lease, Report, Write, cancel_change, decide_report, holder_gone_change,
+    is_draining, page_from_chunk, refuse_tags, stale, the_one_delegate, to_json, truncation_marker,
+};
+use super::{
+    Backend, Cancel, DEFAULT_MAX_LOG_BYTES, Finish, LogSlice, Pruned, Reaped, new_delegate_id,
+};
 use crate::error::StoreError;
 use crate::lifecycle::{self, Change, Event, Task};
 use crate::metrics::{Metrics, Snapshot};
 use crate::queue::{Fresh, Selectors, selector_key};
-use crate::store::{
-    Cancel, DEFAULT_MAX_LOG_BYTES, Finish, Held, LogSlice, Pruned, Reaped, Report, cancel_change,
-    decide_report, holder_gone_change, is_draining, new_delegate_id, page_from_chunk, refuse_tags,
-    stale, the_one_delegate, to_json, truncation_marker,
-};
 
 /// Schema migrations, applied in order; `schema_version` holds how many were applied.
 const MIGRATIONS: &[&str] = &[r#"
@@ -114,16 +117,6 @@ CREATE TABLE log_chunks (
 /// Key of the advisory lock that serialises migrations of nodes starting at once.
 const MIGRATION_LOCK: i64 = 0x64656c_6567617465; // "delegate"
 
-/// The one channel every node listens on.
-pub const CHANNEL: &str = "delegate_manager";
-
-/// Connections one node opens at most for store calls (the blocking pool runs 8 at once;
-/// the `LISTEN` connection is apart).
-const POOL_SIZE: usize = 10;
-
-/// How long a store call waits for a free connection before it fails.
-const POOL_WAIT: Duration = Duration::from_secs(30);
-
 /// Most finished tasks one retention pass deletes.
 const PRUNE_BATCH: i64 = 200;
 
@@ -134,36 +127,6 @@ const TASK_VIEW_SQL: &str = "SELECT t.id, t.kind, t.spec, t.selectors, t.state, 
      t.retries, t.timeout_secs, t.cancel_requested, t.delegate_id, d.name, t.exit_code, \
      t.signal, t.message, t.created_at, t.assigned_at, t.started_at, t.finished_at, \
      t.log_bytes, t.log_truncated FROM tasks t LEFT JOIN delegates d ON d.id = t.delegate_id";
-
-/// What another node (or this one) told every node, as read from a `NOTIFY` payload.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(tag = "e", rename_all = "snake_case")]
-pub enum Note {
-    /// A task was queued (or re-queued): wake one poll that may take it.
-    Queued {
-        task: String,
-        selectors: Vec<String>,
-    },
-    /// Something about this delegate changed (a cancel for it, a drain, a re-register, a
-    /// forget): wake its polls and forget cached facts about it.
-    Delegate { id: String },
-    /// A token was revoked: forget cached token names and wake every poll.
-    Revoked,
-    /// A log or a task's state changed: wake log followers.
-    Changed,
-}
-
-impl Note {
-    fn payload(&self) -> String {
-        let s = to_json(self);
-        // NOTIFY payloads are limited to 8000 bytes; selectors that long are absurd but
-        // must not fail the submit: every poll looks instead.
-        if s.len() > 7000 {
-            return to_json(&Note::Revoked);
-        }
-        s
-    }
-}
 
 fn u32_of(v: i64) -> u32 {
     u32::try_from(v).unwrap_or(u32::MAX)
@@ -242,422 +205,6 @@ fn held_task(r: &Row) -> Result<(String, Task), StoreError> {
         },
     ))
 }
-
-// ---- connections ---------------------------------------------------------------------
-
-/// One connection and the statements prepared on it.
-pub struct Conn {
-    client: Client,
-    prepared: HashMap<&'static str, Statement>,
-}
-
-/// A transaction on a pooled connection, or (`Conn::auto`) statements that each commit
-/// on their own — for reads and single-statement changes, which saves the `BEGIN` and
-/// `COMMIT` round trips. Statements are prepared once per connection (prepared statements
-/// outlive a rolled-back transaction in PostgreSQL).
-struct Tx<'a> {
-    tx: Session<'a>,
-    prepared: &'a mut HashMap<&'static str, Statement>,
-}
-
-enum Session<'a> {
-    Tx(postgres::Transaction<'a>),
-    Auto(&'a mut Client),
-}
-
-type Params<'p> = &'p [&'p (dyn ToSql + Sync)];
-
-impl Conn {
-    fn tx(&mut self) -> Result<Tx<'_>, StoreError> {
-        let Conn { client, prepared } = self;
-        Ok(Tx {
-            tx: Session::Tx(client.transaction()?),
-            prepared,
-        })
-    }
-
-    /// Each statement its own transaction (see [`Tx`]).
-    fn auto(&mut self) -> Result<Tx<'_>, StoreError> {
-        let Conn { client, prepared } = self;
-        Ok(Tx {
-            tx: Session::Auto(client),
-            prepared,
-        })
-    }
-}
-
-impl Tx<'_> {
-    fn stmt(&mut self, sql: &'static str) -> Result<Statement, StoreError> {
-        if let Some(s) = self.prepared.get(sql) {
-            return Ok(s.clone());
-        }
-        let s = match &mut self.tx {
-            Session::Tx(t) => t.prepare(sql)?,
-            Session::Auto(c) => c.prepare(sql)?,
-        };
-        self.prepared.insert(sql, s.clone());
-        Ok(s)
-    }
-
-    fn query(&mut self, sql: &'static str, p: Params<'_>) -> Result<Vec<Row>, StoreError> {
-        let s = self.stmt(sql)?;
-        Ok(match &mut self.tx {
-            Session::Tx(t) => t.query(&s, p)?,
-            Session::Auto(c) => c.query(&s, p)?,
-        })
-    }
-
-    fn opt(&mut self, sql: &'static str, p: Params<'_>) -> Result<Option<Row>, StoreError> {
-        let s = self.stmt(sql)?;
-        Ok(match &mut self.tx {
-            Session::Tx(t) => t.query_opt(&s, p)?,
-            Session::Auto(c) => c.query_opt(&s, p)?,
-        })
-    }
-
-    fn exec(&mut self, sql: &'static str, p: Params<'_>) -> Result<u64, StoreError> {
-        let s = self.stmt(sql)?;
-        Ok(match &mut self.tx {
-            Session::Tx(t) => t.execute(&s, p)?,
-            Session::Auto(c) => c.execute(&s, p)?,
-        })
-    }
-
-    /// Tell every node (sent at commit; dropped with a rollback).
-    fn notify(&mut self, note: &Note) -> Result<(), StoreError> {
-        let payload = note.payload();
-        self.exec("SELECT pg_notify('delegate_manager', $1)", &[&payload])?;
-        Ok(())
-    }
-
-    fn commit(self) -> Result<(), StoreError> {
-        match self.tx {
-            Session::Tx(t) => Ok(t.commit()?),
-            Session::Auto(_) => Ok(()),
-        }
-    }
-}
-
-/// A few connections shared by the blocking threads: taken for one call, given back
-/// after it (a broken one is dropped and a new one opened on the next call).
-struct Pool {
-    config: postgres::Config,
-    tls: Tls,
-    url: String,
-    idle: Mutex<(Vec<Conn>, usize)>,
-    freed: Condvar,
-}
-
-struct Pooled<'a> {
-    pool: &'a Pool,
-    conn: Option<Conn>,
-}
-
-impl Deref for Pooled<'_> {
-    type Target = Conn;
-    fn deref(&self) -> &Conn {
-        // Only `Drop` takes it out.
-        self.conn
-            .as_ref()
-            .expect("a pooled connection until dropped")
-    }
-}
-
-impl DerefMut for Pooled<'_> {
-    fn deref_mut(&mut self) -> &mut Conn {
-        self.conn
-            .as_mut()
-            .expect("a pooled connection until dropped")
-    }
-}
-
-impl Drop for Pooled<'_> {
-    fn drop(&mut self) {
-        let Some(conn) = self.conn.take() else { return };
-        let mut idle = self.pool.lock();
-        if conn.client.is_closed() {
-            idle.1 -= 1;
-        } else {
-            idle.0.push(conn);
-        }
-        drop(idle);
-        self.pool.freed.notify_one();
-    }
-}
-
-impl Pool {
-    fn lock(&self) -> MutexGuard<'_, (Vec<Conn>, usize)> {
-        self.idle.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn connect(&self) -> Result<Conn, StoreError> {
-        let client =
-            connect(&self.config, &self.tls).map_err(|source| StoreError::PostgresConnect {
-                url: self.url.clone(),
-                source,
-            })?;
-        Ok(Conn {
-            client,
-            prepared: HashMap::new(),
-        })
-    }
-
-    fn get(&self) -> Result<Pooled<'_>, StoreError> {
-        let deadline = std::time::Instant::now() + POOL_WAIT;
-        let mut idle = self.lock();
-        loop {
-            if let Some(conn) = idle.0.pop() {
-                return Ok(Pooled {
-                    pool: self,
-                    conn: Some(conn),
-                });
-            }
-            if idle.1 < POOL_SIZE {
-                idle.1 += 1;
-                drop(idle);
-                return match self.connect() {
-                    Ok(conn) => Ok(Pooled {
-                        pool: self,
-                        conn: Some(conn),
-                    }),
-                    Err(e) => {
-                        self.lock().1 -= 1;
-                        Err(e)
-                    }
-                };
-            }
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            if left.is_zero() {
-                return Err(StoreError::Invalid(format!(
-                    "no free PostgreSQL connection to {} within {}s ({POOL_SIZE} in use)",
-                    self.url,
-                    POOL_WAIT.as_secs()
-                )));
-            }
-            idle = self
-                .freed
-                .wait_timeout(idle, left)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-        }
-    }
-}
-
-impl Drop for Pool {
-    fn drop(&mut self) {
-        // A sync client owns a small runtime, which must not be dropped on an async worker
-        // (the store may be dropped there): close them on a plain thread.
-        let conns = std::mem::take(&mut self.lock().0);
-        if !conns.is_empty() {
-            let _ = std::thread::Builder::new()
-                .name("pg-close".into())
-                .spawn(move || drop(conns));
-        }
-    }
-}
-
-/// The URL without its passwords, for messages and logs (also when it does not parse):
-/// the user-info's password and a `password=` query parameter (any case) become `***`.
-pub fn redact(url: &str) -> String {
-    let (base, query) = match url.split_once('?') {
-        Some((b, q)) => (b, Some(q)),
-        None => (url, None),
-    };
-    let mut out = match base.split_once("://") {
-        Some((scheme, rest)) => {
-            // The user-info ends at the last '@' before the path.
-            let authority_end = rest.find('/').unwrap_or(rest.len());
-            let (authority, path) = rest.split_at(authority_end);
-            match authority.rfind('@') {
-                Some(at) => {
-                    let (userinfo, host) = authority.split_at(at);
-                    match userinfo.split_once(':') {
-                        Some((user, _)) => format!("{scheme}://{user}:***{host}{path}"),
-                        None => base.to_string(),
-                    }
-                }
-                None => base.to_string(),
-            }
-        }
-        None => base.to_string(),
-    };
-    if let Some(q) = query {
-        let pairs: Vec<String> = q
-            .split('&')
-            .map(|pair| match pair.split_once('=') {
-                Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
-                _ => pair.to_string(),
-            })
-            .collect();
-        out.push('?');
-        out.push_str(&pairs.join("&"));
-    }
-    out
-}
-
-/// Hosts of `config` that a plain-text connection would reach over a network: anything
-/// but loopback addresses, `localhost` and Unix sockets.
-fn remote_hosts(config: &postgres::Config) -> Vec<String> {
-    use postgres::config::Host;
-    config
-        .get_hosts()
-        .iter()
-        .filter_map(|h| match h {
-            Host::Tcp(name) => {
-                let bare = name.trim_start_matches('[').trim_end_matches(']');
-                let local = bare.eq_ignore_ascii_case("localhost")
-                    || bare
-                        .parse::<std::net::IpAddr>()
-                        .is_ok_and(|ip| ip.is_loopback());
-                (!local).then(|| name.clone())
-            }
-            Host::Unix(_) => None,
-        })
-        .collect()
-}
-
-/// The warning for a plain-text connection to a host off this machine: the password
-/// and every task's secrets would cross the network readable (issue 17 item 8).
-fn plain_text_warning(config: &postgres::Config, tls: &Tls) -> Option<String> {
-    if matches!(tls, Tls::On(_)) {
-        return None;
-    }
-    let remote = remote_hosts(config);
-    if remote.is_empty() {
-        return None;
-    }
-    let mode = match config.get_ssl_mode() {
-        postgres::config::SslMode::Disable => "sslmode=disable",
-        _ => "no sslmode or sslmode=prefer (which does not try TLS here)",
-    };
-    Some(format!(
-        "the database connection to {} is plain text ({mode}): its password and every \
-         task's spec and secrets cross the network readable; add \
-         ?sslmode=verify-full&sslrootcert=/path/to/ca.pem to the URL",
-        remote.join(", ")
-    ))
-}
-
-/// How connections to the database are made.
-#[derive(Clone)]
-enum Tls {
-    /// `sslmode=disable` or `prefer`.
-    Off,
-    /// `sslmode=require`, `verify-ca` or `verify-full`: the certificate and the host name
-    /// are verified.
-    On(MakeRustlsConnect),
-}
-
-fn connect(config: &postgres::Config, tls: &Tls) -> Result<Client, postgres::Error> {
-    match tls {
-        Tls::Off => config.connect(NoTls),
-        Tls::On(t) => config.connect(t.clone()),
-    }
-}
-
-/// Parse and check a `postgres://` URL. libpq's `sslrootcert` and the `verify-ca` /
-/// `verify-full` modes, which the client library does not know, are taken out first.
-fn parse_config(url: &str) -> Result<(postgres::Config, Tls), StoreError> {
-    let shown = redact(url);
-    let err = |why: String| StoreError::PostgresUrl {
-        url: shown.clone(),
-        why,
-    };
-    let (base, query) = url.split_once('?').unwrap_or((url, ""));
-    let mut root_cert: Option<String> = None;
-    let mut kept: Vec<(String, String)> = Vec::new();
-    for (k, v) in url::form_urlencoded::parse(query.as_bytes()) {
-        match (k.as_ref(), v.as_ref()) {
-            ("sslrootcert", path) => root_cert = Some(path.to_string()),
-            // Verified either way (see the module doc).
-            ("sslmode", "verify-ca" | "verify-full") => {
-                kept.push(("sslmode".into(), "require".into()));
-            }
-            _ => kept.push((k.into_owned(), v.into_owned())),
-        }
-    }
-    let rest = url::form_urlencoded::Serializer::new(String::new())
-        .extend_pairs(&kept)
-        .finish();
-    let url = if rest.is_empty() {
-        base.to_string()
-    } else {
-        format!("{base}?{rest}")
-    };
-    let mut config: postgres::Config = url
-        .parse()
-        .map_err(|e: postgres::Error| err(format!("not a PostgreSQL connection URL ({e})")))?;
-    if config.get_hosts().is_empty() {
-        return Err(err("it names no host".to_string()));
-    }
-    if config.get_user().is_none() {
-        return Err(err("it names no user".to_string()));
-    }
-    if config.get_dbname().is_none() {
-        return Err(err("it names no database".to_string()));
-    }
-    let tls = match config.get_ssl_mode() {
-        postgres::config::SslMode::Require => Tls::On(tls_connector(root_cert.as_deref(), &err)?),
-        mode => {
-            if let Some(path) = root_cert {
-                return Err(err(format!(
-                    "sslrootcert={path} is set, but sslmode={mode:?} talks plain here; use                      sslmode=verify-full to talk TLS and verify the server with it",
-                    mode = format!("{mode:?}").to_lowercase()
-                )));
-            }
-            Tls::Off
-        }
-    };
-    config.application_name("delegate-manager");
-    config.connect_timeout(Duration::from_secs(10));
-    Ok((config, tls))
-}
-
-/// rustls on aws-lc-rs, trusting `root_cert` (PEM) or else the system's roots.
-fn tls_connector(
-    root_cert: Option<&str>,
-    err: &dyn Fn(String) -> StoreError,
-) -> Result<MakeRustlsConnect, StoreError> {
-    use rustls::pki_types::CertificateDer;
-    use rustls::pki_types::pem::PemObject;
-    let mut roots = rustls::RootCertStore::empty();
-    match root_cert {
-        Some(path) => {
-            let certs = CertificateDer::pem_file_iter(path)
-                .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-                .map_err(|e| {
-                    err(format!(
-                        "sslrootcert={path}: cannot read PEM certificates ({e})"
-                    ))
-                })?;
-            let (added, _) = roots.add_parsable_certificates(certs);
-            if added == 0 {
-                return Err(err(format!(
-                    "sslrootcert={path} holds no CA certificate; point it at the PEM file of                      the CA that signed the server's certificate"
-                )));
-            }
-        }
-        None => {
-            let found = rustls_native_certs::load_native_certs();
-            roots.add_parsable_certificates(found.certs);
-            if roots.is_empty() {
-                return Err(err(
-                    "sslmode asks for TLS, but the system has no CA certificates to verify the                      server with (install ca-certificates, or add sslrootcert=/path/to/ca.pem)"
-                        .to_string(),
-                ));
-            }
-        }
-    }
-    let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| err(format!("cannot set up TLS ({e})")))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok(MakeRustlsConnect::new(config))
-}
-
-// ---- the store -----------------------------------------------------------------------
 
 /// Whose clock the store's times come from.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -772,13 +319,7 @@ impl PgStore {
         if let Some(w) = plain_text_warning(&config, &tls) {
             warn!("{w}");
         }
-        let pool = Pool {
-            config,
-            tls,
-            url: redact(url),
-            idle: Mutex::new((Vec::new(), 0)),
-            freed: Condvar::new(),
-        };
+        let pool = Pool::new(config, tls, redact(url));
         {
             let mut conn = pool.get()?;
             migrate(&mut conn.client, &pool.url)?;
@@ -822,61 +363,12 @@ impl PgStore {
         &self,
         on_note: impl Fn(&Note) + Send + 'static,
     ) -> Result<std::thread::JoinHandle<()>, StoreError> {
-        let config = self.pool.config.clone();
-        let tls = self.pool.tls.clone();
-        let url = self.pool.url.clone();
-        let connect = move || -> Result<Client, StoreError> {
-            let mut c = connect(&config, &tls).map_err(|source| StoreError::PostgresConnect {
-                url: url.clone(),
-                source,
-            })?;
-            c.batch_execute(&format!("LISTEN {CHANNEL}"))?;
-            Ok(c)
-        };
-        let first = connect()?;
-        let handle = std::thread::Builder::new()
-            .name("pg-listen".into())
-            .spawn(move || {
-                let mut client = Some(first);
-                let mut backoff = Duration::from_millis(100);
-                loop {
-                    let Some(c) = client.as_mut() else {
-                        std::thread::sleep(backoff);
-                        match connect() {
-                            Ok(c) => {
-                                info!("listening for other manager nodes again");
-                                client = Some(c);
-                                backoff = Duration::from_millis(100);
-                                on_note(&Note::Revoked);
-                            }
-                            Err(e) => {
-                                warn!("{}", crate::error::chain(&e));
-                                backoff = (backoff * 2).min(Duration::from_secs(5));
-                            }
-                        }
-                        continue;
-                    };
-                    let mut notes = c.notifications();
-                    let mut it = notes.blocking_iter();
-                    match it.next() {
-                        Ok(Some(n)) => match serde_json::from_str::<Note>(n.payload()) {
-                            Ok(note) => on_note(&note),
-                            Err(e) => warn!(payload = n.payload(), "unknown note ({e})"),
-                        },
-                        Ok(None) | Err(_) => {
-                            warn!(
-                                "lost the LISTEN connection to PostgreSQL; wake-ups from \
-                                 other nodes wait until it is back"
-                            );
-                            drop(it);
-                            drop(notes);
-                            client = None;
-                        }
-                    }
-                }
-            })
-            .map_err(|e| StoreError::Invalid(format!("cannot start the LISTEN thread: {e}")))?;
-        Ok(handle)
+        notify::listen(
+            self.pool.config.clone(),
+            self.pool.tls.clone(),
+            self.pool.url.clone(),
+            on_note,
+        )
     }
 
     /// Forget what a [`Note`] says is stale.
@@ -889,12 +381,22 @@ impl PgStore {
             Note::Queued { .. } | Note::Changed => {}
         }
     }
+}
 
-    pub fn metrics(&self) -> &Metrics {
+impl Backend for PgStore {
+    fn as_postgres(&self) -> Option<&PgStore> {
+        Some(self)
+    }
+
+    fn set_max_log_bytes(&mut self, bytes: u64) {
+        self.max_log_bytes = bytes;
+    }
+
+    fn metrics(&self) -> &Metrics {
         &self.metrics
     }
 
-    pub fn snapshot(&self, now: UnixMillis) -> Result<Snapshot, StoreError> {
+    fn snapshot(&self, now: UnixMillis) -> Result<Snapshot, StoreError> {
         self.metrics.snapshot_computed();
         let mut conn = self.pool.get()?;
         let now = self.now(&mut conn, now)?;
@@ -932,15 +434,15 @@ impl PgStore {
 
     /// Nothing: on PostgreSQL every queued task reaches the hubs of all nodes (this one
     /// included) as a [`Note::Queued`].
-    pub fn take_fresh(&self) -> Vec<Fresh> {
+    fn take_fresh(&self) -> Vec<Fresh> {
         Vec::new()
     }
 
-    pub fn cached_delegate_tags(&self, id: &str) -> Option<Selectors> {
+    fn cached_delegate_tags(&self, id: &str) -> Option<Selectors> {
         lock(&self.tags).get(id).cloned()
     }
 
-    pub fn delegate_tags(&self, id: &str) -> Result<Option<Selectors>, StoreError> {
+    fn delegate_tags(&self, id: &str) -> Result<Option<Selectors>, StoreError> {
         if let Some(t) = lock(&self.tags).get(id) {
             return Ok(Some(t.clone()));
         }
@@ -958,11 +460,11 @@ impl PgStore {
         }))
     }
 
-    pub fn lease_ttl_ms(&self) -> i64 {
+    fn lease_ttl_ms(&self) -> i64 {
         self.lease_ttl_ms
     }
 
-    pub fn admin_hash(&self) -> Result<Option<String>, StoreError> {
+    fn admin_hash(&self) -> Result<Option<String>, StoreError> {
         let mut conn = self.pool.get()?;
         let mut tx = conn.auto()?;
         let v = tx
@@ -973,7 +475,7 @@ impl PgStore {
         Ok(v)
     }
 
-    pub fn set_admin_hash(&self, hash: &str) -> Result<(), StoreError> {
+    fn set_admin_hash(&self, hash: &str) -> Result<(), StoreError> {
         let mut conn = self.pool.get()?;
         let mut tx = conn.tx()?;
         tx.exec(
@@ -986,7 +488,7 @@ impl PgStore {
 
     /// Store `hash` as the admin token's unless one is stored already; the hash stored
     /// afterwards. Two nodes starting at once both try, and both learn the one winner.
-    pub fn claim_admin_hash(&self, hash: &str) -> Result<String, StoreError> {
+    fn claim_admin_hash(&self, hash: &str) -> Result<String, StoreError> {
         let mut conn = self.pool.get()?;
         let mut tx = conn.tx()?;
         tx.exec(
@@ -1002,27 +504,14 @@ impl PgStore {
         Ok(v)
     }
 
-    pub fn create_token(
+    fn create_token(
         &self,
         name: &str,
         hash: &str,
         tags: Option<&[String]>,
         now: UnixMillis,
     ) -> Result<(), StoreError> {
-        if name.trim().is_empty() {
-            return Err(StoreError::Invalid(
-                "token name is empty; give one, e.g. --name build-hosts".to_string(),
-            ));
-        }
-        if let Some(bad) = tags
-            .unwrap_or_default()
-            .iter()
-            .find(|t| t.is_empty() || t.contains(|c: char| c == ',' || c.is_whitespace()))
-        {
-            return Err(StoreError::Invalid(format!(
-                "token tags: {bad:?} is not a tag; give non-empty tags without spaces or commas"
-            )));
-        }
+        rules::check_token(name, tags)?;
         let tags = tags.map(to_json);
         let mut conn = self.pool.get()?;
         let now = self.now(&mut conn, now)?;
@@ -1038,7 +527,7 @@ impl PgStore {
         tx.commit()
     }
 
-    pub fn list_tokens(&self) -> Result<Vec<TokenView>, StoreError> {
+    fn list_tokens(&self) -> Result<Vec<TokenView>, StoreError> {
         let mut conn = self.pool.get()?;
         let mut tx = conn.auto()?;
         let rows = tx.query(
@@ -1060,7 +549,7 @@ impl PgStore {
             .collect()
     }
 
-    pub fn revoke_token(&self, name: &str, now: UnixMillis) -> Result<TokenView, StoreError> {
+    fn revoke_token(&self, name: &str, now: UnixMillis) -> Result<TokenView, StoreError> {
         let mut conn = self.pool.get()?;
         let now = self.now(&mut conn, now)?;
         let mut tx = conn.tx()?;
@@ -1105,7 +594,7 @@ impl PgStore {
         Ok(view)
     }
 
-    pub fn forget_delegate(
+    fn forget_delegate(
         &self,
         name: &str,
         hostname: Option<&str>,
@@ -1137,7 +626,7 @@ impl PgStore {
         })
     }
 
-    pub fn token_name(&self, hash: &str) -> Result<Option<String>, StoreError> {
+    fn token_name(&self, hash: &str) -> Result<Option<String>, StoreError> {
         if let Some(name) = lock(&self.tokens).get(hash) {
             return Ok(Some(name.clone()));
         }
@@ -1157,21 +646,17 @@ impl PgStore {
         Ok(name)
     }
 
-    pub fn cached_token_name(&self, hash: &str) -> Option<String> {
+    fn cached_token_name(&self, hash: &str) -> Option<String> {
         lock(&self.tokens).get(hash).cloned()
     }
 
-    pub fn register(
+    fn register(
         &self,
         token_name: &str,
         req: &RegisterRequest,
         now: UnixMillis,
     ) -> Result<String, StoreError> {
-        if req.name.trim().is_empty() || req.hostname.trim().is_empty() {
-            return Err(StoreError::Invalid(
-                "register: name and hostname must not be empty".to_string(),
-            ));
-        }
+        rules::check_register(req)?;
         let targets = to_json(&req.targets);
         let capacity = i64::from(req.capacity);
         let mut conn = self.pool.get()?;
@@ -1229,7 +714,7 @@ impl PgStore {
     /// Record a heartbeat: renew the leases of the listed tasks this delegate holds, and
     /// say which to cancel and which it no longer holds. One statement (its own
     /// transaction): a heartbeat a second per delegate is the fleet's steady load.
-    pub fn heartbeat(
+    fn heartbeat(
         &self,
         token_name: &str,
         delegate_id: &str,
@@ -1331,9 +816,10 @@ impl PgStore {
 
     /// Lease up to `max` queued tasks this delegate's tags satisfy, oldest first (`prefer`
     /// first of all), skipping rows another node is leasing right now, and collect
-    /// cancellations not yet delivered. Three statements in one transaction: who asks
-    /// (token live, delegate its own, `last_seen`, cancellations), then the lease.
-    pub fn acquire(
+    /// cancellations not yet delivered. One transaction: who asks (token live, delegate
+    /// its own, `last_seen`, cancellations), then the candidates locked, then the leases
+    /// the life cycle decided for them, written in one statement.
+    fn acquire(
         &self,
         token_name: &str,
         delegate_id: &str,
@@ -1352,20 +838,23 @@ impl PgStore {
                 AND NOT cancel_delivered RETURNING id) \
             SELECT me.tags, me.state, ARRAY(SELECT id FROM c) FROM me";
         // The handed task first, then the oldest others; the second part locks only as
-        // many rows as are still wanted, so no row is held that will not be leased.
-        const LEASE: &str = "WITH p AS ( \
-                SELECT id, created_at, seq FROM tasks \
-                WHERE id = $3 AND state = 'queued' AND selectors <@ $2 \
+        // many rows as are still wanted, so no row is held that will not be leased. The
+        // rows stay locked until the commit: what `rules::lease` decides for each is what
+        // is written.
+        const CANDIDATES: &str = "WITH p AS ( \
+                SELECT id FROM tasks \
+                WHERE id = $2 AND state = 'queued' AND selectors <@ $1 \
                 FOR UPDATE SKIP LOCKED), \
             o AS ( \
-                SELECT id, created_at, seq FROM tasks \
-                WHERE state = 'queued' AND selectors <@ $2 AND id <> $3 \
+                SELECT id FROM tasks \
+                WHERE state = 'queued' AND selectors <@ $1 AND id <> $2 \
                 ORDER BY created_at, seq \
-                LIMIT GREATEST($4 - (SELECT COUNT(*) FROM p), 0) FOR UPDATE SKIP LOCKED) \
-            UPDATE tasks t SET state = 'assigned', delegate_id = $1, assigned_at = $5, \
-                lease_expires = $6, cancel_delivered = false \
-            FROM (SELECT id FROM p UNION ALL SELECT id FROM o) AS x WHERE t.id = x.id \
-            RETURNING t.id, t.kind, t.spec, t.attempt, t.timeout_secs, t.created_at, t.seq";
+                LIMIT GREATEST($3 - (SELECT COUNT(*) FROM p), 0) FOR UPDATE SKIP LOCKED) \
+            SELECT t.id, t.kind, t.spec, t.attempt, t.timeout_secs, t.created_at, t.state, \
+                t.retries, t.cancel_requested \
+            FROM tasks t JOIN (SELECT id FROM p UNION ALL SELECT id FROM o) AS x \
+                ON t.id = x.id \
+            ORDER BY t.id <> $2, t.created_at, t.seq";
         let mut conn = self.pool.get()?;
         let now = self.now(&mut conn, now)?;
         let mut tx = conn.tx()?;
@@ -1381,38 +870,53 @@ impl PgStore {
         };
         let max = if draining { 0 } else { i64::from(max) };
         if max > 0 {
-            let lease = now + self.lease_ttl_ms;
             let prefer = prefer.unwrap_or("");
-            let mut rows = tx.query(LEASE, &[&delegate_id, &tags, &prefer, &max, &now, &lease])?;
-            // The handed task first, then oldest first (RETURNING keeps no order).
-            let key = |r: &Row| -> (bool, i64, i64) {
-                let id: &str = r.try_get(0).unwrap_or("");
-                (
-                    id != prefer,
-                    r.try_get(5).unwrap_or(i64::MAX),
-                    r.try_get(6).unwrap_or(i64::MAX),
-                )
-            };
-            rows.sort_by_key(key);
+            let rows = tx.query(CANDIDATES, &[&tags, &prefer, &max])?;
+            let mut leased: Vec<String> = Vec::with_capacity(rows.len());
             for r in &rows {
+                let id: String = r.try_get(0)?;
+                let task = Task {
+                    state: state_of(r.try_get(6)?)?,
+                    attempt: u32_of(r.try_get(3)?),
+                    retries: u32_of(r.try_get(7)?),
+                    cancel_requested: r.try_get(8)?,
+                };
+                match rules::lease(task) {
+                    Ok(Change::Assign) => {}
+                    // Not leasable (the SQL above picks queued rows only): left as it is.
+                    Err(_) => continue,
+                    Ok(other) => {
+                        return Err(StoreError::Invalid(format!(
+                            "task {id}: a lease was decided as {other:?}"
+                        )));
+                    }
+                }
                 let created: i64 = r.try_get(5)?;
                 let kind: String = r.try_get(1)?;
                 self.metrics
                     .picked_up(&kind, (now - created).max(0) as f64 / 1000.0);
                 resp.tasks.push(Assignment {
-                    task_id: r.try_get(0)?,
+                    task_id: id.clone(),
                     kind,
                     spec: json_of("task spec", r.try_get(2)?)?,
-                    attempt: u32_of(r.try_get(3)?),
+                    attempt: task.attempt,
                     timeout_secs: u64_of(r.try_get(4)?),
                 });
+                leased.push(id);
+            }
+            if !leased.is_empty() {
+                let lease = Lease {
+                    delegate_id,
+                    expires: now + self.lease_ttl_ms,
+                };
+                persist_leases(&mut tx, &leased, lease, now)?;
             }
         }
         tx.commit()?;
         Ok(resp)
     }
 
-    pub fn delegate_draining(&self, delegate_id: &str) -> Result<bool, StoreError> {
+    fn delegate_draining(&self, delegate_id: &str) -> Result<bool, StoreError> {
         let mut conn = self.pool.get()?;
         let mut tx = conn.auto()?;
         let state: Option<String> = tx
@@ -1423,7 +927,7 @@ impl PgStore {
         Ok(state.as_deref().is_some_and(is_draining))
     }
 
-    pub fn list_delegates(&self, now: UnixMillis) -> Result<Vec<DelegateView>, StoreError> {
+    fn list_delegates(&self, now: UnixMillis) -> Result<Vec<DelegateView>, StoreError> {
         let mut conn = self.pool.get()?;
         let now = self.now(&mut conn, now)?;
         let mut tx = conn.auto()?;
@@ -1457,7 +961,7 @@ impl PgStore {
             .collect()
     }
 
-    pub fn submit(
+    fn submit(
         &self,
         id: &str,
         task: &SubmitTask,
@@ -1497,7 +1001,7 @@ impl PgStore {
         Ok(())
     }
 
-    pub fn task(&self, id: &str) -> Result<TaskView, StoreError> {
+    fn task(&self, id: &str) -> Result<TaskView, StoreError> {
         let mut conn = self.pool.get()?;
         let mut tx = conn.auto()?;
         let v = load_view(&mut tx, id)?;
@@ -1505,7 +1009,7 @@ impl PgStore {
         Ok(v)
     }
 
-    pub fn list_tasks(
+    fn list_tasks(
         &self,
         state: Option<TaskState>,
         limit: u32,
@@ -1531,7 +1035,7 @@ impl PgStore {
         rows.iter().map(task_view).collect()
     }
 
-    pub fn started(
+    fn started(
         &self,
         token_name: &str,
         id: &str,
@@ -1562,7 +1066,7 @@ impl PgStore {
         held.check(id, attempt, token_name)?;
         let change =
             lifecycle::transition(held.task(), Event::Start).map_err(|e| stale(id, attempt, e))?;
-        persist(&mut tx, id, change, None, None, now)?;
+        persist(&mut tx, id, change, Write::default(), now)?;
         let v = load_view(&mut tx, id)?;
         tx.commit()?;
         Ok(v)
@@ -1571,7 +1075,7 @@ impl PgStore {
     /// As on SQLite: bytes already stored are skipped (a resend after a node died stores
     /// nothing twice), a chunk past the end is a gap, the cap cuts with a marker. The row
     /// lock makes two nodes receiving the same resend at once store it once.
-    pub fn append_log(
+    fn append_log(
         &self,
         token_name: &str,
         id: &str,
@@ -1636,7 +1140,7 @@ impl PgStore {
         Ok(end)
     }
 
-    pub fn prune(&self, before: UnixMillis) -> Result<Pruned, StoreError> {
+    fn prune(&self, before: UnixMillis) -> Result<Pruned, StoreError> {
         let mut conn = self.pool.get()?;
         let mut tx = conn.tx()?;
         let old: Vec<(String, i64)> = tx
@@ -1661,7 +1165,7 @@ impl PgStore {
 
     /// Up to `max` bytes of the current attempt's log from byte `offset`: only the chunks
     /// that overlap the page are read, so memory stays one page whatever the log's size.
-    pub fn read_log(&self, id: &str, offset: u64, max: usize) -> Result<LogSlice, StoreError> {
+    fn read_log(&self, id: &str, offset: u64, max: usize) -> Result<LogSlice, StoreError> {
         let mut conn = self.pool.get()?;
         let mut tx = conn.auto()?;
         let row = tx
@@ -1701,7 +1205,7 @@ impl PgStore {
         })
     }
 
-    pub fn finish(
+    fn finish(
         &self,
         token_name: &str,
         id: &str,
@@ -1759,7 +1263,12 @@ impl PgStore {
             } => (change, message, effect),
         };
         let result = (effect == Finish::Done).then_some(result);
-        persist(&mut tx, id, change, message.as_deref(), result, now)?;
+        let write = Write {
+            message: message.as_deref(),
+            result,
+            lease: None,
+        };
+        persist(&mut tx, id, change, write, now)?;
         let view = load_view(&mut tx, id)?;
         tx.notify(&Note::Changed)?;
         tx.commit()?;
@@ -1767,20 +1276,14 @@ impl PgStore {
         Ok((view, effect))
     }
 
-    pub fn cancel(&self, id: &str, now: UnixMillis) -> Result<(TaskView, Cancel), StoreError> {
+    fn cancel(&self, id: &str, now: UnixMillis) -> Result<(TaskView, Cancel), StoreError> {
         let mut conn = self.pool.get()?;
         let now = self.now(&mut conn, now)?;
         let mut tx = conn.tx()?;
         let held = load_held(&mut tx, id)?;
         let (change, effect) = cancel_change(&held, id)?;
-        persist(
-            &mut tx,
-            id,
-            change,
-            Some("cancelled by user before a delegate took it"),
-            None,
-            now,
-        )?;
+        let write = Write::message("cancelled by user before a delegate took it");
+        persist(&mut tx, id, change, write, now)?;
         let view = load_view(&mut tx, id)?;
         if let (Cancel::Requested, Some(holder)) = (effect, &view.delegate_id) {
             // The holder's long poll may wait on another node.
@@ -1794,7 +1297,7 @@ impl PgStore {
     /// End or re-queue every held task whose lease expired before `now`. Rows another
     /// node's reaper (or a late heartbeat) holds are skipped, and a row re-queued by
     /// another node meanwhile no longer matches: one lapsed lease is handled once.
-    pub fn reap(&self, now: UnixMillis) -> Result<Reaped, StoreError> {
+    fn reap(&self, now: UnixMillis) -> Result<Reaped, StoreError> {
         let mut conn = self.pool.get()?;
         let now = self.now(&mut conn, now)?;
         let mut tx = conn.tx()?;
@@ -1829,7 +1332,7 @@ impl PgStore {
 
     /// A step of this node's wall clock moves nothing when leases run on the database's
     /// clock, which did not step (and the leases are every node's, not this one's).
-    pub fn shift_leases(&self, by_ms: i64, set_before: UnixMillis) -> Result<usize, StoreError> {
+    fn shift_leases(&self, by_ms: i64, set_before: UnixMillis) -> Result<usize, StoreError> {
         if self.clock == PgClock::Database {
             return Ok(0);
         }
@@ -1848,7 +1351,7 @@ impl PgStore {
     /// while the one manager was down). With several nodes the others were up: only a
     /// lease that already lapsed is extended, and only when no node has reaped it yet —
     /// the same as a start after a whole-cluster outage.
-    pub fn extend_leases(&self, now: UnixMillis) -> Result<usize, StoreError> {
+    fn extend_leases(&self, now: UnixMillis) -> Result<usize, StoreError> {
         let mut conn = self.pool.get()?;
         let now = self.now(&mut conn, now)?;
         let mut tx = conn.tx()?;
@@ -1972,7 +1475,7 @@ fn holder_gone(
     reaped: &mut Reaped,
 ) -> Result<(), StoreError> {
     let (change, message) = holder_gone_change(id, task, cause, reaped)?;
-    persist(tx, id, change, Some(&message), None, now)
+    persist(tx, id, change, Write::message(&message), now)
 }
 
 /// Write what [`lifecycle::transition`] decided (see the SQLite `persist`); a re-queue
@@ -1981,16 +1484,17 @@ fn persist(
     tx: &mut Tx<'_>,
     id: &str,
     change: Change,
-    message: Option<&str>,
-    result: Option<&TaskResult>,
+    write: Write<'_>,
     now: UnixMillis,
 ) -> Result<(), StoreError> {
+    let Write {
+        message, result, ..
+    } = write;
     match change {
         Change::Keep => {}
         Change::Assign => {
-            return Err(StoreError::Invalid(format!(
-                "task {id}: a lease is written by acquire"
-            )));
+            let lease = write.lease_for(id)?;
+            persist_leases(tx, &[id.to_string()], lease, now)?;
         }
         Change::Run => {
             tx.exec(
@@ -2042,6 +1546,22 @@ fn persist(
     Ok(())
 }
 
+/// [`Change::Assign`] for every task in `ids` at once (each decided by `rules::lease`):
+/// one statement for a delegate's whole batch.
+fn persist_leases(
+    tx: &mut Tx<'_>,
+    ids: &[String],
+    lease: Lease<'_>,
+    now: UnixMillis,
+) -> Result<(), StoreError> {
+    tx.exec(
+        "UPDATE tasks SET state = 'assigned', delegate_id = $2, assigned_at = $3, \
+         lease_expires = $4, cancel_delivered = false WHERE id = ANY($1)",
+        &[&ids, &lease.delegate_id, &now, &lease.expires],
+    )?;
+    Ok(())
+}
+
 /// Create `schema_version` if needed and apply the migrations not applied yet, all in one
 /// transaction under an advisory lock: a second node starting at the same moment waits,
 /// then finds the schema current.
@@ -2068,113 +1588,4 @@ fn migrate(client: &mut Client, url: &str) -> Result<(), StoreError> {
     }
     tx.commit()?;
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Issue 17 item 8: `?password=` was shown in full wherever the URL was.
-    #[test]
-    fn redact_hides_every_password_in_a_url() {
-        for (url, shown) in [
-            (
-                "postgres://u:pw@db:5432/x?password=pw2&sslmode=disable",
-                "postgres://u:***@db:5432/x?password=***&sslmode=disable",
-            ),
-            (
-                "postgres://u@db/x?PASSWORD=pw",
-                "postgres://u@db/x?PASSWORD=***",
-            ),
-            ("postgres://u:p@ss@db/x", "postgres://u:***@db/x"),
-            ("postgres://u@db/x", "postgres://u@db/x"),
-            ("not a url?password=pw", "not a url?password=***"),
-        ] {
-            assert_eq!(redact(url), shown, "{url}");
-        }
-    }
-
-    /// Issue 17 item 8: plain text to another host was silent.
-    #[test]
-    fn plain_text_to_another_host_is_warned_about_and_loopback_is_not() {
-        let warning = |u: &str| {
-            let (config, tls) = parse_config(u).expect("parses");
-            plain_text_warning(&config, &tls)
-        };
-        for remote in [
-            "postgres://u@db.internal/x",
-            "postgres://u@10.0.0.5/x?sslmode=prefer",
-            "postgres://u@db.internal/x?sslmode=disable",
-        ] {
-            let w = warning(remote).unwrap_or_else(|| panic!("no warning for {remote}"));
-            assert!(
-                w.contains("plain text") && w.contains("sslmode=verify-full"),
-                "{w}"
-            );
-        }
-        for local in [
-            "postgres://u@127.0.0.1/x",
-            "postgres://u@localhost/x?sslmode=disable",
-            "postgres://u@[::1]:5432/x",
-            "postgres://u@%2Fvar%2Frun%2Fpostgresql/x",
-        ] {
-            assert_eq!(warning(local), None, "{local}");
-        }
-    }
-
-    #[test]
-    fn urls_that_cannot_work_are_refused_before_connecting() {
-        let msg = |u: &str| match parse_config(u) {
-            Err(e) => e.to_string(),
-            Ok(_) => panic!("{u} accepted"),
-        };
-        assert!(
-            msg("postgres://").contains("no host"),
-            "{}",
-            msg("postgres://")
-        );
-        let m = msg("postgres://u:secret@h/db?sslmode=verify-full&sslrootcert=/nonexistent/ca.pem");
-        assert!(
-            m.contains("/nonexistent/ca.pem") && !m.contains("secret"),
-            "{m}"
-        );
-        assert!(m.contains("postgres://USER"), "{m}");
-        let m = msg("postgres://u@h/db?sslrootcert=/etc/ca.pem");
-        assert!(m.contains("sslmode=verify-full"), "{m}");
-        let dir = tempfile::tempdir().expect("tempdir");
-        let not_pem = dir.path().join("ca.pem");
-        std::fs::write(&not_pem, "not a certificate\n").expect("write");
-        let m = msg(&format!(
-            "postgres://u@h/db?sslmode=require&sslrootcert={}",
-            not_pem.display()
-        ));
-        assert!(m.contains("holds no CA certificate"), "{m}");
-        assert!(msg("postgres://u@h").contains("no database"));
-        assert!(parse_config("postgres://u@127.0.0.1:5432/db").is_ok());
-        assert!(parse_config("postgres://u@127.0.0.1:5432/db?sslmode=disable").is_ok());
-    }
-
-    #[test]
-    fn passwords_never_reach_messages() {
-        assert_eq!(redact("postgres://u:pw@h:5/db"), "postgres://u:***@h:5/db");
-        assert_eq!(redact("postgres://u:pw@h:x/db"), "postgres://u:***@h:x/db");
-        assert_eq!(redact("postgres://u@h/db"), "postgres://u@h/db");
-    }
-
-    #[test]
-    fn notes_round_trip_and_oversized_ones_wake_everyone() {
-        let q = Note::Queued {
-            task: "t_1".into(),
-            selectors: vec!["gpu".into()],
-        };
-        assert_eq!(serde_json::from_str::<Note>(&q.payload()).ok(), Some(q));
-        let big = Note::Queued {
-            task: "t_1".into(),
-            selectors: vec!["x".repeat(8000)],
-        };
-        assert_eq!(
-            serde_json::from_str::<Note>(&big.payload()).ok(),
-            Some(Note::Revoked)
-        );
-    }
 }
