@@ -1,10 +1,11 @@
 //! What the upgrader remembers between runs, in `<root>/state.json`.
 //!
 //! The replay check needs the last manifest seen, the skip list needs to outlive a
-//! rollback, and a run killed half-way needs to know what it was doing. Changes are made
-//! in memory and committed with [`State::write`], which is atomic (temp file in the same
-//! directory, fsync, rename, fsync of the directory) so a crash leaves the old or the new
-//! state, never half of one.
+//! rollback, and a run killed half-way needs to know what it was doing. Every change is
+//! a [`Change`] made in memory by [`State::change`] (the phase through the one table,
+//! [`transition`]) and committed with [`State::write`], which is atomic (temp file in the
+//! same directory, fsync, rename, fsync of the directory) so a crash leaves the old or the
+//! new state, never half of one.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -120,6 +121,28 @@ impl Event {
     }
 }
 
+/// Every change the state file can undergo. The upgrader makes each one through its
+/// `advance`, which applies it and writes the file before the step it announces.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// The upgrade's phase moves (through [`transition`]).
+    Phase(Event),
+    /// A newer manifest was accepted on `channel` (the replay watermark).
+    Seen { channel: String, seen: Seen },
+    /// Never install `version` again (until unskipped).
+    Skip(String),
+    /// Allow `version` again.
+    Unskip(String),
+    /// What the last `run`, `install` or `rollback` ended with.
+    Checked(Check),
+}
+
+impl From<Event> for Change {
+    fn from(e: Event) -> Change {
+        Change::Phase(e)
+    }
+}
+
 /// An event that is not allowed in the phase the state file records.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
@@ -201,7 +224,26 @@ impl State {
         write_atomic(&State::path(root), &bytes)
     }
 
+    /// Make `change` in memory; the caller [`State::write`]s.
+    pub fn change(&mut self, change: Change) -> Result<(), TransitionError> {
+        match change {
+            Change::Phase(e) => self.apply(e)?,
+            Change::Seen { channel, seen } => {
+                self.last_seen.insert(channel, seen);
+            }
+            Change::Skip(v) => self.skip(&v),
+            Change::Unskip(v) => {
+                self.unskip(&v);
+            }
+            Change::Checked(c) => self.last_check = Some(c),
+        }
+        Ok(())
+    }
+
     /// Move the upgrade in progress through [`transition`]; the caller [`State::write`]s.
+    /// Going back (a failed health gate, a rollback by hand) puts the abandoned version
+    /// on the skip list in the same change, so no state file records the rollback without
+    /// the skip (nor the skip without the rollback).
     pub fn apply(&mut self, event: Event) -> Result<(), TransitionError> {
         let next = transition(self.in_progress.as_ref().map(|p| &p.phase), &event)?;
         self.in_progress = match (next, self.in_progress.take(), event) {
@@ -235,6 +277,14 @@ impl State {
                 });
             }
         };
+        if let Some(InProgress {
+            phase: Phase::RollingBack(r),
+            ..
+        }) = &self.in_progress
+        {
+            let abandoned = r.abandoned.clone();
+            self.skip(&abandoned);
+        }
         Ok(())
     }
 
