@@ -464,6 +464,57 @@ mod tests {
     }
 
     #[test]
+    fn going_back_skips_the_abandoned_version_in_the_same_change() {
+        let mut s = State::default();
+        s.change(drain().into()).expect("drain");
+        s.change(Event::Swap.into()).expect("swap");
+        assert!(s.skip.is_empty());
+        s.change(Change::Phase(Event::Unhealthy(rollback(false))))
+            .expect("unhealthy");
+        assert_eq!(s.skip, vec!["0.2.0".to_string()]);
+        let mut by_hand = State::default();
+        by_hand
+            .change(Change::Phase(Event::ManualRollback {
+                from: "0.2.0".into(),
+                rollback: rollback(true),
+            }))
+            .expect("manual");
+        assert_eq!(by_hand.skip, vec!["0.2.0".to_string()]);
+        // A refused move changes nothing, the skip list included.
+        let before = by_hand.clone();
+        assert!(by_hand.change(Change::Phase(Event::Swap)).is_err());
+        assert_eq!(by_hand, before);
+    }
+
+    #[test]
+    fn the_other_changes_touch_only_their_field() {
+        let mut s = State::default();
+        let seen = Seen {
+            version: "0.2.0".into(),
+            published_at: 7,
+        };
+        s.change(Change::Seen {
+            channel: "stable".into(),
+            seen: seen.clone(),
+        })
+        .expect("seen");
+        s.change(Change::Skip("0.3.0".into())).expect("skip");
+        s.change(Change::Skip("0.3.0".into())).expect("skip twice");
+        let check = Check {
+            at: 1,
+            outcome: "installed".into(),
+            message: "m".into(),
+        };
+        s.change(Change::Checked(check.clone())).expect("checked");
+        assert_eq!(s.last_seen.get("stable"), Some(&seen));
+        assert_eq!(s.skip, vec!["0.3.0".to_string()]);
+        assert_eq!(s.last_check, Some(check));
+        assert!(s.in_progress.is_none());
+        s.change(Change::Unskip("0.3.0".into())).expect("unskip");
+        assert!(s.skip.is_empty());
+    }
+
+    #[test]
     fn a_corrupt_state_file_is_an_error_not_a_reset() {
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::write(State::path(dir.path()), b"{").expect("write");
