@@ -699,3 +699,48 @@ fn skip_and_unskip_by_hand() {
     assert!(!set_skipped(&cfg, V2, false).expect("unskip again"));
     assert!(State::load(dir.path()).expect("load").skip.is_empty());
 }
+
+/// Whatever a row left, the next `run` with the fault gone finishes or undoes it: nothing
+/// under way, and the agent runs the version `current` points at, healthy.
+#[tokio::test]
+async fn after_every_row_the_next_run_without_the_fault_converges() {
+    let mut failed = Vec::new();
+    for row in ROWS {
+        let w = world(row.start, row.fail);
+        let _ = match row.cmd {
+            Cmd::Run => w.up.run().await,
+            Cmd::Rollback => w.up.rollback().await,
+        };
+        {
+            let mut h = host(&w.host);
+            h.unhealthy.clear();
+            h.restart_fails_onto = None;
+            h.drain_refused = false;
+            h.download_fails = false;
+        }
+        let previous = std::fs::symlink_metadata(w.root.join("previous"));
+        if previous.is_ok_and(|m| m.is_dir()) {
+            std::fs::remove_dir(w.root.join("previous")).expect("rm previous dir");
+        }
+        let result = w.up.run().await;
+        let state = State::load(&w.root).expect("state after the second run");
+        let current = w.up.layout.current();
+        let running = host(&w.host).running.clone();
+        let healthy = w.up.bus.health().await;
+        let converged = state.in_progress.is_none()
+            && current.is_some()
+            && current == running
+            && healthy.is_some_and(|h| h.state == DelegateState::Running);
+        if !converged {
+            failed.push(format!(
+                "{:?} {:?} × {:?}: phase {:?}, current {current:?}, running {running:?}, \
+                 result {result:?}",
+                row.cmd,
+                row.start,
+                row.fail,
+                state.in_progress.as_ref().map(phase_of)
+            ));
+        }
+    }
+    assert!(failed.is_empty(), "{}", failed.join("\n"));
+}
