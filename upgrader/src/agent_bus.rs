@@ -1,6 +1,8 @@
 //! The upgrader's view of the agent over D-Bus: ask it to drain, and read the properties
 //! the health gate judges (`Version`, `State`, `Connected`).
 //!
+//! [`AgentBus`] is the seam: the upgrade steps talk to the agent only through it, so unit
+//! tests steer the agent with a fake while integration tests run the real [`SystemBus`].
 //! The proxy is `delegate_host::agent1`, the one declaration the agent's CLI uses too, so
 //! the upgrader does not link the whole agent and the two cannot drift apart.
 
@@ -27,12 +29,38 @@ pub struct Health {
     pub connected: bool,
 }
 
-pub struct AgentBus {
-    conn: zbus::Connection,
+/// What the upgrade steps ask of the running agent.
+#[allow(async_fn_in_trait)]
+pub trait AgentBus {
+    /// The agent's properties, or `None` when it is not on the bus (yet), or the bus is
+    /// not reachable.
+    async fn health(&self) -> Option<Health>;
+    /// `Drain()` (or, for [`UpgradeMode::Handover`], `Handover()`) and wait at most
+    /// `limit` until `drained`. `NotOnBus`/`TimedOut`: the caller decides (the restart's
+    /// SIGTERM drains too).
+    async fn drain(&self, limit: Duration, mode: UpgradeMode) -> Result<DrainResult, UpgradeError>;
+    /// Undo a drain (a run interrupted before the swap left the agent drained); `false`
+    /// when the agent is not on the bus.
+    async fn resume(&self) -> Result<bool, UpgradeError>;
 }
 
-impl AgentBus {
-    pub async fn connect() -> Result<AgentBus, UpgradeError> {
+/// The system bus, connected on first use. A failed connection is not kept: the next
+/// call tries again (the health gate polls until the restarted agent is there).
+#[derive(Default)]
+pub struct SystemBus {
+    conn: tokio::sync::Mutex<Option<zbus::Connection>>,
+}
+
+impl SystemBus {
+    pub fn new() -> SystemBus {
+        SystemBus::default()
+    }
+
+    async fn connection(&self) -> Result<zbus::Connection, UpgradeError> {
+        let mut slot = self.conn.lock().await;
+        if let Some(c) = slot.as_ref() {
+            return Ok(c.clone());
+        }
         let conn = tokio::time::timeout(Duration::from_secs(10), zbus::Connection::system())
             .await
             .map_err(|_| UpgradeError::Bus {
@@ -40,11 +68,13 @@ impl AgentBus {
                 source: None,
             })?
             .map_err(|e| bus("cannot connect", e))?;
-        Ok(AgentBus { conn })
+        *slot = Some(conn.clone());
+        Ok(conn)
     }
 
     async fn proxy(&self) -> Result<Option<Agent1Proxy<'static>>, UpgradeError> {
-        let dbus = zbus::fdo::DBusProxy::new(&self.conn)
+        let conn = self.connection().await?;
+        let dbus = zbus::fdo::DBusProxy::new(&conn)
             .await
             .map_err(|e| bus("cannot ask for the agent's name", e))?;
         let name = zbus::names::BusName::try_from(BUS_NAME)
@@ -52,16 +82,17 @@ impl AgentBus {
         if !dbus.name_has_owner(name).await.unwrap_or(false) {
             return Ok(None);
         }
-        let p = Agent1Proxy::builder(&self.conn)
+        let p = Agent1Proxy::builder(&conn)
             .cache_properties(zbus::proxy::CacheProperties::No)
             .build()
             .await
             .map_err(|e| bus("cannot ask for the agent's name", e))?;
         Ok(Some(p))
     }
+}
 
-    /// The agent's properties, or `None` when it is not on the bus (yet).
-    pub async fn health(&self) -> Option<Health> {
+impl AgentBus for SystemBus {
+    async fn health(&self) -> Option<Health> {
         let p = self.proxy().await.ok()??;
         Some(Health {
             version: p.version().await.ok()?,
@@ -70,14 +101,8 @@ impl AgentBus {
         })
     }
 
-    /// `Drain()` (or, for [`UpgradeMode::Handover`], `Handover()`) and wait until
-    /// `drained`. An agent too old to know `Handover()` is drained instead.
-    /// `NotOnBus`/`TimedOut`: the caller decides (the restart's SIGTERM drains too).
-    pub async fn drain(
-        &self,
-        limit: Duration,
-        mode: UpgradeMode,
-    ) -> Result<DrainResult, UpgradeError> {
+    /// An agent too old to know `Handover()` is drained instead.
+    async fn drain(&self, limit: Duration, mode: UpgradeMode) -> Result<DrainResult, UpgradeError> {
         let Some(p) = self.proxy().await? else {
             return Ok(DrainResult::NotOnBus);
         };
@@ -115,8 +140,7 @@ impl AgentBus {
         }
     }
 
-    /// Undo a drain (a run interrupted before the swap left the agent drained).
-    pub async fn resume(&self) -> Result<bool, UpgradeError> {
+    async fn resume(&self) -> Result<bool, UpgradeError> {
         let Some(p) = self.proxy().await? else {
             return Ok(false);
         };
@@ -125,6 +149,7 @@ impl AgentBus {
     }
 }
 
+/// How a drain ended; step 4 says which in its journal line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DrainResult {
     Drained,

@@ -347,8 +347,8 @@ pub fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> UpgradeErr
 mod tests {
     use super::*;
 
-    /// Issue 8 item 7: "create directory X: Permission denied: create directory X:
-    /// Permission denied" — a variant's message must not repeat its source.
+    /// Errors once read "create directory X: Permission denied: create directory X:
+    /// Permission denied": a variant's message must not repeat its source.
     #[test]
     fn a_cause_is_said_once() {
         let e = io("/var/lib/x")(std::io::Error::from(std::io::ErrorKind::PermissionDenied));

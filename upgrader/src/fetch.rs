@@ -1,6 +1,9 @@
 //! Release transport: fetch the channel manifest, its signature and artifacts from a
 //! static release directory over `http(s)://` (reqwest, rustls) or `file://`.
 //!
+//! [`Transport`] is the seam the upgrade steps fetch through (unit tests serve releases
+//! from memory); [`Fetcher`] is the real one, used in production and integration tests.
+//!
 //! Every read is bounded by what the signed manifest allows, so a hostile mirror cannot
 //! fill the disk; a body that ends early is told apart from one of the wrong size
 //! ([`UpgradeError::Truncated`] is retried later, [`UpgradeError::SizeMismatch`] refused).
@@ -14,6 +17,17 @@ use sha2::{Digest, Sha256};
 use tokio::io::AsyncReadExt;
 
 use crate::error::{NetworkError, UpgradeError};
+
+/// Where releases come from.
+#[allow(async_fn_in_trait)]
+pub trait Transport {
+    /// A small document (manifest, signature), at most `max` bytes.
+    async fn get_small(&self, url: &str, max: u64) -> Result<Vec<u8>, UpgradeError>;
+    /// Download into memory, bounded by the signed `size`, and check size and SHA-256
+    /// against the signed manifest. The returned bytes are the ones that were checked:
+    /// the caller unpacks exactly them, never a path that could change in between.
+    async fn download(&self, url: &str, size: u64, sha256: &str) -> Result<Vec<u8>, UpgradeError>;
+}
 
 pub struct Fetcher {
     http: reqwest::Client,
@@ -45,8 +59,35 @@ impl Fetcher {
         Ok(Fetcher { http })
     }
 
-    /// A small document (manifest, signature), at most `max` bytes.
-    pub async fn get_small(&self, url: &str, max: u64) -> Result<Vec<u8>, UpgradeError> {
+    async fn get(&self, url: &str) -> Result<reqwest::Response, UpgradeError> {
+        let resp = self
+            .http
+            .get(url)
+            .send()
+            .await
+            .map_err(|e| network(url, NetworkError::Request(e)))?;
+        let status = resp.status();
+        // A 4xx is the server saying the request is wrong (a mistyped channel → 404):
+        // the next run would get the same answer. 408 and 429 are the exceptions that
+        // say "later".
+        if status.is_client_error()
+            && status != reqwest::StatusCode::REQUEST_TIMEOUT
+            && status != reqwest::StatusCode::TOO_MANY_REQUESTS
+        {
+            return Err(UpgradeError::Rejected {
+                url: url.to_string(),
+                status: status.as_u16(),
+            });
+        }
+        if !status.is_success() {
+            return Err(network(url, NetworkError::Status(status)));
+        }
+        Ok(resp)
+    }
+}
+
+impl Transport for Fetcher {
+    async fn get_small(&self, url: &str, max: u64) -> Result<Vec<u8>, UpgradeError> {
         if let Some(p) = file_path(url) {
             let f = tokio::fs::File::open(&p)
                 .await
@@ -74,41 +115,7 @@ impl Fetcher {
         Ok(body)
     }
 
-    async fn get(&self, url: &str) -> Result<reqwest::Response, UpgradeError> {
-        let resp = self
-            .http
-            .get(url)
-            .send()
-            .await
-            .map_err(|e| network(url, NetworkError::Request(e)))?;
-        let status = resp.status();
-        // A 4xx is the server saying the request is wrong (a mistyped channel → 404):
-        // the next run would get the same answer. 408 and 429 are the exceptions that
-        // say "later".
-        if status.is_client_error()
-            && status != reqwest::StatusCode::REQUEST_TIMEOUT
-            && status != reqwest::StatusCode::TOO_MANY_REQUESTS
-        {
-            return Err(UpgradeError::Rejected {
-                url: url.to_string(),
-                status: status.as_u16(),
-            });
-        }
-        if !status.is_success() {
-            return Err(network(url, NetworkError::Status(status)));
-        }
-        Ok(resp)
-    }
-
-    /// Download into memory, bounded by the signed `size`, and check size and SHA-256
-    /// against the signed manifest. The returned bytes are the ones that were checked:
-    /// the caller unpacks exactly them, never a path that could change in between.
-    pub async fn download(
-        &self,
-        url: &str,
-        size: u64,
-        sha256: &str,
-    ) -> Result<Vec<u8>, UpgradeError> {
+    async fn download(&self, url: &str, size: u64, sha256: &str) -> Result<Vec<u8>, UpgradeError> {
         let too_big = |actual: u64| UpgradeError::SizeMismatch {
             url: url.to_string(),
             expected: size,

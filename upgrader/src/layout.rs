@@ -571,8 +571,8 @@ mod tests {
         assert_eq!(std::fs::read_dir(l.versions()).expect("ls").count(), 0);
     }
 
-    /// Issue 8 item 9: the old polling loop never read the pipes while waiting, so a
-    /// binary that wrote more than a pipe holds before exiting hung until the time limit.
+    /// A version check that polled for the exit without reading the pipes hung until the
+    /// time limit when the binary wrote more than a pipe holds before exiting.
     #[tokio::test]
     async fn a_version_check_that_writes_more_than_a_pipe_holds_still_passes() {
         let dir = tempfile::tempdir().expect("tempdir");

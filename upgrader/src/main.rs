@@ -10,8 +10,7 @@ use delegate_protocol::release::Version;
 use delegate_upgrader::UpgradeError;
 use delegate_upgrader::config::{Config, DEFAULT_CONFIG_PATH, ServiceKind};
 use delegate_upgrader::service::{ServiceManager, Supervisor, Systemd};
-use delegate_upgrader::state::State;
-use delegate_upgrader::upgrade::{Outcome, Upgrader, status_text};
+use delegate_upgrader::upgrade::{Outcome, Upgrader, set_skipped, status_text};
 
 #[derive(Parser)]
 #[command(
@@ -113,16 +112,12 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                     url: "skip (command line)".into(),
                     source,
                 })?;
-            let mut s = State::load(&cfg.root)?;
-            s.skip(&version);
-            s.write(&cfg.root)?;
+            set_skipped(&cfg, &version, true)?;
             println!("{version} is on the skip list");
             Ok(ExitCode::SUCCESS)
         }
         Command::Unskip { version } => {
-            let mut s = State::load(&cfg.root)?;
-            let removed = s.unskip(&version);
-            s.write(&cfg.root)?;
+            let removed = set_skipped(&cfg, &version, false)?;
             println!(
                 "{version} {}",
                 if removed {

@@ -1,10 +1,11 @@
 //! What the upgrader remembers between runs, in `<root>/state.json`.
 //!
 //! The replay check needs the last manifest seen, the skip list needs to outlive a
-//! rollback, and a run killed half-way needs to know what it was doing. Changes are made
-//! in memory and committed with [`State::write`], which is atomic (temp file in the same
-//! directory, fsync, rename, fsync of the directory) so a crash leaves the old or the new
-//! state, never half of one.
+//! rollback, and a run killed half-way needs to know what it was doing. Every change is
+//! a [`Change`] made in memory by [`State::change`] (the phase through the one table,
+//! [`transition`]) and committed with [`State::write`], which is atomic (temp file in the
+//! same directory, fsync, rename, fsync of the directory) so a crash leaves the old or the
+//! new state, never half of one.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -120,6 +121,28 @@ impl Event {
     }
 }
 
+/// Every change the state file can undergo. The upgrader makes each one through its
+/// `advance`, which applies it and writes the file before the step it announces.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// The upgrade's phase moves (through [`transition`]).
+    Phase(Event),
+    /// A newer manifest was accepted on `channel` (the replay watermark).
+    Seen { channel: String, seen: Seen },
+    /// Never install `version` again (until unskipped).
+    Skip(String),
+    /// Allow `version` again.
+    Unskip(String),
+    /// What the last `run`, `install` or `rollback` ended with.
+    Checked(Check),
+}
+
+impl From<Event> for Change {
+    fn from(e: Event) -> Change {
+        Change::Phase(e)
+    }
+}
+
 /// An event that is not allowed in the phase the state file records.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
@@ -201,7 +224,26 @@ impl State {
         write_atomic(&State::path(root), &bytes)
     }
 
+    /// Make `change` in memory; the caller [`State::write`]s.
+    pub fn change(&mut self, change: Change) -> Result<(), TransitionError> {
+        match change {
+            Change::Phase(e) => self.apply(e)?,
+            Change::Seen { channel, seen } => {
+                self.last_seen.insert(channel, seen);
+            }
+            Change::Skip(v) => self.skip(&v),
+            Change::Unskip(v) => {
+                self.unskip(&v);
+            }
+            Change::Checked(c) => self.last_check = Some(c),
+        }
+        Ok(())
+    }
+
     /// Move the upgrade in progress through [`transition`]; the caller [`State::write`]s.
+    /// Going back (a failed health gate, a rollback by hand) puts the abandoned version
+    /// on the skip list in the same change, so no state file records the rollback without
+    /// the skip (nor the skip without the rollback).
     pub fn apply(&mut self, event: Event) -> Result<(), TransitionError> {
         let next = transition(self.in_progress.as_ref().map(|p| &p.phase), &event)?;
         self.in_progress = match (next, self.in_progress.take(), event) {
@@ -235,6 +277,14 @@ impl State {
                 });
             }
         };
+        if let Some(InProgress {
+            phase: Phase::RollingBack(r),
+            ..
+        }) = &self.in_progress
+        {
+            let abandoned = r.abandoned.clone();
+            self.skip(&abandoned);
+        }
         Ok(())
     }
 
@@ -411,6 +461,57 @@ mod tests {
         assert!(back.apply(Event::Swap).is_err());
         back.apply(Event::RolledBack).expect("rolled back");
         assert!(back.in_progress.is_none());
+    }
+
+    #[test]
+    fn going_back_skips_the_abandoned_version_in_the_same_change() {
+        let mut s = State::default();
+        s.change(drain().into()).expect("drain");
+        s.change(Event::Swap.into()).expect("swap");
+        assert!(s.skip.is_empty());
+        s.change(Change::Phase(Event::Unhealthy(rollback(false))))
+            .expect("unhealthy");
+        assert_eq!(s.skip, vec!["0.2.0".to_string()]);
+        let mut by_hand = State::default();
+        by_hand
+            .change(Change::Phase(Event::ManualRollback {
+                from: "0.2.0".into(),
+                rollback: rollback(true),
+            }))
+            .expect("manual");
+        assert_eq!(by_hand.skip, vec!["0.2.0".to_string()]);
+        // A refused move changes nothing, the skip list included.
+        let before = by_hand.clone();
+        assert!(by_hand.change(Change::Phase(Event::Swap)).is_err());
+        assert_eq!(by_hand, before);
+    }
+
+    #[test]
+    fn the_other_changes_touch_only_their_field() {
+        let mut s = State::default();
+        let seen = Seen {
+            version: "0.2.0".into(),
+            published_at: 7,
+        };
+        s.change(Change::Seen {
+            channel: "stable".into(),
+            seen: seen.clone(),
+        })
+        .expect("seen");
+        s.change(Change::Skip("0.3.0".into())).expect("skip");
+        s.change(Change::Skip("0.3.0".into())).expect("skip twice");
+        let check = Check {
+            at: 1,
+            outcome: "installed".into(),
+            message: "m".into(),
+        };
+        s.change(Change::Checked(check.clone())).expect("checked");
+        assert_eq!(s.last_seen.get("stable"), Some(&seen));
+        assert_eq!(s.skip, vec!["0.3.0".to_string()]);
+        assert_eq!(s.last_check, Some(check));
+        assert!(s.in_progress.is_none());
+        s.change(Change::Unskip("0.3.0".into())).expect("unskip");
+        assert!(s.skip.is_empty());
     }
 
     #[test]

@@ -1,10 +1,13 @@
-//! `delegate-upgrader run`: the seven steps of DESIGN.md's upgrade flow, one function per
-//! step, plus `check` (steps 2 and the decision, changing nothing), `install` (an offline
-//! archive through steps 3–7), `rollback` and `status`.
+//! `delegate-upgrader run`: the seven steps of the upgrade flow in `docs/design.md`, one
+//! function per step, plus `check` (steps 2 and the decision, changing nothing), `install`
+//! (an offline archive through steps 3–7), `rollback` and `status`.
 //!
 //! Each step logs one line with `UPGRADE_FROM`, `UPGRADE_TO` and `UPGRADE_STEP` fields.
 //! The state file records what is under way from the drain until the health gate passed,
-//! so a run killed at any point is finished or undone by the next one ([`Upgrader::recover`]).
+//! so a run killed at any point is finished or undone by the next one ([`Upgrader::recover`]);
+//! every change to it goes through [`advance`]. The outside world is behind three seams
+//! ([`ServiceManager`], [`AgentBus`], [`Transport`]), so the steps are unit-tested against
+//! fakes (`upgrade/tests.rs`) as well as end to end with real processes.
 
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -17,15 +20,15 @@ use delegate_protocol::release::{
 use sha2::{Digest, Sha256};
 use tracing::{info, warn};
 
-use crate::agent_bus::{AgentBus, DrainResult};
+use crate::agent_bus::{AgentBus, DrainResult, Health, SystemBus};
 use crate::config::Config;
 use crate::error::{UpgradeError, chain, io};
 use crate::fault;
-use crate::fetch::Fetcher;
+use crate::fetch::{Fetcher, Transport};
 use crate::layout::{Layout, Reuse, check_version};
 use crate::lock::Lock;
 use crate::service::{Instance, ServiceManager};
-use crate::state::{Check, Event, Phase, Rollback, Seen, State};
+use crate::state::{Change, Check, Event, Phase, Rollback, Seen, State};
 use crate::trust::TrustedKeys;
 
 /// Largest signature file read.
@@ -143,21 +146,75 @@ fn step(n: u8, from: &Option<String>, to: &str, msg: &str) {
     );
 }
 
-pub struct Upgrader<S> {
+/// Why the health gate failed. The caller matches it (roll back); its text is what the
+/// journal, the error and the state file's rollback reason say.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GateFailure {
+    /// The service manager could not say which process runs.
+    Service(String),
+    /// The unit restarted on its own while the gate watched it (a crash loop).
+    RestartedByItself { first: Instance, now: Instance },
+    /// Not healthy within `limit`; `last` is what the agent said last, `None` when it
+    /// never appeared on the bus.
+    TimedOut {
+        limit: Duration,
+        last: Option<Health>,
+    },
+}
+
+impl std::fmt::Display for GateFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            GateFailure::Service(e) => f.write_str(e),
+            GateFailure::RestartedByItself { first, now } => write!(
+                f,
+                "the service restarted by itself (pid {} → {}, restarts {} → {})",
+                first.pid, now.pid, first.restarts, now.restarts
+            ),
+            GateFailure::TimedOut { limit, last: None } => write!(
+                f,
+                "not healthy within {limit:?}: the agent never appeared on the bus"
+            ),
+            GateFailure::TimedOut {
+                limit,
+                last: Some(h),
+            } => write!(
+                f,
+                "not healthy within {limit:?}: agent reports version {}, state {}, connected {}",
+                h.version, h.state, h.connected
+            ),
+        }
+    }
+}
+
+/// The upgrade steps over a service manager `S`, the agent's bus `B` and a release
+/// transport `T`: in production systemd (or the test supervisor), [`SystemBus`] and
+/// [`Fetcher`]; in unit tests, fakes.
+pub struct Upgrader<S, B = SystemBus, T = Fetcher> {
     pub cfg: Config,
     pub layout: Layout,
     pub service: S,
-    fetcher: Fetcher,
+    bus: B,
+    transport: T,
 }
 
 impl<S: ServiceManager> Upgrader<S> {
+    /// The real agent bus and release transport.
     pub fn new(cfg: Config, service: S) -> Result<Upgrader<S>, UpgradeError> {
-        Ok(Upgrader {
+        let transport = Fetcher::new()?;
+        Ok(Upgrader::with(cfg, service, SystemBus::new(), transport))
+    }
+}
+
+impl<S: ServiceManager, B: AgentBus, T: Transport> Upgrader<S, B, T> {
+    pub fn with(cfg: Config, service: S, bus: B, transport: T) -> Upgrader<S, B, T> {
+        Upgrader {
             layout: Layout::new(&cfg.root),
-            fetcher: Fetcher::new()?,
             cfg,
             service,
-        })
+            bus,
+            transport,
+        }
     }
 
     /// How long a second upgrader waits for the first.
@@ -175,8 +232,7 @@ impl<S: ServiceManager> Upgrader<S> {
         let _lock = self.lock()?;
         let mut state = State::load(&self.cfg.root)?;
         let result = self.run_locked(&mut state).await;
-        record(&mut state, &result);
-        state.write(&self.cfg.root)?;
+        self.advance(&mut state, checked(&result))?;
         result
     }
 
@@ -237,11 +293,9 @@ impl<S: ServiceManager> Upgrader<S> {
         Ok(Outcome::Installed { from, to })
     }
 
-    /// Apply `event` to the state machine (one table: [`crate::state::transition`]) and
-    /// persist the result before the step it announces changes anything.
-    fn advance(&self, state: &mut State, event: Event) -> Result<(), UpgradeError> {
-        state.apply(event)?;
-        state.write(&self.cfg.root)
+    /// See [`advance`].
+    fn advance(&self, state: &mut State, change: impl Into<Change>) -> Result<(), UpgradeError> {
+        advance(&self.cfg.root, state, change)
     }
 
     /// A run killed (or failed) with an upgrade under way left its phase in the state
@@ -261,9 +315,7 @@ impl<S: ServiceManager> Upgrader<S> {
         match p.phase {
             Phase::Drained => {
                 // Not swapped: the old version still runs, maybe drained.
-                if let Ok(b) = AgentBus::connect().await
-                    && let Ok(true) = b.resume().await
-                {
+                if let Ok(true) = self.bus.resume().await {
                     info!("resumed the agent left drained by the interrupted run");
                 }
                 self.advance(state, Event::Abandon)?;
@@ -302,10 +354,7 @@ impl<S: ServiceManager> Upgrader<S> {
 
     /// The version the agent reports on the bus, if it is there.
     async fn running_version(&self) -> Option<String> {
-        match AgentBus::connect().await {
-            Ok(b) => b.health().await.map(|h| h.version),
-            Err(_) => None,
-        }
+        self.bus.health().await.map(|h| h.version)
     }
 
     /// `previous → from` (when there is one), then `current → to`; each link is one
@@ -328,8 +377,9 @@ impl<S: ServiceManager> Upgrader<S> {
         recovering: bool,
     ) -> Result<(), UpgradeError> {
         let from = Some(r.abandoned.clone());
-        state.skip(&r.abandoned);
-        state.write(&self.cfg.root)?;
+        // Already on the list since the rollback was recorded, unless an operator
+        // unskipped it meanwhile: a version rolled back from stays skipped.
+        self.advance(state, Change::Skip(r.abandoned.clone()))?;
         self.layout.set_link("current", Some(&r.back_to))?;
         self.layout.set_link("previous", r.previous.as_deref())?;
         fault::point("rollback-after-links");
@@ -358,9 +408,9 @@ impl<S: ServiceManager> Upgrader<S> {
             );
             self.healthy(&r.back_to)
                 .await
-                .map_err(|reason| UpgradeError::RollbackFailed {
+                .map_err(|failure| UpgradeError::RollbackFailed {
                     previous: r.back_to.clone(),
-                    reason,
+                    reason: failure.to_string(),
                 })?;
         }
         step(
@@ -385,10 +435,10 @@ impl<S: ServiceManager> Upgrader<S> {
     ) -> Result<Result<Release, Outcome>, UpgradeError> {
         let keys = TrustedKeys::load(&self.cfg.keys_dir)?;
         let url = self.cfg.manifest_url();
-        let bytes = self.fetcher.get_small(&url, MAX_MANIFEST_BYTES).await?;
+        let bytes = self.transport.get_small(&url, MAX_MANIFEST_BYTES).await?;
         let sig_url = format!("{url}.minisig");
         let sig = self
-            .fetcher
+            .transport
             .get_small(&sig_url, MAX_SIGNATURE_BYTES)
             .await?;
         let sig = String::from_utf8_lossy(&sig);
@@ -403,24 +453,28 @@ impl<S: ServiceManager> Upgrader<S> {
             .last_seen
             .get(&self.cfg.channel)
             .map(|s| s.published_at);
+        // A copy: the watermark below changes `state` while the decision still reads it.
+        let skip = state.skip.clone();
         let local = Local {
             channel: &self.cfg.channel,
             now: now(),
             last_seen_published_at: last,
             current: current.as_ref(),
             pinned: self.cfg.pinned_version.as_ref(),
-            skip: &state.skip,
+            skip: &skip,
         };
         manifest.check_fresh(&local).map_err(bad)?;
         if persist && last.is_none_or(|l| manifest.published_at > l) {
-            state.last_seen.insert(
-                self.cfg.channel.clone(),
-                Seen {
-                    version: manifest.version.clone(),
-                    published_at: manifest.published_at,
+            self.advance(
+                state,
+                Change::Seen {
+                    channel: self.cfg.channel.clone(),
+                    seen: Seen {
+                        version: manifest.version.clone(),
+                        published_at: manifest.published_at,
+                    },
                 },
-            );
-            state.write(&self.cfg.root)?;
+            )?;
         }
         let decision = match manifest.decide(&local) {
             Err(ManifestError::Skipped(v)) => return Ok(Err(Outcome::Skipped(v))),
@@ -459,7 +513,7 @@ impl<S: ServiceManager> Upgrader<S> {
             return Ok(());
         }
         self.check_disk(&to, r.size)?;
-        let bytes = self.fetcher.download(&r.url, r.size, &r.sha256).await?;
+        let bytes = self.transport.download(&r.url, r.size, &r.sha256).await?;
         self.unpack(&to, &r.url, &bytes).await?;
         step(
             3,
@@ -532,13 +586,19 @@ impl<S: ServiceManager> Upgrader<S> {
         Ok(())
     }
 
-    /// Step 4: ask the agent to drain and wait (bounded) until it is drained.
-    async fn step4_drain(&self, from: &Option<String>, to: &str) -> Result<(), UpgradeError> {
-        let bus = AgentBus::connect().await?;
-        let msg = match bus
+    /// Step 4: ask the agent to drain and wait (bounded) until it is drained. Every
+    /// result goes on to the swap (the restart's SIGTERM drains what is left); which one
+    /// it was is logged and returned.
+    async fn step4_drain(
+        &self,
+        from: &Option<String>,
+        to: &str,
+    ) -> Result<DrainResult, UpgradeError> {
+        let drained = self
+            .bus
             .drain(self.cfg.drain_timeout, self.cfg.upgrade_mode)
-            .await?
-        {
+            .await?;
+        let msg = match drained {
             DrainResult::Drained => "agent drained".to_string(),
             DrainResult::HandedOver => {
                 "agent handed over (running tasks stay for the new version to adopt)".to_string()
@@ -553,7 +613,7 @@ impl<S: ServiceManager> Upgrader<S> {
             ),
         };
         step(4, from, to, &msg);
-        Ok(())
+        Ok(drained)
     }
 
     /// Step 5: swap `current`/`previous` atomically, restart the service. The phase is
@@ -585,7 +645,7 @@ impl<S: ServiceManager> Upgrader<S> {
         from: &Option<String>,
         to: &str,
     ) -> Result<(), UpgradeError> {
-        let reason = match self.healthy(to).await {
+        let failure = match self.healthy(to).await {
             Ok(()) => {
                 self.advance(state, Event::Healthy)?;
                 step(
@@ -596,8 +656,9 @@ impl<S: ServiceManager> Upgrader<S> {
                 );
                 return Ok(());
             }
-            Err(reason) => reason,
+            Err(failure) => failure,
         };
+        let reason = failure.to_string();
         warn!(
             upgrade_step = 6,
             upgrade_from = from.as_deref().unwrap_or(""),
@@ -621,7 +682,7 @@ impl<S: ServiceManager> Upgrader<S> {
             reason: reason.clone(),
             manual: false,
         };
-        state.skip(to);
+        // Also puts `to` on the skip list, in the same write.
         self.advance(state, Event::Unhealthy(r.clone()))?;
         self.roll_back(state, &r, false).await?;
         self.step7_prune(from, to)?;
@@ -632,37 +693,27 @@ impl<S: ServiceManager> Upgrader<S> {
         })
     }
 
-    /// The gate itself; `Err` carries why, for the log and the error.
-    async fn healthy(&self, version: &str) -> Result<(), String> {
+    /// The gate itself: within the health timeout the agent reports `version`, running
+    /// and connected, and the service did not restart by itself meanwhile.
+    async fn healthy(&self, version: &str) -> Result<(), GateFailure> {
         let limit = self.cfg.health_timeout;
         let deadline = tokio::time::Instant::now() + limit;
-        let first: Instance = self.service.instance().await.map_err(|e| e.to_string())?;
-        let mut last = "the agent never appeared on the bus".to_string();
-        let mut bus = None;
+        let service = |e: UpgradeError| GateFailure::Service(e.to_string());
+        let first: Instance = self.service.instance().await.map_err(service)?;
+        let mut last = None;
         loop {
-            let now = self.service.instance().await.map_err(|e| e.to_string())?;
+            let now = self.service.instance().await.map_err(service)?;
             if now.restarts != first.restarts || now.pid != first.pid {
-                return Err(format!(
-                    "the service restarted by itself (pid {} → {}, restarts {} → {})",
-                    first.pid, now.pid, first.restarts, now.restarts
-                ));
+                return Err(GateFailure::RestartedByItself { first, now });
             }
-            if bus.is_none() {
-                bus = AgentBus::connect().await.ok();
-            }
-            if let Some(b) = &bus
-                && let Some(h) = b.health().await
-            {
+            if let Some(h) = self.bus.health().await {
                 if h.version == version && h.state == DelegateState::Running && h.connected {
                     return Ok(());
                 }
-                last = format!(
-                    "agent reports version {}, state {}, connected {}",
-                    h.version, h.state, h.connected
-                );
+                last = Some(h);
             }
             if tokio::time::Instant::now() >= deadline {
-                return Err(format!("not healthy within {limit:?}: {last}"));
+                return Err(GateFailure::TimedOut { limit, last });
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
@@ -705,8 +756,7 @@ impl<S: ServiceManager> Upgrader<S> {
         let _lock = self.lock()?;
         let mut state = State::load(&self.cfg.root)?;
         let result = self.install_locked(&mut state, archive, signature).await;
-        record(&mut state, &result);
-        state.write(&self.cfg.root)?;
+        self.advance(&mut state, checked(&result))?;
         result
     }
 
@@ -787,8 +837,7 @@ impl<S: ServiceManager> Upgrader<S> {
         let _lock = self.lock()?;
         let mut state = State::load(&self.cfg.root)?;
         let result = self.rollback_locked(&mut state).await;
-        record(&mut state, &result);
-        state.write(&self.cfg.root)?;
+        self.advance(&mut state, checked(&result))?;
         result
     }
 
@@ -814,7 +863,7 @@ impl<S: ServiceManager> Upgrader<S> {
             reason: "rolled back by hand".into(),
             manual: true,
         };
-        state.skip(&current);
+        // Also puts `current` on the skip list, in the same write.
         self.advance(
             state,
             Event::ManualRollback {
@@ -832,8 +881,35 @@ impl<S: ServiceManager> Upgrader<S> {
     }
 }
 
-fn record(state: &mut State, result: &Result<Outcome, UpgradeError>) {
-    state.last_check = Some(match result {
+/// Make `change` (the phase through the one table, [`crate::state::transition`]; the skip
+/// list; the replay watermark; the last check) and persist the result, before the step it
+/// announces changes anything. The only way the state file changes.
+pub fn advance(
+    root: &Path,
+    state: &mut State,
+    change: impl Into<Change>,
+) -> Result<(), UpgradeError> {
+    state.change(change.into())?;
+    state.write(root)
+}
+
+/// `skip VERSION` (`skipped`) or `unskip VERSION`: change the skip list by hand. Returns
+/// whether the list changed.
+pub fn set_skipped(cfg: &Config, version: &str, skipped: bool) -> Result<bool, UpgradeError> {
+    let mut state = State::load(&cfg.root)?;
+    let was = state.skip.iter().any(|v| v == version);
+    let change = if skipped {
+        Change::Skip(version.to_string())
+    } else {
+        Change::Unskip(version.to_string())
+    };
+    advance(&cfg.root, &mut state, change)?;
+    Ok(was != skipped)
+}
+
+/// The last check a run, install or rollback records: its outcome's code, or its error's.
+fn checked(result: &Result<Outcome, UpgradeError>) -> Change {
+    Change::Checked(match result {
         Ok(o) => Check {
             at: now(),
             outcome: o.code().to_string(),
@@ -844,7 +920,7 @@ fn record(state: &mut State, result: &Result<Outcome, UpgradeError>) {
             outcome: e.code().to_string(),
             message: chain(e),
         },
-    });
+    })
 }
 
 /// `status`: one screen for an operator.
@@ -910,3 +986,6 @@ pub fn status_text(cfg: &Config) -> Result<String, UpgradeError> {
     }
     Ok(s)
 }
+
+#[cfg(test)]
+mod tests;
