@@ -51,7 +51,7 @@ pub fn installed() -> Result<PathBuf, Missing> {
     crate::prereq::service("a Kubernetes control plane", || {
         let dir = kube_bin_dir().map_err(|e| {
             Missing::absent(
-                "the test control plane's binaries",
+                "the test control plane (kube-apiserver and friends)",
                 format!("{e:#} (or set DELEGATE_KUBE_DIR)"),
             )
         })?;

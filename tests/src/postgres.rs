@@ -64,7 +64,7 @@ pub fn installed() -> Result<PathBuf, Missing> {
     crate::prereq::service("PostgreSQL", || {
         bin_dir().map_err(|_| {
             Missing::absent(
-                "PostgreSQL's server binaries (/usr/lib/postgresql/<version>/bin/initdb)",
+                "PostgreSQL (its server binaries, /usr/lib/postgresql/<version>/bin/initdb)",
                 "apt-get install postgresql (.ci/run does)",
             )
         })
