@@ -18,7 +18,7 @@ pub const OBJECT_PATH: &str = "/dev/delegate/Agent1";
 pub trait Agent1 {
     fn drain(&self) -> zbus::Result<()>;
     fn resume(&self) -> zbus::Result<()>;
-    /// Since 0.2 (issue 11); an older agent answers `UnknownMethod`.
+    /// Since 0.2 (task units that outlive the agent); an older agent answers `UnknownMethod`.
     fn handover(&self) -> zbus::Result<()>;
     /// The agent's life-cycle state as its wire name; [`state`] parses it.
     #[zbus(property)]

@@ -2,8 +2,8 @@
 //! tests that must stop one, and the `docker` CLI to look at containers from outside.
 //!
 //! The tests need a real dockerd; `scripts/test` starts one (no bridge, no iptables) and
-//! passes its socket in `DELEGATE_TEST_DOCKER_SOCKET`. Without it the tests fail and say
-//! so, rather than pass without having checked anything.
+//! passes its socket in `DELEGATE_TEST_DOCKER_SOCKET`. Without it they follow the test
+//! kit's prerequisite policy ([`crate::prereq`]): skipped loudly, or failed in CI.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -14,19 +14,49 @@ use anyhow::{Context, Result, bail};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
+use crate::prereq::Missing;
 use crate::wait_for;
 
 /// The image `scripts/test` imports: a static busybox with links for sh, echo, sleep...
 pub const TEST_IMAGE: &str = "delegate-test/busybox:1";
 
-/// Socket of the test engine, or an error that says how to get one.
-pub fn test_socket() -> Result<PathBuf> {
-    match std::env::var_os("DELEGATE_TEST_DOCKER_SOCKET") {
-        Some(s) if !s.is_empty() => Ok(PathBuf::from(s)),
-        _ => bail!(
-            "DELEGATE_TEST_DOCKER_SOCKET is not set: the docker tests need a real dockerd; run them through scripts/test, which starts one and builds the test image (see README, \"Tests\")"
-        ),
-    }
+/// Socket of the test engine (`DELEGATE_TEST_DOCKER_SOCKET`), or what is missing: take it
+/// with [`require!`](crate::require). `scripts/test --fast` leaves the docker tests out.
+pub fn test_socket() -> Result<PathBuf, Missing> {
+    crate::prereq::service("a Docker engine", || {
+        match std::env::var_os("DELEGATE_TEST_DOCKER_SOCKET") {
+            Some(s) if !s.is_empty() => Ok(PathBuf::from(s)),
+            _ => Err(Missing::absent(
+                "a Docker engine (DELEGATE_TEST_DOCKER_SOCKET is not set)",
+                "install docker.io and busybox-static and run through scripts/test, which starts a dockerd and imports the test image; or set DELEGATE_TEST_DOCKER_SOCKET to an engine holding delegate-test/busybox:1 (docs/testing.md, \"Docker\")",
+            )),
+        }
+    })
+}
+
+/// Can a test start a [`PrivateEngine`] here: `dockerd` installed, run as root, a static
+/// busybox for the test image? `scripts/test --fast` leaves these tests out too.
+pub fn private_engines() -> Result<(), Missing> {
+    crate::prereq::service("a Docker engine", || {
+        let busybox = std::env::var_os("DELEGATE_TEST_BUSYBOX")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("/bin/busybox"));
+        if !crate::on_path("dockerd") {
+            Err(Missing::absent("`dockerd`", "apt-get install docker.io"))
+        } else if !nix::unistd::geteuid().is_root() {
+            Err(Missing::absent(
+                "root (a private dockerd needs it)",
+                "run the docker tests as root, as scripts/test in CI does",
+            ))
+        } else if !busybox.exists() {
+            Err(Missing::absent(
+                format!("a static busybox at {}", busybox.display()),
+                "apt-get install busybox-static (or set DELEGATE_TEST_BUSYBOX)",
+            ))
+        } else {
+            Ok(())
+        }
+    })
 }
 
 /// Lines for delegate.toml that point the agent at `socket`.

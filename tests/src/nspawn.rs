@@ -31,7 +31,8 @@ use anyhow::{Context, Result, bail};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
-use crate::wait_for;
+use crate::prereq::Missing;
+use crate::{on_path, wait_for};
 
 /// PATH inside the container.
 const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -44,41 +45,28 @@ pub fn workspace() -> PathBuf {
         .unwrap_or_default()
 }
 
-/// Can this machine boot containers? Tests skip loudly when it cannot (not root, or no
-/// `systemd-nspawn`/`debootstrap`: `apt-get install systemd-container debootstrap`) —
-/// unless `DELEGATE_E2E_REQUIRED=1` (CI sets it), where they fail instead.
-pub fn skip_without_nspawn(test: &str) -> bool {
-    match missing_for_e2e() {
-        None => false,
-        Some(why) => skip_or_fail(test, &why),
-    }
-}
-
-/// Skip loudly, or panic when `DELEGATE_E2E_REQUIRED=1` says the test must run.
-pub fn skip_or_fail(test: &str, why: &str) -> bool {
-    if std::env::var_os("DELEGATE_E2E_REQUIRED").is_some_and(|v| v == "1") {
-        panic!("{test} cannot run: {why} (DELEGATE_E2E_REQUIRED=1)");
-    }
-    eprintln!("\n!!!!! SKIPPED {test}: {why}; the booted-systemd tests did not run !!!!!\n");
-    true
-}
-
-fn missing_for_e2e() -> Option<String> {
-    let why = if !nix::unistd::geteuid().is_root() {
-        "not running as root"
-    } else if !tool_exists("systemd-nspawn") {
-        "systemd-nspawn is not installed (Debian package systemd-container)"
-    } else if !tool_exists("debootstrap") && std::env::var_os("DELEGATE_ROOTFS").is_none() {
-        "debootstrap is not installed"
+/// Can this machine boot containers: root, `systemd-nspawn` and `debootstrap` (or a
+/// rootfs in `DELEGATE_ROOTFS`)? Take it with [`require!`](crate::require): without them
+/// the booted-systemd tests skip loudly, or fail under `DELEGATE_E2E_REQUIRED=1` (CI).
+pub fn can_boot() -> Result<(), Missing> {
+    if !nix::unistd::geteuid().is_root() {
+        Err(Missing::absent(
+            "root (booting a container needs it)",
+            "run the systemd e2e tests as root",
+        ))
+    } else if !on_path("systemd-nspawn") {
+        Err(Missing::absent(
+            "`systemd-nspawn`",
+            "apt-get install systemd-container",
+        ))
+    } else if !on_path("debootstrap") && std::env::var_os("DELEGATE_ROOTFS").is_none() {
+        Err(Missing::absent(
+            "`debootstrap` (to build the rootfs)",
+            "apt-get install debootstrap, or set DELEGATE_ROOTFS to a Debian rootfs",
+        ))
     } else {
-        return None;
-    };
-    Some(why.to_string())
-}
-
-fn tool_exists(name: &str) -> bool {
-    std::env::var_os("PATH")
-        .is_some_and(|paths| std::env::split_paths(&paths).any(|d| d.join(name).is_file()))
+        Ok(())
+    }
 }
 
 /// The cached Debian rootfs (built by `scripts/rootfs` on first use; it takes a lock, so

@@ -17,6 +17,8 @@ use std::process::{Command, Output};
 use anyhow::{Context, Result, anyhow, bail};
 use tempfile::TempDir;
 
+use crate::prereq::Missing;
+
 /// Database and role the tests use.
 pub const DATABASE: &str = "delegate";
 pub const USER: &str = "delegate";
@@ -55,11 +57,34 @@ pub fn bin_dir() -> Result<PathBuf> {
     })
 }
 
+/// Are PostgreSQL's server binaries here? [`Missing`] says what to install; under
+/// `scripts/test --fast` the PostgreSQL tests are left out. Take it with
+/// [`require!`](crate::require).
+pub fn installed() -> Result<PathBuf, Missing> {
+    crate::prereq::service("PostgreSQL", || {
+        bin_dir().map_err(|_| {
+            Missing::absent(
+                "PostgreSQL (its server binaries, /usr/lib/postgresql/<version>/bin/initdb)",
+                "apt-get install postgresql (.ci/run does)",
+            )
+        })
+    })
+}
+
 fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 impl Postgres {
+    /// A server for one test: [`Missing`] when PostgreSQL is not installed (or left out by
+    /// `scripts/test --fast`), for [`require!`](crate::require); a server that is
+    /// installed but does not start fails the test.
+    pub fn for_test() -> Result<Postgres, Missing> {
+        installed()?;
+        Ok(Postgres::start()
+            .unwrap_or_else(|e| panic!("PostgreSQL is installed but did not start: {e:#}")))
+    }
+
     /// initdb, start on a free loopback port, create the test database. A port taken
     /// between picking and binding is retried with another.
     pub fn start() -> Result<Postgres> {
@@ -306,7 +331,7 @@ mod tests {
 
     #[test]
     fn a_test_postgres_answers_sql_on_loopback_and_is_gone_after_drop() {
-        let mut pg = Postgres::start().expect("PostgreSQL starts");
+        let mut pg = crate::require!(Postgres::for_test());
         let port = pg.port();
         assert!(
             pg.url().starts_with("postgres://delegate@127.0.0.1:"),

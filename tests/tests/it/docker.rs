@@ -4,19 +4,16 @@
 //! They need the engine `scripts/test` starts (`DELEGATE_TEST_DOCKER_SOCKET`); without it
 //! they fail with a message saying so.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use delegate_protocol::TaskState;
-use delegate_tests::docker::{PrivateEngine, TEST_IMAGE, agent_config, cli, task_containers};
-use delegate_tests::{Agent, AgentOptions, wait_for};
+use delegate_tests::docker::{
+    PrivateEngine, TEST_IMAGE, agent_config, cli, task_containers, test_socket,
+};
+use delegate_tests::{Agent, AgentOptions, require, wait_for};
 use serde_json::{Value, json};
 
 use crate::util::{LONG, World};
-
-fn socket() -> PathBuf {
-    delegate_tests::docker::test_socket().unwrap_or_else(|e| panic!("{e}"))
-}
 
 fn docker_agent(w: &World, name: &str, socket: &std::path::Path, extra: &str) -> Agent {
     let a = w.agent(AgentOptions {
@@ -71,7 +68,7 @@ const COUNT_TO_50_THEN_EXIT_3: &str =
 
 #[test]
 fn container_task_succeeds_with_its_output_as_the_log() {
-    let sock = socket();
+    let sock = require!(test_socket());
     let w = World::new();
     let _a = docker_agent(&w, "agent-1", &sock, "");
     let d = w.manager.delegates().expect("delegates");
@@ -97,7 +94,7 @@ fn container_task_succeeds_with_its_output_as_the_log() {
 
 #[test]
 fn non_zero_exit_fails_with_that_code_and_keep_leaves_the_container() {
-    let sock = socket();
+    let sock = require!(test_socket());
     let w = World::new();
     let _a = docker_agent(&w, "agent-1", &sock, "");
     let id = w
@@ -124,7 +121,7 @@ fn non_zero_exit_fails_with_that_code_and_keep_leaves_the_container() {
 
 #[test]
 fn timeout_stops_and_removes_the_container() {
-    let sock = socket();
+    let sock = require!(test_socket());
     let w = World::new();
     let _a = docker_agent(&w, "agent-1", &sock, "");
     let id = w
@@ -139,7 +136,7 @@ fn timeout_stops_and_removes_the_container() {
 
 #[test]
 fn cancel_stops_and_removes_the_container() {
-    let sock = socket();
+    let sock = require!(test_socket());
     let w = World::new();
     let _a = docker_agent(&w, "agent-1", &sock, "");
     let id = w
@@ -158,7 +155,7 @@ fn cancel_stops_and_removes_the_container() {
 
 #[test]
 fn refused_specs_fail_clearly_and_the_agent_keeps_working() {
-    let sock = socket();
+    let sock = require!(test_socket());
     let w = World::new();
     let allowed = w.tmp.path().join("allowed");
     std::fs::create_dir_all(&allowed).expect("mkdir");
@@ -207,6 +204,7 @@ fn refused_specs_fail_clearly_and_the_agent_keeps_working() {
 
 #[test]
 fn engine_stopped_while_the_agent_runs_fails_docker_tasks_and_recovers() {
+    require!(delegate_tests::docker::private_engines());
     let w = World::new();
     // A private engine: stopping the shared one would break the other tests.
     let root = tempfile::Builder::new()
@@ -255,6 +253,7 @@ fn engine_stopped_while_the_agent_runs_fails_docker_tasks_and_recovers() {
 /// delegate re-registers, so `docker` shows among its targets without a restart.
 #[test]
 fn engine_started_after_the_agent_is_offered_once_it_answers() {
+    require!(delegate_tests::docker::private_engines());
     let w = World::new();
     let root = tempfile::Builder::new()
         .prefix("dlg-eng-")
@@ -326,7 +325,7 @@ fn assert_counted_to_50_and_exited_3(w: &World, sock: &std::path::Path, id: &str
 
 #[test]
 fn agent_killed_while_the_container_prints_reports_exit_3_and_every_line_once() {
-    let sock = socket();
+    let sock = require!(test_socket());
     let w = World::new();
     let mut a = docker_agent(&w, "agent-1", &sock, "");
     // Let it print (and the agent ship) a good part, then kill the agent mid-stream.
@@ -353,7 +352,7 @@ fn agent_killed_while_the_container_prints_reports_exit_3_and_every_line_once() 
 
 #[test]
 fn container_that_finished_while_the_agent_was_down_is_reported() {
-    let sock = socket();
+    let sock = require!(test_socket());
     let w = World::new();
     let mut a = docker_agent(&w, "agent-1", &sock, "");
     let id = start_counting(&w, 30);
@@ -368,7 +367,7 @@ fn container_that_finished_while_the_agent_was_down_is_reported() {
 
 #[test]
 fn container_removed_while_the_agent_was_down_makes_the_task_lost() {
-    let sock = socket();
+    let sock = require!(test_socket());
     let w = World::new();
     let mut a = docker_agent(&w, "agent-1", &sock, "");
     let id = w

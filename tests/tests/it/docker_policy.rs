@@ -1,21 +1,18 @@
 //! The docker policy against a real dockerd: what a task may ask of the engine is checked,
-//! and the engine gets exactly what was checked (issue 7, item 3).
+//! and the engine gets exactly what was checked (docs/security.md, first review,
+//! finding 3).
 //!
 //! Needs the engine `scripts/test` starts (`DELEGATE_TEST_DOCKER_SOCKET`).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use delegate_protocol::TaskState;
-use delegate_tests::docker::{TEST_IMAGE, agent_config, cli};
-use delegate_tests::{Agent, AgentOptions};
+use delegate_tests::docker::{TEST_IMAGE, agent_config, cli, test_socket};
+use delegate_tests::{Agent, AgentOptions, require};
 use serde_json::{Value, json};
 
 use crate::util::{LONG, World};
-
-fn socket() -> PathBuf {
-    delegate_tests::docker::test_socket().unwrap_or_else(|e| panic!("{e}"))
-}
 
 /// An agent on the test engine; `docker_lines` go into its `[docker]` table.
 fn docker_agent(w: &World, name: &str, socket: &Path, docker_lines: &str) -> Agent {
@@ -52,7 +49,7 @@ fn run(w: &World, spec: Value) -> delegate_protocol::TaskView {
 /// container's mount names the real directory, never the link.
 #[test]
 fn the_engine_gets_the_resolved_bind_path_not_the_symlink_that_was_checked() {
-    let sock = socket();
+    let sock = require!(test_socket());
     let w = World::new();
     let allowed = w.tmp.path().join("allowed");
     let data = allowed.join("data");
@@ -86,7 +83,7 @@ fn the_engine_gets_the_resolved_bind_path_not_the_symlink_that_was_checked() {
 
 #[test]
 fn host_and_container_network_modes_are_refused_unless_the_operator_lists_them() {
-    let sock = socket();
+    let sock = require!(test_socket());
     let w = World::new();
     let a = docker_agent(&w, "agent-1", &sock, "");
     for mode in ["host", "container:some-other-container"] {
@@ -117,7 +114,7 @@ fn host_and_container_network_modes_are_refused_unless_the_operator_lists_them()
 /// another name; it is refused like one.
 #[test]
 fn a_named_volume_whose_driver_options_bind_a_host_path_is_refused() {
-    let sock = socket();
+    let sock = require!(test_socket());
     let w = World::new();
     let _a = docker_agent(&w, "agent-1", &sock, "");
     let volume = format!(

@@ -1,4 +1,4 @@
-//! The manager's bounded logs (issue 12): reads stream in pages so its memory does not
+//! The manager's bounded logs: reads stream in pages so its memory does not
 //! follow a log's size, a per-task cap cuts a log with a marker, and retention deletes
 //! finished tasks and their logs. A small simulated delegate speaks the protocol over
 //! loopback, so the tests control every byte that is sent.
@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use delegate_protocol::{AcquireResponse, LogAck, TaskState};
-use delegate_tests::{Manager, fleet::proc_status_kib, wait_for};
+use delegate_tests::{Manager, proc_status_kib, wait_for};
 use serde_json::json;
 
 /// A delegate that is only its HTTP calls.
@@ -101,7 +101,7 @@ fn tmp() -> tempfile::TempDir {
         .expect("temp dir")
 }
 
-/// Issue 12: reading a log loaded it whole (a 200 MiB log took the manager to 217 MiB).
+/// Reading a log once loaded it whole (a 200 MiB log took the manager to 217 MiB).
 #[test]
 fn reading_a_big_log_streams_it_without_holding_it_in_memory() {
     const MIB: usize = 1024 * 1024;

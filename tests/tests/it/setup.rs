@@ -1,4 +1,4 @@
-//! `delegate setup` and its token (issue 17, item 7): a token on the command line is
+//! `delegate setup` and its token: a token on the command line is
 //! visible to every local user in `ps` while setup runs (minutes, while the restart drains
 //! the agent). Read from standard input it never is; given as an argument it still works,
 //! with a warning. (Where the token is written is tested in `delegate setup::tests`; a

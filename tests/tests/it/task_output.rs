@@ -1,4 +1,5 @@
-//! One task's output must neither wedge the agent nor fill its disk (issue 17, item 2).
+//! One task's output must neither wedge the agent nor fill its disk (docs/security.md,
+//! second review, finding 2).
 //!
 //! The attack was a task that `ftruncate`s its `O_APPEND` stdout to 1 PiB: the unit
 //! executor read the sparse zeros with blocking calls on an async worker, forever, so the

@@ -1,6 +1,6 @@
 //! The agent's `ca_file`: a manager behind a certificate from a private CA is trusted when
 //! that CA is configured, and refused with an error saying what to set when it is not
-//! (issue 7, item 8). The server is the fake manager serving HTTPS; the CA and the
+//! (clear-text secrets, docs/security.md). The server is the fake manager serving HTTPS; the CA and the
 //! certificate are made by the test with `openssl`.
 
 use std::path::Path;
@@ -139,7 +139,7 @@ impl Drop for AgentWithRoots {
     }
 }
 
-/// Issue 17, item 13: with `ca_file`, only that CA is trusted. The manager's certificate
+/// With `ca_file`, only that CA is trusted. The manager's certificate
 /// here is from a CA the system trusts (`SSL_CERT_FILE`) but not from `ca_file`'s: the old
 /// agent merged `ca_file` into the system's roots and registered; now it refuses. Without
 /// `ca_file` the same system roots are trusted, which shows the stand-in works.

@@ -1,6 +1,6 @@
 //! The agent trusts its token, its manager and its host only as far as it must: a revoked
 //! token stops it cleanly, a misbehaving manager cannot make it spin or over-commit, and
-//! corrupt or full local storage is said out loud (issue 7).
+//! corrupt or full local storage is said out loud (docs/security.md, first review).
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;

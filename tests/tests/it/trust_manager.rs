@@ -1,4 +1,4 @@
-//! The manager's trust boundaries (issue 7), tried as an attacker would against the real
+//! The manager's trust boundaries (docs/security.md), tried as an attacker would against the real
 //! binary on loopback: a token holder must not become another delegate, nor lease work
 //! after its token is revoked, nor read files outside the release directory, nor starve
 //! the manager of connections.
@@ -60,7 +60,7 @@ fn error_of(v: &Value) -> ErrorBody {
     serde_json::from_value(v.clone()).unwrap_or_else(|e| panic!("not an error body ({e}): {v}"))
 }
 
-/// Issue 7 item 1, reproduced: a second token registered with the victim's name and
+/// Identity takeover, reproduced: a second token registered with the victim's name and
 /// hostname and took its id, its leased task (secrets in the spec) and could post its
 /// result.
 #[test]
@@ -157,7 +157,7 @@ fn a_token_with_a_tag_set_cannot_register_other_tags() {
     assert!(list.contains("linux,eu"), "{list}");
 }
 
-/// Issue 7 item 7, reproduced: `/releases/` followed `rel/pw -> /etc/passwd` and served
+/// Release files outside the directory, reproduced: `/releases/` followed `rel/pw -> /etc/passwd` and served
 /// it, unauthenticated.
 #[test]
 fn releases_do_not_follow_symlinks_out_of_the_release_directory() {
@@ -204,7 +204,7 @@ fn releases_do_not_follow_symlinks_out_of_the_release_directory() {
     );
 }
 
-/// Issue 7 item 4, reproduced: 300 half-open connections (a request head never
+/// Connection exhaustion, reproduced: 300 half-open connections (a request head never
 /// finished) made `/healthz` time out; nothing ever closed them.
 #[test]
 fn half_open_connections_neither_starve_the_manager_nor_stay_open() {
@@ -330,7 +330,7 @@ fn cli_at(server: &str, admin: &str, flags: &[&str], args: &[&str]) -> (bool, St
     )
 }
 
-/// Issue 7 item 8: the manager serves HTTPS with the certificate it is given, and the CLI
+/// No clear-text secrets: the manager serves HTTPS with the certificate it is given, and the CLI
 /// trusts exactly the CA in `--ca-file`, refusing another with a clear error.
 #[test]
 fn manager_serves_tls_and_the_cli_trusts_only_the_given_ca() {
@@ -381,7 +381,7 @@ fn manager_serves_tls_and_the_cli_trusts_only_the_given_ca() {
     assert!(!ok);
 }
 
-/// Issue 7 item 8: the database (specs hold secrets) is private even when the data
+/// No clear-text secrets at rest: the database (specs hold secrets) is private even when the data
 /// directory existed with a loose mode.
 #[test]
 fn data_dir_and_database_are_private_even_when_the_dir_existed() {
@@ -465,7 +465,7 @@ fn long_poll(
     })
 }
 
-/// Issue 17 item 12, reproduced: the delegates of one token opened as many long polls as
+/// Long polls per token, reproduced: the delegates of one token opened as many long polls as
 /// the manager has connection slots, and another token's delegate could not heartbeat
 /// (its connection waited in the backlog until the polls ran out). Now a token holds at
 /// most half the slots (more polls get 429 and their connection is closed), and a
@@ -537,7 +537,7 @@ fn one_tokens_long_polls_cannot_hold_every_connection_slot() {
     assert_eq!(second.join().expect("second poll").0, 204);
 }
 
-/// Issue 17 item 11, reproduced: a delegate registered a name holding terminal escapes,
+/// Terminal escapes in names, reproduced: a delegate registered a name holding terminal escapes,
 /// and `delegate-manager delegates` wrote them raw to the admin's terminal (here an OSC
 /// title change and a screen clear). Registration now refuses such a name, hostname,
 /// version or tag with a 400 naming the field; what a delegate still controls (a task's

@@ -6,21 +6,20 @@
 //! `real_cluster::` runs them against the cluster of `DELEGATE_TEST_KUBECONFIG` (any real
 //! cluster this host reaches; each scenario in its own namespace, created and deleted by
 //! the test; images from `DELEGATE_TEST_IMAGE`, default `busybox`), and is skipped with
-//! one notice when that is unset. `against_the_local_control_plane` runs the very same
+//! a notice when that is unset (the test kit's `Missing::NotAsked`). `against_the_local_control_plane` runs the very same
 //! scenarios on the loopback control plane and the kubelet stand-in, so they are kept
 //! working by every run of this binary.
 
-use std::io::Write;
 use std::path::PathBuf;
-use std::sync::Once;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use delegate_protocol::TaskState;
 use delegate_tests::kube::kubectl;
-use delegate_tests::wait_for;
+use delegate_tests::prereq::Missing;
+use delegate_tests::{require, wait_for};
 use serde_json::json;
 
-use crate::{LONG, World, configmap, deployment, node, output_lines};
+use crate::world::{LONG, World, configmap, deployment, node, output_lines};
 
 /// Where the scenarios run.
 pub struct Cluster {
@@ -278,9 +277,10 @@ fn run_all(c: &Cluster) {
 
 #[test]
 fn against_the_local_control_plane() {
+    let cp = require!(crate::world::control_plane());
     node();
     run_all(&Cluster {
-        kubeconfig: crate::control_plane().admin_kubeconfig(),
+        kubeconfig: cp.admin_kubeconfig(),
         image: "stand-in/sh".into(),
     });
 }
@@ -290,19 +290,15 @@ fn against_the_local_control_plane() {
 mod real_cluster {
     use super::*;
 
-    /// The cluster to use, or `None` after telling (once per run) why these are skipped.
-    fn cluster() -> Option<Cluster> {
-        static NOTICE: Once = Once::new();
+    /// The cluster to use, or a notice (also in CI: no real cluster there) saying how to
+    /// run these against one.
+    fn cluster() -> Result<Cluster, Missing> {
         let Some(kc) = std::env::var_os("DELEGATE_TEST_KUBECONFIG").filter(|v| !v.is_empty())
         else {
-            NOTICE.call_once(|| {
-                // Straight to stderr: the test harness would swallow a println!.
-                let _ = writeln!(
-                    std::io::stderr(),
-                    "note: real_cluster:: kubernetes tests skipped: set DELEGATE_TEST_KUBECONFIG to a kubeconfig of a cluster to run them there"
-                );
+            return Err(Missing::NotAsked {
+                what: "a real cluster (DELEGATE_TEST_KUBECONFIG)".into(),
+                how: "set DELEGATE_TEST_KUBECONFIG to a kubeconfig of a cluster to run real_cluster:: there".into(),
             });
-            return None;
         };
         let kubeconfig = std::fs::canonicalize(&kc).unwrap_or_else(|e| {
             panic!(
@@ -314,16 +310,15 @@ mod real_cluster {
             .ok()
             .filter(|v| !v.is_empty())
             .unwrap_or_else(|| "busybox".to_string());
-        Some(Cluster { kubeconfig, image })
+        Ok(Cluster { kubeconfig, image })
     }
 
     macro_rules! scenario {
         ($($name:ident),* $(,)?) => {$(
             #[test]
             fn $name() {
-                if let Some(c) = cluster() {
-                    super::$name(&c);
-                }
+                let c = require!(cluster());
+                super::$name(&c);
             }
         )*};
     }

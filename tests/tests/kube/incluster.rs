@@ -13,10 +13,10 @@ use std::time::Duration;
 
 use delegate_protocol::TaskState;
 use delegate_tests::kube::kubectl;
-use delegate_tests::{Manager, bin, wait_for};
+use delegate_tests::{Manager, bin, require, wait_for};
 use serde_json::json;
 
-use crate::{LONG, configmap, control_plane};
+use crate::world::{LONG, configmap, control_plane};
 
 /// The agent in its own mount namespace; killed on drop.
 struct PodAgent {
@@ -79,7 +79,7 @@ const RBAC: &str = "apiVersion: v1\nkind: ServiceAccount\nmetadata:\n  name: del
 
 #[test]
 fn in_cluster_config_works_in_the_service_accounts_namespace_and_rbac_refuses_another() {
-    let cp = control_plane();
+    let cp = require!(control_plane());
     let admin = cp.admin_kubeconfig();
     for ns in ["incluster", "incluster-other"] {
         kubectl(&admin, &["create", "namespace", ns]).expect("namespace");
@@ -204,4 +204,41 @@ fn in_cluster_config_works_in_the_service_accounts_namespace_and_rbac_refuses_an
     for ns in ["incluster", "incluster-other"] {
         let _ = kubectl(&admin, &["delete", "namespace", ns, "--wait=false"]);
     }
+}
+
+/// The shipped in-cluster example is valid for a real API server (server-side dry run).
+#[test]
+fn the_example_in_cluster_manifest_is_accepted_by_the_api_server() {
+    let cp = require!(control_plane());
+    let admin = cp.admin_kubeconfig();
+    for ns in ["apps", "delegate"] {
+        // Created here because a dry run persists nothing, not even the manifest's own.
+        let _ = kubectl(&admin, &["create", "namespace", ns]);
+    }
+    let manifest = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../packaging/kubernetes/delegate.yaml");
+    let out = kubectl(
+        &admin,
+        &[
+            "apply",
+            "--server-side",
+            "--dry-run=server",
+            "-f",
+            &manifest.display().to_string(),
+        ],
+    )
+    .expect("the example applies");
+    assert!(
+        out.contains("deployment.apps/delegate serverside-applied"),
+        "{out}"
+    );
+    let text = std::fs::read_to_string(&manifest).expect("read");
+    let grace: u32 = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("terminationGracePeriodSeconds:"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("terminationGracePeriodSeconds");
+    assert!(text.contains("drain_timeout = \"10m\""), "{text}");
+    // Longer than the agent's drain_timeout of 10 minutes.
+    assert!(grace > 600, "{grace}");
 }

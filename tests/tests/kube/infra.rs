@@ -5,9 +5,10 @@
 
 use delegate_protocol::{TaskState, TaskView};
 use delegate_tests::kube::kubectl;
+use delegate_tests::require;
 use serde_json::json;
 
-use crate::{World, node, output_lines};
+use crate::world::{World, node, output_lines};
 
 /// The task failed as infrastructure: no exit code, a message starting so and holding
 /// every one of `names`.
@@ -23,7 +24,7 @@ fn assert_infrastructure(t: &TaskView, log: &str, names: &[&str]) {
 
 #[test]
 fn an_oom_killed_container_is_an_infrastructure_failure_not_exit_137() {
-    let w = World::new("job-oom", "");
+    let w = require!(World::new("job-oom", ""));
     let id = w.submit_job("echo allocating", json!({"STANDIN_SIMULATE": "OOMKilled"}));
     let (t, log) = w.finish(&id);
     assert_infrastructure(&t, &log, &["OOMKilled", "exit code 137"]);
@@ -32,7 +33,7 @@ fn an_oom_killed_container_is_an_infrastructure_failure_not_exit_137() {
 
 #[test]
 fn an_evicted_pod_is_an_infrastructure_failure_not_exit_137() {
-    let w = World::new("job-evicted", "");
+    let w = require!(World::new("job-evicted", ""));
     let id = w.submit_job("echo working", json!({"STANDIN_SIMULATE": "Evicted"}));
     let (t, log) = w.finish(&id);
     assert_infrastructure(&t, &log, &["Evicted", "low on resource: memory"]);
@@ -40,7 +41,7 @@ fn an_evicted_pod_is_an_infrastructure_failure_not_exit_137() {
 
 #[test]
 fn an_image_that_cannot_be_pulled_is_an_infrastructure_failure() {
-    let w = World::new("job-pull", "");
+    let w = require!(World::new("job-pull", ""));
     let id = w.submit_job("echo never", json!({"STANDIN_SIMULATE": "ErrImagePull"}));
     let (t, log) = w.finish(&id);
     assert_infrastructure(&t, &log, &["the pod cannot start: ", "pull access denied"]);
@@ -54,7 +55,7 @@ fn an_image_that_cannot_be_pulled_is_an_infrastructure_failure() {
 
 #[test]
 fn a_job_past_its_active_deadline_is_deadline_exceeded_not_the_kills_exit_code() {
-    let w = World::new("job-deadline", "");
+    let w = require!(World::new("job-deadline", ""));
     node();
     // A full Job: the shorthand has no activeDeadlineSeconds.
     let job = "apiVersion: batch/v1\nkind: Job\nmetadata:\n  name: ignored\nspec:\n  activeDeadlineSeconds: 3\n  template:\n    spec:\n      containers:\n      - name: main\n        image: stand-in/sh\n        command: [sh, -c, \"echo started; sleep 600\"]\n";
@@ -111,7 +112,7 @@ fn a_job_past_its_active_deadline_is_deadline_exceeded_not_the_kills_exit_code()
 /// deletion completes: that is not the script's exit code either.
 #[test]
 fn a_pod_deleted_mid_run_is_not_reported_as_the_kills_exit_code() {
-    let w = World::new("job-killed", "");
+    let w = require!(World::new("job-killed", ""));
     let id = w.submit_job("echo started; sleep 600", json!({}));
     w.wait_logged(&id, "started");
     kubectl(

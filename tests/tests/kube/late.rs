@@ -8,10 +8,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use delegate_protocol::TaskState;
-use delegate_tests::wait_for;
+use delegate_tests::{require, wait_for};
 use serde_json::json;
 
-use crate::{World, configmap, control_plane};
+use crate::world::{World, configmap, control_plane};
 
 /// A TCP relay from a loopback port to the API server: the cluster "comes up" when it
 /// starts. TLS passes through untouched (the server's certificate is for 127.0.0.1).
@@ -63,7 +63,7 @@ impl Drop for Relay {
 
 #[test]
 fn a_cluster_unreachable_at_start_is_offered_once_it_answers_without_a_restart() {
-    let cp = control_plane();
+    let cp = require!(control_plane());
     let port = TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("port")
@@ -74,13 +74,13 @@ fn a_cluster_unreachable_at_start_is_offered_once_it_answers_without_a_restart()
         .kubeconfig_text(delegate_tests::kube::ADMIN_TOKEN)
         .replace(&cp.url(), &format!("https://127.0.0.1:{port}"));
     std::fs::write(&kc, text).expect("write");
-    let w = World::new(
+    let w = require!(World::new(
         "late",
         &format!(
             "[[kubernetes]]\nname = \"late\"\nkubeconfig = {:?}\n",
             kc.display().to_string()
         ),
-    );
+    ));
     let offered = || {
         w.manager.delegates().ok().is_some_and(|d| {
             d.iter()

@@ -1,5 +1,5 @@
-//! What a pod prints cannot crash or wedge the agent (issue 17, item 5, reproduced
-//! against this loopback API server): a long line without a newline, a byte that is not
+//! What a pod prints cannot crash or wedge the agent (reproduced against this
+//! loopback API server): a long line without a newline, a byte that is not
 //! UTF-8, more lines than `max_log_bytes` holds, and a log stream that keeps failing. The
 //! kubelet stand-in serves the bytes exactly as the pod wrote them.
 
@@ -7,10 +7,10 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use delegate_protocol::TaskState;
-use delegate_tests::wait_for;
+use delegate_tests::{require, wait_for};
 use serde_json::json;
 
-use crate::{LONG, World, control_plane, node, output_lines};
+use crate::world::{LONG, World, control_plane, node, output_lines};
 
 /// Peak resident memory of a process (VmHWM), in KiB.
 fn peak_kib(pid: u32) -> u64 {
@@ -34,7 +34,7 @@ const GROWTH_LIMIT_KIB: u64 = 24 * 1024;
 
 #[test]
 fn a_long_line_without_a_newline_is_cut_and_grows_no_agent_even_after_a_restart() {
-    let mut w = World::new("log-long-line", "");
+    let mut w = require!(World::new("log-long-line", ""));
     let (t, log) = w.finish(&w.submit_job("echo warm", json!({})));
     assert_eq!(t.state, TaskState::Succeeded, "{t:?}\n{log}");
     let pid = w.agent.pid().expect("agent pid");
@@ -82,7 +82,7 @@ fn a_long_line_without_a_newline_is_cut_and_grows_no_agent_even_after_a_restart(
 
 #[test]
 fn a_byte_that_is_not_utf8_hides_no_later_line_and_loops_no_requests() {
-    let w = World::new("log-bad-byte", "");
+    let w = require!(World::new("log-bad-byte", ""));
     let id = w.submit_job(
         "printf 'before\\n\\377bad\\nafter\\n'; sleep 4; echo last",
         json!({}),
@@ -115,7 +115,7 @@ fn cursor_file(agent_dir: &Path) -> Option<PathBuf> {
 #[test]
 fn the_log_cursor_stops_growing_once_the_log_is_at_its_cap() {
     let mut w = World::with_top(
-        &control_plane().admin_kubeconfig(),
+        &require!(control_plane()).admin_kubeconfig(),
         "log-cursor",
         "max_log_bytes = 2048\n",
         "",
@@ -157,7 +157,7 @@ fn the_log_cursor_stops_growing_once_the_log_is_at_its_cap() {
 
 #[test]
 fn a_log_stream_that_keeps_failing_is_asked_for_again_with_back_off() {
-    let w = World::new("log-backoff", "");
+    let w = require!(World::new("log-backoff", ""));
     let id = w.submit_job(
         "echo one; sleep 6; echo two",
         json!({"STANDIN_FAIL_FOLLOW": "1"}),

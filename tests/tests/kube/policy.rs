@@ -1,4 +1,4 @@
-//! What bounds a kubernetes task beyond the credential's RBAC (issue 17, item 14): the
+//! What bounds a kubernetes task beyond the credential's RBAC: the
 //! cluster's policy in `[[kubernetes]]` (allowed namespaces and kinds, no cluster-scoped
 //! kind unless named), a Job bound to the attempt that created it (a nonce in its name and
 //! labels, its uid as the precondition of every delete), and the shipped in-cluster
@@ -9,10 +9,10 @@ use std::time::Duration;
 
 use delegate_protocol::TaskState;
 use delegate_tests::kube::kubectl;
-use delegate_tests::wait_for;
+use delegate_tests::{require, wait_for};
 use serde_json::{Value, json};
 
-use crate::{LONG, World, configmap, control_plane, node, output_lines};
+use crate::world::{LONG, World, configmap, control_plane, node, output_lines};
 
 const POLICY: &str = "allowed_namespaces = [\"kube-policy\"]\nallowed_kinds = [\"ConfigMap\", \"Job.batch\", \"Namespace\"]\n";
 
@@ -22,7 +22,7 @@ fn exists(kc: &Path, args: &[&str]) -> bool {
 
 #[test]
 fn the_policy_refuses_other_namespaces_kinds_and_cluster_scoped_objects_before_changing_anything() {
-    let w = World::new("kube-policy", POLICY);
+    let w = require!(World::new("kube-policy", POLICY));
     let admin = w.admin();
     let crb = "apiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRoleBinding\nmetadata:\n  name: kube-policy-escalate\nroleRef:\n  apiGroup: rbac.authorization.k8s.io\n  kind: ClusterRole\n  name: cluster-admin\nsubjects:\n- kind: ServiceAccount\n  name: default\n  namespace: kube-policy\n";
     // A cluster-scoped kind the policy does not name: the whole manifest is refused,
@@ -157,7 +157,7 @@ fn uid_of(admin: &Path, ns: &str, job: &str) -> Option<String> {
 /// its own Job and leave that one alone.
 #[test]
 fn a_job_made_first_under_a_tasks_job_name_is_not_adopted() {
-    let mut w = World::new("job-squat", "");
+    let mut w = require!(World::new("job-squat", ""));
     let admin = w.admin();
     node();
     w.agent.kill9();
@@ -195,7 +195,7 @@ fn a_job_made_first_under_a_tasks_job_name_is_not_adopted() {
 /// the orphaned pod goes, the agent ends the task and must not delete the new Job.
 #[test]
 fn a_job_made_again_under_a_tasks_job_name_is_not_deleted_by_the_agent() {
-    let w = World::new("job-replaced", "");
+    let w = require!(World::new("job-replaced", ""));
     let admin = w.admin();
     let id = w.submit_job("echo started; sleep 600", json!({}));
     w.wait_logged(&id, "started");
@@ -273,7 +273,7 @@ fn a_job_made_again_under_a_tasks_job_name_is_not_deleted_by_the_agent() {
 /// secret and lists nothing but pods.
 #[test]
 fn the_example_namespaces_are_restricted_and_its_rbac_grants_no_secrets() {
-    let cp = control_plane();
+    let cp = require!(control_plane());
     let admin = cp.admin_kubeconfig();
     let manifest = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../packaging/kubernetes/delegate.yaml");

@@ -4,9 +4,10 @@
 
 use delegate_protocol::TaskState;
 use delegate_tests::kube::kubectl;
+use delegate_tests::require;
 use serde_json::{Value, json};
 
-use crate::{World, node};
+use crate::world::{World, node};
 
 /// A workload of `kind` whose pods sleep on the stand-in node, with env V=`v`.
 fn workload(kind: &str, name: &str, v: &str) -> String {
@@ -74,7 +75,7 @@ fn roll_through_an_update(w: &World, kind: &str, name: &str, done: &str) {
 
 #[test]
 fn a_statefulset_rollout_waits_through_an_update_until_every_pod_is_at_the_new_revision() {
-    let w = World::new("rollout-sts", "");
+    let w = require!(World::new("rollout-sts", ""));
     roll_through_an_update(
         &w,
         "StatefulSet",
@@ -102,7 +103,7 @@ fn a_statefulset_rollout_waits_through_an_update_until_every_pod_is_at_the_new_r
 
 #[test]
 fn a_daemonset_rollout_waits_through_an_update_until_its_node_runs_the_new_pod() {
-    let w = World::new("rollout-ds", "");
+    let w = require!(World::new("rollout-ds", ""));
     roll_through_an_update(
         &w,
         "DaemonSet",

@@ -14,9 +14,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use delegate_protocol::TaskState;
 use delegate_tests::Manager;
-use delegate_tests::nspawn::{
-    BootOptions, Container, skip_or_fail, skip_without_nspawn, workspace,
-};
+use delegate_tests::nspawn::{BootOptions, Container, can_boot, workspace};
+use delegate_tests::prereq::{self, Missing};
 use delegate_tests::upgrade::{StaticServer, agent_v2, fake_binary};
 use serde_json::json;
 
@@ -28,22 +27,18 @@ const RELEASE_TOOL: &str = "delegate-release";
 /// Where the packages are mounted inside the container.
 const PKG: &str = "/mnt/packages";
 
-/// Skip (loudly) when containers cannot boot here or the packages were not built; with
+/// The test kit's prerequisite policy for these tests (`delegate_tests::prereq`): skip
+/// loudly when containers cannot boot here or the packages were not built; with
 /// `DELEGATE_E2E_REQUIRED=1` (CI) fail instead.
 fn skip(test: &str) -> bool {
-    if skip_without_nspawn(test) {
-        return true;
-    }
-    if package("delegate_", ".deb").is_err() {
-        return skip_or_fail(
-            test,
-            &format!(
-                "no packages in {} (run scripts/packages)",
-                packages_dir().display()
-            ),
-        );
-    }
-    false
+    let found = can_boot().and_then(|()| match package("delegate_", ".deb") {
+        Ok(_) => Ok(()),
+        Err(_) => Err(Missing::absent(
+            format!("the packages in {}", packages_dir().display()),
+            "run scripts/packages (needs `cargo install --locked cargo-deb cargo-generate-rpm`)",
+        )),
+    });
+    prereq::require_for(test, found).is_none()
 }
 
 fn packages_dir() -> PathBuf {

@@ -1,4 +1,4 @@
-//! Shell tasks as `delegate-task@` units (issue 11), on the booted systemd: what a task can
+//! Shell tasks as `delegate-task@` units, on the booted systemd: what a task can
 //! no longer reach, that the agent can start only its own task units, re-attaching after
 //! `kill -9`, cancel of a task that escaped its process group, limits, and bad set-ups.
 

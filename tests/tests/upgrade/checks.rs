@@ -5,6 +5,7 @@
 use std::fs;
 use std::time::Duration;
 
+use delegate_tests::require;
 use delegate_tests::upgrade::{Run, World, fake_binary, require_tool, write_executable};
 
 const NO_BUS: &str = "unix:path=/nonexistent/bus.sock";
@@ -275,9 +276,7 @@ fn config_errors_name_the_line() {
 
 #[test]
 fn signatures_verify_with_the_minisign_tool() {
-    if let Err(e) = require_tool("minisign", "-v", "minisign") {
-        panic!("{e:#}");
-    }
+    require!(require_tool("minisign", "-v", "minisign"));
     let w = world();
     publish(&w, "0.2.0");
     let key = w.dir.join("signing").join("delegate-release.pub");
@@ -325,7 +324,7 @@ fn evil_binary(w: &World) -> std::path::PathBuf {
     p
 }
 
-/// Issue 7 item 2 (reproduced): `install` read and verified the archive, then opened the
+/// The bytes verified are the bytes unpacked (reproduced): `install` read and verified the archive, then opened the
 /// path again to unpack it. A FIFO serves the signed archive on the first open and another
 /// archive on the second: only the verified bytes may end up in `versions/0.2.0`.
 #[test]
@@ -400,7 +399,7 @@ fn offline_install_unpacks_the_bytes_it_verified_not_a_second_read_of_the_path()
     );
 }
 
-/// Issue 7 item 2: a `versions/<v>` left with its `complete` marker is re-checked against
+/// A `versions/<v>` left with its `complete` marker is re-checked against
 /// the signed SHA-256 before it is reused; a changed binary is unpacked again.
 #[test]
 fn a_tampered_complete_version_directory_is_not_reused() {
@@ -422,7 +421,7 @@ fn a_tampered_complete_version_directory_is_not_reused() {
     assert!(r.stderr.contains("is not reused"), "{r:#?}");
 }
 
-/// Issue 7 item 11: a host clock earlier than the newest `published_at` already accepted
+/// A host clock earlier than the newest `published_at` already accepted
 /// means time went backwards (an expired manifest would look fresh): refused, and the
 /// operator is told to fix the clock (exit 1: this host needs an operator).
 #[test]
@@ -449,7 +448,7 @@ fn a_clock_behind_the_newest_manifest_seen_is_refused() {
     assert_eq!(w.current().as_deref(), Some("0.1.0"));
 }
 
-/// Issue 7 item 11: a mistyped channel (the server answers 404) is a configuration error
+/// A mistyped channel (the server answers 404) is a configuration error
 /// with its own exit code (78, EX_CONFIG), not a network flake retried forever (75).
 #[test]
 fn a_channel_the_server_does_not_have_is_a_configuration_error() {
@@ -463,7 +462,7 @@ fn a_channel_the_server_does_not_have_is_a_configuration_error() {
     assert!(r.stderr.contains("channels/stabel.json"), "{r:#?}");
 }
 
-/// Issue 7 item 11: versions are strict semver wherever they enter; a version with a `/`
+/// Versions are strict semver wherever they enter; a version with a `/`
 /// in a signed manifest is refused before it can name a directory.
 #[test]
 fn a_version_that_is_not_semver_is_refused_where_it_is_parsed() {

@@ -7,10 +7,11 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use delegate_protocol::TaskState;
+use delegate_tests::prereq::Missing;
 use delegate_tests::upgrade::{
     DBus, Monitor, Run, Supervised, World, agent_v2, fake_binary, require_dbus, write_executable,
 };
-use delegate_tests::{Manager, bin};
+use delegate_tests::{Manager, bin, require};
 
 const RUN_LIMIT: Duration = Duration::from_secs(180);
 
@@ -34,15 +35,14 @@ fn v1_version() -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
-fn host() -> Host {
+/// The host of one test, or the tool it lacks (`dbus`): take it with `require!`.
+fn host() -> Result<Host, Missing> {
     host_with("")
 }
 
 /// [`host`] with `agent_extra` appended to the agent's delegate.toml.
-fn host_with(agent_extra: &str) -> Host {
-    if let Err(e) = require_dbus() {
-        panic!("{e:#}");
-    }
+fn host_with(agent_extra: &str) -> Result<Host, Missing> {
+    require_dbus()?;
     let bus_dir = tempfile::tempdir().expect("tempdir");
     let bus = DBus::start(bus_dir.path()).expect("dbus-daemon");
     let w = World::new(&bus.address).expect("world");
@@ -68,14 +68,14 @@ fn host_with(agent_extra: &str) -> Host {
                 tail(&manager.log_text(), 40)
             )
         });
-    Host {
+    Ok(Host {
         sup,
         w,
         manager,
         _bus: bus,
         _bus_dir: bus_dir,
         v1,
-    }
+    })
 }
 
 impl Host {
@@ -119,7 +119,7 @@ fn tail(s: &str, n: usize) -> String {
 
 #[test]
 fn full_upgrade_drains_a_running_task_then_swaps_and_rolls_back_by_hand() {
-    let h = host();
+    let h = require!(host());
     h.publish_v2();
     let task = h
         .manager
@@ -201,8 +201,8 @@ fn full_upgrade_drains_a_running_task_then_swaps_and_rolls_back_by_hand() {
 /// first attempt.
 #[test]
 fn a_handover_upgrade_leaves_a_docker_task_running_and_the_new_agent_adopts_it() {
-    let socket = delegate_tests::docker::test_socket().unwrap_or_else(|e| panic!("{e}"));
-    let h = host_with(&delegate_tests::docker::agent_config(&socket));
+    let socket = require!(delegate_tests::docker::test_socket());
+    let h = require!(host_with(&delegate_tests::docker::agent_config(&socket)));
     h.publish_v2();
     h.w.edit_config("upgrade_mode = \"drain\"", "upgrade_mode = \"handover\"")
         .expect("handover mode");
@@ -287,7 +287,7 @@ fn a_handover_upgrade_leaves_a_docker_task_running_and_the_new_agent_adopts_it()
 
 #[test]
 fn a_release_that_cannot_start_is_rolled_back_and_skipped() {
-    let h = host();
+    let h = require!(host());
     let broken = fake_binary(&h.w.dir.join("bin"), "0.3.0").expect("fake");
     h.w.publish(&broken, None, "1h").expect("publish");
     let start = Instant::now();
@@ -313,7 +313,7 @@ fn a_release_that_cannot_start_is_rolled_back_and_skipped() {
 
 #[test]
 fn operator_cli_drains_and_resumes_over_dbus() {
-    let h = host();
+    let h = require!(host());
     let delegate = bin("delegate").expect("delegate");
     let cli = |args: &[&str]| {
         std::process::Command::new(&delegate)
@@ -358,7 +358,7 @@ fn operator_cli_drains_and_resumes_over_dbus() {
 /// Kill the upgrader at `fault`; `current` must point at a complete version, and a
 /// second run must converge on 0.2.0, healthy.
 fn killed_at(fault: &str) {
-    let h = host();
+    let h = require!(host());
     h.publish_v2();
     let r = h.w.upgrader(&["run"], Some(fault), RUN_LIMIT).expect("run");
     assert_eq!(r.code, None, "expected an abort at {fault}: {r:#?}");
@@ -422,7 +422,7 @@ fn killed_after_step_7_then_converges() {
 
 #[test]
 fn two_upgraders_at_once_upgrade_once() {
-    let h = host();
+    let h = require!(host());
     h.publish_v2();
     let gen_before = h.generation();
     let a = h.w.spawn_upgrader(&["run"]).expect("first");
@@ -463,7 +463,7 @@ fn two_upgraders_at_once_upgrade_once() {
 
 #[test]
 fn offline_install_of_a_signed_archive() {
-    let h = host();
+    let h = require!(host());
     h.publish_v2();
     let archive = h.w.releases.join(h.w.artifact_rel().expect("rel"));
     let sig = format!("{}.minisig", archive.display());
@@ -490,13 +490,13 @@ fn offline_install_of_a_signed_archive() {
         .expect("0.2.0 healthy");
 }
 
-/// Issue 8 item 1: a rollback whose restart failed left `in_progress` behind, and the
+/// A rollback whose restart failed once left `in_progress` behind, and the
 /// next run guessed from the `current` link (already back on the old version) that the
 /// upgrade had "not swapped yet": it only resumed and cleared the state, so the abandoned
 /// release kept running. The phase is now recorded; the next run finishes the rollback.
 #[test]
 fn a_restart_that_fails_during_rollback_is_finished_by_the_next_run() {
-    let h = host();
+    let h = require!(host());
     // Starts and keeps running, but never comes onto the bus: the gate fails.
     let hang = h.w.dir.join("bin").join("hang-0.3.0");
     std::fs::create_dir_all(h.w.dir.join("bin")).expect("bin dir");
@@ -535,11 +535,11 @@ fn a_restart_that_fails_during_rollback_is_finished_by_the_next_run() {
     assert_eq!(state["skip"], serde_json::json!(["0.3.0"]), "{state}");
 }
 
-/// Issue 8 item 1: a manual `rollback` recorded nothing, so killed between its steps it
+/// A manual `rollback` once recorded nothing, so killed between its steps it
 /// left `current` on the old version with the new one still running, and the next run
 /// refused the (now skipped) new version and changed nothing. It now records its phase.
 fn manual_rollback_killed_at(fault: &str) {
-    let h = host();
+    let h = require!(host());
     h.publish_v2();
     let r = h.w.upgrader(&["run"], None, RUN_LIMIT).expect("run");
     assert_eq!(r.code, Some(0), "{r:#?}\n{}", h.context());

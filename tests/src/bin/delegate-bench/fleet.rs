@@ -1,4 +1,5 @@
-//! `delegate-bench fleet`: one real manager and N simulated delegates on loopback.
+//! `delegate-bench fleet`: one real manager and N simulated delegates on loopback. It lives
+//! beside the bench's `main.rs` because nothing else runs it.
 //!
 //! The manager has to serve thousands of delegates; a real agent per delegate would cost a
 //! process and ~9 MiB each, so this module speaks protocol v1 itself with one light client:
@@ -23,7 +24,7 @@ use delegate_protocol::{
 use serde_json::json;
 use tokio::sync::{Semaphore, mpsc, watch};
 
-use crate::{Manager, proc_cpu_ticks};
+use delegate_tests::{Manager, proc_cpu_ticks, proc_status_kib};
 
 /// Delegates registering at the same time (a fleet starting all at once would only
 /// measure the accept queue).
@@ -141,17 +142,6 @@ fn hb_summary(sorted: &[f64]) -> String {
     )
 }
 
-/// A `/proc/PID/status` field in KiB (`VmRSS:`, `VmHWM:`).
-pub fn proc_status_kib(pid: u32, field: &str) -> Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(field))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
-        .ok_or_else(|| anyhow!("no {field} in /proc/{pid}/status"))
-}
-
 /// Raise the soft open-files limit to the hard one (the manager, started after, inherits
 /// it). Returns the limit now in force.
 pub fn raise_nofile() -> Result<u64> {
@@ -205,7 +195,7 @@ pub fn run(opts: &FleetOptions) -> Result<()> {
     }
     // Dropped after the managers (declared first): the database outlives its clients.
     let pg = if opts.postgres {
-        let pg = crate::postgres::Postgres::start()?;
+        let pg = delegate_tests::postgres::Postgres::start()?;
         args.extend(["--database".to_string(), pg.url()]);
         println!("fleet: PostgreSQL at {} (two manager nodes)", pg.url());
         Some(pg)

@@ -5,9 +5,11 @@
 //! Everything runs on 127.0.0.1 with a bounded number of tasks.
 //!
 //! `delegate-bench fleet --delegates N` measures the manager alone against N simulated
-//! delegates instead (see `delegate_tests::fleet`).
+//! delegates instead (see `fleet.rs` beside this file).
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+mod fleet;
 
 use anyhow::{Context, Result, bail};
 use delegate_protocol::{TaskState, TaskView};
@@ -70,7 +72,7 @@ fn main() -> Result<()> {
     if args.get(1).map(String::as_str) == Some("fleet") {
         use clap::Parser;
         let a = FleetArgs::parse_from(&args[1..]);
-        return delegate_tests::fleet::run(&delegate_tests::fleet::FleetOptions {
+        return fleet::run(&fleet::FleetOptions {
             delegates: a.delegates,
             tasks: a.tasks,
             burst: a.burst,
