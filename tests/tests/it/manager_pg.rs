@@ -128,7 +128,7 @@ fn numbered(n: u32) -> String {
 #[test]
 fn a_submit_on_one_node_wakes_a_long_poll_waiting_on_the_other_at_once() {
     let tmp = tempfile::tempdir().expect("tmp");
-    let pg = Postgres::start().expect("PostgreSQL starts");
+    let pg = delegate_tests::require!(Postgres::for_test());
     let (a, b) = two_nodes(tmp.path(), &pg, &[]);
     let token = a.token("sim").expect("token");
     let http = reqwest::blocking::Client::builder()
@@ -199,7 +199,7 @@ fn a_submit_on_one_node_wakes_a_long_poll_waiting_on_the_other_at_once() {
 #[test]
 fn a_node_killed_mid_task_loses_nothing_and_the_task_runs_once_through_the_other() {
     let tmp = tempfile::tempdir().expect("tmp");
-    let pg = Postgres::start().expect("PostgreSQL starts");
+    let pg = delegate_tests::require!(Postgres::for_test());
     let (mut a, b) = two_nodes(tmp.path(), &pg, &["--lease-ttl", "10s"]);
     let relay = Relay::start(&a.addr);
     let token = b.token("agent").expect("token");
@@ -310,7 +310,7 @@ fn a_database_that_is_malformed_or_unreachable_stops_the_start_and_says_what_to_
 #[test]
 fn tls_to_postgresql_verifies_the_server_with_sslrootcert_and_refuses_another_ca() {
     let tmp = tempfile::tempdir().expect("tmp");
-    let pg = Postgres::start().expect("PostgreSQL starts");
+    let pg = delegate_tests::require!(Postgres::for_test());
     let pki = delegate_tests::tls::make_pki(tmp.path(), "pg").expect("pki");
     let stranger = delegate_tests::tls::make_pki(tmp.path(), "stranger").expect("pki");
     pg.enable_tls(&pki).expect("TLS on");
@@ -383,7 +383,7 @@ fn tls_to_postgresql_verifies_the_server_with_sslrootcert_and_refuses_another_ca
 #[test]
 fn postgres_passwords_stay_out_of_logs_and_errors_and_a_password_file_works() {
     let tmp = tempfile::tempdir().expect("tmp");
-    let pg = Postgres::start().expect("PostgreSQL starts");
+    let pg = delegate_tests::require!(Postgres::for_test());
     // Trust on loopback for this role: any password gets in, so the start succeeds.
     let url = format!(
         "postgres://delegate:hunter2@127.0.0.1:{}/delegate?application_name=x&password=hunter3",
@@ -496,7 +496,7 @@ fn admin_status(m: &Manager, token: &str) -> u16 {
 #[test]
 fn a_rotated_admin_token_stops_working_on_every_node_at_once() {
     let tmp = tempfile::tempdir().expect("tmp");
-    let pg = Postgres::start().expect("PostgreSQL starts");
+    let pg = delegate_tests::require!(Postgres::for_test());
     let (a, b) = two_nodes(tmp.path(), &pg, &[]);
     let old = a.admin_token.clone();
     assert_eq!(admin_status(&b, &old), 200);
@@ -591,7 +591,7 @@ impl Drop for Starting {
 #[test]
 fn nodes_starting_together_on_a_new_database_agree_on_one_admin_token() {
     let tmp = tempfile::tempdir().expect("tmp");
-    let pg = Postgres::start().expect("PostgreSQL starts");
+    let pg = delegate_tests::require!(Postgres::for_test());
     for round in 0..6 {
         let db = format!("round{round}");
         pg.psql("postgres", &format!("CREATE DATABASE {db}"))

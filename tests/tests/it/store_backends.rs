@@ -26,15 +26,17 @@ const TTL: Duration = Duration::from_secs(30);
 /// database of its own: starting a server per scenario would cost a second of `initdb`
 /// each. The server stops when the last scenario using it is done (nothing is left
 /// behind); a later scenario starts another.
-fn shared_postgres() -> Arc<Postgres> {
+/// `None` when PostgreSQL is missing (or left out by `scripts/test --fast`): the test kit's
+/// prerequisite policy has then said so, and the scenario has run on SQLite only.
+fn shared_postgres() -> Option<Arc<Postgres>> {
     static SHARED: Mutex<Weak<Postgres>> = Mutex::new(Weak::new());
     let mut shared = SHARED.lock().unwrap_or_else(|e| e.into_inner());
     if let Some(pg) = shared.upgrade() {
-        return pg;
+        return Some(pg);
     }
-    let pg = Arc::new(Postgres::start().expect("PostgreSQL starts"));
+    let pg = Arc::new(delegate_tests::require!(Postgres::for_test(), None));
     *shared = Arc::downgrade(&pg);
-    pg
+    Some(pg)
 }
 
 /// A fresh, empty database on `pg`; its URL.
@@ -65,7 +67,9 @@ fn on_both_with(setup: impl Fn(Store) -> Store, scenario: impl Fn(&Store)) {
     let sqlite = setup(Store::open(&dir.path().join("m.db"), TTL).expect("open sqlite"));
     prepare(&sqlite);
     scenario(&sqlite);
-    let pg = shared_postgres();
+    let Some(pg) = shared_postgres() else {
+        return;
+    };
     let store = setup(open_pg(&fresh_database(&pg)));
     prepare(&store);
     scenario(&store);
@@ -281,7 +285,9 @@ fn retention_prunes_only_old_finished_tasks_on_both_backends() {
 /// two reapers at once re-queue a lapsed lease once.
 #[test]
 fn two_nodes_on_one_postgres_lease_each_task_once_and_reap_each_lease_once() {
-    let pg = shared_postgres();
+    let Some(pg) = shared_postgres() else {
+        return;
+    };
     let url = fresh_database(&pg);
     let n1 = open_pg(&url);
     let n2 = open_pg(&url); // the migrations are applied already
@@ -385,7 +391,9 @@ fn a_heartbeat_naming_two_attempts_renews_the_current_one_only_on_both_backends(
 /// as a deadlock now and then (a failed request).
 #[test]
 fn forgetting_a_delegate_while_it_heartbeats_never_deadlocks_on_postgres() {
-    let pg = shared_postgres();
+    let Some(pg) = shared_postgres() else {
+        return;
+    };
     let s = open_pg(&fresh_database(&pg));
     prepare(&s);
     let mut refused = 0;
@@ -438,7 +446,9 @@ fn forgetting_a_delegate_while_it_heartbeats_never_deadlocks_on_postgres() {
 #[test]
 fn nodes_with_skewed_clocks_agree_on_leases_because_the_database_keeps_the_time() {
     const HOUR: i64 = 3_600_000;
-    let pg = shared_postgres();
+    let Some(pg) = shared_postgres() else {
+        return;
+    };
     let url = fresh_database(&pg);
     let behind = Store::open_postgres(&url, TTL).expect("node behind");
     let ahead = Store::open_postgres(&url, TTL).expect("node ahead");
