@@ -244,11 +244,8 @@ impl Shared {
 
     /// Would a restarted agent re-attach to a task of this kind?
     fn adoptable(&self, kind: &str) -> bool {
-        match kind {
-            "docker" | "kubernetes" => true,
-            "shell" => matches!(*self.shell.borrow(), ShellRunner::Units(_)),
-            _ => false,
-        }
+        exec::Kind::parse(kind)
+            .is_some_and(|k| k.facts(&self.config, &self.shell.borrow()).adoptable)
     }
 
     fn lock_tasks(&self) -> std::sync::MutexGuard<'_, HashMap<TaskAttempt, TaskHandle>> {
@@ -341,14 +338,7 @@ impl Shared {
     /// Kinds this agent runs. Docker counts when enabled even if the engine is down right
     /// now: the task then fails naming the engine's problem, and works once it is back.
     fn runs_kind(&self, kind: &str) -> bool {
-        match kind {
-            "shell" => self.config.shell_enabled,
-            "http" => self.config.http_enabled,
-            "docker" => self.config.docker.enabled,
-            // A cluster down right now fails its task naming the problem.
-            "kubernetes" => !self.config.kubernetes.is_empty(),
-            _ => false,
-        }
+        exec::Kind::parse(kind).is_some_and(|k| k.facts(&self.config, &self.shell.borrow()).runs)
     }
 }
 
