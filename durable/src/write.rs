@@ -47,7 +47,7 @@ pub struct WriteError {
     pub source: io::Error,
 }
 
-fn err(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> WriteError + '_ {
+fn err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> WriteError + 'a {
     move |source| WriteError {
         op,
         path: path.to_path_buf(),

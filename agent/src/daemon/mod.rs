@@ -309,26 +309,26 @@ impl Shared {
         let mut t = Vec::new();
         if self.config.shell_enabled && !matches!(*self.shell.borrow(), ShellRunner::Waiting(_)) {
             t.push(Target {
-                kind: "shell".into(),
+                kind: exec::Kind::Shell.name().into(),
                 name: None,
             });
         }
         if self.config.http_enabled {
             t.push(Target {
-                kind: "http".into(),
+                kind: exec::Kind::Http.name().into(),
                 name: None,
             });
         }
         if self.config.docker.enabled && self.docker_up.load(Ordering::Relaxed) {
             t.push(Target {
-                kind: "docker".into(),
+                kind: exec::Kind::Docker.name().into(),
                 name: None,
             });
         }
         let up = self.kube_up.lock().unwrap_or_else(|p| p.into_inner());
         for name in up.iter() {
             t.push(Target {
-                kind: "kubernetes".into(),
+                kind: exec::Kind::Kubernetes.name().into(),
                 name: Some(name.clone()),
             });
         }

@@ -682,7 +682,7 @@ async fn follow(
             ctx.note("the container was killed for exceeding its memory limit (OOM)");
         }
         record.exit_code = Some(state.exit_code.unwrap_or(-1));
-        journal_container(&ctx, &record);
+        journal_container(ctx, &record);
     }
     if !spec.keep {
         remove(docker, &id).await;

@@ -14,7 +14,7 @@ use kube::core::GroupVersionKind;
 use kube::discovery::{ApiCapabilities, ApiResource, Scope};
 use tokio_util::sync::CancellationToken;
 
-use super::client::{Failure, api_message, cause_chain, is_status};
+use super::client::{Failure, api_message, is_status};
 use super::policy;
 use crate::config::KubeCluster;
 use crate::exec::ExecContext;
