@@ -37,6 +37,10 @@ pub enum ShellMode {
     Children,
 }
 
+/// Default of `max_log_bytes`, the cap of one task attempt's spooled log: 256 MiB, as the
+/// manager's default.
+pub const DEFAULT_MAX_LOG_BYTES: u64 = 256 * 1024 * 1024;
+
 /// The validated configuration the daemon runs with.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
@@ -1202,9 +1206,7 @@ fn finish(c: &mut Collector<'_>, raw: Raw, env: &dyn Env) -> Option<Config> {
         http_enabled: raw.http_enabled.unwrap_or(true),
         docker: raw.docker.unwrap_or_default(),
         metrics_listen: raw.metrics_listen,
-        max_log_bytes: raw
-            .max_log_bytes
-            .unwrap_or(crate::spool::DEFAULT_MAX_LOG_BYTES),
+        max_log_bytes: raw.max_log_bytes.unwrap_or(DEFAULT_MAX_LOG_BYTES),
         kubernetes: raw.kubernetes,
         warnings,
     })
@@ -1301,7 +1303,7 @@ pub(crate) mod tests_support {
                 ..DockerConfig::default()
             },
             metrics_listen: None,
-            max_log_bytes: crate::spool::DEFAULT_MAX_LOG_BYTES,
+            max_log_bytes: DEFAULT_MAX_LOG_BYTES,
             kubernetes: vec![],
             warnings: vec![],
         }

@@ -8,7 +8,8 @@ pub mod client;
 pub mod config;
 pub mod daemon;
 pub mod dbus;
-pub mod docs;
+/// Man pages and completions (`delegate generate-docs DIR`), shared with the other binaries.
+pub use delegate_docgen as docs;
 pub mod exec;
 pub mod hostcheck;
 pub mod logging;
@@ -17,7 +18,8 @@ pub mod notify;
 pub mod setup;
 pub mod spool;
 pub mod state;
-pub mod task_runner;
+/// `delegate task-run`, the first program of a task unit (the shell executor's other half).
+pub use exec::shell::task_run as task_runner;
 
 /// The version this build reports. `DELEGATE_VERSION_OVERRIDE` at build time lets tests
 /// build the same source as two versions (for upgrade tests).

@@ -1,11 +1,18 @@
 //! The on-disk journal of in-flight tasks and spool of undelivered logs and results.
 //!
 //! Every task the agent accepts gets a directory `STATE_DIR/tasks/<task>.<attempt>/`
-//! *before* it starts, holding the assignment, the process it runs (for shell tasks) or
-//! the container (for docker tasks), its whole log and, once it ends, its result. The directory is removed only when the manager
-//! has acknowledged the result, so neither a manager that is down for minutes nor a
-//! `kill -9` of the agent loses a result or a log byte: the next start finds the directory
-//! and finishes the delivery (or reports that the task died with the agent).
+//! *before* it starts, holding the assignment, its whole log, once it ends its result, and
+//! the named records its executor keeps there ([`Records`]: the process group of a shell
+//! task, a container, a unit, a Job). The spool stores those records and interprets none
+//! of them; each executor owns and types its own. The directory is removed only when the
+//! manager has acknowledged the result, so neither a manager that is down for minutes nor
+//! a `kill -9` of the agent loses a result or a log byte: the next start finds the
+//! directory and finishes the delivery (or reports that the task died with the agent).
+//!
+//! Each file is a record's name: `assignment.json`, `result.json`, `acked` and `log` are
+//! the spool's own; executors' records keep the names agents have always written
+//! (`process.json`, `container.json`, `unit.json`, `kube-job.json`), so an agent upgraded in
+//! place re-attaches to tasks an older one started.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
@@ -14,9 +21,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use delegate_durable::{Durability, WriteOptions};
 use delegate_protocol::{Assignment, TaskResult};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
 
-use crate::exec::{ContainerRecord, ProcessRecord, TaskLog};
+use crate::config::DEFAULT_MAX_LOG_BYTES;
+use crate::exec::{Journal, JournalError, TaskLog};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SpoolError {
@@ -32,6 +43,10 @@ pub enum SpoolError {
     BadTaskId(String),
     #[error("{path} is corrupt: {reason}")]
     Corrupt { path: PathBuf, reason: String },
+    #[error(
+        "{0:?} cannot name a task's record (letters, digits, '.', '_' and '-', not a name of the spool's own)"
+    )]
+    BadRecordName(String),
 }
 
 fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> SpoolError + 'a {
@@ -43,19 +58,21 @@ fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> Spo
 }
 
 /// Write `data` to `path` so that readers see the old or the new content, never a part.
-/// No fsync: see [`TaskDir::write_result`] for why the spool does not need one.
-pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), SpoolError> {
-    let tmp = path.with_extension("tmp");
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(io_err("create", &tmp))?;
-    f.write_all(data).map_err(io_err("write", &tmp))?;
-    fs::rename(&tmp, path).map_err(io_err("rename", path))
+/// No fsync unless asked: see [`TaskDir::write_result`] for why the spool does not need one.
+fn write_atomic(path: &Path, data: &[u8], durability: Durability) -> Result<(), SpoolError> {
+    let opts = WriteOptions {
+        mode: 0o600,
+        durability,
+    };
+    delegate_durable::write_atomic_with(path, data, opts).map_err(|e| SpoolError::Io {
+        op: e.op,
+        path: e.path,
+        cause: e.source,
+    })
 }
+
+/// Files of a task directory that are the spool's own, never an executor's record.
+const OWN_FILES: &[&str] = &["assignment.json", "result.json", "acked", "log"];
 
 /// The spool root, `STATE_DIR/tasks`.
 #[derive(Debug, Clone)]
@@ -64,9 +81,6 @@ pub struct Spool {
     /// Most log bytes kept per task attempt (`max_log_bytes`).
     log_cap: u64,
 }
-
-/// Default cap of one task attempt's spooled log: 256 MiB, as the manager's default.
-pub const DEFAULT_MAX_LOG_BYTES: u64 = 256 * 1024 * 1024;
 
 /// What a restarted agent finds in the spool for one directory.
 #[derive(Debug)]
@@ -87,8 +101,8 @@ pub struct Quarantined {
     pub task: Option<(String, u32)>,
     pub reason: String,
     pub moved_to: PathBuf,
-    /// The shell task's process group, when its record was readable.
-    pub process: Option<ProcessRecord>,
+    /// The executor's records, where they were moved to (for what is left of its work).
+    pub records: Records,
 }
 
 /// What a restarted agent finds in the spool for one task attempt.
@@ -97,7 +111,6 @@ pub struct Recovered {
     pub dir: TaskDir,
     pub assignment: Assignment,
     pub result: Option<TaskResult>,
-    pub process: Option<ProcessRecord>,
 }
 
 impl Spool {
@@ -154,7 +167,11 @@ impl Spool {
             path: path.clone(),
             reason: e.to_string(),
         })?;
-        write_atomic(&path.join("assignment.json"), &json)?;
+        write_atomic(
+            &path.join("assignment.json"),
+            &json,
+            Durability::ProcessCrash,
+        )?;
         TaskDir::open(path, a.task_id.clone(), a.attempt, self.log_cap)
     }
 
@@ -203,15 +220,14 @@ impl Spool {
             .map(|d| d.as_secs())
             .unwrap_or(0);
         let moved_to = dir.join(format!("{name}.{stamp}"));
-        let process = fs::read(path.join("process.json"))
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok());
         fs::rename(path, &moved_to).map_err(io_err("rename", path))?;
         Ok(Quarantined {
             task,
             reason,
+            records: Records {
+                dir: moved_to.clone(),
+            },
             moved_to,
-            process,
         })
     }
 
@@ -240,10 +256,6 @@ impl Spool {
             ),
             None => None,
         };
-        let process = match read_json("process.json")? {
-            Some(b) => serde_json::from_slice(&b).ok(),
-            None => None,
-        };
         let dir = TaskDir::open(
             path.clone(),
             assignment.task_id.clone(),
@@ -254,7 +266,6 @@ impl Spool {
             dir,
             assignment,
             result,
-            process,
         })
     }
 }
@@ -362,7 +373,11 @@ impl TaskDir {
 
     pub fn set_acked(&self, n: u64) -> Result<(), SpoolError> {
         self.acked.store(n, Ordering::Release);
-        write_atomic(&self.path.join("acked"), n.to_string().as_bytes())
+        write_atomic(
+            &self.path.join("acked"),
+            n.to_string().as_bytes(),
+            Durability::ProcessCrash,
+        )
     }
 
     /// True the first time it is asked after a failed `set_acked`, so the failure is
@@ -371,32 +386,11 @@ impl TaskDir {
         !self.ack_failed.swap(true, Ordering::AcqRel)
     }
 
-    pub fn record_process(&self, p: ProcessRecord) -> Result<(), SpoolError> {
-        let json = serde_json::to_vec(&p).unwrap_or_default();
-        write_atomic(&self.path.join("process.json"), &json)
-    }
-
-    pub fn record_container(&self, c: &ContainerRecord) -> Result<(), SpoolError> {
-        let json = serde_json::to_vec(c).unwrap_or_default();
-        write_atomic(&self.path.join("container.json"), &json)
-    }
-
-    pub fn record_unit(&self, u: &crate::exec::unit::UnitRecord) -> Result<(), SpoolError> {
-        let json = serde_json::to_vec(u).unwrap_or_default();
-        write_atomic(&self.path.join("unit.json"), &json)
-    }
-
-    /// The journalled task unit, if any.
-    pub fn unit(&self) -> Option<crate::exec::unit::UnitRecord> {
-        let b = fs::read(self.path.join("unit.json")).ok()?;
-        serde_json::from_slice(&b).ok()
-    }
-
-    /// The journalled container, if any (an unreadable record counts as none: the
-    /// container is then looked up by its labels).
-    pub fn container(&self) -> Option<ContainerRecord> {
-        let b = fs::read(self.path.join("container.json")).ok()?;
-        serde_json::from_slice(&b).ok()
+    /// The named records its executor keeps in this directory.
+    pub fn records(&self) -> Records {
+        Records {
+            dir: self.path.clone(),
+        }
     }
 
     /// When the task was journalled (accepted), for the time left of its timeout.
@@ -415,7 +409,11 @@ impl TaskDir {
             path: self.path.clone(),
             reason: e.to_string(),
         })?;
-        write_atomic(&self.path.join("result.json"), &json)
+        write_atomic(
+            &self.path.join("result.json"),
+            &json,
+            Durability::ProcessCrash,
+        )
     }
 
     /// The manager has everything: forget the task.
@@ -425,6 +423,95 @@ impl TaskDir {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(io_err("remove", &self.path)(e)),
         }
+    }
+}
+
+/// The named records an executor keeps for one task attempt, each a file of the task's
+/// directory holding what the executor handed over. The spool stores them and interprets
+/// none: their types, their names and what a missing one means are the executor's.
+#[derive(Debug, Clone)]
+pub struct Records {
+    dir: PathBuf,
+}
+
+impl Records {
+    fn path(&self, name: &str) -> Result<PathBuf, SpoolError> {
+        let valid = !name.is_empty()
+            && name.len() <= 64
+            && !name.starts_with('.')
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+            && !OWN_FILES.contains(&name);
+        if !valid {
+            return Err(SpoolError::BadRecordName(name.to_string()));
+        }
+        Ok(self.dir.join(name))
+    }
+
+    /// Store `bytes` as record `name`, replacing an earlier one atomically.
+    pub fn put_bytes(
+        &self,
+        name: &str,
+        bytes: &[u8],
+        durability: Durability,
+    ) -> Result<(), SpoolError> {
+        write_atomic(&self.path(name)?, bytes, durability)
+    }
+
+    /// Record `name`; `None` when there is none.
+    pub fn get_bytes(&self, name: &str) -> Result<Option<Vec<u8>>, SpoolError> {
+        let p = self.path(name)?;
+        match fs::read(&p) {
+            Ok(b) => Ok(Some(b)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_err("read", &p)(e)),
+        }
+    }
+
+    /// Store `value` as record `name`, as JSON.
+    pub fn put<T: Serialize>(
+        &self,
+        name: &str,
+        value: &T,
+        durability: Durability,
+    ) -> Result<(), SpoolError> {
+        let json = serde_json::to_vec(value).map_err(|e| SpoolError::Corrupt {
+            path: self.dir.join(name),
+            reason: e.to_string(),
+        })?;
+        self.put_bytes(name, &json, durability)
+    }
+
+    /// Record `name` as the type its executor wrote; `None` when there is none.
+    pub fn get<T: DeserializeOwned>(&self, name: &str) -> Result<Option<T>, SpoolError> {
+        let Some(b) = self.get_bytes(name)? else {
+            return Ok(None);
+        };
+        serde_json::from_slice(&b)
+            .map(Some)
+            .map_err(|e| SpoolError::Corrupt {
+                path: self.dir.join(name),
+                reason: format!("{name} does not parse: {e}"),
+            })
+    }
+}
+
+/// The executors' journal of a task is its records.
+impl Journal for Records {
+    fn put_json(
+        &self,
+        name: &str,
+        json: &[u8],
+        durability: Durability,
+    ) -> Result<(), JournalError> {
+        self.put_bytes(name, json, durability)
+            .map_err(|e| JournalError(e.to_string()))
+    }
+
+    fn get_json(&self, name: &str) -> Result<Option<Vec<u8>>, JournalError> {
+        self.get_bytes(name)
+            .map_err(|e| JournalError(e.to_string()))
     }
 }
 
@@ -680,20 +767,102 @@ mod tests {
         assert!(spool.recover().expect("recover").is_empty());
     }
 
+    /// Records are opaque to the spool: what an executor puts it gets back, under the
+    /// file name it chose, and the spool's own files are not records.
     #[test]
-    fn container_record_round_trips() {
+    fn records_round_trip_under_their_own_names() {
+        #[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+        struct Made {
+            id: String,
+            n: u64,
+        }
         let tmp = tempfile::tempdir().expect("tempdir");
         let spool = Spool::open(tmp.path()).expect("open");
         let dir = spool.create(&assignment("t_2")).expect("create");
-        assert_eq!(dir.container(), None);
-        let rec = ContainerRecord {
+        let records = dir.records();
+        assert_eq!(records.get::<Made>("made.json").expect("get"), None);
+        let made = Made {
             id: "abc".into(),
-            log_base: 12,
-            exit_code: Some(3),
+            n: 12,
         };
-        dir.record_container(&rec).expect("record");
-        assert_eq!(dir.container(), Some(rec));
+        records
+            .put("made.json", &made, Durability::ProcessCrash)
+            .expect("put");
+        records
+            .put("synced.json", &made, Durability::PowerLoss)
+            .expect("put synced");
+        assert_eq!(records.get::<Made>("made.json").expect("get"), Some(made));
+        assert!(dir.path().join("made.json").is_file());
+        let journal: &dyn Journal = &records;
+        assert_eq!(
+            journal.get::<Made>("synced.json").map(|m| m.n),
+            Some(12),
+            "the executors' typed view reads the same record"
+        );
+        for bad in [
+            "",
+            "../x",
+            ".hidden",
+            "a/b",
+            "assignment.json",
+            "result.json",
+            "acked",
+            "log",
+        ] {
+            let e = records.put_bytes(bad, b"{}", Durability::ProcessCrash);
+            assert!(
+                matches!(e, Err(SpoolError::BadRecordName(_))),
+                "{bad}: {e:?}"
+            );
+        }
         assert!(dir.accepted_at().is_some());
+        let names: Vec<String> = std::fs::read_dir(dir.path())
+            .expect("ls")
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(!names.iter().any(|n| n.contains("tmp")), "{names:?}");
+    }
+
+    /// An agent upgraded in place finds the records an older one wrote: the same files.
+    #[test]
+    fn records_written_by_an_older_agent_are_read() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let spool = Spool::open(tmp.path()).expect("open");
+        let dir = spool.create(&assignment("t_old")).expect("create");
+        std::fs::write(
+            dir.path().join("container.json"),
+            br#"{"id":"abc","log_base":12,"exit_code":3}"#,
+        )
+        .expect("old record");
+        let found = spool.recover().expect("recover");
+        let Some(Found::Task(rec)) = found.into_iter().next() else {
+            panic!("task not recovered");
+        };
+        let c: serde_json::Value = rec
+            .dir
+            .records()
+            .get("container.json")
+            .expect("read")
+            .expect("present");
+        assert_eq!(c["id"], "abc");
+    }
+
+    /// A quarantined directory keeps its records for what is left of the task's work.
+    #[test]
+    fn a_quarantined_task_keeps_its_records() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let spool = Spool::open(tmp.path()).expect("open");
+        let dir = spool.create(&assignment("t_q")).expect("create");
+        dir.records()
+            .put("process.json", &7u32, Durability::ProcessCrash)
+            .expect("put");
+        std::fs::write(dir.path().join("assignment.json"), b"garbage").expect("garble");
+        let found = spool.recover().expect("recover");
+        let Some(Found::Quarantined(q)) = found.into_iter().next() else {
+            panic!("not quarantined");
+        };
+        assert_eq!(q.records.get::<u32>("process.json").expect("read"), Some(7));
     }
 
     #[test]
@@ -704,16 +873,5 @@ mod tests {
             .create(&assignment("../../etc"))
             .expect_err("must be refused");
         assert!(matches!(e, SpoolError::BadTaskId(_)), "{e}");
-    }
-
-    #[test]
-    fn process_record_matches_only_the_same_process() {
-        let me = ProcessRecord::of(std::process::id()).expect("own stat");
-        assert!(me.is_alive());
-        let other = ProcessRecord {
-            start_time: me.start_time + 1,
-            ..me
-        };
-        assert!(!other.is_alive());
     }
 }

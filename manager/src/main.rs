@@ -13,8 +13,7 @@ use tracing_subscriber::EnvFilter;
 
 // Man pages and completions for the packages (`scripts/packages`); one source, shared with
 // the agent. Not a clap subcommand, so it never shows in --help.
-#[path = "../../agent/src/docs.rs"]
-mod docs;
+use delegate_docgen as docs;
 
 fn main() -> ExitCode {
     if let Some(code) = docs::from_args(<Cli as clap::CommandFactory>::command) {

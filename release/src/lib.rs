@@ -26,15 +26,15 @@ use delegate_protocol::release::{
 };
 use sha2::{Digest, Sha256};
 
+use delegate_durable::{WriteError, write_atomic};
 use delegate_protocol::release::ManifestError;
-use delegate_upgrader::UpgradeError;
-use delegate_upgrader::state::write_atomic;
 
 /// Environment variable holding the secret key's passphrase.
 pub const PASSPHRASE_ENV: &str = "DELEGATE_KEY_PASSPHRASE";
 
-/// Target triple these tools were built for: the default `--target` of `publish`.
-pub use delegate_upgrader::config::BUILD_TARGET;
+/// Target triple these tools were built for: the default `--target` of `publish` (the
+/// upgrader built in the same build picks the artifact of the same triple).
+pub const BUILD_TARGET: &str = env!("DELEGATE_RELEASE_TARGET");
 
 /// Every way a release tool fails; each names the file involved and keeps its cause.
 #[derive(Debug, thiserror::Error)]
@@ -73,7 +73,7 @@ pub enum ReleaseError {
     #[error("cannot encode the manifest")]
     Json(#[source] serde_json::Error),
     #[error(transparent)]
-    Write(#[from] UpgradeError),
+    Write(#[from] WriteError),
 }
 
 fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> ReleaseError {
@@ -258,9 +258,9 @@ pub fn publish(p: &Publish<'_>, signer: &Signer) -> Result<Published, ReleaseErr
 
 /// `<binary> version`, checked to be a version.
 fn binary_version(binary: &Path) -> Result<String, ReleaseError> {
-    // The binary may just have been written by a build or a test (see the upgrader's
-    // `spawn` module): retry briefly while it is busy.
-    let out = delegate_upgrader::spawn::retry_busy_blocking(|| {
+    // The binary may just have been written by a build or a test (see
+    // `delegate_durable::retry_busy`): retry briefly while it is busy.
+    let out = delegate_durable::retry_busy_blocking(|| {
         std::process::Command::new(binary)
             .arg("version")
             .stdin(std::process::Stdio::null())

@@ -8,7 +8,6 @@
 //! new state, never half of one.
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -301,26 +300,21 @@ impl State {
     }
 }
 
-/// Temp file beside `path`, fsync, rename over `path`, fsync the directory.
+/// Temp file beside `path`, fsync, rename over `path`, fsync the directory
+/// ([`delegate_durable::write_atomic`]).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), UpgradeError> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    let mut f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
-    f.write_all(bytes).map_err(io(&tmp))?;
-    f.sync_all().map_err(io(&tmp))?;
-    drop(f);
-    std::fs::rename(&tmp, path).map_err(io(path))?;
-    sync_dir(dir)
+    delegate_durable::write_atomic(path, bytes).map_err(from_durable)
 }
 
 pub fn sync_dir(dir: &Path) -> Result<(), UpgradeError> {
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io(dir))
+    delegate_durable::sync_dir(dir).map_err(from_durable)
+}
+
+fn from_durable(e: delegate_durable::WriteError) -> UpgradeError {
+    UpgradeError::Io {
+        path: e.path,
+        source: e.source,
+    }
 }
 
 #[cfg(test)]

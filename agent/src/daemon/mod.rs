@@ -244,11 +244,8 @@ impl Shared {
 
     /// Would a restarted agent re-attach to a task of this kind?
     fn adoptable(&self, kind: &str) -> bool {
-        match kind {
-            "docker" | "kubernetes" => true,
-            "shell" => matches!(*self.shell.borrow(), ShellRunner::Units(_)),
-            _ => false,
-        }
+        exec::Kind::parse(kind)
+            .is_some_and(|k| k.facts(&self.config, &self.shell.borrow()).adoptable)
     }
 
     fn lock_tasks(&self) -> std::sync::MutexGuard<'_, HashMap<TaskAttempt, TaskHandle>> {
@@ -312,26 +309,26 @@ impl Shared {
         let mut t = Vec::new();
         if self.config.shell_enabled && !matches!(*self.shell.borrow(), ShellRunner::Waiting(_)) {
             t.push(Target {
-                kind: "shell".into(),
+                kind: exec::Kind::Shell.name().into(),
                 name: None,
             });
         }
         if self.config.http_enabled {
             t.push(Target {
-                kind: "http".into(),
+                kind: exec::Kind::Http.name().into(),
                 name: None,
             });
         }
         if self.config.docker.enabled && self.docker_up.load(Ordering::Relaxed) {
             t.push(Target {
-                kind: "docker".into(),
+                kind: exec::Kind::Docker.name().into(),
                 name: None,
             });
         }
         let up = self.kube_up.lock().unwrap_or_else(|p| p.into_inner());
         for name in up.iter() {
             t.push(Target {
-                kind: "kubernetes".into(),
+                kind: exec::Kind::Kubernetes.name().into(),
                 name: Some(name.clone()),
             });
         }
@@ -341,14 +338,7 @@ impl Shared {
     /// Kinds this agent runs. Docker counts when enabled even if the engine is down right
     /// now: the task then fails naming the engine's problem, and works once it is back.
     fn runs_kind(&self, kind: &str) -> bool {
-        match kind {
-            "shell" => self.config.shell_enabled,
-            "http" => self.config.http_enabled,
-            "docker" => self.config.docker.enabled,
-            // A cluster down right now fails its task naming the problem.
-            "kubernetes" => !self.config.kubernetes.is_empty(),
-            _ => false,
-        }
+        exec::Kind::parse(kind).is_some_and(|k| k.facts(&self.config, &self.shell.borrow()).runs)
     }
 }
 

@@ -4,14 +4,13 @@
 use std::sync::{Arc, Mutex};
 
 use delegate_protocol::{Outcome, TaskResult};
-use nix::sys::signal::{Signal, killpg};
-use nix::unistd::Pid;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, error, info, warn};
 
 use super::delivery::deliver;
 use super::supervise::{report_unjournalled, spawn_adopted, task_span};
 use super::{Shared, TaskHandle, key_of};
+use crate::exec::{Kind, Restart, shell};
 use crate::spool::{Found, Quarantined, Recovered};
 
 /// Pick up what an earlier run left in the spool: undelivered results are sent again;
@@ -40,25 +39,14 @@ pub(super) fn recover_spool(shared: &Arc<Shared>) {
                 continue;
             }
         };
-        // Kubernetes actions are idempotent (server-side apply): an interrupted one is run
-        // again rather than reported lost.
-        let kind = rec.assignment.kind.as_str();
-        if rec.result.is_none() && kind == "kubernetes" && shared.runs_kind(kind) {
-            info!(task_id = %rec.assignment.task_id, attempt = rec.assignment.attempt, "running again a kubernetes task that ran when the delegate stopped");
-            let permit = shared.slots.clone().try_acquire_owned().ok();
-            spawn_adopted(shared.clone(), rec.assignment, rec.dir, permit);
-            continue;
-        }
-        // A task unit outlives the agent: re-attach to it, also when units cannot be used
-        // right now (the executor waits for them), never report it lost while it may run.
-        if rec.result.is_none() && rec.assignment.kind == "shell" && rec.dir.unit().is_some() {
-            info!(task_id = %rec.assignment.task_id, attempt = rec.assignment.attempt, "re-attaching to the unit of a task that ran when the delegate stopped");
-            let permit = shared.slots.clone().try_acquire_owned().ok();
-            spawn_adopted(shared.clone(), rec.assignment, rec.dir, permit);
-            continue;
-        }
-        if rec.result.is_none() && rec.assignment.kind == "docker" && shared.runs_kind("docker") {
-            info!(task_id = %rec.assignment.task_id, attempt = rec.assignment.attempt, "re-attaching to the container of a task that ran when the delegate stopped");
+        // Each kind's executor says whether its unfinished work is taken up again (a
+        // container or unit outlives the agent, kubernetes actions are idempotent).
+        if rec.result.is_none()
+            && let Some(kind) = Kind::parse(&rec.assignment.kind)
+            && let Restart::Adopt(what) =
+                kind.on_restart(&rec.dir.records(), shared.runs_kind(kind.name()))
+        {
+            info!(task_id = %rec.assignment.task_id, attempt = rec.assignment.attempt, "{what}");
             let permit = shared.slots.clone().try_acquire_owned().ok();
             spawn_adopted(shared.clone(), rec.assignment, rec.dir, permit);
             continue;
@@ -73,13 +61,8 @@ pub(super) fn recover_spool(shared: &Arc<Shared>) {
                     "the delegate restarted while this task was running (attempt {})",
                     rec.assignment.attempt
                 );
-                if let Some(p) = rec.process.filter(|p| p.is_alive()) {
-                    let pgid = Pid::from_raw(i32::try_from(p.pid).unwrap_or(i32::MAX));
-                    let _ = killpg(pgid, Signal::SIGKILL);
-                    message.push_str(&format!(
-                        "; its leftover process group {} was killed",
-                        p.pid
-                    ));
+                if let Some(pid) = shell::kill_leftover(&rec.dir.records()) {
+                    message.push_str(&format!("; its leftover process group {pid} was killed"));
                 }
                 warn!(task_id = %rec.assignment.task_id, "{message}");
                 let r = TaskResult {
@@ -123,10 +106,7 @@ pub(super) fn recover_spool(shared: &Arc<Shared>) {
 /// the lease to lapse.
 fn report_quarantined(shared: &Arc<Shared>, q: Quarantined) {
     // Its work is unsupervised now: whatever is left of a shell task goes.
-    if let Some(p) = q.process.filter(|p| p.is_alive()) {
-        let pgid = Pid::from_raw(i32::try_from(p.pid).unwrap_or(i32::MAX));
-        let _ = killpg(pgid, Signal::SIGKILL);
-    }
+    shell::kill_leftover(&q.records);
     let Some((task_id, attempt)) = q.task else {
         error!(
             "a spool entry was corrupt ({}); moved it to {} (no task id in its name, nothing reported)",

@@ -14,8 +14,7 @@ use super::delivery::{deliver, ship_live};
 use super::{Shared, StopReason, TaskHandle, key_of};
 use crate::backoff::Backoff;
 use crate::config::Config;
-use crate::exec::unit::UnitRecord;
-use crate::exec::{self, ContainerRecord, ExecContext, ExecOutcome, Journal, ProcessRecord};
+use crate::exec::{self, ExecContext, ExecOutcome};
 use crate::spool::TaskDir;
 
 pub(super) fn task_span(a: &Assignment) -> tracing::Span {
@@ -235,7 +234,7 @@ async fn execute(
         log: Box::new(log),
         stop: stop.clone(),
         kill_grace: shared.config.kill_grace,
-        journal: Box::new(SpoolJournal(dir.clone())),
+        journal: Box::new(dir.records()),
         adopt,
         delegate_name: shared.config.name.clone(),
         delegate_id: shared.delegate_id.borrow().clone(),
@@ -293,39 +292,6 @@ fn signal_name(sig: i32) -> String {
     Signal::try_from(sig)
         .map(|s| s.as_str().to_string())
         .unwrap_or_else(|_| format!("signal {sig}"))
-}
-
-/// The executor's [`Journal`] over the task's spool directory.
-struct SpoolJournal(TaskDir);
-
-impl Journal for SpoolJournal {
-    fn record_process(&self, p: ProcessRecord) {
-        if let Err(e) = self.0.record_process(p) {
-            warn!("cannot journal the task's process: {e}");
-        }
-    }
-
-    fn record_container(&self, c: &ContainerRecord) {
-        if let Err(e) = self.0.record_container(c) {
-            // Not fatal: a restarted agent still finds the container by its labels.
-            warn!("cannot journal the container: {e}");
-        }
-    }
-
-    fn container(&self) -> Option<ContainerRecord> {
-        self.0.container()
-    }
-
-    fn record_unit(&self, u: &UnitRecord) {
-        if let Err(e) = self.0.record_unit(u) {
-            // A restarted agent then reports the task lost instead of re-attaching.
-            warn!("cannot journal the task's unit: {e}");
-        }
-    }
-
-    fn unit(&self) -> Option<UnitRecord> {
-        self.0.unit()
-    }
 }
 
 /// Outcome + why the supervisor stopped it → the result the manager gets.

@@ -29,8 +29,56 @@ use delegate_protocol::{DockerSpec, MountKind, PullPolicy};
 use futures_util::StreamExt;
 use tracing::{debug, info, warn};
 
-use super::{ContainerRecord, ExecContext, ExecOutcome};
-use crate::config::{DockerConfig, RegistryAuth};
+use delegate_durable::Durability;
+use serde::{Deserialize, Serialize};
+
+use super::{ExecContext, ExecOutcome, Facts, Restart};
+use crate::config::{Config, DockerConfig, RegistryAuth};
+
+/// The record of the task's container.
+pub const CONTAINER_RECORD: &str = "container.json";
+
+/// The container a docker task runs in, so a restarted agent can re-attach to it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContainerRecord {
+    pub id: String,
+    /// Log length when the container's output began (the agent's own notes come first);
+    /// the container's log stream maps to the spooled log from this offset on.
+    pub log_base: u64,
+    /// Set once the container has ended, before it is removed, so an agent that dies
+    /// between removal and journalling the result still reports the real exit code.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i64>,
+}
+
+/// Docker tasks run where `[docker]` is enabled (an engine down right now fails the task
+/// naming its problem); their containers outlive the agent, so they are adopted.
+pub(super) fn facts(config: &Config) -> Facts {
+    Facts {
+        runs: config.docker.enabled,
+        adoptable: true,
+    }
+}
+
+/// A container outlives the agent: re-attach to it where docker tasks still run.
+pub(super) fn on_restart(runs: bool) -> Restart {
+    if runs {
+        Restart::Adopt("re-attaching to the container of a task that ran when the delegate stopped")
+    } else {
+        Restart::Lost
+    }
+}
+
+/// Journal the container; not fatal when it fails: a restarted agent still finds the
+/// container by its labels.
+fn journal_container(ctx: &ExecContext, rec: &ContainerRecord) {
+    if let Err(e) = ctx
+        .journal
+        .put(CONTAINER_RECORD, rec, Durability::ProcessCrash)
+    {
+        warn!("cannot journal the container: {e}");
+    }
+}
 
 /// Label keys every container of ours carries; a restarted agent finds them by these.
 pub const LABEL_TASK: &str = "dev.delegate.task-id";
@@ -321,7 +369,7 @@ async fn find(
     ctx: &ExecContext,
     name: &str,
 ) -> Result<Option<ContainerRecord>, String> {
-    let journalled = ctx.journal.container();
+    let journalled = ctx.journal.get::<ContainerRecord>(CONTAINER_RECORD);
     if let Some(r) = &journalled {
         match docker.inspect_container(&r.id, None).await {
             Ok(_) => return Ok(journalled),
@@ -357,7 +405,7 @@ async fn find(
         log_base: ctx.log.written(),
         exit_code: None,
     };
-    ctx.journal.record_container(&rec);
+    journal_container(ctx, &rec);
     Ok(Some(rec))
 }
 
@@ -440,7 +488,7 @@ async fn create_and_start(
         log_base: ctx.log.written(),
         exit_code: None,
     };
-    ctx.journal.record_container(&rec);
+    journal_container(ctx, &rec);
     if let Err(e) = docker.start_container(&id, None).await {
         let why = engine_message(&e);
         remove(docker, &id).await;
@@ -634,7 +682,7 @@ async fn follow(
             ctx.note("the container was killed for exceeding its memory limit (OOM)");
         }
         record.exit_code = Some(state.exit_code.unwrap_or(-1));
-        ctx.journal.record_container(&record);
+        journal_container(ctx, &record);
     }
     if !spec.keep {
         remove(docker, &id).await;

@@ -8,7 +8,16 @@ use std::time::Duration;
 
 use delegate_protocol::HttpSpec;
 
-use super::{ExecContext, ExecOutcome};
+use super::{ExecContext, ExecOutcome, Facts};
+use crate::config::Config;
+
+/// HTTP tasks run where `[http]` is enabled; a request in flight dies with the agent.
+pub(super) fn facts(config: &Config) -> Facts {
+    Facts {
+        runs: config.http_enabled,
+        adoptable: false,
+    }
+}
 
 /// Most response body bytes copied to the task log.
 const MAX_LOGGED_BODY: usize = 64 * 1024;

@@ -1,75 +1,38 @@
 //! Executors: run one task spec against a target and say how it ended.
 //!
 //! Executors know nothing of HTTP to the manager or of the spool: they get the spec, a
-//! [`TaskLog`] to write output to, a [`Journal`] to record what a restarted agent needs to
-//! find their work again (a process group, a container), a token that asks them to stop,
-//! and return an [`ExecOutcome`]. The supervisor in `daemon` implements both over the spool
-//! and turns the outcome into a protocol result.
+//! [`TaskLog`] to write output to, a [`Journal`] of named records to keep what a restarted
+//! agent needs to find their work again (a process group, a container, a unit, a Job; each
+//! executor owns and types its own), a token that asks them to stop, and return an
+//! [`ExecOutcome`]. The supervisor in `daemon` implements both over the spool and turns the
+//! outcome into a protocol result. What the daemon must know of a kind (does this agent run
+//! it, is a running task adoptable, what becomes of it after a restart) each executor says
+//! through [`Kind`].
+//!
+//! The shell and kubernetes executors are folders ([`shell`]: as children or as systemd
+//! units, and the unit's runner; [`kubernetes`]: one file per action).
 
 pub mod docker;
 pub mod handoff;
 pub mod http;
 pub mod kubernetes;
-pub mod kubernetes_job;
-pub mod kubernetes_rollout;
 pub mod output;
 pub mod shell;
-pub mod unit;
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use delegate_durable::Durability;
 use delegate_protocol::TaskSpec;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{DockerConfig, KubeCluster};
+use crate::config::{Config, DockerConfig, KubeCluster};
 
-/// Identity of the process group a shell task runs in, so a restarted agent can stop it
-/// without hitting an unrelated process that reused the pid.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ProcessRecord {
-    pub pid: u32,
-    /// Field 22 of `/proc/PID/stat` (start time in clock ticks since boot).
-    pub start_time: u64,
-}
-
-impl ProcessRecord {
-    /// Read the start time of a live process.
-    pub fn of(pid: u32) -> Option<ProcessRecord> {
-        Some(ProcessRecord {
-            pid,
-            start_time: proc_start_time(pid)?,
-        })
-    }
-
-    /// Is this very process (not a successor with the same pid) still there?
-    pub fn is_alive(&self) -> bool {
-        proc_start_time(self.pid) == Some(self.start_time)
-    }
-}
-
-fn proc_start_time(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) may hold spaces and parentheses; fields resume after the
-    // last ')'. Start time is field 22, i.e. the 20th after the name.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    rest.split_whitespace().nth(19)?.parse().ok()
-}
-
-/// The container a docker task runs in, so a restarted agent can re-attach to it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ContainerRecord {
-    pub id: String,
-    /// Log length when the container's output began (the agent's own notes come first);
-    /// the container's log stream maps to the spooled log from this offset on.
-    pub log_base: u64,
-    /// Set once the container has ended, before it is removed, so an agent that dies
-    /// between removal and journalling the result still reports the real exit code.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub exit_code: Option<i64>,
-}
+pub use docker::ContainerRecord;
+pub use shell::{ProcessRecord, unit};
 
 /// Where a task's output goes. Appending never fails: a write problem (a full disk) is the
 /// log's to count and report, and the task goes on.
@@ -87,17 +50,120 @@ pub trait TaskLog: Send + Sync {
     fn skipped(&mut self, _bytes: u64) {}
 }
 
-/// What an executor records about its running work for a restarted agent. Recording is
-/// best effort (a failure is logged by the journal): a restarted agent still finds a
-/// container by its labels, and reports a shell task it cannot find as lost.
+/// What an executor records about its running work for a restarted agent: named records
+/// that only the executor writes and reads (a process group, a container, a unit, a Job).
+/// The store behind it (the spool) keeps them with the task and interprets none of them.
+/// Recording is best effort: the executor says what a failure costs (a restarted agent
+/// still finds a container by its labels, and reports a shell task it cannot find as lost).
 pub trait Journal: Send + Sync {
-    fn record_process(&self, p: ProcessRecord);
-    fn record_container(&self, c: &ContainerRecord);
-    /// The container recorded by this or an earlier run of the agent.
-    fn container(&self) -> Option<ContainerRecord>;
-    /// The systemd unit a shell task runs in (see [`unit`]).
-    fn record_unit(&self, u: &unit::UnitRecord);
-    fn unit(&self) -> Option<unit::UnitRecord>;
+    /// Store record `name` (JSON), replacing an earlier one so that a reader sees the old
+    /// or the new one, never a part.
+    fn put_json(&self, name: &str, json: &[u8], durability: Durability)
+    -> Result<(), JournalError>;
+    /// Record `name` as stored by this or an earlier run of the agent; `None` when none is.
+    fn get_json(&self, name: &str) -> Result<Option<Vec<u8>>, JournalError>;
+}
+
+impl dyn Journal + '_ {
+    /// Store `value` as record `name` (see [`Journal::put_json`]).
+    pub fn put<T: Serialize>(
+        &self,
+        name: &str,
+        value: &T,
+        durability: Durability,
+    ) -> Result<(), JournalError> {
+        let json = serde_json::to_vec(value).map_err(|e| JournalError(e.to_string()))?;
+        self.put_json(name, &json, durability)
+    }
+
+    /// Record `name`; one that cannot be read or does not parse counts as none (the
+    /// executor then finds its work another way, or reports it lost).
+    pub fn get<T: DeserializeOwned>(&self, name: &str) -> Option<T> {
+        let json = self.get_json(name).ok()??;
+        serde_json::from_slice(&json).ok()
+    }
+}
+
+/// A record could not be stored or read; the message names the file and the cause.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct JournalError(pub String);
+
+/// The kinds of task this agent knows, each run by its executor. The daemon asks a kind's
+/// executor about it ([`Kind::facts`], [`Kind::on_restart`]) rather than deciding by name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kind {
+    Shell,
+    Http,
+    Docker,
+    Kubernetes,
+}
+
+/// What the daemon needs to know of a kind on this agent, as its executor says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Facts {
+    /// The config lets the agent run it (a target that is down right now still counts:
+    /// its task then fails naming the problem).
+    pub runs: bool,
+    /// A running task of it outlives the agent and a restarted agent takes it up again, so
+    /// a drain for a handover need not wait for it.
+    pub adoptable: bool,
+}
+
+/// What a restarted agent does with an unfinished task it finds in the spool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Restart {
+    /// Run the executor again with `adopt` set: it re-attaches to its work or, for an
+    /// idempotent action, runs it again. The text says which, for the agent's log.
+    Adopt(&'static str),
+    /// Nothing of it can be taken up: report it lost.
+    Lost,
+}
+
+impl Kind {
+    /// Every kind, in the order targets are listed.
+    pub const ALL: [Kind; 4] = [Kind::Shell, Kind::Http, Kind::Docker, Kind::Kubernetes];
+
+    /// The kind of a task spec or assignment (`shell`, `http`, `docker`, `kubernetes`).
+    pub fn parse(name: &str) -> Option<Kind> {
+        Kind::ALL.into_iter().find(|k| k.name() == name)
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Shell => "shell",
+            Kind::Http => "http",
+            Kind::Docker => "docker",
+            Kind::Kubernetes => "kubernetes",
+        }
+    }
+
+    /// This kind's facts on an agent with `config` whose shell tasks run as `shell` says.
+    pub fn facts(self, config: &Config, shell: &ShellRunner) -> Facts {
+        match self {
+            Kind::Shell => shell::facts(config, shell),
+            Kind::Http => http::facts(config),
+            Kind::Docker => docker::facts(config),
+            Kind::Kubernetes => kubernetes::facts(config),
+        }
+    }
+
+    /// What becomes of a task of this kind that was running when the agent stopped, given
+    /// the records its executor journalled and whether this agent runs the kind.
+    pub fn on_restart(self, journal: &dyn Journal, runs: bool) -> Restart {
+        match self {
+            Kind::Shell => shell::on_restart(journal),
+            Kind::Http => Restart::Lost,
+            Kind::Docker => docker::on_restart(runs),
+            Kind::Kubernetes => kubernetes::on_restart(runs),
+        }
+    }
+}
+
+impl std::fmt::Display for Kind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
 }
 
 /// How an execution ended, before the supervisor adds why it was stopped.
@@ -123,7 +189,7 @@ pub enum ExecOutcome {
 #[derive(Debug, Clone)]
 pub enum ShellRunner {
     /// Each task a `delegate-task@` unit.
-    Units(Arc<unit::TaskUnits>),
+    Units(Arc<shell::unit::TaskUnits>),
     /// The agent's own children (the operator's choice, or no systemd).
     Children,
     /// Units are required and cannot be used yet: shell tasks are refused with this reason.
@@ -170,5 +236,49 @@ pub async fn run(spec: &TaskSpec, ctx: ExecContext) -> ExecOutcome {
         TaskSpec::Http(h) => http::run(h, ctx).await,
         TaskSpec::Docker(d) => docker::run(d, ctx).await,
         TaskSpec::Kubernetes(k) => kubernetes::run(k, ctx).await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The record names are the file names older agents wrote, so an agent upgraded in
+    /// place re-attaches to the tasks they started; and the records parse what they wrote.
+    #[test]
+    fn records_keep_the_names_and_formats_older_agents_wrote() {
+        assert_eq!(shell::PROCESS_RECORD, "process.json");
+        assert_eq!(shell::unit::UNIT_RECORD, "unit.json");
+        assert_eq!(docker::CONTAINER_RECORD, "container.json");
+        assert_eq!(kubernetes::JOB_RECORD, "kube-job.json");
+        let c: ContainerRecord =
+            serde_json::from_str(r#"{"id":"abc","log_base":12}"#).expect("container");
+        assert_eq!(c.exit_code, None);
+        let u: unit::UnitRecord =
+            serde_json::from_str(r#"{"unit":"delegate-task@t-1.service","output_base":3}"#)
+                .expect("unit");
+        assert_eq!(u.output_base, 3);
+        let p: ProcessRecord =
+            serde_json::from_str(r#"{"pid":1,"start_time":2}"#).expect("process");
+        assert_eq!(p.pid, 1);
+    }
+
+    #[test]
+    fn process_record_matches_only_the_same_process() {
+        let me = ProcessRecord::of(std::process::id()).expect("own stat");
+        assert!(me.is_alive());
+        let other = ProcessRecord {
+            start_time: me.start_time + 1,
+            ..me
+        };
+        assert!(!other.is_alive());
+    }
+
+    #[test]
+    fn kinds_parse_from_their_names() {
+        for k in Kind::ALL {
+            assert_eq!(Kind::parse(k.name()), Some(k));
+        }
+        assert_eq!(Kind::parse("ftp"), None);
     }
 }

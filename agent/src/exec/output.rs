@@ -5,7 +5,7 @@
 //! to it: write gigabytes, `ftruncate` it to a petabyte of holes, shrink it under the
 //! reader. A copy that reads "until end of file" with blocking calls on an async worker
 //! then never returns, and the agent stops heartbeating, honouring timeouts and cancels,
-//! and taking tasks (issue 17, item 2). So here:
+//! and taking tasks, which a task can bring about on purpose. So here:
 //!
 //! - each pass reads at most [`PASS_BYTES`], on tokio's blocking pool (`spawn_blocking`),
 //!   never on an async worker; a call makes at most [`PASSES`] passes, so the caller gets
@@ -249,7 +249,7 @@ mod tests {
         std::fs::metadata(path).expect("stat").blocks() * 512
     }
 
-    /// The attack of issue 17, item 2: the task `ftruncate`s its O_APPEND stdout to 1 PiB
+    /// The attack this module guards against: the task `ftruncate`s its O_APPEND stdout to 1 PiB
     /// of holes (8 TiB on ext4). The old copy read zeros "to the end" in one blocking call; here every
     /// call returns at once with at most PASSES × PASS_BYTES read, the copy stops at the
     /// log's cap, and the async runtime keeps ticking meanwhile.

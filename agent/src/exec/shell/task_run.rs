@@ -14,8 +14,8 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{ExitCode, Stdio};
 
+use super::unit::{EXIT_NO_TASK, RunnerSpec};
 use crate::exec::handoff;
-use crate::exec::unit::{EXIT_NO_TASK, RunnerSpec};
 
 /// Exit status when the runner cannot start the script: EX_SOFTWARE, with the reason as
 /// the last line of the task's output.

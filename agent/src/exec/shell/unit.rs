@@ -12,7 +12,7 @@
 //! The template names no file of the agent's: PID 1 opens such paths as root before the
 //! sandbox applies, so any path user `delegate` can change would let it write or read as
 //! root. The unit's runner fetches the spec and the task's output file (opened by the
-//! agent) over the hand-off socket instead ([`super::handoff`]); the agent copies that file
+//! agent) over the hand-off socket instead ([`crate::exec::handoff`]); the agent copies that file
 //! into the task's log by byte offset. The exit status is the unit's `ExecMainStatus`,
 //! kept by systemd (`RemainAfterExit=yes`, or the failed state) until the agent collects
 //! it — also after an agent restart, which re-attaches to the unit and continues the copy
@@ -30,9 +30,10 @@ use tracing::{debug, warn};
 use zbus::fdo::{PropertiesChangedStream, PropertiesProxy};
 use zbus::proxy::CacheProperties;
 
-use super::handoff::{self, Handoffs, UnitOfPid};
-use super::output;
-use super::{ExecContext, ExecOutcome};
+use crate::exec::handoff::{self, Handoffs, UnitOfPid};
+use crate::exec::output;
+use crate::exec::{ExecContext, ExecOutcome};
+use delegate_durable::Durability;
 
 /// The template unit the package installs.
 pub const TEMPLATE: &str = "delegate-task@.service";
@@ -73,6 +74,9 @@ pub struct RunnerSpec {
     pub cpu_weight: Option<u64>,
     pub tasks_max: Option<u64>,
 }
+
+/// The record of the task's unit.
+pub const UNIT_RECORD: &str = "unit.json";
 
 /// A task unit, as journalled in the spool, so a restarted agent re-attaches to it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -528,7 +532,7 @@ fn create_output(path: &Path) -> std::io::Result<std::fs::File> {
 pub async fn run(spec: &ShellSpec, units: Arc<TaskUnits>, mut ctx: ExecContext) -> ExecOutcome {
     let output = ctx.dir.join("output");
     let record = if ctx.adopt {
-        match ctx.journal.unit() {
+        match ctx.journal.get::<UnitRecord>(UNIT_RECORD) {
             Some(r) => r,
             None => {
                 return ExecOutcome::Lost(
@@ -575,7 +579,13 @@ pub async fn run(spec: &ShellSpec, units: Arc<TaskUnits>, mut ctx: ExecContext) 
         };
         // Journalled before the start: a restart in between finds the unit or knows it
         // never ran.
-        ctx.journal.record_unit(&record);
+        if let Err(e) = ctx
+            .journal
+            .put(UNIT_RECORD, &record, Durability::ProcessCrash)
+        {
+            // A restarted agent then reports the task lost instead of re-attaching.
+            warn!("cannot journal the task's unit: {e}");
+        }
         units.handoffs.offer(&unit, json, file);
         record
     };

@@ -3,6 +3,11 @@
 //! The group matters: a script that starts `sleep 600 &` or a pipeline must be stopped as a
 //! whole on timeout or cancel, and nothing it started may outlive the task. stdout and
 //! stderr share one pipe so the log keeps the order in which the script wrote them.
+//!
+//! Under systemd each task runs as a `delegate-task@` unit instead ([`unit`]), whose first
+//! program is `delegate task-run` ([`task_run`]). Records journalled: [`PROCESS_RECORD`]
+//! (the process group of a task run as the agent's child, killed if found after a
+//! restart) and [`unit::UNIT_RECORD`] (the unit, re-attached to after a restart).
 
 use std::io;
 use std::os::unix::process::ExitStatusExt;
@@ -10,14 +15,87 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
+use delegate_durable::Durability;
 use delegate_protocol::ShellSpec;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
+use serde::{Deserialize, Serialize};
 use tokio::io::AsyncReadExt;
 use tokio::net::unix::pipe;
 use tracing::warn;
 
-use super::{ExecContext, ExecOutcome, ProcessRecord, ShellRunner};
+use super::{ExecContext, ExecOutcome, Facts, Journal, Restart, ShellRunner};
+use crate::config::Config;
+
+pub mod task_run;
+pub mod unit;
+
+/// The record of the process group of a task run as the agent's child.
+pub const PROCESS_RECORD: &str = "process.json";
+
+/// Identity of the process group a shell task runs in, so a restarted agent can stop it
+/// without hitting an unrelated process that reused the pid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessRecord {
+    pub pid: u32,
+    /// Field 22 of `/proc/PID/stat` (start time in clock ticks since boot).
+    pub start_time: u64,
+}
+
+impl ProcessRecord {
+    /// Read the start time of a live process.
+    pub fn of(pid: u32) -> Option<ProcessRecord> {
+        Some(ProcessRecord {
+            pid,
+            start_time: proc_start_time(pid)?,
+        })
+    }
+
+    /// Is this very process (not a successor with the same pid) still there?
+    pub fn is_alive(&self) -> bool {
+        proc_start_time(self.pid) == Some(self.start_time)
+    }
+}
+
+fn proc_start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses; fields resume after the
+    // last ')'. Start time is field 22, i.e. the 20th after the name.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Shell tasks run where `[shell]` is enabled; a running one is adopted by a new agent
+/// only as a unit (a child dies with its agent).
+pub(super) fn facts(config: &Config, runner: &ShellRunner) -> Facts {
+    Facts {
+        runs: config.shell_enabled,
+        adoptable: matches!(runner, ShellRunner::Units(_)),
+    }
+}
+
+/// A task unit outlives the agent: re-attach to it, also when units cannot be used right
+/// now (the executor waits for them), never report it lost while it may run. A task run
+/// as a child died with the agent.
+pub(super) fn on_restart(journal: &dyn Journal) -> Restart {
+    match journal.get::<unit::UnitRecord>(unit::UNIT_RECORD) {
+        Some(_) => {
+            Restart::Adopt("re-attaching to the unit of a task that ran when the delegate stopped")
+        }
+        None => Restart::Lost,
+    }
+}
+
+/// What is left of a task run as a child of an earlier agent: its process group, if the
+/// very process still runs, is killed. Returns its pid when it was.
+pub fn kill_leftover(journal: &dyn Journal) -> Option<u32> {
+    let p = journal
+        .get::<ProcessRecord>(PROCESS_RECORD)
+        .filter(|p| p.is_alive())?;
+    let pgid = Pid::from_raw(i32::try_from(p.pid).unwrap_or(i32::MAX));
+    let _ = killpg(pgid, Signal::SIGKILL);
+    Some(p.pid)
+}
 
 /// Variables of the agent that must not leak into tasks.
 const SCRUBBED_ENV: &[&str] = &[
@@ -40,7 +118,7 @@ const OUTPUT_DRAIN_LIMIT: Duration = Duration::from_secs(2);
 pub async fn run(spec: &ShellSpec, mut ctx: ExecContext) -> ExecOutcome {
     let runner = ctx.shell.borrow().clone();
     match runner {
-        ShellRunner::Units(units) => return super::unit::run(spec, units, ctx).await,
+        ShellRunner::Units(units) => return unit::run(spec, units, ctx).await,
         // A unit an earlier run started may still be running: never report it lost (the
         // manager would run it again beside it); wait until units can be used again.
         ShellRunner::Waiting(why) if ctx.adopt => {
@@ -57,7 +135,7 @@ pub async fn run(spec: &ShellSpec, mut ctx: ExecContext) -> ExecOutcome {
                     break u;
                 }
             };
-            return super::unit::run(spec, units, ctx).await;
+            return unit::run(spec, units, ctx).await;
         }
         ShellRunner::Waiting(why) => {
             return ExecOutcome::CouldNotStart(format!(
@@ -65,7 +143,11 @@ pub async fn run(spec: &ShellSpec, mut ctx: ExecContext) -> ExecOutcome {
             ));
         }
         ShellRunner::Children if ctx.adopt => {
-            let unit = ctx.journal.unit().map(|u| u.unit).unwrap_or_default();
+            let unit = ctx
+                .journal
+                .get::<unit::UnitRecord>(unit::UNIT_RECORD)
+                .map(|u| u.unit)
+                .unwrap_or_default();
             return ExecOutcome::CouldNotStart(format!(
                 "an earlier run of the delegate started this task as {unit}, which may still run, and this one runs shell tasks as its children ([shell] mode): not run again; see `systemctl status {unit}`"
             ));
@@ -149,8 +231,12 @@ pub async fn run(spec: &ShellSpec, mut ctx: ExecContext) -> ExecOutcome {
     let Some(pid) = child.id() else {
         return ExecOutcome::CouldNotStart("the process vanished at start".into());
     };
-    if let Some(rec) = ProcessRecord::of(pid) {
-        ctx.journal.record_process(rec);
+    if let Some(rec) = ProcessRecord::of(pid)
+        && let Err(e) = ctx
+            .journal
+            .put(PROCESS_RECORD, &rec, Durability::ProcessCrash)
+    {
+        warn!("cannot journal the task's process: {e}");
     }
     let pgid = Pid::from_raw(i32::try_from(pid).unwrap_or(i32::MAX));
 

@@ -1,6 +1,9 @@
 //! Man pages and shell completions generated from the clap definitions, so the packaged
-//! docs never drift from the binary. Only the hidden `generate-docs` command (run by
-//! `scripts/packages`) calls this; nothing on the agent's hot path does.
+//! docs never drift from the binary. One copy for the agent, the manager and the upgrader:
+//! each calls [`from_args`] first thing in `main`. Only `BINARY generate-docs DIR` (run by
+//! `scripts/packages`) does anything here; nothing on a hot path does.
+
+#![forbid(unsafe_code)]
 
 use std::path::Path;
 

@@ -43,8 +43,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-use super::kubernetes::{Failure, api_message, is_status};
-use super::{ExecContext, ExecOutcome};
+use super::apply::yaml_options;
+use super::client::{Failure, api_message, is_status};
+use crate::exec::{ExecContext, ExecOutcome, JournalError};
+use delegate_durable::Durability;
 
 mod log_lines;
 
@@ -106,16 +108,12 @@ impl Cursor {
     }
 }
 
-fn record_path(dir: &Path) -> PathBuf {
-    dir.join("kube-job.json")
-}
+/// The record of the attempt's Job ([`KubeJobRecord`]), fsynced (file and directory):
+/// without it a restart would make a second Job.
+pub const JOB_RECORD: &str = "kube-job.json";
 
 fn cursor_path(dir: &Path) -> PathBuf {
     dir.join("kube-log.cursor")
-}
-
-fn read_record(dir: &Path) -> Option<KubeJobRecord> {
-    serde_json::from_slice(&std::fs::read(record_path(dir)).ok()?).ok()
 }
 
 /// The journalled Job could not be read from the API server.
@@ -128,12 +126,8 @@ fn cannot_read(rec: &KubeJobRecord, e: &kube::Error) -> Failure {
     ))
 }
 
-fn write_record(dir: &Path, rec: &KubeJobRecord) -> std::io::Result<()> {
-    let tmp = dir.join("kube-job.json.tmp");
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(&serde_json::to_vec(rec).map_err(std::io::Error::other)?)?;
-    f.sync_all()?;
-    std::fs::rename(tmp, record_path(dir))
+fn write_record(ctx: &ExecContext, rec: &KubeJobRecord) -> Result<(), JournalError> {
+    ctx.journal.put(JOB_RECORD, rec, Durability::PowerLoss)
 }
 
 /// The cursor of the lines the log holds: entries `TS END` were written before their
@@ -214,7 +208,7 @@ fn build_job(ctx: &ExecContext, rec: &KubeJobRecord, req: &JobRequest<'_>) -> Re
     } = *req;
     let (name, ns, nonce) = (&rec.name, &rec.namespace, &rec.nonce);
     let mut job: Job = match full {
-        Some(text) => serde_saphyr::from_str_with_options(text, super::kubernetes::yaml_options())
+        Some(text) => serde_saphyr::from_str_with_options(text, yaml_options())
             .map_err(|e| Failure(format!("spec.job is not a batch/v1 Job: {e}")))?,
         None => {
             let env: Vec<_> = env
@@ -292,7 +286,7 @@ pub(super) async fn run(
     stop: &CancellationToken,
 ) -> Result<ExecOutcome, Failure> {
     let dir = ctx.dir.clone();
-    let journalled = read_record(&dir);
+    let journalled = ctx.journal.get::<KubeJobRecord>(JOB_RECORD);
     // Lines held are decided before the agent writes anything more to the log.
     let cursor = match &journalled {
         Some(_) => load_cursor(&dir, ctx.log.written()),
@@ -320,7 +314,7 @@ pub(super) async fn run(
         }
         // The nonce was journalled and the create's answer was not: the create is sent
         // (again); a Job of that name with this nonce is the one made before the crash.
-        Some(rec) => create_job(client, ctx, &req, rec, &dir).await?,
+        Some(rec) => create_job(client, ctx, &req, rec).await?,
         None => {
             let nonce = new_nonce();
             let rec = KubeJobRecord {
@@ -330,10 +324,8 @@ pub(super) async fn run(
                 nonce,
             };
             // Without this journal a restart would make a second Job: nothing is created.
-            write_record(&dir, &rec).map_err(|e| {
-                Failure(format!("cannot journal the Job in {}: {e}", dir.display()))
-            })?;
-            create_job(client, ctx, &req, rec, &dir).await?
+            write_record(ctx, &rec).map_err(|e| Failure(format!("cannot journal the Job: {e}")))?;
+            create_job(client, ctx, &req, rec).await?
         }
     };
     let follow = follow_job(client, ctx, &rec, cursor, &dir);
@@ -357,7 +349,6 @@ async fn create_job(
     ctx: &mut ExecContext,
     req: &JobRequest<'_>,
     mut rec: KubeJobRecord,
-    dir: &Path,
 ) -> Result<KubeJobRecord, Failure> {
     let (ns, name) = (rec.namespace.clone(), rec.name.clone());
     let job = build_job(ctx, &rec, req)?;
@@ -395,7 +386,7 @@ async fn create_job(
             "the API server gave Job {ns}/{name} no uid"
         )));
     }
-    if let Err(e) = write_record(dir, &rec) {
+    if let Err(e) = write_record(ctx, &rec) {
         // A restart then finds the Job by its nonce.
         tracing::warn!("cannot journal the Job's uid: {e}");
     }

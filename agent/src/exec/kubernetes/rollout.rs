@@ -18,9 +18,11 @@ use kube::core::GroupVersionKind;
 use kube::discovery::Scope;
 use tokio_util::sync::CancellationToken;
 
-use super::ExecContext;
-use super::kubernetes::{Failure, Resolver, api_message, is_status, parse_manifest, policy};
+use super::apply::{Resolver, parse_manifest};
+use super::client::{Failure, api_message, is_status};
+use super::policy;
 use crate::config::KubeCluster;
+use crate::exec::ExecContext;
 
 /// Between looks at the object.
 const POLL: Duration = Duration::from_millis(500);

@@ -1,275 +1,28 @@
-//! The `kubernetes` executor: work on a remote cluster named in `[[kubernetes]]`.
-//!
-//! The agent reaches clusters with a kubeconfig file it is given (never `$HOME`, which a
-//! service does not have) or, inside a pod, its service account. `apply` is server-side
-//! apply with field manager `delegate`, every kind resolved through API discovery of its
-//! group/version (so custom resources work, and no list of kinds goes stale); CRDs of the
-//! same manifest go first and are waited for until Established. Server-side apply is
-//! idempotent, so an apply interrupted by an agent restart is simply run again. The
-//! cluster's optional policy ([`policy`]) is checked for every object before anything
-//! changes.
+//! The `apply` action: server-side apply with field manager `delegate`, every kind
+//! resolved through API discovery of its group/version (so custom resources work, and no
+//! list of kinds goes stale); CRDs of the same manifest go first and are waited for until
+//! Established. The cluster's policy ([`super::policy`]) is checked for every object before
+//! anything changes. Reading a manifest and resolving its kinds live here too: `delete`
+//! and the `job` action's full Job use them.
 
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use delegate_protocol::{KubeAction, KubernetesSpec};
+use kube::Client;
 use kube::api::{Api, DynamicObject, Patch, PatchParams};
-use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::core::GroupVersionKind;
 use kube::discovery::{ApiCapabilities, ApiResource, Scope};
-use kube::{Client, Config};
 use tokio_util::sync::CancellationToken;
 
-use super::{ExecContext, ExecOutcome, kubernetes_job, kubernetes_rollout};
-use crate::config::{KubeCluster, KubeSource};
-
-pub(super) mod policy;
+use super::client::{Failure, api_message, is_status};
+use super::policy;
+use crate::config::KubeCluster;
+use crate::exec::ExecContext;
 
 /// The field manager of every server-side apply by the agent.
 pub const FIELD_MANAGER: &str = "delegate";
-/// How long a cluster gets to answer a probe (start-up and re-checks).
-const PROBE_LIMIT: Duration = Duration::from_secs(5);
 /// How long a CRD of a manifest may take to become Established.
 const ESTABLISHED_LIMIT: Duration = Duration::from_secs(60);
-
-/// Why a cluster cannot be used at all; each says which cluster and how to fix it.
-#[derive(Debug, thiserror::Error)]
-pub enum ClusterError {
-    #[error(
-        "cluster {cluster}: kubeconfig {path} cannot be used; check the file (kubectl --kubeconfig {path} version) or fix kubeconfig in [[kubernetes]] of delegate.toml"
-    )]
-    Kubeconfig {
-        cluster: String,
-        path: String,
-        #[source]
-        source: kube::config::KubeconfigError,
-    },
-    #[error(
-        "cluster {cluster}: in_cluster = true, but this is not a pod with a service account (KUBERNETES_SERVICE_HOST and the token under /var/run/secrets/kubernetes.io/serviceaccount)"
-    )]
-    InCluster {
-        cluster: String,
-        #[source]
-        source: kube::config::InClusterError,
-    },
-    #[error("cluster {cluster}: cannot build a client for {url}")]
-    Client {
-        cluster: String,
-        url: String,
-        #[source]
-        source: kube::Error,
-    },
-    #[error("cluster {cluster}: the API server at {url} does not answer ({reason})")]
-    Unreachable {
-        cluster: String,
-        url: String,
-        reason: String,
-    },
-}
-
-/// A client for `cluster`, with the server URL for messages.
-pub async fn connect(cluster: &KubeCluster) -> Result<(Client, Config), ClusterError> {
-    let config = match &cluster.source {
-        KubeSource::Kubeconfig { path, context } => {
-            let bad = |source| ClusterError::Kubeconfig {
-                cluster: cluster.name.clone(),
-                path: path.display().to_string(),
-                source,
-            };
-            let kc = Kubeconfig::read_from(path).map_err(bad)?;
-            let opts = KubeConfigOptions {
-                context: context.clone(),
-                ..KubeConfigOptions::default()
-            };
-            Config::from_custom_kubeconfig(kc, &opts)
-                .await
-                .map_err(bad)?
-        }
-        KubeSource::InCluster => Config::incluster().map_err(|source| ClusterError::InCluster {
-            cluster: cluster.name.clone(),
-            source,
-        })?,
-    };
-    let client = Client::try_from(config.clone()).map_err(|source| ClusterError::Client {
-        cluster: cluster.name.clone(),
-        url: config.cluster_url.to_string(),
-        source,
-    })?;
-    Ok((client, config))
-}
-
-/// Ask the cluster for its version: whether it answers decides whether it is advertised.
-pub async fn probe(cluster: &KubeCluster) -> Result<String, ClusterError> {
-    let (client, config) = connect(cluster).await?;
-    let unreachable = |reason: String| ClusterError::Unreachable {
-        cluster: cluster.name.clone(),
-        url: config.cluster_url.to_string(),
-        reason,
-    };
-    match tokio::time::timeout(PROBE_LIMIT, client.apiserver_version()).await {
-        Ok(Ok(v)) => Ok(v.git_version),
-        Ok(Err(e)) => Err(unreachable(cause_chain(&e))),
-        Err(_) => Err(unreachable(format!(
-            "no answer within {}s",
-            PROBE_LIMIT.as_secs()
-        ))),
-    }
-}
-
-/// A cluster error with its causes, for log lines and task messages.
-pub fn error_text(e: &ClusterError) -> String {
-    cause_chain(e)
-}
-
-/// An error and its causes on one line, each once.
-fn cause_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut parts = vec![e.to_string()];
-    let mut cur = e.source();
-    while let Some(s) = cur {
-        let text = s.to_string();
-        if !parts.iter().any(|p| p.contains(&text)) {
-            parts.push(text);
-        }
-        cur = s.source();
-    }
-    parts.join(": ")
-}
-
-/// Why an action failed, as the task's message.
-pub(super) struct Failure(pub String);
-
-impl<T: Into<String>> From<T> for Failure {
-    fn from(s: T) -> Failure {
-        Failure(s.into())
-    }
-}
-
-/// Run one kubernetes task to its end.
-pub async fn run(spec: &KubernetesSpec, mut ctx: ExecContext) -> ExecOutcome {
-    let Some(cluster) = ctx
-        .kubernetes
-        .iter()
-        .find(|c| c.name == spec.cluster)
-        .cloned()
-    else {
-        let known: Vec<&str> = ctx.kubernetes.iter().map(|c| c.name.as_str()).collect();
-        return ExecOutcome::CouldNotStart(format!(
-            "spec.cluster: delegate {} has no cluster {:?} (it has: {}); add a [[kubernetes]] table to its delegate.toml or route the task to a delegate that reaches the cluster",
-            ctx.delegate_name,
-            spec.cluster,
-            if known.is_empty() {
-                "none".to_string()
-            } else {
-                known.join(", ")
-            }
-        ));
-    };
-    let (client, config) = match connect(&cluster).await {
-        Ok(c) => c,
-        Err(e) => return ExecOutcome::CouldNotStart(cause_chain(&e)),
-    };
-    if ctx.adopt {
-        ctx.note("the delegate restarted during this task; running it again (it is idempotent)");
-    }
-    let stop = ctx.stop.clone();
-    let default_ns = |ns: &Option<String>| {
-        ns.clone()
-            .or_else(|| cluster.namespace.clone())
-            .unwrap_or_else(|| config.default_namespace.clone())
-    };
-    let result = match &spec.action {
-        KubeAction::Apply {
-            manifest,
-            namespace,
-            force,
-        } => {
-            let ns = default_ns(namespace);
-            tokio::select! {
-                r = apply(&client, &cluster, &mut ctx, manifest, &ns, *force, &stop) => r.map(|message| ExecOutcome::Done { success: true, message }),
-                _ = stop.cancelled() => Err(Failure("stopped before the action finished".into())),
-            }
-        }
-        KubeAction::Job {
-            job,
-            image,
-            command,
-            env,
-            namespace,
-        } => {
-            let ns = default_ns(namespace);
-            let job_target = policy::Target {
-                group: "batch",
-                kind: "Job",
-                scope: Scope::Namespaced,
-                namespace: &ns,
-                name: "",
-            };
-            if let Some(why) = policy::refusal(&cluster.policy, &cluster.name, &job_target) {
-                return ExecOutcome::CouldNotStart(format!(
-                    "refused by the delegate's policy: {why}"
-                ));
-            }
-            let req = kubernetes_job::JobRequest {
-                full: job.as_deref(),
-                image: image.as_deref(),
-                command,
-                env,
-                namespace: &ns,
-            };
-            kubernetes_job::run(&client, &mut ctx, req, &stop).await
-        }
-        KubeAction::Rollout {
-            object_kind,
-            name,
-            namespace,
-        } => {
-            let ns = default_ns(namespace);
-            let kind = delegate_protocol::rollout_kind(object_kind).unwrap_or("Deployment");
-            let target = policy::Target {
-                group: "apps",
-                kind,
-                scope: Scope::Namespaced,
-                namespace: &ns,
-                name,
-            };
-            if let Some(why) = policy::refusal(&cluster.policy, &cluster.name, &target) {
-                return ExecOutcome::CouldNotStart(format!(
-                    "refused by the delegate's policy: {why}"
-                ));
-            }
-            kubernetes_rollout::rollout(&client, &mut ctx, kind, name, &ns, &stop)
-                .await
-                .map(|message| ExecOutcome::Done {
-                    success: true,
-                    message,
-                })
-        }
-        KubeAction::Delete {
-            manifest,
-            object_kind,
-            name,
-            namespace,
-            propagation,
-        } => {
-            let ns = default_ns(namespace);
-            tokio::select! {
-                r = kubernetes_rollout::delete(&client, &cluster, &mut ctx, manifest.as_deref(), object_kind.as_deref(), name.as_deref(), &ns, propagation.as_deref()) => r.map(|message| ExecOutcome::Done { success: true, message }),
-                _ = stop.cancelled() => Err(Failure("stopped before the action finished".into())),
-            }
-        }
-    };
-    match result {
-        Ok(outcome) => outcome,
-        Err(Failure(message)) => ExecOutcome::Done {
-            success: false,
-            message: format!(
-                "cluster {} ({}): {message}",
-                cluster.name,
-                config.cluster_url.to_string().trim_end_matches('/')
-            ),
-        },
-    }
-}
 
 /// One document of a manifest, parsed and placed.
 struct Doc {
@@ -321,7 +74,7 @@ fn documents(text: &str) -> Vec<&str> {
 }
 
 /// Errors on one line (the task's message), without the source snippet.
-pub(crate) fn yaml_options() -> serde_saphyr::Options {
+pub(super) fn yaml_options() -> serde_saphyr::Options {
     let mut o = serde_saphyr::Options::default();
     o.with_snippet = false;
     o
@@ -336,7 +89,7 @@ fn is_blank(doc: &str) -> bool {
 
 /// Split a multi-document YAML manifest into objects; a document that does not parse or
 /// lacks apiVersion, kind or metadata.name fails the whole manifest naming its index.
-pub(crate) fn parse_manifest(text: &str) -> Result<Vec<(usize, DynamicObject)>, String> {
+pub(super) fn parse_manifest(text: &str) -> Result<Vec<(usize, DynamicObject)>, String> {
     let mut out = Vec::new();
     for (i, doc) in documents(text).into_iter().enumerate() {
         let index = i + 1;
@@ -406,19 +159,7 @@ impl Resolver {
     }
 }
 
-/// A server's refusal in its own words, or the transport problem.
-pub(super) fn api_message(e: &kube::Error) -> String {
-    match e {
-        kube::Error::Api(s) => format!("{} ({} {})", s.message, s.code, s.reason),
-        other => cause_chain(other),
-    }
-}
-
-pub(super) fn is_status(e: &kube::Error, code: u16) -> bool {
-    matches!(e, kube::Error::Api(s) if s.code == code)
-}
-
-async fn apply(
+pub(super) async fn apply(
     client: &Client,
     cluster: &KubeCluster,
     ctx: &mut ExecContext,
