@@ -145,8 +145,12 @@ enum TaskHandle {
         adoptable: bool,
     },
     /// Ran (here or in an earlier run of the agent); its log and result are being
-    /// delivered. `stopped_for`: why it was stopped, if it was.
-    Delivering { stopped_for: Option<StopReason> },
+    /// delivered. `stopped_for`: why it was stopped, if it was (the result already says
+    /// so; tests read it here).
+    Delivering {
+        #[cfg_attr(not(test), allow(dead_code))]
+        stopped_for: Option<StopReason>,
+    },
 }
 
 impl TaskHandle {
