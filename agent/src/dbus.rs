@@ -5,7 +5,8 @@
 //! sending it a signal that would also end the process. D-Bus gives us that with a
 //! system-wide policy file deciding who may do what, and property-change signals so
 //! nobody polls. The interface only translates: methods become [`Control`] messages to the
-//! daemon, properties read the daemon's [`Observer`] watch channels.
+//! daemon (a request the agent's state does not allow comes back as an error naming the
+//! state), properties read the daemon's [`Observer`] watch channels.
 
 use std::time::Duration;
 
@@ -13,7 +14,7 @@ use delegate_protocol::DelegateState;
 use tokio::sync::mpsc;
 use zbus::{fdo, interface};
 
-use crate::daemon::{Control, Observer};
+use crate::daemon::{Control, Observer, Reply};
 
 /// Names and the client proxy are shared with the upgrader (`delegate-host`).
 pub use delegate_host::agent1::{Agent1Proxy, BUS_NAME, INTERFACE, OBJECT_PATH};
@@ -49,7 +50,7 @@ impl AgentObject {
 
     #[zbus(property)]
     fn state(&self) -> String {
-        self.observer.state.borrow().to_string()
+        self.observer.state.borrow().wire().to_string()
     }
 
     #[zbus(property(emits_changed_signal = "const"))]
@@ -84,11 +85,21 @@ impl AgentObject {
 }
 
 impl AgentObject {
-    async fn send(&self, c: Control) -> fdo::Result<()> {
+    /// Ask the daemon and wait for its answer: `Failed` with the table's reason when the
+    /// agent's state does not allow the request, or "the agent is stopping" when the daemon
+    /// no longer reads requests.
+    async fn send(&self, request: fn(Reply) -> Control) -> fdo::Result<()> {
+        let stopping = || fdo::Error::Failed("the agent is stopping".into());
+        let (reply, answer) = Reply::channel();
         self.control
-            .send(c)
+            .send(request(reply))
             .await
-            .map_err(|_| fdo::Error::Failed("the agent is stopping".into()))
+            .map_err(|_| stopping())?;
+        match answer.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(refused)) => Err(fdo::Error::Failed(refused.to_string())),
+            Err(_) => Err(stopping()),
+        }
     }
 }
 
@@ -124,12 +135,20 @@ async fn forward_changes(conn: zbus::Connection, mut o: Observer) {
     else {
         return;
     };
+    // `State` shows the wire name: a change of drain mode alone is not a change of it.
+    let mut shown = o.state.borrow().wire();
     loop {
         let emitter = iface.signal_emitter();
         let object = iface.get().await;
         let sent = tokio::select! {
             r = o.state.changed() => match r {
-                Ok(()) => object.state_changed(emitter).await,
+                Ok(()) => {
+                    let now = o.state.borrow_and_update().wire();
+                    if std::mem::replace(&mut shown, now) == now {
+                        continue;
+                    }
+                    object.state_changed(emitter).await
+                }
                 Err(_) => return,
             },
             r = o.connected.changed() => match r {

@@ -113,7 +113,7 @@ pub(super) async fn ship_logs(client: &ManagerClient, dir: &TaskDir) -> Result<(
 pub(super) async fn deliver(shared: &Arc<Shared>, dir: &TaskDir, result: &TaskResult) {
     let mut backoff = Backoff::manager();
     loop {
-        if shared.stopped.is_cancelled() {
+        if shared.gives_up() {
             return; // stays in the spool
         }
         let attempt = async {
@@ -155,7 +155,7 @@ pub(super) async fn deliver(shared: &Arc<Shared>, dir: &TaskDir, result: &TaskRe
                 }
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
-                    _ = shared.stopped.cancelled() => return,
+                    _ = shared.stopped() => return,
                 }
             }
         }

@@ -7,8 +7,10 @@
 //!
 //! `session` talks to the manager (register, heartbeat, long poll), `supervise` runs one
 //! task from assignment to delivered result, `delivery` ships its log and result, and
-//! `recover` picks up what an earlier run left in the spool. This file holds what they
-//! share and the life of the process: start, drain, stop.
+//! `recover` picks up what an earlier run left in the spool, and `targets` probes which
+//! targets answer. This file holds what they share and the life of the process: start,
+//! drain, stop. The life-cycle is one value ([`crate::state::AgentState`]) in one `watch`:
+//! every loop that must end when the agent drains or stops waits on that value.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -16,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use delegate_protocol::{Assignment, ErrorCode, HeartbeatRequest, Target, TaskAttempt};
-use tokio::sync::{Notify, Semaphore, mpsc, watch};
+use tokio::sync::{Notify, Semaphore, mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, warn};
 
@@ -24,33 +26,62 @@ mod delivery;
 mod recover;
 mod session;
 mod supervise;
+mod targets;
 
 use recover::recover_spool;
 use session::session;
+use targets::{probe_clusters, probe_docker, watch_clusters};
 
 use crate::client::{ClientError, ManagerClient};
 use crate::config::{Config, DockerConfig, KubeCluster, ShellMode};
 use crate::exec::{self, ShellRunner};
 use crate::notify;
 use crate::spool::{Spool, SpoolError};
-use crate::state::{AgentState, Event, transition};
+use crate::state::{AgentState, Event, Rejection, StopCause, TransitionError, transition};
 
-/// Requests from signals and D-Bus to the daemon.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Requests from signals and D-Bus to the daemon. Those from D-Bus carry a [`Reply`]: the
+/// caller learns whether the agent's state allowed the request.
+#[derive(Debug)]
 pub enum Control {
     /// Stop taking tasks; in-flight ones go on (D-Bus `Drain()`).
-    Drain,
+    Drain(Reply),
     /// Take tasks again (D-Bus `Resume()`).
-    Resume,
+    Resume(Reply),
     /// D-Bus `Handover()`, for an upgrade: stop taking tasks and wait only for work a new
     /// agent cannot adopt; `drained` then means the rest (task units, containers,
     /// Kubernetes actions) is journalled and left running, and the next SIGTERM exits at
     /// once without stopping it. The new agent adopts it from the spool.
-    Handover,
+    Handover(Reply),
     /// SIGTERM: drain, then exit once in-flight work is done or the drain timeout passed.
     Shutdown,
     /// Second SIGTERM or SIGINT: cancel in-flight work now and exit.
     Abort,
+}
+
+/// Where the daemon answers a request: `Ok` once the state changed (or already was what
+/// was asked), or the transition table's refusal.
+#[derive(Debug, Default)]
+pub struct Reply(Option<oneshot::Sender<Result<(), TransitionError>>>);
+
+impl Reply {
+    /// A reply the caller waits for on the returned receiver; a receiver that sees the
+    /// sender dropped means the daemon stopped before answering.
+    pub fn channel() -> (Reply, oneshot::Receiver<Result<(), TransitionError>>) {
+        let (tx, rx) = oneshot::channel();
+        (Reply(Some(tx)), rx)
+    }
+
+    /// Nobody waits for the answer.
+    pub fn none() -> Reply {
+        Reply(None)
+    }
+
+    fn send(self, answer: Result<(), TransitionError>) {
+        if let Some(tx) = self.0 {
+            // The caller may have given up waiting; the state changed (or not) regardless.
+            let _ = tx.send(answer);
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -84,13 +115,6 @@ pub enum DaemonError {
     },
 }
 
-/// Why the manager will not work with this agent until an operator acts.
-#[derive(Debug, Clone)]
-enum Rejection {
-    Token(String),
-    Registration(String),
-}
-
 fn stopped_note(n: usize) -> String {
     match n {
         0 => String::new(),
@@ -108,24 +132,71 @@ enum StopReason {
     Revoked,
 }
 
-struct TaskHandle {
-    stop: CancellationToken,
-    reason: Arc<Mutex<Option<StopReason>>>,
-    /// Still executing (as opposed to delivering its result).
-    running: bool,
-    /// Its work outlives the agent and a restarted agent re-attaches to it: a task unit,
-    /// a container, a Kubernetes action (run again, idempotent).
-    adoptable: bool,
+/// A task the agent holds, by where it is in its life here.
+enum TaskHandle {
+    /// Its executor runs.
+    Running {
+        /// Cancelled to ask the executor to stop.
+        stop: CancellationToken,
+        /// The first reason given for stopping it; decides the reported outcome.
+        reason: Arc<Mutex<Option<StopReason>>>,
+        /// Its work outlives the agent and a restarted agent re-attaches to it: a task
+        /// unit, a container, a Kubernetes action (run again, idempotent).
+        adoptable: bool,
+    },
+    /// Ran (here or in an earlier run of the agent); its log and result are being
+    /// delivered. `stopped_for`: why it was stopped, if it was (the result already says
+    /// so; tests read it here).
+    Delivering {
+        #[cfg_attr(not(test), allow(dead_code))]
+        stopped_for: Option<StopReason>,
+    },
 }
 
 impl TaskHandle {
-    /// Ask the task to stop; the first reason given is the one reported.
+    /// Ask the task to stop; the first reason given is the one reported. A task that
+    /// already ran has nothing left to stop.
     fn stop_for(&self, reason: StopReason) {
-        let mut r = self.reason.lock().unwrap_or_else(|p| p.into_inner());
-        if r.is_none() {
-            *r = Some(reason);
+        if let TaskHandle::Running {
+            stop, reason: r, ..
+        } = self
+        {
+            let mut r = r.lock().unwrap_or_else(|p| p.into_inner());
+            if r.is_none() {
+                *r = Some(reason);
+            }
+            stop.cancel();
         }
-        self.stop.cancel();
+    }
+
+    fn is_running(&self) -> bool {
+        matches!(self, TaskHandle::Running { .. })
+    }
+
+    /// Does a drain wait for this task? `leaves_adoptable`: after `Handover()`, only for
+    /// work a new agent cannot adopt.
+    fn blocks_drain(&self, leaves_adoptable: bool) -> bool {
+        match self {
+            TaskHandle::Running { adoptable, .. } => !(leaves_adoptable && *adoptable),
+            TaskHandle::Delivering { .. } => false,
+        }
+    }
+
+    /// The executor is done: what is left is delivering the result.
+    fn ran(&mut self) {
+        if let TaskHandle::Running { reason, .. } = self {
+            let stopped_for = *reason.lock().unwrap_or_else(|p| p.into_inner());
+            *self = TaskHandle::Delivering { stopped_for };
+        }
+    }
+
+    /// Why the task was asked to stop, if it was.
+    #[cfg(test)]
+    fn stop_reason(&self) -> Option<StopReason> {
+        match self {
+            TaskHandle::Running { reason, .. } => *reason.lock().unwrap_or_else(|p| p.into_inner()),
+            TaskHandle::Delivering { stopped_for } => *stopped_for,
+        }
     }
 }
 
@@ -150,6 +221,8 @@ struct Shared {
     targets_changed: AtomicBool,
     client: ManagerClient,
     spool: Spool,
+    /// The agent's life-cycle: the one value every drain and stop is decided in and read
+    /// from (polls end, retries give up, the rejection and its message).
     state: watch::Sender<AgentState>,
     delegate_id: watch::Sender<Option<String>>,
     connected: watch::Sender<bool>,
@@ -159,39 +232,86 @@ struct Shared {
     /// Bumped whenever a task starts, stops running or is delivered.
     tasks_changed: watch::Sender<u64>,
     in_flight: watch::Sender<u32>,
-    /// Cancelled when long polls must end now (stopping, manager unreachable).
-    stop_polling: CancellationToken,
-    /// Cancelled when the process is about to exit: retry loops give up, the spool keeps
-    /// what they had not delivered.
-    stopped: CancellationToken,
-    /// Cancelled at the first 401 from the manager (or a refused registration);
-    /// `rejection` says which and holds the manager's message.
-    token_rejected: CancellationToken,
-    rejection: Mutex<Option<Rejection>>,
     metrics: crate::metrics::Metrics,
     /// How shell tasks run now: units once they are usable, the agent's children only
     /// where the config says so.
     shell: watch::Sender<ShellRunner>,
-    /// `Handover()` was asked: adoptable tasks do not hold up `drained` or the exit.
-    handover: AtomicBool,
 }
 
 impl Shared {
-    fn apply(&self, event: Event) {
-        self.state
-            .send_if_modified(|s| match transition(*s, event) {
-                Ok(next) if next != *s => {
+    /// Move the agent by `event` through the one table; the caller decides what a refusal
+    /// means (a D-Bus caller gets it back, internal paths log it).
+    fn apply(&self, event: Event) -> Result<(), TransitionError> {
+        let mut refused = Ok(());
+        self.state.send_if_modified(|s| match transition(s, event) {
+            Ok(next) if next != *s => {
+                // Operators see the wire names; a change of mode alone is a detail.
+                if next.wire() != s.wire() {
                     info!(from = %s, to = %next, "agent state changed");
-                    *s = next;
-                    true
+                } else {
+                    debug!(from = ?s, to = ?next, "agent state changed");
                 }
-                Ok(_) => false,
-                Err(e) => {
-                    debug!("ignored: {e}");
-                    false
-                }
-            });
+                *s = next;
+                true
+            }
+            Ok(_) => false,
+            Err(e) => {
+                refused = Err(e);
+                false
+            }
+        });
         self.update_status();
+        refused
+    }
+
+    /// [`Self::apply`] for the daemon's own events, whose refusal only means the agent has
+    /// moved on (a registration completing while it stops, a rejection during an exit).
+    fn apply_or_log(&self, event: Event) {
+        if let Err(e) = self.apply(event) {
+            debug!("ignored: {e}");
+        }
+    }
+
+    /// A request from D-Bus: apply it and answer the caller. Returns whether it applied.
+    fn request(&self, event: Event, reply: Reply) -> bool {
+        let answer = self.apply(event);
+        if let Err(e) = &answer {
+            debug!("refused: {e}");
+        }
+        let applied = answer.is_ok();
+        reply.send(answer);
+        applied
+    }
+
+    /// Resolves once `pred` holds of the state (at once when it holds now).
+    async fn until(&self, pred: impl FnMut(&AgentState) -> bool) {
+        let mut state = self.state.subscribe();
+        // `self` holds the sender, so the wait ends only when `pred` holds.
+        let _ = state.wait_for(pred).await;
+    }
+
+    /// Long polls and registration attempts end now.
+    fn polls_end(&self) -> bool {
+        self.state.borrow().polls_end()
+    }
+
+    async fn polls_ended(&self) {
+        self.until(AgentState::polls_end).await
+    }
+
+    /// The process is about to exit: retry loops give up, the spool keeps what they had
+    /// not delivered.
+    fn gives_up(&self) -> bool {
+        self.state.borrow().gives_up()
+    }
+
+    async fn stopped(&self) {
+        self.until(AgentState::gives_up).await
+    }
+
+    /// The manager rejected the token or refused the registration.
+    async fn rejected(&self) {
+        self.until(|s| s.rejection().is_some()).await
     }
 
     /// Note a 401 from the manager (once) and wake the main loop, which stops everything.
@@ -220,25 +340,26 @@ impl Shared {
         }
     }
 
+    /// The first rejection stops the agent (the main loop stops its tasks); later ones,
+    /// and one during an exit drain, change nothing.
     fn reject(&self, why: Rejection) {
-        let mut r = self.rejection.lock().unwrap_or_else(|p| p.into_inner());
-        if r.is_none() {
-            *r = Some(why);
-        }
-        self.token_rejected.cancel();
+        self.apply_or_log(Event::Reject(why));
     }
 
     fn running_count(&self) -> usize {
-        self.lock_tasks().values().filter(|t| t.running).count()
+        self.lock_tasks()
+            .values()
+            .filter(|t| t.is_running())
+            .count()
     }
 
     /// Running tasks a drain must wait for: all of them, or after `Handover()` those a
     /// new agent cannot adopt.
     fn blocking_count(&self) -> usize {
-        let handover = self.handover.load(Ordering::Acquire);
+        let leaves_adoptable = self.state.borrow().leaves_adoptable();
         self.lock_tasks()
             .values()
-            .filter(|t| t.running && !(handover && t.adoptable))
+            .filter(|t| t.blocks_drain(leaves_adoptable))
             .count()
     }
 
@@ -274,15 +395,16 @@ impl Shared {
         let held = u32::try_from(self.lock_tasks().len()).unwrap_or(u32::MAX);
         self.in_flight
             .send_if_modified(|n| std::mem::replace(n, held) != held);
-        if *self.state.borrow() == AgentState::Draining && self.blocking_count() == 0 {
-            self.apply(Event::Idle);
+        let draining = matches!(*self.state.borrow(), AgentState::Draining { .. });
+        if draining && self.blocking_count() == 0 {
+            self.apply_or_log(Event::Idle);
         } else {
             self.update_status();
         }
     }
 
     fn update_status(&self) {
-        let state = *self.state.borrow();
+        let state = self.state.borrow().wire();
         let running = self.running_count();
         let link = if *self.connected.borrow() {
             format!("connected to {}", self.client.url())
@@ -397,13 +519,8 @@ impl Daemon {
             slot_freed: Notify::new(),
             tasks_changed: watch::Sender::new(0),
             in_flight: watch::Sender::new(0),
-            stop_polling: CancellationToken::new(),
-            stopped: CancellationToken::new(),
-            token_rejected: CancellationToken::new(),
-            rejection: Mutex::new(None),
             metrics: crate::metrics::Metrics::new(),
             shell: watch::Sender::new(shell_at_start),
-            handover: AtomicBool::new(false),
         });
         Ok(Daemon { shared })
     }
@@ -459,65 +576,116 @@ async fn run_shared(
         "delegate started"
     );
     let watchdog = notify::spawn_watchdog();
-
     let session = tokio::spawn(session(shared.clone()).in_current_span());
+    let background = Background { session, watchdog };
 
-    // Wait for the first request to stop; drains and resumes in between.
-    let mut aborted = false;
-    loop {
+    // Wait for the first request to stop (or the manager's rejection); drains and
+    // resumes in between.
+    let leaving = loop {
         let c = tokio::select! {
+            // A rejection wins over a request that came at the same moment: it decides the
+            // exit code.
+            biased;
+            _ = shared.rejected() => break Leaving::Rejected,
             c = control.recv() => c,
-            _ = shared.token_rejected.cancelled() => {
-                let result = stop_for_rejected_token(&shared).await;
-                session.abort();
-                if let Some(w) = watchdog {
-                    w.abort();
-                }
-                return result;
-            }
         };
         match c {
-            Some(Control::Drain) => begin_drain(&shared, false).await,
-            Some(Control::Handover) => {
-                shared.handover.store(true, Ordering::Release);
-                info!(
-                    "handing over: taking no new tasks; task units, containers and Kubernetes actions are left running for the next agent"
-                );
-                begin_drain(&shared, false).await;
+            Some(Control::Drain(reply)) => {
+                if shared.request(Event::Drain, reply) {
+                    begin_drain(&shared).await;
+                }
             }
-            Some(Control::Resume) => {
+            Some(Control::Handover(reply)) => {
+                if shared.request(Event::Handover, reply) {
+                    info!(
+                        "handing over: taking no new tasks; task units, containers and Kubernetes actions are left running for the next agent"
+                    );
+                    begin_drain(&shared).await;
+                }
+            }
+            Some(Control::Resume(reply)) => {
                 // An upgrade that stopped before its restart resumes the agent: a later
-                // stop drains again.
-                shared.handover.store(false, Ordering::Release);
+                // stop drains again (the table drops the handover with the drain).
                 let registered = shared.delegate_id.borrow().is_some();
-                shared.apply(Event::Resume { registered });
-                // The manager holds back tasks from a draining delegate until told.
-                tell_manager_state(&shared).await;
-                shared.slot_freed.notify_one();
+                if shared.request(Event::Resume { registered }, reply) {
+                    // The manager holds back tasks from a draining delegate until told.
+                    tell_manager_state(&shared).await;
+                    shared.slot_freed.notify_one();
+                }
             }
-            Some(Control::Shutdown) | None => break,
-            Some(Control::Abort) => {
-                aborted = true;
-                break;
+            Some(Control::Shutdown) | None => break Leaving::Shutdown,
+            Some(Control::Abort) => break Leaving::Abort,
+        }
+    };
+
+    // `None`: stopped by a rejection.
+    let drain_ended = match leaving {
+        Leaving::Rejected => None,
+        Leaving::Shutdown | Leaving::Abort => {
+            notify::stopping();
+            // Refused only when a rejection stopped the agent meanwhile.
+            match shared.apply(Event::Shutdown) {
+                Ok(()) => {
+                    // Drained first, also when the drain is cut short at once.
+                    begin_exit_drain(&shared).await;
+                    Some(match leaving {
+                        Leaving::Abort => StopCause::Aborted,
+                        _ => wait_for_drain(&shared, &mut control).await,
+                    })
+                }
+                Err(e) => {
+                    debug!("ignored: {e}");
+                    None
+                }
             }
         }
-    }
+    };
+    // Requests that come while the agent stops get the table's answer at once.
+    let late = tokio::spawn(answer_late(shared.clone(), control).in_current_span());
+    let result = match drain_ended {
+        Some(why) => stop(&shared, why).await,
+        None => stop_for_rejected_token(&shared).await,
+    };
+    late.abort();
+    background.end();
+    result
+}
 
-    notify::stopping();
-    begin_drain(&shared, true).await;
-    if !aborted {
-        aborted = wait_for_drain(&shared, &mut control).await;
+/// What ended the main loop.
+#[derive(Clone, Copy)]
+enum Leaving {
+    /// SIGTERM (or no one left to send requests): drain, then exit.
+    Shutdown,
+    /// A second stop request came before the drain began: cancel what runs at once.
+    Abort,
+    /// The manager rejected the token or refused the registration.
+    Rejected,
+}
+
+/// What runs beside the main loop until the process exits.
+struct Background {
+    session: tokio::task::JoinHandle<()>,
+    watchdog: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Background {
+    fn end(self) {
+        self.session.abort();
+        if let Some(w) = self.watchdog {
+            w.abort();
+        }
     }
-    if shared.handover.load(Ordering::Acquire) && !aborted {
+}
+
+/// The exit drain is over (`why`): hand over what runs, or cancel what is left, give
+/// results a bounded moment to be delivered, and exit.
+async fn stop(shared: &Arc<Shared>, why: StopCause) -> Result<(), DaemonError> {
+    if shared.state.borrow().leaves_adoptable() && why != StopCause::Aborted {
         // Everything still running is journalled and outlives this process; the next
         // agent adopts it. Stopping it here would undo the handover.
         let left = shared.running_count();
-        shared.apply(Event::Stop);
-        shared.stopped.cancel();
-        session.abort();
-        if let Some(w) = watchdog {
-            w.abort();
-        }
+        shared.apply_or_log(Event::Stop(StopCause::HandedOver));
+        shared.apply_or_log(Event::Exit);
         info!(
             tasks = left,
             "delegate stopped; its running tasks are handed over to the next start"
@@ -529,7 +697,7 @@ async fn run_shared(
         warn!(
             tasks = leftover,
             "cancelling tasks still running{}",
-            if aborted {
+            if why == StopCause::Aborted {
                 " (second stop request)"
             } else {
                 " (drain timeout reached)"
@@ -541,17 +709,17 @@ async fn run_shared(
         }
         // Executors need the kill grace to stop their processes; then a little to report.
         let limit = shared.config.kill_grace + Duration::from_secs(5);
-        wait_until(&shared, limit, |s| s.running_count() == 0).await;
+        wait_until(shared, limit, |s| s.running_count() == 0).await;
     }
-    shared.apply(Event::Stop);
-    shared.stop_polling.cancel();
+    // Polls end here.
+    shared.apply_or_log(Event::Stop(why));
     // Give result deliveries a bounded moment; what is left stays in the spool and is
     // sent by the next start.
-    let delivered = wait_until(&shared, Duration::from_secs(10), |s| {
+    let delivered = wait_until(shared, Duration::from_secs(10), |s| {
         s.lock_tasks().is_empty()
     })
     .await;
-    shared.stopped.cancel();
+    shared.apply_or_log(Event::Exit);
     if !delivered {
         let n = shared.lock_tasks().len();
         warn!(
@@ -559,12 +727,24 @@ async fn run_shared(
             "results not yet delivered stay in the spool for the next start"
         );
     }
-    session.abort();
-    if let Some(w) = watchdog {
-        w.abort();
-    }
     info!("delegate stopped");
     Ok(())
+}
+
+/// Answer requests that come while the agent stops: `Drain()` is already done, the rest
+/// is refused by the table; further stop requests change nothing.
+async fn answer_late(shared: Arc<Shared>, mut control: mpsc::Receiver<Control>) {
+    while let Some(c) = control.recv().await {
+        match c {
+            Control::Drain(reply) => shared.request(Event::Drain, reply),
+            Control::Handover(reply) => shared.request(Event::Handover, reply),
+            Control::Resume(reply) => {
+                let registered = shared.delegate_id.borrow().is_some();
+                shared.request(Event::Resume { registered }, reply)
+            }
+            Control::Shutdown | Control::Abort => false,
+        };
+    }
 }
 
 /// How shell tasks run: as `delegate-task@` units under systemd, never falling back to
@@ -623,7 +803,7 @@ fn use_task_units(shared: &Shared, u: crate::exec::unit::TaskUnits) {
 async fn retry_task_units(shared: Arc<Shared>) {
     loop {
         tokio::select! {
-            _ = shared.stopped.cancelled() => return,
+            _ = shared.stopped() => return,
             _ = tokio::time::sleep(UNITS_RETRY) => {}
         }
         match crate::exec::unit::TaskUnits::detect().await {
@@ -653,16 +833,15 @@ async fn serve_metrics(
     Ok(crate::metrics::Server::spawn(listener, Arc::new(render)))
 }
 
-/// The token is no longer accepted: stop every running task as revoked (killed, nothing
-/// reported, its spool entry dropped), stop talking to the manager, and say why.
-/// Results already waiting for delivery stay in the spool for a start with a valid token.
+/// The token is no longer accepted (the state is `stopping` for the rejection, so polls
+/// have ended): stop every running task as revoked (killed, nothing reported, its spool
+/// entry dropped) and say why. Results already waiting for delivery stay in the spool for
+/// a start with a valid token.
 async fn stop_for_rejected_token(shared: &Arc<Shared>) -> Result<(), DaemonError> {
-    shared.apply(Event::Stop);
-    shared.stop_polling.cancel();
     let running: Vec<TaskAttempt> = shared
         .lock_tasks()
         .iter()
-        .filter(|(_, t)| t.running)
+        .filter(|(_, t)| t.is_running())
         .map(|(key, _)| key.clone())
         .collect();
     for key in &running {
@@ -670,12 +849,8 @@ async fn stop_for_rejected_token(shared: &Arc<Shared>) -> Result<(), DaemonError
     }
     let limit = shared.config.kill_grace + Duration::from_secs(5);
     wait_until(shared, limit, |s| s.running_count() == 0).await;
-    shared.stopped.cancel();
-    let rejection = shared
-        .rejection
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .clone();
+    shared.apply_or_log(Event::Exit);
+    let rejection = shared.state.borrow().rejection().cloned();
     let manager_url = shared.client.url().to_string();
     Err(match rejection {
         Some(Rejection::Registration(message)) => DaemonError::RegistrationRefused {
@@ -695,17 +870,22 @@ async fn stop_for_rejected_token(shared: &Arc<Shared>) -> Result<(), DaemonError
     })
 }
 
-/// Stop taking tasks and tell the manager at once, so a long poll in flight ends and no
-/// new task is handed to this delegate. `for_exit`: the process will stop afterwards.
-async fn begin_drain(shared: &Arc<Shared>, for_exit: bool) {
-    shared.apply(Event::Drain);
+/// The agent drains (its state says why): say `drained` at once when nothing it waits for
+/// runs, and tell the manager at once, so a long poll in flight ends and no new task is
+/// handed to this delegate. Returns whether the manager got it.
+async fn begin_drain(shared: &Arc<Shared>) -> bool {
     if shared.blocking_count() == 0 {
-        shared.apply(Event::Idle);
+        shared.apply_or_log(Event::Idle);
     }
     shared.slot_freed.notify_one();
-    if !tell_manager_state(shared).await && for_exit {
-        // The manager cannot be told; end the long poll ourselves.
-        shared.stop_polling.cancel();
+    tell_manager_state(shared).await
+}
+
+/// [`begin_drain`] for the drain before the exit: a manager that cannot be told is not
+/// waited on, so polls end now.
+async fn begin_exit_drain(shared: &Arc<Shared>) {
+    if !begin_drain(shared).await {
+        shared.apply_or_log(Event::ManagerUnreachable);
     }
 }
 
@@ -721,9 +901,9 @@ async fn tell_manager_state(shared: &Arc<Shared>) -> bool {
     matches!(sent, Ok(Ok(_)))
 }
 
-/// Wait until nothing runs, the drain timeout passes, or a second stop request comes.
-/// Returns true when aborted.
-async fn wait_for_drain(shared: &Arc<Shared>, control: &mut mpsc::Receiver<Control>) -> bool {
+/// Wait until nothing the drain waits for runs, the drain timeout passes, or a second
+/// stop request comes; says which. Requests meanwhile get the table's answer.
+async fn wait_for_drain(shared: &Arc<Shared>, control: &mut mpsc::Receiver<Control>) -> StopCause {
     let timeout = shared.config.drain_timeout;
     let running = shared.running_count();
     if running > 0 {
@@ -737,15 +917,25 @@ async fn wait_for_drain(shared: &Arc<Shared>, control: &mut mpsc::Receiver<Contr
     let mut changed = shared.tasks_changed.subscribe();
     loop {
         if shared.blocking_count() == 0 {
-            return false;
+            return StopCause::Drained;
         }
         tokio::select! {
             _ = changed.changed() => {}
-            _ = tokio::time::sleep_until(deadline) => return false,
+            _ = tokio::time::sleep_until(deadline) => return StopCause::DrainTimeout,
             c = control.recv() => match c {
-                Some(Control::Abort) | Some(Control::Shutdown) => return true,
-                Some(Control::Resume) => info!("resume ignored: the agent is stopping"),
-                Some(Control::Drain) | Some(Control::Handover) | None => {}
+                Some(Control::Abort) | Some(Control::Shutdown) => return StopCause::Aborted,
+                Some(Control::Resume(reply)) => {
+                    info!("resume ignored: the agent is stopping");
+                    let registered = shared.delegate_id.borrow().is_some();
+                    shared.request(Event::Resume { registered }, reply);
+                }
+                Some(Control::Drain(reply)) => {
+                    shared.request(Event::Drain, reply);
+                }
+                Some(Control::Handover(reply)) => {
+                    shared.request(Event::Handover, reply);
+                }
+                None => {}
             },
         }
     }
@@ -773,101 +963,22 @@ fn heartbeat_request(shared: &Shared) -> HeartbeatRequest {
     let mut ids: Vec<String> = attempts.iter().map(|k| k.id.clone()).collect();
     ids.dedup();
     HeartbeatRequest {
-        state: *shared.state.borrow(),
+        state: shared.state.borrow().wire(),
         in_flight: ids,
         in_flight_attempts: attempts,
     }
 }
 
-/// Ask the Docker engine whether it answers: at start, and again with each heartbeat while
-/// it does not. The target is offered only when it answers; an engine that cannot be used
-/// gets one log line at start that says how to fix it (`quiet` for the retries). Returns
-/// true when the engine answers now and did not before.
-async fn probe_docker(shared: &Shared, quiet: bool) -> bool {
-    if !shared.config.docker.enabled || shared.docker_up.load(Ordering::Relaxed) {
-        return false;
-    }
-    match exec::docker::probe(&shared.docker).await {
-        Ok(version) => {
-            shared.docker_up.store(true, Ordering::Relaxed);
-            info!(socket = %shared.docker.socket.display(), "Docker engine {version} answers; offering the docker target");
-            true
-        }
-        Err(e) if quiet => {
-            debug!("Docker engine still not usable: {e}");
-            false
-        }
-        Err(e) => {
-            warn!(
-                "docker target not offered: {e} (other targets run as usual; set enabled = false in [docker] to silence this)"
-            );
-            false
-        }
-    }
-}
-
-/// How often clusters that did not answer are asked again.
-const CLUSTER_RECHECK: Duration = Duration::from_secs(10);
-
-/// Ask every cluster not yet seen up for its version. Each one that does not answer is
-/// logged once as a warning naming the cluster and the cause (`first`), then quietly
-/// re-checked; one that answers is advertised from the next registration on. Returns true
-/// when a cluster came up.
-async fn probe_clusters(shared: &Shared, first: bool) -> bool {
-    let mut came_up = false;
-    for cluster in shared.kubernetes.iter() {
-        let known = shared
-            .kube_up
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains(&cluster.name);
-        if known {
-            continue;
-        }
-        match exec::kubernetes::probe(cluster).await {
-            Ok(version) => {
-                info!(cluster = %cluster.name, "Kubernetes cluster {} answers (server {version}); offering target kubernetes:{}", cluster.name, cluster.name);
-                shared
-                    .kube_up
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(cluster.name.clone());
-                came_up = true;
-            }
-            Err(e) if first => warn!(
-                cluster = %cluster.name,
-                "kubernetes:{} not offered: {} (re-checked every {}s; other targets run as usual)",
-                cluster.name,
-                exec::kubernetes::error_text(&e),
-                CLUSTER_RECHECK.as_secs()
-            ),
-            Err(e) => {
-                debug!(cluster = %cluster.name, "cluster still not answering: {}", exec::kubernetes::error_text(&e))
-            }
-        }
-    }
-    came_up
-}
-
-/// Re-check clusters that did not answer until every one has.
-async fn watch_clusters(shared: Arc<Shared>) {
-    loop {
-        let all_up = shared
-            .kube_up
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .len()
-            == shared.kubernetes.len();
-        if all_up {
-            return;
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(CLUSTER_RECHECK) => {}
-            _ = shared.stopped.cancelled() => return,
-        }
-        if probe_clusters(&shared, false).await {
-            shared.targets_changed.store(true, Ordering::Relaxed);
-        }
+/// Take a daemon that is not running straight to `stopped`, so what its tests started
+/// gives up.
+#[cfg(test)]
+fn stop_now(shared: &Shared) {
+    for e in [
+        Event::Shutdown,
+        Event::Stop(StopCause::Aborted),
+        Event::Exit,
+    ] {
+        shared.apply_or_log(e);
     }
 }
 

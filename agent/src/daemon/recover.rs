@@ -1,10 +1,9 @@
 //! Start-up recovery: what an earlier run of the agent left in the spool is delivered,
 //! re-attached to, or reported lost, so no task waits for its lease to lapse.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use delegate_protocol::{Outcome, TaskResult};
-use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, error, info, warn};
 
 use super::delivery::deliver;
@@ -79,12 +78,7 @@ pub(super) fn recover_spool(shared: &Arc<Shared>) {
                 r
             }
         };
-        let handle = TaskHandle {
-            stop: CancellationToken::new(),
-            reason: Arc::new(Mutex::new(None)),
-            running: false,
-            adoptable: false,
-        };
+        let handle = TaskHandle::Delivering { stopped_for: None };
         shared.lock_tasks().insert(key_of(&rec.assignment), handle);
         let shared = shared.clone();
         let span = task_span(&rec.assignment);

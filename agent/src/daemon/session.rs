@@ -12,7 +12,8 @@ use delegate_protocol::RegisterRequest;
 use tracing::{Instrument, debug, info, warn};
 
 use super::supervise::{spawn_refusal, spawn_task};
-use super::{Event, Shared, StopReason, heartbeat_request, probe_docker};
+use super::targets::probe_docker;
+use super::{Event, Shared, StopReason, heartbeat_request};
 use crate::backoff::Backoff;
 use crate::state::AgentState;
 
@@ -44,7 +45,7 @@ pub(super) async fn register(shared: &Arc<Shared>) -> Option<Duration> {
     loop {
         let attempt = tokio::select! {
             r = shared.client.register(&req) => r,
-            _ = shared.stop_polling.cancelled() => return None,
+            _ = shared.polls_ended() => return None,
         };
         match attempt {
             Ok(resp) => {
@@ -52,7 +53,7 @@ pub(super) async fn register(shared: &Arc<Shared>) -> Option<Duration> {
                 tracing::Span::current().record("delegate_id", resp.delegate_id.as_str());
                 shared.delegate_id.send_replace(Some(resp.delegate_id));
                 shared.set_connected(true);
-                shared.apply(Event::Registered);
+                shared.apply_or_log(Event::Registered);
                 return Some(Duration::from_secs(
                     resp.heartbeat_interval_secs.clamp(1, 300),
                 ));
@@ -71,7 +72,7 @@ pub(super) async fn register(shared: &Arc<Shared>) -> Option<Duration> {
                 );
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
-                    _ = shared.stop_polling.cancelled() => return None,
+                    _ = shared.polls_ended() => return None,
                 }
             }
         }
@@ -137,14 +138,14 @@ pub(super) async fn acquire_loop(shared: &Arc<Shared>) {
     let wait = shared.config.acquire_wait;
     let mut backoff = Backoff::manager();
     loop {
-        let state = *shared.state.borrow();
-        if state == AgentState::Stopping || shared.stop_polling.is_cancelled() {
+        if shared.polls_end() {
             return;
         }
+        let takes_tasks = *shared.state.borrow() == AgentState::Running;
         let Some(id) = shared.delegate_id.borrow().clone() else {
             return;
         };
-        let free = if state == AgentState::Running {
+        let free = if takes_tasks {
             u32::try_from(shared.slots.available_permits()).unwrap_or(u32::MAX)
         } else {
             0
@@ -155,14 +156,14 @@ pub(super) async fn acquire_loop(shared: &Arc<Shared>) {
             tokio::select! {
                 r = poll => r,
                 _ = shared.slot_freed.notified() => continue,
-                _ = shared.stop_polling.cancelled() => return,
+                _ = shared.polls_ended() => return,
             }
         } else {
             // A poll that may lease tasks is never dropped half-way (the task would be
             // stranded until its lease lapsed), except when stopping for good.
             tokio::select! {
                 r = poll => r,
-                _ = shared.stop_polling.cancelled() => return,
+                _ = shared.polls_ended() => return,
             }
         };
         match result {
@@ -204,7 +205,7 @@ pub(super) async fn acquire_loop(shared: &Arc<Shared>) {
                     debug!("polling for tasks: the manager does not know this delegate yet");
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
-                        _ = shared.stop_polling.cancelled() => return,
+                        _ = shared.polls_ended() => return,
                     }
                     continue;
                 }
@@ -216,7 +217,7 @@ pub(super) async fn acquire_loop(shared: &Arc<Shared>) {
                 }
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
-                    _ = shared.stop_polling.cancelled() => return,
+                    _ = shared.polls_ended() => return,
                 }
             }
         }

@@ -103,10 +103,9 @@ async fn supervise(
     let key = key_of(&a);
     shared.lock_tasks().insert(
         key.clone(),
-        TaskHandle {
+        TaskHandle::Running {
             stop: stop.clone(),
             reason: reason.clone(),
-            running: true,
             adoptable: shared.adoptable(&a.kind),
         },
     );
@@ -171,7 +170,7 @@ async fn supervise(
 
     drop(permit);
     if let Some(t) = shared.lock_tasks().get_mut(&key) {
-        t.running = false;
+        t.ran();
     }
     shared.slot_freed.notify_one();
     shared.bump();
@@ -395,7 +394,7 @@ mod tests {
     }
 
     fn running(shared: &Shared, key: &TaskAttempt) -> bool {
-        shared.lock_tasks().get(key).is_some_and(|t| t.running)
+        shared.lock_tasks().get(key).is_some_and(|t| t.is_running())
     }
 
     /// After a lease lapses the manager may lease attempt 2 to the same agent before a
@@ -435,15 +434,12 @@ mod tests {
         // And a user's cancel still reaches attempt 2.
         shared.stop_task("t_twice", StopReason::Cancelled);
         until(&shared, "attempt 2 stopped", |s| !running(s, &k2)).await;
-        let reason = shared
-            .lock_tasks()
-            .get(&k2)
-            .map(|t| *t.reason.lock().unwrap_or_else(|p| p.into_inner()));
+        let reason = shared.lock_tasks().get(&k2).map(|t| t.stop_reason());
         // Delivered or still delivering: either way it ended as cancelled.
         assert!(
             matches!(reason, None | Some(Some(StopReason::Cancelled))),
             "{reason:?}"
         );
-        shared.stopped.cancel();
+        crate::daemon::stop_now(&shared);
     }
 }
