@@ -211,7 +211,7 @@ impl ManagerClient {
             .pool_idle_timeout(Duration::from_secs(90))
             .tcp_nodelay(true);
         // `ca_file` pins: the manager's certificate must chain to a CA in that file and to
-        // no other, as an operator who names a CA expects (issue 17, item 13). Merging it
+        // no other, as an operator who names a CA expects (docs/security.md, second review, finding 13). Merging it
         // into the system's roots let any public CA vouch for the manager's name too.
         if let Some(pem) = ca_pem {
             builder =

@@ -37,7 +37,7 @@ const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most scrapes answered at once; a connection beyond them is closed on accept. Every
 /// connection is a file descriptor of the agent, which tasks need too: a local user or
 /// task holding 1,100 idle connections took all 1,024 and a task then failed to journal
-/// (issue 17, item 6). A Prometheus or two need a handful.
+/// (docs/security.md, second review, finding 6). A Prometheus or two need a handful.
 pub const MAX_SCRAPES: usize = 16;
 
 #[derive(Debug, thiserror::Error)]
@@ -303,7 +303,7 @@ async fn answer(
 mod tests {
     use super::*;
 
-    /// Issue 17, item 6: a connection beyond [`MAX_SCRAPES`] open ones is closed at once
+    /// Second review, finding 6: a connection beyond [`MAX_SCRAPES`] open ones is closed at once
     /// (the old listener kept every one for its 5 s header timeout, so 1,100 of them took
     /// all the agent's descriptors); once they are gone, scrapes are answered again.
     #[tokio::test]

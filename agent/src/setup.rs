@@ -80,8 +80,8 @@ pub enum SetupError {
 
 /// Where `delegate setup` takes the token from. Only [`TokenSource::Argument`] puts it in
 /// the process's command line, which every local user reads (`ps`, `/proc/PID/cmdline`)
-/// for as long as setup runs: minutes, while the restart drains the agent (issue 17,
-/// item 7). The other three never show it to anyone but root.
+/// for as long as setup runs: minutes, while the restart drains the agent (docs/security.md,
+/// second review, finding 7). The other three never show it to anyone but root.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TokenSource {
     /// `--token TOKEN`: still accepted, so existing provisioning scripts keep working,
@@ -346,7 +346,7 @@ mod tests {
         }
     }
 
-    /// Issue 17, item 7: the token can come from standard input, a file or the
+    /// Second review, finding 7: the token can come from standard input, a file or the
     /// environment, none of which shows it in `ps`; `--token TOKEN` still works.
     #[test]
     fn the_token_comes_from_stdin_a_file_or_the_environment_not_only_the_command_line() {

@@ -12,7 +12,7 @@
 //! "look again".
 //!
 //! A long poll holds one of the `--max-connections` slots for as long as it waits, so the
-//! hub also bounds who may hold them ([`Hub::open_poll`], issue 17 item 12): a delegate has
+//! hub also bounds who may hold them ([`Hub::open_poll`], docs/security.md, second review, finding 12): a delegate has
 //! one open poll (a new one ends the old one, which its agent has given up on anyway), and
 //! the delegates of one token hold at most `max_polls_per_token` at once (more are
 //! refused with 429), so one token cannot take every slot and time out the heartbeats of
@@ -464,7 +464,7 @@ mod tests {
         assert!(is_woken(&full).await);
     }
 
-    /// Issue 17 item 12: one token's polls could hold every connection slot.
+    /// Second review, finding 12: one token's polls could hold every connection slot.
     #[tokio::test]
     async fn a_delegate_has_one_open_poll_and_a_token_a_bounded_number() {
         let hub = Hub::new(2);

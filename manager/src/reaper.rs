@@ -162,7 +162,7 @@ mod tests {
         s.submit(id, &t, 60, now).expect("submit");
     }
 
-    /// Issue 7 item 6: a forward step of the wall clock larger than the lease TTL lapsed
+    /// A forward step of the wall clock larger than the lease TTL lapsed
     /// every lease at once and re-ran every task.
     #[test]
     fn a_forward_clock_step_does_not_lapse_leases() {
