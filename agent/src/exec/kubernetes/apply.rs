@@ -262,23 +262,23 @@ pub(super) async fn apply(
             ))
         };
         let before = match api.get_opt(&name).await {
-            Ok(b) => b.and_then(|o| o.metadata.resource_version),
+            Ok(b) => b,
             Err(e) => return Err(fail("cannot read it", &e)),
         };
         let after = api
             .patch(&name, &params, &Patch::Apply(&obj))
             .await
             .map_err(|e| fail("server-side apply failed", &e))?;
-        let verdict = match before {
-            None => {
+        let verdict = match verdict(&obj, before.as_ref(), &after) {
+            Verdict::Created => {
                 created += 1;
                 "created"
             }
-            Some(rv) if Some(&rv) == after.metadata.resource_version.as_ref() => {
+            Verdict::Unchanged => {
                 unchanged += 1;
                 "unchanged"
             }
-            Some(_) => {
+            Verdict::Changed => {
                 changed += 1;
                 "changed"
             }
@@ -458,9 +458,134 @@ async fn wait_established(
     }
 }
 
+/// What applying one document did to its object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    Created,
+    Changed,
+    Unchanged,
+}
+
+/// Did the apply of `applied` change the object? The resource version alone cannot tell:
+/// a controller may write the object between our read and our apply (the deployment
+/// controller sets its revision annotation and status moments after a create), and an
+/// apply that changed nothing then answers with that newer version. So it changed the
+/// object only if the version moved *and* a value this manifest sets, or the set of fields
+/// the delegate manages (a field dropped from the manifest), differs from before.
+fn verdict(
+    applied: &DynamicObject,
+    before: Option<&DynamicObject>,
+    after: &DynamicObject,
+) -> Verdict {
+    let Some(before) = before else {
+        return Verdict::Created;
+    };
+    if before.metadata.resource_version == after.metadata.resource_version {
+        return Verdict::Unchanged;
+    }
+    let as_json = |o: &DynamicObject| serde_json::to_value(o).unwrap_or_default();
+    let (applied, before, after) = (as_json(applied), as_json(before), as_json(after));
+    let ours = |o: &serde_json::Value| {
+        o["metadata"]["managedFields"]
+            .as_array()
+            .and_then(|fields| {
+                fields
+                    .iter()
+                    .find(|f| f["manager"] == FIELD_MANAGER && f["operation"] == "Apply")
+            })
+            .map(|f| f["fieldsV1"].clone())
+    };
+    if differs_where_set(&applied, &before, &after) || ours(&before) != ours(&after) {
+        Verdict::Changed
+    } else {
+        Verdict::Unchanged
+    }
+}
+
+/// Does `before` differ from `after` at any value `applied` sets (maps followed key by
+/// key, anything else compared whole)?
+fn differs_where_set(
+    applied: &serde_json::Value,
+    before: &serde_json::Value,
+    after: &serde_json::Value,
+) -> bool {
+    match applied {
+        serde_json::Value::Object(keys) => keys
+            .iter()
+            .any(|(k, v)| differs_where_set(v, &before[k.as_str()], &after[k.as_str()])),
+        _ => before != after,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn object(v: serde_json::Value) -> DynamicObject {
+        serde_json::from_value(v).expect("a test object")
+    }
+
+    fn deployment(rv: &str, image: &str, revision: Option<&str>, fields: &str) -> DynamicObject {
+        let mut annotations = serde_json::Map::new();
+        if let Some(r) = revision {
+            annotations.insert("deployment.kubernetes.io/revision".into(), r.into());
+        }
+        object(serde_json::json!({
+            "apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": {
+                "name": "web", "namespace": "ns", "resourceVersion": rv,
+                "annotations": annotations,
+                "managedFields": [
+                    {"manager": FIELD_MANAGER, "operation": "Apply", "fieldsV1": {"f:spec": {fields: {}}}},
+                    {"manager": "kube-controller-manager", "operation": "Update", "fieldsV1": {"f:status": {}}}
+                ]
+            },
+            "spec": {"replicas": 0, "template": {"spec": {"containers": [{"name": "web", "image": image, "imagePullPolicy": "IfNotPresent"}]}}},
+            "status": {"observedGeneration": rv.len()}
+        }))
+    }
+
+    fn manifest(image: &str) -> DynamicObject {
+        object(serde_json::json!({
+            "apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": {"name": "web", "namespace": "ns"},
+            "spec": {"replicas": 0, "template": {"spec": {"containers": [{"name": "web", "image": image}]}}}
+        }))
+    }
+
+    /// A controller's write between our read and our apply moves the resource version
+    /// (here: the revision annotation and the status), but the apply changed nothing of
+    /// what the manifest sets: unchanged, as a second apply of the same manifest must say.
+    #[test]
+    fn a_controllers_write_between_read_and_apply_is_not_our_change() {
+        let before = deployment("10", "web:1", None, "f:replicas");
+        let after = deployment("11", "web:1", Some("1"), "f:replicas");
+        assert_eq!(
+            verdict(&manifest("web:1"), Some(&before), &after),
+            Verdict::Unchanged
+        );
+        assert_eq!(
+            verdict(&manifest("web:1"), Some(&before), &before),
+            Verdict::Unchanged
+        );
+        assert_eq!(verdict(&manifest("web:1"), None, &after), Verdict::Created);
+    }
+
+    #[test]
+    fn a_value_the_manifest_sets_or_a_field_it_dropped_is_a_change() {
+        let before = deployment("10", "web:1", None, "f:replicas");
+        let after = deployment("11", "web:2", Some("1"), "f:replicas");
+        assert_eq!(
+            verdict(&manifest("web:2"), Some(&before), &after),
+            Verdict::Changed
+        );
+        // Same values, but the delegate now manages fewer fields: a field left the manifest.
+        let after = deployment("11", "web:1", None, "f:paused");
+        assert_eq!(
+            verdict(&manifest("web:1"), Some(&before), &after),
+            Verdict::Changed
+        );
+    }
 
     #[test]
     fn a_malformed_document_is_named_by_its_index_and_parse_error() {
