@@ -1657,7 +1657,10 @@ mod tests {
             .collect();
         assert_eq!(leasable, from_table);
         assert_eq!(leasable, ["queued"]);
-        assert_eq!(Some(leased), Change::Assign.state_after().map(TaskState::as_str));
+        assert_eq!(
+            Some(leased),
+            Change::Assign.state_after().map(TaskState::as_str)
+        );
         let (_, lease_part) = LEASE
             .split_once("want AS (")
             .expect("the statement has its want part");
