@@ -3,7 +3,9 @@
 //! Every state change of a task is decided here and nowhere else, a lease included; the
 //! store reads the task, asks [`transition`] (through `store::rules`, the same on both
 //! backends), and persists the [`Change`] it gets (or turns the [`TransitionError`] into
-//! an answer). That keeps the rules — above all what happens to
+//! an answer). A lease depends on the task's state alone, so PostgreSQL asks for every
+//! state ahead and leases in one statement with the states the table allows
+//! ([`Change::state_after`] names what an assignment writes). That keeps the rules — above all what happens to
 //! a held task whose attempt is lost, which a delegate's `lost` result and a lapsed lease
 //! share — in one table that the tests walk exhaustively.
 //!

@@ -7,7 +7,9 @@
 //! and the message or error the caller sees. A backend reads the task's row, calls one of
 //! these, and writes what it got: neither backend decides a state change on its own —
 //! a lease too is `Event::Lease` → `Change::Assign`, written with the [`Lease`] it
-//! carries.
+//! carries. SQLite asks [`lease`] for each candidate row; PostgreSQL, whose look is one
+//! statement, asks the table ahead for every state ([`leasable_states`], [`leased_state`])
+//! and gives the answer to its SQL as parameters.
 
 use delegate_protocol::{
     DelegateState, Outcome, RegisterRequest, TaskResult, TaskState, UnixMillis,

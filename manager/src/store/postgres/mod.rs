@@ -2,8 +2,9 @@
 //!
 //! Same calls and the same rules (`store::rules`) as the SQLite store; what changes is who
 //! else may touch a row meanwhile. Every change of a task locks its row first
-//! (`FOR UPDATE`), a lease takes queued rows with `FOR UPDATE SKIP LOCKED` and matches
-//! selectors in SQL (`selectors <@ tags`) before the rules assign them, and the reaper
+//! (`FOR UPDATE`), a lease takes the rows the life cycle lets it lease (its states, asked
+//! of `rules` ahead, are the statement's parameters) with `FOR UPDATE SKIP LOCKED` and
+//! matches selectors in SQL (`selectors <@ tags`), in one statement, and the reaper
 //! skips rows another node is working on, so two nodes never lease one task twice nor
 //! re-queue one lapsed lease twice. Nothing about the queue lives in a node's memory: a
 //! node learns what the others did through `NOTIFY` on one channel ([`notify`]), which
