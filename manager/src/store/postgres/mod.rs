@@ -833,10 +833,10 @@ impl Backend for PgStore {
 
     /// Lease up to `max` tasks this delegate's tags satisfy, oldest first (`prefer` first
     /// of all), skipping rows another node is leasing right now, and collect cancellations
-    /// not yet delivered. One statement, its own transaction ([`LEASE`]): who asks (token
+    /// not yet delivered. One statement, its own transaction (`LEASE`): who asks (token
     /// live, delegate its own, `last_seen`, draining or not), its cancellations and the
     /// lease. The life cycle decides the lease as on SQLite, but ahead of the statement:
-    /// the states it leases from and the one it leaves ([`lease_states`], from
+    /// the states it leases from and the one it leaves (`lease_states`, from
     /// `rules::leasable_states` and `Change::Assign`) are the statement's parameters, so no
     /// row is read back to ask it. A long poll looks once per wake-up and most looks find
     /// nothing (during a burst both nodes wake a poll for every task, and a delegate looks
