@@ -3,7 +3,9 @@
 //! Every state change of a task is decided here and nowhere else, a lease included; the
 //! store reads the task, asks [`transition`] (through `store::rules`, the same on both
 //! backends), and persists the [`Change`] it gets (or turns the [`TransitionError`] into
-//! an answer). That keeps the rules — above all what happens to
+//! an answer). A lease depends on the task's state alone, so PostgreSQL asks for every
+//! state ahead and leases in one statement with the states the table allows
+//! ([`Change::state_after`] names what an assignment writes). That keeps the rules — above all what happens to
 //! a held task whose attempt is lost, which a delegate's `lost` result and a lapsed lease
 //! share — in one table that the tests walk exhaustively.
 //!
@@ -56,6 +58,21 @@ pub enum Change {
     End(TaskState),
     /// Back to the queue as attempt `next`, forgetting the holder.
     Requeue { next: u32 },
+}
+
+impl Change {
+    /// The state the task is in once this change is written; `None` when its state stays
+    /// (`Keep`, `FlagCancel`). A backend that writes a change in SQL takes the state from
+    /// here rather than spelling it out again.
+    pub fn state_after(self) -> Option<TaskState> {
+        match self {
+            Change::Keep | Change::FlagCancel => None,
+            Change::Assign => Some(TaskState::Assigned),
+            Change::Run => Some(TaskState::Running),
+            Change::End(state) => Some(state),
+            Change::Requeue { .. } => Some(TaskState::Queued),
+        }
+    }
 }
 
 /// An event the task's state does not allow.
@@ -205,6 +222,18 @@ mod tests {
             }
         }
         assert_eq!(cases, 8 * 9 * 2 * 4);
+    }
+
+    #[test]
+    fn each_change_leaves_the_state_the_picture_draws() {
+        assert_eq!(Change::Keep.state_after(), None);
+        assert_eq!(Change::FlagCancel.state_after(), None);
+        assert_eq!(Change::Assign.state_after(), Some(S::Assigned));
+        assert_eq!(Change::Run.state_after(), Some(S::Running));
+        assert_eq!(Change::Requeue { next: 2 }.state_after(), Some(S::Queued));
+        for s in TaskState::ALL.into_iter().filter(|s| s.is_terminal()) {
+            assert_eq!(Change::End(s).state_after(), Some(s));
+        }
     }
 
     #[test]

@@ -4,7 +4,9 @@
 //! The API layer calls one [`Store`]; the store hands each call to its [`Backend`], one of
 //! two implementations of the same contract: [`SqliteStore`] (`sqlite`) and [`PgStore`]
 //! (`postgres`). What a call does to a task is decided in one place for both (`rules`,
-//! which asks `lifecycle::transition`); a backend reads rows, asks, and writes the answer.
+//! which asks `lifecycle::transition`); a backend reads rows, asks, and writes the answer
+//! (PostgreSQL's lease asks ahead: the states the table leases from are its SQL's
+//! parameters, so a look stays one round trip).
 //! Functions take the time as an argument (`now`) so tests can move the clock; the HTTP
 //! layer passes the wall clock. One suite of contract tests (`tests/tests/it/
 //! store_backends.rs`) runs every rule on both backends.

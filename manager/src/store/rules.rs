@@ -7,9 +7,13 @@
 //! and the message or error the caller sees. A backend reads the task's row, calls one of
 //! these, and writes what it got: neither backend decides a state change on its own —
 //! a lease too is `Event::Lease` → `Change::Assign`, written with the [`Lease`] it
-//! carries.
+//! carries. SQLite asks [`lease`] for each candidate row; PostgreSQL, whose look is one
+//! statement, asks the table ahead for every state ([`leasable_states`], [`leased_state`])
+//! and gives the answer to its SQL as parameters.
 
-use delegate_protocol::{Outcome, RegisterRequest, TaskResult, TaskState, UnixMillis};
+use delegate_protocol::{
+    DelegateState, Outcome, RegisterRequest, TaskResult, TaskState, UnixMillis,
+};
 
 use super::{Cancel, Finish, Reaped};
 use crate::error::StoreError;
@@ -65,6 +69,33 @@ pub(crate) fn lease(task: Task) -> Result<Change, TransitionError> {
     lifecycle::transition(task, Event::Lease)
 }
 
+/// The task states a lease takes a task from, asked of the life cycle state by state:
+/// those for which [`lease`] answers [`Change::Assign`]. The lease depends on the state
+/// alone (a unit test walks every fact), so a backend that leases in one SQL statement
+/// (PostgreSQL) selects its candidates by these states and writes what [`leased_state`]
+/// says, instead of reading each row back and asking [`lease`] in another round trip.
+pub(crate) fn leasable_states() -> Vec<TaskState> {
+    TaskState::ALL
+        .into_iter()
+        .filter(|&state| {
+            let task = Task {
+                state,
+                attempt: 1,
+                retries: 0,
+                cancel_requested: false,
+            };
+            lease(task) == Ok(Change::Assign)
+        })
+        .collect()
+}
+
+/// The state a lease leaves its task in: what [`Change::Assign`] writes, beside the
+/// holder and deadline of the [`Lease`] and the time it was assigned.
+pub(crate) fn leased_state() -> TaskState {
+    // `Assign` always leaves a state (`Change::state_after`); `assigned` is its name.
+    Change::Assign.state_after().unwrap_or(TaskState::Assigned)
+}
+
 /// A new token needs a name, and its tags (the set its delegates may register with) must
 /// be tags: non-empty, no spaces or commas.
 pub(crate) fn check_token(name: &str, tags: Option<&[String]>) -> Result<(), StoreError> {
@@ -98,6 +129,21 @@ pub(crate) fn check_register(req: &RegisterRequest) -> Result<(), StoreError> {
 /// States in which a delegate must not be handed new tasks.
 pub fn is_draining(state: &str) -> bool {
     matches!(state, "draining" | "drained" | "stopping")
+}
+
+/// The delegate states [`is_draining`] names, for SQL that must not lease to them.
+pub(crate) fn draining_states() -> Vec<&'static str> {
+    [
+        DelegateState::Starting,
+        DelegateState::Running,
+        DelegateState::Draining,
+        DelegateState::Drained,
+        DelegateState::Stopping,
+    ]
+    .into_iter()
+    .map(DelegateState::as_str)
+    .filter(|s| is_draining(s))
+    .collect()
 }
 
 /// The facts about a task that decide whether a delegate's report is accepted.
@@ -367,4 +413,57 @@ pub(crate) fn result_summary(outcome: &str, exit_code: Option<i32>, signal: Opti
         s.push_str(&format!(" signal {sig}"));
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The lease is decided by the task's state alone: for every state, every attempt,
+    /// retry budget and cancel flag get the same answer, and that answer is an assignment
+    /// or a refusal. So the states [`leasable_states`] derives are the whole decision a
+    /// backend may put into SQL (PostgreSQL does; its unit tests check it uses these).
+    #[test]
+    fn a_lease_depends_on_the_state_alone_and_assigns_or_refuses() {
+        for state in TaskState::ALL {
+            let answers: Vec<_> = [false, true]
+                .into_iter()
+                .flat_map(|cancel_requested| {
+                    [(1, 0), (1, 1), (2, 1), (3, 5)].map(|(attempt, retries)| {
+                        lease(Task {
+                            state,
+                            attempt,
+                            retries,
+                            cancel_requested,
+                        })
+                    })
+                })
+                .collect();
+            assert!(
+                answers.iter().all(|a| *a == answers[0]),
+                "{state}: {answers:?}"
+            );
+            assert!(
+                matches!(answers[0], Ok(Change::Assign) | Err(_)),
+                "{state}: a lease is an assignment or nothing, not {:?}",
+                answers[0]
+            );
+            assert_eq!(
+                leasable_states().contains(&state),
+                answers[0].is_ok(),
+                "{state}"
+            );
+        }
+        assert_eq!(leasable_states(), [TaskState::Queued]);
+        assert_eq!(leased_state(), TaskState::Assigned);
+        assert_eq!(Change::Assign.state_after(), Some(leased_state()));
+    }
+
+    #[test]
+    fn the_draining_states_are_those_is_draining_names() {
+        assert_eq!(draining_states(), ["draining", "drained", "stopping"]);
+        for s in ["starting", "running"] {
+            assert!(!is_draining(s) && !draining_states().contains(&s));
+        }
+    }
 }

@@ -209,6 +209,47 @@ fn cancel_ends_a_queued_task_and_flags_a_held_one_on_both_backends() {
     });
 }
 
+/// A draining delegate is leased nothing, and the long poll's question right after a look
+/// that leased nothing (is it draining?) is answered as of that look, never staler: a
+/// drain or its end after the look is seen.
+#[test]
+fn a_draining_delegate_is_leased_nothing_and_its_poll_learns_it_on_both_backends() {
+    on_both(|s| {
+        let a = s.register("tok", &reg("a", &[]), 0).expect("reg");
+        let hb = |state| HeartbeatRequest {
+            state,
+            ..Default::default()
+        };
+        s.heartbeat("tok", &a, &hb(DelegateState::Running), 1)
+            .expect("heartbeat");
+        assert!(leased(s, &a, 1, 2).is_empty(), "nothing queued");
+        s.heartbeat("tok", &a, &hb(DelegateState::Draining), 3)
+            .expect("drain");
+        assert!(
+            s.delegate_draining(&a).expect("state"),
+            "a drain after the look is seen"
+        );
+        s.submit("t_1", &shell(&[], 0), 60, 4).expect("submit");
+        assert!(
+            leased(s, &a, 1, 5).is_empty(),
+            "a draining delegate is leased nothing"
+        );
+        assert!(s.delegate_draining(&a).expect("state"));
+        assert!(s.delegate_draining(&a).expect("asked again"));
+        s.heartbeat("tok", &a, &hb(DelegateState::Running), 6)
+            .expect("drain ends");
+        assert!(!s.delegate_draining(&a).expect("state"));
+        assert_eq!(leased(s, &a, 1, 7), ["t_1"]);
+        assert!(leased(s, &a, 1, 8).is_empty(), "nothing queued");
+        s.heartbeat("tok", &a, &hb(DelegateState::Stopping), 9)
+            .expect("stopping");
+        assert!(
+            s.delegate_draining(&a).expect("state"),
+            "the look before the stop does not answer for after it"
+        );
+    });
+}
+
 #[test]
 fn a_lapsed_lease_is_requeued_then_lost_on_both_backends() {
     on_both(|s| {

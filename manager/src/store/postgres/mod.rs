@@ -2,8 +2,9 @@
 //!
 //! Same calls and the same rules (`store::rules`) as the SQLite store; what changes is who
 //! else may touch a row meanwhile. Every change of a task locks its row first
-//! (`FOR UPDATE`), a lease takes queued rows with `FOR UPDATE SKIP LOCKED` and matches
-//! selectors in SQL (`selectors <@ tags`) before the rules assign them, and the reaper
+//! (`FOR UPDATE`), a lease takes the rows the life cycle lets it lease (its states, asked
+//! of `rules` ahead, are the statement's parameters) with `FOR UPDATE SKIP LOCKED` and
+//! matches selectors in SQL (`selectors <@ tags`), in one statement, and the reaper
 //! skips rows another node is working on, so two nodes never lease one task twice nor
 //! re-queue one lapsed lease twice. Nothing about the queue lives in a node's memory: a
 //! node learns what the others did through `NOTIFY` on one channel ([`notify`]), which
@@ -283,6 +284,10 @@ pub struct PgStore {
     /// and re-registers reach these through [`Note`]s.
     tokens: Mutex<HashMap<String, String>>,
     tags: Mutex<HashMap<String, Selectors>>,
+    /// Delegate id → draining or not, as read by its last look that leased nothing and
+    /// not asked for since: the long poll asks [`Backend::delegate_draining`] right after
+    /// such a look, which answers from here instead of another round trip.
+    drain_seen: Mutex<HashMap<String, bool>>,
     clock: PgClock,
     db_clock: DbClock,
 }
@@ -331,6 +336,7 @@ impl PgStore {
             metrics: Metrics::new(),
             tokens: Mutex::new(HashMap::new()),
             tags: Mutex::new(HashMap::new()),
+            drain_seen: Mutex::new(HashMap::new()),
             clock: options.clock,
             db_clock: DbClock::default(),
         })
@@ -376,8 +382,12 @@ impl PgStore {
         match note {
             Note::Delegate { id } => {
                 lock(&self.tags).remove(id);
+                lock(&self.drain_seen).remove(id);
             }
-            Note::Revoked => lock(&self.tokens).clear(),
+            Note::Revoked => {
+                lock(&self.tokens).clear();
+                lock(&self.drain_seen).clear();
+            }
             Note::Queued { .. } | Note::Changed => {}
         }
     }
@@ -591,6 +601,8 @@ impl Backend for PgStore {
         for (id, _) in &held {
             tags.remove(id);
         }
+        drop(tags);
+        lock(&self.drain_seen).clear();
         Ok(view)
     }
 
@@ -617,6 +629,7 @@ impl Backend for PgStore {
         tx.notify(&Note::Delegate { id: id.clone() })?;
         tx.commit()?;
         lock(&self.tags).remove(&id);
+        lock(&self.drain_seen).remove(&id);
         Ok(ForgottenDelegate {
             id,
             name: name.to_string(),
@@ -708,6 +721,7 @@ impl Backend for PgStore {
         }
         tx.commit()?;
         lock(&self.tags).insert(id.clone(), selector_key(&req.tags));
+        lock(&self.drain_seen).remove(&id);
         Ok(id)
     }
 
@@ -771,6 +785,9 @@ impl Backend for PgStore {
             own_delegate(&mut tx, delegate_id, token_name)?;
             return Err(StoreError::DelegateNotFound(delegate_id.to_string()));
         };
+        if is_draining(state) != is_draining(&before) {
+            lock(&self.drain_seen).remove(delegate_id);
+        }
         if is_draining(state) && !is_draining(&before) {
             // Its long poll may wait on another node: end it there too.
             tx.notify(&Note::Delegate {
@@ -814,11 +831,18 @@ impl Backend for PgStore {
         Ok(resp)
     }
 
-    /// Lease up to `max` queued tasks this delegate's tags satisfy, oldest first (`prefer`
-    /// first of all), skipping rows another node is leasing right now, and collect
-    /// cancellations not yet delivered. One transaction: who asks (token live, delegate
-    /// its own, `last_seen`, cancellations), then the candidates locked, then the leases
-    /// the life cycle decided for them, written in one statement.
+    /// Lease up to `max` tasks this delegate's tags satisfy, oldest first (`prefer` first
+    /// of all), skipping rows another node is leasing right now, and collect cancellations
+    /// not yet delivered. One statement, its own transaction (`LEASE`): who asks (token
+    /// live, delegate its own, `last_seen`, draining or not), its cancellations and the
+    /// lease. The life cycle decides the lease as on SQLite, but ahead of the statement:
+    /// the states it leases from and the one it leaves (`lease_states`, from
+    /// `rules::leasable_states` and `Change::Assign`) are the statement's parameters, so no
+    /// row is read back to ask it. A long poll looks once per wake-up and most looks find
+    /// nothing (during a burst both nodes wake a poll for every task, and a delegate looks
+    /// again after each task), so a look costs one round trip, not `BEGIN`, two or three
+    /// statements and `COMMIT`: on a machine whose cores PostgreSQL shares with the
+    /// managers, the round trips are what a burst is made of (see docs/benchmarks.md).
     fn acquire(
         &self,
         token_name: &str,
@@ -827,96 +851,69 @@ impl Backend for PgStore {
         now: UnixMillis,
         prefer: Option<&str>,
     ) -> Result<AcquireResponse, StoreError> {
-        const ME: &str = "WITH me AS ( \
-                UPDATE delegates d SET last_seen = $3 FROM tokens k \
-                WHERE d.id = $1 AND d.token_name = $2 AND k.name = $2 \
-                AND k.revoked_at IS NULL RETURNING d.tags, d.state), \
-            c AS ( \
-                UPDATE tasks SET cancel_delivered = true \
-                WHERE EXISTS (SELECT 1 FROM me) AND delegate_id = $1 \
-                AND state IN ('assigned', 'running') AND cancel_requested \
-                AND NOT cancel_delivered RETURNING id) \
-            SELECT me.tags, me.state, ARRAY(SELECT id FROM c) FROM me";
-        // The handed task first, then the oldest others; the second part locks only as
-        // many rows as are still wanted, so no row is held that will not be leased. The
-        // rows stay locked until the commit: what `rules::lease` decides for each is what
-        // is written.
-        const CANDIDATES: &str = "WITH p AS ( \
-                SELECT id FROM tasks \
-                WHERE id = $2 AND state = 'queued' AND selectors <@ $1 \
-                FOR UPDATE SKIP LOCKED), \
-            o AS ( \
-                SELECT id FROM tasks \
-                WHERE state = 'queued' AND selectors <@ $1 AND id <> $2 \
-                ORDER BY created_at, seq \
-                LIMIT GREATEST($3 - (SELECT COUNT(*) FROM p), 0) FOR UPDATE SKIP LOCKED) \
-            SELECT t.id, t.kind, t.spec, t.attempt, t.timeout_secs, t.created_at, t.state, \
-                t.retries, t.cancel_requested \
-            FROM tasks t JOIN (SELECT id FROM p UNION ALL SELECT id FROM o) AS x \
-                ON t.id = x.id \
-            ORDER BY t.id <> $2, t.created_at, t.seq";
         let mut conn = self.pool.get()?;
         let now = self.now(&mut conn, now)?;
-        let mut tx = conn.tx()?;
-        let Some(me) = tx.opt(ME, &[&delegate_id, &token_name, &now])? else {
+        let lease = Lease {
+            delegate_id,
+            expires: now + self.lease_ttl_ms,
+        };
+        let prefer = prefer.unwrap_or("");
+        let want = i64::from(max);
+        let draining_states = rules::draining_states();
+        let (leasable, leased) = lease_states();
+        let mut tx = conn.auto()?;
+        let rows = tx.query(
+            LEASE,
+            &[
+                &lease.delegate_id,
+                &token_name,
+                &now,
+                &prefer,
+                &want,
+                &lease.expires,
+                &draining_states,
+                &leasable,
+                &leased,
+            ],
+        )?;
+        let Some(first) = rows.first() else {
             own_delegate(&mut tx, delegate_id, token_name)?;
             return Err(StoreError::DelegateNotFound(delegate_id.to_string()));
         };
-        let tags: Vec<String> = me.try_get(0)?;
-        let draining = is_draining(me.try_get(1)?);
+        let draining = is_draining(first.try_get(0)?);
         let mut resp = AcquireResponse {
-            cancel: me.try_get(2)?,
+            cancel: first.try_get(1)?,
             ..Default::default()
         };
-        let max = if draining { 0 } else { i64::from(max) };
-        if max > 0 {
-            let prefer = prefer.unwrap_or("");
-            let rows = tx.query(CANDIDATES, &[&tags, &prefer, &max])?;
-            let mut leased: Vec<String> = Vec::with_capacity(rows.len());
-            for r in &rows {
-                let id: String = r.try_get(0)?;
-                let task = Task {
-                    state: state_of(r.try_get(6)?)?,
-                    attempt: u32_of(r.try_get(3)?),
-                    retries: u32_of(r.try_get(7)?),
-                    cancel_requested: r.try_get(8)?,
-                };
-                match rules::lease(task) {
-                    Ok(Change::Assign) => {}
-                    // Not leasable (the SQL above picks queued rows only): left as it is.
-                    Err(_) => continue,
-                    Ok(other) => {
-                        return Err(StoreError::Invalid(format!(
-                            "task {id}: a lease was decided as {other:?}"
-                        )));
-                    }
-                }
-                let created: i64 = r.try_get(5)?;
-                let kind: String = r.try_get(1)?;
-                self.metrics
-                    .picked_up(&kind, (now - created).max(0) as f64 / 1000.0);
-                resp.tasks.push(Assignment {
-                    task_id: id.clone(),
-                    kind,
-                    spec: json_of("task spec", r.try_get(2)?)?,
-                    attempt: task.attempt,
-                    timeout_secs: u64_of(r.try_get(4)?),
-                });
-                leased.push(id);
-            }
-            if !leased.is_empty() {
-                let lease = Lease {
-                    delegate_id,
-                    expires: now + self.lease_ttl_ms,
-                };
-                persist_leases(&mut tx, &leased, lease, now)?;
-            }
+        // The handed task first, then oldest first (the statement orders them).
+        for r in &rows {
+            let Some(task_id) = r.try_get::<_, Option<String>>(2)? else {
+                continue;
+            };
+            let created: i64 = r.try_get(7)?;
+            let kind: String = r.try_get(3)?;
+            self.metrics
+                .picked_up(&kind, (now - created).max(0) as f64 / 1000.0);
+            resp.tasks.push(Assignment {
+                task_id,
+                kind,
+                spec: json_of("task spec", r.try_get(4)?)?,
+                attempt: u32_of(r.try_get(5)?),
+                timeout_secs: u64_of(r.try_get(6)?),
+            });
         }
-        tx.commit()?;
+        if max > 0 && resp.tasks.is_empty() {
+            lock(&self.drain_seen).insert(delegate_id.to_string(), draining);
+        }
         Ok(resp)
     }
 
+    /// Whether the delegate is draining. Right after a look that leased nothing (the long
+    /// poll's question) the answer is the state that look read, once; else the database's.
     fn delegate_draining(&self, delegate_id: &str) -> Result<bool, StoreError> {
+        if let Some(draining) = lock(&self.drain_seen).remove(delegate_id) {
+            return Ok(draining);
+        }
         let mut conn = self.pool.get()?;
         let mut tx = conn.auto()?;
         let state: Option<String> = tx
@@ -1366,6 +1363,61 @@ impl Backend for PgStore {
     }
 }
 
+/// A delegate's look ([`Backend::acquire`]) in one statement. Parameters: `$1` the
+/// delegate, `$2` its token, `$3` now, `$4` the handed task (or `''`), `$5` how many it
+/// asks for, `$6` the lease's deadline, `$7` the delegate states that take nothing new
+/// (`rules::draining_states`), `$8` the task states a lease takes a task from and `$9`
+/// the state it leaves it in ([`lease_states`]: the life cycle's, never spelled here).
+///
+/// `want` is how many to lease: none for a draining delegate. `p` is the handed task, `o`
+/// the oldest others; `o` locks only as many rows as are still wanted, so no row is held
+/// that will not be leased. The cancellations (`c`, held rows) and the lease (`l`,
+/// leasable rows) never touch the same row. One row per leased task (the handed one
+/// first, then oldest first), or one row with NULL task columns when none was leased; no
+/// row at all when the delegate is not the token's or the token is revoked.
+const LEASE: &str = "WITH me AS ( \
+        UPDATE delegates d SET last_seen = $3 FROM tokens k \
+        WHERE d.id = $1 AND d.token_name = $2 AND k.name = $2 \
+        AND k.revoked_at IS NULL RETURNING d.tags, d.state), \
+    c AS ( \
+        UPDATE tasks SET cancel_delivered = true \
+        WHERE EXISTS (SELECT 1 FROM me) AND delegate_id = $1 \
+        AND state IN ('assigned', 'running') AND cancel_requested \
+        AND NOT cancel_delivered RETURNING id), \
+    want AS ( \
+        SELECT tags, CASE WHEN state = ANY($7::TEXT[]) THEN 0 ELSE $5::BIGINT END AS n \
+        FROM me), \
+    p AS ( \
+        SELECT id FROM tasks \
+        WHERE id = $4 AND state = ANY($8::TEXT[]) AND selectors <@ (SELECT tags FROM want) \
+        AND (SELECT n FROM want) > 0 \
+        FOR UPDATE SKIP LOCKED), \
+    o AS ( \
+        SELECT id FROM tasks \
+        WHERE state = ANY($8::TEXT[]) AND selectors <@ (SELECT tags FROM want) AND id <> $4 \
+        ORDER BY created_at, seq \
+        LIMIT GREATEST((SELECT n FROM want) - (SELECT COUNT(*) FROM p), 0) \
+        FOR UPDATE SKIP LOCKED), \
+    l AS ( \
+        UPDATE tasks t SET state = $9::TEXT, delegate_id = $1, assigned_at = $3, \
+        lease_expires = $6, cancel_delivered = false \
+        FROM (SELECT id FROM p UNION ALL SELECT id FROM o) AS x WHERE t.id = x.id \
+        RETURNING t.id, t.kind, t.spec, t.attempt, t.timeout_secs, t.created_at, t.seq) \
+    SELECT me.state, ARRAY(SELECT id FROM c), \
+        l.id, l.kind, l.spec, l.attempt, l.timeout_secs, l.created_at, l.seq \
+    FROM me LEFT JOIN l ON true \
+    ORDER BY l.id <> $4, l.created_at, l.seq";
+
+/// The states [`LEASE`] takes a task from and leaves it in, as the database spells them:
+/// what the life cycle answers `Event::Lease` with, through `rules`.
+fn lease_states() -> (Vec<&'static str>, &'static str) {
+    let leasable = rules::leasable_states()
+        .into_iter()
+        .map(TaskState::as_str)
+        .collect();
+    (leasable, rules::leased_state().as_str())
+}
+
 /// Why a request of delegate `id` with `token_name` was refused (its token was revoked,
 /// or the delegate is not its own); called once the fast statement found nothing.
 fn own_delegate(tx: &mut Tx<'_>, id: &str, token_name: &str) -> Result<(), StoreError> {
@@ -1546,8 +1598,8 @@ fn persist(
     Ok(())
 }
 
-/// [`Change::Assign`] for every task in `ids` at once (each decided by `rules::lease`):
-/// one statement for a delegate's whole batch.
+/// [`Change::Assign`] for every task in `ids` at once (each decided by `rules::lease`).
+/// A delegate's look writes its leases in [`LEASE`] itself.
 fn persist_leases(
     tx: &mut Tx<'_>,
     ids: &[String],
@@ -1588,4 +1640,36 @@ fn migrate(client: &mut Client, url: &str) -> Result<(), StoreError> {
     }
     tx.commit()?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The lease statement leaves the lease to the life cycle: the states it leases from and
+    /// the state it writes are its parameters, derived from `rules` (the table), and it
+    /// spells no task state of its own outside the cancellations it collects.
+    #[test]
+    fn the_lease_statement_takes_its_states_from_the_life_cycle() {
+        let (leasable, leased) = lease_states();
+        let from_table: Vec<&str> = rules::leasable_states()
+            .into_iter()
+            .map(TaskState::as_str)
+            .collect();
+        assert_eq!(leasable, from_table);
+        assert_eq!(leasable, ["queued"]);
+        assert_eq!(
+            Some(leased),
+            Change::Assign.state_after().map(TaskState::as_str)
+        );
+        let (_, lease_part) = LEASE
+            .split_once("want AS (")
+            .expect("the statement has its want part");
+        assert!(
+            !lease_part.contains('\''),
+            "no state literal in the lease: {lease_part}"
+        );
+        assert_eq!(lease_part.matches("state = ANY($8::TEXT[])").count(), 2);
+        assert!(lease_part.contains("SET state = $9::TEXT"));
+    }
 }
