@@ -391,8 +391,75 @@ pub(crate) fn stale(id: &str, attempt: u32, e: TransitionError) -> StoreError {
     }
 }
 
+/// What a backend does with a piece of an attempt's log, `data` sent from byte `offset`.
+pub(crate) enum LogAppend<'a> {
+    /// Nothing to store: answer the delegate with this offset (a resend of what is stored,
+    /// or output past the cut, counted in the delegate's offsets that went on past it).
+    Answer(u64),
+    /// Store `bytes` at `start` (empty when the cap left no room) and, once the cap is
+    /// reached, the cut's marker line after them; the log then holds `log_bytes`; answer
+    /// the delegate with `end`.
+    Write {
+        start: u64,
+        bytes: &'a [u8],
+        marker: Option<(u64, String)>,
+        log_bytes: u64,
+        end: u64,
+    },
+}
+
+/// Where `data` from `offset` goes in `held`'s log of at most `cap` bytes: what is stored
+/// already is not stored again, a gap is refused (the delegate resends from where the
+/// manager's log ends), and the first byte past the cap cuts the log with a marker line.
+pub(crate) fn append_log<'a>(
+    held: &Held,
+    id: &str,
+    attempt: u32,
+    offset: u64,
+    data: &'a [u8],
+    cap: u64,
+) -> Result<LogAppend<'a>, StoreError> {
+    let end = offset + data.len() as u64;
+    if held.log_truncated {
+        return Ok(LogAppend::Answer(end));
+    }
+    let stored = held.log_bytes;
+    if offset > stored {
+        return Err(StoreError::LogGap {
+            task: id.to_string(),
+            attempt,
+            offset,
+            expected: stored,
+        });
+    }
+    if end <= stored {
+        return Ok(LogAppend::Answer(stored));
+    }
+    let fresh = &data[(stored - offset) as usize..];
+    let room = cap.saturating_sub(stored);
+    if (fresh.len() as u64) <= room {
+        return Ok(LogAppend::Write {
+            start: stored,
+            bytes: fresh,
+            marker: None,
+            log_bytes: end,
+            end,
+        });
+    }
+    let kept = &fresh[..room as usize];
+    let cut = stored + kept.len() as u64;
+    let marker = truncation_marker(cap);
+    Ok(LogAppend::Write {
+        start: stored,
+        bytes: kept,
+        log_bytes: cut + marker.len() as u64,
+        marker: Some((cut, marker)),
+        end,
+    })
+}
+
 /// The line that ends a log cut at the cap.
-pub(crate) fn truncation_marker(cap: u64) -> String {
+fn truncation_marker(cap: u64) -> String {
     format!(
         "\n[delegate-manager] log truncated: it reached the manager's cap of {cap} bytes per \
          task (--max-log-bytes); later output was dropped\n"
@@ -418,6 +485,85 @@ pub(crate) fn result_summary(outcome: &str, exit_code: Option<i32>, signal: Opti
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn held_log(log_bytes: u64, log_truncated: bool) -> Held {
+        Held {
+            state: TaskState::Running,
+            attempt: 1,
+            retries: 0,
+            cancel_requested: false,
+            delegate_id: Some("d".into()),
+            delegate_name: Some("d".into()),
+            token_name: Some("tok".into()),
+            log_bytes,
+            log_truncated,
+            outcome: None,
+            exit_code: None,
+            signal: None,
+        }
+    }
+
+    /// The log rules both backends write by: a resend stores nothing, a gap is refused, the
+    /// first byte past the cap cuts the log with its marker, and once cut nothing more is
+    /// stored while the delegate's offsets go on.
+    #[test]
+    fn a_log_piece_is_stored_once_refused_past_a_gap_and_cut_at_the_cap() {
+        let write = |a: LogAppend<'_>| match a {
+            LogAppend::Write {
+                start,
+                bytes,
+                marker,
+                log_bytes,
+                end,
+            } => (
+                start,
+                bytes.to_vec(),
+                marker.map(|(at, _)| at),
+                log_bytes,
+                end,
+            ),
+            LogAppend::Answer(n) => panic!("answered {n}, expected a write"),
+        };
+        let answer = |a: LogAppend<'_>| match a {
+            LogAppend::Answer(n) => n,
+            LogAppend::Write { .. } => panic!("a write, expected an answer"),
+        };
+        let r = |held: &Held, offset, data: &'static [u8], cap| {
+            append_log(held, "t", 1, offset, data, cap)
+        };
+        let ok = |x: Result<LogAppend<'static>, StoreError>| x.expect("allowed");
+        assert_eq!(
+            write(ok(r(&held_log(0, false), 0, b"abc", 100))),
+            (0, b"abc".to_vec(), None, 3, 3)
+        );
+        // Overlapping a resend: only the new bytes.
+        assert_eq!(
+            write(ok(r(&held_log(2, false), 0, b"abcd", 100))),
+            (2, b"cd".to_vec(), None, 4, 4)
+        );
+        assert_eq!(answer(ok(r(&held_log(4, false), 0, b"abcd", 100))), 4);
+        assert!(matches!(
+            r(&held_log(2, false), 3, b"x", 100),
+            Err(StoreError::LogGap {
+                offset: 3,
+                expected: 2,
+                ..
+            })
+        ));
+        let marker_len = truncation_marker(4).len() as u64;
+        assert_eq!(
+            write(ok(r(&held_log(2, false), 2, b"cdef", 4))),
+            (2, b"cd".to_vec(), Some(4), 4 + marker_len, 6)
+        );
+        assert_eq!(
+            write(ok(r(&held_log(4, false), 4, b"ef", 4))),
+            (4, Vec::new(), Some(4), 4 + marker_len, 6)
+        );
+        assert_eq!(
+            answer(ok(r(&held_log(4 + marker_len, true), 6, b"gh", 4))),
+            8
+        );
+    }
 
     /// The lease is decided by the task's state alone: for every state, every attempt,
     /// retry budget and cancel flag get the same answer, and that answer is an assignment

@@ -23,8 +23,8 @@ use rusqlite::types::Type;
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use super::rules::{
-    self, Held, Lease, Report, Write, cancel_change, decide_report, holder_gone_change,
-    is_draining, page_from_chunk, refuse_tags, stale, the_one_delegate, to_json, truncation_marker,
+    self, Held, Lease, LogAppend, Report, Write, cancel_change, decide_report, holder_gone_change,
+    is_draining, page_from_chunk, refuse_tags, stale, the_one_delegate, to_json,
 };
 use super::{
     Backend, Cancel, DEFAULT_MAX_LOG_BYTES, Finish, LogSlice, Pruned, Reaped, new_delegate_id,
@@ -1116,25 +1116,17 @@ impl Backend for SqliteStore {
         let tx = conn.transaction()?;
         let held = load_held(&tx, id)?;
         held.check(id, attempt, token_name)?;
-        let end = offset + data.len() as u64;
-        if held.log_truncated {
-            // Counted in the delegate's offsets, which went on past the cut.
-            return Ok(end);
-        }
-        let stored = held.log_bytes;
-        if offset > stored {
-            return Err(StoreError::LogGap {
-                task: id.to_string(),
-                attempt,
-                offset,
-                expected: stored,
-            });
-        }
-        if end <= stored {
-            return Ok(stored);
-        }
-        let fresh = &data[(stored - offset) as usize..];
-        let room = self.max_log_bytes.saturating_sub(stored);
+        let (start, bytes, marker, log_bytes, end) =
+            match rules::append_log(&held, id, attempt, offset, data, self.max_log_bytes)? {
+                LogAppend::Answer(answer) => return Ok(answer),
+                LogAppend::Write {
+                    start,
+                    bytes,
+                    marker,
+                    log_bytes,
+                    end,
+                } => (start, bytes, marker, log_bytes, end),
+            };
         let insert = |start: u64, bytes: &[u8]| -> Result<(), StoreError> {
             tx.prepare_cached(
                 "INSERT INTO log_chunks (task_id, attempt, start, data) VALUES (?1, ?2, ?3, ?4)",
@@ -1142,22 +1134,14 @@ impl Backend for SqliteStore {
             .execute(params![id, attempt, start as i64, bytes])?;
             Ok(())
         };
-        if (fresh.len() as u64) <= room {
-            insert(stored, fresh)?;
-            tx.prepare_cached("UPDATE tasks SET log_bytes = ?2 WHERE id = ?1")?
-                .execute(params![id, end as i64])?;
-            tx.commit()?;
-            return Ok(end);
+        if !bytes.is_empty() {
+            insert(start, bytes)?;
         }
-        let kept = &fresh[..room as usize];
-        if !kept.is_empty() {
-            insert(stored, kept)?;
+        if let Some((at, line)) = &marker {
+            insert(*at, line.as_bytes())?;
         }
-        let marker = truncation_marker(self.max_log_bytes);
-        let cut = stored + kept.len() as u64;
-        insert(cut, marker.as_bytes())?;
-        tx.prepare_cached("UPDATE tasks SET log_bytes = ?2, log_truncated = 1 WHERE id = ?1")?
-            .execute(params![id, (cut + marker.len() as u64) as i64])?;
+        tx.prepare_cached("UPDATE tasks SET log_bytes = ?2, log_truncated = ?3 WHERE id = ?1")?
+            .execute(params![id, log_bytes as i64, marker.is_some()])?;
         tx.commit()?;
         Ok(end)
     }

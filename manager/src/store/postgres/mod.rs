@@ -38,8 +38,8 @@ pub use tls::redact;
 use tls::{parse_config, plain_text_warning};
 
 use super::rules::{
-    self, Held, Lease, Report, Write, cancel_change, decide_report, holder_gone_change,
-    is_draining, page_from_chunk, refuse_tags, stale, the_one_delegate, to_json, truncation_marker,
+    self, Held, Lease, LogAppend, Report, Write, cancel_change, decide_report, holder_gone_change,
+    is_draining, page_from_chunk, refuse_tags, stale, the_one_delegate, to_json,
 };
 use super::{
     Backend, Cancel, DEFAULT_MAX_LOG_BYTES, Finish, LogSlice, Pruned, Reaped, new_delegate_id,
@@ -1084,24 +1084,17 @@ impl Backend for PgStore {
         let mut tx = conn.tx()?;
         let held = load_held(&mut tx, id)?;
         held.check(id, attempt, token_name)?;
-        let end = offset + data.len() as u64;
-        if held.log_truncated {
-            return Ok(end);
-        }
-        let stored = held.log_bytes;
-        if offset > stored {
-            return Err(StoreError::LogGap {
-                task: id.to_string(),
-                attempt,
-                offset,
-                expected: stored,
-            });
-        }
-        if end <= stored {
-            return Ok(stored);
-        }
-        let fresh = &data[(stored - offset) as usize..];
-        let room = self.max_log_bytes.saturating_sub(stored);
+        let (start, bytes, marker, log_bytes, end) =
+            match rules::append_log(&held, id, attempt, offset, data, self.max_log_bytes)? {
+                LogAppend::Answer(answer) => return Ok(answer),
+                LogAppend::Write {
+                    start,
+                    bytes,
+                    marker,
+                    log_bytes,
+                    end,
+                } => (start, bytes, marker, log_bytes, end),
+            };
         let attempt_i = i64::from(attempt);
         let insert = |tx: &mut Tx<'_>, start: u64, bytes: &[u8]| -> Result<(), StoreError> {
             let start = start as i64;
@@ -1111,27 +1104,17 @@ impl Backend for PgStore {
             )?;
             Ok(())
         };
-        if (fresh.len() as u64) <= room {
-            insert(&mut tx, stored, fresh)?;
-            let end_i = end as i64;
-            tx.exec(
-                "UPDATE tasks SET log_bytes = $2 WHERE id = $1",
-                &[&id, &end_i],
-            )?;
-        } else {
-            let kept = &fresh[..room as usize];
-            if !kept.is_empty() {
-                insert(&mut tx, stored, kept)?;
-            }
-            let marker = truncation_marker(self.max_log_bytes);
-            let cut = stored + kept.len() as u64;
-            insert(&mut tx, cut, marker.as_bytes())?;
-            let total = (cut + marker.len() as u64) as i64;
-            tx.exec(
-                "UPDATE tasks SET log_bytes = $2, log_truncated = true WHERE id = $1",
-                &[&id, &total],
-            )?;
+        if !bytes.is_empty() {
+            insert(&mut tx, start, bytes)?;
         }
+        if let Some((at, line)) = &marker {
+            insert(&mut tx, *at, line.as_bytes())?;
+        }
+        let (log_bytes, cut) = (log_bytes as i64, marker.is_some());
+        tx.exec(
+            "UPDATE tasks SET log_bytes = $2, log_truncated = $3 WHERE id = $1",
+            &[&id, &log_bytes, &cut],
+        )?;
         tx.notify(&Note::Changed)?;
         tx.commit()?;
         Ok(end)
