@@ -14,10 +14,13 @@
 //!
 //! The calls are synchronous (the `postgres` crate) because the API runs every store call
 //! on the blocking pool anyway; a small pool of connections ([`pool`]) lets those threads
-//! work at once. TLS and URL parsing are in [`tls`].
+//! work at once. TLS and URL parsing are in [`tls`], the schema in [`schema`], the per-row
+//! steps in [`rows`].
 
 mod notify;
 mod pool;
+mod rows;
+mod schema;
 mod tls;
 
 use std::collections::HashMap;
@@ -25,187 +28,35 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use delegate_protocol::{
-    AcquireResponse, Assignment, DelegateState, DelegateView, ForgottenDelegate, HeartbeatRequest,
+    AcquireResponse, Assignment, DelegateView, ForgottenDelegate, HeartbeatRequest,
     HeartbeatResponse, Outcome, RegisterRequest, SubmitTask, TaskResult, TaskState, TaskView,
     TokenView, UnixMillis,
 };
-use postgres::{Client, Row};
-use tracing::{info, warn};
+use tracing::warn;
 
 pub use notify::{CHANNEL, Note};
 use pool::{Conn, Pool, Tx};
+use rows::*;
+use schema::migrate;
 pub use tls::redact;
 use tls::{parse_config, plain_text_warning};
 
 use super::rules::{
-    self, Held, Lease, LogAppend, Report, Write, cancel_change, decide_report, holder_gone_change,
-    is_draining, page_from_chunk, refuse_tags, stale, the_one_delegate, to_json,
+    self, Lease, LogAppend, Report, Write, cancel_change, decide_report, is_draining,
+    page_from_chunk, refuse_tags, stale, the_one_delegate, to_json,
 };
 use super::{
     Backend, Cancel, DEFAULT_MAX_LOG_BYTES, Finish, LogSlice, Pruned, Reaped, new_delegate_id,
 };
 use crate::error::StoreError;
-use crate::lifecycle::{self, Change, Event, Task};
+use crate::lifecycle::{self, Event, Task};
 use crate::metrics::{Metrics, Snapshot};
 use crate::queue::{Fresh, Selectors, selector_key};
-
-/// Schema migrations, applied in order; `schema_version` holds how many were applied.
-const MIGRATIONS: &[&str] = &[r#"
-CREATE TABLE meta (
-    key   TEXT PRIMARY KEY,
-    value TEXT NOT NULL
-);
-CREATE TABLE tokens (
-    name       TEXT PRIMARY KEY,
-    hash       TEXT NOT NULL UNIQUE,
-    created_at BIGINT NOT NULL,
-    revoked_at BIGINT,
-    tags       TEXT
-);
-CREATE TABLE delegates (
-    id            TEXT PRIMARY KEY,
-    name          TEXT NOT NULL,
-    hostname      TEXT NOT NULL,
-    token_name    TEXT NOT NULL,
-    version       TEXT NOT NULL,
-    tags          TEXT[] NOT NULL,
-    targets       TEXT NOT NULL,
-    capacity      BIGINT NOT NULL,
-    state         TEXT NOT NULL,
-    registered_at BIGINT NOT NULL,
-    last_seen     BIGINT NOT NULL,
-    UNIQUE (name, hostname)
-);
-CREATE TABLE tasks (
-    seq              BIGSERIAL PRIMARY KEY,
-    id               TEXT NOT NULL UNIQUE,
-    kind             TEXT NOT NULL,
-    spec             TEXT NOT NULL,
-    selectors        TEXT[] NOT NULL,
-    state            TEXT NOT NULL,
-    attempt          BIGINT NOT NULL,
-    retries          BIGINT NOT NULL,
-    timeout_secs     BIGINT NOT NULL,
-    cancel_requested BOOLEAN NOT NULL DEFAULT false,
-    cancel_delivered BOOLEAN NOT NULL DEFAULT false,
-    delegate_id      TEXT,
-    lease_expires    BIGINT,
-    outcome          TEXT,
-    exit_code        INTEGER,
-    signal           INTEGER,
-    message          TEXT,
-    log_bytes        BIGINT NOT NULL DEFAULT 0,
-    log_truncated    BOOLEAN NOT NULL DEFAULT false,
-    created_at       BIGINT NOT NULL,
-    assigned_at      BIGINT,
-    started_at       BIGINT,
-    finished_at      BIGINT
-);
-CREATE INDEX tasks_queued ON tasks (created_at, seq) WHERE state = 'queued';
-CREATE INDEX tasks_by_state ON tasks (state, kind);
-CREATE INDEX tasks_by_delegate ON tasks (delegate_id, state);
-CREATE INDEX tasks_by_lease ON tasks (lease_expires) WHERE state IN ('assigned', 'running');
-CREATE INDEX tasks_by_finished ON tasks (finished_at) WHERE finished_at IS NOT NULL;
-CREATE TABLE log_chunks (
-    task_id TEXT NOT NULL,
-    attempt BIGINT NOT NULL,
-    start   BIGINT NOT NULL,
-    data    BYTEA NOT NULL,
-    PRIMARY KEY (task_id, attempt, start)
-);
-"#];
-
-/// Key of the advisory lock that serialises migrations of nodes starting at once.
-const MIGRATION_LOCK: i64 = 0x64656c_6567617465; // "delegate"
 
 /// Most finished tasks one retention pass deletes.
 const PRUNE_BATCH: i64 = 200;
 
 const ADMIN_HASH_KEY: &str = "admin_token_sha256";
-
-/// Columns of a [`TaskView`], in the order [`task_view`] reads them.
-const TASK_VIEW_SQL: &str = "SELECT t.id, t.kind, t.spec, t.selectors, t.state, t.attempt, \
-     t.retries, t.timeout_secs, t.cancel_requested, t.delegate_id, d.name, t.exit_code, \
-     t.signal, t.message, t.created_at, t.assigned_at, t.started_at, t.finished_at, \
-     t.log_bytes, t.log_truncated FROM tasks t LEFT JOIN delegates d ON d.id = t.delegate_id";
-
-fn u32_of(v: i64) -> u32 {
-    u32::try_from(v).unwrap_or(u32::MAX)
-}
-
-fn u64_of(v: i64) -> u64 {
-    u64::try_from(v).unwrap_or(0)
-}
-
-#[derive(Debug, thiserror::Error)]
-#[error("{what} {value:?} in the database is not valid: {why}")]
-struct BadColumn {
-    what: &'static str,
-    value: String,
-    why: String,
-}
-
-fn bad(what: &'static str, value: &str, why: impl ToString) -> StoreError {
-    StoreError::Invalid(
-        BadColumn {
-            what,
-            value: value.chars().take(200).collect(),
-            why: why.to_string(),
-        }
-        .to_string(),
-    )
-}
-
-fn json_of<T: serde::de::DeserializeOwned>(what: &'static str, s: &str) -> Result<T, StoreError> {
-    serde_json::from_str(s).map_err(|e| bad(what, s, e))
-}
-
-fn state_of(s: &str) -> Result<TaskState, StoreError> {
-    TaskState::parse(s).ok_or_else(|| bad("task state", s, "unknown state"))
-}
-
-fn delegate_state_of(s: &str) -> Result<DelegateState, StoreError> {
-    serde_json::from_value(serde_json::Value::String(s.to_string()))
-        .map_err(|e| bad("delegate state", s, e))
-}
-
-fn task_view(r: &Row) -> Result<TaskView, StoreError> {
-    Ok(TaskView {
-        id: r.try_get(0)?,
-        kind: r.try_get(1)?,
-        spec: json_of("task spec", r.try_get(2)?)?,
-        selectors: r.try_get(3)?,
-        state: state_of(r.try_get(4)?)?,
-        attempt: u32_of(r.try_get(5)?),
-        retries: u32_of(r.try_get(6)?),
-        timeout_secs: u64_of(r.try_get(7)?),
-        cancel_requested: r.try_get(8)?,
-        delegate_id: r.try_get(9)?,
-        delegate_name: r.try_get(10)?,
-        exit_code: r.try_get(11)?,
-        signal: r.try_get(12)?,
-        message: r.try_get(13)?,
-        created_at: r.try_get(14)?,
-        assigned_at: r.try_get(15)?,
-        started_at: r.try_get(16)?,
-        finished_at: r.try_get(17)?,
-        log_bytes: u64_of(r.try_get(18)?),
-        log_truncated: r.try_get(19)?,
-    })
-}
-
-/// `(id, lifecycle task)` of a row `id, state, attempt, retries, cancel_requested`.
-fn held_task(r: &Row) -> Result<(String, Task), StoreError> {
-    Ok((
-        r.try_get(0)?,
-        Task {
-            state: state_of(r.try_get(1)?)?,
-            attempt: u32_of(r.try_get(2)?),
-            retries: u32_of(r.try_get(3)?),
-            cancel_requested: r.try_get(4)?,
-        },
-    ))
-}
 
 /// Whose clock the store's times come from.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -1401,233 +1252,10 @@ fn lease_states() -> (Vec<&'static str>, &'static str) {
     (leasable, rules::leased_state().as_str())
 }
 
-/// Why a request of delegate `id` with `token_name` was refused (its token was revoked,
-/// or the delegate is not its own); called once the fast statement found nothing.
-fn own_delegate(tx: &mut Tx<'_>, id: &str, token_name: &str) -> Result<(), StoreError> {
-    live_token_tags(tx, token_name)?;
-    tx.opt(
-        "SELECT 1 FROM delegates WHERE id = $1 AND token_name = $2",
-        &[&id, &token_name],
-    )?
-    .ok_or_else(|| StoreError::DelegateNotFound(id.to_string()))?;
-    Ok(())
-}
-
-/// The attempt a task is on now (only asked when an agent names two attempts of it).
-fn current_attempt(tx: &mut Tx<'_>, id: &str) -> Result<Option<u32>, StoreError> {
-    Ok(tx
-        .opt("SELECT attempt FROM tasks WHERE id = $1", &[&id])?
-        .map(|r| r.try_get::<_, i64>(0).map(u32_of))
-        .transpose()?)
-}
-
-fn live_token_tags(tx: &mut Tx<'_>, name: &str) -> Result<Option<Vec<String>>, StoreError> {
-    let row = tx
-        .opt(
-            "SELECT tags FROM tokens WHERE name = $1 AND revoked_at IS NULL",
-            &[&name],
-        )?
-        .ok_or_else(|| StoreError::TokenRevoked(name.to_string()))?;
-    let tags: Option<String> = row.try_get(0)?;
-    tags.map(|t| json_of("token tags", &t)).transpose()
-}
-
-fn load_view(tx: &mut Tx<'_>, id: &str) -> Result<TaskView, StoreError> {
-    const SQL: &str = "SELECT t.id, t.kind, t.spec, t.selectors, t.state, t.attempt, \
-     t.retries, t.timeout_secs, t.cancel_requested, t.delegate_id, d.name, t.exit_code, \
-     t.signal, t.message, t.created_at, t.assigned_at, t.started_at, t.finished_at, \
-     t.log_bytes, t.log_truncated FROM tasks t LEFT JOIN delegates d ON d.id = t.delegate_id \
-     WHERE t.id = $1";
-    debug_assert!(SQL.starts_with(TASK_VIEW_SQL));
-    let row = tx
-        .opt(SQL, &[&id])?
-        .ok_or_else(|| StoreError::TaskNotFound(id.to_string()))?;
-    task_view(&row)
-}
-
-/// The task's row, locked until the transaction ends: whatever this node decides about
-/// it, no other node changes it meanwhile.
-fn load_held(tx: &mut Tx<'_>, id: &str) -> Result<Held, StoreError> {
-    let r = tx
-        .opt(
-            "SELECT t.state, t.attempt, t.retries, t.cancel_requested, t.delegate_id, d.name, \
-             d.token_name, t.log_bytes, t.outcome, t.exit_code, t.signal, t.log_truncated \
-             FROM tasks t LEFT JOIN delegates d ON d.id = t.delegate_id WHERE t.id = $1 \
-             FOR UPDATE OF t",
-            &[&id],
-        )?
-        .ok_or_else(|| StoreError::TaskNotFound(id.to_string()))?;
-    Ok(Held {
-        state: state_of(r.try_get(0)?)?,
-        attempt: u32_of(r.try_get(1)?),
-        retries: u32_of(r.try_get(2)?),
-        cancel_requested: r.try_get(3)?,
-        delegate_id: r.try_get(4)?,
-        delegate_name: r.try_get(5)?,
-        token_name: r.try_get(6)?,
-        log_bytes: u64_of(r.try_get(7)?),
-        outcome: r.try_get(8)?,
-        exit_code: r.try_get(9)?,
-        signal: r.try_get(10)?,
-        log_truncated: r.try_get(11)?,
-    })
-}
-
-fn forget(
-    tx: &mut Tx<'_>,
-    id: &str,
-    why: &str,
-    name: &str,
-    now: UnixMillis,
-) -> Result<u32, StoreError> {
-    // The delegate's row first, then its tasks': the order a heartbeat and a lease take
-    // them in, so a forget racing one waits instead of deadlocking.
-    tx.opt("SELECT id FROM delegates WHERE id = $1 FOR UPDATE", &[&id])?;
-    let held: Vec<(String, Task)> = tx
-        .query(
-            "SELECT id, state, attempt, retries, cancel_requested FROM tasks \
-             WHERE delegate_id = $1 AND state IN ('assigned', 'running') ORDER BY id FOR UPDATE",
-            &[&id],
-        )?
-        .iter()
-        .map(held_task)
-        .collect::<Result<_, _>>()?;
-    let mut reaped = Reaped::default();
-    let cause = format!("delegate {name} was forgotten ({why})");
-    for (task, t) in &held {
-        holder_gone(tx, task, *t, &cause, now, &mut reaped)?;
-    }
-    tx.exec("DELETE FROM delegates WHERE id = $1", &[&id])?;
-    Ok(held.len() as u32)
-}
-
-fn holder_gone(
-    tx: &mut Tx<'_>,
-    id: &str,
-    task: Task,
-    cause: &str,
-    now: UnixMillis,
-    reaped: &mut Reaped,
-) -> Result<(), StoreError> {
-    let (change, message) = holder_gone_change(id, task, cause, reaped)?;
-    persist(tx, id, change, Write::message(&message), now)
-}
-
-/// Write what [`lifecycle::transition`] decided (see the SQLite `persist`); a re-queue
-/// tells every node.
-fn persist(
-    tx: &mut Tx<'_>,
-    id: &str,
-    change: Change,
-    write: Write<'_>,
-    now: UnixMillis,
-) -> Result<(), StoreError> {
-    let Write {
-        message, result, ..
-    } = write;
-    match change {
-        Change::Keep => {}
-        Change::Assign => {
-            let lease = write.lease_for(id)?;
-            persist_leases(tx, &[id.to_string()], lease, now)?;
-        }
-        Change::Run => {
-            tx.exec(
-                "UPDATE tasks SET state = 'running', started_at = $2 WHERE id = $1",
-                &[&id, &now],
-            )?;
-        }
-        Change::FlagCancel => {
-            tx.exec(
-                "UPDATE tasks SET cancel_requested = true WHERE id = $1",
-                &[&id],
-            )?;
-        }
-        Change::End(state) => {
-            let outcome = result.map(|r| r.outcome.state().as_str());
-            let exit_code = result.and_then(|r| r.exit_code);
-            let signal = result.and_then(|r| r.signal);
-            tx.exec(
-                "UPDATE tasks SET state = $2, outcome = $3, exit_code = $4, signal = $5, \
-                 message = $6, finished_at = $7, lease_expires = NULL WHERE id = $1",
-                &[
-                    &id,
-                    &state.as_str(),
-                    &outcome,
-                    &exit_code,
-                    &signal,
-                    &message,
-                    &now,
-                ],
-            )?;
-        }
-        Change::Requeue { next } => {
-            let next = i64::from(next);
-            let row = tx
-                .opt(
-                    "UPDATE tasks SET state = 'queued', attempt = $2, delegate_id = NULL, \
-                     lease_expires = NULL, assigned_at = NULL, started_at = NULL, \
-                     log_bytes = 0, log_truncated = false, cancel_delivered = false, \
-                     message = $3 WHERE id = $1 RETURNING selectors",
-                    &[&id, &next, &message],
-                )?
-                .ok_or_else(|| StoreError::TaskNotFound(id.to_string()))?;
-            tx.notify(&Note::Queued {
-                task: id.to_string(),
-                selectors: row.try_get(0)?,
-            })?;
-        }
-    }
-    Ok(())
-}
-
-/// [`Change::Assign`] for every task in `ids` at once (each decided by `rules::lease`).
-/// A delegate's look writes its leases in [`LEASE`] itself.
-fn persist_leases(
-    tx: &mut Tx<'_>,
-    ids: &[String],
-    lease: Lease<'_>,
-    now: UnixMillis,
-) -> Result<(), StoreError> {
-    tx.exec(
-        "UPDATE tasks SET state = 'assigned', delegate_id = $2, assigned_at = $3, \
-         lease_expires = $4, cancel_delivered = false WHERE id = ANY($1)",
-        &[&ids, &lease.delegate_id, &now, &lease.expires],
-    )?;
-    Ok(())
-}
-
-/// Create `schema_version` if needed and apply the migrations not applied yet, all in one
-/// transaction under an advisory lock: a second node starting at the same moment waits,
-/// then finds the schema current.
-fn migrate(client: &mut Client, url: &str) -> Result<(), StoreError> {
-    let mut tx = client.transaction()?;
-    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])?;
-    tx.batch_execute("CREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL)")?;
-    let found: i64 = tx
-        .query_one("SELECT COALESCE(MAX(version), 0) FROM schema_version", &[])?
-        .try_get(0)?;
-    let known = MIGRATIONS.len() as i64;
-    if found > known {
-        return Err(StoreError::PostgresSchemaTooNew {
-            url: url.to_string(),
-            found,
-            known,
-        });
-    }
-    for (i, sql) in MIGRATIONS.iter().enumerate().skip(found as usize) {
-        tx.batch_execute(sql)?;
-        let v = i as i64 + 1;
-        tx.execute("INSERT INTO schema_version (version) VALUES ($1)", &[&v])?;
-        info!("applied PostgreSQL schema migration {v}");
-    }
-    tx.commit()?;
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::lifecycle::Change;
 
     /// The lease statement leaves the lease to the life cycle: the states it leases from and
     /// the state it writes are its parameters, derived from `rules` (the table), and it
