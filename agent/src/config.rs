@@ -54,6 +54,8 @@ pub struct Config {
     pub token: Secret,
     pub name: String,
     pub tags: Vec<String>,
+    /// The host's upgrade group for managed rollouts (`upgrade_group`), if any.
+    pub upgrade_group: Option<String>,
     /// Most tasks run at once.
     pub concurrency: u32,
     pub state_dir: PathBuf,
@@ -280,6 +282,10 @@ const KEYS: &[(&str, &str)] = &[
     ),
     ("name", "delegate name (default: the host name)"),
     ("tags", "list of tags, e.g. [\"linux\", \"eu\"]"),
+    (
+        "upgrade_group",
+        "upgrade group for managed rollouts, e.g. \"canary\"",
+    ),
     ("concurrency", "most tasks at once (default 4)"),
     (
         "max_log_bytes",
@@ -767,6 +773,7 @@ struct Raw {
     ca_file: Option<(String, Option<usize>)>,
     name: Option<String>,
     tags: Option<Vec<String>>,
+    upgrade_group: Option<String>,
     concurrency: Option<u32>,
     state_dir: Option<String>,
     drain_timeout: Option<Duration>,
@@ -910,6 +917,16 @@ fn parse_file(c: &mut Collector<'_>, raw: &mut Raw) -> bool {
                     ),
                 }
             }
+            "upgrade_group" => match v.get_ref().as_str() {
+                Some(s) => match check_upgrade_group(s) {
+                    Ok(()) => raw.upgrade_group = Some(s.to_string()),
+                    Err(rule) => c.at(Some(v.span().start), rule),
+                },
+                None => c.at(
+                    Some(v.span().start),
+                    "upgrade_group must be a string, e.g. upgrade_group = \"canary\"",
+                ),
+            },
             "tags" => match v.get_ref().as_array() {
                 Some(items) => {
                     let mut tags = Vec::new();
@@ -949,6 +966,25 @@ fn parse_file(c: &mut Collector<'_>, raw: &mut Raw) -> bool {
     true
 }
 
+/// An upgrade group is 1 to 63 characters of `a-z`, `0-9` and `-`, starting with a letter
+/// or digit (a DNS label's shape, so it is safe in URLs, metric labels and file names).
+/// The error names the key, the value and the rule.
+pub fn check_upgrade_group(group: &str) -> Result<(), String> {
+    let ok = (1..=63).contains(&group.len())
+        && group
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !group.starts_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "upgrade_group {group:?} is not a valid group name: use 1 to 63 characters of \
+             a-z, 0-9 and '-', starting with a letter or digit, e.g. upgrade_group = \"canary\""
+        ))
+    }
+}
+
 /// Near-miss detection for typos: a different case, or at most two edits away.
 fn close(known: &str, typed: &str) -> bool {
     strsim::levenshtein(known, &typed.to_lowercase()) <= 2
@@ -977,6 +1013,12 @@ fn apply_env(c: &mut Collector<'_>, raw: &mut Raw, env: &dyn Env) {
     }
     if let Some(v) = env.var("DELEGATE_TAGS") {
         raw.tags = Some(parse_tags(&v));
+    }
+    if let Some(v) = env.var("DELEGATE_UPGRADE_GROUP") {
+        match check_upgrade_group(&v) {
+            Ok(()) => raw.upgrade_group = Some(v),
+            Err(rule) => c.at(None, format!("DELEGATE_UPGRADE_GROUP: {rule}")),
+        }
     }
     if let Some(v) = env.var("DELEGATE_STATE_DIR") {
         raw.state_dir = Some(v);
@@ -1195,6 +1237,7 @@ fn finish(c: &mut Collector<'_>, raw: Raw, env: &dyn Env) -> Option<Config> {
         token: Secret::new(token?),
         name,
         tags: raw.tags.unwrap_or_default(),
+        upgrade_group: raw.upgrade_group,
         concurrency: raw.concurrency.unwrap_or(4),
         state_dir: PathBuf::from(state_dir),
         drain_timeout: raw.drain_timeout.unwrap_or(Duration::from_secs(600)),
@@ -1289,6 +1332,7 @@ pub(crate) mod tests_support {
             token: Secret::new("dlg_test"),
             name: "unit".into(),
             tags: vec![],
+            upgrade_group: None,
             concurrency: 4,
             state_dir: PathBuf::from("/nonexistent"),
             drain_timeout: Duration::from_secs(10),
@@ -1334,6 +1378,45 @@ mod tests {
         assert_eq!(c.drain_timeout, Duration::from_secs(120));
         assert!(c.shell_enabled && !c.http_enabled);
         assert_eq!(c.state_dir, PathBuf::from(DEFAULT_STATE_DIR));
+    }
+
+    #[test]
+    fn upgrade_group_is_read_checked_and_overridable() {
+        let base = "manager_url = \"http://127.0.0.1:7700/\"\ntoken = \"dlg_x\"\n";
+        let none: [(&str, &str); 0] = [];
+        let f = write(base);
+        assert_eq!(Config::load(f.path(), &none).unwrap().upgrade_group, None);
+        let f = write(&format!("{base}upgrade_group = \"canary\"\n"));
+        let c = Config::load(f.path(), &none).unwrap();
+        assert_eq!(c.upgrade_group.as_deref(), Some("canary"));
+        let env = [("DELEGATE_UPGRADE_GROUP", "wave-2")];
+        let c = Config::load(f.path(), &env).unwrap();
+        assert_eq!(c.upgrade_group.as_deref(), Some("wave-2"));
+
+        for bad in ["", "Canary", "-x", "a_b", "eu west", &"a".repeat(64)] {
+            let f = write(&format!("{base}upgrade_group = {bad:?}\n"));
+            let text = Config::load(f.path(), &none).unwrap_err().to_string();
+            let p = f.path().display();
+            assert!(
+                text.contains(&format!(
+                    "{p}:3: upgrade_group {bad:?} is not a valid group name: use 1 to 63 \
+                     characters of a-z, 0-9 and '-', starting with a letter or digit"
+                )),
+                "{text}"
+            );
+        }
+        for good in ["0", "a", "eu-west-1", &"a".repeat(63)] {
+            assert_eq!(check_upgrade_group(good), Ok(()), "{good}");
+        }
+        let f = write(&format!("{base}upgrade_group = 3\n"));
+        let text = Config::load(f.path(), &none).unwrap_err().to_string();
+        assert!(text.contains("upgrade_group must be a string"), "{text}");
+        let env = [("DELEGATE_UPGRADE_GROUP", "Bad!")];
+        let text = Config::load(f.path(), &env).unwrap_err().to_string();
+        assert!(
+            text.contains("DELEGATE_UPGRADE_GROUP: upgrade_group \"Bad!\" is not a valid"),
+            "{text}"
+        );
     }
 
     #[test]

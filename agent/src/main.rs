@@ -75,6 +75,10 @@ enum Command {
         /// Tags matched against task selectors, comma separated.
         #[arg(long, value_delimiter = ',', value_name = "TAG,...")]
         tags: Vec<String>,
+        /// Upgrade group for managed rollouts (written as upgrade_group; 1-63 of a-z, 0-9
+        /// and '-'). Without it, the config's own group is kept.
+        #[arg(long, value_name = "NAME")]
+        upgrade_group: Option<String>,
         #[arg(long, default_value = DEFAULT_CONFIG_PATH, env = "DELEGATE_CONFIG")]
         config: PathBuf,
         /// Only write the config; do not restart delegate.service.
@@ -161,6 +165,7 @@ fn main() -> ExitCode {
             token_file,
             name,
             tags,
+            upgrade_group,
             config,
             no_restart,
         } => {
@@ -180,6 +185,7 @@ fn main() -> ExitCode {
                 token,
                 name,
                 tags,
+                upgrade_group,
             };
             match run_setup(&config, &settings, no_restart) {
                 Ok(()) => ExitCode::SUCCESS,

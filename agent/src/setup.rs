@@ -1,6 +1,6 @@
 //! `delegate setup`: the one command an operator runs after installing the package.
 //!
-//! It writes the manager URL, token, name and tags into the agent's config, keeping every
+//! It writes the manager URL, token, name, tags and upgrade group into the agent's config, keeping every
 //! other setting (and comment) already there, owned `root:delegate` with mode 0640 so the
 //! agent can read the token and nobody else can, then restarts `delegate.service`. The new
 //! file is validated with the agent's own config loader *before* it replaces the old one:
@@ -12,7 +12,7 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::config::{Config, ConfigError, Env};
+use crate::config::{Config, ConfigError, Env, check_upgrade_group};
 
 /// The group the agent's unit runs as; it must be able to read the config.
 pub const AGENT_GROUP: &str = "delegate";
@@ -27,6 +27,8 @@ pub struct Settings {
     pub token: String,
     pub name: Option<String>,
     pub tags: Vec<String>,
+    /// `--upgrade-group`: written as `upgrade_group`; `None` keeps the config's own.
+    pub upgrade_group: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +39,9 @@ pub enum SetupError {
     BadToken,
     #[error("--tags {0:?}: a tag may not be empty or contain whitespace (write --tags a,b)")]
     BadTag(String),
+    /// `--upgrade-group` breaks the rule of group names; the text names the rule.
+    #[error("--upgrade-group: {0}")]
+    BadGroup(String),
     #[error(
         "{path} is not valid TOML, so setup cannot keep its other settings; fix or remove it first (`delegate config check` shows where)"
     )]
@@ -164,7 +169,8 @@ impl Env for NoEnv {
 }
 
 /// Keys setup owns; any earlier value of them is replaced (`token_file` too, since the
-/// token now lives in the file).
+/// token now lives in the file). `upgrade_group` is replaced only when `--upgrade-group`
+/// is given, so re-running setup without it keeps the host in its group.
 const OWNED_KEYS: &[&str] = &["manager_url", "token", "token_file", "name", "tags"];
 
 fn toml_string(s: &str) -> String {
@@ -182,6 +188,9 @@ pub fn render(existing: Option<&str>, s: &Settings) -> Result<String, SetupError
             return Err(SetupError::BadTag(t.clone()));
         }
     }
+    if let Some(g) = &s.upgrade_group {
+        check_upgrade_group(g).map_err(SetupError::BadGroup)?;
+    }
     let mut out =
         String::from("# Written by `delegate setup`; the keys below replace earlier values.\n");
     let urls: Vec<String> = s.manager_urls.iter().map(|u| toml_string(u)).collect();
@@ -196,6 +205,9 @@ pub fn render(existing: Option<&str>, s: &Settings) -> Result<String, SetupError
     if !s.tags.is_empty() {
         let tags: Vec<String> = s.tags.iter().map(|t| toml_string(t)).collect();
         out.push_str(&format!("tags = [{}]\n", tags.join(", ")));
+    }
+    if let Some(g) = &s.upgrade_group {
+        out.push_str(&format!("upgrade_group = {}\n", toml_string(g)));
     }
     let Some(existing) = existing else {
         return Ok(out);
@@ -218,7 +230,9 @@ pub fn render(existing: Option<&str>, s: &Settings) -> Result<String, SetupError
         }
         if !in_table && !t.starts_with('#') {
             let key = t.split('=').next().unwrap_or("").trim().trim_matches('"');
-            if t.contains('=') && OWNED_KEYS.contains(&key) {
+            let owned =
+                OWNED_KEYS.contains(&key) || (key == "upgrade_group" && s.upgrade_group.is_some());
+            if t.contains('=') && owned {
                 let value = t.split_once('=').map(|(_, v)| v.trim()).unwrap_or("");
                 skipping_array = value.starts_with('[') && !value.contains(']');
                 continue;
@@ -343,7 +357,39 @@ mod tests {
             token: "dlg_abc".into(),
             name: Some("vm-1".into()),
             tags: vec!["a".into(), "b".into()],
+            upgrade_group: None,
         }
+    }
+
+    #[test]
+    fn upgrade_group_is_written_replaced_or_kept() {
+        let old = "manager_url = \"http://old:1\"\nupgrade_group = \"old\"\n";
+        // Without --upgrade-group the config's own group stays.
+        let text = render(Some(old), &settings()).expect("render");
+        let v: toml::Table = toml::from_str(&text).expect("valid toml");
+        assert_eq!(v["upgrade_group"].as_str(), Some("old"), "{text}");
+        // With it, the new one replaces it.
+        let mut s = settings();
+        s.upgrade_group = Some("canary".into());
+        let text = render(Some(old), &s).expect("render");
+        let v: toml::Table = toml::from_str(&text).expect("valid toml");
+        assert_eq!(v["upgrade_group"].as_str(), Some("canary"), "{text}");
+        // The written file loads with it.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("delegate.toml");
+        write_config(&path, &s, None).expect("write");
+        let c = Config::load(&path, &NoEnv).expect("loads");
+        assert_eq!(c.upgrade_group.as_deref(), Some("canary"));
+        // A bad one is refused with the rule, and nothing is written.
+        s.upgrade_group = Some("Canary".into());
+        let err = render(None, &s).expect_err("bad group refused");
+        assert!(matches!(err, SetupError::BadGroup(_)), "{err}");
+        let text = err.to_string();
+        assert!(
+            text.starts_with("--upgrade-group: upgrade_group \"Canary\" is not a valid group")
+                && text.contains("a-z, 0-9 and '-'"),
+            "{text}"
+        );
     }
 
     /// Second review, finding 7: the token can come from standard input, a file or the

@@ -144,6 +144,7 @@ mod tests {
             tags: vec![],
             targets: vec![],
             capacity: 2,
+            upgrade_group: None,
         };
         let id = s.register("tok", &reg, 0).expect("register");
         (dir, s, id)

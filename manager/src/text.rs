@@ -249,6 +249,7 @@ mod tests {
                 name: Some("prod".into()),
             }],
             capacity: 4,
+            upgrade_group: None,
         }
     }
 

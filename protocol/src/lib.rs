@@ -203,6 +203,10 @@ pub struct RegisterRequest {
     #[serde(default)]
     pub targets: Vec<Target>,
     pub capacity: u32,
+    /// The host's upgrade group (`upgrade_group` in its config), for managed rollouts.
+    /// Added later in v1: an older agent sends none, and none is not sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upgrade_group: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -393,6 +397,9 @@ pub struct DelegateView {
     pub connected: bool,
     pub last_heartbeat: Option<UnixMillis>,
     pub in_flight: u32,
+    /// The upgrade group the delegate registered with, if any (older managers send none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upgrade_group: Option<String>,
 }
 
 /// `POST /api/v1/tokens` (admin token).
@@ -534,6 +541,35 @@ pub struct LogQuery {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn upgrade_group_is_optional_on_the_wire() {
+        // An older agent's register request has no `upgrade_group`.
+        let old = r#"{"name":"a","hostname":"h","version":"1.0.0","capacity":4}"#;
+        let req: RegisterRequest = serde_json::from_str(old).unwrap();
+        assert_eq!(req.upgrade_group, None);
+        // None is not sent, so an older manager sees the request it knows.
+        let json = serde_json::to_string(&req).unwrap();
+        assert!(!json.contains("upgrade_group"), "{json}");
+        let with = RegisterRequest {
+            upgrade_group: Some("canary".into()),
+            ..req
+        };
+        let json = serde_json::to_string(&with).unwrap();
+        assert!(json.contains(r#""upgrade_group":"canary""#), "{json}");
+        assert_eq!(
+            serde_json::from_str::<RegisterRequest>(&json).unwrap(),
+            with
+        );
+
+        // An older manager's delegate view has no `upgrade_group` either.
+        let view = r#"{"id":"d","name":"a","hostname":"h","version":"1.0.0","tags":[],
+            "targets":[],"capacity":4,"state":"running","connected":true,
+            "last_heartbeat":null,"in_flight":0}"#;
+        let v: DelegateView = serde_json::from_str(view).unwrap();
+        assert_eq!(v.upgrade_group, None);
+        assert!(!serde_json::to_string(&v).unwrap().contains("upgrade_group"));
+    }
 
     #[test]
     fn delegate_state_names_round_trip() {

@@ -40,6 +40,7 @@ pub(super) async fn register(shared: &Arc<Shared>) -> Option<Duration> {
         tags: shared.config.tags.clone(),
         targets: shared.targets(),
         capacity: shared.config.concurrency,
+        upgrade_group: shared.config.upgrade_group.clone(),
     };
     let mut backoff = Backoff::manager();
     loop {

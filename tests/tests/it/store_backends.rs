@@ -105,6 +105,7 @@ fn reg(name: &str, tags: &[&str]) -> RegisterRequest {
         tags: tags.iter().map(|t| t.to_string()).collect(),
         targets: vec![],
         capacity: 4,
+        upgrade_group: None,
     }
 }
 

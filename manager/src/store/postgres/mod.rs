@@ -532,8 +532,8 @@ impl Backend for PgStore {
         let new_id = new_delegate_id();
         tx.exec(
             "INSERT INTO delegates (id, name, hostname, token_name, version, tags, targets, \
-             capacity, state, registered_at, last_seen) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'starting', $9, $9) \
+             capacity, state, registered_at, last_seen, upgrade_group) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'starting', $9, $9, $10) \
              ON CONFLICT (name, hostname) DO NOTHING",
             &[
                 &new_id,
@@ -545,6 +545,7 @@ impl Backend for PgStore {
                 &targets,
                 &capacity,
                 &now,
+                &req.upgrade_group,
             ],
         )?;
         let row = tx
@@ -565,8 +566,16 @@ impl Backend for PgStore {
         if id != new_id {
             tx.exec(
                 "UPDATE delegates SET version = $2, tags = $3, targets = $4, capacity = $5, \
-                 state = 'starting', last_seen = $6 WHERE id = $1",
-                &[&id, &req.version, &req.tags, &targets, &capacity, &now],
+                 state = 'starting', last_seen = $6, upgrade_group = $7 WHERE id = $1",
+                &[
+                    &id,
+                    &req.version,
+                    &req.tags,
+                    &targets,
+                    &capacity,
+                    &now,
+                    &req.upgrade_group,
+                ],
             )?;
             tx.notify(&Note::Delegate { id: id.clone() })?;
         }
@@ -782,7 +791,7 @@ impl Backend for PgStore {
         let rows = tx.query(
             "SELECT d.id, d.name, d.hostname, d.version, d.tags, d.targets, d.capacity, \
              d.state, d.last_seen, (SELECT COUNT(*) FROM tasks t WHERE t.delegate_id = d.id \
-             AND t.state IN ('assigned', 'running')) \
+             AND t.state IN ('assigned', 'running')), d.upgrade_group \
              FROM delegates d ORDER BY d.name, d.hostname",
             &[],
         )?;
@@ -804,6 +813,7 @@ impl Backend for PgStore {
                     connected: now - last <= ttl,
                     last_heartbeat: Some(last),
                     in_flight: u32_of(in_flight),
+                    upgrade_group: r.try_get(10)?,
                 })
             })
             .collect()

@@ -7,7 +7,8 @@ use tracing::info;
 use crate::error::StoreError;
 
 /// Schema migrations, applied in order; `schema_version` holds how many were applied.
-pub(super) const MIGRATIONS: &[&str] = &[r#"
+pub(super) const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE meta (
     key   TEXT PRIMARY KEY,
     value TEXT NOT NULL
@@ -70,7 +71,12 @@ CREATE TABLE log_chunks (
     data    BYTEA NOT NULL,
     PRIMARY KEY (task_id, attempt, start)
 );
-"#];
+"#,
+    // A delegate's upgrade group, from its config (NULL: none).
+    r#"
+ALTER TABLE delegates ADD COLUMN upgrade_group TEXT;
+"#,
+];
 
 /// Key of the advisory lock that serialises migrations of nodes starting at once.
 pub(super) const MIGRATION_LOCK: i64 = 0x64656c_6567617465; // "delegate"

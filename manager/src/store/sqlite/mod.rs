@@ -429,8 +429,8 @@ impl Backend for SqliteStore {
             Some(id) => {
                 tx.prepare_cached(
                     "UPDATE delegates SET version = ?2, tags = ?3, \
-                     targets = ?4, capacity = ?5, state = 'starting', last_seen = ?6 \
-                     WHERE id = ?1",
+                     targets = ?4, capacity = ?5, state = 'starting', last_seen = ?6, \
+                     upgrade_group = ?7 WHERE id = ?1",
                 )?
                 .execute(params![
                     id,
@@ -438,7 +438,8 @@ impl Backend for SqliteStore {
                     tags,
                     targets,
                     req.capacity,
-                    now
+                    now,
+                    req.upgrade_group
                 ])?;
                 id
             }
@@ -446,8 +447,8 @@ impl Backend for SqliteStore {
                 let id = new_delegate_id();
                 tx.prepare_cached(
                     "INSERT INTO delegates (id, name, hostname, token_name, version, tags, \
-                     targets, capacity, state, registered_at, last_seen) \
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'starting', ?9, ?9)",
+                     targets, capacity, state, registered_at, last_seen, upgrade_group) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'starting', ?9, ?9, ?10)",
                 )?
                 .execute(params![
                     id,
@@ -458,7 +459,8 @@ impl Backend for SqliteStore {
                     tags,
                     targets,
                     req.capacity,
-                    now
+                    now,
+                    req.upgrade_group
                 ])?;
                 id
             }
@@ -667,7 +669,7 @@ impl Backend for SqliteStore {
         let mut stmt = conn.prepare_cached(
             "SELECT d.id, d.name, d.hostname, d.version, d.tags, d.targets, d.capacity, \
              d.state, d.last_seen, (SELECT COUNT(*) FROM tasks t WHERE t.delegate_id = d.id \
-             AND t.state IN ('assigned', 'running')) \
+             AND t.state IN ('assigned', 'running')), d.upgrade_group \
              FROM delegates d ORDER BY d.name, d.hostname",
         )?;
         let ttl = self.lease_ttl_ms;
@@ -685,6 +687,7 @@ impl Backend for SqliteStore {
                 connected: now - last <= ttl,
                 last_heartbeat: Some(last),
                 in_flight: r.get(9)?,
+                upgrade_group: r.get(10)?,
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
@@ -1006,6 +1009,7 @@ mod tests {
             tags: tags.iter().map(|t| t.to_string()).collect(),
             targets: vec![],
             capacity: 4,
+            upgrade_group: None,
         }
     }
 

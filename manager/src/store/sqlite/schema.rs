@@ -78,6 +78,10 @@ ALTER TABLE tokens ADD COLUMN tags TEXT;
 ALTER TABLE tasks ADD COLUMN log_truncated INTEGER NOT NULL DEFAULT 0;
 CREATE INDEX tasks_by_finished ON tasks (finished_at) WHERE finished_at IS NOT NULL;
 "#,
+    // A delegate's upgrade group, from its config (NULL: none).
+    r#"
+ALTER TABLE delegates ADD COLUMN upgrade_group TEXT;
+"#,
 ];
 
 pub(super) fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {

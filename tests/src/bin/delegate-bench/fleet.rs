@@ -694,6 +694,7 @@ impl Sim {
                 name: None,
             }],
             capacity: 1,
+            upgrade_group: None,
         };
         let registered: RegisterResponse = loop {
             if *self.stop.borrow() {
