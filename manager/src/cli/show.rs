@@ -59,6 +59,7 @@ pub(super) fn delegates_table(ds: &[DelegateView], now: UnixMillis) -> String {
                 d.name.clone(),
                 d.id.clone(),
                 d.version.clone(),
+                d.upgrade_group.clone().unwrap_or_else(|| "-".to_string()),
                 d.state.to_string(),
                 if d.connected { "yes" } else { "no" }.to_string(),
                 d.last_heartbeat
@@ -82,6 +83,7 @@ pub(super) fn delegates_table(ds: &[DelegateView], now: UnixMillis) -> String {
             "NAME",
             "ID",
             "VERSION",
+            "GROUP",
             "STATE",
             "CONNECTED",
             "LAST HEARTBEAT",
@@ -232,4 +234,36 @@ fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
     let mut outl = vec![line(header.iter().map(|h| h.to_string()).collect())];
     outl.extend(rows.into_iter().map(line));
     outl.join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use delegate_protocol::DelegateState;
+
+    #[test]
+    fn the_delegates_table_shows_the_upgrade_group_or_a_dash() {
+        let d = |name: &str, group: Option<&str>| DelegateView {
+            id: format!("d_{name}"),
+            name: name.into(),
+            hostname: "h".into(),
+            version: "1.2.3".into(),
+            tags: vec![],
+            targets: vec![],
+            capacity: 4,
+            state: DelegateState::Running,
+            connected: true,
+            last_heartbeat: Some(1_000),
+            in_flight: 0,
+            upgrade_group: group.map(str::to_string),
+        };
+        let text = delegates_table(&[d("a", Some("canary")), d("b", None)], 2_000);
+        let lines: Vec<Vec<&str>> = text
+            .lines()
+            .map(|l| l.split_whitespace().collect())
+            .collect();
+        assert_eq!(lines[0][..4], ["NAME", "ID", "VERSION", "GROUP"], "{text}");
+        assert_eq!(lines[1][..4], ["a", "d_a", "1.2.3", "canary"], "{text}");
+        assert_eq!(lines[2][..4], ["b", "d_b", "1.2.3", "-"], "{text}");
+    }
 }
