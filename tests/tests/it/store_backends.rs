@@ -177,6 +177,42 @@ fn register_lease_oldest_matching_first_and_finish_once_on_both_backends() {
     });
 }
 
+/// A delegate's upgrade group (from its config) is stored on register, listed, changed
+/// by a re-register that names another, and cleared by one that names none (a host whose
+/// config lost the key), on both backends.
+#[test]
+fn the_upgrade_group_round_trips_and_a_re_register_changes_it_on_both_backends() {
+    on_both(|s| {
+        let group_of = |name: &str| {
+            let ds = s.list_delegates(5).expect("list");
+            let d = ds.iter().find(|d| d.name == name).expect("listed");
+            d.upgrade_group.clone()
+        };
+        let with = |name: &str, group: Option<&str>| RegisterRequest {
+            upgrade_group: group.map(str::to_string),
+            ..reg(name, &[])
+        };
+        let a = s
+            .register("tok", &with("a", Some("canary")), 0)
+            .expect("reg");
+        s.register("tok", &with("b", None), 0).expect("reg");
+        assert_eq!(group_of("a").as_deref(), Some("canary"));
+        assert_eq!(group_of("b"), None);
+
+        let again = s
+            .register("tok", &with("a", Some("wave-2")), 1)
+            .expect("again");
+        assert_eq!(again, a, "the same delegate");
+        assert_eq!(group_of("a").as_deref(), Some("wave-2"));
+        s.register("tok", &with("b", Some("canary")), 1)
+            .expect("again");
+        assert_eq!(group_of("b").as_deref(), Some("canary"));
+
+        s.register("tok", &with("a", None), 2).expect("again");
+        assert_eq!(group_of("a"), None);
+    });
+}
+
 #[test]
 fn cancel_ends_a_queued_task_and_flags_a_held_one_on_both_backends() {
     on_both(|s| {
