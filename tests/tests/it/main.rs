@@ -17,4 +17,5 @@ mod task_output;
 mod tls_agent;
 mod trust_agent;
 mod trust_manager;
+mod upgrade_group;
 mod util;
