@@ -1385,17 +1385,24 @@ mod tests {
         let base = "manager_url = \"http://127.0.0.1:7700/\"\ntoken = \"dlg_x\"\n";
         let none: [(&str, &str); 0] = [];
         let f = write(base);
-        assert_eq!(Config::load(f.path(), &none).unwrap().upgrade_group, None);
+        assert_eq!(
+            Config::load(f.path(), &none)
+                .expect("valid config")
+                .upgrade_group,
+            None
+        );
         let f = write(&format!("{base}upgrade_group = \"canary\"\n"));
-        let c = Config::load(f.path(), &none).unwrap();
+        let c = Config::load(f.path(), &none).expect("valid config");
         assert_eq!(c.upgrade_group.as_deref(), Some("canary"));
         let env = [("DELEGATE_UPGRADE_GROUP", "wave-2")];
-        let c = Config::load(f.path(), &env).unwrap();
+        let c = Config::load(f.path(), &env).expect("valid config");
         assert_eq!(c.upgrade_group.as_deref(), Some("wave-2"));
 
         for bad in ["", "Canary", "-x", "a_b", "eu west", &"a".repeat(64)] {
             let f = write(&format!("{base}upgrade_group = {bad:?}\n"));
-            let text = Config::load(f.path(), &none).unwrap_err().to_string();
+            let text = Config::load(f.path(), &none)
+                .expect_err("refused")
+                .to_string();
             let p = f.path().display();
             assert!(
                 text.contains(&format!(
@@ -1409,10 +1416,14 @@ mod tests {
             assert_eq!(check_upgrade_group(good), Ok(()), "{good}");
         }
         let f = write(&format!("{base}upgrade_group = 3\n"));
-        let text = Config::load(f.path(), &none).unwrap_err().to_string();
+        let text = Config::load(f.path(), &none)
+            .expect_err("refused")
+            .to_string();
         assert!(text.contains("upgrade_group must be a string"), "{text}");
         let env = [("DELEGATE_UPGRADE_GROUP", "Bad!")];
-        let text = Config::load(f.path(), &env).unwrap_err().to_string();
+        let text = Config::load(f.path(), &env)
+            .expect_err("refused")
+            .to_string();
         assert!(
             text.contains("DELEGATE_UPGRADE_GROUP: upgrade_group \"Bad!\" is not a valid"),
             "{text}"

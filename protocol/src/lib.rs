@@ -546,19 +546,19 @@ mod tests {
     fn upgrade_group_is_optional_on_the_wire() {
         // An older agent's register request has no `upgrade_group`.
         let old = r#"{"name":"a","hostname":"h","version":"1.0.0","capacity":4}"#;
-        let req: RegisterRequest = serde_json::from_str(old).unwrap();
+        let req: RegisterRequest = serde_json::from_str(old).expect("json");
         assert_eq!(req.upgrade_group, None);
         // None is not sent, so an older manager sees the request it knows.
-        let json = serde_json::to_string(&req).unwrap();
+        let json = serde_json::to_string(&req).expect("json");
         assert!(!json.contains("upgrade_group"), "{json}");
         let with = RegisterRequest {
             upgrade_group: Some("canary".into()),
             ..req
         };
-        let json = serde_json::to_string(&with).unwrap();
+        let json = serde_json::to_string(&with).expect("json");
         assert!(json.contains(r#""upgrade_group":"canary""#), "{json}");
         assert_eq!(
-            serde_json::from_str::<RegisterRequest>(&json).unwrap(),
+            serde_json::from_str::<RegisterRequest>(&json).expect("json"),
             with
         );
 
@@ -566,9 +566,13 @@ mod tests {
         let view = r#"{"id":"d","name":"a","hostname":"h","version":"1.0.0","tags":[],
             "targets":[],"capacity":4,"state":"running","connected":true,
             "last_heartbeat":null,"in_flight":0}"#;
-        let v: DelegateView = serde_json::from_str(view).unwrap();
+        let v: DelegateView = serde_json::from_str(view).expect("json");
         assert_eq!(v.upgrade_group, None);
-        assert!(!serde_json::to_string(&v).unwrap().contains("upgrade_group"));
+        assert!(
+            !serde_json::to_string(&v)
+                .expect("json")
+                .contains("upgrade_group")
+        );
     }
 
     #[test]
