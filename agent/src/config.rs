@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use delegate_protocol::parse_tags;
+use delegate_protocol::{check_upgrade_group, parse_tags};
 use toml::Spanned;
 use toml::de::{DeTable, DeValue};
 
@@ -964,25 +964,6 @@ fn parse_file(c: &mut Collector<'_>, raw: &mut Raw) -> bool {
         }
     }
     true
-}
-
-/// An upgrade group is 1 to 63 characters of `a-z`, `0-9` and `-`, starting with a letter
-/// or digit (a DNS label's shape, so it is safe in URLs, metric labels and file names).
-/// The error names the key, the value and the rule.
-pub fn check_upgrade_group(group: &str) -> Result<(), String> {
-    let ok = (1..=63).contains(&group.len())
-        && group
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !group.starts_with('-');
-    if ok {
-        Ok(())
-    } else {
-        Err(format!(
-            "upgrade_group {group:?} is not a valid group name: use 1 to 63 characters of \
-             a-z, 0-9 and '-', starting with a letter or digit, e.g. upgrade_group = \"canary\""
-        ))
-    }
 }
 
 /// Near-miss detection for typos: a different case, or at most two edits away.

@@ -12,7 +12,8 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::config::{Config, ConfigError, Env, check_upgrade_group};
+use crate::config::{Config, ConfigError, Env};
+use delegate_protocol::check_upgrade_group;
 
 /// The group the agent's unit runs as; it must be able to read the config.
 pub const AGENT_GROUP: &str = "delegate";

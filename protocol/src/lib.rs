@@ -502,6 +502,26 @@ pub fn selectors_match(selectors: &[String], tags: &[String]) -> bool {
     selectors.iter().all(|s| tags.iter().any(|t| t == s))
 }
 
+/// An upgrade group is 1 to 63 characters of `a-z`, `0-9` and `-`, starting with a letter
+/// or digit (a DNS label's shape, so it is safe in URLs, metric labels and file names).
+/// The error names the key, the value and the rule. The agent checks its config by it,
+/// and the manager refuses a register that breaks it.
+pub fn check_upgrade_group(group: &str) -> Result<(), String> {
+    let ok = (1..=63).contains(&group.len())
+        && group
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !group.starts_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "upgrade_group {group:?} is not a valid group name: use 1 to 63 characters of \
+             a-z, 0-9 and '-', starting with a letter or digit, e.g. upgrade_group = \"canary\""
+        ))
+    }
+}
+
 /// Parse a list of tags as operators write it: comma or space separated, trimmed, no
 /// empties, no duplicates, order kept.
 pub fn parse_tags(s: &str) -> Vec<String> {

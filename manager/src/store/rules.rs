@@ -123,6 +123,10 @@ pub(crate) fn check_register(req: &RegisterRequest) -> Result<(), StoreError> {
             "register: name and hostname must not be empty".to_string(),
         ));
     }
+    if let Some(g) = &req.upgrade_group {
+        delegate_protocol::check_upgrade_group(g)
+            .map_err(|rule| StoreError::Invalid(format!("register: {rule}")))?;
+    }
     Ok(())
 }
 

@@ -210,6 +210,16 @@ fn the_upgrade_group_round_trips_and_a_re_register_changes_it_on_both_backends()
 
         s.register("tok", &with("a", None), 2).expect("again");
         assert_eq!(group_of("a"), None);
+
+        // A group that breaks the rule (an agent that skipped its own check) is refused,
+        // and the stored one stays.
+        s.register("tok", &with("b", Some("Bad_Group")), 3)
+            .expect_err("bad group refused");
+        assert!(matches!(
+            s.register("tok", &with("b", Some("Bad_Group")), 3),
+            Err(StoreError::Invalid(m)) if m.contains("upgrade_group \"Bad_Group\"")
+        ));
+        assert_eq!(group_of("b").as_deref(), Some("canary"));
     });
 }
 
