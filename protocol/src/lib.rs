@@ -502,16 +502,20 @@ pub fn selectors_match(selectors: &[String], tags: &[String]) -> bool {
     selectors.iter().all(|s| tags.iter().any(|t| t == s))
 }
 
+/// 1 to 63 characters of `a-z`, `0-9` and `-`: the characters and length of a DNS label,
+/// which Kubernetes namespaces and upgrade groups share.
+pub(crate) fn label_chars(s: &str) -> bool {
+    (1..=63).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
 /// An upgrade group is 1 to 63 characters of `a-z`, `0-9` and `-`, starting with a letter
 /// or digit (a DNS label's shape, so it is safe in URLs, metric labels and file names).
 /// The error names the key, the value and the rule. The agent checks its config by it,
 /// and the manager refuses a register that breaks it.
 pub fn check_upgrade_group(group: &str) -> Result<(), String> {
-    let ok = (1..=63).contains(&group.len())
-        && group
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !group.starts_with('-');
+    let ok = label_chars(group) && !group.starts_with('-');
     if ok {
         Ok(())
     } else {

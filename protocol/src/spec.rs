@@ -357,18 +357,10 @@ pub fn rollout_kind(kind: &str) -> Option<&'static str> {
 
 fn check_namespace(ns: Option<&str>) -> Result<(), SpecError> {
     match ns {
-        Some(n)
-            if n.is_empty()
-                || n.len() > 63
-                || !n
-                    .bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-') =>
-        {
-            Err(invalid(
-                "spec.namespace",
-                format!("{n:?} is not a namespace name (lower-case letters, digits, '-')"),
-            ))
-        }
+        Some(n) if !crate::label_chars(n) => Err(invalid(
+            "spec.namespace",
+            format!("{n:?} is not a namespace name (lower-case letters, digits, '-')"),
+        )),
         _ => Ok(()),
     }
 }
